@@ -1,0 +1,340 @@
+//! The cluster certificate authority and node certificates.
+//!
+//! A cluster has one CA, created by `roost node init`. Its certificate and key
+//! live in the replicated state so that whichever node answers a join can sign
+//! the newcomer's certificate. Node keys never leave their node: a joining node
+//! sends only its public key, and receives a certificate for it.
+//!
+//! Every node certificate names the same DNS identity, [`NODE_SERVER_NAME`]:
+//! nodes are told apart by the certificate's fingerprint, which the replicated
+//! state records, not by host names that may change or be shared on one host.
+
+use std::fmt;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SerialNumber, SignatureAlgorithm,
+    PKCS_ECDSA_P256_SHA256,
+};
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+
+/// The server name every node certificate carries and every client checks.
+pub const NODE_SERVER_NAME: &str = "node.roost.internal";
+
+/// Node certificates are long-lived; rotation is a later feature and revocation
+/// (by fingerprint, through the replicated state) is what removal relies on.
+const NODE_CERT_DAYS: i64 = 3650;
+const CA_CERT_DAYS: i64 = 3650 * 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("could not generate a key")]
+    KeyGeneration(#[source] rcgen::Error),
+    #[error("could not sign a certificate")]
+    Signing(#[source] rcgen::Error),
+    #[error("the {what} is not valid PEM")]
+    Pem {
+        what: &'static str,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the {what} is not a usable key")]
+    Key {
+        what: &'static str,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("the public key has {len} bytes; an uncompressed P-256 point has 65")]
+    PublicKeyLength { len: usize },
+}
+
+/// SHA-256 of a certificate's DER bytes: how tokens pin the CA and how the
+/// state names (and revokes) node certificates.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CaDigest(pub [u8; 32]);
+
+impl CaDigest {
+    pub fn of(der: &[u8]) -> Self {
+        Self(Sha256::digest(der).into())
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let bytes = unhex(s)?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+}
+
+impl fmt::Display for CaDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for CaDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CaDigest({})", self.to_hex())
+    }
+}
+
+/// Hex of the SHA-256 of a certificate's DER bytes.
+pub fn fingerprint(der: &[u8]) -> String {
+    CaDigest::of(der).to_hex()
+}
+
+/// A certificate and its private key, both PEM: a node's identity on the wire.
+#[derive(Clone)]
+pub struct NodeCredentials {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// Random, hex; recorded in the state beside the fingerprint.
+    pub serial: String,
+    pub fingerprint: String,
+}
+
+impl fmt::Debug for NodeCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeCredentials")
+            .field("serial", &self.serial)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A node's freshly generated key pair, before the CA has certified it.
+pub struct NodeKey {
+    key: KeyPair,
+}
+
+impl NodeKey {
+    pub fn generate() -> Result<Self, PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(PkiError::KeyGeneration)?;
+        Ok(Self { key })
+    }
+
+    /// The raw public key (an uncompressed P-256 point), as sent in a join.
+    pub fn public_key(&self) -> Vec<u8> {
+        self.key.public_key_raw().to_vec()
+    }
+
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+}
+
+/// A public key received from a joining node.
+struct RawP256PublicKey(Vec<u8>);
+
+impl PublicKeyData for RawP256PublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        &PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// The cluster CA, able to sign node certificates.
+pub struct ClusterCa {
+    cert_pem: String,
+    cert_der: Vec<u8>,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterCa").field("digest", &self.digest()).finish_non_exhaustive()
+    }
+}
+
+/// The CA's parameters are a function of the cluster id alone, so that the
+/// issuer can be rebuilt from the stored key without parsing the certificate.
+fn ca_params(cluster_id: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Roost");
+    dn.push(DnType::CommonName, format!("Roost cluster CA {cluster_id}"));
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params
+}
+
+impl ClusterCa {
+    /// Creates a new CA for a new cluster.
+    pub fn generate(cluster_id: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(PkiError::KeyGeneration)?;
+        let mut params = ca_params(cluster_id);
+        let now = time_now();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(CA_CERT_DAYS);
+        params.serial_number = Some(random_serial().0);
+        let cert = params.self_signed(&key).map_err(PkiError::Signing)?;
+        let key_pem = key.serialize_pem();
+        Ok(Self {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            key_pem,
+            issuer: Issuer::new(ca_params(cluster_id), key),
+        })
+    }
+
+    /// Rebuilds the CA from what the replicated state stores.
+    pub fn load(cluster_id: &str, cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|source| PkiError::Pem { what: "CA certificate", source })?;
+        let key = KeyPair::from_pem(key_pem).map_err(|source| PkiError::Key { what: "CA key", source })?;
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            cert_der: cert_der.to_vec(),
+            key_pem: key_pem.to_owned(),
+            issuer: Issuer::new(ca_params(cluster_id), key),
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    pub fn digest(&self) -> CaDigest {
+        CaDigest::of(&self.cert_der)
+    }
+
+    /// Issues a node certificate for a public key generated on that node.
+    pub fn issue_for_public_key(&self, node_name: &str, public_key: &[u8]) -> Result<(String, String, String), PkiError> {
+        if public_key.len() != 65 {
+            return Err(PkiError::PublicKeyLength { len: public_key.len() });
+        }
+        let (serial, serial_hex) = random_serial();
+        let mut params = CertificateParams::new(vec![NODE_SERVER_NAME.to_owned()]).map_err(PkiError::Signing)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Roost");
+        dn.push(DnType::CommonName, node_name);
+        params.distinguished_name = dn;
+        params.serial_number = Some(serial);
+        let now = time_now();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(NODE_CERT_DAYS);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params
+            .signed_by(&RawP256PublicKey(public_key.to_vec()), &self.issuer)
+            .map_err(PkiError::Signing)?;
+        Ok((cert.pem(), serial_hex, fingerprint(cert.der())))
+    }
+
+    /// Generates a key and issues a certificate for it, for the node that
+    /// creates the cluster (it has the CA at hand, so nothing travels).
+    pub fn issue_node(&self, node_name: &str) -> Result<NodeCredentials, PkiError> {
+        let key = NodeKey::generate()?;
+        let (cert_pem, serial, fingerprint) = self.issue_for_public_key(node_name, &key.public_key())?;
+        Ok(NodeCredentials { cert_pem, key_pem: key.key_pem(), serial, fingerprint })
+    }
+}
+
+/// Parses the first certificate of a PEM text into DER.
+pub fn cert_der_from_pem(pem: &str) -> Result<CertificateDer<'static>, PkiError> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|source| PkiError::Pem { what: "certificate", source })
+}
+
+pub fn key_der_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|source| PkiError::Pem { what: "private key", source })
+}
+
+fn time_now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+fn random_serial() -> (SerialNumber, String) {
+    let mut bytes: [u8; 16] = rand::random();
+    // A positive INTEGER: clear the top bit so DER needs no padding byte.
+    bytes[0] &= 0x7f;
+    (SerialNumber::from_slice(&bytes), hex(&bytes))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    s
+}
+
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    s.as_bytes()
+        .chunks(2)
+        .map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?))
+        .collect()
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// SHA-256 of a secret, hex: what the state keeps of the admin secret.
+pub fn secret_digest(secret: &str) -> String {
+    hex(&Sha256::digest(secret.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificates_carry_distinct_serials_and_fingerprints() {
+        let ca = ClusterCa::generate("c1").expect("ca");
+        let a = ca.issue_node("a").expect("a");
+        let b = ca.issue_node("b").expect("b");
+        assert_ne!(a.serial, b.serial);
+        assert_ne!(a.fingerprint, b.fingerprint);
+        assert_eq!(a.fingerprint, fingerprint(&cert_der_from_pem(&a.cert_pem).expect("pem")));
+    }
+
+    #[test]
+    fn a_reloaded_ca_signs_certificates_that_chain_to_it() {
+        let ca = ClusterCa::generate("c1").expect("ca");
+        let again = ClusterCa::load("c1", ca.cert_pem(), ca.key_pem()).expect("load");
+        assert_eq!(ca.digest(), again.digest());
+        let node = again.issue_node("n").expect("issue");
+        crate::tls::verify_chain(&ca.digest(), &cert_der_from_pem(ca.cert_pem()).expect("ca der"), &cert_der_from_pem(&node.cert_pem).expect("der"))
+            .expect("chains to the CA");
+    }
+
+    #[test]
+    fn rejects_a_public_key_of_the_wrong_size() {
+        let ca = ClusterCa::generate("c1").expect("ca");
+        assert!(matches!(ca.issue_for_public_key("n", &[4; 10]), Err(PkiError::PublicKeyLength { len: 10 })));
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        let bytes = [0u8, 1, 0xab, 0xff];
+        assert_eq!(unhex(&hex(&bytes)).as_deref(), Some(&bytes[..]));
+        assert_eq!(unhex("0g"), None);
+        assert_eq!(unhex("abc"), None);
+    }
+}

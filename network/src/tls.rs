@@ -1,0 +1,388 @@
+//! TLS for the one port every node serves.
+//!
+//! Server side, [`incoming`] accepts TCP connections, completes the TLS
+//! handshake off the accept loop, and yields [`TlsConnection`]s that tonic
+//! serves. A client certificate is optional at the handshake (the CLI and
+//! joining nodes have none), but when one is presented it must chain to the
+//! cluster CA, and its fingerprint travels with every request as
+//! [`PeerIdentity`]; services decide per call whether a node identity is
+//! required and whether it has been revoked.
+//!
+//! Client side, [`ClientTls`] dials a node and trusts it only if it presents a
+//! certificate chaining to the cluster CA *pinned by digest*. The digest is
+//! all a token holder has, so every client (nodes, the CLI, a joining node)
+//! verifies the same way.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::pki::{self, fingerprint, CaDigest, PkiError, NODE_SERVER_NAME};
+
+/// How long a peer may take to finish a handshake before we drop it.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("could not build the TLS configuration")]
+    Config(#[source] rustls::Error),
+    #[error("could not build the client certificate verifier")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    #[error("`{addr}` is not a HOST:PORT address")]
+    Address { addr: String },
+    #[error("cannot reach a roost node at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(ca: &CertificateDer<'static>) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone()).map_err(TlsError::Config)?;
+    Ok(roots)
+}
+
+/// What a node presents and trusts when it serves.
+pub fn server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let ca = pki::cert_der_from_pem(ca_pem)?;
+    let cert = pki::cert_der_from_pem(cert_pem)?;
+    let key = pki::key_der_from_pem(key_pem)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&ca)?), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(TlsError::Verifier)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![cert, ca], key)
+        .map_err(TlsError::Config)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Who is on the other end of a connection, as far as TLS could tell.
+#[derive(Clone, Debug)]
+pub struct PeerIdentity {
+    pub remote_addr: Option<SocketAddr>,
+    /// Fingerprint of the client certificate, present when the peer is a node.
+    pub node_fingerprint: Option<String>,
+}
+
+/// A server-side TLS connection, with the identity tonic hands to services.
+pub struct TlsConnection {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    identity: PeerIdentity,
+}
+
+impl Connected for TlsConnection {
+    type ConnectInfo = PeerIdentity;
+
+    fn connect_info(&self) -> PeerIdentity {
+        self.identity.clone()
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts connections on `listener` until `shutdown` fires, handshaking each
+/// on its own task so that a slow or hostile peer cannot stall the others.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> ReceiverStream<io::Result<TlsConnection>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Running out of file descriptors is the usual cause; back off briefly.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%remote, %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%remote, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let node_fingerprint = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .map(|cert| fingerprint(cert));
+                let identity = PeerIdentity { remote_addr: Some(remote), node_fingerprint };
+                let _ = tx.send(Ok(TlsConnection { stream, identity })).await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// How a client reaches nodes: the CA it pins and, for nodes, its own identity.
+#[derive(Clone)]
+pub struct ClientTls {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls").finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// A client that trusts the cluster whose CA has this digest, and presents
+    /// no certificate: the CLI, or a node that has not joined yet.
+    pub fn anonymous(ca_digest: CaDigest) -> Result<Self, TlsError> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(TlsError::Config)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier::new(ca_digest)));
+        Ok(Self::finish(builder.with_no_client_auth()))
+    }
+
+    /// A client that presents a node certificate.
+    pub fn node(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let ca = pki::cert_der_from_pem(ca_pem)?;
+        let cert = pki::cert_der_from_pem(cert_pem)?;
+        let key: PrivateKeyDer<'static> = pki::key_der_from_pem(key_pem)?;
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(TlsError::Config)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier::new(CaDigest::of(&ca))));
+        let config = builder.with_client_auth_cert(vec![cert, ca], key).map_err(TlsError::Config)?;
+        Ok(Self::finish(config))
+    }
+
+    /// Connects to `addr` now, so that an unreachable node or a node of
+    /// another cluster is reported as such rather than on first use.
+    pub async fn connect(&self, addr: &str) -> Result<Channel, TlsError> {
+        let endpoint = self.endpoint(addr)?;
+        endpoint
+            .connect_with_connector(self.connector())
+            .await
+            .map_err(|e| TlsError::Connect { addr: addr.to_owned(), reason: innermost(&e) })
+    }
+
+    fn endpoint(&self, addr: &str) -> Result<Endpoint, TlsError> {
+        Ok(Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|_| TlsError::Address { addr: addr.to_owned() })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5)))
+    }
+
+    fn connector(&self) -> TlsConnectorService {
+        TlsConnectorService { tls: TlsConnector::from(self.config.clone()) }
+    }
+
+    fn finish(mut config: rustls::ClientConfig) -> Self {
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Self { config: Arc::new(config) }
+    }
+
+    /// A channel to `addr` (HOST:PORT) that connects on first use and
+    /// reconnects after failures, as tonic channels do.
+    pub fn channel(&self, addr: &str) -> Result<Channel, TlsError> {
+        Ok(self.endpoint(addr)?.connect_with_connector_lazy(self.connector()))
+    }
+}
+
+/// The tower service tonic calls to open a connection: TCP, then TLS.
+#[derive(Clone)]
+struct TlsConnectorService {
+    tls: TlsConnector,
+}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>> + Send>>;
+
+impl tower::Service<Uri> for TlsConnectorService {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = io::Error;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let authority = uri
+                .authority()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "address has no host:port"))?
+                .as_str()
+                .to_owned();
+            let tcp = TcpStream::connect(authority).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from(NODE_SERVER_NAME).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let stream = tls.connect(name, tcp).await?;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// Trusts a server whose chain includes the CA with the pinned digest and
+/// whose certificate that CA signed.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    digest: CaDigest,
+    provider: Arc<CryptoProvider>,
+}
+
+impl PinnedCaVerifier {
+    fn new(digest: CaDigest) -> Self {
+        Self { digest, provider: provider() }
+    }
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates.iter().find(|c| CaDigest::of(c) == self.digest).ok_or_else(|| {
+            rustls::Error::General(format!(
+                "the node did not present the cluster CA this token pins ({}): it belongs to another cluster",
+                short(&self.digest)
+            ))
+        })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The most specific message in an error's chain: "connection refused"
+/// says more than "transport error".
+pub fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    let text = current.to_string();
+    if text.contains("timed out") || text.contains("elapsed") {
+        "timed out connecting".to_owned()
+    } else {
+        text
+    }
+}
+
+fn short(digest: &CaDigest) -> String {
+    digest.to_hex()[..12].to_owned()
+}
+
+/// Checks that `leaf` chains to the CA `ca` and that `ca` has the digest
+/// `pin`: the same test a client applies during the handshake.
+pub fn verify_chain(pin: &CaDigest, ca: &CertificateDer<'_>, leaf: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    let name = ServerName::try_from(NODE_SERVER_NAME).map_err(|e| rustls::Error::General(e.to_string()))?;
+    PinnedCaVerifier::new(*pin)
+        .verify_server_cert(leaf, std::slice::from_ref(ca), &name, &[], UnixTime::now())
+        .map(|_| ())
+}

@@ -1,0 +1,435 @@
+//! The `roost` command line: argument definitions and the client commands.
+//!
+//! Client commands talk to any node over the public API with the admin token
+//! (`--token` / `ROOST_TOKEN`), which also pins the cluster CA, so no other
+//! file is needed. Errors are one line on stderr and a distinct exit code
+//! (see [`CliError::exit_code`]).
+
+mod output;
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use roost_network::tls::ClientTls;
+use roost_network::{Token, TokenKind};
+use roost_proto::api::control_client::ControlClient;
+use roost_proto::api::{
+    CreateAppRequest, DestroyAppRequest, GetAppRequest, GetJoinTokenRequest, ListAppsRequest, ListNodesRequest,
+    ReadOptions, RemoveNodeRequest, VersionRequest,
+};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::daemon::{LivenessConfig, NodeConfig, Start};
+
+#[derive(Debug, Parser)]
+#[command(name = "roost", version = crate::VERSION, about = "Run apps on machines you own, the fly.io way.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node, or manage the cluster's nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Create, list, inspect and destroy apps.
+    #[command(subcommand)]
+    Apps(AppsCommand),
+    /// Print the CLI's version, and the node's when an endpoint is set.
+    Version(MaybeClient),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Create a new cluster with this machine as its first node, and run it.
+    Init(NodeArgs),
+    /// Join an existing cluster through any of its nodes, and run this node.
+    Join {
+        /// HOST:PORT of any node of the cluster.
+        seed: String,
+        /// The cluster's join token (`roost node token` prints it).
+        #[arg(long, env = "ROOST_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// List the cluster's nodes, their roles and whether they are up.
+    List {
+        #[arg(long)]
+        json: bool,
+        /// Answer from this node's own view without asking the leader.
+        #[arg(long)]
+        stale: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the join token other nodes need.
+    Token {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Take a node out of the cluster; its certificate is refused from then on.
+    Remove {
+        /// The node's name or id.
+        node: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Where the node keeps its state; re-running with the same directory resumes the node.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// HOST:PORT to serve Raft and the API on.
+    #[arg(long)]
+    pub listen: String,
+    /// HOST:PORT other nodes and clients use to reach this node [default: the --listen address].
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// The node's name [default: the host name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A KEY=VALUE label for placement; repeat for more.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// How long a node may be silent before it is shown `down`.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub down_after: Duration,
+    /// How long a voter may be down before a healthy learner replaces it.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub promote_after: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppsCommand {
+    /// Create an app.
+    Create {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List apps.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        stale: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one app.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        stale: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Destroy an app and everything in it.
+    Destroy {
+        name: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// HOST:PORT of any node of the cluster.
+    #[arg(long, env = "ROOST_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// The admin token (admin.token in the first node's data directory).
+    #[arg(long, env = "ROOST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MaybeClient {
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// A CLI failure: what to print, and how to exit.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    Auth(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Exists(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    /// Exit codes: 2 usage, 3 endpoint unreachable, 4 authentication,
+    /// 5 not found, 6 already exists, 7 invalid request, 8 cluster unavailable
+    /// (no quorum), 1 anything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::Unreachable(_) => 3,
+            CliError::Auth(_) => 4,
+            CliError::NotFound(_) => 5,
+            CliError::Exists(_) => 6,
+            CliError::Invalid(_) => 7,
+            CliError::Unavailable(_) => 8,
+            CliError::Other(_) => 1,
+        }
+    }
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(status: tonic::Status) -> Self {
+        let message = status.message().to_owned();
+        match status.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => CliError::Auth(message),
+            tonic::Code::NotFound => CliError::NotFound(message),
+            tonic::Code::AlreadyExists => CliError::Exists(message),
+            tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => CliError::Invalid(message),
+            tonic::Code::Unavailable if is_transport(&message) => CliError::Unreachable(message),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => CliError::Unavailable(message),
+            _ => CliError::Other(message),
+        }
+    }
+}
+
+/// tonic reports a dropped connection as Unavailable with this kind of text.
+fn is_transport(message: &str) -> bool {
+    message.contains("transport error") || message.contains("connection")
+}
+
+type Control = ControlClient<InterceptedService<Channel, BearerToken>>;
+
+#[derive(Clone)]
+pub struct BearerToken(pub MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert(roost_proto::AUTHORIZATION, self.0.clone());
+        Ok(request)
+    }
+}
+
+impl ClientArgs {
+    fn parts(&self) -> Result<(String, Token), CliError> {
+        let endpoint = self.endpoint.clone().ok_or_else(|| {
+            CliError::Usage("no endpoint: pass --endpoint HOST:PORT of any node, or set ROOST_ENDPOINT".into())
+        })?;
+        let text = self.token.as_deref().ok_or_else(|| {
+            CliError::Auth(
+                "no admin token: pass --token or set ROOST_TOKEN (the first node wrote it to DATA_DIR/admin.token)".into(),
+            )
+        })?;
+        let token = Token::parse(text).map_err(|e| CliError::Auth(format!("invalid admin token: {e}")))?;
+        if token.kind == TokenKind::Join {
+            return Err(CliError::Auth(
+                "that is a join token; the CLI needs the admin token (DATA_DIR/admin.token on the first node)".into(),
+            ));
+        }
+        Ok((endpoint, token))
+    }
+
+    /// Connects to the endpoint, trusting only the CA the token pins.
+    pub async fn connect(&self) -> Result<Control, CliError> {
+        let (endpoint, token) = self.parts()?;
+        let tls = ClientTls::anonymous(token.ca_digest).map_err(|e| CliError::Other(e.to_string()))?;
+        let channel = tls.connect(&endpoint).await.map_err(|e| match e {
+            roost_network::tls::TlsError::Address { .. } => CliError::Usage(format!("invalid --endpoint: {e}")),
+            _ => CliError::Unreachable(format!("{e} (is a roost node running there? check --endpoint / ROOST_ENDPOINT)")),
+        })?;
+        let header = MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| CliError::Auth("the admin token has characters a header cannot carry".into()))?;
+        Ok(ControlClient::with_interceptor(channel, BearerToken(header)))
+    }
+}
+
+/// Parses repeated `--label KEY=VALUE` flags.
+pub fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>, CliError> {
+    let mut parsed = BTreeMap::new();
+    for label in labels {
+        let (key, value) = label
+            .split_once('=')
+            .ok_or_else(|| CliError::Usage(format!("--label expects KEY=VALUE, got '{label}'")))?;
+        let key_ok = !key.is_empty()
+            && key.len() <= 63
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        if !key_ok {
+            return Err(CliError::Usage(format!(
+                "--label key '{key}' must be 1 to 63 characters of letters, digits, '-', '_', '.' or '/'"
+            )));
+        }
+        if parsed.insert(key.to_owned(), value.to_owned()).is_some() {
+            return Err(CliError::Usage(format!("--label {key} is given twice")));
+        }
+    }
+    Ok(parsed)
+}
+
+/// Builds a node's configuration from `node init` / `node join` flags.
+pub fn node_config(args: &NodeArgs, start: Start, default_name: String) -> Result<NodeConfig, CliError> {
+    Ok(NodeConfig {
+        data_dir: args.data_dir.clone(),
+        listen: args.listen.clone(),
+        advertise: args.advertise.clone(),
+        name: args.name.clone(),
+        default_name,
+        labels: parse_labels(&args.labels)?,
+        start,
+        timings: Default::default(),
+        liveness: LivenessConfig {
+            down_after: args.down_after,
+            promote_after: args.promote_after,
+            ..Default::default()
+        },
+    })
+}
+
+/// Runs a client command and prints its result to `out`.
+pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), CliError> {
+    let io = |e: std::io::Error| CliError::Other(format!("could not write output: {e}"));
+    match command {
+        Command::Node(NodeCommand::Init(_)) | Command::Node(NodeCommand::Join { .. }) => {
+            Err(CliError::Other("node init and join run the daemon; call them through main".into()))
+        }
+        Command::Version(MaybeClient { client }) => {
+            writeln!(out, "roost {}", crate::VERSION).map_err(io)?;
+            if client.endpoint.is_some() {
+                let reply = client.connect().await?.version(VersionRequest {}).await?.into_inner();
+                writeln!(
+                    out,
+                    "node {} (id {}) of cluster {} runs roost {}",
+                    reply.node_name, reply.node_id, reply.cluster_id, reply.version
+                )
+                .map_err(io)?;
+            }
+            Ok(())
+        }
+        Command::Node(NodeCommand::List { json, stale, client }) => {
+            let request = ListNodesRequest { read: Some(ReadOptions { stale }) };
+            let nodes = client.connect().await?.list_nodes(request).await?.into_inner().nodes;
+            output::nodes(out, &nodes, json).map_err(io)
+        }
+        Command::Node(NodeCommand::Token { client }) => {
+            let reply = client.connect().await?.get_join_token(GetJoinTokenRequest {}).await?.into_inner();
+            writeln!(out, "{}", reply.token).map_err(io)
+        }
+        Command::Node(NodeCommand::Remove { node, client }) => {
+            let reply = client.connect().await?.remove_node(RemoveNodeRequest { node }).await?.into_inner();
+            let name = reply.removed.map(|n| format!("{} (id {})", n.name, n.id)).unwrap_or_default();
+            writeln!(out, "Removed node {name}; its certificate is now refused.").map_err(io)
+        }
+        Command::Apps(AppsCommand::Create { name, client }) => {
+            let app = client.connect().await?.create_app(CreateAppRequest { name }).await?.into_inner();
+            writeln!(out, "Created app {}", app.name).map_err(io)
+        }
+        Command::Apps(AppsCommand::List { json, stale, client }) => {
+            let request = ListAppsRequest { read: Some(ReadOptions { stale }) };
+            let apps = client.connect().await?.list_apps(request).await?.into_inner().apps;
+            output::apps(out, &apps, json).map_err(io)
+        }
+        Command::Apps(AppsCommand::Show { name, json, stale, client }) => {
+            let request = GetAppRequest { name, read: Some(ReadOptions { stale }) };
+            let app = client.connect().await?.get_app(request).await?.into_inner();
+            output::app(out, &app, json).map_err(io)
+        }
+        Command::Apps(AppsCommand::Destroy { name, yes, client }) => {
+            if !yes {
+                confirm_destroy(&name)?;
+            }
+            client.connect().await?.destroy_app(DestroyAppRequest { name: name.clone() }).await?;
+            writeln!(out, "Destroyed app {name}").map_err(io)
+        }
+    }
+}
+
+/// Asks the person at the terminal to type the app's name.
+fn confirm_destroy(name: &str) -> Result<(), CliError> {
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::Usage(format!(
+            "destroying app '{name}' needs confirmation: pass --yes (stdin is not a terminal)"
+        )));
+    }
+    eprint!("Destroy app '{name}' and everything in it? Type its name to confirm: ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).map_err(|e| CliError::Other(e.to_string()))?;
+    if answer.trim() == name {
+        Ok(())
+    } else {
+        Err(CliError::Usage("not confirmed; nothing was destroyed".into()))
+    }
+}
+
+/// What a node prints once when it creates a cluster.
+pub fn init_banner(
+    tokens: &crate::daemon::InitTokens,
+    address: &str,
+    data_dir: &std::path::Path,
+    name: &str,
+) -> String {
+    format!(
+        "Created a new Roost cluster; this node ({name}) is its first member.\n\
+         \n\
+         Join more nodes with:\n  roost node join {address} --token {join} --data-dir DIR --listen HOST:PORT\n\
+         \n\
+         Drive the cluster from any machine with:\n  export ROOST_ENDPOINT={address}\n  export ROOST_TOKEN={admin}\n\
+         \n\
+         Both tokens are saved in {dir}/join.token and {dir}/admin.token (mode 0600); they are not printed again.\n",
+        join = tokens.join,
+        admin = tokens.admin,
+        dir = data_dir.display(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_parse_and_explain_mistakes() {
+        let ok = parse_labels(&["region=eu".into(), "disk=ssd".into()]).expect("valid");
+        assert_eq!(ok["region"], "eu");
+        assert!(matches!(parse_labels(&["region".into()]), Err(CliError::Usage(m)) if m.contains("KEY=VALUE")));
+        assert!(matches!(parse_labels(&["=eu".into()]), Err(CliError::Usage(_))));
+        assert!(matches!(parse_labels(&["a=1".into(), "a=2".into()]), Err(CliError::Usage(m)) if m.contains("twice")));
+    }
+
+    #[test]
+    fn client_args_explain_what_is_missing() {
+        let none = ClientArgs { endpoint: None, token: None };
+        assert!(matches!(none.parts(), Err(CliError::Usage(m)) if m.contains("ROOST_ENDPOINT")));
+        let no_token = ClientArgs { endpoint: Some("127.0.0.1:1".into()), token: None };
+        assert!(matches!(no_token.parts(), Err(CliError::Auth(m)) if m.contains("ROOST_TOKEN")));
+        let join = Token::generate(TokenKind::Join, roost_network::CaDigest::of(b"x"));
+        let wrong_kind = ClientArgs { endpoint: Some("127.0.0.1:1".into()), token: Some(join.to_string()) };
+        assert!(matches!(wrong_kind.parts(), Err(CliError::Auth(m)) if m.contains("join token")));
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,201 @@
+//! The public API (`roost.api.v1.Control`), served by every node.
+//!
+//! Each handler turns a request into a proposal or a read of the replicated
+//! state. Writes go through [`Consensus::propose`], which forwards to the
+//! leader; reads first pass [`Consensus::read_barrier`] unless the caller
+//! asked for `stale`. Conversions between wire and domain types live here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use roost_network::pki::CaDigest;
+use roost_network::{Token, TokenKind};
+use roost_proto::api::control_server::Control;
+use roost_proto::api::{
+    App as WireApp, CreateAppRequest, DestroyAppRequest, DestroyAppResponse, GetAppRequest, GetJoinTokenRequest,
+    GetJoinTokenResponse, ListAppsRequest, ListAppsResponse, ListNodesRequest, ListNodesResponse, Node as WireNode,
+    ReadOptions, RemoveNodeRequest, RemoveNodeResponse, VersionRequest, VersionResponse,
+};
+use roost_raft::state::{validate_name, App, NodeRecord};
+use roost_raft::{Command, Consensus, ConsensusError, Rejection, Response};
+use tokio::time::Instant;
+use tonic::{Request, Status};
+
+use super::channels::NodeChannels;
+use super::liveness::{cluster_liveness, Liveness, Seen};
+
+/// How long an API call waits for a leader before it reports the cluster
+/// unavailable. Long enough to ride out an election.
+pub const API_DEADLINE: Duration = Duration::from_secs(8);
+
+pub struct ControlService {
+    pub consensus: Arc<Consensus>,
+    pub liveness: Arc<Liveness>,
+    pub channels: Arc<NodeChannels>,
+    pub ca_digest: CaDigest,
+    pub node_name: String,
+}
+
+pub fn consensus_status(error: ConsensusError) -> Status {
+    match error {
+        ConsensusError::Protocol(_) => Status::internal(error.to_string()),
+        _ => Status::unavailable(error.to_string()),
+    }
+}
+
+pub fn rejection_status(rejection: Rejection) -> Status {
+    let message = rejection.to_string();
+    match rejection {
+        Rejection::AppExists { .. } | Rejection::NodeNameTaken { .. } => Status::already_exists(message),
+        Rejection::AppNotFound { .. } | Rejection::NodeNotFound { .. } => Status::not_found(message),
+        Rejection::InvalidAppName { .. } | Rejection::InvalidNodeName { .. } => Status::invalid_argument(message),
+        Rejection::RevokedCertificate => Status::permission_denied(message),
+        Rejection::NotBootstrapped => Status::unavailable(message),
+        Rejection::AlreadyBootstrapped | Rejection::LastNode { .. } | Rejection::UnsupportedVersion { .. } => {
+            Status::failed_precondition(message)
+        }
+    }
+}
+
+fn app_to_wire(app: &App) -> WireApp {
+    WireApp { name: app.name.clone(), created_at_ms: app.created_at }
+}
+
+impl ControlService {
+    async fn propose(&self, command: Command) -> Result<Response, Status> {
+        let response = self.consensus.propose(command, Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
+        match response {
+            Response::Rejected(rejection) => Err(rejection_status(rejection)),
+            other => Ok(other),
+        }
+    }
+
+    async fn barrier(&self, read: Option<ReadOptions>) -> Result<(), Status> {
+        if read.is_some_and(|r| r.stale) {
+            return Ok(());
+        }
+        self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)
+    }
+
+    fn node_to_wire(&self, node: &NodeRecord, seen: Option<&Seen>) -> WireNode {
+        let metrics = self.consensus.raft().metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let role = if metrics.current_leader == Some(node.id) {
+            "leader"
+        } else if membership.voter_ids().any(|id| id == node.id) {
+            "voter"
+        } else if membership.get_node(&node.id).is_some() {
+            "learner"
+        } else {
+            "joining"
+        };
+        let state = match seen {
+            Some(seen) if seen.up => "up",
+            Some(_) => "down",
+            None => "unknown",
+        };
+        WireNode {
+            id: node.id,
+            name: node.name.clone(),
+            address: node.address.clone(),
+            role: role.into(),
+            state: state.into(),
+            labels: node.labels.clone().into_iter().collect(),
+            cert_serial: node.cert_serial.clone(),
+            joined_at_ms: node.joined_at,
+            last_seen_ms_ago: seen.filter(|s| s.ago != Duration::MAX).map(|s| s.ago.as_millis() as u64),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn version(&self, _request: Request<VersionRequest>) -> Result<tonic::Response<VersionResponse>, Status> {
+        let cluster_id = self.consensus.state().read(|s| s.cluster.as_ref().map(|c| c.id.clone())).unwrap_or_default();
+        Ok(tonic::Response::new(VersionResponse {
+            version: crate::VERSION.into(),
+            node_name: self.node_name.clone(),
+            node_id: self.consensus.id(),
+            cluster_id,
+        }))
+    }
+
+    async fn list_nodes(&self, request: Request<ListNodesRequest>) -> Result<tonic::Response<ListNodesResponse>, Status> {
+        self.barrier(request.into_inner().read).await?;
+        let nodes: Vec<NodeRecord> = self.consensus.state().read(|s| s.nodes.values().cloned().collect());
+        let seen = cluster_liveness(&self.consensus, &self.liveness, &self.channels).await.unwrap_or_default();
+        let nodes = nodes.iter().map(|n| self.node_to_wire(n, seen.get(&n.id))).collect();
+        Ok(tonic::Response::new(ListNodesResponse { nodes }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<tonic::Response<RemoveNodeResponse>, Status> {
+        let wanted = request.into_inner().node;
+        self.barrier(None).await?;
+        let node = self
+            .consensus
+            .state()
+            .read(|s| s.find_node(&wanted).cloned())
+            .ok_or_else(|| rejection_status(Rejection::NodeNotFound { node: wanted.clone() }))?;
+        self.propose(Command::RemoveNode { id: node.id }).await?;
+        tracing::info!(node = %node.name, id = node.id, "node removed from the cluster");
+        Ok(tonic::Response::new(RemoveNodeResponse { removed: Some(self.node_to_wire(&node, None)) }))
+    }
+
+    async fn get_join_token(
+        &self,
+        _request: Request<GetJoinTokenRequest>,
+    ) -> Result<tonic::Response<GetJoinTokenResponse>, Status> {
+        self.barrier(None).await?;
+        let secret = self
+            .consensus
+            .state()
+            .read(|s| s.cluster.as_ref().map(|c| c.join_secret.clone()))
+            .ok_or_else(|| rejection_status(Rejection::NotBootstrapped))?;
+        let token = Token { kind: TokenKind::Join, ca_digest: self.ca_digest, secret };
+        Ok(tonic::Response::new(GetJoinTokenResponse { token: token.to_string() }))
+    }
+
+    async fn create_app(&self, request: Request<CreateAppRequest>) -> Result<tonic::Response<WireApp>, Status> {
+        let name = request.into_inner().name;
+        if let Err(reason) = validate_name(&name) {
+            return Err(rejection_status(Rejection::InvalidAppName { name, reason }));
+        }
+        match self.propose(Command::CreateApp { name: name.clone() }).await? {
+            Response::AppCreated { app } => {
+                tracing::info!(app = %app.name, "app created");
+                Ok(tonic::Response::new(app_to_wire(&app)))
+            }
+            other => Err(Status::internal(format!("unexpected answer to create app: {other:?}"))),
+        }
+    }
+
+    async fn list_apps(&self, request: Request<ListAppsRequest>) -> Result<tonic::Response<ListAppsResponse>, Status> {
+        self.barrier(request.into_inner().read).await?;
+        let apps = self.consensus.state().read(|s| s.apps.values().map(app_to_wire).collect());
+        Ok(tonic::Response::new(ListAppsResponse { apps }))
+    }
+
+    async fn get_app(&self, request: Request<GetAppRequest>) -> Result<tonic::Response<WireApp>, Status> {
+        let request = request.into_inner();
+        self.barrier(request.read).await?;
+        self.consensus
+            .state()
+            .read(|s| s.apps.get(&request.name).map(app_to_wire))
+            .map(tonic::Response::new)
+            .ok_or_else(|| rejection_status(Rejection::AppNotFound { name: request.name }))
+    }
+
+    async fn destroy_app(
+        &self,
+        request: Request<DestroyAppRequest>,
+    ) -> Result<tonic::Response<DestroyAppResponse>, Status> {
+        let name = request.into_inner().name;
+        self.propose(Command::DestroyApp { name: name.clone() }).await?;
+        tracing::info!(app = %name, "app destroyed");
+        Ok(tonic::Response::new(DestroyAppResponse {}))
+    }
+}
+

@@ -1,0 +1,224 @@
+//! A node's identity on disk, and how it comes to exist.
+//!
+//! The data directory holds:
+//! - `node.json`: cluster id, node id, name, advertised address, labels;
+//! - `tls/ca.pem`, `tls/node.pem`, `tls/node.key` (0600): the cluster CA
+//!   certificate and this node's certificate and key;
+//! - `join.token`, `admin.token` (0600, first node only);
+//! - `bootstrap.json` (first node only, until the cluster's first entry is
+//!   committed), so a crash during `init` is finished by the next start;
+//! - `raft/`: the RocksDB store.
+//!
+//! Starting a node on a directory that holds `node.json` resumes that node,
+//! whether the command was `init` or `join`: restart is the same command line.
+//! Flags that contradict the stored identity are refused rather than ignored.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use roost_network::pki::{self, CaDigest};
+use roost_raft::{Command, NodeId};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("could not {action} {}", .path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a valid node identity file", .path.display())]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{} holds node '{stored}' (id {id}); --{flag} {given} conflicts with it. Drop --{flag}, or use another --data-dir for a new node", .dir.display())]
+    Conflict { dir: PathBuf, flag: &'static str, stored: String, given: String, id: NodeId },
+    #[error("{} holds a node of cluster {stored}, but the token is for another cluster (CA {given}). Use that cluster's token, or another --data-dir", .dir.display())]
+    OtherCluster { dir: PathBuf, stored: String, given: String },
+}
+
+/// What `node.json` records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredIdentity {
+    pub cluster_id: String,
+    pub node_id: NodeId,
+    pub name: String,
+    pub address: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A node's identity with its credentials loaded.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub stored: StoredIdentity,
+    pub ca_cert_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Identity {
+    pub fn ca_digest(&self) -> Result<CaDigest, pki::PkiError> {
+        Ok(CaDigest::of(&pki::cert_der_from_pem(&self.ca_cert_pem)?))
+    }
+}
+
+/// Paths inside a data directory.
+#[derive(Clone, Debug)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn identity(&self) -> PathBuf {
+        self.root.join("node.json")
+    }
+
+    pub fn raft(&self) -> PathBuf {
+        self.root.join("raft")
+    }
+
+    pub fn join_token(&self) -> PathBuf {
+        self.root.join("join.token")
+    }
+
+    pub fn admin_token(&self) -> PathBuf {
+        self.root.join("admin.token")
+    }
+
+    pub fn bootstrap(&self) -> PathBuf {
+        self.root.join("bootstrap.json")
+    }
+
+    fn tls(&self, file: &str) -> PathBuf {
+        self.root.join("tls").join(file)
+    }
+
+    /// Creates the directory (0700) if needed.
+    pub fn create(&self) -> Result<(), IdentityError> {
+        fs::create_dir_all(self.root.join("tls")).map_err(|source| io("create", &self.root, source))?;
+        fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
+            .map_err(|source| io("set permissions on", &self.root, source))
+    }
+
+    /// Loads the node stored here, if there is one.
+    pub fn load(&self) -> Result<Option<Identity>, IdentityError> {
+        let path = self.identity();
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(io("read", &path, source)),
+        };
+        let stored = serde_json::from_str(&text).map_err(|source| IdentityError::Corrupt { path, source })?;
+        Ok(Some(Identity {
+            stored,
+            ca_cert_pem: read(&self.tls("ca.pem"))?,
+            cert_pem: read(&self.tls("node.pem"))?,
+            key_pem: read(&self.tls("node.key"))?,
+        }))
+    }
+
+    /// Writes a new node's identity. `node.json` goes last, so a crash part
+    /// way leaves a directory that is not yet a node and can be retried.
+    pub fn save(&self, identity: &Identity) -> Result<(), IdentityError> {
+        self.create()?;
+        write_private(&self.tls("ca.pem"), &identity.ca_cert_pem)?;
+        write_private(&self.tls("node.pem"), &identity.cert_pem)?;
+        write_private(&self.tls("node.key"), &identity.key_pem)?;
+        let json = serde_json::to_string_pretty(&identity.stored).map_err(|source| IdentityError::Corrupt {
+            path: self.identity(),
+            source,
+        })?;
+        write_private(&self.identity(), &json)
+    }
+
+    pub fn save_bootstrap(&self, command: &Command) -> Result<(), IdentityError> {
+        let json = serde_json::to_string(command)
+            .map_err(|source| IdentityError::Corrupt { path: self.bootstrap(), source })?;
+        write_private(&self.bootstrap(), &json)
+    }
+
+    pub fn load_bootstrap(&self) -> Result<Option<Command>, IdentityError> {
+        let path = self.bootstrap();
+        match fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|source| IdentityError::Corrupt { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(io("read", &path, source)),
+        }
+    }
+
+    pub fn clear_bootstrap(&self) -> Result<(), IdentityError> {
+        match fs::remove_file(self.bootstrap()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(io("remove", &self.bootstrap(), source)),
+        }
+    }
+}
+
+/// Checks that flags given on a restart agree with the stored identity.
+pub fn check_resume(
+    dir: &DataDir,
+    stored: &StoredIdentity,
+    name: Option<&str>,
+    address: Option<&str>,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), IdentityError> {
+    let conflict = |flag, stored_value: &str, given: &str| IdentityError::Conflict {
+        dir: dir.root().to_owned(),
+        flag,
+        stored: stored.name.clone(),
+        given: format!("{given} (stored: {stored_value})"),
+        id: stored.node_id,
+    };
+    if let Some(name) = name.filter(|n| *n != stored.name) {
+        return Err(conflict("name", &stored.name, name));
+    }
+    if let Some(address) = address.filter(|a| *a != stored.address) {
+        return Err(conflict("advertise", &stored.address, address));
+    }
+    if !labels.is_empty() && *labels != stored.labels {
+        let show = |l: &BTreeMap<String, String>| l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        return Err(conflict("label", &show(&stored.labels), &show(labels)));
+    }
+    Ok(())
+}
+
+fn io(action: &'static str, path: &Path, source: std::io::Error) -> IdentityError {
+    IdentityError::Io { action, path: path.to_owned(), source }
+}
+
+fn read(path: &Path) -> Result<String, IdentityError> {
+    fs::read_to_string(path).map_err(|source| io("read", path, source))
+}
+
+/// Writes a file readable only by its owner, replacing it atomically.
+pub fn write_private(path: &Path, contents: &str) -> Result<(), IdentityError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|source| io("write", &tmp, source))?;
+    file.write_all(contents.as_bytes()).map_err(|source| io("write", &tmp, source))?;
+    file.sync_all().map_err(|source| io("sync", &tmp, source))?;
+    fs::rename(&tmp, path).map_err(|source| io("rename", path, source))
+}

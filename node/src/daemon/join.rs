@@ -1,0 +1,162 @@
+//! Joining a cluster, from both ends.
+//!
+//! The joining node ([`join_cluster`]) parses the join token, dials the seed
+//! trusting only the CA whose digest the token pins, and sends the secret, its
+//! name, address, labels and *public* key. The seed ([`JoinService`]) checks
+//! the secret against the replicated state, signs a certificate for that key
+//! with the cluster CA, and commits the node through Raft, which gives it its
+//! id. Nothing is written on the joining side until the seed has answered, and
+//! nothing changes in the cluster unless the secret and the name are good.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use roost_network::pki::{self, constant_time_eq, CaDigest, ClusterCa, NodeKey};
+use roost_network::tls::ClientTls;
+use roost_network::{Token, TokenKind};
+use roost_proto::cluster::join_client::JoinClient;
+use roost_proto::cluster::join_server;
+use roost_proto::cluster::{JoinRequest, JoinResponse};
+use roost_raft::state::validate_name;
+use roost_raft::{Command, Consensus, NewNode, Rejection, Response};
+use tokio::time::Instant;
+use tonic::{Request, Status};
+
+use super::api::{consensus_status, rejection_status, API_DEADLINE};
+use super::identity::{DataDir, Identity, IdentityError, StoredIdentity};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("invalid join token: {0}")]
+    Token(#[source] roost_network::token::TokenError),
+    #[error("that is an admin token; `roost node join` needs the join token (print it with `roost node token`)")]
+    AdminToken,
+    #[error("invalid node name '{name}': {reason}; pass --name")]
+    Name { name: String, reason: String },
+    #[error(transparent)]
+    Connect(roost_network::tls::TlsError),
+    #[error("{seed} refused the join: {message}")]
+    Refused { seed: String, message: String },
+    #[error("{seed} answered with a CA that does not match the token")]
+    CaMismatch { seed: String },
+    #[error("could not generate this node's key")]
+    Key(#[source] pki::PkiError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+/// What a new node needs to join.
+#[derive(Debug)]
+pub struct JoinParams<'a> {
+    pub seed: &'a str,
+    pub token: &'a str,
+    pub name: &'a str,
+    pub address: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// Joins through `seed` and stores the resulting identity in `dir`.
+pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Identity, JoinError> {
+    let token = Token::parse(params.token).map_err(JoinError::Token)?;
+    if token.kind != TokenKind::Join {
+        return Err(JoinError::AdminToken);
+    }
+    validate_name(params.name).map_err(|reason| JoinError::Name { name: params.name.to_owned(), reason })?;
+    let key = NodeKey::generate().map_err(JoinError::Key)?;
+    let tls = ClientTls::anonymous(token.ca_digest).map_err(JoinError::Connect)?;
+    let channel = tls.connect(params.seed).await.map_err(JoinError::Connect)?;
+    let request = JoinRequest {
+        secret: token.secret.clone(),
+        name: params.name.to_owned(),
+        address: params.address.to_owned(),
+        labels: params.labels.clone().into_iter().collect(),
+        public_key: key.public_key(),
+    };
+    let reply = JoinClient::new(channel)
+        .join(request)
+        .await
+        .map_err(|status| JoinError::Refused { seed: params.seed.to_owned(), message: status.message().to_owned() })?
+        .into_inner();
+    let ca_der = pki::cert_der_from_pem(&reply.ca_cert_pem).map_err(|_| JoinError::CaMismatch { seed: params.seed.to_owned() })?;
+    if CaDigest::of(&ca_der) != token.ca_digest {
+        return Err(JoinError::CaMismatch { seed: params.seed.to_owned() });
+    }
+    let identity = Identity {
+        stored: StoredIdentity {
+            cluster_id: reply.cluster_id,
+            node_id: reply.node_id,
+            name: params.name.to_owned(),
+            address: params.address.to_owned(),
+            labels: params.labels.clone(),
+        },
+        ca_cert_pem: reply.ca_cert_pem,
+        cert_pem: reply.node_cert_pem,
+        key_pem: key.key_pem(),
+    };
+    dir.save(&identity)?;
+    Ok(identity)
+}
+
+/// The seed's side of a join.
+pub struct JoinService {
+    pub consensus: Arc<Consensus>,
+}
+
+#[tonic::async_trait]
+impl join_server::Join for JoinService {
+    async fn join(&self, request: Request<JoinRequest>) -> Result<tonic::Response<JoinResponse>, Status> {
+        let request = request.into_inner();
+        // Check the secret and names against the cluster's latest state.
+        self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
+        let cluster = self
+            .consensus
+            .state()
+            .read(|s| s.cluster.clone())
+            .ok_or_else(|| rejection_status(Rejection::NotBootstrapped))?;
+        if !constant_time_eq(request.secret.as_bytes(), cluster.join_secret.as_bytes()) {
+            tracing::warn!(name = %request.name, "join refused: wrong secret");
+            return Err(Status::unauthenticated(
+                "wrong join token for this cluster: print the current one with `roost node token`",
+            ));
+        }
+        if let Err(reason) = validate_name(&request.name) {
+            return Err(rejection_status(Rejection::InvalidNodeName { name: request.name, reason }));
+        }
+        if let Err(message) = super::check_address(&request.address) {
+            return Err(Status::invalid_argument(message));
+        }
+        if self.consensus.state().read(|s| s.node_by_name(&request.name).is_some()) {
+            return Err(rejection_status(Rejection::NodeNameTaken { name: request.name }));
+        }
+        let ca = ClusterCa::load(&cluster.id, &cluster.ca_cert_pem, &cluster.ca_key_pem)
+            .map_err(|e| Status::internal(format!("the cluster CA is unusable: {e}")))?;
+        let (cert_pem, serial, fingerprint) = ca
+            .issue_for_public_key(&request.name, &request.public_key)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let node = NewNode {
+            name: request.name.clone(),
+            address: request.address.clone(),
+            labels: request.labels.into_iter().collect(),
+            cert_serial: serial.clone(),
+            cert_fingerprint: fingerprint,
+        };
+        let response = self
+            .consensus
+            .propose(Command::AddNode { node }, Instant::now() + API_DEADLINE)
+            .await
+            .map_err(consensus_status)?;
+        let node_id = match response {
+            Response::NodeAdded { id } => id,
+            Response::Rejected(rejection) => return Err(rejection_status(rejection)),
+            other => return Err(Status::internal(format!("unexpected answer to a join: {other:?}"))),
+        };
+        tracing::info!(node = %request.name, id = node_id, address = %request.address, "node joined");
+        Ok(tonic::Response::new(JoinResponse {
+            node_id,
+            cluster_id: cluster.id,
+            ca_cert_pem: cluster.ca_cert_pem,
+            node_cert_pem: cert_pem,
+            cert_serial: serial,
+        }))
+    }
+}

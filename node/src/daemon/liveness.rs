@@ -1,0 +1,256 @@
+//! Failure detection: every node reports to the leader, the leader remembers
+//! when it last heard from each, in memory only.
+//!
+//! Heartbeats never touch the Raft log: a beat is an RPC and a map update. A
+//! node is `down` once the leader has not heard from it for `down_after`.
+//! A new leader has heard from nobody yet, so it counts from the moment it
+//! took over rather than declaring everyone down at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use roost_network::tls::PeerIdentity;
+use roost_proto::cluster::peer_client::PeerClient;
+use roost_proto::cluster::peer_server;
+use roost_proto::cluster::{HeartbeatRequest, HeartbeatResponse, LivenessRequest, LivenessResponse, NodeLiveness};
+use roost_raft::service::NOT_LEADER;
+use roost_raft::{Consensus, NodeId};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::channels::NodeChannels;
+
+#[derive(Clone, Debug)]
+pub struct LivenessConfig {
+    /// How often each node reports to the leader.
+    pub heartbeat_every: Duration,
+    /// Silence after which the leader considers a node down.
+    pub down_after: Duration,
+    /// How long a voter may stay down before a healthy learner replaces it.
+    pub promote_after: Duration,
+}
+
+impl Default for LivenessConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_every: Duration::from_millis(500),
+            down_after: Duration::from_secs(3),
+            promote_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the leader knows of one node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub up: bool,
+    pub ago: Duration,
+}
+
+#[derive(Debug)]
+pub struct Liveness {
+    config: LivenessConfig,
+    self_id: NodeId,
+    inner: Mutex<Heard>,
+}
+
+#[derive(Debug, Default)]
+struct Heard {
+    last: HashMap<NodeId, Instant>,
+    leading_since: Option<Instant>,
+}
+
+impl Liveness {
+    pub fn new(config: LivenessConfig, self_id: NodeId) -> Self {
+        Self { config, self_id, inner: Mutex::new(Heard::default()) }
+    }
+
+    pub fn config(&self) -> &LivenessConfig {
+        &self.config
+    }
+
+    fn heard(&self) -> std::sync::MutexGuard<'_, Heard> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn record(&self, id: NodeId) {
+        self.heard().last.insert(id, Instant::now());
+    }
+
+    /// Tells the tracker whether this node leads, so a new leader starts
+    /// counting silence from its own start.
+    pub fn set_leading(&self, leading: bool) {
+        let mut heard = self.heard();
+        match (leading, heard.leading_since) {
+            (true, None) => heard.leading_since = Some(Instant::now()),
+            (false, Some(_)) => heard.leading_since = None,
+            _ => {}
+        }
+    }
+
+    /// The leader's view of `ids`.
+    pub fn view(&self, ids: impl IntoIterator<Item = NodeId>) -> BTreeMap<NodeId, Seen> {
+        let heard = self.heard();
+        let now = Instant::now();
+        ids.into_iter()
+            .map(|id| {
+                if id == self.self_id {
+                    return (id, Seen { up: true, ago: Duration::ZERO });
+                }
+                let last = match (heard.last.get(&id), heard.leading_since) {
+                    (Some(t), Some(since)) => Some((*t).max(since)),
+                    (t, since) => t.copied().or(since),
+                };
+                let ago = last.map_or(Duration::MAX, |t| now.saturating_duration_since(t));
+                (id, Seen { up: ago < self.config.down_after, ago })
+            })
+            .collect()
+    }
+}
+
+/// The Peer service: heartbeats in, liveness out. Leader only.
+pub struct PeerService {
+    pub consensus: Arc<Consensus>,
+    pub liveness: Arc<Liveness>,
+}
+
+#[tonic::async_trait]
+impl peer_server::Peer for PeerService {
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        if !self.consensus.is_leader() {
+            return Err(Status::failed_precondition(NOT_LEADER));
+        }
+        // Trust the certificate over the claim where the state knows it.
+        let fingerprint = request.extensions().get::<PeerIdentity>().and_then(|p| p.node_fingerprint.clone());
+        let claimed = request.get_ref().node_id;
+        let id = fingerprint
+            .and_then(|fp| {
+                self.consensus.state().read(|s| s.nodes.values().find(|n| n.cert_fingerprint == fp).map(|n| n.id))
+            })
+            .unwrap_or(claimed);
+        self.liveness.record(id);
+        Ok(Response::new(HeartbeatResponse {}))
+    }
+
+    async fn liveness(&self, _request: Request<LivenessRequest>) -> Result<Response<LivenessResponse>, Status> {
+        if !self.consensus.is_leader() {
+            return Err(Status::failed_precondition(NOT_LEADER));
+        }
+        let ids: Vec<NodeId> = self.consensus.state().read(|s| s.nodes.keys().copied().collect());
+        let nodes = self
+            .liveness
+            .view(ids)
+            .into_iter()
+            .map(|(node_id, seen)| NodeLiveness {
+                node_id,
+                up: seen.up,
+                last_seen_ms_ago: seen.ago.as_millis().min(u64::MAX as u128) as u64,
+            })
+            .collect();
+        Ok(Response::new(LivenessResponse { nodes, leader_id: self.consensus.id() }))
+    }
+}
+
+/// Why the heartbeat loop ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeartbeatEnd {
+    Shutdown,
+    /// The leader refused our certificate: we were removed.
+    Revoked,
+}
+
+/// Reports to the leader every `heartbeat_every` until shutdown, and keeps
+/// the local tracker told whether this node leads.
+pub async fn send_heartbeats(
+    consensus: Arc<Consensus>,
+    liveness: Arc<Liveness>,
+    channels: Arc<NodeChannels>,
+    shutdown: CancellationToken,
+) -> HeartbeatEnd {
+    let every = liveness.config().heartbeat_every;
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return HeartbeatEnd::Shutdown,
+            _ = ticker.tick() => {}
+        }
+        let leader = consensus.leader();
+        liveness.set_leading(matches!(leader, Some((id, _)) if id == consensus.id()) && consensus.is_leader());
+        let Some((leader_id, leader)) = leader else { continue };
+        if leader_id == consensus.id() {
+            continue;
+        }
+        let Ok(channel) = channels.get(&leader.address) else { continue };
+        let mut request = Request::new(HeartbeatRequest { node_id: consensus.id() });
+        request.set_timeout(every.max(Duration::from_millis(500)));
+        match PeerClient::new(channel).heartbeat(request).await {
+            Ok(_) => {}
+            Err(status) if status.code() == tonic::Code::PermissionDenied => return HeartbeatEnd::Revoked,
+            Err(status) => tracing::debug!(leader = %leader, status = %status.message(), "heartbeat not delivered"),
+        }
+    }
+}
+
+/// Asks the leader who is up. `None` when no leader answers.
+pub async fn cluster_liveness(
+    consensus: &Consensus,
+    liveness: &Liveness,
+    channels: &NodeChannels,
+) -> Option<BTreeMap<NodeId, Seen>> {
+    let (leader_id, leader) = consensus.leader()?;
+    if leader_id == consensus.id() && consensus.is_leader() {
+        let ids: Vec<NodeId> = consensus.state().read(|s| s.nodes.keys().copied().collect());
+        return Some(liveness.view(ids));
+    }
+    let channel = channels.get(&leader.address).ok()?;
+    let mut request = Request::new(LivenessRequest {});
+    request.set_timeout(Duration::from_secs(2));
+    let reply = PeerClient::new(channel).liveness(request).await.ok()?.into_inner();
+    Some(
+        reply
+            .nodes
+            .into_iter()
+            .map(|n| (n.node_id, Seen { up: n.up, ago: Duration::from_millis(n.last_seen_ms_ago) }))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> LivenessConfig {
+        LivenessConfig { down_after: Duration::from_secs(3), ..Default::default() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_is_down_after_silence_and_up_when_heard() {
+        let liveness = Liveness::new(config(), 1);
+        liveness.set_leading(true);
+        liveness.record(2);
+        assert!(liveness.view([2])[&2].up);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(!liveness.view([2])[&2].up);
+        liveness.record(2);
+        assert!(liveness.view([2])[&2].up);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_leader_counts_silence_from_its_own_start() {
+        let liveness = Liveness::new(config(), 1);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        liveness.set_leading(true);
+        assert!(liveness.view([3])[&3].up, "nobody is down the moment a leader takes over");
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(!liveness.view([3])[&3].up);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_node_itself_is_always_up() {
+        let liveness = Liveness::new(config(), 1);
+        assert_eq!(liveness.view([1])[&1], Seen { up: true, ago: Duration::ZERO });
+    }
+}

@@ -1,0 +1,295 @@
+//! Automatic Raft membership: which nodes vote.
+//!
+//! Every node runs the same binary, so nobody chooses voters by hand. The
+//! rule: the first three nodes vote (five once the cluster has five or more
+//! nodes); the rest are learners. A voter that is removed, or has been down
+//! longer than `promote_after`, is replaced by a healthy, caught-up learner
+//! when there is one; without a replacement a down voter keeps its seat,
+//! because shrinking the voter set would not make the cluster safer.
+//!
+//! [`plan`] is a pure function from a [`MembershipView`] to at most one
+//! [`MembershipAction`]; [`run_controller`] carries actions out on the leader,
+//! one at a time, again and again, so a crash mid-change is simply repaired by
+//! the next pass.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ChangeMembers;
+use roost_raft::{Consensus, NodeId, RaftNode};
+use tokio_util::sync::CancellationToken;
+
+use super::liveness::{Liveness, Seen};
+
+/// A learner this far behind the leader's log is not promoted yet.
+const MAX_PROMOTION_LAG: u64 = 100;
+
+#[derive(Clone, Debug, Default)]
+pub struct MembershipView {
+    pub leader: NodeId,
+    /// Nodes the replicated state says belong to the cluster.
+    pub wanted: BTreeMap<NodeId, RaftNode>,
+    /// Raft's membership: every member, and which of them vote.
+    pub members: BTreeMap<NodeId, RaftNode>,
+    pub voters: BTreeSet<NodeId>,
+    pub seen: BTreeMap<NodeId, Seen>,
+    /// Members whose log is close to the leader's.
+    pub caught_up: BTreeSet<NodeId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipAction {
+    AddLearner(NodeId, RaftNode),
+    SetVoters(BTreeSet<NodeId>),
+    RemoveMembers(BTreeSet<NodeId>),
+}
+
+/// How many voters a cluster of `n` nodes should have.
+pub fn voter_target(n: usize) -> usize {
+    if n >= 5 {
+        5
+    } else {
+        n.min(3)
+    }
+}
+
+pub fn plan(view: &MembershipView, promote_after: Duration) -> Option<MembershipAction> {
+    if let Some((id, node)) = view.wanted.iter().find(|(id, _)| !view.members.contains_key(id)) {
+        return Some(MembershipAction::AddLearner(*id, node.clone()));
+    }
+
+    let up = |id: &NodeId| view.seen.get(id).is_some_and(|s| s.up) || *id == view.leader;
+    let long_down = |id: &NodeId| *id != view.leader && view.seen.get(id).is_some_and(|s| !s.up && s.ago >= promote_after);
+    let target = voter_target(view.wanted.len());
+
+    let staying: Vec<NodeId> = view.voters.iter().copied().filter(|id| view.wanted.contains_key(id)).collect();
+    let mut voters: BTreeSet<NodeId> = staying.iter().copied().filter(|id| !long_down(id)).collect();
+    let candidates = view
+        .wanted
+        .keys()
+        .filter(|id| !view.voters.contains(id) && up(id) && view.caught_up.contains(id));
+    for id in candidates {
+        if voters.len() >= target {
+            break;
+        }
+        voters.insert(*id);
+    }
+    // Keep down voters rather than shrink below the target.
+    for id in staying.iter().filter(|id| long_down(id)) {
+        if voters.len() >= target {
+            break;
+        }
+        voters.insert(*id);
+    }
+    // Too many voters (nodes were removed): drop down ones first, then the
+    // newest, never the leader.
+    while voters.len() > target {
+        let drop = voters
+            .iter()
+            .copied()
+            .filter(|id| *id != view.leader)
+            .max_by_key(|id| (!up(id), *id));
+        match drop {
+            Some(id) => voters.remove(&id),
+            None => break,
+        };
+    }
+    if !voters.is_empty() && voters != view.voters {
+        return Some(MembershipAction::SetVoters(voters));
+    }
+
+    let gone: BTreeSet<NodeId> = view
+        .members
+        .keys()
+        .copied()
+        .filter(|id| !view.wanted.contains_key(id) && !view.voters.contains(id))
+        .collect();
+    if !gone.is_empty() {
+        return Some(MembershipAction::RemoveMembers(gone));
+    }
+    None
+}
+
+/// On the leader, compares Raft's membership with the state every `every`
+/// and carries out what [`plan`] says.
+pub async fn run_controller(
+    consensus: Arc<Consensus>,
+    liveness: Arc<Liveness>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let promote_after = liveness.config().promote_after;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let Some(view) = observe(&consensus, &liveness) else { continue };
+        let Some(action) = plan(&view, promote_after) else { continue };
+        tracing::info!(?action, "changing Raft membership");
+        let raft = consensus.raft();
+        let result = match action.clone() {
+            MembershipAction::AddLearner(id, node) => raft.add_learner(id, node, false).await.map(|_| ()),
+            MembershipAction::SetVoters(voters) => {
+                raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), true).await.map(|_| ())
+            }
+            MembershipAction::RemoveMembers(ids) => {
+                raft.change_membership(ChangeMembers::RemoveNodes(ids), false).await.map(|_| ())
+            }
+        };
+        if let Err(error) = result {
+            tracing::warn!(?action, %error, "membership change did not complete; will retry");
+        }
+    }
+}
+
+fn observe(consensus: &Consensus, liveness: &Liveness) -> Option<MembershipView> {
+    let metrics = consensus.raft().metrics().borrow().clone();
+    if metrics.state != openraft::ServerState::Leader {
+        return None;
+    }
+    let membership = metrics.membership_config.membership();
+    // A joint configuration is still settling; look again next pass.
+    if membership.get_joint_config().len() > 1 {
+        return None;
+    }
+    let last = metrics.last_log_index.unwrap_or(0);
+    let caught_up = metrics
+        .replication
+        .as_ref()
+        .map(|r| {
+            r.iter()
+                .filter(|(_, matched)| matched.is_some_and(|m| m.index + MAX_PROMOTION_LAG >= last))
+                .map(|(id, _)| *id)
+                .collect()
+        })
+        .unwrap_or_default();
+    let wanted: BTreeMap<NodeId, RaftNode> = consensus.state().read(|s| {
+        s.nodes
+            .values()
+            .map(|n| (n.id, RaftNode { name: n.name.clone(), address: n.address.clone() }))
+            .collect()
+    });
+    let seen = liveness.view(wanted.keys().copied());
+    Some(MembershipView {
+        leader: metrics.id,
+        members: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
+        voters: membership.voter_ids().collect(),
+        wanted,
+        seen,
+        caught_up,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AFTER: Duration = Duration::from_secs(30);
+
+    fn node(id: NodeId) -> RaftNode {
+        RaftNode { name: format!("n{id}"), address: format!("n{id}:1") }
+    }
+
+    fn up() -> Seen {
+        Seen { up: true, ago: Duration::ZERO }
+    }
+
+    fn down_for(secs: u64) -> Seen {
+        Seen { up: false, ago: Duration::from_secs(secs) }
+    }
+
+    /// A view where nodes `wanted` are all members, `voters` vote, all are up
+    /// and caught up.
+    fn view(wanted: &[NodeId], voters: &[NodeId]) -> MembershipView {
+        MembershipView {
+            leader: 1,
+            wanted: wanted.iter().map(|id| (*id, node(*id))).collect(),
+            members: wanted.iter().map(|id| (*id, node(*id))).collect(),
+            voters: voters.iter().copied().collect(),
+            seen: wanted.iter().map(|id| (*id, up())).collect(),
+            caught_up: wanted.iter().copied().collect(),
+        }
+    }
+
+    fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
+        ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn targets_three_voters_then_five() {
+        assert_eq!((1..=8).map(voter_target).collect::<Vec<_>>(), [1, 2, 3, 3, 5, 5, 5, 5]);
+    }
+
+    #[test]
+    fn a_new_node_first_becomes_a_learner() {
+        let mut v = view(&[1, 2], &[1]);
+        v.members.remove(&2);
+        assert_eq!(plan(&v, AFTER), Some(MembershipAction::AddLearner(2, node(2))));
+    }
+
+    #[test]
+    fn the_first_three_nodes_vote() {
+        assert_eq!(plan(&view(&[1, 2], &[1]), AFTER), Some(MembershipAction::SetVoters(set(&[1, 2]))));
+        assert_eq!(plan(&view(&[1, 2, 3], &[1, 2]), AFTER), Some(MembershipAction::SetVoters(set(&[1, 2, 3]))));
+        assert_eq!(plan(&view(&[1, 2, 3, 4], &[1, 2, 3]), AFTER), None);
+    }
+
+    #[test]
+    fn five_nodes_make_five_voters() {
+        assert_eq!(
+            plan(&view(&[1, 2, 3, 4, 5], &[1, 2, 3]), AFTER),
+            Some(MembershipAction::SetVoters(set(&[1, 2, 3, 4, 5])))
+        );
+    }
+
+    #[test]
+    fn a_lagging_learner_waits() {
+        let mut v = view(&[1, 2, 3], &[1, 2]);
+        v.caught_up.remove(&3);
+        assert_eq!(plan(&v, AFTER), None);
+    }
+
+    #[test]
+    fn a_long_down_voter_is_replaced_by_a_healthy_learner() {
+        let mut v = view(&[1, 2, 3, 4], &[1, 2, 3]);
+        v.seen.insert(3, down_for(31));
+        assert_eq!(plan(&v, AFTER), Some(MembershipAction::SetVoters(set(&[1, 2, 4]))));
+    }
+
+    #[test]
+    fn a_briefly_down_voter_keeps_its_seat() {
+        let mut v = view(&[1, 2, 3, 4], &[1, 2, 3]);
+        v.seen.insert(3, down_for(5));
+        assert_eq!(plan(&v, AFTER), None);
+    }
+
+    #[test]
+    fn without_a_replacement_a_down_voter_stays() {
+        let mut v = view(&[1, 2, 3], &[1, 2, 3]);
+        v.seen.insert(3, down_for(300));
+        assert_eq!(plan(&v, AFTER), None);
+    }
+
+    #[test]
+    fn a_removed_voter_is_replaced_then_dropped() {
+        let mut v = view(&[1, 2, 3, 4], &[1, 2, 3]);
+        v.wanted.remove(&2);
+        assert_eq!(plan(&v, AFTER), Some(MembershipAction::SetVoters(set(&[1, 3, 4]))));
+        v.voters = set(&[1, 3, 4]);
+        assert_eq!(plan(&v, AFTER), Some(MembershipAction::RemoveMembers(set(&[2]))));
+    }
+
+    #[test]
+    fn shrinking_drops_down_voters_before_healthy_ones_and_never_the_leader() {
+        // Five voters, one node removed: four nodes want three voters.
+        let mut v = view(&[1, 2, 3, 4, 5], &[1, 2, 3, 4, 5]);
+        v.wanted.remove(&5);
+        v.seen.insert(2, down_for(1));
+        assert_eq!(plan(&v, AFTER), Some(MembershipAction::SetVoters(set(&[1, 3, 4]))));
+        v.seen.insert(1, down_for(100));
+        v.seen.insert(2, up());
+        assert_eq!(plan(&v, AFTER), Some(MembershipAction::SetVoters(set(&[1, 2, 3]))));
+    }
+}

@@ -1,0 +1,441 @@
+//! A running Roost node.
+//!
+//! [`Node::start`] does, in order: bind the one port; resolve the identity
+//! (resume what the data directory holds, or create a cluster, or join one);
+//! start Raft; serve the Raft, Peer, Join and Control services over TLS;
+//! finish the cluster's bootstrap if this is its first node; then start the
+//! background loops (heartbeats, membership, removal watch). Every task
+//! listens to one cancellation token; [`RunningNode::wait`] returns when it
+//! fires or when the node learns it was removed, after draining.
+
+pub mod api;
+pub mod auth;
+pub mod channels;
+pub mod identity;
+pub mod join;
+pub mod liveness;
+pub mod membership;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use roost_network::pki::{self, secret_digest, ClusterCa};
+use roost_network::tls::{self, ClientTls};
+use roost_network::{Token, TokenKind};
+use roost_proto::api::control_server::ControlServer;
+use roost_proto::cluster::join_server::JoinServer;
+use roost_proto::cluster::peer_server::PeerServer;
+use roost_raft::consensus::now_millis;
+use roost_raft::service::RaftService;
+use roost_raft::state::{validate_name, ClusterInfo, FIRST_NODE_ID};
+use roost_raft::{Command, Consensus, NewNode, RaftNode, Response, Timings};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tracing::Instrument;
+
+use self::channels::NodeChannels;
+use self::identity::{check_resume, DataDir, Identity, IdentityError, StoredIdentity};
+pub use self::liveness::LivenessConfig;
+use self::liveness::{HeartbeatEnd, Liveness};
+
+/// How a node comes to exist the first time it starts.
+#[derive(Clone, Debug)]
+pub enum Start {
+    /// Create a new cluster with this node as its first member.
+    Init,
+    /// Join the cluster that `seed` belongs to.
+    Join { seed: String, token: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    /// HOST:PORT to bind; port 0 picks a free one.
+    pub listen: String,
+    /// HOST:PORT others use to reach this node; defaults to the bound address.
+    pub advertise: Option<String>,
+    /// The name given on the command line, if any.
+    pub name: Option<String>,
+    /// The name a new node takes when none is given (the caller's hostname).
+    pub default_name: String,
+    pub labels: BTreeMap<String, String>,
+    pub start: Start,
+    pub timings: Timings,
+    pub liveness: LivenessConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("could not listen on {listen}")]
+    Listen {
+        listen: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--listen {listen} binds every interface; pass --advertise HOST:PORT with an address other nodes can reach")]
+    NeedAdvertise { listen: String },
+    #[error("invalid --advertise: {0}")]
+    Advertise(String),
+    #[error("invalid node name '{name}': {reason}; pass --name")]
+    Name { name: String, reason: String },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Join(#[from] join::JoinError),
+    #[error("invalid join token: {0}")]
+    Token(#[from] roost_network::token::TokenError),
+    #[error("the certificates in the data directory are unusable")]
+    Tls(#[from] tls::TlsError),
+    #[error("could not create the cluster's certificates")]
+    Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    Raft(#[from] roost_raft::consensus::StartError),
+    #[error("could not create the cluster: {0}")]
+    Bootstrap(String),
+}
+
+/// Why a node stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    Shutdown,
+    /// The cluster removed this node; its certificate is revoked.
+    Removed,
+}
+
+/// The two tokens a new cluster is born with; shown to the user once.
+#[derive(Clone, Debug)]
+pub struct InitTokens {
+    pub join: Token,
+    pub admin: Token,
+}
+
+pub struct Node;
+
+pub struct RunningNode {
+    pub id: u64,
+    pub name: String,
+    /// The address other nodes and clients use.
+    pub address: String,
+    pub data_dir: DataDir,
+    /// Set only when this start created the cluster.
+    pub init_tokens: Option<InitTokens>,
+    pub consensus: Arc<Consensus>,
+    stop: CancellationToken,
+    removed: Arc<AtomicBool>,
+    server: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for RunningNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningNode").field("id", &self.id).field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// Checks that `address` is HOST:PORT that others can dial.
+pub fn check_address(address: &str) -> Result<(), String> {
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(format!("'{address}' is not HOST:PORT"));
+    };
+    if host.is_empty() {
+        return Err(format!("'{address}' has no host"));
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => return Err(format!("'{address}' needs a port from 1 to 65535")),
+        Ok(_) => {}
+    }
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        if addr.ip().is_unspecified() {
+            return Err(format!("'{address}' is a wildcard address, which other nodes cannot dial"));
+        }
+    }
+    Ok(())
+}
+
+impl Node {
+    pub async fn start(config: NodeConfig, shutdown: CancellationToken) -> Result<RunningNode, StartError> {
+        let dir = DataDir::new(&config.data_dir);
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| StartError::Listen { listen: config.listen.clone(), source })?;
+        let bound = listener.local_addr().map_err(|source| StartError::Listen { listen: config.listen.clone(), source })?;
+        let address = match &config.advertise {
+            Some(advertise) => {
+                check_address(advertise).map_err(StartError::Advertise)?;
+                advertise.clone()
+            }
+            None if bound.ip().is_unspecified() => return Err(StartError::NeedAdvertise { listen: config.listen.clone() }),
+            None => bound.to_string(),
+        };
+
+        let (identity, init_tokens) = resolve_identity(&dir, &config, &address).await?;
+        let stored = identity.stored.clone();
+        let span = tracing::info_span!("node", node = %stored.name, id = stored.node_id);
+        async move {
+            let stop = shutdown.child_token();
+            let ca_digest = identity.ca_digest()?;
+            let server_tls = tls::server_config(&identity.ca_cert_pem, &identity.cert_pem, &identity.key_pem)?;
+            let channels = Arc::new(NodeChannels::new(ClientTls::node(
+                &identity.ca_cert_pem,
+                &identity.cert_pem,
+                &identity.key_pem,
+            )?));
+            let consensus =
+                Consensus::start(stored.node_id, &dir.raft(), &config.timings, channels.clone(), stop.clone()).await?;
+            let liveness = Arc::new(Liveness::new(config.liveness.clone(), stored.node_id));
+
+            let state = consensus.state().clone();
+            let router = tonic::transport::Server::builder()
+                .add_service(InterceptedService::new(
+                    RaftService::new(consensus.raft().clone()).into_server(),
+                    auth::require_node(state.clone()),
+                ))
+                .add_service(InterceptedService::new(
+                    PeerServer::new(liveness::PeerService { consensus: consensus.clone(), liveness: liveness.clone() }),
+                    auth::require_node(state.clone()),
+                ))
+                .add_service(JoinServer::new(join::JoinService { consensus: consensus.clone() }))
+                .add_service(InterceptedService::new(
+                    ControlServer::new(api::ControlService {
+                        consensus: consensus.clone(),
+                        liveness: liveness.clone(),
+                        channels: channels.clone(),
+                        ca_digest,
+                        node_name: stored.name.clone(),
+                    }),
+                    auth::require_admin(state, ca_digest),
+                ));
+            let incoming = tls::incoming(listener, server_tls, stop.clone());
+            let server_stop = stop.clone();
+            let server = tokio::spawn(
+                async move {
+                    if let Err(error) = router.serve_with_incoming_shutdown(incoming, server_stop.cancelled()).await {
+                        tracing::error!(%error, "the gRPC server failed");
+                    }
+                }
+                .in_current_span(),
+            );
+            tracing::info!(address = %stored.address, listen = %bound, "serving");
+
+            if let Some(bootstrap) = dir.load_bootstrap()? {
+                bootstrap_cluster(&consensus, &stored, bootstrap).await?;
+                dir.clear_bootstrap()?;
+            }
+
+            let removed = Arc::new(AtomicBool::new(false));
+            spawn_background(&consensus, &liveness, &channels, &stop, &removed);
+            Ok(RunningNode {
+                id: stored.node_id,
+                name: stored.name.clone(),
+                address: stored.address.clone(),
+                data_dir: dir,
+                init_tokens,
+                consensus,
+                stop,
+                removed,
+                server,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Resumes the node in `dir`, or creates its identity the first time.
+async fn resolve_identity(
+    dir: &DataDir,
+    config: &NodeConfig,
+    address: &str,
+) -> Result<(Identity, Option<InitTokens>), StartError> {
+    let advertise_given = config.advertise.as_deref().unwrap_or(address);
+    if let Some(identity) = dir.load()? {
+        check_resume(dir, &identity.stored, config.name.as_deref(), Some(advertise_given), &config.labels)?;
+        if let Start::Join { token, .. } = &config.start {
+            let token = Token::parse(token)?;
+            let digest = identity.ca_digest()?;
+            if token.ca_digest != digest {
+                return Err(IdentityError::OtherCluster {
+                    dir: dir.root().to_owned(),
+                    stored: identity.stored.cluster_id.clone(),
+                    given: token.ca_digest.to_hex()[..12].to_owned(),
+                }
+                .into());
+            }
+        }
+        tracing::info!(node = %identity.stored.name, id = identity.stored.node_id, "resuming node from {}", dir.root().display());
+        return Ok((identity, None));
+    }
+    let name = config.name.clone().unwrap_or_else(|| config.default_name.clone());
+    validate_name(&name).map_err(|reason| StartError::Name { name: name.clone(), reason })?;
+    dir.create()?;
+    match &config.start {
+        Start::Init => {
+            let (identity, tokens) = create_cluster(dir, &name, address, &config.labels)?;
+            Ok((identity, Some(tokens)))
+        }
+        Start::Join { seed, token } => {
+            let params = join::JoinParams { seed, token, name: &name, address, labels: &config.labels };
+            let identity = join::join_cluster(dir, params).await?;
+            tracing::info!(node = %name, id = identity.stored.node_id, %seed, "joined the cluster");
+            Ok((identity, None))
+        }
+    }
+}
+
+/// Creates the CA, the first node's certificate and the tokens, and records
+/// the bootstrap command to be committed once Raft runs.
+fn create_cluster(
+    dir: &DataDir,
+    name: &str,
+    address: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<(Identity, InitTokens), StartError> {
+    let cluster_id = pki::hex(&rand::random::<[u8; 8]>());
+    let ca = ClusterCa::generate(&cluster_id)?;
+    let node = ca.issue_node(name)?;
+    let tokens = InitTokens {
+        join: Token::generate(TokenKind::Join, ca.digest()),
+        admin: Token::generate(TokenKind::Admin, ca.digest()),
+    };
+    let cluster = ClusterInfo {
+        id: cluster_id.clone(),
+        created_at: now_millis(),
+        ca_cert_pem: ca.cert_pem().to_owned(),
+        ca_key_pem: ca.key_pem().to_owned(),
+        join_secret: tokens.join.secret.clone(),
+        admin_secret_sha256: secret_digest(&tokens.admin.secret),
+    };
+    let first = NewNode {
+        name: name.to_owned(),
+        address: address.to_owned(),
+        labels: labels.clone(),
+        cert_serial: node.serial.clone(),
+        cert_fingerprint: node.fingerprint.clone(),
+    };
+    dir.save_bootstrap(&Command::Bootstrap { cluster, node: first })?;
+    identity::write_private(&dir.join_token(), &format!("{}\n", tokens.join))?;
+    identity::write_private(&dir.admin_token(), &format!("{}\n", tokens.admin))?;
+    let identity = Identity {
+        stored: StoredIdentity {
+            cluster_id,
+            node_id: FIRST_NODE_ID,
+            name: name.to_owned(),
+            address: address.to_owned(),
+            labels: labels.clone(),
+        },
+        ca_cert_pem: ca.cert_pem().to_owned(),
+        cert_pem: node.cert_pem,
+        key_pem: node.key_pem,
+    };
+    dir.save(&identity)?;
+    tracing::info!(cluster = %identity.stored.cluster_id, "created a new cluster");
+    Ok((identity, tokens))
+}
+
+/// Makes this node the cluster's sole voter and commits the bootstrap entry.
+async fn bootstrap_cluster(consensus: &Consensus, stored: &StoredIdentity, bootstrap: Command) -> Result<(), StartError> {
+    consensus.initialize(RaftNode { name: stored.name.clone(), address: stored.address.clone() }).await?;
+    let response = consensus
+        .propose(bootstrap, Instant::now() + Duration::from_secs(30))
+        .await
+        .map_err(|e| StartError::Bootstrap(e.to_string()))?;
+    match response {
+        Response::NodeAdded { .. } => Ok(()),
+        other => Err(StartError::Bootstrap(format!("{other:?}"))),
+    }
+}
+
+fn spawn_background(
+    consensus: &Arc<Consensus>,
+    liveness: &Arc<Liveness>,
+    channels: &Arc<NodeChannels>,
+    stop: &CancellationToken,
+    removed: &Arc<AtomicBool>,
+) {
+    let mark_removed = {
+        let stop = stop.clone();
+        let removed = removed.clone();
+        move || {
+            if !removed.swap(true, Ordering::SeqCst) {
+                tracing::error!("this node was removed from the cluster; stopping");
+            }
+            stop.cancel();
+        }
+    };
+
+    let heartbeats =
+        liveness::send_heartbeats(consensus.clone(), liveness.clone(), channels.clone(), stop.clone());
+    let on_revoked = mark_removed.clone();
+    tokio::spawn(
+        async move {
+            if heartbeats.await == HeartbeatEnd::Revoked {
+                on_revoked();
+            }
+        }
+        .in_current_span(),
+    );
+
+    tokio::spawn(
+        membership::run_controller(consensus.clone(), liveness.clone(), Duration::from_millis(500), stop.clone())
+            .in_current_span(),
+    );
+
+    // The state says so as soon as the removal is applied here.
+    let consensus = consensus.clone();
+    let stop = stop.clone();
+    tokio::spawn(
+        async move {
+            let mut metrics = consensus.raft().metrics();
+            loop {
+                let id = consensus.id();
+                if consensus.state().read(|s| s.removed_nodes.contains_key(&id)) {
+                    mark_removed();
+                    return;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = metrics.changed() => if changed.is_err() { return },
+                }
+            }
+        }
+        .in_current_span(),
+    );
+}
+
+impl RunningNode {
+    /// Waits until the node is asked to stop or learns it was removed, then
+    /// drains: stops serving, shuts Raft down, and waits for the server.
+    pub async fn wait(self) -> ExitReason {
+        self.stop.cancelled().await;
+        self.drain().await
+    }
+
+    /// Whether the node has been told to stop, or stopped itself on removal.
+    pub fn is_stopping(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Stops the node now.
+    pub async fn stop(self) -> ExitReason {
+        self.stop.cancel();
+        self.drain().await
+    }
+
+    async fn drain(self) -> ExitReason {
+        self.consensus.shutdown().await;
+        if tokio::time::timeout(Duration::from_secs(5), self.server).await.is_err() {
+            tracing::warn!("the gRPC server did not stop within 5s");
+        }
+        if self.removed.load(Ordering::SeqCst) {
+            ExitReason::Removed
+        } else {
+            ExitReason::Shutdown
+        }
+    }
+}

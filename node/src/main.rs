@@ -1,0 +1,96 @@
+//! The `roost` binary: parses arguments, sets up tracing and the runtime,
+//! and hands over to the library. Node commands run the daemon until SIGINT
+//! or SIGTERM; everything else is a client call.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use roost_node::cli::{self, Cli, Command, CliError, NodeCommand};
+use roost_node::daemon::{ExitReason, Node, Start};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code of a node that the cluster removed.
+const EXIT_REMOVED: u8 = 10;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Node(NodeCommand::Init(args)) => run_node(&args, Start::Init).await,
+            Command::Node(NodeCommand::Join { seed, token, node }) => run_node(&node, Start::Join { seed, token }).await,
+            command => {
+                init_tracing("warn");
+                cli::run_client(command, &mut std::io::stdout().lock()).await.map(|()| ExitCode::SUCCESS)
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(error.exit_code() as u8)
+        }
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn run_node(args: &cli::NodeArgs, start: Start) -> Result<ExitCode, CliError> {
+    init_tracing("info,openraft=warn");
+    let config = cli::node_config(args, start, hostname())?;
+    let shutdown = CancellationToken::new();
+    let node = Node::start(config, shutdown.clone()).await.map_err(|e| CliError::Other(format!("{:#}", anyhow::Error::new(e))))?;
+    if let Some(tokens) = &node.init_tokens {
+        print!("{}", cli::init_banner(tokens, &node.address, node.data_dir.root(), &node.name));
+    }
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    });
+    match node.wait().await {
+        ExitReason::Shutdown => Ok(ExitCode::SUCCESS),
+        ExitReason::Removed => {
+            eprintln!("error: this node was removed from the cluster; wipe its data directory to join again");
+            Ok(ExitCode::from(EXIT_REMOVED))
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the node");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// The machine's host name, made into a valid node name where possible.
+fn hostname() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    name.trim_matches('-').to_owned()
+}

@@ -1,0 +1,24 @@
+//! Roost's gRPC definitions, generated from `proto/` by `tonic-prost-build`.
+//!
+//! Layout:
+//! - [`cluster`]: node-to-node services (Raft, liveness, join). Only nodes call
+//!   them, over mutual TLS.
+//! - [`api`]: the public API that the `roost` CLI drives against any node.
+//!
+//! Conversions between these wire types and the domain types live beside the
+//! code that owns the domain (for example `roost-node`'s API module), so this
+//! crate stays a pure description of the wire.
+
+#![forbid(unsafe_code)]
+#![allow(clippy::all, missing_docs)]
+
+pub mod cluster {
+    tonic::include_proto!("roost.cluster.v1");
+}
+
+pub mod api {
+    tonic::include_proto!("roost.api.v1");
+}
+
+/// The metadata key that carries the admin token on public API calls.
+pub const AUTHORIZATION: &str = "authorization";

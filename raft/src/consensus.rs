@@ -1,0 +1,385 @@
+//! [`Consensus`]: the node's handle on Raft.
+//!
+//! Callers never need to know who leads. [`Consensus::propose`] writes
+//! locally on the leader and forwards to it from anywhere else;
+//! [`Consensus::read_barrier`] makes the local state at least as new as the
+//! leader's committed state at the time of the call (the read-index method),
+//! so reads after it are linearizable and still served locally.
+//!
+//! Elections: openraft 0.9 draws a node's election timeout once, when the
+//! node starts, so two survivors with close timeouts can split their votes
+//! round after round. We switch openraft's own election timer off and run
+//! [`drive_elections`], which applies openraft's rule (a follower campaigns
+//! once the leader lease and an election timeout have passed since it last
+//! heard from a leader) with a *fresh* random timeout for every campaign.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{Config, ServerState, SnapshotPolicy};
+use rand::Rng;
+use roost_proto::cluster::raft_client::RaftClient;
+use roost_proto::cluster::{RaftPayload, ReadIndexRequest};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::command::{Command, Proposal, Response};
+use crate::network::{Channels, Network};
+use crate::service::NOT_LEADER;
+use crate::state::UnixMillis;
+use crate::store::{self, StateReader};
+use crate::{NodeId, Raft, RaftNode};
+
+/// Raft's timing and log-compaction settings.
+#[derive(Clone, Debug)]
+pub struct Timings {
+    /// How often the leader sends heartbeats (and replicates).
+    pub heartbeat: Duration,
+    /// A campaign starts a random time in `election_min..election_max` after
+    /// the leader lease (`election_max`) has passed without word from a leader.
+    pub election_min: Duration,
+    pub election_max: Duration,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot, for slow followers.
+    pub keep_after_snapshot: u64,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(100),
+            election_min: Duration::from_millis(400),
+            election_max: Duration::from_millis(800),
+            snapshot_every: 10_000,
+            keep_after_snapshot: 1_000,
+        }
+    }
+}
+
+impl Timings {
+    fn raft_config(&self) -> Config {
+        Config {
+            cluster_name: "roost".into(),
+            heartbeat_interval: self.heartbeat.as_millis() as u64,
+            election_timeout_min: self.election_min.as_millis() as u64,
+            election_timeout_max: self.election_max.as_millis() as u64,
+            // drive_elections() campaigns instead; see the module doc.
+            enable_elect: false,
+            install_snapshot_timeout: 10_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: self.keep_after_snapshot,
+            purge_batch_size: 1024,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("could not open the Raft store")]
+    Store(#[source] rocksdb::Error),
+    #[error("invalid Raft configuration")]
+    Config(#[source] openraft::ConfigError),
+    #[error("could not start Raft")]
+    Raft(#[source] openraft::error::Fatal<NodeId>),
+    #[error("could not initialize the cluster's membership")]
+    Initialize(#[source] RaftError<NodeId, openraft::error::InitializeError<NodeId, RaftNode>>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsensusError {
+    #[error("no leader could be reached within {}s: a majority of voters may be down (see `roost node list --stale`)", .waited.as_secs())]
+    NoLeader { waited: Duration },
+    #[error("the change was not confirmed within {}s and may still be applied if the cluster recovers: a majority of voters may be down", .waited.as_secs())]
+    Unconfirmed { waited: Duration },
+    #[error("Raft has stopped on this node")]
+    Stopped,
+    #[error("the leader answered something this node cannot read: {0}")]
+    Protocol(String),
+}
+
+/// How long to wait between attempts to find or reach a leader.
+const RETRY_MIN: Duration = Duration::from_millis(20);
+const RETRY_MAX: Duration = Duration::from_millis(500);
+
+pub struct Consensus {
+    id: NodeId,
+    raft: Raft,
+    state: StateReader,
+    channels: Arc<dyn Channels>,
+    leader_clients: Mutex<HashMap<String, RaftClient<Channel>>>,
+}
+
+impl std::fmt::Debug for Consensus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consensus").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+pub fn now_millis() -> UnixMillis {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    now.as_millis() as UnixMillis
+}
+
+impl Consensus {
+    /// Opens the store under `dir`, starts Raft and its election driver. The
+    /// driver stops when `shutdown` fires.
+    pub async fn start(
+        id: NodeId,
+        dir: &Path,
+        timings: &Timings,
+        channels: Arc<dyn Channels>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, StartError> {
+        let config = Arc::new(timings.raft_config().validate().map_err(StartError::Config)?);
+        let (log, sm) = store::open(dir).map_err(StartError::Store)?;
+        let state = sm.reader();
+        let raft = Raft::new(id, config, Network::new(channels.clone()), log, sm).await.map_err(StartError::Raft)?;
+        tokio::spawn(drive_elections(raft.clone(), timings.clone(), shutdown));
+        Ok(Arc::new(Self { id, raft, state, channels, leader_clients: Mutex::new(HashMap::new()) }))
+    }
+
+    /// Makes this node the sole voter of a new cluster. Does nothing when the
+    /// log already holds a membership (a restart of the first node).
+    pub async fn initialize(&self, node: RaftNode) -> Result<(), StartError> {
+        let initialized = self.raft.is_initialized().await.map_err(StartError::Raft)?;
+        if initialized {
+            return Ok(());
+        }
+        let members = std::collections::BTreeMap::from([(self.id, node)]);
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(StartError::Initialize(e)),
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    pub fn state(&self) -> &StateReader {
+        &self.state
+    }
+
+    /// The leader this node currently believes in, with its address.
+    pub fn leader(&self) -> Option<(NodeId, RaftNode)> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let id = metrics.current_leader?;
+        let node = metrics.membership_config.membership().get_node(&id)?.clone();
+        Some((id, node))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Commits `command` through the leader, wherever it is, and returns what
+    /// the state machine answered. Waits for a leader until `deadline`.
+    pub async fn propose(&self, command: Command, deadline: Instant) -> Result<Response, ConsensusError> {
+        let started = Instant::now();
+        let proposal = Proposal::new(command, now_millis());
+        let mut retry = RETRY_MIN;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(ConsensusError::NoLeader { waited: started.elapsed() });
+            }
+            match self.leader() {
+                Some((id, _)) if id == self.id => {
+                    match tokio::time::timeout(remaining, self.raft.client_write(proposal.clone())).await {
+                        Err(_) => return Err(ConsensusError::Unconfirmed { waited: started.elapsed() }),
+                        Ok(Ok(written)) => return Ok(written.data),
+                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {}
+                        Ok(Err(RaftError::APIError(e))) => return Err(ConsensusError::Protocol(e.to_string())),
+                        Ok(Err(RaftError::Fatal(_))) => return Err(ConsensusError::Stopped),
+                    }
+                }
+                Some((_, leader)) => match self.forward_proposal(&leader.address, &proposal, remaining).await {
+                    Forwarded::Done(response) => return Ok(response),
+                    Forwarded::Retry => {}
+                    Forwarded::Unconfirmed => return Err(ConsensusError::Unconfirmed { waited: started.elapsed() }),
+                    Forwarded::Protocol(e) => return Err(ConsensusError::Protocol(e)),
+                },
+                None => {}
+            }
+            retry = self.pause(retry, deadline).await;
+        }
+    }
+
+    /// Returns once the local state includes every write committed before the
+    /// call, so reads after it are linearizable.
+    pub async fn read_barrier(&self, deadline: Instant) -> Result<(), ConsensusError> {
+        let started = Instant::now();
+        let mut retry = RETRY_MIN;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(ConsensusError::NoLeader { waited: started.elapsed() });
+            }
+            let index = match self.leader() {
+                Some((id, _)) if id == self.id => {
+                    match tokio::time::timeout(remaining, self.raft.ensure_linearizable()).await {
+                        Err(_) => return Err(ConsensusError::NoLeader { waited: started.elapsed() }),
+                        Ok(Ok(log_id)) => Some(log_id.map(|id| id.index)),
+                        Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => None,
+                        Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => None,
+                        Ok(Err(RaftError::Fatal(_))) => return Err(ConsensusError::Stopped),
+                    }
+                }
+                Some((_, leader)) => self.forward_read_index(&leader.address, remaining).await,
+                None => None,
+            };
+            if let Some(index) = index {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                return match self.raft.wait(Some(remaining)).applied_index_at_least(index, "read barrier").await {
+                    Ok(_) => Ok(()),
+                    Err(openraft::metrics::WaitError::Timeout(..)) => {
+                        Err(ConsensusError::NoLeader { waited: started.elapsed() })
+                    }
+                    Err(openraft::metrics::WaitError::ShuttingDown) => Err(ConsensusError::Stopped),
+                };
+            }
+            retry = self.pause(retry, deadline).await;
+        }
+    }
+
+    /// Waits for the leader view to change or for `retry` to pass, whichever
+    /// is first, and returns the next, longer, retry interval.
+    async fn pause(&self, retry: Duration, deadline: Instant) -> Duration {
+        let mut metrics = self.raft.metrics();
+        let jittered = retry.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
+        let until = (Instant::now() + jittered).min(deadline);
+        let _ = tokio::time::timeout_at(until, metrics.changed()).await;
+        (retry * 2).min(RETRY_MAX)
+    }
+
+    fn leader_client(&self, address: &str) -> Option<RaftClient<Channel>> {
+        let mut clients = self.leader_clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(client) = clients.get(address) {
+            return Some(client.clone());
+        }
+        let channel = self.channels.channel(address).ok()?;
+        let client = RaftClient::new(channel).max_decoding_message_size(64 << 20);
+        clients.insert(address.to_owned(), client.clone());
+        Some(client)
+    }
+
+    async fn forward_proposal(&self, address: &str, proposal: &Proposal, remaining: Duration) -> Forwarded {
+        let Some(mut client) = self.leader_client(address) else {
+            return Forwarded::Retry;
+        };
+        let json = match serde_json::to_vec(proposal) {
+            Ok(json) => json,
+            Err(e) => return Forwarded::Protocol(e.to_string()),
+        };
+        let mut request = tonic::Request::new(RaftPayload { json });
+        request.set_timeout(remaining);
+        match client.propose(request).await {
+            Ok(reply) => match serde_json::from_slice(&reply.into_inner().json) {
+                Ok(response) => Forwarded::Done(response),
+                Err(e) => Forwarded::Protocol(e.to_string()),
+            },
+            Err(status) if is_retryable(&status) => {
+                tracing::debug!(%address, status = %status.message(), "forwarding a write failed; retrying");
+                Forwarded::Retry
+            }
+            Err(status) => {
+                tracing::warn!(%address, status = %status.message(), "forwarded write unconfirmed");
+                Forwarded::Unconfirmed
+            }
+        }
+    }
+
+    async fn forward_read_index(&self, address: &str, remaining: Duration) -> Option<Option<u64>> {
+        let mut client = self.leader_client(address)?;
+        let mut request = tonic::Request::new(ReadIndexRequest {});
+        request.set_timeout(remaining);
+        match client.read_index(request).await {
+            Ok(reply) => Some(reply.into_inner().index),
+            Err(status) => {
+                tracing::debug!(%address, status = %status.message(), "read index from leader failed; retrying");
+                None
+            }
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(error) = self.raft.shutdown().await {
+            tracing::warn!(%error, "raft did not shut down cleanly");
+        }
+    }
+}
+
+enum Forwarded {
+    Done(Response),
+    /// The write certainly did not happen; try again.
+    Retry,
+    /// The write may or may not have happened.
+    Unconfirmed,
+    Protocol(String),
+}
+
+/// A write may be retried only when it certainly was not applied: the node
+/// was not the leader, or it could not be reached at all.
+fn is_retryable(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::FailedPrecondition => status.message() == NOT_LEADER,
+        tonic::Code::Unavailable => true,
+        _ => false,
+    }
+}
+
+/// Campaigns for leadership when a voter has not heard from a leader for the
+/// leader lease plus a random election timeout, drawn afresh each campaign.
+/// See the module documentation for why openraft's own timer is off.
+pub async fn drive_elections(raft: Raft, timings: Timings, shutdown: CancellationToken) {
+    let draw = || rand::thread_rng().gen_range(timings.election_min..timings.election_max);
+    let lease = timings.election_max;
+    let started = Instant::now();
+    let mut timeout = draw();
+    let tick = timings.heartbeat.min(timings.election_min / 4);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let (is_leader, is_voter) = {
+            let metrics = raft.metrics();
+            let metrics = metrics.borrow();
+            if metrics.running_state.is_err() {
+                return;
+            }
+            let voter = metrics.membership_config.membership().voter_ids().any(|id| id == metrics.id);
+            (metrics.state == ServerState::Leader, voter)
+        };
+        if is_leader || !is_voter {
+            timeout = draw();
+            continue;
+        }
+        let Ok((committed, last_heard)) =
+            raft.with_raft_state(|st| (st.vote_ref().is_committed(), st.vote_last_modified())).await
+        else {
+            return;
+        };
+        let wait = if committed { lease + timeout } else { timeout };
+        let last_heard = last_heard.unwrap_or(started);
+        if Instant::now().saturating_duration_since(last_heard) >= wait {
+            tracing::info!(waited_ms = wait.as_millis() as u64, "no word from a leader; campaigning");
+            if raft.trigger().elect().await.is_err() {
+                return;
+            }
+            timeout = draw();
+        }
+    }
+}

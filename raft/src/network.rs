@@ -1,0 +1,148 @@
+//! openraft's outgoing RPCs over gRPC.
+//!
+//! Payloads are openraft's own serde types as JSON inside a
+//! `RaftPayload`. The server answers `Result<Resp, RaftError>` as JSON, so a
+//! remote Raft error reaches openraft as a `RemoteError`, while a transport
+//! failure becomes `Unreachable` (openraft backs off) or `Network`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use roost_proto::cluster::raft_client::RaftClient;
+use roost_proto::cluster::RaftPayload;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use crate::{NodeId, RaftNode, TypeConfig};
+
+/// Opens channels to peers; the node supplies one that speaks mutual TLS.
+pub trait Channels: Send + Sync + 'static {
+    fn channel(&self, address: &str) -> Result<Channel, String>;
+}
+
+#[derive(Clone)]
+pub struct Network {
+    channels: Arc<dyn Channels>,
+}
+
+impl Network {
+    pub fn new(channels: Arc<dyn Channels>) -> Self {
+        Self { channels }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &RaftNode) -> PeerConnection {
+        let client = self.channels.channel(&node.address).map(RaftClient::new);
+        PeerConnection { target, node: node.clone(), client }
+    }
+}
+
+pub struct PeerConnection {
+    target: NodeId,
+    node: RaftNode,
+    client: Result<RaftClient<Channel>, String>,
+}
+
+#[derive(Debug)]
+struct TransportError(String);
+
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TransportError {}
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, RaftNode, E>>;
+
+impl PeerConnection {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        kind: RpcKind,
+        request: &Req,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, RaftError<NodeId, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let client = match &mut self.client {
+            Ok(client) => client,
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(e.clone())))),
+        };
+        let json = serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut req = tonic::Request::new(RaftPayload { json });
+        req.set_timeout(option.hard_ttl());
+        let reply = match kind {
+            RpcKind::AppendEntries => client.append_entries(req).await,
+            RpcKind::Vote => client.vote(req).await,
+            RpcKind::InstallSnapshot => client.install_snapshot(req).await,
+        };
+        let reply = reply.map_err(|status| {
+            let error = TransportError(format!("{} ({}): {}", self.node, kind.name(), status.message()));
+            match status.code() {
+                tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&error)),
+                _ => RPCError::Network(NetworkError::new(&error)),
+            }
+        })?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            serde_json::from_slice(&reply.into_inner().json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum RpcKind {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+impl RpcKind {
+    fn name(self) -> &'static str {
+        match self {
+            RpcKind::AppendEntries => "append entries",
+            RpcKind::Vote => "vote",
+            RpcKind::InstallSnapshot => "install snapshot",
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
+        self.call(RpcKind::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
+        self.call(RpcKind::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, RaftError<NodeId>> {
+        self.call(RpcKind::Vote, &rpc, &option).await
+    }
+}
+

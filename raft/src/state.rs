@@ -1,0 +1,228 @@
+//! The replicated state and the pure function that applies commands to it.
+//!
+//! [`State::apply`] is the state machine: it depends only on the state and the
+//! proposal (timestamps come from the proposer, inside the [`Proposal`]), does
+//! no I/O and reads no clock, so every node that applies the same log reaches
+//! the same state, and tests need nothing but values.
+//!
+//! The state is shaped by entity (`nodes`, `apps`, …) in ordered maps, so that
+//! releases, instances, secrets and certificates become new maps and new
+//! commands beside these, not a rewrite.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, NewNode, Proposal, Rejection, Response, PROPOSAL_VERSION};
+use crate::NodeId;
+
+/// Milliseconds since the Unix epoch, as stamped by the proposer.
+pub type UnixMillis = i64;
+
+/// The node that creates a cluster always has this id.
+pub const FIRST_NODE_ID: NodeId = 1;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub cluster: Option<ClusterInfo>,
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Removed nodes are kept so their ids are never reused and their
+    /// certificates stay refused.
+    pub removed_nodes: BTreeMap<NodeId, RemovedNode>,
+    /// Fingerprints of node certificates that must be refused (removed nodes).
+    pub revoked_certs: BTreeSet<String>,
+    pub apps: BTreeMap<String, App>,
+    pub next_node_id: NodeId,
+}
+
+/// Cluster-wide facts and credentials, set once by `roost node init`.
+///
+/// The CA key is here so that whichever node answers a join can sign the new
+/// node's certificate; the state is readable only by the nodes themselves.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub id: String,
+    pub created_at: UnixMillis,
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+    /// The secret half of the join token, which `roost node token` prints.
+    pub join_secret: String,
+    /// SHA-256 (hex) of the admin token's secret; the secret itself is only
+    /// in the init node's `admin.token`.
+    pub admin_secret_sha256: String,
+}
+
+impl std::fmt::Debug for ClusterInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterInfo").field("id", &self.id).field("created_at", &self.created_at).finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub name: String,
+    /// HOST:PORT that serves Raft and the API.
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub cert_serial: String,
+    pub cert_fingerprint: String,
+    pub joined_at: UnixMillis,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedNode {
+    pub name: String,
+    pub removed_at: UnixMillis,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct App {
+    pub name: String,
+    pub created_at: UnixMillis,
+}
+
+impl State {
+    pub fn apply(&mut self, proposal: &Proposal) -> Response {
+        if proposal.version > PROPOSAL_VERSION {
+            return Response::Rejected(Rejection::UnsupportedVersion { version: proposal.version });
+        }
+        let at = proposal.proposed_at;
+        match &proposal.command {
+            Command::Bootstrap { cluster, node } => self.bootstrap(cluster, node, at),
+            Command::AddNode { node } => self.add_node(node, at),
+            Command::RemoveNode { id } => self.remove_node(*id, at),
+            Command::CreateApp { name } => self.create_app(name, at),
+            Command::DestroyApp { name } => self.destroy_app(name),
+        }
+    }
+
+    fn bootstrap(&mut self, cluster: &ClusterInfo, node: &NewNode, at: UnixMillis) -> Response {
+        if let Some(existing) = &self.cluster {
+            // Re-proposing the same bootstrap (after a crash) is harmless.
+            return if existing.id == cluster.id {
+                Response::NodeAdded { id: FIRST_NODE_ID }
+            } else {
+                Response::Rejected(Rejection::AlreadyBootstrapped)
+            };
+        }
+        self.cluster = Some(cluster.clone());
+        self.nodes.insert(FIRST_NODE_ID, node.record(FIRST_NODE_ID, at));
+        self.next_node_id = FIRST_NODE_ID + 1;
+        Response::NodeAdded { id: FIRST_NODE_ID }
+    }
+
+    fn add_node(&mut self, node: &NewNode, at: UnixMillis) -> Response {
+        if self.cluster.is_none() {
+            return Response::Rejected(Rejection::NotBootstrapped);
+        }
+        if let Err(reason) = validate_name(&node.name) {
+            return Response::Rejected(Rejection::InvalidNodeName { name: node.name.clone(), reason });
+        }
+        if self.revoked_certs.contains(&node.cert_fingerprint) {
+            return Response::Rejected(Rejection::RevokedCertificate);
+        }
+        if let Some(existing) = self.node_by_name(&node.name) {
+            // A retried join of the same node (same certificate) gets its id back.
+            return if existing.cert_fingerprint == node.cert_fingerprint {
+                Response::NodeAdded { id: existing.id }
+            } else {
+                Response::Rejected(Rejection::NodeNameTaken { name: node.name.clone() })
+            };
+        }
+        let id = self.next_node_id;
+        self.next_node_id += 1;
+        self.nodes.insert(id, node.record(id, at));
+        Response::NodeAdded { id }
+    }
+
+    fn remove_node(&mut self, id: NodeId, at: UnixMillis) -> Response {
+        let Some(node) = self.nodes.get(&id) else {
+            return Response::Rejected(Rejection::NodeNotFound { node: id.to_string() });
+        };
+        if self.nodes.len() == 1 {
+            return Response::Rejected(Rejection::LastNode { name: node.name.clone() });
+        }
+        let Some(node) = self.nodes.remove(&id) else {
+            return Response::Rejected(Rejection::NodeNotFound { node: id.to_string() });
+        };
+        self.revoked_certs.insert(node.cert_fingerprint);
+        self.removed_nodes.insert(id, RemovedNode { name: node.name, removed_at: at });
+        Response::Done
+    }
+
+    fn create_app(&mut self, name: &str, at: UnixMillis) -> Response {
+        if let Err(reason) = validate_name(name) {
+            return Response::Rejected(Rejection::InvalidAppName { name: name.to_owned(), reason });
+        }
+        if self.apps.contains_key(name) {
+            return Response::Rejected(Rejection::AppExists { name: name.to_owned() });
+        }
+        let app = App { name: name.to_owned(), created_at: at };
+        self.apps.insert(name.to_owned(), app.clone());
+        Response::AppCreated { app }
+    }
+
+    fn destroy_app(&mut self, name: &str) -> Response {
+        match self.apps.remove(name) {
+            Some(_) => Response::Done,
+            None => Response::Rejected(Rejection::AppNotFound { name: name.to_owned() }),
+        }
+    }
+
+    pub fn node_by_name(&self, name: &str) -> Option<&NodeRecord> {
+        self.nodes.values().find(|n| n.name == name)
+    }
+
+    /// Finds a node by name, or by id when the text is a number.
+    pub fn find_node(&self, name_or_id: &str) -> Option<&NodeRecord> {
+        self.node_by_name(name_or_id)
+            .or_else(|| name_or_id.parse().ok().and_then(|id: NodeId| self.nodes.get(&id)))
+    }
+
+    pub fn is_revoked(&self, fingerprint: &str) -> bool {
+        self.revoked_certs.contains(fingerprint)
+    }
+}
+
+impl NewNode {
+    fn record(&self, id: NodeId, at: UnixMillis) -> NodeRecord {
+        NodeRecord {
+            id,
+            name: self.name.clone(),
+            address: self.address.clone(),
+            labels: self.labels.clone(),
+            cert_serial: self.cert_serial.clone(),
+            cert_fingerprint: self.cert_fingerprint.clone(),
+            joined_at: at,
+        }
+    }
+}
+
+/// The rule app and node names follow, since both become DNS labels.
+pub const NAME_RULE: &str =
+    "names use lowercase letters, digits and '-', start with a letter, do not end with '-', and have at most 63 characters";
+
+/// Checks a name against [`NAME_RULE`]; the error says which part failed.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let problem = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > 63 {
+        Some("it is longer than 63 characters")
+    } else if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        Some("it does not start with a lowercase letter")
+    } else if name.ends_with('-') {
+        Some("it ends with '-'")
+    } else if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+        Some("it has a character other than a-z, 0-9 and '-'")
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(format!("{problem}; {NAME_RULE}")),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

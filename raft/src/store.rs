@@ -1,0 +1,409 @@
+//! Durable storage for openraft on RocksDB: the log, the vote, and the state
+//! machine's snapshots.
+//!
+//! One RocksDB database per node with two column families: `logs` (entries by
+//! big-endian index, so iteration is in log order) and `meta` (vote, committed
+//! id, last purged id, current snapshot).
+//!
+//! Durability: [`LogStore::append`] writes the whole batch with `sync = true`
+//! before it tells openraft the entries are durable; the vote is synced the
+//! same way. A vote or entry reported durable survives a power cut.
+//!
+//! The state machine ([`StateMachine`]) lives in memory; its durable form is
+//! the latest snapshot plus the log after it. On start the snapshot is loaded
+//! and openraft re-applies the committed entries after it (we persist the
+//! committed id for that). Snapshots are built from a clone of the state, so
+//! building one never blocks apply for long.
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership, Vote,
+};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Proposal, Response};
+use crate::state::State;
+use crate::{NodeId, RaftNode, TypeConfig};
+
+const CF_LOGS: &str = "logs";
+const CF_META: &str = "meta";
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+const KEY_SNAPSHOT: &[u8] = b"snapshot";
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+/// Opens (or creates) a node's RocksDB under `dir` and returns its log store
+/// and state machine, the state machine restored from the last snapshot.
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), rocksdb::Error> {
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    // A control plane's log is small; keep RocksDB's memory modest.
+    options.set_write_buffer_size(8 << 20);
+    options.set_max_write_buffer_number(2);
+    options.set_max_background_jobs(2);
+    let cfs = [CF_LOGS, CF_META].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    let db = Arc::new(DB::open_cf_descriptors(&options, dir, cfs)?);
+    let log = LogStore { db: db.clone() };
+    let sm = StateMachine::restore(db)?;
+    Ok((log, sm))
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read_logs(AnyError::new(&e)).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write_logs(AnyError::new(&e)).into()
+}
+
+fn synced() -> WriteOptions {
+    let mut options = WriteOptions::default();
+    options.set_sync(true);
+    options
+}
+
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore").finish_non_exhaustive()
+    }
+}
+
+impl LogStore {
+    fn cf(&self, name: &str) -> StorageResult<&rocksdb::ColumnFamily> {
+        self.db.cf_handle(name).ok_or_else(|| write_err(std::io::Error::other(format!("column family {name} missing"))))
+    }
+
+    fn get_meta<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> StorageResult<Option<T>> {
+        let bytes = self.db.get_cf(self.cf(CF_META)?, key).map_err(read_err)?;
+        bytes.map(|b| serde_json::from_slice(&b).map_err(read_err)).transpose()
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &[u8], value: &T) -> StorageResult<()> {
+        let bytes = serde_json::to_vec(value).map_err(write_err)?;
+        self.db.put_cf_opt(self.cf(CF_META)?, key, bytes, &synced()).map_err(write_err)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => *i + 1,
+            Bound::Unbounded => 0,
+        };
+        let cf = self.cf(CF_LOGS)?;
+        let mut entries = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::From(&index_key(start), Direction::Forward)) {
+            let (key, value) = item.map_err(read_err)?;
+            let index = u64::from_be_bytes(key.as_ref().try_into().map_err(|_| read_err(bad_key()))?);
+            if !range.contains(&index) {
+                break;
+            }
+            entries.push(serde_json::from_slice(&value).map_err(read_err)?);
+        }
+        Ok(entries)
+    }
+}
+
+fn bad_key() -> std::io::Error {
+    std::io::Error::other("log key is not 8 bytes")
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last = self.db.iterator_cf(self.cf(CF_LOGS)?, IteratorMode::End).next();
+        let last_log_id = match last {
+            Some(item) => {
+                let (_, value) = item.map_err(read_err)?;
+                let entry: Entry<TypeConfig> = serde_json::from_slice(&value).map_err(read_err)?;
+                Some(entry.log_id)
+            }
+            None => None,
+        };
+        let last_purged_log_id: Option<LogId<NodeId>> = self.get_meta(KEY_LAST_PURGED)?;
+        Ok(LogState { last_purged_log_id, last_log_id: last_log_id.or(last_purged_log_id) })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.put_meta(KEY_VOTE, vote)
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        self.get_meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        // Not synced: losing it only means re-learning it from the leader.
+        let bytes = serde_json::to_vec(&committed).map_err(write_err)?;
+        self.db.put_cf(self.cf(CF_META)?, KEY_COMMITTED, bytes).map_err(write_err)
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(self.get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let cf = self.cf(CF_LOGS)?;
+        let mut batch = WriteBatch::default();
+        for entry in entries {
+            let bytes = serde_json::to_vec(&entry).map_err(write_err)?;
+            batch.put_cf(cf, index_key(entry.log_id.index), bytes);
+        }
+        let result = self.db.write_opt(batch, &synced()).map_err(std::io::Error::other);
+        let reported = result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
+        callback.log_io_completed(reported);
+        result.map_err(write_err)
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let cf = self.cf(CF_LOGS)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf, index_key(log_id.index), index_key(u64::MAX));
+        // delete_range's end is exclusive; remove the last possible key too.
+        batch.delete_cf(cf, index_key(u64::MAX));
+        self.db.write_opt(batch, &synced()).map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // Record the purge point first: a crash between the two writes leaves
+        // extra entries, which is harmless, never a gap openraft cannot explain.
+        self.put_meta(KEY_LAST_PURGED, &log_id)?;
+        let cf = self.cf(CF_LOGS)?;
+        self.db.delete_range_cf(cf, index_key(0), index_key(log_id.index + 1)).map_err(write_err)
+    }
+}
+
+/// What a snapshot holds, serialized as JSON.
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    meta: SnapshotMeta<NodeId, RaftNode>,
+    state: State,
+}
+
+/// The in-memory state machine and where its snapshots go.
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Arc<DB>,
+    inner: Arc<RwLock<Applied>>,
+}
+
+impl Debug for StateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachine").finish_non_exhaustive()
+    }
+}
+
+/// The state plus what openraft needs to know about how far it got.
+#[derive(Default)]
+struct Applied {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: StoredMembership<NodeId, RaftNode>,
+    state: State,
+    snapshot_index: u64,
+}
+
+/// A read-only view of the replicated state, shared with the rest of the node.
+#[derive(Clone)]
+pub struct StateReader {
+    inner: Arc<RwLock<Applied>>,
+}
+
+impl Debug for StateReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateReader").finish_non_exhaustive()
+    }
+}
+
+impl StateReader {
+    /// Runs `f` on the current state. Keep `f` short: apply waits for it.
+    pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        let guard = self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&guard.state)
+    }
+
+    pub fn last_applied_index(&self) -> Option<u64> {
+        let guard = self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        guard.last_applied.map(|id| id.index)
+    }
+}
+
+impl StateMachine {
+    fn restore(db: Arc<DB>) -> Result<Self, rocksdb::Error> {
+        let mut applied = Applied::default();
+        if let Some(cf) = db.cf_handle(CF_META) {
+            if let Some(bytes) = db.get_cf(cf, KEY_SNAPSHOT)? {
+                match serde_json::from_slice::<SnapshotData>(&bytes) {
+                    Ok(snapshot) => {
+                        applied.last_applied = snapshot.meta.last_log_id;
+                        applied.last_membership = snapshot.meta.last_membership;
+                        applied.state = snapshot.state;
+                    }
+                    // openraft will re-send a snapshot or re-apply the log;
+                    // we only lose the shortcut.
+                    Err(error) => tracing::warn!(%error, "stored snapshot unreadable; rebuilding from the log"),
+                }
+            }
+        }
+        Ok(Self { db, inner: Arc::new(RwLock::new(applied)) })
+    }
+
+    pub fn reader(&self) -> StateReader {
+        StateReader { inner: self.inner.clone() }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
+        self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Applied> {
+        self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn save_snapshot(&self, bytes: &[u8]) -> StorageResult<()> {
+        let cf = self
+            .db
+            .cf_handle(CF_META)
+            .ok_or_else(|| write_err(std::io::Error::other("column family meta missing")))?;
+        self.db
+            .put_cf_opt(cf, KEY_SNAPSHOT, bytes, &synced())
+            .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)).into())
+    }
+
+    fn load_snapshot(&self) -> StorageResult<Option<Vec<u8>>> {
+        let cf = self
+            .db
+            .cf_handle(CF_META)
+            .ok_or_else(|| read_err(std::io::Error::other("column family meta missing")))?;
+        self.db
+            .get_cf(cf, KEY_SNAPSHOT)
+            .map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&e)).into())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let (meta, state) = {
+            let mut applied = self.write();
+            applied.snapshot_index += 1;
+            let snapshot_id = match applied.last_applied {
+                Some(id) => format!("{}-{}-{}", id.leader_id, id.index, applied.snapshot_index),
+                None => format!("--{}", applied.snapshot_index),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: applied.last_applied,
+                last_membership: applied.last_membership.clone(),
+                snapshot_id,
+            };
+            (meta, applied.state.clone())
+        };
+        let data = SnapshotData { meta: meta.clone(), state };
+        let bytes = serde_json::to_vec(&data)
+            .map_err(|e| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))))?;
+        self.save_snapshot(&bytes)?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, RaftNode>)> {
+        let applied = self.read();
+        Ok((applied.last_applied, applied.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Response>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut applied = self.write();
+        let mut responses = Vec::new();
+        for entry in entries {
+            applied.last_applied = Some(entry.log_id);
+            // openraft needs exactly one response per entry, whatever its kind.
+            let response = match entry.payload {
+                EntryPayload::Blank => Response::Done,
+                EntryPayload::Normal(ref proposal) => apply_proposal(&mut applied.state, proposal),
+                EntryPayload::Membership(membership) => {
+                    applied.last_membership = StoredMembership::new(Some(entry.log_id), membership);
+                    Response::Done
+                }
+            };
+            responses.push(response);
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, RaftNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let bytes = snapshot.into_inner();
+        let data: SnapshotData = serde_json::from_slice(&bytes)
+            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))))?;
+        self.save_snapshot(&bytes)?;
+        let mut applied = self.write();
+        applied.last_applied = meta.last_log_id;
+        applied.last_membership = meta.last_membership.clone();
+        applied.state = data.state;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let Some(bytes) = self.load_snapshot()? else {
+            return Ok(None);
+        };
+        let data: SnapshotData = serde_json::from_slice(&bytes)
+            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, AnyError::new(&e))))?;
+        Ok(Some(Snapshot { meta: data.meta, snapshot: Box::new(Cursor::new(bytes)) }))
+    }
+}
+
+fn apply_proposal(state: &mut State, proposal: &Proposal) -> Response {
+    let response = state.apply(proposal);
+    tracing::debug!(command = %proposal.command, ?response, "applied");
+    response
+}

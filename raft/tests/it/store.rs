@@ -1,0 +1,48 @@
+//! openraft's storage test suite, run on our RocksDB store.
+
+use openraft::storage::{RaftLogStorage, RaftStateMachine};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{AnyError, StorageError, StorageIOError};
+use roost_raft::store::{self, LogStore, StateMachine};
+use roost_raft::{NodeId, TypeConfig};
+use tempfile::TempDir;
+
+struct RocksStoreBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RocksStoreBuilder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<NodeId>> {
+        let dir = tempfile::tempdir().map_err(|e| StorageError::from(StorageIOError::write(AnyError::new(&e))))?;
+        let (log, sm) =
+            store::open(dir.path()).map_err(|e| StorageError::from(StorageIOError::write(AnyError::new(&e))))?;
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn rocksdb_store_passes_openraft_storage_suite() -> Result<(), StorageError<NodeId>> {
+    Suite::test_all(RocksStoreBuilder)
+}
+
+/// A vote written before a restart is read back after it: the store is
+/// durable, not a cache.
+#[tokio::test]
+async fn vote_and_log_survive_reopening() -> anyhow::Result<()> {
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftLogReader, Vote};
+
+    let dir = tempfile::tempdir()?;
+    let vote = Vote::new(3, 7);
+    {
+        let (mut log, _sm) = store::open(dir.path())?;
+        log.save_vote(&vote).await?;
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(3, 7), 1),
+            payload: EntryPayload::Blank,
+        };
+        openraft::storage::RaftLogStorageExt::blocking_append(&mut log, [entry]).await?;
+    }
+    let (mut log, mut sm) = store::open(dir.path())?;
+    assert_eq!(log.read_vote().await?, Some(vote));
+    assert_eq!(log.try_get_log_entries(0..10).await?.len(), 1);
+    assert_eq!(sm.applied_state().await?.0, None);
+    Ok(())
+}

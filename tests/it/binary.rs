@@ -1,0 +1,150 @@
+//! The built `roost` binary, driven the way the README tells a user to:
+//! init, join two more, use the CLI against different nodes, SIGKILL the
+//! leader, keep writing, restart the killed node with its original command.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use roost_tests::process::{roost, wait_for_nodes, NodeProcess};
+use roost_tests::wait_until;
+use serde_json::Value;
+
+fn names(nodes: &[Value], key: &str, value: &str) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| n[key] == value)
+        .filter_map(|n| n["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+async fn app_list(endpoint: &str, token: &str, stale: bool) -> Result<Vec<String>> {
+    let mut args = vec!["apps", "list", "--json"];
+    if stale {
+        args.push("--stale");
+    }
+    let out = roost(&args, Some(endpoint), Some(token)).await?;
+    if out.code != 0 {
+        bail!("apps list exited {}: {}", out.code, out.stderr.trim());
+    }
+    let apps: Vec<Value> = serde_json::from_str(&out.stdout)?;
+    Ok(apps.iter().filter_map(|a| a["name"].as_str().map(str::to_owned)).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_runs_a_three_node_cluster_and_survives_a_killed_leader() -> Result<()> {
+    let root = tempfile::Builder::new().prefix("roost-binary-").tempdir()?;
+    let result = scenario(root.path()).await;
+    if result.is_err() {
+        // Keep the logs and data of a failed run for inspection.
+        eprintln!("logs and data kept in {}", root.keep().display());
+    }
+    result
+}
+
+async fn scenario(root: &std::path::Path) -> Result<()> {
+    let n1 = NodeProcess::init(root, "n1")?;
+    wait_until("n1 to write its admin token", Duration::from_secs(30), || async {
+        Ok(n1.data_dir.join("admin.token").exists() && n1.data_dir.join("join.token").exists())
+    })
+    .await?;
+    let admin = n1.read_token("admin.token")?;
+    let join = n1.read_token("join.token")?;
+    wait_for_nodes(&n1.address, &admin, Duration::from_secs(30), "n1 to serve", |n| n.len() == 1).await?;
+    let banner = n1.stdout();
+    assert!(banner.contains(&format!("roost node join {}", n1.address)), "{banner}");
+    assert!(banner.contains(&join) && banner.contains(&admin), "the tokens are printed once: {banner}");
+
+    let n2 = NodeProcess::join(root, "n2", &n1.address, &join)?;
+    let n3 = NodeProcess::join(root, "n3", &n2.address, &join)?;
+    let mut nodes = vec![n1, n2, n3];
+    wait_for_nodes(&nodes[2].address, &admin, Duration::from_secs(30), "three voters, all up", |n| {
+        n.len() == 3
+            && names(n, "state", "up").len() == 3
+            && names(n, "role", "leader").len() == 1
+            && names(n, "role", "voter").len() == 2
+    })
+    .await?;
+
+    // Apps created through each node are visible through every other.
+    for (i, node) in nodes.iter().enumerate() {
+        let out = roost(&["apps", "create", &format!("app{}", i + 1)], Some(&node.address), Some(&admin)).await?;
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert!(out.stdout.contains("Created app"), "{}", out.stdout);
+    }
+    assert_eq!(app_list(&nodes[0].address, &admin, false).await?, ["app1", "app2", "app3"]);
+
+    // Errors a user may hit, each with its exit code and a useful line.
+    let out = roost(&["apps", "create", "Bad_Name"], Some(&nodes[1].address), Some(&admin)).await?;
+    assert_eq!(out.code, 7, "{}", out.stderr);
+    assert!(out.stderr.contains("lowercase letters"), "{}", out.stderr);
+    let out = roost(&["apps", "create", "app1"], Some(&nodes[1].address), Some(&admin)).await?;
+    assert_eq!(out.code, 6, "{}", out.stderr);
+    let out = roost(&["apps", "show", "nope"], Some(&nodes[1].address), Some(&admin)).await?;
+    assert_eq!(out.code, 5, "{}", out.stderr);
+    let out = roost(&["apps", "list"], Some(&nodes[1].address), Some(&join)).await?;
+    assert_eq!(out.code, 4, "{}", out.stderr);
+    assert!(out.stderr.contains("join token"), "{}", out.stderr);
+    let dead = format!("127.0.0.1:{}", roost_tests::process::free_port()?);
+    let out = roost(&["apps", "list"], Some(&dead), Some(&admin)).await?;
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(out.stderr.contains("cannot reach"), "{}", out.stderr);
+    let out = roost(&["apps", "destroy", "app3"], Some(&nodes[1].address), Some(&admin)).await?;
+    assert_eq!(out.code, 2, "destroy without --yes off a terminal must refuse: {}", out.stderr);
+    let out = roost(&["node", "token"], Some(&nodes[2].address), Some(&admin)).await?;
+    assert_eq!(out.stdout.trim(), join);
+
+    // Joining again under a taken name is refused; the cluster is unchanged.
+    let dup_root = root.join("dup");
+    std::fs::create_dir_all(&dup_root)?;
+    let mut dup = NodeProcess::join(&dup_root, "n1", &nodes[0].address, &join).context("dup")?;
+    wait_until("the duplicate join to exit", Duration::from_secs(30), || {
+        let exited = dup.exited().map(|e| e.is_some());
+        async move { exited }
+    })
+    .await?;
+    assert_ne!(dup.exited()?.flatten(), Some(0));
+    assert!(dup.stderr().contains("already in the cluster"), "{}", dup.stderr());
+
+    // SIGKILL the leader.
+    let out = roost(&["node", "list", "--json"], Some(&nodes[0].address), Some(&admin)).await?;
+    let listed: Vec<Value> = serde_json::from_str(&out.stdout)?;
+    let leader_name = names(&listed, "role", "leader").pop().context("a leader")?;
+    let killed = nodes.iter().position(|n| n.name == leader_name).context("leader process")?;
+    nodes[killed].kill()?;
+    let survivor = nodes.iter().position(|n| n.name != leader_name).context("survivor")?;
+    let survivor_address = nodes[survivor].address.clone();
+
+    // Writes keep working through a survivor; the CLI rides out the election.
+    let out = roost(&["apps", "create", "after-kill"], Some(&survivor_address), Some(&admin)).await?;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    wait_for_nodes(&survivor_address, &admin, Duration::from_secs(15), "the killed node shown down", |n| {
+        names(n, "state", "down") == [leader_name.clone()]
+    })
+    .await?;
+
+    // The killed node restarts with its original command line and catches up.
+    nodes[killed].start()?;
+    let restarted = nodes[killed].address.clone();
+    wait_until("the restarted node to have every app", Duration::from_secs(30), || async {
+        Ok(app_list(&restarted, &admin, true).await? == ["after-kill", "app1", "app2", "app3"])
+    })
+    .await?;
+    wait_for_nodes(&restarted, &admin, Duration::from_secs(15), "all three up again", |n| {
+        names(n, "state", "up").len() == 3
+    })
+    .await?;
+
+    // Without a majority, writes fail with a hint instead of hanging.
+    let others: Vec<usize> = (0..3).filter(|i| *i != survivor).collect();
+    for i in others {
+        nodes[i].kill()?;
+    }
+    let out = roost(&["apps", "create", "no-quorum"], Some(&survivor_address), Some(&admin)).await?;
+    assert_eq!(out.code, 8, "{}", out.stderr);
+    assert!(out.stderr.contains("majority of voters"), "{}", out.stderr);
+
+    // SIGTERM stops a node cleanly.
+    let code = nodes[survivor].terminate(Duration::from_secs(15)).await?;
+    assert_eq!(code, Some(0), "{}", nodes[survivor].stderr());
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! In-process clusters: real RocksDB, TLS and gRPC over loopback sockets.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use roost_node::daemon::LivenessConfig;
+use roost_proto::api::{CreateAppRequest, GetAppRequest, ListAppsRequest, ListNodesRequest, ReadOptions, RemoveNodeRequest};
+use roost_raft::Timings;
+use roost_tests::{wait_until, Cluster};
+
+async fn create_app(cluster: &Cluster, via: usize, name: &str) -> Result<()> {
+    cluster.client(via).await?.create_app(CreateAppRequest { name: name.into() }).await?;
+    Ok(())
+}
+
+async fn app_names(cluster: &Cluster, via: usize, stale: bool) -> Result<Vec<String>> {
+    let request = ListAppsRequest { read: Some(ReadOptions { stale }) };
+    let apps = cluster.client(via).await?.list_apps(request).await?.into_inner().apps;
+    Ok(apps.into_iter().map(|a| a.name).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_form_a_cluster_with_three_voters() -> Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let nodes = cluster.client(1).await?.list_nodes(ListNodesRequest::default()).await?.into_inner().nodes;
+    assert_eq!(nodes.len(), 3);
+    let roles: Vec<&str> = nodes.iter().map(|n| n.role.as_str()).collect();
+    assert_eq!(roles.iter().filter(|r| **r == "leader").count(), 1, "{roles:?}");
+    assert_eq!(roles.iter().filter(|r| **r == "voter").count(), 2, "{roles:?}");
+    assert!(nodes.iter().all(|n| n.state == "up"), "{nodes:?}");
+    assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["n1", "n2", "n3"]);
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_through_followers_are_forwarded_and_reads_are_linearizable() -> Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    // Write through one follower, read at once through the other: a
+    // linearizable read must see the write without any waiting.
+    for i in 0..10 {
+        let name = format!("app-{i}");
+        create_app(&cluster, followers[0], &name).await?;
+        let seen = app_names(&cluster, followers[1], false).await?;
+        assert!(seen.contains(&name), "read after write missed {name}: {seen:?}");
+        let app = cluster.client(followers[1]).await?.get_app(GetAppRequest { name: name.clone(), read: None }).await?;
+        assert_eq!(app.into_inner().name, name);
+    }
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_the_leader_elects_another_and_writes_continue() -> Result<()> {
+    let mut cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    create_app(&cluster, leader, "before").await?;
+    cluster.stop(leader).await?;
+    let survivor = (0..3).find(|i| *i != leader).expect("a survivor");
+    let new_leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    assert_ne!(new_leader, leader);
+    create_app(&cluster, survivor, "after").await?;
+    let names = app_names(&cluster, survivor, false).await?;
+    assert_eq!(names, ["after", "before"]);
+
+    // The stopped node comes back from its data directory and catches up.
+    cluster.restart(leader).await?;
+    wait_until("the restarted node to catch up", Duration::from_secs(15), || async {
+        Ok(app_names(&cluster, leader, true).await? == ["after", "before"])
+    })
+    .await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_fell_behind_the_log_gets_a_snapshot() -> Result<()> {
+    let timings = Timings { snapshot_every: 20, keep_after_snapshot: 5, ..Default::default() };
+    let mut cluster = Cluster::start_with(3, timings, LivenessConfig::default()).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let behind = (0..3).find(|i| *i != leader).expect("a follower");
+    cluster.stop(behind).await?;
+    for i in 0..100 {
+        create_app(&cluster, leader, &format!("a{i}")).await?;
+    }
+    // The leader has compacted its log past what the stopped node has.
+    let purged = cluster.node(leader)?.consensus.raft().metrics().borrow().purged;
+    assert!(purged.is_some_and(|p| p.index > 20), "leader purged {purged:?}");
+
+    cluster.restart(behind).await?;
+    wait_until("the lagging node to install a snapshot and catch up", Duration::from_secs(20), || async {
+        Ok(app_names(&cluster, behind, true).await?.len() == 100)
+    })
+    .await?;
+    let snapshot = cluster.node(behind)?.consensus.raft().metrics().borrow().snapshot;
+    assert!(snapshot.is_some(), "the lagging node should hold a snapshot");
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fourth_node_learns_and_is_promoted_when_a_voter_is_removed() -> Result<()> {
+    let cluster = Cluster::start(4).await?;
+    let nodes = cluster.client(0).await?.list_nodes(ListNodesRequest::default()).await?.into_inner().nodes;
+    let learners: Vec<_> = nodes.iter().filter(|n| n.role == "learner").map(|n| n.name.clone()).collect();
+    assert_eq!(learners, ["n4"], "{nodes:?}");
+
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let voter = (0..3).find(|i| *i != leader).expect("a non-leader voter");
+    let voter_name = cluster.slots[voter].name.clone();
+    cluster.client(leader).await?.remove_node(RemoveNodeRequest { node: voter_name.clone() }).await?;
+
+    wait_until("n4 to be promoted in place of the removed voter", Duration::from_secs(20), || async {
+        let nodes = cluster.client(leader).await?.list_nodes(ListNodesRequest::default()).await?.into_inner().nodes;
+        let n4 = nodes.iter().find(|n| n.name == "n4");
+        Ok(nodes.len() == 3 && n4.is_some_and(|n| n.role == "voter" || n.role == "leader"))
+    })
+    .await?;
+    // The removed node learns it was removed and stops on its own.
+    wait_until("the removed node to stop", Duration::from_secs(15), || async {
+        Ok(cluster.slots[voter].running.as_ref().is_some_and(|n| n.is_stopping()))
+    })
+    .await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_voter_down_too_long_is_replaced_by_a_learner() -> Result<()> {
+    let liveness = LivenessConfig {
+        heartbeat_every: Duration::from_millis(200),
+        down_after: Duration::from_secs(1),
+        promote_after: Duration::from_secs(2),
+    };
+    let mut cluster = Cluster::start_with(4, Timings::default(), liveness).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let voter = (0..3).find(|i| *i != leader).expect("a non-leader voter");
+    cluster.stop(voter).await?;
+    let down_name = cluster.slots[voter].name.clone();
+    wait_until("the down voter to be shown down and replaced", Duration::from_secs(20), || async {
+        let nodes = cluster.client(leader).await?.list_nodes(ListNodesRequest::default()).await?.into_inner().nodes;
+        let down = nodes.iter().find(|n| n.name == down_name);
+        let n4 = nodes.iter().find(|n| n.name == "n4");
+        Ok(down.is_some_and(|n| n.state == "down" && n.role == "learner") && n4.is_some_and(|n| n.role == "voter"))
+    })
+    .await?;
+    cluster.shutdown().await;
+    Ok(())
+}

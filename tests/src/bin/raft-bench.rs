@@ -1,0 +1,278 @@
+//! `raft-bench`: Roost's replicated write path against etcd's, side by side.
+//!
+//! In one run on this machine it starts a 3-node Roost cluster (the real
+//! `roost` binary, one process per node, on loopback) and a 3-member etcd
+//! cluster (Debian's `etcd-server`), drives each with 1 and 64 concurrent
+//! clients for a fixed time, each write committing one Raft entry, and prints:
+//!
+//! ```text
+//! roost clients=N writes_per_s=… p50_ms=… p99_ms=…
+//! etcd clients=N writes_per_s=… p50_ms=… p99_ms=…
+//! ratio clients=N throughput=<roost/etcd> p50=<roost/etcd>
+//! roost idle_rss_mib node=… rss=…
+//! ```
+//!
+//! Roost's write is `CreateApp` (one entry, a few hundred bytes of JSON);
+//! etcd's is a put of a 128-byte value. Both are sent to the leader, each
+//! client over its own connection. Run with
+//! `cargo run --release -p roost-tests --bin raft-bench [-- --seconds S]`.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use roost_node::daemon::InitTokens;
+use roost_proto::api::CreateAppRequest;
+use roost_tests::process::{free_port, roost_bin, wait_for_nodes, NodeProcess};
+use roost_tests::{admin_client, wait_until};
+use tokio::time::Instant;
+
+const CLIENT_COUNTS: [usize; 2] = [1, 64];
+
+#[derive(Clone, Copy, Debug)]
+struct Figures {
+    writes_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn figures(mut latencies: Vec<Duration>, elapsed: Duration) -> Figures {
+    latencies.sort();
+    let pick = |q: f64| {
+        let i = ((latencies.len() as f64 - 1.0) * q).round() as usize;
+        latencies.get(i).map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+    };
+    Figures { writes_per_s: latencies.len() as f64 / elapsed.as_secs_f64(), p50_ms: pick(0.5), p99_ms: pick(0.99) }
+}
+
+/// Runs `clients` loops of `write` for `duration` and measures every call.
+async fn drive<F, Fut>(clients: usize, duration: Duration, write: F) -> Result<Figures>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let write = Arc::new(write);
+    let started = Instant::now();
+    let stop = started + duration;
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let write = write.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut seq = 0u64;
+            while Instant::now() < stop {
+                let t = Instant::now();
+                write(client, seq).await?;
+                latencies.push(t.elapsed());
+                seq += 1;
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(figures(all, started.elapsed()))
+}
+
+fn print(system: &str, clients: usize, f: &Figures) {
+    println!(
+        "{system} clients={clients} writes_per_s={:.0} p50_ms={:.2} p99_ms={:.2}",
+        f.writes_per_s, f.p50_ms, f.p99_ms
+    );
+}
+
+fn rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmRSS")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+struct RoostCluster {
+    nodes: Vec<NodeProcess>,
+    tokens: InitTokens,
+    leader: String,
+}
+
+async fn start_roost(root: &std::path::Path) -> Result<RoostCluster> {
+    let n1 = NodeProcess::init(root, "n1")?;
+    wait_until("n1's tokens", Duration::from_secs(30), || async {
+        Ok(n1.data_dir.join("admin.token").exists())
+    })
+    .await?;
+    let admin = n1.read_token("admin.token")?;
+    let join = n1.read_token("join.token")?;
+    wait_for_nodes(&n1.address, &admin, Duration::from_secs(30), "n1", |n| n.len() == 1).await?;
+    let n2 = NodeProcess::join(root, "n2", &n1.address, &join)?;
+    let n3 = NodeProcess::join(root, "n3", &n1.address, &join)?;
+    let mut leader = String::new();
+    wait_for_nodes(&n1.address, &admin, Duration::from_secs(30), "3 voters up", |n| {
+        let voters = n.iter().filter(|x| x["role"] == "voter" || x["role"] == "leader").count();
+        let up = n.iter().filter(|x| x["state"] == "up").count();
+        voters == 3 && up == 3
+    })
+    .await?;
+    let out = roost_tests::process::roost(&["node", "list", "--json"], Some(&n1.address), Some(&admin)).await?;
+    let nodes: Vec<serde_json::Value> = serde_json::from_str(&out.stdout)?;
+    for node in &nodes {
+        if node["role"] == "leader" {
+            leader = node["address"].as_str().unwrap_or_default().to_owned();
+        }
+    }
+    if leader.is_empty() {
+        bail!("no leader in {nodes:?}");
+    }
+    let tokens = InitTokens {
+        join: roost_network::Token::parse(&join)?,
+        admin: roost_network::Token::parse(&admin)?,
+    };
+    Ok(RoostCluster { nodes: vec![n1, n2, n3], tokens, leader })
+}
+
+struct Etcd {
+    children: Vec<Child>,
+    client_urls: Vec<String>,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn start_etcd(root: &std::path::Path) -> Result<Etcd> {
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| Ok((free_port()?, free_port()?))).collect::<Result<_>>()?;
+    let initial: Vec<String> = ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect();
+    let mut etcd = Etcd { children: Vec::new(), client_urls: Vec::new() };
+    for (i, (client, peer)) in ports.iter().enumerate() {
+        let dir = root.join(format!("etcd{i}"));
+        let log = std::fs::File::create(root.join(format!("etcd{i}.log")))?;
+        let child = Command::new("etcd")
+            .args([
+                "--name", &format!("e{i}"),
+                "--data-dir", &dir.display().to_string(),
+                "--listen-client-urls", &format!("http://127.0.0.1:{client}"),
+                "--advertise-client-urls", &format!("http://127.0.0.1:{client}"),
+                "--listen-peer-urls", &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster", &initial.join(","),
+                "--initial-cluster-state", "new",
+                "--initial-cluster-token", "roost-bench",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting etcd (apt-get install etcd-server)")?;
+        etcd.children.push(child);
+        etcd.client_urls.push(format!("http://127.0.0.1:{client}"));
+    }
+    Ok(etcd)
+}
+
+async fn etcd_leader(etcd: &Etcd) -> Result<String> {
+    let found = std::sync::Mutex::new(None);
+    wait_until("an etcd leader", Duration::from_secs(30), || async {
+        for url in &etcd.client_urls {
+            let mut one = etcd_client::Client::connect([url.clone()], None).await?;
+            let status = one.status().await?;
+            if status.leader() != 0 && status.header().is_some_and(|h| h.member_id() == status.leader()) {
+                one.put("warmup", "x", None).await?;
+                *found.lock().unwrap_or_else(|p| p.into_inner()) = Some(url.clone());
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })
+    .await?;
+    let leader = found.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    leader.context("no etcd leader")
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let seconds: u64 = std::env::args()
+        .skip_while(|a| a != "--seconds")
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(10);
+    let duration = Duration::from_secs(seconds);
+
+    // Make sure the node binary matches this source tree.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo).args(["build", "--release", "-p", "roost-node", "--bin", "roost"]).status()?;
+    if !status.success() {
+        bail!("building the roost binary failed");
+    }
+    eprintln!("using {}", roost_bin()?.display());
+
+    let root = tempfile::Builder::new().prefix("raft-bench-").tempdir()?;
+    let roost = start_roost(root.path()).await?;
+    // Idle footprint first, before any load.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for node in &roost.nodes {
+        if let Some(pid) = node.pid() {
+            println!("roost idle_rss_mib node={} rss={:.1}", node.name, rss_mib(pid)?);
+        }
+    }
+
+    let mut results = Vec::new();
+    for clients in CLIENT_COUNTS {
+        let mut connections = Vec::new();
+        for _ in 0..clients {
+            connections.push(admin_client(&roost.leader, &roost.tokens).await?);
+        }
+        let connections = Arc::new(connections);
+        let figures = drive(clients, duration, move |client, seq| {
+            let mut connection = connections[client].clone();
+            async move {
+                let name = format!("b{clients}-{client}-{seq}");
+                connection.create_app(CreateAppRequest { name }).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        print("roost", clients, &figures);
+        results.push(figures);
+    }
+    drop(roost);
+
+    let etcd = start_etcd(root.path())?;
+    let leader = etcd_leader(&etcd).await?;
+    let value = "v".repeat(128);
+    for (i, clients) in CLIENT_COUNTS.into_iter().enumerate() {
+        let mut connections = Vec::new();
+        for _ in 0..clients {
+            connections.push(etcd_client::Client::connect([leader.clone()], None).await?.kv_client());
+        }
+        let connections = Arc::new(connections);
+        let value = value.clone();
+        let figures = drive(clients, duration, move |client, seq| {
+            let mut connection = connections[client].clone();
+            let value = value.clone();
+            async move {
+                connection.put(format!("b{clients}-{client}-{seq}"), value, None).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        print("etcd", clients, &figures);
+        let ours = results[i];
+        println!(
+            "ratio clients={clients} throughput={:.2} p50={:.2}",
+            ours.writes_per_s / figures.writes_per_s,
+            ours.p50_ms / figures.p50_ms
+        );
+    }
+    Ok(())
+}

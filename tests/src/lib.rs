@@ -1,0 +1,216 @@
+//! Fixtures for Roost's multi-node tests and benchmarks.
+//!
+//! - [`Cluster`]: nodes in this process, each on `127.0.0.1:0` with its own
+//!   temporary data directory, real RocksDB, real TLS and gRPC over sockets.
+//!   Nodes can be stopped and restarted from their directories.
+//! - [`process`]: the built `roost` binary run as a user would, for tests
+//!   that kill processes with SIGKILL and read what the CLI prints.
+//! - [`wait_until`]: polls a condition until a deadline; tests never sleep
+//!   for a fixed time to paper over a race.
+//!
+//! Data directories of a failed test are kept (their paths are printed) so
+//! the RocksDB state can be inspected.
+
+pub mod process;
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use roost_network::tls::ClientTls;
+use roost_node::cli::BearerToken;
+use roost_node::daemon::{InitTokens, LivenessConfig, Node, NodeConfig, RunningNode, Start};
+use roost_proto::api::control_client::ControlClient;
+use roost_raft::Timings;
+use tempfile::TempDir;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub type Control = ControlClient<InterceptedService<Channel, BearerToken>>;
+
+/// Polls `condition` every 50 ms until it returns `Ok(true)` or `timeout`
+/// passes; the error names `what` and the last error seen.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match condition().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if Instant::now() >= deadline {
+            match last_error {
+                Some(e) => bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}"),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Installs a tracing subscriber once, honouring `ROOST_LOG`.
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+/// One node slot of an in-process cluster.
+pub struct Slot {
+    pub name: String,
+    pub dir: TempDir,
+    /// The address the node bound the first time; restarts reuse it.
+    pub address: Option<String>,
+    pub running: Option<RunningNode>,
+}
+
+/// Nodes in this process, on loopback, each with its own data directory.
+pub struct Cluster {
+    pub slots: Vec<Slot>,
+    pub tokens: InitTokens,
+    pub timings: Timings,
+    pub liveness: LivenessConfig,
+}
+
+impl Cluster {
+    /// Starts `n` nodes: the first creates the cluster, the rest join it, and
+    /// returns once every node is a member of Raft's membership.
+    pub async fn start(n: usize) -> Result<Self> {
+        Self::start_with(n, Timings::default(), LivenessConfig::default()).await
+    }
+
+    pub async fn start_with(n: usize, timings: Timings, liveness: LivenessConfig) -> Result<Self> {
+        init_logs();
+        let dir = tempfile::Builder::new().prefix("roost-n1-").tempdir()?;
+        let config = node_config("n1", &dir, None, Start::Init, &timings, &liveness);
+        let first = Node::start(config, CancellationToken::new()).await.context("starting n1")?;
+        let tokens = first.init_tokens.clone().context("the first node returned no tokens")?;
+        let address = first.address.clone();
+        let mut cluster = Self {
+            slots: vec![Slot { name: "n1".into(), dir, address: Some(address), running: Some(first) }],
+            tokens,
+            timings,
+            liveness,
+        };
+        for _ in 1..n {
+            cluster.add_node().await?;
+        }
+        cluster.wait_for_members(n).await?;
+        Ok(cluster)
+    }
+
+    /// Starts a new node that joins through the first running node.
+    pub async fn add_node(&mut self) -> Result<usize> {
+        let index = self.slots.len();
+        let name = format!("n{}", index + 1);
+        let seed = self.any_running()?.address.clone();
+        let dir = tempfile::Builder::new().prefix(&format!("roost-{name}-")).tempdir()?;
+        let start = Start::Join { seed, token: self.tokens.join.to_string() };
+        let config = node_config(&name, &dir, None, start, &self.timings, &self.liveness);
+        let node = Node::start(config, CancellationToken::new()).await.with_context(|| format!("starting {name}"))?;
+        self.slots.push(Slot { name, dir, address: Some(node.address.clone()), running: Some(node) });
+        Ok(index)
+    }
+
+    pub fn node(&self, index: usize) -> Result<&RunningNode> {
+        self.slots.get(index).and_then(|s| s.running.as_ref()).with_context(|| format!("node {index} is not running"))
+    }
+
+    pub fn any_running(&self) -> Result<&RunningNode> {
+        self.slots.iter().find_map(|s| s.running.as_ref()).context("no node is running")
+    }
+
+    /// Index of the node that currently leads, as the running nodes agree.
+    pub fn leader(&self) -> Option<usize> {
+        self.slots.iter().position(|s| s.running.as_ref().is_some_and(|n| n.consensus.is_leader()))
+    }
+
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<usize> {
+        wait_until("a leader", timeout, || async { Ok(self.leader().is_some()) }).await?;
+        self.leader().context("leader vanished")
+    }
+
+    /// Waits until Raft's membership (as the leader sees it) has `n` members
+    /// and min(n, 3) or 5 voters.
+    pub async fn wait_for_members(&self, n: usize) -> Result<()> {
+        let voters = if n >= 5 { 5 } else { n.min(3) };
+        wait_until(&format!("{n} members with {voters} voters"), Duration::from_secs(30), || async {
+            let Some(leader) = self.leader() else { return Ok(false) };
+            let metrics = self.node(leader)?.consensus.raft().metrics().borrow().clone();
+            let membership = metrics.membership_config.membership();
+            Ok(membership.nodes().count() == n && membership.voter_ids().count() == voters)
+        })
+        .await
+    }
+
+    /// Stops node `index` (gracefully: in-process nodes cannot be SIGKILLed;
+    /// the process tests do that).
+    pub async fn stop(&mut self, index: usize) -> Result<()> {
+        let node = self.slots[index].running.take().with_context(|| format!("node {index} is not running"))?;
+        node.stop().await;
+        Ok(())
+    }
+
+    /// Restarts node `index` from its data directory on its old address.
+    pub async fn restart(&mut self, index: usize) -> Result<()> {
+        let slot = &self.slots[index];
+        let address = slot.address.clone().context("node never started")?;
+        let start = match index {
+            0 => Start::Init,
+            _ => Start::Join { seed: String::new(), token: self.tokens.join.to_string() },
+        };
+        let config = node_config(&slot.name, &slot.dir, Some(address), start, &self.timings, &self.liveness);
+        let node = Node::start(config, CancellationToken::new()).await.with_context(|| format!("restarting {}", slot.name))?;
+        self.slots[index].running = Some(node);
+        Ok(())
+    }
+
+    /// An admin client of node `index`.
+    pub async fn client(&self, index: usize) -> Result<Control> {
+        admin_client(&self.node(index)?.address, &self.tokens).await
+    }
+
+    pub async fn shutdown(mut self) {
+        for slot in &mut self.slots {
+            if let Some(node) = slot.running.take() {
+                node.stop().await;
+            }
+        }
+    }
+}
+
+/// An admin client for the node at `address`.
+pub async fn admin_client(address: &str, tokens: &InitTokens) -> Result<Control> {
+    let tls = ClientTls::anonymous(tokens.admin.ca_digest)?;
+    let channel = tls.connect(address).await?;
+    let header = format!("Bearer {}", tokens.admin).parse()?;
+    Ok(ControlClient::with_interceptor(channel, BearerToken(header)))
+}
+
+fn node_config(
+    name: &str,
+    dir: &TempDir,
+    address: Option<String>,
+    start: Start,
+    timings: &Timings,
+    liveness: &LivenessConfig,
+) -> NodeConfig {
+    NodeConfig {
+        data_dir: dir.path().to_owned(),
+        listen: address.unwrap_or_else(|| "127.0.0.1:0".into()),
+        advertise: None,
+        name: Some(name.into()),
+        default_name: name.into(),
+        labels: Default::default(),
+        start,
+        timings: timings.clone(),
+        liveness: liveness.clone(),
+    }
+}

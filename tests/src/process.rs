@@ -1,0 +1,220 @@
+//! The `roost` binary, run as a user runs it.
+//!
+//! [`NodeProcess`] starts `roost node init|join` with a fixed command line,
+//! can SIGKILL it and start it again with the same command line. [`roost`]
+//! runs a CLI command and returns what it printed and its exit code.
+//! Each process writes its stdout and stderr to files beside its data
+//! directory, which a failing test prints.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::wait_until;
+
+/// The `roost` binary this test run uses: `ROOST_BIN`, or the one cargo built
+/// beside the test binary (`cargo test` builds it for `roost-node`'s own
+/// integration tests).
+pub fn roost_bin() -> Result<PathBuf> {
+    if let Ok(path) = std::env::var("ROOST_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    // Tests run from target/<profile>/deps/, bench binaries from target/<profile>/.
+    let candidates = [exe.parent().and_then(Path::parent), exe.parent()];
+    let found = candidates.into_iter().flatten().map(|dir| dir.join("roost")).find(|bin| bin.exists());
+    let bin = found.unwrap_or_else(|| PathBuf::from("target/release/roost"));
+    if !bin.exists() {
+        bail!(
+            "{} does not exist: build it with `cargo build --release -p roost-node` (or run the whole workspace's tests), or set ROOST_BIN",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Picks a free port on loopback. The port is free when this returns; a
+/// test that restarts a process reuses it.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub struct NodeProcess {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub address: String,
+    args: Vec<String>,
+    child: Option<Child>,
+    log_dir: PathBuf,
+    starts: u32,
+}
+
+impl NodeProcess {
+    /// `roost node init` in `root/<name>`.
+    pub fn init(root: &Path, name: &str) -> Result<Self> {
+        Self::spawn(root, name, |dir, address| {
+            vec!["node".into(), "init".into(), "--data-dir".into(), dir, "--listen".into(), address, "--name".into(), name.into()]
+        })
+    }
+
+    /// `roost node join SEED --token T` in `root/<name>`.
+    pub fn join(root: &Path, name: &str, seed: &str, token: &str) -> Result<Self> {
+        Self::spawn(root, name, |dir, address| {
+            vec![
+                "node".into(),
+                "join".into(),
+                seed.into(),
+                "--token".into(),
+                token.into(),
+                "--data-dir".into(),
+                dir,
+                "--listen".into(),
+                address,
+                "--name".into(),
+                name.into(),
+            ]
+        })
+    }
+
+    fn spawn(root: &Path, name: &str, args: impl FnOnce(String, String) -> Vec<String>) -> Result<Self> {
+        let data_dir = root.join(name);
+        let address = format!("127.0.0.1:{}", free_port()?);
+        let args = args(data_dir.display().to_string(), address.clone());
+        let mut node = Self {
+            name: name.into(),
+            data_dir,
+            address,
+            args,
+            child: None,
+            log_dir: root.to_owned(),
+            starts: 0,
+        };
+        node.start()?;
+        Ok(node)
+    }
+
+    /// Starts the process with its original command line.
+    pub fn start(&mut self) -> Result<()> {
+        self.starts += 1;
+        let stdout = std::fs::File::create(self.log_dir.join(format!("{}.{}.stdout", self.name, self.starts)))?;
+        let stderr = std::fs::File::create(self.log_dir.join(format!("{}.{}.stderr", self.name, self.starts)))?;
+        let child = Command::new(roost_bin()?)
+            .args(&self.args)
+            .env("ROOST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("starting {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// What the latest start printed on stdout.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.log_dir.join(format!("{}.{}.stdout", self.name, self.starts))).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.log_dir.join(format!("{}.{}.stderr", self.name, self.starts))).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits up to `timeout` for a clean exit; returns the code.
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let Some(mut child) = self.child.take() else { return Ok(None) };
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                child.kill()?;
+                bail!("{} did not exit within {timeout:?} of SIGTERM", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the process has exited, and with what code.
+    pub fn exited(&mut self) -> Result<Option<Option<i32>>> {
+        match &mut self.child {
+            Some(child) => Ok(child.try_wait()?.map(|s| s.code())),
+            None => Ok(Some(None)),
+        }
+    }
+
+    pub fn read_token(&self, file: &str) -> Result<String> {
+        Ok(std::fs::read_to_string(self.data_dir.join(file))?.trim().to_owned())
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// What a CLI command printed.
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `roost ARGS` with `ROOST_ENDPOINT` / `ROOST_TOKEN` set as given.
+pub async fn roost(args: &[&str], endpoint: Option<&str>, token: Option<&str>) -> Result<Output> {
+    let mut command = tokio::process::Command::new(roost_bin()?);
+    command.args(args).env_remove("ROOST_ENDPOINT").env_remove("ROOST_TOKEN").stdin(Stdio::null());
+    if let Some(endpoint) = endpoint {
+        command.env("ROOST_ENDPOINT", endpoint);
+    }
+    if let Some(token) = token {
+        command.env("ROOST_TOKEN", token);
+    }
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .with_context(|| format!("roost {args:?} did not finish within 60s"))??;
+    Ok(Output {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+/// Waits until `roost node list` through `endpoint` succeeds and `check`
+/// accepts its JSON.
+pub async fn wait_for_nodes(
+    endpoint: &str,
+    token: &str,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&[serde_json::Value]) -> bool,
+) -> Result<()> {
+    wait_until(what, timeout, || async {
+        let out = roost(&["node", "list", "--json"], Some(endpoint), Some(token)).await?;
+        if out.code != 0 {
+            bail!("node list exited {}: {}", out.code, out.stderr.trim());
+        }
+        let nodes: Vec<serde_json::Value> = serde_json::from_str(&out.stdout)?;
+        Ok(check(&nodes))
+    })
+    .await
+}
