@@ -4,7 +4,6 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure()
-        .compile_protos(&["proto/cluster.proto", "proto/api.proto"], &["proto"])?;
+    tonic_prost_build::configure().compile_protos(&["proto/cluster.proto", "proto/api.proto"], &["proto"])?;
     Ok(())
 }

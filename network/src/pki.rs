@@ -12,9 +12,8 @@
 use std::fmt;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SerialNumber, SignatureAlgorithm,
-    PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SerialNumber, SignatureAlgorithm, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
@@ -211,7 +210,11 @@ impl ClusterCa {
     }
 
     /// Issues a node certificate for a public key generated on that node.
-    pub fn issue_for_public_key(&self, node_name: &str, public_key: &[u8]) -> Result<(String, String, String), PkiError> {
+    pub fn issue_for_public_key(
+        &self,
+        node_name: &str,
+        public_key: &[u8],
+    ) -> Result<(String, String, String), PkiError> {
         if public_key.len() != 65 {
             return Err(PkiError::PublicKeyLength { len: public_key.len() });
         }
@@ -227,9 +230,7 @@ impl ClusterCa {
         params.not_after = now + time::Duration::days(NODE_CERT_DAYS);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params
-            .signed_by(&RawP256PublicKey(public_key.to_vec()), &self.issuer)
-            .map_err(PkiError::Signing)?;
+        let cert = params.signed_by(&RawP256PublicKey(public_key.to_vec()), &self.issuer).map_err(PkiError::Signing)?;
         Ok((cert.pem(), serial_hex, fingerprint(cert.der())))
     }
 
@@ -281,10 +282,7 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
         b'a'..=b'f' => Some(c - b'a' + 10),
         _ => None,
     };
-    s.as_bytes()
-        .chunks(2)
-        .map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?))
-        .collect()
+    s.as_bytes().chunks(2).map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?)).collect()
 }
 
 /// Compares two byte strings in time that depends only on their lengths.
@@ -320,8 +318,12 @@ mod tests {
         let again = ClusterCa::load("c1", ca.cert_pem(), ca.key_pem()).expect("load");
         assert_eq!(ca.digest(), again.digest());
         let node = again.issue_node("n").expect("issue");
-        crate::tls::verify_chain(&ca.digest(), &cert_der_from_pem(ca.cert_pem()).expect("ca der"), &cert_der_from_pem(&node.cert_pem).expect("der"))
-            .expect("chains to the CA");
+        crate::tls::verify_chain(
+            &ca.digest(),
+            &cert_der_from_pem(ca.cert_pem()).expect("ca der"),
+            &cert_der_from_pem(&node.cert_pem).expect("der"),
+        )
+        .expect("chains to the CA");
     }
 
     #[test]

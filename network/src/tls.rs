@@ -271,7 +271,8 @@ struct TlsConnectorService {
     tls: TlsConnector,
 }
 
-type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>> + Send>>;
+type ConnectFuture =
+    Pin<Box<dyn Future<Output = io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>> + Send>>;
 
 impl tower::Service<Uri> for TlsConnectorService {
     type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
@@ -292,7 +293,8 @@ impl tower::Service<Uri> for TlsConnectorService {
                 .to_owned();
             let tcp = TcpStream::connect(authority).await?;
             tcp.set_nodelay(true)?;
-            let name = ServerName::try_from(NODE_SERVER_NAME).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let name =
+                ServerName::try_from(NODE_SERVER_NAME).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             let stream = tls.connect(name, tcp).await?;
             Ok(TokioIo::new(stream))
         })

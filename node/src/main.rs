@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use roost_node::cli::{self, Cli, Command, CliError, NodeCommand};
+use roost_node::cli::{self, Cli, CliError, Command, NodeCommand};
 use roost_node::daemon::{ExitReason, Node, Start};
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +24,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Node(NodeCommand::Init(args)) => run_node(&args, Start::Init).await,
-            Command::Node(NodeCommand::Join { seed, token, node }) => run_node(&node, Start::Join { seed, token }).await,
+            Command::Node(NodeCommand::Join { seed, token, node }) => {
+                run_node(&node, Start::Join { seed, token }).await
+            }
             command => {
                 init_tracing("warn");
                 cli::run_client(command, &mut std::io::stdout().lock()).await.map(|()| ExitCode::SUCCESS)
@@ -50,7 +52,9 @@ async fn run_node(args: &cli::NodeArgs, start: Start) -> Result<ExitCode, CliErr
     init_tracing("info,openraft=warn");
     let config = cli::node_config(args, start, hostname())?;
     let shutdown = CancellationToken::new();
-    let node = Node::start(config, shutdown.clone()).await.map_err(|e| CliError::Other(format!("{:#}", anyhow::Error::new(e))))?;
+    let node = Node::start(config, shutdown.clone())
+        .await
+        .map_err(|e| CliError::Other(format!("{:#}", anyhow::Error::new(e))))?;
     if let Some(tokens) = &node.init_tokens {
         print!("{}", cli::init_banner(tokens, &node.address, node.data_dir.root(), &node.name));
     }
@@ -86,11 +90,7 @@ async fn wait_for_signal() {
 /// The machine's host name, made into a valid node name where possible.
 fn hostname() -> String {
     let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let name: String = raw
-        .trim()
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
+    let name: String =
+        raw.trim().to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     name.trim_matches('-').to_owned()
 }

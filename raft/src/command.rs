@@ -33,12 +33,23 @@ impl Proposal {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {
     /// Creates the cluster and its first node.
-    Bootstrap { cluster: ClusterInfo, node: NewNode },
+    Bootstrap {
+        cluster: ClusterInfo,
+        node: NewNode,
+    },
     /// Admits a node that presented the join secret.
-    AddNode { node: NewNode },
-    RemoveNode { id: NodeId },
-    CreateApp { name: String },
-    DestroyApp { name: String },
+    AddNode {
+        node: NewNode,
+    },
+    RemoveNode {
+        id: NodeId,
+    },
+    CreateApp {
+        name: String,
+    },
+    DestroyApp {
+        name: String,
+    },
 }
 
 /// A node as it asks to join, before the state gives it an id.
@@ -105,4 +116,3 @@ impl fmt::Display for Command {
         }
     }
 }
-

@@ -47,6 +47,8 @@ pub struct Timings {
     pub snapshot_every: u64,
     /// Entries kept in the log behind a snapshot, for slow followers.
     pub keep_after_snapshot: u64,
+    /// Purge the log in batches of at least this many entries.
+    pub purge_batch: u64,
 }
 
 impl Default for Timings {
@@ -57,6 +59,7 @@ impl Default for Timings {
             election_max: Duration::from_millis(800),
             snapshot_every: 10_000,
             keep_after_snapshot: 1_000,
+            purge_batch: 256,
         }
     }
 }
@@ -73,7 +76,7 @@ impl Timings {
             install_snapshot_timeout: 10_000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.keep_after_snapshot,
-            purge_batch_size: 1024,
+            purge_batch_size: self.purge_batch,
             ..Default::default()
         }
     }

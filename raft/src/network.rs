@@ -145,4 +145,3 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         self.call(RpcKind::Vote, &rpc, &option).await
     }
 }
-

@@ -31,9 +31,7 @@ impl RaftService {
     }
 
     pub fn into_server(self) -> raft_server::RaftServer<Self> {
-        raft_server::RaftServer::new(self)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20)
+        raft_server::RaftServer::new(self).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
     }
 }
 

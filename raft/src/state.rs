@@ -54,7 +54,10 @@ pub struct ClusterInfo {
 
 impl std::fmt::Debug for ClusterInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterInfo").field("id", &self.id).field("created_at", &self.created_at).finish_non_exhaustive()
+        f.debug_struct("ClusterInfo")
+            .field("id", &self.id)
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
     }
 }
 
@@ -176,8 +179,7 @@ impl State {
 
     /// Finds a node by name, or by id when the text is a number.
     pub fn find_node(&self, name_or_id: &str) -> Option<&NodeRecord> {
-        self.node_by_name(name_or_id)
-            .or_else(|| name_or_id.parse().ok().and_then(|id: NodeId| self.nodes.get(&id)))
+        self.node_by_name(name_or_id).or_else(|| name_or_id.parse().ok().and_then(|id: NodeId| self.nodes.get(&id)))
     }
 
     pub fn is_revoked(&self, fingerprint: &str) -> bool {

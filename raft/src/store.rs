@@ -293,23 +293,17 @@ impl StateMachine {
     }
 
     fn save_snapshot(&self, bytes: &[u8]) -> StorageResult<()> {
-        let cf = self
-            .db
-            .cf_handle(CF_META)
-            .ok_or_else(|| write_err(std::io::Error::other("column family meta missing")))?;
+        let cf =
+            self.db.cf_handle(CF_META).ok_or_else(|| write_err(std::io::Error::other("column family meta missing")))?;
         self.db
             .put_cf_opt(cf, KEY_SNAPSHOT, bytes, &synced())
             .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)).into())
     }
 
     fn load_snapshot(&self) -> StorageResult<Option<Vec<u8>>> {
-        let cf = self
-            .db
-            .cf_handle(CF_META)
-            .ok_or_else(|| read_err(std::io::Error::other("column family meta missing")))?;
-        self.db
-            .get_cf(cf, KEY_SNAPSHOT)
-            .map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&e)).into())
+        let cf =
+            self.db.cf_handle(CF_META).ok_or_else(|| read_err(std::io::Error::other("column family meta missing")))?;
+        self.db.get_cf(cf, KEY_SNAPSHOT).map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&e)).into())
     }
 }
 
@@ -330,8 +324,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             (meta, applied.state.clone())
         };
         let data = SnapshotData { meta: meta.clone(), state };
-        let bytes = serde_json::to_vec(&data)
-            .map_err(|e| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))))?;
+        let bytes = serde_json::to_vec(&data).map_err(|e| {
+            StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)))
+        })?;
         self.save_snapshot(&bytes)?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
@@ -382,8 +377,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
         let bytes = snapshot.into_inner();
-        let data: SnapshotData = serde_json::from_slice(&bytes)
-            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))))?;
+        let data: SnapshotData = serde_json::from_slice(&bytes).map_err(|e| {
+            StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e)))
+        })?;
         self.save_snapshot(&bytes)?;
         let mut applied = self.write();
         applied.last_applied = meta.last_log_id;

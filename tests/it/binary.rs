@@ -10,11 +10,7 @@ use roost_tests::wait_until;
 use serde_json::Value;
 
 fn names(nodes: &[Value], key: &str, value: &str) -> Vec<String> {
-    nodes
-        .iter()
-        .filter(|n| n[key] == value)
-        .filter_map(|n| n["name"].as_str().map(str::to_owned))
-        .collect()
+    nodes.iter().filter(|n| n[key] == value).filter_map(|n| n["name"].as_str().map(str::to_owned)).collect()
 }
 
 async fn app_list(endpoint: &str, token: &str, stale: bool) -> Result<Vec<String>> {

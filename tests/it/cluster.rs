@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use roost_node::daemon::LivenessConfig;
-use roost_proto::api::{CreateAppRequest, GetAppRequest, ListAppsRequest, ListNodesRequest, ReadOptions, RemoveNodeRequest};
+use roost_proto::api::{
+    CreateAppRequest, GetAppRequest, ListAppsRequest, ListNodesRequest, ReadOptions, RemoveNodeRequest,
+};
 use roost_raft::Timings;
 use roost_tests::{wait_until, Cluster};
 
@@ -77,7 +79,7 @@ async fn losing_the_leader_elects_another_and_writes_continue() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_that_fell_behind_the_log_gets_a_snapshot() -> Result<()> {
-    let timings = Timings { snapshot_every: 20, keep_after_snapshot: 5, ..Default::default() };
+    let timings = Timings { snapshot_every: 20, keep_after_snapshot: 5, purge_batch: 1, ..Default::default() };
     let mut cluster = Cluster::start_with(3, timings, LivenessConfig::default()).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
     let behind = (0..3).find(|i| *i != leader).expect("a follower");
@@ -85,9 +87,12 @@ async fn a_node_that_fell_behind_the_log_gets_a_snapshot() -> Result<()> {
     for i in 0..100 {
         create_app(&cluster, leader, &format!("a{i}")).await?;
     }
-    // The leader has compacted its log past what the stopped node has.
-    let purged = cluster.node(leader)?.consensus.raft().metrics().borrow().purged;
-    assert!(purged.is_some_and(|p| p.index > 20), "leader purged {purged:?}");
+    // The leader compacts its log past what the stopped node has.
+    wait_until("the leader to snapshot and purge its log", Duration::from_secs(10), || async {
+        let purged = cluster.node(leader)?.consensus.raft().metrics().borrow().purged;
+        Ok(purged.is_some_and(|p| p.index > 20))
+    })
+    .await?;
 
     cluster.restart(behind).await?;
     wait_until("the lagging node to install a snapshot and catch up", Duration::from_secs(20), || async {

@@ -167,7 +167,8 @@ impl Cluster {
             _ => Start::Join { seed: String::new(), token: self.tokens.join.to_string() },
         };
         let config = node_config(&slot.name, &slot.dir, Some(address), start, &self.timings, &self.liveness);
-        let node = Node::start(config, CancellationToken::new()).await.with_context(|| format!("restarting {}", slot.name))?;
+        let node =
+            Node::start(config, CancellationToken::new()).await.with_context(|| format!("restarting {}", slot.name))?;
         self.slots[index].running = Some(node);
         Ok(())
     }

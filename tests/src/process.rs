@@ -55,7 +55,16 @@ impl NodeProcess {
     /// `roost node init` in `root/<name>`.
     pub fn init(root: &Path, name: &str) -> Result<Self> {
         Self::spawn(root, name, |dir, address| {
-            vec!["node".into(), "init".into(), "--data-dir".into(), dir, "--listen".into(), address, "--name".into(), name.into()]
+            vec![
+                "node".into(),
+                "init".into(),
+                "--data-dir".into(),
+                dir,
+                "--listen".into(),
+                address,
+                "--name".into(),
+                name.into(),
+            ]
         })
     }
 
@@ -82,15 +91,8 @@ impl NodeProcess {
         let data_dir = root.join(name);
         let address = format!("127.0.0.1:{}", free_port()?);
         let args = args(data_dir.display().to_string(), address.clone());
-        let mut node = Self {
-            name: name.into(),
-            data_dir,
-            address,
-            args,
-            child: None,
-            log_dir: root.to_owned(),
-            starts: 0,
-        };
+        let mut node =
+            Self { name: name.into(), data_dir, address, args, child: None, log_dir: root.to_owned(), starts: 0 };
         node.start()?;
         Ok(node)
     }

@@ -240,7 +240,8 @@ impl ClientArgs {
         })?;
         let text = self.token.as_deref().ok_or_else(|| {
             CliError::Auth(
-                "no admin token: pass --token or set ROOST_TOKEN (the first node wrote it to DATA_DIR/admin.token)".into(),
+                "no admin token: pass --token or set ROOST_TOKEN (the first node wrote it to DATA_DIR/admin.token)"
+                    .into(),
             )
         })?;
         let token = Token::parse(text).map_err(|e| CliError::Auth(format!("invalid admin token: {e}")))?;
@@ -258,7 +259,9 @@ impl ClientArgs {
         let tls = ClientTls::anonymous(token.ca_digest).map_err(|e| CliError::Other(e.to_string()))?;
         let channel = tls.connect(&endpoint).await.map_err(|e| match e {
             roost_network::tls::TlsError::Address { .. } => CliError::Usage(format!("invalid --endpoint: {e}")),
-            _ => CliError::Unreachable(format!("{e} (is a roost node running there? check --endpoint / ROOST_ENDPOINT)")),
+            _ => {
+                CliError::Unreachable(format!("{e} (is a roost node running there? check --endpoint / ROOST_ENDPOINT)"))
+            }
         })?;
         let header = MetadataValue::try_from(format!("Bearer {token}"))
             .map_err(|_| CliError::Auth("the admin token has characters a header cannot carry".into()))?;
@@ -273,9 +276,8 @@ pub fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>, CliEr
         let (key, value) = label
             .split_once('=')
             .ok_or_else(|| CliError::Usage(format!("--label expects KEY=VALUE, got '{label}'")))?;
-        let key_ok = !key.is_empty()
-            && key.len() <= 63
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        let key_ok =
+            !key.is_empty() && key.len() <= 63 && key.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
         if !key_ok {
             return Err(CliError::Usage(format!(
                 "--label key '{key}' must be 1 to 63 characters of letters, digits, '-', '_', '.' or '/'"

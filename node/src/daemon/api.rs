@@ -63,7 +63,8 @@ fn app_to_wire(app: &App) -> WireApp {
 
 impl ControlService {
     async fn propose(&self, command: Command) -> Result<Response, Status> {
-        let response = self.consensus.propose(command, Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
+        let response =
+            self.consensus.propose(command, Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
         match response {
             Response::Rejected(rejection) => Err(rejection_status(rejection)),
             other => Ok(other),
@@ -120,7 +121,10 @@ impl Control for ControlService {
         }))
     }
 
-    async fn list_nodes(&self, request: Request<ListNodesRequest>) -> Result<tonic::Response<ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        request: Request<ListNodesRequest>,
+    ) -> Result<tonic::Response<ListNodesResponse>, Status> {
         self.barrier(request.into_inner().read).await?;
         let nodes: Vec<NodeRecord> = self.consensus.state().read(|s| s.nodes.values().cloned().collect());
         let seen = cluster_liveness(&self.consensus, &self.liveness, &self.channels).await.unwrap_or_default();
@@ -198,4 +202,3 @@ impl Control for ControlService {
         Ok(tonic::Response::new(DestroyAppResponse {}))
     }
 }
-

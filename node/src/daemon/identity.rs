@@ -141,10 +141,8 @@ impl DataDir {
         write_private(&self.tls("ca.pem"), &identity.ca_cert_pem)?;
         write_private(&self.tls("node.pem"), &identity.cert_pem)?;
         write_private(&self.tls("node.key"), &identity.key_pem)?;
-        let json = serde_json::to_string_pretty(&identity.stored).map_err(|source| IdentityError::Corrupt {
-            path: self.identity(),
-            source,
-        })?;
+        let json = serde_json::to_string_pretty(&identity.stored)
+            .map_err(|source| IdentityError::Corrupt { path: self.identity(), source })?;
         write_private(&self.identity(), &json)
     }
 
@@ -194,7 +192,8 @@ pub fn check_resume(
         return Err(conflict("advertise", &stored.address, address));
     }
     if !labels.is_empty() && *labels != stored.labels {
-        let show = |l: &BTreeMap<String, String>| l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        let show =
+            |l: &BTreeMap<String, String>| l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
         return Err(conflict("label", &show(&stored.labels), &show(labels)));
     }
     Ok(())

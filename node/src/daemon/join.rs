@@ -77,7 +77,8 @@ pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Ident
         .await
         .map_err(|status| JoinError::Refused { seed: params.seed.to_owned(), message: status.message().to_owned() })?
         .into_inner();
-    let ca_der = pki::cert_der_from_pem(&reply.ca_cert_pem).map_err(|_| JoinError::CaMismatch { seed: params.seed.to_owned() })?;
+    let ca_der = pki::cert_der_from_pem(&reply.ca_cert_pem)
+        .map_err(|_| JoinError::CaMismatch { seed: params.seed.to_owned() })?;
     if CaDigest::of(&ca_der) != token.ca_digest {
         return Err(JoinError::CaMismatch { seed: params.seed.to_owned() });
     }

@@ -60,15 +60,13 @@ pub fn plan(view: &MembershipView, promote_after: Duration) -> Option<Membership
     }
 
     let up = |id: &NodeId| view.seen.get(id).is_some_and(|s| s.up) || *id == view.leader;
-    let long_down = |id: &NodeId| *id != view.leader && view.seen.get(id).is_some_and(|s| !s.up && s.ago >= promote_after);
+    let long_down =
+        |id: &NodeId| *id != view.leader && view.seen.get(id).is_some_and(|s| !s.up && s.ago >= promote_after);
     let target = voter_target(view.wanted.len());
 
     let staying: Vec<NodeId> = view.voters.iter().copied().filter(|id| view.wanted.contains_key(id)).collect();
     let mut voters: BTreeSet<NodeId> = staying.iter().copied().filter(|id| !long_down(id)).collect();
-    let candidates = view
-        .wanted
-        .keys()
-        .filter(|id| !view.voters.contains(id) && up(id) && view.caught_up.contains(id));
+    let candidates = view.wanted.keys().filter(|id| !view.voters.contains(id) && up(id) && view.caught_up.contains(id));
     for id in candidates {
         if voters.len() >= target {
             break;
@@ -85,11 +83,7 @@ pub fn plan(view: &MembershipView, promote_after: Duration) -> Option<Membership
     // Too many voters (nodes were removed): drop down ones first, then the
     // newest, never the leader.
     while voters.len() > target {
-        let drop = voters
-            .iter()
-            .copied()
-            .filter(|id| *id != view.leader)
-            .max_by_key(|id| (!up(id), *id));
+        let drop = voters.iter().copied().filter(|id| *id != view.leader).max_by_key(|id| (!up(id), *id));
         match drop {
             Some(id) => voters.remove(&id),
             None => break,
@@ -99,12 +93,8 @@ pub fn plan(view: &MembershipView, promote_after: Duration) -> Option<Membership
         return Some(MembershipAction::SetVoters(voters));
     }
 
-    let gone: BTreeSet<NodeId> = view
-        .members
-        .keys()
-        .copied()
-        .filter(|id| !view.wanted.contains_key(id) && !view.voters.contains(id))
-        .collect();
+    let gone: BTreeSet<NodeId> =
+        view.members.keys().copied().filter(|id| !view.wanted.contains_key(id) && !view.voters.contains(id)).collect();
     if !gone.is_empty() {
         return Some(MembershipAction::RemoveMembers(gone));
     }
@@ -166,10 +156,7 @@ fn observe(consensus: &Consensus, liveness: &Liveness) -> Option<MembershipView>
         })
         .unwrap_or_default();
     let wanted: BTreeMap<NodeId, RaftNode> = consensus.state().read(|s| {
-        s.nodes
-            .values()
-            .map(|n| (n.id, RaftNode { name: n.name.clone(), address: n.address.clone() }))
-            .collect()
+        s.nodes.values().map(|n| (n.id, RaftNode { name: n.name.clone(), address: n.address.clone() })).collect()
     });
     let seen = liveness.view(wanted.keys().copied());
     Some(MembershipView {

@@ -79,7 +79,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("--listen {listen} binds every interface; pass --advertise HOST:PORT with an address other nodes can reach")]
+    #[error(
+        "--listen {listen} binds every interface; pass --advertise HOST:PORT with an address other nodes can reach"
+    )]
     NeedAdvertise { listen: String },
     #[error("invalid --advertise: {0}")]
     Advertise(String),
@@ -164,13 +166,16 @@ impl Node {
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| StartError::Listen { listen: config.listen.clone(), source })?;
-        let bound = listener.local_addr().map_err(|source| StartError::Listen { listen: config.listen.clone(), source })?;
+        let bound =
+            listener.local_addr().map_err(|source| StartError::Listen { listen: config.listen.clone(), source })?;
         let address = match &config.advertise {
             Some(advertise) => {
                 check_address(advertise).map_err(StartError::Advertise)?;
                 advertise.clone()
             }
-            None if bound.ip().is_unspecified() => return Err(StartError::NeedAdvertise { listen: config.listen.clone() }),
+            None if bound.ip().is_unspecified() => {
+                return Err(StartError::NeedAdvertise { listen: config.listen.clone() })
+            }
             None => bound.to_string(),
         };
 
@@ -339,7 +344,11 @@ fn create_cluster(
 }
 
 /// Makes this node the cluster's sole voter and commits the bootstrap entry.
-async fn bootstrap_cluster(consensus: &Consensus, stored: &StoredIdentity, bootstrap: Command) -> Result<(), StartError> {
+async fn bootstrap_cluster(
+    consensus: &Consensus,
+    stored: &StoredIdentity,
+    bootstrap: Command,
+) -> Result<(), StartError> {
     consensus.initialize(RaftNode { name: stored.name.clone(), address: stored.address.clone() }).await?;
     let response = consensus
         .propose(bootstrap, Instant::now() + Duration::from_secs(30))
@@ -369,8 +378,7 @@ fn spawn_background(
         }
     };
 
-    let heartbeats =
-        liveness::send_heartbeats(consensus.clone(), liveness.clone(), channels.clone(), stop.clone());
+    let heartbeats = liveness::send_heartbeats(consensus.clone(), liveness.clone(), channels.clone(), stop.clone());
     let on_revoked = mark_removed.clone();
     tokio::spawn(
         async move {

@@ -51,7 +51,14 @@ fn a_bad_label_is_refused_before_anything_is_written() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("n1");
     let (code, _, stderr) = roost(&[
-        "node", "init", "--data-dir", data.to_str().expect("utf-8"), "--listen", "127.0.0.1:0", "--label", "oops",
+        "node",
+        "init",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+        "--listen",
+        "127.0.0.1:0",
+        "--label",
+        "oops",
     ]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("KEY=VALUE"), "{stderr}");

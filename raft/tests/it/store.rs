@@ -34,10 +34,8 @@ async fn vote_and_log_survive_reopening() -> anyhow::Result<()> {
     {
         let (mut log, _sm) = store::open(dir.path())?;
         log.save_vote(&vote).await?;
-        let entry = Entry::<TypeConfig> {
-            log_id: LogId::new(CommittedLeaderId::new(3, 7), 1),
-            payload: EntryPayload::Blank,
-        };
+        let entry =
+            Entry::<TypeConfig> { log_id: LogId::new(CommittedLeaderId::new(3, 7), 1), payload: EntryPayload::Blank };
         openraft::storage::RaftLogStorageExt::blocking_append(&mut log, [entry]).await?;
     }
     let (mut log, mut sm) = store::open(dir.path())?;

@@ -103,10 +103,8 @@ struct RoostCluster {
 
 async fn start_roost(root: &std::path::Path) -> Result<RoostCluster> {
     let n1 = NodeProcess::init(root, "n1")?;
-    wait_until("n1's tokens", Duration::from_secs(30), || async {
-        Ok(n1.data_dir.join("admin.token").exists())
-    })
-    .await?;
+    wait_until("n1's tokens", Duration::from_secs(30), || async { Ok(n1.data_dir.join("admin.token").exists()) })
+        .await?;
     let admin = n1.read_token("admin.token")?;
     let join = n1.read_token("join.token")?;
     wait_for_nodes(&n1.address, &admin, Duration::from_secs(30), "n1", |n| n.len() == 1).await?;
@@ -129,10 +127,7 @@ async fn start_roost(root: &std::path::Path) -> Result<RoostCluster> {
     if leader.is_empty() {
         bail!("no leader in {nodes:?}");
     }
-    let tokens = InitTokens {
-        join: roost_network::Token::parse(&join)?,
-        admin: roost_network::Token::parse(&admin)?,
-    };
+    let tokens = InitTokens { join: roost_network::Token::parse(&join)?, admin: roost_network::Token::parse(&admin)? };
     Ok(RoostCluster { nodes: vec![n1, n2, n3], tokens, leader })
 }
 
@@ -152,22 +147,32 @@ impl Drop for Etcd {
 
 fn start_etcd(root: &std::path::Path) -> Result<Etcd> {
     let ports: Vec<(u16, u16)> = (0..3).map(|_| Ok((free_port()?, free_port()?))).collect::<Result<_>>()?;
-    let initial: Vec<String> = ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect();
+    let initial: Vec<String> =
+        ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect();
     let mut etcd = Etcd { children: Vec::new(), client_urls: Vec::new() };
     for (i, (client, peer)) in ports.iter().enumerate() {
         let dir = root.join(format!("etcd{i}"));
         let log = std::fs::File::create(root.join(format!("etcd{i}.log")))?;
         let child = Command::new("etcd")
             .args([
-                "--name", &format!("e{i}"),
-                "--data-dir", &dir.display().to_string(),
-                "--listen-client-urls", &format!("http://127.0.0.1:{client}"),
-                "--advertise-client-urls", &format!("http://127.0.0.1:{client}"),
-                "--listen-peer-urls", &format!("http://127.0.0.1:{peer}"),
-                "--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}"),
-                "--initial-cluster", &initial.join(","),
-                "--initial-cluster-state", "new",
-                "--initial-cluster-token", "roost-bench",
+                "--name",
+                &format!("e{i}"),
+                "--data-dir",
+                &dir.display().to_string(),
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &initial.join(","),
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "roost-bench",
             ])
             .stdout(Stdio::null())
             .stderr(log)
@@ -200,12 +205,8 @@ async fn etcd_leader(etcd: &Etcd) -> Result<String> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let seconds: u64 = std::env::args()
-        .skip_while(|a| a != "--seconds")
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(10);
+    let seconds: u64 =
+        std::env::args().skip_while(|a| a != "--seconds").nth(1).map(|s| s.parse()).transpose()?.unwrap_or(10);
     let duration = Duration::from_secs(seconds);
 
     // Make sure the node binary matches this source tree.
