@@ -54,7 +54,13 @@ pub enum TlsError {
     #[error("`{addr}` is not a HOST:PORT address")]
     Address { addr: String },
     #[error("cannot reach a roost node at {addr}: {reason}")]
-    Connect { addr: String, reason: String },
+    Connect {
+        addr: String,
+        reason: String,
+        /// The node may simply not be up yet (refused, reset, timed out), as
+        /// opposed to a node that answered and failed verification.
+        transient: bool,
+    },
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -234,10 +240,11 @@ impl ClientTls {
     /// another cluster is reported as such rather than on first use.
     pub async fn connect(&self, addr: &str) -> Result<Channel, TlsError> {
         let endpoint = self.endpoint(addr)?;
-        endpoint
-            .connect_with_connector(self.connector())
-            .await
-            .map_err(|e| TlsError::Connect { addr: addr.to_owned(), reason: innermost(&e) })
+        endpoint.connect_with_connector(self.connector()).await.map_err(|e| TlsError::Connect {
+            addr: addr.to_owned(),
+            reason: innermost(&e),
+            transient: is_transient(&e),
+        })
     }
 
     fn endpoint(&self, addr: &str) -> Result<Endpoint, TlsError> {
@@ -374,6 +381,25 @@ pub fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
     } else {
         text
     }
+}
+
+/// Whether a connection failure looks like "not up yet" rather than "wrong
+/// peer": the error chain holds a refused, reset or timed-out socket.
+fn is_transient(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            use io::ErrorKind::*;
+            if matches!(io.kind(), ConnectionRefused | ConnectionReset | ConnectionAborted | TimedOut | NotConnected) {
+                return true;
+            }
+        }
+        if e.to_string().contains("elapsed") || e.to_string().contains("timed out") {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 fn short(digest: &CaDigest) -> String {

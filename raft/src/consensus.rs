@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::command::{Command, Proposal, Response};
-use crate::network::{Channels, Network};
+use crate::network::{Channels, ElectionHints, Network};
 use crate::service::NOT_LEADER;
 use crate::state::UnixMillis;
 use crate::store::{self, StateReader};
@@ -142,8 +142,10 @@ impl Consensus {
         let config = Arc::new(timings.raft_config().validate().map_err(StartError::Config)?);
         let (log, sm) = store::open(dir).map_err(StartError::Store)?;
         let state = sm.reader();
-        let raft = Raft::new(id, config, Network::new(channels.clone()), log, sm).await.map_err(StartError::Raft)?;
-        tokio::spawn(drive_elections(raft.clone(), timings.clone(), shutdown));
+        let hints = Arc::new(ElectionHints::default());
+        let network = Network::new(channels.clone(), hints.clone());
+        let raft = Raft::new(id, config, network, log, sm).await.map_err(StartError::Raft)?;
+        tokio::spawn(drive_elections(raft.clone(), timings.clone(), hints, shutdown));
         Ok(Arc::new(Self { id, raft, state, channels, leader_clients: Mutex::new(HashMap::new()) }))
     }
 
@@ -345,10 +347,14 @@ fn is_retryable(status: &tonic::Status) -> bool {
 
 /// Campaigns for leadership when a voter has not heard from a leader for the
 /// leader lease plus a random election timeout, drawn afresh each campaign.
-/// See the module documentation for why openraft's own timer is off.
-pub async fn drive_elections(raft: Raft, timings: Timings, shutdown: CancellationToken) {
+/// A node that a voter with a longer log refused waits longer, as openraft's
+/// own timer does, so the better candidate goes first. See the module
+/// documentation for why openraft's own timer is off.
+pub async fn drive_elections(raft: Raft, timings: Timings, hints: Arc<ElectionHints>, shutdown: CancellationToken) {
     let draw = || rand::thread_rng().gen_range(timings.election_min..timings.election_max);
     let lease = timings.election_max;
+    let smaller_log_delay = timings.election_max * 2;
+    let mut yield_to_longer_log = false;
     let started = Instant::now();
     let mut timeout = draw();
     let tick = timings.heartbeat.min(timings.election_min / 4);
@@ -368,14 +374,19 @@ pub async fn drive_elections(raft: Raft, timings: Timings, shutdown: Cancellatio
         };
         if is_leader || !is_voter {
             timeout = draw();
+            yield_to_longer_log = false;
             continue;
         }
+        yield_to_longer_log |= hints.take_greater_log_seen();
         let Ok((committed, last_heard)) =
             raft.with_raft_state(|st| (st.vote_ref().is_committed(), st.vote_last_modified())).await
         else {
             return;
         };
-        let wait = if committed { lease + timeout } else { timeout };
+        let mut wait = if committed { lease + timeout } else { timeout };
+        if yield_to_longer_log {
+            wait += smaller_log_delay;
+        }
         let last_heard = last_heard.unwrap_or(started);
         if Instant::now().saturating_duration_since(last_heard) >= wait {
             tracing::info!(waited_ms = wait.as_millis() as u64, "no word from a leader; campaigning");
@@ -383,6 +394,7 @@ pub async fn drive_elections(raft: Raft, timings: Timings, shutdown: Cancellatio
                 return;
             }
             timeout = draw();
+            yield_to_longer_log = false;
         }
     }
 }

@@ -6,6 +6,7 @@
 //! failure becomes `Unreachable` (openraft backs off) or `Network`.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
@@ -30,11 +31,30 @@ pub trait Channels: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Network {
     channels: Arc<dyn Channels>,
+    hints: Arc<ElectionHints>,
 }
 
 impl Network {
-    pub fn new(channels: Arc<dyn Channels>) -> Self {
-        Self { channels }
+    pub fn new(channels: Arc<dyn Channels>, hints: Arc<ElectionHints>) -> Self {
+        Self { channels, hints }
+    }
+}
+
+/// What the election driver learns from vote replies.
+///
+/// openraft delays a node's next campaign when a voter refused it for having
+/// a shorter log, so that the node with the longer log campaigns first. With
+/// openraft's timer off, the driver needs the same signal; this is where it
+/// comes from.
+#[derive(Debug, Default)]
+pub struct ElectionHints {
+    greater_log_seen: AtomicBool,
+}
+
+impl ElectionHints {
+    /// Whether a voter with a longer log refused us since the last call.
+    pub fn take_greater_log_seen(&self) -> bool {
+        self.greater_log_seen.swap(false, Ordering::SeqCst)
     }
 }
 
@@ -43,7 +63,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &RaftNode) -> PeerConnection {
         let client = self.channels.channel(&node.address).map(RaftClient::new);
-        PeerConnection { target, node: node.clone(), client }
+        PeerConnection { target, node: node.clone(), client, hints: self.hints.clone() }
     }
 }
 
@@ -51,6 +71,7 @@ pub struct PeerConnection {
     target: NodeId,
     node: RaftNode,
     client: Result<RaftClient<Channel>, String>,
+    hints: Arc<ElectionHints>,
 }
 
 #[derive(Debug)]
@@ -142,6 +163,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, RaftError<NodeId>> {
-        self.call(RpcKind::Vote, &rpc, &option).await
+        let response: VoteResponse<NodeId> = self.call(RpcKind::Vote, &rpc, &option).await?;
+        if !response.vote_granted && response.last_log_id > rpc.last_log_id {
+            self.hints.greater_log_seen.store(true, Ordering::SeqCst);
+        }
+        Ok(response)
     }
 }

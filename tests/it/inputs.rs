@@ -23,6 +23,7 @@ fn join_config(dir: &std::path::Path, name: &str, seed: &str, token: &str) -> No
         start: Start::Join { seed: seed.into(), token: token.into() },
         timings: Default::default(),
         liveness: Default::default(),
+        join_wait: std::time::Duration::from_secs(1),
     }
 }
 

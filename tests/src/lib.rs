@@ -213,5 +213,6 @@ fn node_config(
         start,
         timings: timings.clone(),
         liveness: liveness.clone(),
+        join_wait: std::time::Duration::from_secs(30),
     }
 }

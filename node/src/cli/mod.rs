@@ -106,6 +106,9 @@ pub struct NodeArgs {
     /// How long a voter may be down before a healthy learner replaces it.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub promote_after: Duration,
+    /// How long `join` keeps trying a seed that is not up yet.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub join_timeout: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -306,6 +309,7 @@ pub fn node_config(args: &NodeArgs, start: Start, default_name: String) -> Resul
             promote_after: args.promote_after,
             ..Default::default()
         },
+        join_wait: args.join_timeout,
     })
 }
 

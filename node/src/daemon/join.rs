@@ -10,9 +10,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use roost_network::pki::{self, constant_time_eq, CaDigest, ClusterCa, NodeKey};
-use roost_network::tls::ClientTls;
+use roost_network::tls::{ClientTls, TlsError};
 use roost_network::{Token, TokenKind};
 use roost_proto::cluster::join_client::JoinClient;
 use roost_proto::cluster::join_server;
@@ -36,7 +37,7 @@ pub enum JoinError {
     #[error(transparent)]
     Connect(roost_network::tls::TlsError),
     #[error("{seed} refused the join: {message}")]
-    Refused { seed: String, message: String },
+    Refused { seed: String, code: tonic::Code, message: String },
     #[error("{seed} answered with a CA that does not match the token")]
     CaMismatch { seed: String },
     #[error("could not generate this node's key")]
@@ -53,6 +54,8 @@ pub struct JoinParams<'a> {
     pub name: &'a str,
     pub address: &'a str,
     pub labels: &'a BTreeMap<String, String>,
+    /// How long to keep trying a seed that is not up yet.
+    pub wait: Duration,
 }
 
 /// Joins through `seed` and stores the resulting identity in `dir`.
@@ -64,7 +67,6 @@ pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Ident
     validate_name(params.name).map_err(|reason| JoinError::Name { name: params.name.to_owned(), reason })?;
     let key = NodeKey::generate().map_err(JoinError::Key)?;
     let tls = ClientTls::anonymous(token.ca_digest).map_err(JoinError::Connect)?;
-    let channel = tls.connect(params.seed).await.map_err(JoinError::Connect)?;
     let request = JoinRequest {
         secret: token.secret.clone(),
         name: params.name.to_owned(),
@@ -72,11 +74,27 @@ pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Ident
         labels: params.labels.clone().into_iter().collect(),
         public_key: key.public_key(),
     };
-    let reply = JoinClient::new(channel)
-        .join(request)
-        .await
-        .map_err(|status| JoinError::Refused { seed: params.seed.to_owned(), message: status.message().to_owned() })?
-        .into_inner();
+    // Nodes of a new cluster are often started together: wait for a seed
+    // that is not up yet, or has no leader yet, rather than fail at once.
+    let deadline = Instant::now() + params.wait;
+    let mut delay = Duration::from_millis(200);
+    let reply = loop {
+        let error = match try_join(&tls, params.seed, request.clone()).await {
+            Ok(reply) => break reply,
+            Err(error) => error,
+        };
+        let transient = match &error {
+            JoinError::Connect(TlsError::Connect { transient, .. }) => *transient,
+            JoinError::Refused { code, .. } => *code == tonic::Code::Unavailable,
+            _ => false,
+        };
+        if !transient || Instant::now() + delay >= deadline {
+            return Err(error);
+        }
+        tracing::warn!(seed = %params.seed, "{error}; retrying in {delay:?}");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    };
     let ca_der = pki::cert_der_from_pem(&reply.ca_cert_pem)
         .map_err(|_| JoinError::CaMismatch { seed: params.seed.to_owned() })?;
     if CaDigest::of(&ca_der) != token.ca_digest {
@@ -96,6 +114,16 @@ pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Ident
     };
     dir.save(&identity)?;
     Ok(identity)
+}
+
+async fn try_join(tls: &ClientTls, seed: &str, request: JoinRequest) -> Result<JoinResponse, JoinError> {
+    let channel = tls.connect(seed).await.map_err(JoinError::Connect)?;
+    let reply = JoinClient::new(channel).join(request).await.map_err(|status| JoinError::Refused {
+        seed: seed.to_owned(),
+        code: status.code(),
+        message: status.message().to_owned(),
+    })?;
+    Ok(reply.into_inner())
 }
 
 /// The seed's side of a join.

@@ -69,6 +69,8 @@ pub struct NodeConfig {
     pub start: Start,
     pub timings: Timings,
     pub liveness: LivenessConfig,
+    /// How long `join` keeps trying a seed that is not up yet.
+    pub join_wait: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -285,7 +287,8 @@ async fn resolve_identity(
             Ok((identity, Some(tokens)))
         }
         Start::Join { seed, token } => {
-            let params = join::JoinParams { seed, token, name: &name, address, labels: &config.labels };
+            let params =
+                join::JoinParams { seed, token, name: &name, address, labels: &config.labels, wait: config.join_wait };
             let identity = join::join_cluster(dir, params).await?;
             tracing::info!(node = %name, id = identity.stored.node_id, %seed, "joined the cluster");
             Ok((identity, None))
