@@ -120,7 +120,8 @@ mod tests {
         assert_eq!(Token::parse("SWMTKN-1-abc-def"), Err(TokenError::Prefix));
         assert_eq!(Token::parse("ROOST-1-abc-0123"), Err(TokenError::Digest));
         assert_eq!(Token::parse(&good[..good.len() - 1]), Err(TokenError::Secret));
-        assert_eq!(Token::parse(&good.to_uppercase().replacen("ROOST-1-", "ROOST-1-", 1)), Err(TokenError::Digest));
+        // Uppercase hex is not what we print, so it is refused rather than guessed at.
+        assert_eq!(Token::parse(&good.to_uppercase()), Err(TokenError::Digest));
     }
 
     #[test]

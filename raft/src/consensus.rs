@@ -91,7 +91,7 @@ pub enum StartError {
     #[error("could not start Raft")]
     Raft(#[source] openraft::error::Fatal<NodeId>),
     #[error("could not initialize the cluster's membership")]
-    Initialize(#[source] RaftError<NodeId, openraft::error::InitializeError<NodeId, RaftNode>>),
+    Initialize(#[source] Box<RaftError<NodeId, openraft::error::InitializeError<NodeId, RaftNode>>>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +160,7 @@ impl Consensus {
         match self.raft.initialize(members).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
-            Err(e) => Err(StartError::Initialize(e)),
+            Err(e) => Err(StartError::Initialize(Box::new(e))),
         }
     }
 

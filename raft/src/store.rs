@@ -15,6 +15,10 @@
 //! committed id for that). Snapshots are built from a clone of the state, so
 //! building one never blocks apply for long.
 
+// openraft's traits fix the error type (`StorageError`, about 200 bytes);
+// our helpers return what the traits return.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};

@@ -52,7 +52,7 @@ async fn scenario(root: &std::path::Path) -> Result<()> {
 
     let n2 = NodeProcess::join(root, "n2", &n1.address, &join)?;
     let n3 = NodeProcess::join(root, "n3", &n2.address, &join)?;
-    let mut nodes = vec![n1, n2, n3];
+    let mut nodes = [n1, n2, n3];
     wait_for_nodes(&nodes[2].address, &admin, Duration::from_secs(30), "three voters, all up", |n| {
         n.len() == 3
             && names(n, "state", "up").len() == 3

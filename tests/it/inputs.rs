@@ -74,8 +74,7 @@ async fn joins_with_bad_tokens_or_names_are_refused_and_change_nothing() -> Resu
         CancellationToken::new(),
     )
     .await
-    .err()
-    .expect("join through a dead seed fails");
+    .expect_err("join through a dead seed fails");
     assert!(format!("{:#}", anyhow::Error::new(error)).contains("cannot reach"));
     assert_eq!(node_count(&cluster).await?, 1);
     cluster.shutdown().await;

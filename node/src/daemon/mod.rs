@@ -100,9 +100,16 @@ pub enum StartError {
     #[error("could not create the cluster's certificates")]
     Pki(#[from] pki::PkiError),
     #[error(transparent)]
-    Raft(#[from] roost_raft::consensus::StartError),
+    Raft(Box<roost_raft::consensus::StartError>),
     #[error("could not create the cluster: {0}")]
     Bootstrap(String),
+}
+
+impl From<roost_raft::consensus::StartError> for StartError {
+    fn from(error: roost_raft::consensus::StartError) -> Self {
+        // Boxed: openraft's errors are large and this one is rare.
+        StartError::Raft(Box::new(error))
+    }
 }
 
 /// Why a node stopped.

@@ -158,7 +158,7 @@ fn version_1_encoding_is_stable() {
 
 #[test]
 fn apply_is_deterministic() {
-    let commands = vec![
+    let commands = [
         Command::AddNode { node: node("n2", "f2") },
         Command::CreateApp { name: "a".into() },
         Command::RemoveNode { id: 2 },

@@ -19,8 +19,10 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RocksStoreBui
 }
 
 #[test]
-fn rocksdb_store_passes_openraft_storage_suite() -> Result<(), StorageError<NodeId>> {
-    Suite::test_all(RocksStoreBuilder)
+fn rocksdb_store_passes_openraft_storage_suite() {
+    if let Err(error) = Suite::test_all(RocksStoreBuilder) {
+        panic!("storage suite failed: {error}");
+    }
 }
 
 /// A vote written before a restart is read back after it: the store is
