@@ -85,7 +85,7 @@ impl Timings {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("could not open the Raft store")]
-    Store(#[source] rocksdb::Error),
+    Store(#[source] store::OpenError),
     #[error("invalid Raft configuration")]
     Config(#[source] openraft::ConfigError),
     #[error("could not start Raft")]

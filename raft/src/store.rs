@@ -5,9 +5,13 @@
 //! big-endian index, so iteration is in log order) and `meta` (vote, committed
 //! id, last purged id, current snapshot).
 //!
-//! Durability: [`LogStore::append`] writes the whole batch with `sync = true`
-//! before it tells openraft the entries are durable; the vote is synced the
-//! same way. A vote or entry reported durable survives a power cut.
+//! Durability: [`LogStore::append`] writes the batch to RocksDB at once
+//! (visible to readers, not yet synced) and hands openraft's callback to a
+//! flusher thread, which syncs the WAL (`flush_wal(true)`) and only then
+//! reports the entries durable. Appends that arrive while a sync runs share
+//! the next one (group commit), and the leader replicates to followers while
+//! its own sync is in flight, as Raft allows. The vote is written synced.
+//! A vote or entry reported durable survives a power cut.
 //!
 //! The state machine ([`StateMachine`]) lives in memory; its durable form is
 //! the latest snapshot plus the log after it. On start the snapshot is loaded
@@ -48,7 +52,15 @@ type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
 /// Opens (or creates) a node's RocksDB under `dir` and returns its log store
 /// and state machine, the state machine restored from the last snapshot.
-pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), rocksdb::Error> {
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("could not open RocksDB")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("could not start the log flusher thread")]
+    Flusher(#[source] std::io::Error),
+}
+
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
@@ -58,7 +70,13 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), rocksdb::Error> {
     options.set_max_background_jobs(2);
     let cfs = [CF_LOGS, CF_META].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
     let db = Arc::new(DB::open_cf_descriptors(&options, dir, cfs)?);
-    let log = LogStore { db: db.clone() };
+    let (flush, pending) = std::sync::mpsc::channel();
+    let flusher_db = db.clone();
+    std::thread::Builder::new()
+        .name("raft-log-flush".into())
+        .spawn(move || flush_log(&flusher_db, &pending))
+        .map_err(OpenError::Flusher)?;
+    let log = LogStore { db: db.clone(), flush };
     let sm = StateMachine::restore(db)?;
     Ok((log, sm))
 }
@@ -84,6 +102,21 @@ fn synced() -> WriteOptions {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    /// Callbacks waiting for the WAL sync that makes their entries durable.
+    flush: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+/// Syncs the WAL for every batch of waiting appends, then reports them
+/// durable. Ends when every `LogStore` clone is gone.
+fn flush_log(db: &DB, pending: &std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = pending.recv() {
+        let mut waiting = vec![first];
+        waiting.extend(pending.try_iter());
+        let result = db.flush_wal(true).map_err(|e| e.to_string());
+        for callback in waiting {
+            callback.log_io_completed(result.clone().map_err(std::io::Error::other));
+        }
+    }
 }
 
 impl Debug for LogStore {
@@ -186,10 +219,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let bytes = serde_json::to_vec(&entry).map_err(write_err)?;
             batch.put_cf(cf, index_key(entry.log_id.index), bytes);
         }
-        let result = self.db.write_opt(batch, &synced()).map_err(std::io::Error::other);
-        let reported = result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
-        callback.log_io_completed(reported);
-        result.map_err(write_err)
+        self.db.write(batch).map_err(write_err)?;
+        // Durable only once the flusher has synced the WAL.
+        self.flush.send(callback).map_err(|_| write_err(std::io::Error::other("the log flusher has stopped")))
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {

@@ -75,25 +75,24 @@ impl Liveness {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn record(&self, id: NodeId) {
-        self.heard().last.insert(id, Instant::now());
+    pub fn record(&self, id: NodeId, now: Instant) {
+        self.heard().last.insert(id, now);
     }
 
     /// Tells the tracker whether this node leads, so a new leader starts
     /// counting silence from its own start.
-    pub fn set_leading(&self, leading: bool) {
+    pub fn set_leading(&self, leading: bool, now: Instant) {
         let mut heard = self.heard();
         match (leading, heard.leading_since) {
-            (true, None) => heard.leading_since = Some(Instant::now()),
+            (true, None) => heard.leading_since = Some(now),
             (false, Some(_)) => heard.leading_since = None,
             _ => {}
         }
     }
 
-    /// The leader's view of `ids`.
-    pub fn view(&self, ids: impl IntoIterator<Item = NodeId>) -> BTreeMap<NodeId, Seen> {
+    /// The leader's view of `ids` at `now`.
+    pub fn view(&self, ids: impl IntoIterator<Item = NodeId>, now: Instant) -> BTreeMap<NodeId, Seen> {
         let heard = self.heard();
-        let now = Instant::now();
         ids.into_iter()
             .map(|id| {
                 if id == self.self_id {
@@ -130,7 +129,7 @@ impl peer_server::Peer for PeerService {
                 self.consensus.state().read(|s| s.nodes.values().find(|n| n.cert_fingerprint == fp).map(|n| n.id))
             })
             .unwrap_or(claimed);
-        self.liveness.record(id);
+        self.liveness.record(id, Instant::now());
         Ok(Response::new(HeartbeatResponse {}))
     }
 
@@ -141,7 +140,7 @@ impl peer_server::Peer for PeerService {
         let ids: Vec<NodeId> = self.consensus.state().read(|s| s.nodes.keys().copied().collect());
         let nodes = self
             .liveness
-            .view(ids)
+            .view(ids, Instant::now())
             .into_iter()
             .map(|(node_id, seen)| NodeLiveness {
                 node_id,
@@ -178,7 +177,8 @@ pub async fn send_heartbeats(
             _ = ticker.tick() => {}
         }
         let leader = consensus.leader();
-        liveness.set_leading(matches!(leader, Some((id, _)) if id == consensus.id()) && consensus.is_leader());
+        let leading = matches!(leader, Some((id, _)) if id == consensus.id()) && consensus.is_leader();
+        liveness.set_leading(leading, Instant::now());
         let Some((leader_id, leader)) = leader else { continue };
         if leader_id == consensus.id() {
             continue;
@@ -203,7 +203,7 @@ pub async fn cluster_liveness(
     let (leader_id, leader) = consensus.leader()?;
     if leader_id == consensus.id() && consensus.is_leader() {
         let ids: Vec<NodeId> = consensus.state().read(|s| s.nodes.keys().copied().collect());
-        return Some(liveness.view(ids));
+        return Some(liveness.view(ids, Instant::now()));
     }
     let channel = channels.get(&leader.address).ok()?;
     let mut request = Request::new(LivenessRequest {});
@@ -226,31 +226,32 @@ mod tests {
         LivenessConfig { down_after: Duration::from_secs(3), ..Default::default() }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_node_is_down_after_silence_and_up_when_heard() {
+    #[test]
+    fn a_node_is_down_after_silence_and_up_when_heard() {
+        let t0 = Instant::now();
         let liveness = Liveness::new(config(), 1);
-        liveness.set_leading(true);
-        liveness.record(2);
-        assert!(liveness.view([2])[&2].up);
-        tokio::time::advance(Duration::from_secs(4)).await;
-        assert!(!liveness.view([2])[&2].up);
-        liveness.record(2);
-        assert!(liveness.view([2])[&2].up);
+        liveness.set_leading(true, t0);
+        liveness.record(2, t0);
+        assert!(liveness.view([2], t0)[&2].up);
+        let later = t0 + Duration::from_secs(4);
+        assert!(!liveness.view([2], later)[&2].up);
+        liveness.record(2, later);
+        assert!(liveness.view([2], later)[&2].up);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_new_leader_counts_silence_from_its_own_start() {
+    #[test]
+    fn a_new_leader_counts_silence_from_its_own_start() {
+        let t0 = Instant::now();
         let liveness = Liveness::new(config(), 1);
-        tokio::time::advance(Duration::from_secs(10)).await;
-        liveness.set_leading(true);
-        assert!(liveness.view([3])[&3].up, "nobody is down the moment a leader takes over");
-        tokio::time::advance(Duration::from_secs(4)).await;
-        assert!(!liveness.view([3])[&3].up);
+        let took_over = t0 + Duration::from_secs(10);
+        liveness.set_leading(true, took_over);
+        assert!(liveness.view([3], took_over)[&3].up, "nobody is down the moment a leader takes over");
+        assert!(!liveness.view([3], took_over + Duration::from_secs(4))[&3].up);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_node_itself_is_always_up() {
+    #[test]
+    fn the_node_itself_is_always_up() {
         let liveness = Liveness::new(config(), 1);
-        assert_eq!(liveness.view([1])[&1], Seen { up: true, ago: Duration::ZERO });
+        assert_eq!(liveness.view([1], Instant::now())[&1], Seen { up: true, ago: Duration::ZERO });
     }
 }

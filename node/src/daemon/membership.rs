@@ -158,7 +158,7 @@ fn observe(consensus: &Consensus, liveness: &Liveness) -> Option<MembershipView>
     let wanted: BTreeMap<NodeId, RaftNode> = consensus.state().read(|s| {
         s.nodes.values().map(|n| (n.id, RaftNode { name: n.name.clone(), address: n.address.clone() })).collect()
     });
-    let seen = liveness.view(wanted.keys().copied());
+    let seen = liveness.view(wanted.keys().copied(), tokio::time::Instant::now());
     Some(MembershipView {
         leader: metrics.id,
         members: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
