@@ -23,11 +23,12 @@
 // our helpers return what the traits return.
 #![allow(clippy::result_large_err)]
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -71,12 +72,14 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
     let cfs = [CF_LOGS, CF_META].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
     let db = Arc::new(DB::open_cf_descriptors(&options, dir, cfs)?);
     let (flush, pending) = std::sync::mpsc::channel();
-    let flusher_db = db.clone();
+    // Weak, so that the database closes when the store is dropped rather
+    // than when this thread notices.
+    let flusher_db = Arc::downgrade(&db);
     std::thread::Builder::new()
         .name("raft-log-flush".into())
         .spawn(move || flush_log(&flusher_db, &pending))
         .map_err(OpenError::Flusher)?;
-    let log = LogStore { db: db.clone(), flush };
+    let log = LogStore { db: db.clone(), flush, recent: Arc::default() };
     let sm = StateMachine::restore(db)?;
     Ok((log, sm))
 }
@@ -104,15 +107,25 @@ pub struct LogStore {
     db: Arc<DB>,
     /// Callbacks waiting for the WAL sync that makes their entries durable.
     flush: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+    /// The newest entries, contiguous up to the last one, so that replication
+    /// (which re-reads what was just appended) does not go back to RocksDB
+    /// and JSON for them.
+    recent: Arc<Mutex<VecDeque<Entry<TypeConfig>>>>,
 }
+
+/// How many of the newest entries [`LogStore`] keeps in memory.
+const RECENT_ENTRIES: usize = 4096;
 
 /// Syncs the WAL for every batch of waiting appends, then reports them
 /// durable. Ends when every `LogStore` clone is gone.
-fn flush_log(db: &DB, pending: &std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+fn flush_log(db: &std::sync::Weak<DB>, pending: &std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
     while let Ok(first) = pending.recv() {
         let mut waiting = vec![first];
         waiting.extend(pending.try_iter());
-        let result = db.flush_wal(true).map_err(|e| e.to_string());
+        let result = match db.upgrade() {
+            Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
+            None => Err("the log store was closed before its entries were synced".to_owned()),
+        };
         for callback in waiting {
             callback.log_io_completed(result.clone().map_err(std::io::Error::other));
         }
@@ -126,6 +139,10 @@ impl Debug for LogStore {
 }
 
 impl LogStore {
+    fn recent(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry<TypeConfig>>> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn cf(&self, name: &str) -> StorageResult<&rocksdb::ColumnFamily> {
         self.db.cf_handle(name).ok_or_else(|| write_err(std::io::Error::other(format!("column family {name} missing"))))
     }
@@ -151,6 +168,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => *i + 1,
             Bound::Unbounded => 0,
         };
+        {
+            let recent = self.recent();
+            if recent.front().is_some_and(|first| first.log_id.index <= start) {
+                return Ok(recent.iter().filter(|e| range.contains(&e.log_id.index)).cloned().collect());
+            }
+        }
         let cf = self.cf(CF_LOGS)?;
         let mut entries = Vec::new();
         for item in self.db.iterator_cf(cf, IteratorMode::From(&index_key(start), Direction::Forward)) {
@@ -215,16 +238,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let cf = self.cf(CF_LOGS)?;
         let mut batch = WriteBatch::default();
-        for entry in entries {
-            let bytes = serde_json::to_vec(&entry).map_err(write_err)?;
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        for entry in &entries {
+            let bytes = serde_json::to_vec(entry).map_err(write_err)?;
             batch.put_cf(cf, index_key(entry.log_id.index), bytes);
         }
         self.db.write(batch).map_err(write_err)?;
+        {
+            let mut recent = self.recent();
+            for entry in entries {
+                // The cache holds one contiguous run ending at the last entry.
+                if recent.back().is_some_and(|last| last.log_id.index + 1 != entry.log_id.index) {
+                    recent.clear();
+                }
+                recent.push_back(entry);
+            }
+            while recent.len() > RECENT_ENTRIES {
+                recent.pop_front();
+            }
+        }
         // Durable only once the flusher has synced the WAL.
         self.flush.send(callback).map_err(|_| write_err(std::io::Error::other("the log flusher has stopped")))
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        self.recent().retain(|e| e.log_id.index < log_id.index);
         let cf = self.cf(CF_LOGS)?;
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(cf, index_key(log_id.index), index_key(u64::MAX));
@@ -237,6 +275,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Record the purge point first: a crash between the two writes leaves
         // extra entries, which is harmless, never a gap openraft cannot explain.
         self.put_meta(KEY_LAST_PURGED, &log_id)?;
+        self.recent().retain(|e| e.log_id.index > log_id.index);
         let cf = self.cf(CF_LOGS)?;
         self.db.delete_range_cf(cf, index_key(0), index_key(log_id.index + 1)).map_err(write_err)
     }
