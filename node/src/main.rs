@@ -45,11 +45,15 @@ fn main() -> ExitCode {
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
 async fn run_node(args: &cli::NodeArgs, start: Start) -> Result<ExitCode, CliError> {
-    init_tracing("info,openraft=warn");
+    // openraft reports every failed RPC to a down peer, twice a second; the
+    // node logs what matters (leader changes, nodes down and up) itself.
+    // ROOST_LOG=info,openraft=warn brings openraft's own lines back.
+    init_tracing("info,openraft=off");
     let config = cli::node_config(args, start, hostname())?;
     let shutdown = CancellationToken::new();
     let node = Node::start(config, shutdown.clone())

@@ -104,7 +104,7 @@ impl NodeProcess {
         let stderr = std::fs::File::create(self.log_dir.join(format!("{}.{}.stderr", self.name, self.starts)))?;
         let child = Command::new(roost_bin()?)
             .args(&self.args)
-            .env("ROOST_LOG", "info,openraft=warn")
+            .env("ROOST_LOG", "info,openraft=error")
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

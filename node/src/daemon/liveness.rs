@@ -160,8 +160,10 @@ pub enum HeartbeatEnd {
     Revoked,
 }
 
-/// Reports to the leader every `heartbeat_every` until shutdown, and keeps
-/// the local tracker told whether this node leads.
+/// Reports to the leader every `heartbeat_every` until shutdown, keeps the
+/// local tracker told whether this node leads, and logs what a person
+/// running the cluster wants to know: who leads, and (on the leader) which
+/// nodes went down or came back.
 pub async fn send_heartbeats(
     consensus: Arc<Consensus>,
     liveness: Arc<Liveness>,
@@ -171,6 +173,7 @@ pub async fn send_heartbeats(
     let every = liveness.config().heartbeat_every;
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut events = ClusterEvents::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return HeartbeatEnd::Shutdown,
@@ -179,6 +182,7 @@ pub async fn send_heartbeats(
         let leader = consensus.leader();
         let leading = matches!(leader, Some((id, _)) if id == consensus.id()) && consensus.is_leader();
         liveness.set_leading(leading, Instant::now());
+        events.observe(&consensus, &liveness, leader.as_ref().map(|(id, node)| (*id, node.name.as_str())), leading);
         let Some((leader_id, leader)) = leader else { continue };
         if leader_id == consensus.id() {
             continue;
@@ -190,6 +194,48 @@ pub async fn send_heartbeats(
             Ok(_) => {}
             Err(status) if status.code() == tonic::Code::PermissionDenied => return HeartbeatEnd::Revoked,
             Err(status) => tracing::debug!(leader = %leader, status = %status.message(), "heartbeat not delivered"),
+        }
+    }
+}
+
+/// Remembers what was last logged, so each change is logged once.
+#[derive(Default)]
+struct ClusterEvents {
+    leader: Option<NodeId>,
+    down: BTreeMap<NodeId, String>,
+}
+
+impl ClusterEvents {
+    fn observe(&mut self, consensus: &Consensus, liveness: &Liveness, leader: Option<(NodeId, &str)>, leading: bool) {
+        let leader_id = leader.map(|(id, _)| id);
+        if leader_id != self.leader {
+            match leader {
+                Some(_) if leading => tracing::info!("this node is now the leader"),
+                Some((_, name)) => tracing::info!(leader = %name, "following a new leader"),
+                None => tracing::warn!("no leader: waiting for an election"),
+            }
+            self.leader = leader_id;
+            self.down.clear();
+        }
+        if !leading {
+            return;
+        }
+        let names: BTreeMap<NodeId, String> =
+            consensus.state().read(|s| s.nodes.values().map(|n| (n.id, n.name.clone())).collect());
+        let seen = liveness.view(names.keys().copied(), Instant::now());
+        for (id, name) in names {
+            let up = seen.get(&id).is_some_and(|s| s.up);
+            match (up, self.down.contains_key(&id)) {
+                (false, false) => {
+                    tracing::warn!(node = %name, "node is down: no heartbeat for {:?}", liveness.config().down_after);
+                    self.down.insert(id, name);
+                }
+                (true, true) => {
+                    tracing::info!(node = %name, "node is up again");
+                    self.down.remove(&id);
+                }
+                _ => {}
+            }
         }
     }
 }
