@@ -13,9 +13,8 @@
 //! once the leader lease and an election timeout have passed since it last
 //! heard from a leader) with a *fresh* random timeout for every campaign.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
@@ -115,7 +114,6 @@ pub struct Consensus {
     raft: Raft,
     state: StateReader,
     channels: Arc<dyn Channels>,
-    leader_clients: Mutex<HashMap<String, RaftClient<Channel>>>,
 }
 
 impl std::fmt::Debug for Consensus {
@@ -146,7 +144,7 @@ impl Consensus {
         let network = Network::new(channels.clone(), hints.clone());
         let raft = Raft::new(id, config, network, log, sm).await.map_err(StartError::Raft)?;
         tokio::spawn(drive_elections(raft.clone(), timings.clone(), hints, shutdown));
-        Ok(Arc::new(Self { id, raft, state, channels, leader_clients: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(Self { id, raft, state, channels }))
     }
 
     /// Makes this node the sole voter of a new cluster. Does nothing when the
@@ -269,15 +267,11 @@ impl Consensus {
         (retry * 2).min(RETRY_MAX)
     }
 
+    /// A client of the leader's Raft service; channels are cached by the
+    /// node's `Channels`, so this is cheap.
     fn leader_client(&self, address: &str) -> Option<RaftClient<Channel>> {
-        let mut clients = self.leader_clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(client) = clients.get(address) {
-            return Some(client.clone());
-        }
         let channel = self.channels.channel(address).ok()?;
-        let client = RaftClient::new(channel).max_decoding_message_size(64 << 20);
-        clients.insert(address.to_owned(), client.clone());
-        Some(client)
+        Some(RaftClient::new(channel).max_decoding_message_size(64 << 20))
     }
 
     async fn forward_proposal(&self, address: &str, proposal: &Proposal, remaining: Duration) -> Forwarded {

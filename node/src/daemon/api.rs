@@ -17,7 +17,7 @@ use roost_proto::api::{
     ReadOptions, RemoveNodeRequest, RemoveNodeResponse, VersionRequest, VersionResponse,
 };
 use roost_raft::state::{validate_name, App, NodeRecord};
-use roost_raft::{Command, Consensus, ConsensusError, Rejection, Response};
+use roost_raft::{Command, Consensus, ConsensusError, NodeId, Rejection, Response};
 use tokio::time::Instant;
 use tonic::{Request, Status};
 
@@ -78,34 +78,40 @@ impl ControlService {
         self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)
     }
 
-    fn node_to_wire(&self, node: &NodeRecord, seen: Option<&Seen>) -> WireNode {
+    /// Each node's role, from Raft's membership as this node knows it.
+    fn roles(&self) -> impl Fn(NodeId) -> &'static str {
         let metrics = self.consensus.raft().metrics().borrow().clone();
-        let membership = metrics.membership_config.membership();
-        let role = if metrics.current_leader == Some(node.id) {
-            "leader"
-        } else if membership.voter_ids().any(|id| id == node.id) {
-            "voter"
-        } else if membership.get_node(&node.id).is_some() {
-            "learner"
-        } else {
-            "joining"
-        };
-        let state = match seen {
-            Some(seen) if seen.up => "up",
-            Some(_) => "down",
-            None => "unknown",
-        };
-        WireNode {
-            id: node.id,
-            name: node.name.clone(),
-            address: node.address.clone(),
-            role: role.into(),
-            state: state.into(),
-            labels: node.labels.clone().into_iter().collect(),
-            cert_serial: node.cert_serial.clone(),
-            joined_at_ms: node.joined_at,
-            last_seen_ms_ago: seen.filter(|s| s.ago != Duration::MAX).map(|s| s.ago.as_millis() as u64),
+        move |id| {
+            let membership = metrics.membership_config.membership();
+            if metrics.current_leader == Some(id) {
+                "leader"
+            } else if membership.voter_ids().any(|v| v == id) {
+                "voter"
+            } else if membership.get_node(&id).is_some() {
+                "learner"
+            } else {
+                "joining"
+            }
         }
+    }
+}
+
+fn node_to_wire(node: &NodeRecord, role: &str, seen: Option<&Seen>) -> WireNode {
+    let state = match seen {
+        Some(seen) if seen.up => "up",
+        Some(_) => "down",
+        None => "unknown",
+    };
+    WireNode {
+        id: node.id,
+        name: node.name.clone(),
+        address: node.address.clone(),
+        role: role.into(),
+        state: state.into(),
+        labels: node.labels.clone().into_iter().collect(),
+        cert_serial: node.cert_serial.clone(),
+        joined_at_ms: node.joined_at,
+        last_seen_ms_ago: seen.filter(|s| s.ago != Duration::MAX).map(|s| s.ago.as_millis() as u64),
     }
 }
 
@@ -128,7 +134,8 @@ impl Control for ControlService {
         self.barrier(request.into_inner().read).await?;
         let nodes: Vec<NodeRecord> = self.consensus.state().read(|s| s.nodes.values().cloned().collect());
         let seen = cluster_liveness(&self.consensus, &self.liveness, &self.channels).await.unwrap_or_default();
-        let nodes = nodes.iter().map(|n| self.node_to_wire(n, seen.get(&n.id))).collect();
+        let role = self.roles();
+        let nodes = nodes.iter().map(|n| node_to_wire(n, role(n.id), seen.get(&n.id))).collect();
         Ok(tonic::Response::new(ListNodesResponse { nodes }))
     }
 
@@ -145,7 +152,8 @@ impl Control for ControlService {
             .ok_or_else(|| rejection_status(Rejection::NodeNotFound { node: wanted.clone() }))?;
         self.propose(Command::RemoveNode { id: node.id }).await?;
         tracing::info!(node = %node.name, id = node.id, "node removed from the cluster");
-        Ok(tonic::Response::new(RemoveNodeResponse { removed: Some(self.node_to_wire(&node, None)) }))
+        let role = self.roles()(node.id);
+        Ok(tonic::Response::new(RemoveNodeResponse { removed: Some(node_to_wire(&node, role, None)) }))
     }
 
     async fn get_join_token(
