@@ -138,7 +138,12 @@ impl Consensus {
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, StartError> {
         let config = Arc::new(timings.raft_config().validate().map_err(StartError::Config)?);
-        let (log, sm) = store::open(dir).map_err(StartError::Store)?;
+        // Opening RocksDB is blocking I/O (and may wait for a lock).
+        let path = dir.to_owned();
+        let (log, sm) = tokio::task::spawn_blocking(move || store::open(&path))
+            .await
+            .map_err(|e| StartError::Store(store::OpenError::Flusher(std::io::Error::other(e))))?
+            .map_err(StartError::Store)?;
         let state = sm.reader();
         let hints = Arc::new(ElectionHints::default());
         let network = Network::new(channels.clone(), hints.clone());

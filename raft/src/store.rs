@@ -57,7 +57,7 @@ type StorageResult<T> = Result<T, StorageError<NodeId>>;
 pub enum OpenError {
     #[error("could not open RocksDB")]
     Rocks(#[from] rocksdb::Error),
-    #[error("could not start the log flusher thread")]
+    #[error("could not start the store's threads")]
     Flusher(#[source] std::io::Error),
 }
 
@@ -69,8 +69,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
     options.set_write_buffer_size(8 << 20);
     options.set_max_write_buffer_number(2);
     options.set_max_background_jobs(2);
-    let cfs = [CF_LOGS, CF_META].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
-    let db = Arc::new(DB::open_cf_descriptors(&options, dir, cfs)?);
+    let db = Arc::new(open_db(&options, dir)?);
     let (flush, pending) = std::sync::mpsc::channel();
     // Weak, so that the database closes when the store is dropped rather
     // than when this thread notices.
@@ -82,6 +81,24 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
     let log = LogStore { db: db.clone(), flush, recent: Arc::default() };
     let sm = StateMachine::restore(db)?;
     Ok((log, sm))
+}
+
+/// Opens the database, waiting up to five seconds for this same process to
+/// let go of it: a node restarted in-process (as tests do) can come back
+/// while the previous instance's last handle is still being dropped.
+fn open_db(options: &Options, dir: &Path) -> Result<DB, rocksdb::Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let cfs = [CF_LOGS, CF_META].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        match DB::open_cf_descriptors(options, dir, cfs) {
+            Err(e)
+                if e.to_string().contains("lock hold by current process") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
 }
 
 fn index_key(index: u64) -> [u8; 8] {

@@ -172,3 +172,29 @@ async fn a_removed_nodes_certificate_is_refused() -> Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_with_flags_that_contradict_the_data_dir_is_refused() -> Result<()> {
+    let mut cluster = Cluster::start(1).await?;
+    let address = cluster.node(0)?.address.clone();
+    cluster.stop(0).await?;
+    let dir = cluster.slots[0].dir.path().to_owned();
+    let restart =
+        |name: &str, start: Start| NodeConfig { listen: address.clone(), start, ..join_config(&dir, name, "", "") };
+
+    let error = Node::start(restart("other", Start::Init), CancellationToken::new()).await.expect_err("name conflict");
+    let message = format!("{:#}", anyhow::Error::new(error));
+    assert!(message.contains("holds node 'n1'") && message.contains("--name"), "{message}");
+
+    let foreign = Token::generate(TokenKind::Join, roost_network::CaDigest::of(b"elsewhere")).to_string();
+    let join_elsewhere = Start::Join { seed: address.clone(), token: foreign };
+    let error = Node::start(restart("n1", join_elsewhere), CancellationToken::new()).await.expect_err("other cluster");
+    let message = format!("{:#}", anyhow::Error::new(error));
+    assert!(message.contains("another cluster"), "{message}");
+
+    // The same command line as before resumes the node, data intact.
+    cluster.restart(0).await?;
+    assert_eq!(node_count(&cluster).await?, 1);
+    cluster.shutdown().await;
+    Ok(())
+}
