@@ -50,6 +50,13 @@ pub enum Command {
     DestroyApp {
         name: String,
     },
+    /// Proposals that arrived together, committed as one entry and applied
+    /// in order. The leader batches concurrent writes this way because
+    /// openraft 0.9 syncs each entry before it takes the next (see
+    /// `consensus::run_batcher`).
+    Batch {
+        proposals: Vec<Proposal>,
+    },
 }
 
 /// A node as it asks to join, before the state gives it an id.
@@ -73,6 +80,10 @@ pub enum Response {
     },
     AppCreated {
         app: App,
+    },
+    /// One response per proposal of a `Command::Batch`, in order.
+    Batch {
+        responses: Vec<Response>,
     },
     Rejected(Rejection),
 }
@@ -113,6 +124,7 @@ impl fmt::Display for Command {
             Command::RemoveNode { id } => write!(f, "remove node {id}"),
             Command::CreateApp { name } => write!(f, "create app {name}"),
             Command::DestroyApp { name } => write!(f, "destroy app {name}"),
+            Command::Batch { proposals } => write!(f, "batch of {}", proposals.len()),
         }
     }
 }

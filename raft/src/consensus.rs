@@ -22,6 +22,7 @@ use openraft::{Config, ServerState, SnapshotPolicy};
 use rand::Rng;
 use roost_proto::cluster::raft_client::RaftClient;
 use roost_proto::cluster::{RaftPayload, ReadIndexRequest};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -114,6 +115,7 @@ pub struct Consensus {
     raft: Raft,
     state: StateReader,
     channels: Arc<dyn Channels>,
+    batcher: mpsc::UnboundedSender<(Proposal, oneshot::Sender<LocalWrite>)>,
 }
 
 impl std::fmt::Debug for Consensus {
@@ -142,14 +144,16 @@ impl Consensus {
         let path = dir.to_owned();
         let (log, sm) = tokio::task::spawn_blocking(move || store::open(&path))
             .await
-            .map_err(|e| StartError::Store(store::OpenError::Flusher(std::io::Error::other(e))))?
+            .map_err(|e| StartError::Store(store::OpenError::Task(std::io::Error::other(e))))?
             .map_err(StartError::Store)?;
         let state = sm.reader();
         let hints = Arc::new(ElectionHints::default());
         let network = Network::new(channels.clone(), hints.clone());
         let raft = Raft::new(id, config, network, log, sm).await.map_err(StartError::Raft)?;
         tokio::spawn(drive_elections(raft.clone(), timings.clone(), hints, shutdown));
-        Ok(Arc::new(Self { id, raft, state, channels }))
+        let (batcher, pending) = mpsc::unbounded_channel();
+        tokio::spawn(run_batcher(raft.clone(), pending));
+        Ok(Arc::new(Self { id, raft, state, channels, batcher }))
     }
 
     /// Makes this node the sole voter of a new cluster. Does nothing when the
@@ -205,12 +209,12 @@ impl Consensus {
             }
             match self.leader() {
                 Some((id, _)) if id == self.id => {
-                    match tokio::time::timeout(remaining, self.raft.client_write(proposal.clone())).await {
+                    match tokio::time::timeout(remaining, self.write_local(proposal.clone())).await {
                         Err(_) => return Err(ConsensusError::Unconfirmed { waited: started.elapsed() }),
-                        Ok(Ok(written)) => return Ok(written.data),
-                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {}
-                        Ok(Err(RaftError::APIError(e))) => return Err(ConsensusError::Protocol(e.to_string())),
-                        Ok(Err(RaftError::Fatal(_))) => return Err(ConsensusError::Stopped),
+                        Ok(LocalWrite::Done(response)) => return Ok(response),
+                        Ok(LocalWrite::NotLeader) => {}
+                        Ok(LocalWrite::Failed(e)) => return Err(ConsensusError::Protocol(e)),
+                        Ok(LocalWrite::Stopped) => return Err(ConsensusError::Stopped),
                     }
                 }
                 Some((_, leader)) => match self.forward_proposal(&leader.address, &proposal, remaining).await {
@@ -223,6 +227,16 @@ impl Consensus {
             }
             retry = self.pause(retry, deadline).await;
         }
+    }
+
+    /// Writes through this node's Raft, which must lead; concurrent writes
+    /// share one entry (see [`run_batcher`]).
+    pub async fn write_local(&self, proposal: Proposal) -> LocalWrite {
+        let (tx, rx) = oneshot::channel();
+        if self.batcher.send((proposal, tx)).is_err() {
+            return LocalWrite::Stopped;
+        }
+        rx.await.unwrap_or(LocalWrite::Stopped)
     }
 
     /// Returns once the local state includes every write committed before the
@@ -321,6 +335,76 @@ impl Consensus {
     pub async fn shutdown(&self) {
         if let Err(error) = self.raft.shutdown().await {
             tracing::warn!(%error, "raft did not shut down cleanly");
+        }
+    }
+}
+
+/// What became of a write submitted on this node.
+#[derive(Debug)]
+pub enum LocalWrite {
+    Done(Response),
+    /// This node does not lead (any more); nothing was written.
+    NotLeader,
+    Failed(String),
+    Stopped,
+}
+
+/// Most proposals one entry carries.
+const MAX_BATCH: usize = 512;
+
+/// Commits proposals, batching those that arrive while a write is in
+/// flight into one entry.
+///
+/// openraft 0.9's core waits for each append to be synced before it takes
+/// the next message, so one client write per entry means one fsync per
+/// write. Writing whatever has queued up as one `Command::Batch` turns that
+/// into one fsync (and one replication round) per batch; a lone write still
+/// goes out alone, so latency at low load is unchanged.
+async fn run_batcher(raft: Raft, mut pending: mpsc::UnboundedReceiver<(Proposal, oneshot::Sender<LocalWrite>)>) {
+    while let Some(first) = pending.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match pending.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let (mut proposals, waiters): (Vec<Proposal>, Vec<oneshot::Sender<LocalWrite>>) = batch.into_iter().unzip();
+        let entry = match proposals.len() {
+            1 => proposals.remove(0),
+            _ => Proposal::new(Command::Batch { proposals }, now_millis()),
+        };
+        let outcome = match raft.client_write(entry).await {
+            Ok(written) => Ok(written.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(LocalWrite::NotLeader),
+            Err(RaftError::APIError(e)) => Err(LocalWrite::Failed(e.to_string())),
+            Err(RaftError::Fatal(_)) => Err(LocalWrite::Stopped),
+        };
+        match outcome {
+            Ok(Response::Batch { responses }) if waiters.len() > 1 && responses.len() == waiters.len() => {
+                for (waiter, response) in waiters.into_iter().zip(responses) {
+                    let _ = waiter.send(LocalWrite::Done(response));
+                }
+            }
+            Ok(response) if waiters.len() == 1 => {
+                for waiter in waiters {
+                    let _ = waiter.send(LocalWrite::Done(response.clone()));
+                }
+            }
+            Ok(response) => {
+                for waiter in waiters {
+                    let _ = waiter.send(LocalWrite::Failed(format!("unexpected answer to a batch: {response:?}")));
+                }
+            }
+            Err(failure) => {
+                for waiter in waiters {
+                    let _ = waiter.send(match &failure {
+                        LocalWrite::NotLeader => LocalWrite::NotLeader,
+                        LocalWrite::Failed(e) => LocalWrite::Failed(e.clone()),
+                        _ => LocalWrite::Stopped,
+                    });
+                }
+            }
         }
     }
 }

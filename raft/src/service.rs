@@ -7,7 +7,9 @@
 //! the node wraps this service in an interceptor that requires a valid node
 //! certificate.
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use std::sync::Arc;
+
+use openraft::error::{CheckIsLeaderError, RaftError};
 use roost_proto::cluster::raft_server;
 use roost_proto::cluster::{RaftPayload, ReadIndexRequest, ReadIndexResponse};
 use serde::de::DeserializeOwned;
@@ -15,6 +17,7 @@ use serde::Serialize;
 use tonic::{Request, Status};
 
 use crate::command::Proposal;
+use crate::consensus::{Consensus, LocalWrite};
 use crate::{NodeId, Raft};
 
 /// Status message of a forwarded call that reached a node that no longer leads.
@@ -23,11 +26,12 @@ pub const NOT_LEADER: &str = "not the leader";
 #[derive(Clone)]
 pub struct RaftService {
     raft: Raft,
+    consensus: Arc<Consensus>,
 }
 
 impl RaftService {
-    pub fn new(raft: Raft) -> Self {
-        Self { raft }
+    pub fn new(consensus: Arc<Consensus>) -> Self {
+        Self { raft: consensus.raft().clone(), consensus }
     }
 
     pub fn into_server(self) -> raft_server::RaftServer<Self> {
@@ -68,11 +72,11 @@ impl raft_server::Raft for RaftService {
 
     async fn propose(&self, request: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
         let proposal: Proposal = decode(request)?;
-        match self.raft.client_write(proposal).await {
-            Ok(written) => encode(&written.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(not_leader()),
-            Err(RaftError::APIError(e)) => Err(Status::failed_precondition(e.to_string())),
-            Err(RaftError::Fatal(e)) => Err(Status::unavailable(format!("raft stopped on this node: {e}"))),
+        match self.consensus.write_local(proposal).await {
+            LocalWrite::Done(response) => encode(&response),
+            LocalWrite::NotLeader => Err(not_leader()),
+            LocalWrite::Failed(e) => Err(Status::failed_precondition(e)),
+            LocalWrite::Stopped => Err(Status::unavailable("raft stopped on this node")),
         }
     }
 

@@ -97,6 +97,9 @@ impl State {
             Command::RemoveNode { id } => self.remove_node(*id, at),
             Command::CreateApp { name } => self.create_app(name, at),
             Command::DestroyApp { name } => self.destroy_app(name),
+            Command::Batch { proposals } => {
+                Response::Batch { responses: proposals.iter().map(|p| self.apply(p)).collect() }
+            }
         }
     }
 

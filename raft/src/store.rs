@@ -5,13 +5,12 @@
 //! big-endian index, so iteration is in log order) and `meta` (vote, committed
 //! id, last purged id, current snapshot).
 //!
-//! Durability: [`LogStore::append`] writes the batch to RocksDB at once
-//! (visible to readers, not yet synced) and hands openraft's callback to a
-//! flusher thread, which syncs the WAL (`flush_wal(true)`) and only then
-//! reports the entries durable. Appends that arrive while a sync runs share
-//! the next one (group commit), and the leader replicates to followers while
-//! its own sync is in flight, as Raft allows. The vote is written synced.
-//! A vote or entry reported durable survives a power cut.
+//! Durability: [`LogStore::append`] writes each batch with `sync = true`
+//! before it reports the entries durable, and the vote is written the same
+//! way: a vote or entry reported durable survives a power cut. (openraft 0.9's
+//! core waits for every append to be reported before it does anything else,
+//! so syncing on a separate thread would only add a hand-off; batching
+//! happens above, in `consensus::run_batcher`.)
 //!
 //! The state machine ([`StateMachine`]) lives in memory; its durable form is
 //! the latest snapshot plus the log after it. On start the snapshot is loaded
@@ -57,8 +56,8 @@ type StorageResult<T> = Result<T, StorageError<NodeId>>;
 pub enum OpenError {
     #[error("could not open RocksDB")]
     Rocks(#[from] rocksdb::Error),
-    #[error("could not start the store's threads")]
-    Flusher(#[source] std::io::Error),
+    #[error("the task opening RocksDB failed")]
+    Task(#[source] std::io::Error),
 }
 
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
@@ -70,15 +69,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
     options.set_max_write_buffer_number(2);
     options.set_max_background_jobs(2);
     let db = Arc::new(open_db(&options, dir)?);
-    let (flush, pending) = std::sync::mpsc::channel();
-    // Weak, so that the database closes when the store is dropped rather
-    // than when this thread notices.
-    let flusher_db = Arc::downgrade(&db);
-    std::thread::Builder::new()
-        .name("raft-log-flush".into())
-        .spawn(move || flush_log(&flusher_db, &pending))
-        .map_err(OpenError::Flusher)?;
-    let log = LogStore { db: db.clone(), flush, recent: Arc::default() };
+    let log = LogStore { db: db.clone(), recent: Arc::default() };
     let sm = StateMachine::restore(db)?;
     Ok((log, sm))
 }
@@ -122,8 +113,6 @@ fn synced() -> WriteOptions {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    /// Callbacks waiting for the WAL sync that makes their entries durable.
-    flush: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
     /// The newest entries, contiguous up to the last one, so that replication
     /// (which re-reads what was just appended) does not go back to RocksDB
     /// and JSON for them.
@@ -132,22 +121,6 @@ pub struct LogStore {
 
 /// How many of the newest entries [`LogStore`] keeps in memory.
 const RECENT_ENTRIES: usize = 4096;
-
-/// Syncs the WAL for every batch of waiting appends, then reports them
-/// durable. Ends when every `LogStore` clone is gone.
-fn flush_log(db: &std::sync::Weak<DB>, pending: &std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
-    while let Ok(first) = pending.recv() {
-        let mut waiting = vec![first];
-        waiting.extend(pending.try_iter());
-        let result = match db.upgrade() {
-            Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
-            None => Err("the log store was closed before its entries were synced".to_owned()),
-        };
-        for callback in waiting {
-            callback.log_io_completed(result.clone().map_err(std::io::Error::other));
-        }
-    }
-}
 
 impl Debug for LogStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -260,7 +233,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let bytes = serde_json::to_vec(entry).map_err(write_err)?;
             batch.put_cf(cf, index_key(entry.log_id.index), bytes);
         }
-        self.db.write(batch).map_err(write_err)?;
+        if let Err(error) = self.db.write_opt(batch, &synced()) {
+            callback.log_io_completed(Err(std::io::Error::other(error.to_string())));
+            return Err(write_err(error));
+        }
         {
             let mut recent = self.recent();
             for entry in entries {
@@ -274,8 +250,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 recent.pop_front();
             }
         }
-        // Durable only once the flusher has synced the WAL.
-        self.flush.send(callback).map_err(|_| write_err(std::io::Error::other("the log flusher has stopped")))
+        callback.log_io_completed(Ok(()));
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {

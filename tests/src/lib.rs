@@ -137,15 +137,24 @@ impl Cluster {
         self.leader().context("leader vanished")
     }
 
-    /// Waits until Raft's membership (as the leader sees it) has `n` members
-    /// and min(n, 3) or 5 voters.
+    /// Waits until Raft's membership has `n` members and 1, 3 or 5 voters,
+    /// in a committed, non-joint configuration that every running node has.
+    /// Only then can any one voter fail without stalling the cluster.
     pub async fn wait_for_members(&self, n: usize) -> Result<()> {
-        let voters = if n >= 5 { 5 } else { n.min(3) };
-        wait_until(&format!("{n} members with {voters} voters"), Duration::from_secs(30), || async {
+        let voters = roost_node::daemon::membership::voter_target(n);
+        wait_until(&format!("{n} members with {voters} voters, settled"), Duration::from_secs(30), || async {
             let Some(leader) = self.leader() else { return Ok(false) };
             let metrics = self.node(leader)?.consensus.raft().metrics().borrow().clone();
-            let membership = metrics.membership_config.membership();
-            Ok(membership.nodes().count() == n && membership.voter_ids().count() == voters)
+            let config = metrics.membership_config.clone();
+            let membership = config.membership();
+            let settled = membership.get_joint_config().len() == 1
+                && config.log_id().is_some_and(|id| metrics.last_applied.is_some_and(|a| a >= id));
+            let everywhere = self
+                .slots
+                .iter()
+                .filter_map(|s| s.running.as_ref())
+                .all(|node| node.consensus.raft().metrics().borrow().membership_config.log_id() == config.log_id());
+            Ok(settled && everywhere && membership.nodes().count() == n && membership.voter_ids().count() == voters)
         })
         .await
     }

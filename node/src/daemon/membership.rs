@@ -2,7 +2,9 @@
 //!
 //! Every node runs the same binary, so nobody chooses voters by hand. The
 //! rule: the first three nodes vote (five once the cluster has five or more
-//! nodes); the rest are learners. A voter that is removed, or has been down
+//! nodes); the rest are learners. The voter count stays odd: a second node
+//! waits as a learner until a third arrives and both are promoted together,
+//! because two voters tolerate no failure and stall if *either* fails. A voter that is removed, or has been down
 //! longer than `promote_after`, is replaced by a healthy, caught-up learner
 //! when there is one; without a replacement a down voter keeps its seat,
 //! because shrinking the voter set would not make the cluster safer.
@@ -45,12 +47,12 @@ pub enum MembershipAction {
     RemoveMembers(BTreeSet<NodeId>),
 }
 
-/// How many voters a cluster of `n` nodes should have.
+/// How many voters a cluster of `n` nodes should have: 1, 3 or 5.
 pub fn voter_target(n: usize) -> usize {
-    if n >= 5 {
-        5
-    } else {
-        n.min(3)
+    match n {
+        0..=2 => 1,
+        3 | 4 => 3,
+        _ => 5,
     }
 }
 
@@ -206,7 +208,7 @@ mod tests {
 
     #[test]
     fn targets_three_voters_then_five() {
-        assert_eq!((1..=8).map(voter_target).collect::<Vec<_>>(), [1, 2, 3, 3, 5, 5, 5, 5]);
+        assert_eq!((1..=8).map(voter_target).collect::<Vec<_>>(), [1, 1, 3, 3, 5, 5, 5, 5]);
     }
 
     #[test]
@@ -217,9 +219,9 @@ mod tests {
     }
 
     #[test]
-    fn the_first_three_nodes_vote() {
-        assert_eq!(plan(&view(&[1, 2], &[1]), AFTER), Some(MembershipAction::SetVoters(set(&[1, 2]))));
-        assert_eq!(plan(&view(&[1, 2, 3], &[1, 2]), AFTER), Some(MembershipAction::SetVoters(set(&[1, 2, 3]))));
+    fn the_first_three_nodes_vote_and_the_second_waits_for_the_third() {
+        assert_eq!(plan(&view(&[1, 2], &[1]), AFTER), None);
+        assert_eq!(plan(&view(&[1, 2, 3], &[1]), AFTER), Some(MembershipAction::SetVoters(set(&[1, 2, 3]))));
         assert_eq!(plan(&view(&[1, 2, 3, 4], &[1, 2, 3]), AFTER), None);
     }
 

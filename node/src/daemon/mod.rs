@@ -207,7 +207,7 @@ impl Node {
             let state = consensus.state().clone();
             let router = tonic::transport::Server::builder()
                 .add_service(InterceptedService::new(
-                    RaftService::new(consensus.raft().clone()).into_server(),
+                    RaftService::new(consensus.clone()).into_server(),
                     auth::require_node(state.clone()),
                 ))
                 .add_service(InterceptedService::new(

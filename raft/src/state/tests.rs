@@ -171,3 +171,25 @@ fn apply_is_deterministic() {
     };
     assert_eq!(run(), run());
 }
+
+#[test]
+fn a_batch_applies_each_proposal_in_order_and_answers_each() {
+    let mut state = bootstrapped();
+    let batch = Command::Batch {
+        proposals: vec![
+            Proposal::new(Command::CreateApp { name: "a".into() }, 7),
+            Proposal::new(Command::CreateApp { name: "a".into() }, 8),
+            Proposal::new(Command::DestroyApp { name: "a".into() }, 9),
+        ],
+    };
+    let Response::Batch { responses } = apply(&mut state, batch) else { panic!("a batch answers a batch") };
+    assert_eq!(
+        responses,
+        [
+            Response::AppCreated { app: App { name: "a".into(), created_at: 7 } },
+            Response::Rejected(Rejection::AppExists { name: "a".into() }),
+            Response::Done,
+        ]
+    );
+    assert!(state.apps.is_empty());
+}

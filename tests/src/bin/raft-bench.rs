@@ -101,34 +101,38 @@ struct RoostCluster {
     leader: String,
 }
 
-async fn start_roost(root: &std::path::Path) -> Result<RoostCluster> {
+async fn start_roost(root: &std::path::Path, size: usize) -> Result<RoostCluster> {
     let n1 = NodeProcess::init(root, "n1")?;
     wait_until("n1's tokens", Duration::from_secs(30), || async { Ok(n1.data_dir.join("admin.token").exists()) })
         .await?;
     let admin = n1.read_token("admin.token")?;
     let join = n1.read_token("join.token")?;
     wait_for_nodes(&n1.address, &admin, Duration::from_secs(30), "n1", |n| n.len() == 1).await?;
-    let n2 = NodeProcess::join(root, "n2", &n1.address, &join)?;
-    let n3 = NodeProcess::join(root, "n3", &n1.address, &join)?;
+    let mut nodes = vec![n1];
+    for i in 2..=size {
+        nodes.push(NodeProcess::join(root, &format!("n{i}"), &nodes[0].address, &join)?);
+    }
+    let first = nodes[0].address.clone();
     let mut leader = String::new();
-    wait_for_nodes(&n1.address, &admin, Duration::from_secs(30), "3 voters up", |n| {
+    wait_for_nodes(&first, &admin, Duration::from_secs(30), "all voters up", |n| {
         let voters = n.iter().filter(|x| x["role"] == "voter" || x["role"] == "leader").count();
         let up = n.iter().filter(|x| x["state"] == "up").count();
-        voters == 3 && up == 3
+        let wanted = roost_node::daemon::membership::voter_target(size);
+        voters == wanted && up == size
     })
     .await?;
-    let out = roost_tests::process::roost(&["node", "list", "--json"], Some(&n1.address), Some(&admin)).await?;
-    let nodes: Vec<serde_json::Value> = serde_json::from_str(&out.stdout)?;
-    for node in &nodes {
+    let out = roost_tests::process::roost(&["node", "list", "--json"], Some(&first), Some(&admin)).await?;
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out.stdout)?;
+    for node in &listed {
         if node["role"] == "leader" {
             leader = node["address"].as_str().unwrap_or_default().to_owned();
         }
     }
     if leader.is_empty() {
-        bail!("no leader in {nodes:?}");
+        bail!("no leader in {listed:?}");
     }
     let tokens = InitTokens { join: roost_network::Token::parse(&join)?, admin: roost_network::Token::parse(&admin)? };
-    Ok(RoostCluster { nodes: vec![n1, n2, n3], tokens, leader })
+    Ok(RoostCluster { nodes, tokens, leader })
 }
 
 struct Etcd {
@@ -203,6 +207,14 @@ async fn etcd_leader(etcd: &Etcd) -> Result<String> {
     leader.context("no etcd leader")
 }
 
+/// The value after `name` on the command line, parsed.
+fn flag<T: std::str::FromStr>(name: &str) -> Result<Option<T>>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    Ok(std::env::args().skip_while(|a| a != name).nth(1).map(|s| s.parse()).transpose()?)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let seconds: u64 =
@@ -218,7 +230,9 @@ async fn main() -> Result<()> {
     eprintln!("using {}", roost_bin()?.display());
 
     let root = tempfile::Builder::new().prefix("raft-bench-").tempdir()?;
-    let roost = start_roost(root.path()).await?;
+    // `--nodes 1` measures a single node, which shows what replication costs.
+    let size: usize = flag("--nodes")?.unwrap_or(3);
+    let roost = start_roost(root.path(), size).await?;
     // Idle footprint first, before any load.
     tokio::time::sleep(Duration::from_secs(5)).await;
     for node in &roost.nodes {
