@@ -40,6 +40,8 @@ pub enum IdentityError {
     },
     #[error("{} holds node '{stored}' (id {id}); --{flag} {given} conflicts with it. Drop --{flag}, or use another --data-dir for a new node", .dir.display())]
     Conflict { dir: PathBuf, flag: &'static str, stored: String, given: String, id: NodeId },
+    #[error("{} holds a node that the cluster knows at {stored}, but it now listens on {listen}: restart it with --listen {stored}, or keep the new --listen and add --advertise {stored} if that address still reaches it", .dir.display())]
+    Moved { dir: PathBuf, stored: String, listen: String },
     #[error("{} holds a node of cluster {stored}, but the token is for another cluster (CA {given}). Use that cluster's token, or another --data-dir", .dir.display())]
     OtherCluster { dir: PathBuf, stored: String, given: String },
 }
@@ -170,12 +172,20 @@ impl DataDir {
     }
 }
 
+/// Where a restarted node's advertised address comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum Advertise<'a> {
+    Given(&'a str),
+    /// No --advertise: the address --listen bound.
+    FromListen(&'a str),
+}
+
 /// Checks that flags given on a restart agree with the stored identity.
 pub fn check_resume(
     dir: &DataDir,
     stored: &StoredIdentity,
     name: Option<&str>,
-    address: Option<&str>,
+    advertise: Advertise<'_>,
     labels: &BTreeMap<String, String>,
 ) -> Result<(), IdentityError> {
     let conflict = |flag, stored_value: &str, given: &str| IdentityError::Conflict {
@@ -188,8 +198,18 @@ pub fn check_resume(
     if let Some(name) = name.filter(|n| *n != stored.name) {
         return Err(conflict("name", &stored.name, name));
     }
-    if let Some(address) = address.filter(|a| *a != stored.address) {
-        return Err(conflict("advertise", &stored.address, address));
+    match advertise {
+        Advertise::Given(address) if address != stored.address => {
+            return Err(conflict("advertise", &stored.address, address));
+        }
+        Advertise::FromListen(address) if address != stored.address => {
+            return Err(IdentityError::Moved {
+                dir: dir.root().to_owned(),
+                stored: stored.address.clone(),
+                listen: address.to_owned(),
+            });
+        }
+        _ => {}
     }
     if !labels.is_empty() && *labels != stored.labels {
         let show =

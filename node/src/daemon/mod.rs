@@ -267,9 +267,12 @@ async fn resolve_identity(
     config: &NodeConfig,
     address: &str,
 ) -> Result<(Identity, Option<InitTokens>), StartError> {
-    let advertise_given = config.advertise.as_deref().unwrap_or(address);
     if let Some(identity) = dir.load()? {
-        check_resume(dir, &identity.stored, config.name.as_deref(), Some(advertise_given), &config.labels)?;
+        let advertise = match &config.advertise {
+            Some(advertise) => identity::Advertise::Given(advertise),
+            None => identity::Advertise::FromListen(address),
+        };
+        check_resume(dir, &identity.stored, config.name.as_deref(), advertise, &config.labels)?;
         if let Start::Join { token, .. } = &config.start {
             let token = Token::parse(token)?;
             let digest = identity.ca_digest()?;
@@ -287,9 +290,9 @@ async fn resolve_identity(
     }
     let name = config.name.clone().unwrap_or_else(|| config.default_name.clone());
     validate_name(&name).map_err(|reason| StartError::Name { name: name.clone(), reason })?;
-    dir.create()?;
     match &config.start {
         Start::Init => {
+            dir.create()?;
             let (identity, tokens) = create_cluster(dir, &name, address, &config.labels)?;
             Ok((identity, Some(tokens)))
         }
