@@ -369,6 +369,11 @@ async fn run_batcher(raft: Raft, mut pending: mpsc::UnboundedReceiver<(Proposal,
                 Err(_) => break,
             }
         }
+        // Callers that gave up (timed out) are not written for.
+        batch.retain(|(_, waiter)| !waiter.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let (mut proposals, waiters): (Vec<Proposal>, Vec<oneshot::Sender<LocalWrite>>) = batch.into_iter().unzip();
         let entry = match proposals.len() {
             1 => proposals.remove(0),
@@ -419,13 +424,28 @@ enum Forwarded {
 }
 
 /// A write may be retried only when it certainly was not applied: the node
-/// was not the leader, or it could not be reached at all.
+/// said it does not lead, or no connection to it could be made at all. A
+/// call that failed after it was sent (a dropped connection, a timeout) may
+/// have been applied, so it is reported as unconfirmed instead.
 fn is_retryable(status: &tonic::Status) -> bool {
     match status.code() {
         tonic::Code::FailedPrecondition => status.message() == NOT_LEADER,
-        tonic::Code::Unavailable => true,
+        tonic::Code::Unavailable => never_connected(status),
         _ => false,
     }
+}
+
+fn never_connected(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if matches!(io.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotConnected) {
+                return true;
+            }
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// Campaigns for leadership when a voter has not heard from a leader for the

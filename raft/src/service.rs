@@ -76,7 +76,9 @@ impl raft_server::Raft for RaftService {
             LocalWrite::Done(response) => encode(&response),
             LocalWrite::NotLeader => Err(not_leader()),
             LocalWrite::Failed(e) => Err(Status::failed_precondition(e)),
-            LocalWrite::Stopped => Err(Status::unavailable("raft stopped on this node")),
+            // Not Unavailable: the entry may already be in the log, so the
+            // forwarder must not retry it elsewhere.
+            LocalWrite::Stopped => Err(Status::aborted("raft stopped on this node")),
         }
     }
 

@@ -58,6 +58,8 @@ pub enum OpenError {
     Rocks(#[from] rocksdb::Error),
     #[error("the task opening RocksDB failed")]
     Task(#[source] std::io::Error),
+    #[error("the stored snapshot is unreadable and the log before it was purged: restore this node's data directory from a backup, or remove the node and join a fresh one")]
+    Snapshot(#[source] serde_json::Error),
 }
 
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
@@ -329,7 +331,7 @@ impl StateReader {
 }
 
 impl StateMachine {
-    fn restore(db: Arc<DB>) -> Result<Self, rocksdb::Error> {
+    fn restore(db: Arc<DB>) -> Result<Self, OpenError> {
         let mut applied = Applied::default();
         if let Some(cf) = db.cf_handle(CF_META) {
             if let Some(bytes) = db.get_cf(cf, KEY_SNAPSHOT)? {
@@ -339,8 +341,11 @@ impl StateMachine {
                         applied.last_membership = snapshot.meta.last_membership;
                         applied.state = snapshot.state;
                     }
-                    // openraft will re-send a snapshot or re-apply the log;
-                    // we only lose the shortcut.
+                    // With the whole log still here, openraft re-applies it;
+                    // once it has been purged the snapshot was the only copy.
+                    Err(error) if db.get_cf(cf, KEY_LAST_PURGED)?.is_some() => {
+                        return Err(OpenError::Snapshot(error));
+                    }
                     Err(error) => tracing::warn!(%error, "stored snapshot unreadable; rebuilding from the log"),
                 }
             }

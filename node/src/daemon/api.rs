@@ -39,7 +39,10 @@ pub struct ControlService {
 pub fn consensus_status(error: ConsensusError) -> Status {
     match error {
         ConsensusError::Protocol(_) => Status::internal(error.to_string()),
-        _ => Status::unavailable(error.to_string()),
+        // Not Unavailable: the change may yet be applied, so retrying it
+        // blindly could apply it twice.
+        ConsensusError::Unconfirmed { .. } => Status::deadline_exceeded(error.to_string()),
+        ConsensusError::NoLeader { .. } | ConsensusError::Stopped => Status::unavailable(error.to_string()),
     }
 }
 

@@ -10,19 +10,42 @@
 use roost_network::pki::{constant_time_eq, secret_digest, CaDigest};
 use roost_network::tls::PeerIdentity;
 use roost_network::{Token, TokenKind};
-use roost_raft::StateReader;
+use roost_raft::{NodeId, StateReader};
 use tonic::{Request, Status};
 
-pub const REVOKED: &str = "this node's certificate has been revoked: the node was removed from the cluster";
+pub const REVOKED: &str =
+    "this certificate is not a current member's: the node was removed from the cluster (or never joined it)";
 
-/// Requires a node certificate that has not been revoked.
-pub fn require_node(state: StateReader) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+/// Requires the certificate of a current member.
+///
+/// Once this node's own record is in its state, only certificates the state
+/// records for a current node are accepted: a certificate signed with the
+/// CA key but never issued through a join is refused. Before that (a node
+/// that has just joined and is still receiving the log) it accepts any
+/// certificate of the cluster CA that is not revoked, since it cannot know
+/// the members yet.
+pub fn require_node(
+    state: StateReader,
+    self_id: NodeId,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |request: Request<()>| {
         let fingerprint = request.extensions().get::<PeerIdentity>().and_then(|p| p.node_fingerprint.clone());
-        match fingerprint {
-            None => Err(Status::unauthenticated("this service is for cluster nodes only: present a node certificate")),
-            Some(fp) if state.read(|s| s.is_revoked(&fp)) => Err(Status::permission_denied(REVOKED)),
-            Some(_) => Ok(request),
+        let Some(fp) = fingerprint else {
+            return Err(Status::unauthenticated("this service is for cluster nodes only: present a node certificate"));
+        };
+        let allowed = state.read(|s| {
+            if s.is_revoked(&fp) {
+                false
+            } else if s.nodes.contains_key(&self_id) {
+                s.nodes.values().any(|n| n.cert_fingerprint == fp)
+            } else {
+                true
+            }
+        });
+        if allowed {
+            Ok(request)
+        } else {
+            Err(Status::permission_denied(REVOKED))
         }
     }
 }

@@ -126,6 +126,10 @@ async fn try_join(tls: &ClientTls, seed: &str, request: JoinRequest) -> Result<J
     Ok(reply.into_inner())
 }
 
+fn wrong_secret() -> Status {
+    Status::unauthenticated("wrong join token for this cluster: print the current one with `roost node token`")
+}
+
 /// The seed's side of a join.
 pub struct JoinService {
     pub consensus: Arc<Consensus>,
@@ -135,7 +139,13 @@ pub struct JoinService {
 impl join_server::Join for JoinService {
     async fn join(&self, request: Request<JoinRequest>) -> Result<tonic::Response<JoinResponse>, Status> {
         let request = request.into_inner();
-        // Check the secret and names against the cluster's latest state.
+        // A wrong secret is refused from local state, before it costs the
+        // leader a round trip; names are checked against the latest state.
+        let local = self.consensus.state().read(|s| s.cluster.as_ref().map(|c| c.join_secret.clone()));
+        if local.is_some_and(|secret| !constant_time_eq(request.secret.as_bytes(), secret.as_bytes())) {
+            tracing::warn!(name = %request.name, "join refused: wrong secret");
+            return Err(wrong_secret());
+        }
         self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
         let cluster = self
             .consensus
@@ -144,9 +154,7 @@ impl join_server::Join for JoinService {
             .ok_or_else(|| rejection_status(Rejection::NotBootstrapped))?;
         if !constant_time_eq(request.secret.as_bytes(), cluster.join_secret.as_bytes()) {
             tracing::warn!(name = %request.name, "join refused: wrong secret");
-            return Err(Status::unauthenticated(
-                "wrong join token for this cluster: print the current one with `roost node token`",
-            ));
+            return Err(wrong_secret());
         }
         if let Err(reason) = validate_name(&request.name) {
             return Err(rejection_status(Rejection::InvalidNodeName { name: request.name, reason }));

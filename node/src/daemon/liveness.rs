@@ -121,14 +121,14 @@ impl peer_server::Peer for PeerService {
         if !self.consensus.is_leader() {
             return Err(Status::failed_precondition(NOT_LEADER));
         }
-        // Trust the certificate over the claim where the state knows it.
+        // The certificate says who is beating, not the request's claim.
         let fingerprint = request.extensions().get::<PeerIdentity>().and_then(|p| p.node_fingerprint.clone());
-        let claimed = request.get_ref().node_id;
-        let id = fingerprint
-            .and_then(|fp| {
-                self.consensus.state().read(|s| s.nodes.values().find(|n| n.cert_fingerprint == fp).map(|n| n.id))
-            })
-            .unwrap_or(claimed);
+        let id = fingerprint.and_then(|fp| {
+            self.consensus.state().read(|s| s.nodes.values().find(|n| n.cert_fingerprint == fp).map(|n| n.id))
+        });
+        let Some(id) = id else {
+            return Err(Status::permission_denied(super::auth::REVOKED));
+        };
         self.liveness.record(id, Instant::now());
         Ok(Response::new(HeartbeatResponse {}))
     }

@@ -82,6 +82,14 @@ pub fn plan(view: &MembershipView, promote_after: Duration) -> Option<Membership
         }
         voters.insert(*id);
     }
+    // An even count tolerates no more failures than the odd count below it,
+    // and two voters stall if either fails: hold back the newest candidate.
+    if voters.len().is_multiple_of(2) {
+        let newest = voters.iter().rev().copied().find(|id| !view.voters.contains(id));
+        if let Some(id) = newest {
+            voters.remove(&id);
+        }
+    }
     // Too many voters (nodes were removed): drop down ones first, then the
     // newest, never the leader.
     while voters.len() > target {
@@ -237,6 +245,18 @@ mod tests {
     fn a_lagging_learner_waits() {
         let mut v = view(&[1, 2, 3], &[1, 2]);
         v.caught_up.remove(&3);
+        assert_eq!(plan(&v, AFTER), None);
+    }
+
+    #[test]
+    fn voters_are_never_promoted_to_an_even_count() {
+        // Three nodes, one lagging: promoting only n2 would make two voters.
+        let mut v = view(&[1, 2, 3], &[1]);
+        v.caught_up.remove(&3);
+        assert_eq!(plan(&v, AFTER), None);
+        // Five wanted, four eligible: stay at three.
+        let mut v = view(&[1, 2, 3, 4, 5], &[1, 2, 3]);
+        v.seen.insert(5, down_for(1));
         assert_eq!(plan(&v, AFTER), None);
     }
 

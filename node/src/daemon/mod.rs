@@ -208,11 +208,11 @@ impl Node {
             let router = tonic::transport::Server::builder()
                 .add_service(InterceptedService::new(
                     RaftService::new(consensus.clone()).into_server(),
-                    auth::require_node(state.clone()),
+                    auth::require_node(state.clone(), stored.node_id),
                 ))
                 .add_service(InterceptedService::new(
                     PeerServer::new(liveness::PeerService { consensus: consensus.clone(), liveness: liveness.clone() }),
-                    auth::require_node(state.clone()),
+                    auth::require_node(state.clone(), stored.node_id),
                 ))
                 .add_service(JoinServer::new(join::JoinService { consensus: consensus.clone() }))
                 .add_service(InterceptedService::new(
@@ -237,9 +237,20 @@ impl Node {
             );
             tracing::info!(address = %stored.address, listen = %bound, "serving");
 
-            if let Some(bootstrap) = dir.load_bootstrap()? {
-                bootstrap_cluster(&consensus, &stored, bootstrap).await?;
-                dir.clear_bootstrap()?;
+            // From here on a failure must not leave Raft and the server running.
+            let bootstrapped = async {
+                if let Some(bootstrap) = dir.load_bootstrap()? {
+                    bootstrap_cluster(&consensus, &stored, bootstrap).await?;
+                    dir.clear_bootstrap()?;
+                }
+                Ok::<(), StartError>(())
+            }
+            .await;
+            if let Err(error) = bootstrapped {
+                stop.cancel();
+                consensus.shutdown().await;
+                let _ = server.await;
+                return Err(error);
             }
 
             let removed = Arc::new(AtomicBool::new(false));
