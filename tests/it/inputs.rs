@@ -148,7 +148,7 @@ async fn app_names_and_duplicates_are_checked() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_removed_nodes_certificate_is_refused() -> Result<()> {
+async fn certificates_of_removed_or_unknown_nodes_are_refused() -> Result<()> {
     let cluster = Cluster::start(3).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
     let victim = (0..3).find(|i| *i != leader).expect("a follower");
@@ -168,6 +168,19 @@ async fn a_removed_nodes_certificate_is_refused() -> Result<()> {
         .heartbeat(roost_proto::cluster::HeartbeatRequest { node_id: 0 })
         .await
         .expect_err("revoked");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    // A certificate signed with the cluster CA's key but never issued
+    // through a join opens nothing either.
+    let info = cluster.node(leader)?.consensus.state().read(|s| s.cluster.clone()).expect("bootstrapped");
+    let ca = roost_network::ClusterCa::load(&info.id, &info.ca_cert_pem, &info.ca_key_pem)?;
+    let rogue = ca.issue_node("rogue")?;
+    let tls = ClientTls::node(ca.cert_pem(), &rogue.cert_pem, &rogue.key_pem)?;
+    let channel = tls.connect(&cluster.node(leader)?.address).await?;
+    let status = roost_proto::cluster::raft_client::RaftClient::new(channel)
+        .read_index(roost_proto::cluster::ReadIndexRequest {})
+        .await
+        .expect_err("not a member");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     cluster.shutdown().await;
     Ok(())
