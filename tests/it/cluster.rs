@@ -154,3 +154,20 @@ async fn a_voter_down_too_long_is_replaced_by_a_learner() -> Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_nodes_make_five_voters_and_a_second_node_waits_as_a_learner() -> Result<()> {
+    // Two nodes: the second stays a learner (two voters would stall if either failed).
+    let mut cluster = Cluster::start(2).await?;
+    let nodes = cluster.client(1).await?.list_nodes(ListNodesRequest::default()).await?.into_inner().nodes;
+    let roles: Vec<&str> = nodes.iter().map(|n| n.role.as_str()).collect();
+    assert_eq!(roles, ["leader", "learner"]);
+    for _ in 2..5 {
+        cluster.add_node().await?;
+    }
+    cluster.wait_for_members(5).await?;
+    let nodes = cluster.client(4).await?.list_nodes(ListNodesRequest::default()).await?.into_inner().nodes;
+    assert!(nodes.iter().all(|n| n.role == "leader" || n.role == "voter"), "{nodes:?}");
+    cluster.shutdown().await;
+    Ok(())
+}
