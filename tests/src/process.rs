@@ -54,43 +54,23 @@ pub struct NodeProcess {
 impl NodeProcess {
     /// `roost node init` in `root/<name>`.
     pub fn init(root: &Path, name: &str) -> Result<Self> {
-        Self::spawn(root, name, |dir, address| {
-            vec![
-                "node".into(),
-                "init".into(),
-                "--data-dir".into(),
-                dir,
-                "--listen".into(),
-                address,
-                "--name".into(),
-                name.into(),
-            ]
-        })
+        Self::spawn(root, name, &["node", "init"])
     }
 
     /// `roost node join SEED --token T` in `root/<name>`.
     pub fn join(root: &Path, name: &str, seed: &str, token: &str) -> Result<Self> {
-        Self::spawn(root, name, |dir, address| {
-            vec![
-                "node".into(),
-                "join".into(),
-                seed.into(),
-                "--token".into(),
-                token.into(),
-                "--data-dir".into(),
-                dir,
-                "--listen".into(),
-                address,
-                "--name".into(),
-                name.into(),
-            ]
-        })
+        Self::spawn(root, name, &["node", "join", seed, "--token", token])
     }
 
-    fn spawn(root: &Path, name: &str, args: impl FnOnce(String, String) -> Vec<String>) -> Result<Self> {
+    /// Runs `roost COMMAND --data-dir root/<name> --listen 127.0.0.1:<free> --name <name>`.
+    fn spawn(root: &Path, name: &str, command: &[&str]) -> Result<Self> {
         let data_dir = root.join(name);
         let address = format!("127.0.0.1:{}", free_port()?);
-        let args = args(data_dir.display().to_string(), address.clone());
+        let mut args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
+        let dir = data_dir.display().to_string();
+        for flag in ["--data-dir", &dir, "--listen", &address, "--name", name] {
+            args.push(flag.to_owned());
+        }
         let mut node =
             Self { name: name.into(), data_dir, address, args, child: None, log_dir: root.to_owned(), starts: 0 };
         node.start()?;
