@@ -41,8 +41,12 @@ pub enum Command {
     AddNode {
         node: NewNode,
     },
+    /// Removes a node and, when given, replaces the join secret, so the
+    /// removed node (which holds the old one) cannot simply join again.
     RemoveNode {
         id: NodeId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        new_join_secret: Option<Secret>,
     },
     CreateApp {
         name: String,
@@ -57,6 +61,18 @@ pub enum Command {
     Batch {
         proposals: Vec<Proposal>,
     },
+}
+
+/// A credential carried by a command: serialized as a plain string, never
+/// shown by `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 /// A node as it asks to join, before the state gives it an id.
@@ -121,7 +137,7 @@ impl fmt::Display for Command {
         match self {
             Command::Bootstrap { cluster, .. } => write!(f, "bootstrap cluster {}", cluster.id),
             Command::AddNode { node } => write!(f, "add node {}", node.name),
-            Command::RemoveNode { id } => write!(f, "remove node {id}"),
+            Command::RemoveNode { id, .. } => write!(f, "remove node {id}"),
             Command::CreateApp { name } => write!(f, "create app {name}"),
             Command::DestroyApp { name } => write!(f, "destroy app {name}"),
             Command::Batch { proposals } => write!(f, "batch of {}", proposals.len()),

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, NewNode, Proposal, Rejection, Response, PROPOSAL_VERSION};
+use crate::command::{Command, NewNode, Proposal, Rejection, Response, Secret, PROPOSAL_VERSION};
 use crate::NodeId;
 
 /// Milliseconds since the Unix epoch, as stamped by the proposer.
@@ -94,7 +94,7 @@ impl State {
         match &proposal.command {
             Command::Bootstrap { cluster, node } => self.bootstrap(cluster, node, at),
             Command::AddNode { node } => self.add_node(node, at),
-            Command::RemoveNode { id } => self.remove_node(*id, at),
+            Command::RemoveNode { id, new_join_secret } => self.remove_node(*id, new_join_secret.as_ref(), at),
             Command::CreateApp { name } => self.create_app(name, at),
             Command::DestroyApp { name } => self.destroy_app(name),
             Command::Batch { proposals } => {
@@ -142,7 +142,7 @@ impl State {
         Response::NodeAdded { id }
     }
 
-    fn remove_node(&mut self, id: NodeId, at: UnixMillis) -> Response {
+    fn remove_node(&mut self, id: NodeId, new_join_secret: Option<&Secret>, at: UnixMillis) -> Response {
         let Some(node) = self.nodes.get(&id) else {
             return Response::Rejected(Rejection::NodeNotFound { node: id.to_string() });
         };
@@ -154,6 +154,9 @@ impl State {
         };
         self.revoked_certs.insert(node.cert_fingerprint);
         self.removed_nodes.insert(id, RemovedNode { name: node.name, removed_at: at });
+        if let (Some(cluster), Some(secret)) = (self.cluster.as_mut(), new_join_secret) {
+            cluster.join_secret = secret.0.clone();
+        }
         Response::Done
     }
 

@@ -8,7 +8,9 @@ use roost_network::{Token, TokenKind};
 use roost_node::cli::BearerToken;
 use roost_node::daemon::{Node, NodeConfig, Start};
 use roost_proto::api::control_client::ControlClient;
-use roost_proto::api::{CreateAppRequest, DestroyAppRequest, ListAppsRequest, ListNodesRequest, RemoveNodeRequest};
+use roost_proto::api::{
+    CreateAppRequest, DestroyAppRequest, GetJoinTokenRequest, ListAppsRequest, ListNodesRequest, RemoveNodeRequest,
+};
 use roost_tests::Cluster;
 use tokio_util::sync::CancellationToken;
 
@@ -155,7 +157,10 @@ async fn certificates_of_removed_or_unknown_nodes_are_refused() -> Result<()> {
     let victim_name = cluster.slots[victim].name.clone();
     // Keep the victim's own view of the cluster: its client identity.
     let victim_dir = cluster.slots[victim].dir.path().to_owned();
+    let token_before = cluster.client(leader).await?.get_join_token(GetJoinTokenRequest {}).await?.into_inner().token;
     cluster.client(leader).await?.remove_node(RemoveNodeRequest { node: victim_name }).await?;
+    let token_after = cluster.client(leader).await?.get_join_token(GetJoinTokenRequest {}).await?.into_inner().token;
+    assert_ne!(token_before, token_after, "removing a node rotates the join token");
     roost_tests::wait_until("the removed node to stop", Duration::from_secs(15), || async {
         Ok(cluster.slots[victim].running.as_ref().is_some_and(|n| n.is_stopping()))
     })

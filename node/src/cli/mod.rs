@@ -345,7 +345,8 @@ pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), Cli
         Command::Node(NodeCommand::Remove { node, client }) => {
             let reply = client.connect().await?.remove_node(RemoveNodeRequest { node }).await?.into_inner();
             let name = reply.removed.map(|n| format!("{} (id {})", n.name, n.id)).unwrap_or_default();
-            writeln!(out, "Removed node {name}; its certificate is now refused.").map_err(io)
+            writeln!(out, "Removed node {name}; its certificate is now refused.").map_err(io)?;
+            writeln!(out, "The join token was rotated: `roost node token` prints the new one.").map_err(io)
         }
         Command::Apps(AppsCommand::Create { name, client }) => {
             let app = client.connect().await?.create_app(CreateAppRequest { name }).await?.into_inner();

@@ -16,6 +16,7 @@ use roost_proto::api::{
     GetJoinTokenResponse, ListAppsRequest, ListAppsResponse, ListNodesRequest, ListNodesResponse, Node as WireNode,
     ReadOptions, RemoveNodeRequest, RemoveNodeResponse, VersionRequest, VersionResponse,
 };
+use roost_raft::command::Secret;
 use roost_raft::state::{validate_name, App, NodeRecord};
 use roost_raft::{Command, Consensus, ConsensusError, NodeId, Rejection, Response};
 use tokio::time::Instant;
@@ -153,7 +154,10 @@ impl Control for ControlService {
             .state()
             .read(|s| s.find_node(&wanted).cloned())
             .ok_or_else(|| rejection_status(Rejection::NodeNotFound { node: wanted.clone() }))?;
-        self.propose(Command::RemoveNode { id: node.id }).await?;
+        // A new join secret, so the removed node cannot rejoin with the one
+        // it holds; `roost node token` prints the new token.
+        let rotated = Token::generate(TokenKind::Join, self.ca_digest).secret;
+        self.propose(Command::RemoveNode { id: node.id, new_join_secret: Some(Secret(rotated)) }).await?;
         tracing::info!(node = %node.name, id = node.id, "node removed from the cluster");
         let role = self.roles()(node.id);
         Ok(tonic::Response::new(RemoveNodeResponse { removed: Some(node_to_wire(&node, role, None)) }))

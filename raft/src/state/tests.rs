@@ -74,7 +74,7 @@ fn add_node_before_bootstrap_is_refused() {
 fn removed_nodes_are_revoked_and_their_ids_never_reused() {
     let mut state = bootstrapped();
     apply(&mut state, Command::AddNode { node: node("n2", "f2") });
-    assert_eq!(apply(&mut state, Command::RemoveNode { id: 2 }), Response::Done);
+    assert_eq!(apply(&mut state, Command::RemoveNode { id: 2, new_join_secret: None }), Response::Done);
     assert!(state.is_revoked("f2"));
     assert!(state.removed_nodes.contains_key(&2));
     assert_eq!(
@@ -89,11 +89,11 @@ fn removed_nodes_are_revoked_and_their_ids_never_reused() {
 fn the_last_node_cannot_be_removed() {
     let mut state = bootstrapped();
     assert_eq!(
-        apply(&mut state, Command::RemoveNode { id: FIRST_NODE_ID }),
+        apply(&mut state, Command::RemoveNode { id: FIRST_NODE_ID, new_join_secret: None }),
         Response::Rejected(Rejection::LastNode { name: "n1".into() })
     );
     assert_eq!(
-        apply(&mut state, Command::RemoveNode { id: 9 }),
+        apply(&mut state, Command::RemoveNode { id: 9, new_join_secret: None }),
         Response::Rejected(Rejection::NodeNotFound { node: "9".into() })
     );
 }
@@ -161,7 +161,7 @@ fn apply_is_deterministic() {
     let commands = [
         Command::AddNode { node: node("n2", "f2") },
         Command::CreateApp { name: "a".into() },
-        Command::RemoveNode { id: 2 },
+        Command::RemoveNode { id: 2, new_join_secret: None },
         Command::CreateApp { name: "b".into() },
     ];
     let run = || {
@@ -192,4 +192,17 @@ fn a_batch_applies_each_proposal_in_order_and_answers_each() {
         ]
     );
     assert!(state.apps.is_empty());
+}
+
+#[test]
+fn removing_a_node_can_rotate_the_join_secret() {
+    let mut state = bootstrapped();
+    apply(&mut state, Command::AddNode { node: node("n2", "f2") });
+    let secret = crate::command::Secret("new".into());
+    assert_eq!(apply(&mut state, Command::RemoveNode { id: 2, new_join_secret: Some(secret) }), Response::Done);
+    assert_eq!(state.cluster.as_ref().map(|c| c.join_secret.as_str()), Some("new"));
+    // A refused removal changes nothing, the secret included.
+    let again = Command::RemoveNode { id: 2, new_join_secret: Some(crate::command::Secret("newer".into())) };
+    assert!(matches!(apply(&mut state, again), Response::Rejected(_)));
+    assert_eq!(state.cluster.as_ref().map(|c| c.join_secret.as_str()), Some("new"));
 }
