@@ -323,11 +323,6 @@ impl StateReader {
         let guard = self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&guard.state)
     }
-
-    pub fn last_applied_index(&self) -> Option<u64> {
-        let guard = self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        guard.last_applied.map(|id| id.index)
-    }
 }
 
 impl StateMachine {
