@@ -1,9 +1,15 @@
 //! Roost's workload layer: building images, moving them between nodes,
 //! scheduling instances, and running them on Docker.
 //!
-//! Nothing lives here yet: the cluster core (Raft, membership, the API) comes
-//! first. When it arrives, this crate is the only one that talks to Docker,
-//! and its scheduler is a pure function of the replicated state, like the
-//! state machine in `roost-raft`.
+//! Layout:
+//! - [`config`]: `roost.toml`, the per-app configuration a user writes, typed
+//!   and validated before anything is proposed to the cluster.
+//!
+//! Still to come (issue 3): the image builder and node-to-node image
+//! transfer, the scheduler (a pure function of the replicated state, like the
+//! state machine in `roost-raft`) and the Docker runtime. This crate is the
+//! only one that will talk to Docker.
 
 #![forbid(unsafe_code)]
+
+pub mod config;

@@ -1,0 +1,200 @@
+//! roost.toml parsing and validation.
+
+use proptest::prelude::proptest;
+
+use super::*;
+
+const FULL: &str = r#"
+app = "hello"
+
+[build]
+dockerfile = "Dockerfile"
+args = { VERSION = "1.2" }
+
+[env]
+LOG_LEVEL = "info"
+
+[deploy]
+strategy = "rolling"
+max_unavailable = 0.33
+release_command = "/app migrate"
+
+[[vm]]
+cpus = 0.5
+memory = "512mb"
+
+[http_service]
+internal_port = 8080
+force_https = true
+[http_service.concurrency]
+type = "requests"
+soft_limit = 20
+hard_limit = 25
+[[http_service.checks]]
+path = "/health"
+interval = "5s"
+timeout = "1s"
+
+[checks.db]
+type = "tcp"
+port = 5432
+
+[processes]
+web = "/app serve"
+worker = "/app work"
+
+[[restart]]
+policy = "on-failure"
+max_retries = 3
+processes = ["worker"]
+
+[placement]
+constraints = ["region == eu", "disk != hdd"]
+max_per_node = 1
+"#;
+
+fn problems(text: &str) -> Vec<String> {
+    AppConfig::parse(text).expect("parses").validate().into_iter().map(|p| p.to_string()).collect()
+}
+
+#[test]
+fn a_full_config_parses_and_validates() {
+    let config = AppConfig::parse(FULL).expect("parses");
+    assert_eq!(config.validate(), []);
+    assert_eq!(config.app, "hello");
+    assert_eq!(config.deploy.strategy, Strategy::Rolling);
+    assert_eq!(config.vm[0].memory.bytes(), Ok(512 << 20));
+    assert_eq!(config.process_groups(), ["web", "worker"]);
+    assert_eq!(config.restart[0].policy, RestartPolicy::OnFailure);
+    let http = config.http_service.expect("http_service");
+    assert_eq!(http.checks[0].kind, CheckKind::Http);
+    assert_eq!(config.checks["db"].kind, CheckKind::Tcp);
+}
+
+#[test]
+fn the_smallest_config_is_just_a_name() {
+    let config = AppConfig::parse(r#"app = "tiny""#).expect("parses");
+    assert_eq!(config.validate(), []);
+    assert_eq!(config.process_groups(), ["app"]);
+    assert_eq!(config.deploy.strategy, Strategy::Rolling);
+}
+
+#[test]
+fn an_unknown_key_is_named_with_its_line() {
+    let error = AppConfig::parse("app = \"hello\"\n\n[http_service]\ninternal_port = 80\ninternal_prot = 81\n")
+        .expect_err("typo");
+    assert!(error.contains("internal_prot"), "{error}");
+    assert!(error.contains("line 5"), "{error}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let found = problems(
+        r#"
+app = "Bad_Name"
+[build]
+dockerfile = "Dockerfile"
+image = "x:1"
+[[vm]]
+cpus = 0
+memory = "12tb"
+[http_service]
+internal_port = 0
+[http_service.concurrency]
+soft_limit = 30
+hard_limit = 20
+[[http_service.checks]]
+path = "health"
+interval = "1s"
+timeout = "5s"
+[[restart]]
+policy = "always"
+max_retries = 2
+processes = ["nope"]
+[placement]
+constraints = ["region = eu"]
+"#,
+    );
+    let expected_keys = [
+        "app:",
+        "build:",
+        "restart[0].processes:",
+        "vm[0].cpus:",
+        "vm[0].memory:",
+        "http_service.internal_port:",
+        "http_service.concurrency:",
+        "http_service.checks[0].path:",
+        "http_service.checks[0].timeout:",
+        "restart[0].max_retries:",
+        "placement.constraints[0]:",
+    ];
+    for key in expected_keys {
+        assert!(found.iter().any(|p| p.starts_with(key)), "missing {key} in {found:#?}");
+    }
+    assert_eq!(found.len(), expected_keys.len(), "{found:#?}");
+}
+
+#[test]
+fn a_check_without_a_port_needs_an_http_service() {
+    let found = problems("app = \"a\"\n[checks.up]\npath = \"/\"\n");
+    assert_eq!(found, ["checks.up.port: is required when there is no [http_service] to take it from"]);
+}
+
+#[test]
+fn memory_reads_common_units() {
+    assert_eq!(Memory::Megabytes(256).bytes(), Ok(256 << 20));
+    assert_eq!(Memory::Text("1gb".into()).bytes(), Ok(1 << 30));
+    assert_eq!(Memory::Text("512MB".into()).bytes(), Ok(512 << 20));
+    assert!(Memory::Text("lots".into()).bytes().is_err());
+    assert!(Memory::Text("5pb".into()).bytes().is_err());
+}
+
+#[test]
+fn constraints_match_labels() {
+    let labels = BTreeMap::from([("region".to_owned(), "eu".to_owned())]);
+    assert!(Constraint::parse("region == eu").expect("valid").holds(&labels));
+    assert!(!Constraint::parse("region != eu").expect("valid").holds(&labels));
+    assert!(Constraint::parse("disk != ssd").expect("valid").holds(&labels));
+    assert!(!Constraint::parse("disk == ssd").expect("valid").holds(&labels));
+    assert!(Constraint::parse("region").is_err());
+    assert!(Constraint::parse(" == eu").is_err());
+}
+
+#[test]
+fn from_file_names_the_path() {
+    let dir = std::env::temp_dir().join(format!("roost-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("roost.toml");
+    std::fs::write(&path, "app = \"UPPER\"\n").expect("write");
+    let error = AppConfig::from_file(&path).expect_err("invalid name");
+    let text = error.to_string();
+    assert!(text.contains("roost.toml") && text.contains("app:"), "{text}");
+    let missing = AppConfig::from_file(&dir.join("nope.toml")).expect_err("missing");
+    assert!(missing.to_string().contains("nope.toml"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+proptest! {
+    #[test]
+    fn parsing_arbitrary_text_never_panics(text in ".{0,400}") {
+        if let Ok(config) = AppConfig::parse(&text) {
+            let _ = config.validate();
+        }
+    }
+
+    #[test]
+    fn validating_arbitrary_values_never_panics(
+        app in "[a-zA-Z0-9_-]{0,70}",
+        cpus in -10.0f64..1000.0,
+        memory in "[0-9]{0,12}[a-z]{0,3}",
+        interval in "[0-9]{0,4}(ms|s|m|h|x)?",
+        port in 0u16..,
+    ) {
+        let text = format!(
+            "app = {app:?}\n[[vm]]\ncpus = {cpus}\nmemory = {memory:?}\n[http_service]\ninternal_port = {port}\n[[http_service.checks]]\ninterval = {interval:?}\n"
+        );
+        if let Ok(config) = AppConfig::parse(&text) {
+            let _ = config.validate();
+        }
+    }
+}
