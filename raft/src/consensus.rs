@@ -340,7 +340,7 @@ impl Consensus {
 }
 
 /// What became of a write submitted on this node.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum LocalWrite {
     Done(Response),
     /// This node does not lead (any more); nothing was written.
@@ -391,23 +391,14 @@ async fn run_batcher(raft: Raft, mut pending: mpsc::UnboundedReceiver<(Proposal,
                     let _ = waiter.send(LocalWrite::Done(response));
                 }
             }
-            Ok(response) if waiters.len() == 1 => {
+            outcome => {
+                let answer = match outcome {
+                    Ok(response) if waiters.len() == 1 => LocalWrite::Done(response),
+                    Ok(response) => LocalWrite::Failed(format!("unexpected answer to a batch: {response:?}")),
+                    Err(failure) => failure,
+                };
                 for waiter in waiters {
-                    let _ = waiter.send(LocalWrite::Done(response.clone()));
-                }
-            }
-            Ok(response) => {
-                for waiter in waiters {
-                    let _ = waiter.send(LocalWrite::Failed(format!("unexpected answer to a batch: {response:?}")));
-                }
-            }
-            Err(failure) => {
-                for waiter in waiters {
-                    let _ = waiter.send(match &failure {
-                        LocalWrite::NotLeader => LocalWrite::NotLeader,
-                        LocalWrite::Failed(e) => LocalWrite::Failed(e.clone()),
-                        _ => LocalWrite::Stopped,
-                    });
+                    let _ = waiter.send(answer.clone());
                 }
             }
         }

@@ -183,6 +183,11 @@ impl State {
         self.nodes.values().find(|n| n.name == name)
     }
 
+    /// The current node whose certificate has this fingerprint.
+    pub fn node_by_fingerprint(&self, fingerprint: &str) -> Option<&NodeRecord> {
+        self.nodes.values().find(|n| n.cert_fingerprint == fingerprint)
+    }
+
     /// Finds a node by name, or by id when the text is a number.
     pub fn find_node(&self, name_or_id: &str) -> Option<&NodeRecord> {
         self.node_by_name(name_or_id).or_else(|| name_or_id.parse().ok().and_then(|id: NodeId| self.nodes.get(&id)))

@@ -37,7 +37,7 @@ pub fn require_node(
             if s.is_revoked(&fp) {
                 false
             } else if s.nodes.contains_key(&self_id) {
-                s.nodes.values().any(|n| n.cert_fingerprint == fp)
+                s.node_by_fingerprint(&fp).is_some()
             } else {
                 true
             }

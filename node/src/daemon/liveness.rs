@@ -123,9 +123,7 @@ impl peer_server::Peer for PeerService {
         }
         // The certificate says who is beating, not the request's claim.
         let fingerprint = request.extensions().get::<PeerIdentity>().and_then(|p| p.node_fingerprint.clone());
-        let id = fingerprint.and_then(|fp| {
-            self.consensus.state().read(|s| s.nodes.values().find(|n| n.cert_fingerprint == fp).map(|n| n.id))
-        });
+        let id = fingerprint.and_then(|fp| self.consensus.state().read(|s| s.node_by_fingerprint(&fp).map(|n| n.id)));
         let Some(id) = id else {
             return Err(Status::permission_denied(super::auth::REVOKED));
         };
