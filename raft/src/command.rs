@@ -11,6 +11,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::state::{App, ClusterInfo, UnixMillis};
+use crate::workload::{InstanceReport, Outcome, Placement, ReleaseSpec, Resources, SealedSecret};
 use crate::NodeId;
 
 pub const PROPOSAL_VERSION: u16 = 1;
@@ -54,6 +55,67 @@ pub enum Command {
     DestroyApp {
         name: String,
     },
+    /// Makes a new release (creating the app if needed) and its instances.
+    Deploy {
+        app: String,
+        spec: ReleaseSpec,
+        description: String,
+    },
+    /// Ends a deploy: the leader's controller decided it succeeded or failed.
+    FinishRelease {
+        app: String,
+        version: u64,
+        outcome: Outcome,
+    },
+    /// The scheduler's decisions.
+    Place {
+        placements: Vec<Placement>,
+    },
+    /// Takes instances off their node (which is down) to be placed again.
+    Reschedule {
+        instances: Vec<String>,
+        reason: String,
+    },
+    /// A node's observations of its instances; only changes are sent.
+    ReportInstances {
+        node: NodeId,
+        reports: Vec<InstanceReport>,
+    },
+    Scale {
+        app: String,
+        group: String,
+        count: u32,
+    },
+    /// A new release with other resources for one group, or all.
+    ScaleVm {
+        app: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
+        resources: Resources,
+    },
+    /// A new release from an older one (by default the one before the current).
+    Rollback {
+        app: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u64>,
+    },
+    SetSecrets {
+        app: String,
+        set: BTreeMap<String, SealedSecret>,
+        unset: Vec<String>,
+        /// Stage only: no new release.
+        stage: bool,
+    },
+    /// Recreates every instance of the app in place.
+    Restart {
+        app: String,
+    },
+    SuspendApp {
+        name: String,
+    },
+    ResumeApp {
+        name: String,
+    },
     /// Proposals that arrived together, committed as one entry and applied
     /// in order. The leader batches concurrent writes this way because
     /// openraft 0.9 syncs each entry before it takes the next (see
@@ -83,6 +145,8 @@ pub struct NewNode {
     pub labels: BTreeMap<String, String>,
     pub cert_serial: String,
     pub cert_fingerprint: String,
+    #[serde(default)]
+    pub resources: Resources,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +160,9 @@ pub enum Response {
     },
     AppCreated {
         app: App,
+    },
+    ReleaseCreated {
+        version: u64,
     },
     /// One response per proposal of a `Command::Batch`, in order.
     Batch {
@@ -128,6 +195,24 @@ pub enum Rejection {
     AppNotFound { name: String },
     #[error("invalid app name '{name}': {reason}")]
     InvalidAppName { name: String, reason: String },
+    #[error("app '{app}' is already deploying v{version}; wait for it to finish (see `roost status -a {app}`)")]
+    DeployInProgress { app: String, version: u64 },
+    #[error("app '{app}' has no release yet; run `roost deploy` first")]
+    NoRelease { app: String },
+    #[error("app '{app}' has no release v{version} (see `roost releases -a {app}`)")]
+    ReleaseNotFound { app: String, version: u64 },
+    #[error("app '{app}' has no earlier release that served to roll back to (see `roost releases -a {app}`)")]
+    NothingToRollBackTo { app: String },
+    #[error("app '{app}' has no process group '{group}'; its groups are: {groups}")]
+    UnknownGroup { app: String, group: String, groups: String },
+    #[error("app '{name}' is suspended; run `roost apps resume {name}` first")]
+    AppSuspended { name: String },
+    #[error("app '{name}' is already {state}")]
+    AlreadyInState { name: String, state: String },
+    #[error("app '{app}' has no secret named {names}")]
+    SecretNotFound { app: String, names: String },
+    #[error("invalid release: {reason}")]
+    InvalidRelease { reason: String },
     #[error("this log entry has format version {version}, newer than this binary understands; upgrade roost")]
     UnsupportedVersion { version: u16 },
 }
@@ -140,6 +225,18 @@ impl fmt::Display for Command {
             Command::RemoveNode { id, .. } => write!(f, "remove node {id}"),
             Command::CreateApp { name } => write!(f, "create app {name}"),
             Command::DestroyApp { name } => write!(f, "destroy app {name}"),
+            Command::Deploy { app, description, .. } => write!(f, "{description} of {app}"),
+            Command::FinishRelease { app, version, outcome } => write!(f, "finish {app} v{version}: {outcome:?}"),
+            Command::Place { placements } => write!(f, "{} placements", placements.len()),
+            Command::Reschedule { instances, .. } => write!(f, "reschedule {} instances", instances.len()),
+            Command::ReportInstances { node, reports } => write!(f, "{} reports from node {node}", reports.len()),
+            Command::Scale { app, group, count } => write!(f, "scale {app} {group} to {count}"),
+            Command::ScaleVm { app, resources, .. } => write!(f, "scale {app} to {resources}"),
+            Command::Rollback { app, .. } => write!(f, "roll back {app}"),
+            Command::SetSecrets { app, .. } => write!(f, "set secrets of {app}"),
+            Command::Restart { app } => write!(f, "restart {app}"),
+            Command::SuspendApp { name } => write!(f, "suspend {name}"),
+            Command::ResumeApp { name } => write!(f, "resume {name}"),
             Command::Batch { proposals } => write!(f, "batch of {}", proposals.len()),
         }
     }

@@ -3,6 +3,8 @@
 //! Layout:
 //! - [`state`] and [`command`]: the replicated state and the commands that
 //!   change it. Pure: `State::apply` does no I/O and reads no clock.
+//! - [`workload`]: releases, instances and secrets as data (the deploy crate
+//!   decides them; this crate records them).
 //! - [`store`]: openraft's log and state-machine storage on RocksDB.
 //! - [`network`]: openraft's outgoing RPCs, over tonic channels that the
 //!   caller supplies (this crate does not know how they are secured).
@@ -22,6 +24,7 @@ pub mod network;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod workload;
 
 use std::fmt;
 use std::io::Cursor;

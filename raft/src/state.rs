@@ -14,7 +14,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, NewNode, Proposal, Rejection, Response, Secret, PROPOSAL_VERSION};
+use crate::workload::{Instance, Release, ReleaseStatus, Resources, SealedSecret};
 use crate::NodeId;
+
+mod apps;
 
 /// Milliseconds since the Unix epoch, as stamped by the proposer.
 pub type UnixMillis = i64;
@@ -33,6 +36,12 @@ pub struct State {
     pub revoked_certs: BTreeSet<String>,
     pub apps: BTreeMap<String, App>,
     pub next_node_id: NodeId,
+    /// Every instance of every app, by id.
+    #[serde(default)]
+    pub instances: BTreeMap<String, Instance>,
+    /// Feeds instance ids; never reused.
+    #[serde(default)]
+    pub next_instance: u64,
 }
 
 /// Cluster-wide facts and credentials, set once by `roost node init`.
@@ -71,6 +80,9 @@ pub struct NodeRecord {
     pub cert_serial: String,
     pub cert_fingerprint: String,
     pub joined_at: UnixMillis,
+    /// What the node offers to instances.
+    #[serde(default)]
+    pub resources: Resources,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +95,43 @@ pub struct RemovedNode {
 pub struct App {
     pub name: String,
     pub created_at: UnixMillis,
+    /// Suspended apps keep their releases and instances, stopped.
+    #[serde(default)]
+    pub suspended: bool,
+    #[serde(default)]
+    pub releases: BTreeMap<u64, Release>,
+    /// Instances wanted per process group.
+    #[serde(default)]
+    pub scale: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SealedSecret>,
+    /// Bumped by every change to `secrets`.
+    #[serde(default)]
+    pub secrets_version: u64,
+}
+
+impl App {
+    pub fn new(name: &str, created_at: UnixMillis) -> Self {
+        Self {
+            name: name.to_owned(),
+            created_at,
+            suspended: false,
+            releases: BTreeMap::new(),
+            scale: BTreeMap::new(),
+            secrets: BTreeMap::new(),
+            secrets_version: 0,
+        }
+    }
+
+    /// The release that serves.
+    pub fn current(&self) -> Option<&Release> {
+        self.releases.values().rev().find(|r| r.status == ReleaseStatus::Active)
+    }
+
+    /// The release being deployed, if a deploy is under way.
+    pub fn deploying(&self) -> Option<&Release> {
+        self.releases.values().rev().find(|r| r.status == ReleaseStatus::Deploying)
+    }
 }
 
 impl State {
@@ -97,6 +146,18 @@ impl State {
             Command::RemoveNode { id, new_join_secret } => self.remove_node(*id, new_join_secret.as_ref(), at),
             Command::CreateApp { name } => self.create_app(name, at),
             Command::DestroyApp { name } => self.destroy_app(name),
+            Command::Deploy { app, spec, description } => self.deploy(app, spec, description, at),
+            Command::FinishRelease { app, version, outcome } => self.finish_release(app, *version, outcome),
+            Command::Place { placements } => self.place(placements),
+            Command::Reschedule { instances, reason } => self.reschedule(instances, reason),
+            Command::ReportInstances { node, reports } => self.report_instances(*node, reports, at),
+            Command::Scale { app, group, count } => self.scale(app, group, *count, at),
+            Command::ScaleVm { app, group, resources } => self.scale_vm(app, group.as_deref(), *resources, at),
+            Command::Rollback { app, version } => self.rollback(app, *version, at),
+            Command::SetSecrets { app, set, unset, stage } => self.set_secrets(app, set, unset, *stage, at),
+            Command::Restart { app } => self.restart(app),
+            Command::SuspendApp { name } => self.set_suspended(name, true),
+            Command::ResumeApp { name } => self.set_suspended(name, false),
             Command::Batch { proposals } => {
                 Response::Batch { responses: proposals.iter().map(|p| self.apply(p)).collect() }
             }
@@ -167,14 +228,17 @@ impl State {
         if self.apps.contains_key(name) {
             return Response::Rejected(Rejection::AppExists { name: name.to_owned() });
         }
-        let app = App { name: name.to_owned(), created_at: at };
+        let app = App::new(name, at);
         self.apps.insert(name.to_owned(), app.clone());
         Response::AppCreated { app }
     }
 
     fn destroy_app(&mut self, name: &str) -> Response {
         match self.apps.remove(name) {
-            Some(_) => Response::Done,
+            Some(_) => {
+                self.instances.retain(|_, instance| instance.app != name);
+                Response::Done
+            }
             None => Response::Rejected(Rejection::AppNotFound { name: name.to_owned() }),
         }
     }
@@ -208,6 +272,7 @@ impl NewNode {
             cert_serial: self.cert_serial.clone(),
             cert_fingerprint: self.cert_fingerprint.clone(),
             joined_at: at,
+            resources: self.resources,
         }
     }
 }

@@ -288,6 +288,8 @@ struct SnapshotData {
 pub struct StateMachine {
     db: Arc<DB>,
     inner: Arc<RwLock<Applied>>,
+    /// Bumped after every apply, so tasks can wait for the state to change.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Debug for StateMachine {
@@ -309,6 +311,7 @@ struct Applied {
 #[derive(Clone)]
 pub struct StateReader {
     inner: Arc<RwLock<Applied>>,
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Debug for StateReader {
@@ -322,6 +325,11 @@ impl StateReader {
     pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         let guard = self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&guard.state)
+    }
+
+    /// A receiver that sees a new value after every change to the state.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }
 
@@ -345,11 +353,12 @@ impl StateMachine {
                 }
             }
         }
-        Ok(Self { db, inner: Arc::new(RwLock::new(applied)) })
+        let (changes, _) = tokio::sync::watch::channel(0);
+        Ok(Self { db, inner: Arc::new(RwLock::new(applied)), changes: Arc::new(changes) })
     }
 
     pub fn reader(&self) -> StateReader {
-        StateReader { inner: self.inner.clone() }
+        StateReader { inner: self.inner.clone(), changes: self.changes.clone() }
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
@@ -428,6 +437,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             responses.push(response);
         }
+        drop(applied);
+        self.changes.send_modify(|n| *n += 1);
         Ok(responses)
     }
 
@@ -453,6 +464,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         applied.last_applied = meta.last_log_id;
         applied.last_membership = meta.last_membership.clone();
         applied.state = data.state;
+        drop(applied);
+        self.changes.send_modify(|n| *n += 1);
         Ok(())
     }
 

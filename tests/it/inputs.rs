@@ -26,6 +26,9 @@ fn join_config(dir: &std::path::Path, name: &str, seed: &str, token: &str) -> No
         timings: Default::default(),
         liveness: Default::default(),
         join_wait: std::time::Duration::from_secs(1),
+        resources: roost_tests::node_resources(),
+        docker_host: None,
+        controller: Default::default(),
     }
 }
 

@@ -4,9 +4,15 @@
 //!   reads, leader loss, restart and catch-up, snapshots, membership).
 //! - `elections`: the leader killed twenty times in a row.
 //! - `inputs`: wrong tokens, bad names, duplicates, unreachable endpoints.
+//! - `apps`: apps on the real Docker engine (deploy, heal, roll back, scale,
+//!   secrets, suspend/resume/destroy, a dead node's instances replaced).
+//! - `engines`: two nodes with their own Docker engines; an image moves
+//!   between them through Roost.
 //! - `binary`: the built `roost` binary driven as a user drives it.
 
+mod apps;
 mod binary;
 mod cluster;
 mod elections;
+mod engines;
 mod inputs;

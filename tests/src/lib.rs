@@ -11,6 +11,7 @@
 //! Data directories of a failed test are kept (their paths are printed) so
 //! the RocksDB state can be inspected.
 
+pub mod apps;
 pub mod process;
 
 use std::future::Future;
@@ -77,6 +78,8 @@ pub struct Cluster {
     pub tokens: InitTokens,
     pub timings: Timings,
     pub liveness: LivenessConfig,
+    /// Removes the cluster's containers and images when the test ends.
+    pub docker: apps::DockerCleanup,
 }
 
 impl Cluster {
@@ -93,11 +96,14 @@ impl Cluster {
         let first = Node::start(config, CancellationToken::new()).await.context("starting n1")?;
         let tokens = first.init_tokens.clone().context("the first node returned no tokens")?;
         let address = first.address.clone();
+        let cluster_id =
+            first.consensus.state().read(|s| s.cluster.as_ref().map(|c| c.id.clone())).context("no cluster id")?;
         let mut cluster = Self {
             slots: vec![Slot { name: "n1".into(), dir, address: Some(address), running: Some(first) }],
             tokens,
             timings,
             liveness,
+            docker: apps::DockerCleanup { cluster: cluster_id },
         };
         for _ in 1..n {
             cluster.add_node().await?;
@@ -182,6 +188,15 @@ impl Cluster {
         Ok(())
     }
 
+    /// Runs a `roost` CLI command against node `index`.
+    pub async fn cli(&self, index: usize, args: &[&str]) -> std::result::Result<String, roost_node::cli::CliError> {
+        let address = match self.node(index) {
+            Ok(node) => node.address.clone(),
+            Err(e) => return Err(roost_node::cli::CliError::Other(e.to_string())),
+        };
+        apps::cli(&address, &self.tokens.admin.to_string(), args).await
+    }
+
     /// An admin client of node `index`.
     pub async fn client(&self, index: usize) -> Result<Control> {
         admin_client(&self.node(index)?.address, &self.tokens).await
@@ -223,5 +238,14 @@ fn node_config(
         timings: timings.clone(),
         liveness: liveness.clone(),
         join_wait: std::time::Duration::from_secs(30),
+        resources: node_resources(),
+        docker_host: None,
+        controller: Default::default(),
     }
+}
+
+/// What each test node offers to instances: 2 CPUs and 2 GiB, whatever the
+/// machine has, so placements in tests do not depend on the machine.
+pub fn node_resources() -> roost_raft::workload::Resources {
+    roost_raft::workload::Resources { cpu_millis: 2000, memory_bytes: 2 << 30 }
 }

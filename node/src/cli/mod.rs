@@ -5,7 +5,10 @@
 //! file is needed. Errors are one line on stderr and a distinct exit code
 //! (see [`CliError::exit_code`]).
 
+mod apps;
 mod output;
+
+pub use apps::{AppArg, DeployArgs, LogsArgs, ScaleCommand, SecretsCommand};
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -24,6 +27,10 @@ use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use roost_deploy::config::Memory;
+use roost_deploy::controller::ControllerConfig;
+use roost_raft::workload::Resources;
+
 use crate::daemon::{LivenessConfig, NodeConfig, Start};
 
 #[derive(Debug, Parser)]
@@ -41,6 +48,52 @@ pub enum Command {
     /// Create, list, inspect and destroy apps.
     #[command(subcommand)]
     Apps(AppsCommand),
+    /// Build and deploy the app in DIR (or an image) as a new release.
+    Deploy(DeployArgs),
+    /// Show an app's release and instances.
+    Status {
+        #[command(flatten)]
+        app: AppArg,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List an app's releases, newest first.
+    Releases {
+        #[command(flatten)]
+        app: AppArg,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Make a new release from an earlier one [default: the one before the current].
+    Rollback {
+        #[command(flatten)]
+        app: AppArg,
+        #[arg(long)]
+        version: Option<u64>,
+        #[arg(long)]
+        detach: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Change how many instances run, or their size.
+    #[command(subcommand)]
+    Scale(ScaleCommand),
+    /// Recreate every instance of an app.
+    Restart {
+        #[command(flatten)]
+        app: AppArg,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the output of an app's instances, from every node.
+    Logs(LogsArgs),
+    /// Manage an app's secrets (environment variables kept encrypted).
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
     /// Print the CLI's version, and the node's when an endpoint is set.
     Version(MaybeClient),
 }
@@ -109,6 +162,18 @@ pub struct NodeArgs {
     /// How long `join` keeps trying a seed that is not up yet.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub join_timeout: Duration,
+    /// CPUs this node offers to instances [default: all of the machine's].
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Memory this node offers to instances, e.g. 4gb [default: the machine's, less 256mb].
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// How long a node may be down before its instances move to other nodes.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub reschedule_after: Duration,
+    /// The Docker engine to run instances on [default: the local socket].
+    #[arg(long, env = "DOCKER_HOST")]
+    pub docker_host: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +200,18 @@ pub enum AppsCommand {
         json: bool,
         #[arg(long)]
         stale: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stop every instance of an app, keeping its releases.
+    Suspend {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Start a suspended app's instances again.
+    Resume {
+        name: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -224,7 +301,7 @@ fn is_transport(message: &str) -> bool {
     message.contains("transport error") || message.contains("connection")
 }
 
-type Control = ControlClient<InterceptedService<Channel, BearerToken>>;
+pub(crate) type Control = ControlClient<InterceptedService<Channel, BearerToken>>;
 
 #[derive(Clone)]
 pub struct BearerToken(pub MetadataValue<tonic::metadata::Ascii>);
@@ -310,7 +387,36 @@ pub fn node_config(args: &NodeArgs, start: Start, default_name: String) -> Resul
             ..Default::default()
         },
         join_wait: args.join_timeout,
+        resources: node_resources(args.cpus, args.memory.as_deref())?,
+        docker_host: args.docker_host.clone(),
+        controller: ControllerConfig { reschedule_after: args.reschedule_after, ..Default::default() },
     })
+}
+
+/// What the node offers: the machine's CPUs and memory (less a little for
+/// the node itself), unless --cpus / --memory say otherwise.
+pub fn node_resources(cpus: Option<f64>, memory: Option<&str>) -> Result<Resources, CliError> {
+    let cpu_millis = match cpus {
+        Some(cpus) if cpus > 0.0 && cpus <= 1024.0 => (cpus * 1000.0).round() as u64,
+        Some(cpus) => return Err(CliError::Usage(format!("--cpus must be above 0 and at most 1024, got {cpus}"))),
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()) as u64 * 1000,
+    };
+    let memory_bytes = match memory {
+        Some(text) => Memory::Text(text.to_owned())
+            .bytes()
+            .map_err(|reason| CliError::Usage(format!("invalid --memory: {reason}")))?,
+        None => machine_memory().saturating_sub(256 << 20),
+    };
+    Ok(Resources { cpu_millis, memory_bytes })
+}
+
+/// MemTotal from /proc/meminfo, or 1 GiB when it cannot be read.
+fn machine_memory() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(1 << 30, |kib| kib * 1024)
 }
 
 /// Runs a client command and prints its result to `out`.
@@ -362,6 +468,16 @@ pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), Cli
             let app = client.connect().await?.get_app(request).await?.into_inner();
             output::app(out, &app, json).map_err(io)
         }
+        Command::Apps(AppsCommand::Suspend { name, client }) => apps::set_suspended(name, true, &client, out).await,
+        Command::Apps(AppsCommand::Resume { name, client }) => apps::set_suspended(name, false, &client, out).await,
+        Command::Deploy(args) => apps::deploy(args, out).await,
+        Command::Status { app, json, client } => apps::status(&app, json, &client, out).await,
+        Command::Releases { app, json, client } => apps::releases(&app, json, &client, out).await,
+        Command::Rollback { app, version, detach, client } => apps::rollback(&app, version, detach, &client, out).await,
+        Command::Scale(command) => apps::scale(command, out).await,
+        Command::Restart { app, client } => apps::restart(&app, &client, out).await,
+        Command::Logs(args) => apps::logs(args, out).await,
+        Command::Secrets(command) => apps::secrets(command, out).await,
         Command::Apps(AppsCommand::Destroy { name, yes, client }) => {
             if !yes {
                 confirm_destroy(&name)?;

@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 use std::time::{Duration, UNIX_EPOCH};
 
-use roost_proto::api::{App, Node};
+use roost_proto::api::{App, AppStatus, Node, Release, Secret};
 use serde_json::json;
 
 fn timestamp(ms: i64) -> String {
@@ -83,4 +83,117 @@ pub fn app(out: &mut dyn Write, app: &App, as_json: bool) -> io::Result<()> {
     }
     writeln!(out, "Name:     {}", app.name)?;
     writeln!(out, "Created:  {}", timestamp(app.created_at_ms))
+}
+
+pub fn status(out: &mut dyn Write, status: &AppStatus, as_json: bool) -> io::Result<()> {
+    if as_json {
+        let instances: Vec<_> = status
+            .instances
+            .iter()
+            .map(|i| {
+                json!({
+                    "id": i.id,
+                    "node": i.node,
+                    "process_group": i.process_group,
+                    "release": i.release,
+                    "state": i.state,
+                    "health": i.health,
+                    "address": i.address,
+                    "reason": i.reason,
+                    "restarts": i.restarts,
+                })
+            })
+            .collect();
+        let value = json!({
+            "app": status.app,
+            "release": status.release.as_ref().map(|r| r.version),
+            "deploying": status.deploying.as_ref().map(|r| r.version),
+            "suspended": status.suspended,
+            "instances": instances,
+        });
+        return writeln!(out, "{value}");
+    }
+    writeln!(out, "App:      {}{}", status.app, if status.suspended { " (suspended)" } else { "" })?;
+    match &status.release {
+        Some(r) => writeln!(out, "Release:  v{} ({}, image {})", r.version, r.description, r.image)?,
+        None => writeln!(out, "Release:  none yet (run `roost deploy`)")?,
+    }
+    if let Some(r) = &status.deploying {
+        writeln!(out, "Deploying: v{} ({}, {} strategy)", r.version, r.description, r.strategy)?;
+    }
+    if status.instances.is_empty() {
+        return writeln!(out, "No instances.");
+    }
+    writeln!(out)?;
+    let rows: Vec<Vec<String>> = status
+        .instances
+        .iter()
+        .map(|i| {
+            vec![
+                i.id.clone(),
+                i.process_group.clone(),
+                format!("v{}", i.release),
+                if i.node.is_empty() { "-".into() } else { i.node.clone() },
+                i.state.clone(),
+                i.health.clone(),
+                if i.address.is_empty() { "-".into() } else { i.address.clone() },
+                i.restarts.to_string(),
+                i.reason.clone(),
+            ]
+        })
+        .collect();
+    table(out, &["ID", "GROUP", "RELEASE", "NODE", "STATE", "HEALTH", "ADDRESS", "RESTARTS", "NOTE"], &rows)
+}
+
+pub fn releases(out: &mut dyn Write, releases: &[Release], as_json: bool) -> io::Result<()> {
+    if as_json {
+        let list: Vec<_> = releases
+            .iter()
+            .map(|r| {
+                json!({
+                    "version": r.version,
+                    "status": r.status,
+                    "description": r.description,
+                    "reason": r.reason,
+                    "image": r.image,
+                    "strategy": r.strategy,
+                    "created_at": timestamp(r.created_at_ms),
+                })
+            })
+            .collect();
+        return writeln!(out, "{}", serde_json::Value::Array(list));
+    }
+    if releases.is_empty() {
+        return writeln!(out, "No releases yet. Make one with `roost deploy`.");
+    }
+    let rows: Vec<Vec<String>> = releases
+        .iter()
+        .map(|r| {
+            vec![
+                format!("v{}", r.version),
+                r.status.clone(),
+                r.description.clone(),
+                r.image.clone(),
+                timestamp(r.created_at_ms),
+                r.reason.clone(),
+            ]
+        })
+        .collect();
+    table(out, &["VERSION", "STATUS", "DESCRIPTION", "IMAGE", "CREATED", "REASON"], &rows)
+}
+
+pub fn secrets(out: &mut dyn Write, secrets: &[Secret], as_json: bool) -> io::Result<()> {
+    if as_json {
+        let list: Vec<_> = secrets
+            .iter()
+            .map(|s| json!({ "name": s.name, "digest": s.digest, "updated_at": timestamp(s.updated_at_ms) }))
+            .collect();
+        return writeln!(out, "{}", serde_json::Value::Array(list));
+    }
+    if secrets.is_empty() {
+        return writeln!(out, "No secrets. Set some with `roost secrets set NAME=VALUE`.");
+    }
+    let rows: Vec<Vec<String>> =
+        secrets.iter().map(|s| vec![s.name.clone(), s.digest.clone(), timestamp(s.updated_at_ms)]).collect();
+    table(out, &["NAME", "DIGEST", "UPDATED"], &rows)
 }

@@ -8,19 +8,26 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use roost_deploy::engine::Engine;
+use roost_deploy::secrets::SecretsKey;
 use roost_network::pki::CaDigest;
 use roost_network::{Token, TokenKind};
 use roost_proto::api::control_server::Control;
 use roost_proto::api::{
-    App as WireApp, CreateAppRequest, DestroyAppRequest, DestroyAppResponse, GetAppRequest, GetJoinTokenRequest,
-    GetJoinTokenResponse, ListAppsRequest, ListAppsResponse, ListNodesRequest, ListNodesResponse, Node as WireNode,
-    ReadOptions, RemoveNodeRequest, RemoveNodeResponse, VersionRequest, VersionResponse,
+    App as WireApp, AppRequest, AppStatus, ChangeResponse, CreateAppRequest, DeployRequest, DestroyAppRequest,
+    DestroyAppResponse, GetAppRequest, GetJoinTokenRequest, GetJoinTokenResponse, GetStatusRequest, ListAppsRequest,
+    ListAppsResponse, ListNodesRequest, ListNodesResponse, ListReleasesRequest, ListReleasesResponse,
+    ListSecretsResponse, LogsRequest, Node as WireNode, ReadOptions, RemoveNodeRequest, RemoveNodeResponse,
+    RollbackRequest, ScaleRequest, ScaleVmRequest, SetSecretsRequest, UnsetSecretsRequest, VersionRequest,
+    VersionResponse,
 };
 use roost_raft::command::Secret;
 use roost_raft::state::{validate_name, App, NodeRecord};
 use roost_raft::{Command, Consensus, ConsensusError, NodeId, Rejection, Response};
 use tokio::time::Instant;
-use tonic::{Request, Status};
+use tonic::{Request, Status, Streaming};
+
+use super::deploys::{DeployStream, LogLineStream};
 
 use super::channels::NodeChannels;
 use super::liveness::{cluster_liveness, Liveness, Seen};
@@ -29,12 +36,15 @@ use super::liveness::{cluster_liveness, Liveness, Seen};
 /// unavailable. Long enough to ride out an election.
 pub const API_DEADLINE: Duration = Duration::from_secs(8);
 
+#[derive(Clone)]
 pub struct ControlService {
     pub consensus: Arc<Consensus>,
     pub liveness: Arc<Liveness>,
     pub channels: Arc<NodeChannels>,
     pub ca_digest: CaDigest,
     pub node_name: String,
+    pub engine: Engine,
+    pub secrets_key: Arc<SecretsKey>,
 }
 
 pub fn consensus_status(error: ConsensusError) -> Status {
@@ -55,9 +65,18 @@ pub fn rejection_status(rejection: Rejection) -> Status {
         Rejection::InvalidAppName { .. } | Rejection::InvalidNodeName { .. } => Status::invalid_argument(message),
         Rejection::RevokedCertificate => Status::permission_denied(message),
         Rejection::NotBootstrapped => Status::unavailable(message),
-        Rejection::AlreadyBootstrapped | Rejection::LastNode { .. } | Rejection::UnsupportedVersion { .. } => {
-            Status::failed_precondition(message)
+        Rejection::ReleaseNotFound { .. } | Rejection::SecretNotFound { .. } | Rejection::UnknownGroup { .. } => {
+            Status::not_found(message)
         }
+        Rejection::InvalidRelease { .. } => Status::invalid_argument(message),
+        Rejection::AlreadyBootstrapped
+        | Rejection::LastNode { .. }
+        | Rejection::UnsupportedVersion { .. }
+        | Rejection::DeployInProgress { .. }
+        | Rejection::NoRelease { .. }
+        | Rejection::NothingToRollBackTo { .. }
+        | Rejection::AppSuspended { .. }
+        | Rejection::AlreadyInState { .. } => Status::failed_precondition(message),
     }
 }
 
@@ -66,7 +85,7 @@ fn app_to_wire(app: &App) -> WireApp {
 }
 
 impl ControlService {
-    async fn propose(&self, command: Command) -> Result<Response, Status> {
+    pub(super) async fn propose(&self, command: Command) -> Result<Response, Status> {
         let response =
             self.consensus.propose(command, Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
         match response {
@@ -75,7 +94,7 @@ impl ControlService {
         }
     }
 
-    async fn barrier(&self, read: Option<ReadOptions>) -> Result<(), Status> {
+    pub(super) async fn barrier(&self, read: Option<ReadOptions>) -> Result<(), Status> {
         if read.is_some_and(|r| r.stale) {
             return Ok(());
         }
@@ -215,5 +234,82 @@ impl Control for ControlService {
         self.propose(Command::DestroyApp { name: name.clone() }).await?;
         tracing::info!(app = %name, "app destroyed");
         Ok(tonic::Response::new(DestroyAppResponse {}))
+    }
+
+    async fn suspend_app(&self, request: Request<AppRequest>) -> Result<tonic::Response<ChangeResponse>, Status> {
+        let app = request.into_inner().app;
+        let response = self.change_app(Command::SuspendApp { name: app.clone() }).await?;
+        tracing::info!(%app, "app suspended");
+        Ok(tonic::Response::new(response))
+    }
+
+    async fn resume_app(&self, request: Request<AppRequest>) -> Result<tonic::Response<ChangeResponse>, Status> {
+        let app = request.into_inner().app;
+        let response = self.change_app(Command::ResumeApp { name: app.clone() }).await?;
+        tracing::info!(%app, "app resumed");
+        Ok(tonic::Response::new(response))
+    }
+
+    async fn restart_app(&self, request: Request<AppRequest>) -> Result<tonic::Response<ChangeResponse>, Status> {
+        let app = request.into_inner().app;
+        let response = self.change_app(Command::Restart { app: app.clone() }).await?;
+        tracing::info!(%app, "app restarting");
+        Ok(tonic::Response::new(response))
+    }
+
+    type DeployStream = DeployStream;
+
+    async fn deploy(
+        &self,
+        request: Request<Streaming<DeployRequest>>,
+    ) -> Result<tonic::Response<Self::DeployStream>, Status> {
+        self.deploy_stream(request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn get_status(&self, request: Request<GetStatusRequest>) -> Result<tonic::Response<AppStatus>, Status> {
+        ControlService::get_status(self, request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn list_releases(
+        &self,
+        request: Request<ListReleasesRequest>,
+    ) -> Result<tonic::Response<ListReleasesResponse>, Status> {
+        ControlService::list_releases(self, request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn rollback(&self, request: Request<RollbackRequest>) -> Result<tonic::Response<ChangeResponse>, Status> {
+        ControlService::rollback(self, request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn scale(&self, request: Request<ScaleRequest>) -> Result<tonic::Response<ChangeResponse>, Status> {
+        ControlService::scale(self, request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn scale_vm(&self, request: Request<ScaleVmRequest>) -> Result<tonic::Response<ChangeResponse>, Status> {
+        ControlService::scale_vm(self, request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn set_secrets(
+        &self,
+        request: Request<SetSecretsRequest>,
+    ) -> Result<tonic::Response<ChangeResponse>, Status> {
+        ControlService::set_secrets(self, request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn unset_secrets(
+        &self,
+        request: Request<UnsetSecretsRequest>,
+    ) -> Result<tonic::Response<ChangeResponse>, Status> {
+        ControlService::unset_secrets(self, request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn list_secrets(&self, request: Request<AppRequest>) -> Result<tonic::Response<ListSecretsResponse>, Status> {
+        ControlService::list_secrets(self, request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    type LogsStream = LogLineStream;
+
+    async fn logs(&self, request: Request<LogsRequest>) -> Result<tonic::Response<Self::LogsStream>, Status> {
+        ControlService::logs(self, request.into_inner()).await.map(tonic::Response::new)
     }
 }

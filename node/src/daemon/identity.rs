@@ -65,6 +65,8 @@ pub struct Identity {
     pub ca_cert_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    /// The cluster's secrets key (hex), shared by every node, never in Raft.
+    pub secrets_key: String,
 }
 
 impl Identity {
@@ -108,6 +110,10 @@ impl DataDir {
         self.root.join("bootstrap.json")
     }
 
+    pub fn secrets_key(&self) -> PathBuf {
+        self.root.join("secrets.key")
+    }
+
     fn tls(&self, file: &str) -> PathBuf {
         self.root.join("tls").join(file)
     }
@@ -133,6 +139,7 @@ impl DataDir {
             ca_cert_pem: read(&self.tls("ca.pem"))?,
             cert_pem: read(&self.tls("node.pem"))?,
             key_pem: read(&self.tls("node.key"))?,
+            secrets_key: read(&self.secrets_key())?,
         }))
     }
 
@@ -143,6 +150,7 @@ impl DataDir {
         write_private(&self.tls("ca.pem"), &identity.ca_cert_pem)?;
         write_private(&self.tls("node.pem"), &identity.cert_pem)?;
         write_private(&self.tls("node.key"), &identity.key_pem)?;
+        write_private(&self.secrets_key(), &identity.secrets_key)?;
         let json = serde_json::to_string_pretty(&identity.stored)
             .map_err(|source| IdentityError::Corrupt { path: self.identity(), source })?;
         write_private(&self.identity(), &json)

@@ -19,6 +19,7 @@ use roost_proto::cluster::join_client::JoinClient;
 use roost_proto::cluster::join_server;
 use roost_proto::cluster::{JoinRequest, JoinResponse};
 use roost_raft::state::validate_name;
+use roost_raft::workload::Resources;
 use roost_raft::{Command, Consensus, NewNode, Rejection, Response};
 use tokio::time::Instant;
 use tonic::{Request, Status};
@@ -56,6 +57,7 @@ pub struct JoinParams<'a> {
     pub labels: &'a BTreeMap<String, String>,
     /// How long to keep trying a seed that is not up yet.
     pub wait: Duration,
+    pub resources: Resources,
 }
 
 /// Joins through `seed` and stores the resulting identity in `dir`.
@@ -73,6 +75,8 @@ pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Ident
         address: params.address.to_owned(),
         labels: params.labels.clone().into_iter().collect(),
         public_key: key.public_key(),
+        cpu_millis: params.resources.cpu_millis,
+        memory_bytes: params.resources.memory_bytes,
     };
     // Nodes of a new cluster are often started together: wait for a seed
     // that is not up yet, or has no leader yet, rather than fail at once.
@@ -111,6 +115,7 @@ pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Ident
         ca_cert_pem: reply.ca_cert_pem,
         cert_pem: reply.node_cert_pem,
         key_pem: key.key_pem(),
+        secrets_key: reply.secrets_key,
     };
     dir.save(&identity)?;
     Ok(identity)
@@ -133,6 +138,8 @@ fn wrong_secret() -> Status {
 /// The seed's side of a join.
 pub struct JoinService {
     pub consensus: Arc<Consensus>,
+    /// Handed to the new node; see `roost_deploy::secrets`.
+    pub secrets_key: String,
 }
 
 #[tonic::async_trait]
@@ -176,6 +183,7 @@ impl join_server::Join for JoinService {
             labels: request.labels.into_iter().collect(),
             cert_serial: serial.clone(),
             cert_fingerprint: fingerprint,
+            resources: Resources { cpu_millis: request.cpu_millis, memory_bytes: request.memory_bytes },
         };
         let response = self
             .consensus
@@ -194,6 +202,7 @@ impl join_server::Join for JoinService {
             ca_cert_pem: cluster.ca_cert_pem,
             node_cert_pem: cert_pem,
             cert_serial: serial,
+            secrets_key: self.secrets_key.clone(),
         }))
     }
 }

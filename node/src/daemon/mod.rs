@@ -11,10 +11,12 @@
 pub mod api;
 pub mod auth;
 pub mod channels;
+pub mod deploys;
 pub mod identity;
 pub mod join;
 pub mod liveness;
 pub mod membership;
+pub mod workloads;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,15 +25,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use roost_deploy::agent::Agent;
+use roost_deploy::controller::ControllerConfig;
+use roost_deploy::engine::Engine;
+use roost_deploy::secrets::SecretsKey;
 use roost_network::pki::{self, secret_digest, ClusterCa};
 use roost_network::tls::{self, ClientTls};
 use roost_network::{Token, TokenKind};
 use roost_proto::api::control_server::ControlServer;
+use roost_proto::cluster::agent_server::AgentServer;
 use roost_proto::cluster::join_server::JoinServer;
 use roost_proto::cluster::peer_server::PeerServer;
 use roost_raft::consensus::now_millis;
 use roost_raft::service::RaftService;
 use roost_raft::state::{validate_name, ClusterInfo, FIRST_NODE_ID};
+use roost_raft::workload::Resources;
 use roost_raft::{Command, Consensus, NewNode, RaftNode, Response, Timings};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -71,6 +79,11 @@ pub struct NodeConfig {
     pub liveness: LivenessConfig,
     /// How long `join` keeps trying a seed that is not up yet.
     pub join_wait: Duration,
+    /// What this node offers to instances (detected, or --cpus/--memory).
+    pub resources: Resources,
+    /// The Docker engine to use; None: the local socket.
+    pub docker_host: Option<String>,
+    pub controller: ControllerConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +116,10 @@ pub enum StartError {
     Raft(Box<roost_raft::consensus::StartError>),
     #[error("could not create the cluster: {0}")]
     Bootstrap(String),
+    #[error("Roost runs apps with Docker")]
+    Docker(#[from] roost_deploy::engine::EngineError),
+    #[error("the secrets key in the data directory is unusable")]
+    SecretsKey(#[from] roost_deploy::secrets::SecretsError),
 }
 
 impl From<roost_raft::consensus::StartError> for StartError {
@@ -188,7 +205,9 @@ impl Node {
             None => bound.to_string(),
         };
 
+        let engine = Engine::connect(config.docker_host.as_deref()).await?;
         let (identity, init_tokens) = resolve_identity(&dir, &config, &address).await?;
+        let secrets_key = Arc::new(SecretsKey::from_hex(&identity.secrets_key)?);
         let stored = identity.stored.clone();
         let span = tracing::info_span!("node", node = %stored.name, id = stored.node_id);
         async move {
@@ -214,7 +233,14 @@ impl Node {
                     PeerServer::new(liveness::PeerService { consensus: consensus.clone(), liveness: liveness.clone() }),
                     auth::require_node(state.clone(), stored.node_id),
                 ))
-                .add_service(JoinServer::new(join::JoinService { consensus: consensus.clone() }))
+                .add_service(InterceptedService::new(
+                    AgentServer::new(workloads::AgentService { engine: engine.clone(), consensus: consensus.clone() }),
+                    auth::require_node(state.clone(), stored.node_id),
+                ))
+                .add_service(JoinServer::new(join::JoinService {
+                    consensus: consensus.clone(),
+                    secrets_key: identity.secrets_key.clone(),
+                }))
                 .add_service(InterceptedService::new(
                     ControlServer::new(api::ControlService {
                         consensus: consensus.clone(),
@@ -222,6 +248,8 @@ impl Node {
                         channels: channels.clone(),
                         ca_digest,
                         node_name: stored.name.clone(),
+                        engine: engine.clone(),
+                        secrets_key: secrets_key.clone(),
                     }),
                     auth::require_admin(state, ca_digest),
                 ));
@@ -255,6 +283,13 @@ impl Node {
 
             let removed = Arc::new(AtomicBool::new(false));
             spawn_background(&consensus, &liveness, &channels, &stop, &removed);
+            let fetcher = Arc::new(workloads::PeerImages { consensus: consensus.clone(), channels: channels.clone() });
+            let agent = Agent::new(engine, consensus.clone(), secrets_key, fetcher);
+            tokio::spawn(agent.run(stop.clone()).in_current_span());
+            tokio::spawn(
+                workloads::run_controller(consensus.clone(), liveness.clone(), config.controller.clone(), stop.clone())
+                    .in_current_span(),
+            );
             Ok(RunningNode {
                 id: stored.node_id,
                 name: stored.name.clone(),
@@ -304,12 +339,19 @@ async fn resolve_identity(
     match &config.start {
         Start::Init => {
             dir.create()?;
-            let (identity, tokens) = create_cluster(dir, &name, address, &config.labels)?;
+            let (identity, tokens) = create_cluster(dir, &name, address, &config.labels, config.resources)?;
             Ok((identity, Some(tokens)))
         }
         Start::Join { seed, token } => {
-            let params =
-                join::JoinParams { seed, token, name: &name, address, labels: &config.labels, wait: config.join_wait };
+            let params = join::JoinParams {
+                seed,
+                token,
+                name: &name,
+                address,
+                labels: &config.labels,
+                wait: config.join_wait,
+                resources: config.resources,
+            };
             let identity = join::join_cluster(dir, params).await?;
             tracing::info!(node = %name, id = identity.stored.node_id, %seed, "joined the cluster");
             Ok((identity, None))
@@ -324,6 +366,7 @@ fn create_cluster(
     name: &str,
     address: &str,
     labels: &BTreeMap<String, String>,
+    resources: Resources,
 ) -> Result<(Identity, InitTokens), StartError> {
     let cluster_id = pki::hex(&rand::random::<[u8; 8]>());
     let ca = ClusterCa::generate(&cluster_id)?;
@@ -346,6 +389,7 @@ fn create_cluster(
         labels: labels.clone(),
         cert_serial: node.serial.clone(),
         cert_fingerprint: node.fingerprint.clone(),
+        resources,
     };
     dir.save_bootstrap(&Command::Bootstrap { cluster, node: first })?;
     identity::write_private(&dir.join_token(), &format!("{}\n", tokens.join))?;
@@ -361,6 +405,7 @@ fn create_cluster(
         ca_cert_pem: ca.cert_pem().to_owned(),
         cert_pem: node.cert_pem,
         key_pem: node.key_pem,
+        secrets_key: SecretsKey::generate_hex()?,
     };
     dir.save(&identity)?;
     tracing::info!(cluster = %identity.stored.cluster_id, "created a new cluster");

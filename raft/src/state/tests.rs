@@ -21,6 +21,7 @@ fn node(name: &str, fingerprint: &str) -> NewNode {
         labels: Default::default(),
         cert_serial: format!("serial-{fingerprint}"),
         cert_fingerprint: fingerprint.into(),
+        resources: Default::default(),
     }
 }
 
@@ -102,7 +103,7 @@ fn the_last_node_cannot_be_removed() {
 fn apps_are_created_once_and_destroyed_once() {
     let mut state = bootstrapped();
     let created = apply(&mut state, Command::CreateApp { name: "web".into() });
-    assert_eq!(created, Response::AppCreated { app: App { name: "web".into(), created_at: 1000 } });
+    assert_eq!(created, Response::AppCreated { app: App::new("web", 1000) });
     assert_eq!(state.apps["web"].created_at, 1000);
     assert_eq!(
         apply(&mut state, Command::CreateApp { name: "web".into() }),
@@ -186,7 +187,7 @@ fn a_batch_applies_each_proposal_in_order_and_answers_each() {
     assert_eq!(
         responses,
         [
-            Response::AppCreated { app: App { name: "a".into(), created_at: 7 } },
+            Response::AppCreated { app: App::new("a", 7) },
             Response::Rejected(Rejection::AppExists { name: "a".into() }),
             Response::Done,
         ]
@@ -205,4 +206,149 @@ fn removing_a_node_can_rotate_the_join_secret() {
     let again = Command::RemoveNode { id: 2, new_join_secret: Some(crate::command::Secret("newer".into())) };
     assert!(matches!(apply(&mut state, again), Response::Rejected(_)));
     assert_eq!(state.cluster.as_ref().map(|c| c.join_secret.as_str()), Some("new"));
+}
+
+mod workloads {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::workload::*;
+
+    fn spec(groups: &[&str], image: &str) -> ReleaseSpec {
+        let group = GroupSpec {
+            command: Vec::new(),
+            resources: Resources { cpu_millis: 100, memory_bytes: 1 << 20 },
+            restart: RestartSpec::default(),
+            internal_port: Some(8080),
+            checks: Vec::new(),
+        };
+        ReleaseSpec {
+            image: image.into(),
+            image_ref: image.into(),
+            image_source: FIRST_NODE_ID,
+            env: BTreeMap::new(),
+            groups: groups.iter().map(|g| (g.to_string(), group.clone())).collect(),
+            strategy: Strategy::Rolling,
+            placement: PlacementSpec::default(),
+        }
+    }
+
+    fn deploy(state: &mut State, image: &str) -> Response {
+        apply(
+            state,
+            Command::Deploy { app: "web".into(), spec: spec(&["app", "worker"], image), description: "deploy".into() },
+        )
+    }
+
+    fn finish(state: &mut State, version: u64) {
+        let outcome = Outcome::Active;
+        assert_eq!(apply(state, Command::FinishRelease { app: "web".into(), version, outcome }), Response::Done);
+    }
+
+    #[test]
+    fn a_deploy_creates_the_app_a_release_and_one_instance_per_group() {
+        let mut state = bootstrapped();
+        assert_eq!(deploy(&mut state, "sha256:1"), Response::ReleaseCreated { version: 1 });
+        let app = &state.apps["web"];
+        assert_eq!(app.deploying().map(|r| r.version), Some(1));
+        assert!(app.current().is_none());
+        let groups: Vec<&str> = state.instances.values().map(|i| i.group.as_str()).collect();
+        assert_eq!(groups.len(), 2);
+        assert!(groups.contains(&"app") && groups.contains(&"worker"));
+        assert!(state.instances.values().all(|i| i.node.is_none() && i.state == InstanceState::Pending));
+    }
+
+    #[test]
+    fn a_second_deploy_while_one_runs_is_refused_and_changes_nothing() {
+        let mut state = bootstrapped();
+        deploy(&mut state, "sha256:1");
+        let before = state.clone();
+        assert_eq!(
+            deploy(&mut state, "sha256:2"),
+            Response::Rejected(Rejection::DeployInProgress { app: "web".into(), version: 1 })
+        );
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn rollback_makes_a_new_release_from_the_previous_one() {
+        let mut state = bootstrapped();
+        deploy(&mut state, "sha256:1");
+        finish(&mut state, 1);
+        deploy(&mut state, "sha256:2");
+        finish(&mut state, 2);
+        assert_eq!(
+            apply(&mut state, Command::Rollback { app: "web".into(), version: None }),
+            Response::ReleaseCreated { version: 3 }
+        );
+        let release = &state.apps["web"].releases[&3];
+        assert_eq!(release.spec.image, "sha256:1");
+        assert_eq!(release.description, "rollback to v1");
+        let missing = apply(&mut state, Command::Rollback { app: "web".into(), version: Some(9) });
+        assert!(matches!(missing, Response::Rejected(Rejection::DeployInProgress { .. })), "{missing:?}");
+    }
+
+    #[test]
+    fn scale_adds_and_removes_instances_of_one_group() {
+        let mut state = bootstrapped();
+        deploy(&mut state, "sha256:1");
+        finish(&mut state, 1);
+        apply(&mut state, Command::Scale { app: "web".into(), group: "app".into(), count: 3 });
+        assert_eq!(state.instances.values().filter(|i| i.group == "app").count(), 3);
+        apply(&mut state, Command::Scale { app: "web".into(), group: "app".into(), count: 0 });
+        assert_eq!(state.instances.values().filter(|i| i.group == "app").count(), 0);
+        assert_eq!(state.instances.values().filter(|i| i.group == "worker").count(), 1);
+        let unknown = apply(&mut state, Command::Scale { app: "web".into(), group: "db".into(), count: 1 });
+        assert!(matches!(unknown, Response::Rejected(Rejection::UnknownGroup { .. })), "{unknown:?}");
+    }
+
+    #[test]
+    fn reports_from_a_node_the_instance_is_not_on_are_ignored() {
+        let mut state = bootstrapped();
+        apply(&mut state, Command::AddNode { node: node("n2", "f2") });
+        deploy(&mut state, "sha256:1");
+        let id = state.instances.keys().next().cloned().expect("instance");
+        apply(&mut state, Command::Place { placements: vec![Placement::Place { instance: id.clone(), node: 1 }] });
+        let report = InstanceReport {
+            id: id.clone(),
+            state: InstanceState::Running,
+            health: Health::Passing,
+            address: Some("10.0.0.1:8080".into()),
+            reason: None,
+            restarts: 0,
+        };
+        apply(&mut state, Command::ReportInstances { node: 2, reports: vec![report.clone()] });
+        assert_eq!(state.instances[&id].state, InstanceState::Pending);
+        apply(&mut state, Command::ReportInstances { node: 1, reports: vec![report] });
+        assert_eq!(state.instances[&id].state, InstanceState::Running);
+    }
+
+    #[test]
+    fn destroy_removes_the_apps_instances_and_secrets() {
+        let mut state = bootstrapped();
+        deploy(&mut state, "sha256:1");
+        apply(&mut state, Command::DestroyApp { name: "web".into() });
+        assert!(state.instances.is_empty());
+        assert!(!state.apps.contains_key("web"));
+    }
+
+    #[test]
+    fn secrets_make_a_release_unless_staged_and_unset_checks_names() {
+        let mut state = bootstrapped();
+        deploy(&mut state, "sha256:1");
+        finish(&mut state, 1);
+        let sealed = SealedSecret { sealed: "00".into(), digest: "d".into(), updated_at: 1 };
+        let set = BTreeMap::from([("KEY".to_owned(), sealed)]);
+        let staged = Command::SetSecrets { app: "web".into(), set: set.clone(), unset: vec![], stage: true };
+        assert_eq!(apply(&mut state, staged), Response::Done);
+        assert_eq!(state.apps["web"].secrets_version, 1);
+        let unknown =
+            Command::SetSecrets { app: "web".into(), set: BTreeMap::new(), unset: vec!["NOPE".into()], stage: false };
+        let before = state.clone();
+        assert!(matches!(apply(&mut state, unknown), Response::Rejected(Rejection::SecretNotFound { .. })));
+        assert_eq!(state, before);
+        let released = Command::SetSecrets { app: "web".into(), set, unset: vec![], stage: false };
+        assert_eq!(apply(&mut state, released), Response::ReleaseCreated { version: 2 });
+        assert_eq!(state.apps["web"].releases[&2].secrets_version, 2);
+    }
 }

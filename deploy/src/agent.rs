@@ -1,0 +1,438 @@
+//! The node agent: makes this node's Docker engine run what the state says.
+//!
+//! Every pass (on each state change, and at least every second) compares the
+//! instances the state places on this node with the containers the engine
+//! has, and acts on the difference: it removes containers whose instance is
+//! gone, moved, of another release or of an older generation; fetches the
+//! image from a peer when the engine lacks it; creates and starts missing
+//! containers with the group's limits; stops the containers of suspended
+//! apps; restarts exited ones per the restart policy, with backoff; and runs
+//! the health checks. Then it reports to the leader what differs from what the
+//! state already says, so steady instances cost no log entries. A crash at
+//! any point leaves containers and state that the next pass repairs.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use roost_raft::workload::{
+    GroupSpec, Health, Instance, InstanceReport, InstanceState, ReleaseStatus, RestartPolicy, SealedSecret,
+};
+use roost_raft::{Command, Consensus, NodeId};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::checks::Checker;
+use crate::engine::{
+    Container, ContainerSpec, Engine, LABEL_APP, LABEL_CLUSTER, LABEL_GENERATION, LABEL_GROUP, LABEL_INSTANCE,
+    LABEL_NODE, LABEL_RELEASE,
+};
+use crate::secrets::SecretsKey;
+
+/// A `docker save` stream of an image, fetched from another node.
+pub type ImageStream = BoxStream<'static, Result<Bytes, std::io::Error>>;
+
+/// Fetches images from other nodes; the node binary implements it over the
+/// cluster's TLS transport.
+pub trait ImageFetcher: Send + Sync {
+    fn fetch(&self, image: String, from: NodeId) -> BoxFuture<'static, Result<ImageStream, String>>;
+}
+
+/// Seconds a container gets between SIGTERM and SIGKILL.
+const STOP_GRACE_SECONDS: i32 = 5;
+const PASS_EVERY: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Images of this many newest releases per app stay, for rollbacks.
+const KEEP_RELEASE_IMAGES: usize = 5;
+const COLLECT_IMAGES_EVERY: Duration = Duration::from_secs(60);
+
+pub struct Agent {
+    engine: Engine,
+    consensus: Arc<Consensus>,
+    key: Arc<SecretsKey>,
+    fetcher: Arc<dyn ImageFetcher>,
+    node: NodeId,
+    tracked: HashMap<String, Tracked>,
+    last_collect: Option<Instant>,
+}
+
+/// What the agent remembers of one instance's container between passes.
+struct Tracked {
+    container: String,
+    started: Instant,
+    checker: Option<Checker>,
+    restarts: u32,
+    /// When the exited container may be started again.
+    restart_at: Option<Instant>,
+    /// The last exit, once seen: the reason shown to users.
+    exit: Option<String>,
+    gave_up: bool,
+}
+
+/// An instance this node should run, with what it needs from the state.
+struct Desired {
+    instance: Instance,
+    group: GroupSpec,
+    image: String,
+    image_source: NodeId,
+    env: BTreeMap<String, String>,
+    secrets: BTreeMap<String, SealedSecret>,
+    suspended: bool,
+    deploying: bool,
+}
+
+impl Agent {
+    pub fn new(
+        engine: Engine,
+        consensus: Arc<Consensus>,
+        key: Arc<SecretsKey>,
+        fetcher: Arc<dyn ImageFetcher>,
+    ) -> Self {
+        let node = consensus.id();
+        Self { engine, consensus, key, fetcher, node, tracked: HashMap::new(), last_collect: None }
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut changes = self.consensus.state().changes();
+        loop {
+            if let Err(error) = self.pass().await {
+                tracing::warn!(error = %format!("{error:#}"), "reconciling containers failed; retrying");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = changes.changed() => {}
+                () = tokio::time::sleep(PASS_EVERY) => {}
+            }
+        }
+    }
+
+    async fn pass(&mut self) -> Result<(), crate::engine::EngineError> {
+        let node = self.node;
+        let (cluster, desired) = self.consensus.state().read(|state| {
+            let cluster = state.cluster.as_ref().map(|c| c.id.clone());
+            let desired: Vec<Desired> = state
+                .instances
+                .values()
+                .filter(|i| i.node == Some(node))
+                .filter_map(|i| {
+                    let app = state.apps.get(&i.app)?;
+                    let release = app.releases.get(&i.release)?;
+                    Some(Desired {
+                        instance: i.clone(),
+                        group: release.spec.groups.get(&i.group)?.clone(),
+                        image: release.spec.image.clone(),
+                        image_source: release.spec.image_source,
+                        env: release.spec.env.clone(),
+                        secrets: app.secrets.clone(),
+                        suspended: app.suspended,
+                        deploying: release.status == ReleaseStatus::Deploying,
+                    })
+                })
+                .collect();
+            (cluster, desired)
+        });
+        let Some(cluster) = cluster else { return Ok(()) };
+        let containers = self.engine.containers(&cluster, Some(node)).await?;
+
+        let wanted: HashMap<&str, &Desired> = desired.iter().map(|d| (d.instance.id.as_str(), d)).collect();
+        let mut current: HashMap<String, Container> = HashMap::new();
+        for container in containers {
+            let keep = wanted.get(container.instance.as_str()).is_some_and(|d| {
+                d.instance.release == container.release && d.instance.generation == container.generation
+            }) && !current.contains_key(&container.instance);
+            if keep {
+                current.insert(container.instance.clone(), container);
+            } else {
+                let span = tracing::info_span!("instance", app = %container.app, instance = %container.instance);
+                async {
+                    tracing::info!(release = container.release, "removing container");
+                    self.engine.stop(&container.id, STOP_GRACE_SECONDS).await?;
+                    self.engine.remove(&container.id).await
+                }
+                .instrument(span)
+                .await?;
+                if self.tracked.get(&container.instance).is_some_and(|t| t.container == container.id) {
+                    self.tracked.remove(&container.instance);
+                }
+            }
+        }
+        self.tracked.retain(|id, _| wanted.contains_key(id.as_str()));
+
+        let mut reports = Vec::new();
+        for desired in &desired {
+            let span = tracing::info_span!("instance", app = %desired.instance.app, instance = %desired.instance.id);
+            let report = self.reconcile(&cluster, desired, current.get(&desired.instance.id)).instrument(span).await;
+            if differs(&desired.instance, &report) {
+                reports.push(report);
+            }
+        }
+        if !reports.is_empty() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            if let Err(error) = self.consensus.propose(Command::ReportInstances { node, reports }, deadline).await {
+                tracing::debug!(%error, "reporting instance states failed; the next pass retries");
+            }
+        }
+        self.collect_images(&cluster).await;
+        Ok(())
+    }
+
+    /// Brings one instance's container to what `desired` asks; returns what
+    /// the node now observes of it.
+    async fn reconcile(&mut self, cluster: &str, desired: &Desired, container: Option<&Container>) -> InstanceReport {
+        let id = desired.instance.id.clone();
+        let mut report = InstanceReport {
+            id: id.clone(),
+            state: InstanceState::Starting,
+            health: Health::Unknown,
+            address: None,
+            reason: None,
+            restarts: self.tracked.get(&id).map_or(desired.instance.restarts, |t| t.restarts),
+        };
+        if desired.suspended {
+            if let Some(container) = container.filter(|c| c.running) {
+                tracing::info!("stopping container: the app is suspended");
+                if let Err(error) = self.engine.stop(&container.id, STOP_GRACE_SECONDS).await {
+                    report.reason = Some(format!("{error:#}"));
+                    return report;
+                }
+            }
+            if let Some(tracked) = self.tracked.get_mut(&id) {
+                tracked.checker = None;
+            }
+            report.state = InstanceState::Stopped;
+            report.reason = Some("the app is suspended".into());
+            return report;
+        }
+        let Some(container) = container else {
+            match self.create(cluster, desired).await {
+                Ok(container) => {
+                    let restarts = self.tracked.get(&id).map_or(0, |t| t.restarts);
+                    self.tracked.insert(
+                        id,
+                        Tracked {
+                            container,
+                            started: Instant::now(),
+                            checker: None,
+                            restarts,
+                            restart_at: None,
+                            exit: None,
+                            gave_up: false,
+                        },
+                    );
+                }
+                Err(reason) => {
+                    tracing::warn!(%reason, "could not start the instance");
+                    report.reason = Some(reason);
+                    // Failing to start a new release's instance fails its deploy.
+                    if desired.deploying {
+                        report.state = InstanceState::Failed;
+                    }
+                }
+            }
+            return report;
+        };
+        let tracked = self.tracked.entry(id.clone()).or_insert_with(|| Tracked {
+            container: container.id.clone(),
+            started: Instant::now(),
+            checker: None,
+            restarts: desired.instance.restarts,
+            restart_at: None,
+            exit: None,
+            gave_up: false,
+        });
+        if tracked.container != container.id {
+            tracked.container = container.id.clone();
+            tracked.checker = None;
+        }
+        if container.running {
+            if tracked.exit.take().is_some() {
+                tracked.started = Instant::now();
+            }
+            let Some(ip) = container.ip.clone() else {
+                report.reason = Some("the container has no IP address yet".into());
+                return report;
+            };
+            let checker =
+                tracked.checker.get_or_insert_with(|| Checker::start(&ip, &desired.group.checks, tracked.started));
+            let (health, output) = checker.health();
+            report.state = InstanceState::Running;
+            report.health = health;
+            report.reason = output;
+            report.address = desired.group.internal_port.map(|port| format!("{ip}:{port}"));
+            return report;
+        }
+        // The container exists but does not run: it exited (or never started).
+        tracked.checker = None;
+        if tracked.exit.is_none() {
+            let exit = self.engine.exit_info(&container.id).await.unwrap_or_default();
+            let text = if exit.oom_killed {
+                format!("exited with code {} after running out of memory", exit.exit_code)
+            } else if let Some(error) = exit.error {
+                format!("could not run: {error}")
+            } else {
+                format!("exited with code {}", exit.exit_code)
+            };
+            let policy = desired.group.restart;
+            let clean = exit.exit_code == 0 && !exit.oom_killed;
+            let retries_left = policy.max_retries.is_none_or(|max| tracked.restarts < max);
+            let restart = match policy.policy {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => !clean && retries_left,
+                RestartPolicy::Never => false,
+            };
+            tracing::info!(reason = %text, restart, "instance exited");
+            tracked.exit = Some(text);
+            tracked.gave_up = !restart;
+            tracked.restart_at = restart.then(|| Instant::now() + backoff(tracked.restarts));
+            // An instance of a release still deploying that exits fails the
+            // deploy now rather than at its timeout.
+            if desired.deploying && !clean {
+                tracked.gave_up = true;
+                tracked.restart_at = None;
+            }
+            if clean && !restart {
+                report.state = InstanceState::Stopped;
+                report.reason = tracked.exit.clone();
+                return report;
+            }
+        }
+        let reason = tracked.exit.clone().unwrap_or_default();
+        if tracked.gave_up {
+            report.state = if reason == "exited with code 0" { InstanceState::Stopped } else { InstanceState::Failed };
+            report.reason = Some(reason);
+            return report;
+        }
+        if tracked.restart_at.is_some_and(|at| at <= Instant::now()) {
+            tracked.restarts += 1;
+            tracked.restart_at = None;
+            tracing::info!(restarts = tracked.restarts, "restarting the instance");
+            if let Err(error) = self.engine.start(&container.id).await {
+                tracing::warn!(error = %format!("{error:#}"), "restart failed");
+            }
+            report.restarts = tracked.restarts;
+        }
+        report.state = InstanceState::Starting;
+        report.reason = Some(format!("{reason}; restarting (restart {})", tracked.restarts + 1));
+        report
+    }
+
+    /// Creates and starts the instance's container; the error is the reason
+    /// users see.
+    async fn create(&self, cluster: &str, desired: &Desired) -> Result<String, String> {
+        let instance = &desired.instance;
+        self.ensure_image(&desired.image, desired.image_source).await?;
+        let mut env: BTreeMap<String, String> = desired.env.clone();
+        for (name, sealed) in &desired.secrets {
+            let value = self.key.open(&instance.app, name, sealed).map_err(|e| e.to_string())?;
+            env.insert(name.clone(), value);
+        }
+        env.insert("ROOST_APP_NAME".into(), instance.app.clone());
+        env.insert("ROOST_INSTANCE_ID".into(), instance.id.clone());
+        env.insert("ROOST_PROCESS_GROUP".into(), instance.group.clone());
+        env.insert("ROOST_RELEASE".into(), instance.release.to_string());
+        if let Some(port) = desired.group.internal_port {
+            env.entry("PORT".into()).or_insert_with(|| port.to_string());
+        }
+        let labels = HashMap::from([
+            (LABEL_CLUSTER.to_owned(), cluster.to_owned()),
+            (LABEL_NODE.to_owned(), self.node.to_string()),
+            (LABEL_APP.to_owned(), instance.app.clone()),
+            (LABEL_RELEASE.to_owned(), instance.release.to_string()),
+            (LABEL_INSTANCE.to_owned(), instance.id.clone()),
+            (LABEL_GROUP.to_owned(), instance.group.clone()),
+            (LABEL_GENERATION.to_owned(), instance.generation.to_string()),
+        ]);
+        let spec = ContainerSpec {
+            name: container_name(cluster, &instance.app, &instance.id),
+            image: desired.image.clone(),
+            command: desired.group.command.clone(),
+            env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            labels,
+            cpu_millis: desired.group.resources.cpu_millis,
+            memory_bytes: desired.group.resources.memory_bytes,
+        };
+        tracing::info!(release = instance.release, image = %desired.image, "starting container");
+        // A container left by a crash between create and the state update
+        // carries the same name; clear it first.
+        let _ = self.engine.remove(&spec.name).await;
+        self.engine.run(&spec).await.map_err(|e| format!("{e:#}"))
+    }
+
+    async fn ensure_image(&self, image: &str, source: NodeId) -> Result<(), String> {
+        match self.engine.image_id(image).await {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => {}
+            Err(error) => return Err(format!("{error:#}")),
+        }
+        if source == self.node {
+            return Err(format!("image {image} is not in this node's Docker engine any more; deploy again"));
+        }
+        tracing::info!(%image, from = source, "fetching the image from a peer");
+        let started = Instant::now();
+        let stream = self.fetcher.fetch(image.to_owned(), source).await?;
+        self.engine.import_image(stream).await.map_err(|e| format!("{e:#}"))?;
+        match self.engine.image_id(image).await {
+            Ok(Some(_)) => {
+                tracing::info!(%image, elapsed = ?started.elapsed(), "image fetched");
+                Ok(())
+            }
+            _ => Err(format!("node {source} sent an image, but not {image}")),
+        }
+    }
+
+    /// Removes this cluster's images that no recent release uses.
+    async fn collect_images(&mut self, cluster: &str) {
+        if self.last_collect.is_some_and(|at| at.elapsed() < COLLECT_IMAGES_EVERY) {
+            return;
+        }
+        self.last_collect = Some(Instant::now());
+        let keep: HashSet<String> = self.consensus.state().read(|state| {
+            state
+                .apps
+                .values()
+                .flat_map(|app| {
+                    app.releases
+                        .values()
+                        .rev()
+                        .enumerate()
+                        .filter(|(i, r)| *i < KEEP_RELEASE_IMAGES || r.status != ReleaseStatus::Superseded)
+                        .map(|(_, r)| r.spec.image.clone())
+                })
+                .collect()
+        });
+        match self.engine.cluster_images(cluster).await {
+            Ok(images) => {
+                for image in images.into_iter().filter(|i| !keep.contains(i)) {
+                    tracing::info!(%image, "removing an image no release uses");
+                    if let Err(error) = self.engine.remove_image(&image).await {
+                        tracing::debug!(error = %format!("{error:#}"), "image not removed");
+                    }
+                }
+            }
+            Err(error) => tracing::debug!(error = %format!("{error:#}"), "listing images failed"),
+        }
+    }
+}
+
+/// Whether the state's record of an instance is out of date.
+fn differs(instance: &Instance, report: &InstanceReport) -> bool {
+    instance.state != report.state
+        || instance.health != report.health
+        || instance.address != report.address
+        || instance.reason != report.reason
+        || instance.restarts != report.restarts
+}
+
+fn backoff(restarts: u32) -> Duration {
+    Duration::from_millis(500u64.saturating_mul(1 << restarts.min(10))).min(BACKOFF_MAX)
+}
+
+/// Unique per engine: the cluster id keeps test clusters on one engine apart.
+pub fn container_name(cluster: &str, app: &str, instance: &str) -> String {
+    let short: String = cluster.chars().filter(char::is_ascii_alphanumeric).take(8).collect();
+    format!("roost-{short}-{app}-{instance}")
+}

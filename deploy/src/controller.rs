@@ -1,0 +1,131 @@
+//! The leader's decisions about workloads: a pure function of state and time.
+//!
+//! [`decide`] returns the commands that move the cluster toward what its
+//! state asks for: take instances off nodes that have been down past the
+//! grace period, place waiting instances (through [`crate::scheduler`]), and
+//! end deploys, as a success once every new instance runs and passes its
+//! checks, or as a failure (rolled back: the previous release keeps serving)
+//! as soon as one cannot be placed, fails, fails a check, or the deploy
+//! outlasts its timeout. The node driver proposes what it returns and calls
+//! it again; every decision is re-checked by apply, so a repeated or late one
+//! is harmless.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use roost_raft::state::{State, UnixMillis};
+use roost_raft::workload::{Health, InstanceState, Outcome, ReleaseStatus, Strategy};
+use roost_raft::{Command, NodeId};
+
+use crate::scheduler;
+
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// How long a node may be down before its instances move elsewhere.
+    pub reschedule_after: Duration,
+    /// How long a deploy may take before it is rolled back.
+    pub deploy_timeout: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self { reschedule_after: Duration::from_secs(10), deploy_timeout: Duration::from_secs(300) }
+    }
+}
+
+/// What the leader knows about nodes beyond the state.
+#[derive(Clone, Debug, Default)]
+pub struct NodeView {
+    /// Nodes not heard from recently, with how long they have been silent.
+    pub down: BTreeMap<NodeId, Duration>,
+}
+
+pub fn decide(state: &State, view: &NodeView, config: &ControllerConfig, now: UnixMillis) -> Vec<Command> {
+    let mut commands = Vec::new();
+
+    let mut moved: BTreeMap<NodeId, Vec<String>> = BTreeMap::new();
+    for instance in state.instances.values() {
+        let Some(node) = instance.node else { continue };
+        let gone = !state.nodes.contains_key(&node);
+        let down_long = view.down.get(&node).is_some_and(|d| *d >= config.reschedule_after);
+        if gone || down_long {
+            moved.entry(node).or_default().push(instance.id.clone());
+        }
+    }
+    for (node, instances) in moved {
+        let name = state.nodes.get(&node).map_or_else(|| format!("node {node}"), |n| n.name.clone());
+        let reason = if state.nodes.contains_key(&node) {
+            format!("{name} was down for more than {}s", config.reschedule_after.as_secs())
+        } else {
+            format!("{name} was removed")
+        };
+        commands.push(Command::Reschedule { instances, reason });
+    }
+
+    let unavailable: BTreeSet<NodeId> = view.down.keys().copied().collect();
+    let placements = scheduler::schedule(state, &unavailable);
+    if !placements.is_empty() {
+        commands.push(Command::Place { placements });
+    }
+
+    for app in state.apps.values() {
+        let Some(release) = app.releases.values().rev().find(|r| r.status == ReleaseStatus::Deploying) else {
+            continue;
+        };
+        let instances: Vec<_> =
+            state.instances.values().filter(|i| i.app == app.name && i.release == release.version).collect();
+        let node_name = |id: Option<NodeId>| {
+            id.and_then(|id| state.nodes.get(&id)).map_or_else(|| "no node".to_owned(), |n| n.name.clone())
+        };
+        let mut failure = None;
+        for instance in &instances {
+            let detail = instance.reason.clone().unwrap_or_default();
+            if instance.node.is_none() && instance.reason.is_some() && !unavailable_only(&detail) {
+                failure = Some(format!("instance {} ({}) cannot be placed: {detail}", instance.id, instance.group));
+            } else if instance.state == InstanceState::Failed {
+                failure = Some(format!("instance {} on {} failed: {detail}", instance.id, node_name(instance.node)));
+            } else if instance.health == Health::Failing {
+                failure = Some(format!(
+                    "instance {} on {} failed its checks: {detail}",
+                    instance.id,
+                    node_name(instance.node)
+                ));
+            }
+            if failure.is_some() {
+                break;
+            }
+        }
+        let timed_out = now.saturating_sub(release.created_at) > config.deploy_timeout.as_millis() as i64;
+        let outcome = if let Some(reason) = failure {
+            Some(Outcome::Failed { reason })
+        } else if release.spec.strategy == Strategy::Immediate && instances.iter().all(|i| i.node.is_some()) {
+            Some(Outcome::Active)
+        } else if instances.iter().all(|i| {
+            let checked = release.spec.groups.get(&i.group).is_some_and(|g| !g.checks.is_empty());
+            i.state == InstanceState::Running && (!checked || i.health == Health::Passing)
+        }) {
+            Some(Outcome::Active)
+        } else if timed_out {
+            Some(Outcome::Failed {
+                reason: format!(
+                    "its instances did not all run and pass their checks within {}s",
+                    config.deploy_timeout.as_secs()
+                ),
+            })
+        } else {
+            None
+        };
+        if let Some(outcome) = outcome {
+            commands.push(Command::FinishRelease { app: app.name.clone(), version: release.version, outcome });
+        }
+    }
+    commands
+}
+
+/// A reason that only says the node went away, which a new placement fixes.
+fn unavailable_only(reason: &str) -> bool {
+    reason.ends_with("was removed") || reason.contains("was down for more than")
+}
+
+#[cfg(test)]
+mod tests;

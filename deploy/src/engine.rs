@@ -1,0 +1,382 @@
+//! The Docker engine, as Roost uses it: a thin layer over bollard.
+//!
+//! Everything Roost creates carries labels (`roost.cluster`, `roost.node`,
+//! `roost.app`, `roost.release`, `roost.instance`, …) and every listing
+//! filters on them, so several nodes, or several test clusters, can share one
+//! engine without touching each other's containers. This module is the only
+//! place that speaks bollard; the agent and the API see [`Engine`] and plain
+//! values.
+
+use std::collections::HashMap;
+
+use bollard::errors::Error as DockerError;
+use bollard::models::{ContainerCreateBody, ContainerSummaryStateEnum, HostConfig};
+use bollard::query_parameters::{
+    BuildImageOptionsBuilder, CreateContainerOptionsBuilder, ImportImageOptionsBuilder, ListContainersOptionsBuilder,
+    ListImagesOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+    StopContainerOptionsBuilder,
+};
+use bollard::{body_full, Docker};
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+
+pub const LABEL_CLUSTER: &str = "roost.cluster";
+pub const LABEL_NODE: &str = "roost.node";
+pub const LABEL_APP: &str = "roost.app";
+pub const LABEL_RELEASE: &str = "roost.release";
+pub const LABEL_INSTANCE: &str = "roost.instance";
+pub const LABEL_GROUP: &str = "roost.group";
+pub const LABEL_GENERATION: &str = "roost.generation";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot reach the Docker engine at {host}; is it running, and may this user use it?")]
+    Unreachable {
+        host: String,
+        #[source]
+        source: DockerError,
+    },
+    #[error("Docker could not {action}")]
+    Docker {
+        action: String,
+        #[source]
+        source: DockerError,
+    },
+    #[error("the image build failed: {message}")]
+    Build { message: String },
+    #[error("the build finished without naming the image it made")]
+    NoImageId,
+}
+
+impl EngineError {
+    fn docker(action: impl Into<String>) -> impl FnOnce(DockerError) -> EngineError {
+        let action = action.into();
+        move |source| EngineError::Docker { action, source }
+    }
+
+    /// Whether Docker answered "no such …".
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            EngineError::Docker { source: DockerError::DockerResponseServerError { status_code: 404, .. }, .. }
+        )
+    }
+}
+
+/// A connection to one Docker engine.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    docker: Docker,
+}
+
+/// One line of a build's output, or its result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BuildEvent {
+    Output(String),
+    Built { image_id: String },
+}
+
+/// A container Roost made, as the engine lists it.
+#[derive(Clone, Debug)]
+pub struct Container {
+    pub id: String,
+    pub app: String,
+    pub instance: String,
+    pub release: u64,
+    pub generation: u32,
+    pub running: bool,
+    /// Created or exited: it exists but does not run.
+    pub stopped: bool,
+    pub ip: Option<String>,
+}
+
+/// What a new container runs.
+#[derive(Clone, Debug)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: Vec<String>,
+    pub labels: HashMap<String, String>,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+}
+
+/// How a stopped container ended.
+#[derive(Clone, Debug, Default)]
+pub struct ExitInfo {
+    pub exit_code: i64,
+    pub oom_killed: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+impl Engine {
+    /// Connects to `host` (a `unix://` path or `tcp://` address), or to the
+    /// local engine's socket, and agrees on an API version with it.
+    pub async fn connect(host: Option<&str>) -> Result<Engine, EngineError> {
+        let shown = host.unwrap_or("unix:///var/run/docker.sock").to_owned();
+        let unreachable = |source| EngineError::Unreachable { host: shown.clone(), source };
+        let docker = match host {
+            Some(host) => Docker::connect_with_host(host),
+            None => Docker::connect_with_unix(&shown, 600, bollard::API_DEFAULT_VERSION),
+        }
+        .map_err(unreachable)?
+        // Builds, image loads and release commands can take minutes before
+        // the engine answers.
+        .with_timeout(std::time::Duration::from_secs(600));
+        let docker = docker.negotiate_version().await.map_err(unreachable)?;
+        docker.ping().await.map_err(unreachable)?;
+        Ok(Engine { docker })
+    }
+
+    /// Builds an image from a tar of the build context, streaming its output.
+    pub fn build(
+        &self,
+        context: Bytes,
+        dockerfile: &str,
+        tag: &str,
+        labels: &HashMap<String, String>,
+        args: &HashMap<String, String>,
+    ) -> impl Stream<Item = Result<BuildEvent, EngineError>> + '_ {
+        let options = BuildImageOptionsBuilder::default()
+            .dockerfile(dockerfile)
+            .t(tag)
+            .rm(true)
+            .forcerm(true)
+            .labels(labels)
+            .buildargs(args)
+            .build();
+        let mut built = false;
+        self.docker
+            .build_image(options, None, Some(body_full(context)))
+            .map_err(|source| EngineError::Docker { action: "build the image".into(), source })
+            .and_then(move |info| {
+                let event = if let Some(detail) = info.error_detail {
+                    Err(EngineError::Build { message: detail.message.unwrap_or_default().trim().to_owned() })
+                } else if let Some(id) = info.aux.and_then(|aux| aux.id).filter(|_| !built) {
+                    built = true;
+                    Ok(BuildEvent::Built { image_id: id })
+                } else {
+                    Ok(BuildEvent::Output(info.stream.or(info.status).unwrap_or_default()))
+                };
+                futures::future::ready(event)
+            })
+    }
+
+    /// The image's id when the engine has it.
+    pub async fn image_id(&self, name: &str) -> Result<Option<String>, EngineError> {
+        match self.docker.inspect_image(name).await {
+            Ok(image) => Ok(image.id),
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(source) => Err(EngineError::Docker { action: format!("inspect image {name}"), source }),
+        }
+    }
+
+    /// The image as a `docker save` tar stream.
+    pub fn export_image(&self, id: &str) -> impl Stream<Item = Result<Bytes, EngineError>> {
+        let action = format!("export image {id}");
+        self.docker.export_image(id).map_err(move |source| EngineError::Docker { action: action.clone(), source })
+    }
+
+    /// Loads a `docker save` tar stream into the engine.
+    pub async fn import_image<S, E>(&self, tar: S) -> Result<(), EngineError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+    {
+        let options = ImportImageOptionsBuilder::default().quiet(true).build();
+        let mut results = self.docker.import_image_stream(options, tar, None);
+        while let Some(result) = results.next().await {
+            let info = result.map_err(EngineError::docker("load the image"))?;
+            if let Some(detail) = info.error_detail {
+                return Err(EngineError::Build { message: detail.message.unwrap_or_default() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Ids of the images built for `cluster`.
+    pub async fn cluster_images(&self, cluster: &str) -> Result<Vec<String>, EngineError> {
+        let filters = HashMap::from([("label", vec![format!("{LABEL_CLUSTER}={cluster}")])]);
+        let options = ListImagesOptionsBuilder::default().filters(&filters).build();
+        let images = self.docker.list_images(Some(options)).await.map_err(EngineError::docker("list images"))?;
+        Ok(images.into_iter().map(|image| image.id).collect())
+    }
+
+    /// Removes an image unless a container still uses it.
+    pub async fn remove_image(&self, id: &str) -> Result<(), EngineError> {
+        let options = RemoveImageOptionsBuilder::default().force(false).build();
+        match self.docker.remove_image(id, Some(options), None).await {
+            Ok(_) | Err(DockerError::DockerResponseServerError { status_code: 404 | 409, .. }) => Ok(()),
+            Err(source) => Err(EngineError::Docker { action: format!("remove image {id}"), source }),
+        }
+    }
+
+    /// The containers of `cluster` that `node` owns, running or not.
+    pub async fn containers(&self, cluster: &str, node: Option<u64>) -> Result<Vec<Container>, EngineError> {
+        let mut labels = vec![format!("{LABEL_CLUSTER}={cluster}")];
+        if let Some(node) = node {
+            labels.push(format!("{LABEL_NODE}={node}"));
+        }
+        let filters = HashMap::from([("label", labels)]);
+        let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        let summaries =
+            self.docker.list_containers(Some(options)).await.map_err(EngineError::docker("list containers"))?;
+        Ok(summaries
+            .into_iter()
+            .filter_map(|summary| {
+                let labels = summary.labels.unwrap_or_default();
+                let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
+                let state = summary.state.unwrap_or(ContainerSummaryStateEnum::EMPTY);
+                let ip = summary
+                    .network_settings
+                    .and_then(|settings| settings.networks)
+                    .and_then(|networks| networks.into_values().find_map(|n| n.ip_address))
+                    .filter(|ip| !ip.is_empty());
+                Some(Container {
+                    id: summary.id?,
+                    app: label(LABEL_APP),
+                    instance: label(LABEL_INSTANCE),
+                    release: label(LABEL_RELEASE).parse().unwrap_or(0),
+                    generation: label(LABEL_GENERATION).parse().unwrap_or(0),
+                    running: matches!(
+                        state,
+                        ContainerSummaryStateEnum::RUNNING | ContainerSummaryStateEnum::RESTARTING
+                    ),
+                    stopped: matches!(
+                        state,
+                        ContainerSummaryStateEnum::CREATED
+                            | ContainerSummaryStateEnum::EXITED
+                            | ContainerSummaryStateEnum::DEAD
+                    ),
+                    ip,
+                })
+            })
+            .collect())
+    }
+
+    /// Creates and starts a container; returns its id.
+    pub async fn run(&self, spec: &ContainerSpec) -> Result<String, EngineError> {
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
+            env: Some(spec.env.clone()),
+            labels: Some(spec.labels.clone()),
+            host_config: Some(HostConfig {
+                // PID 1 of a FROM scratch image ignores SIGTERM; docker-init forwards it.
+                init: Some(true),
+                memory: Some(spec.memory_bytes as i64),
+                nano_cpus: Some(spec.cpu_millis as i64 * 1_000_000),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptionsBuilder::default().name(&spec.name).build();
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(EngineError::docker(format!("create container {}", spec.name)))?;
+        self.start(&created.id).await?;
+        Ok(created.id)
+    }
+
+    /// Runs a container to completion (a release command); returns its exit
+    /// code and output lines, and removes it.
+    pub async fn run_to_completion(&self, spec: &ContainerSpec) -> Result<(i64, Vec<String>), EngineError> {
+        let id = match self.run(spec).await {
+            Ok(id) => id,
+            Err(error) => {
+                // Created but not started: do not leave it behind.
+                let _ = self.remove(&spec.name).await;
+                return Err(error);
+            }
+        };
+        let mut waits = self.docker.wait_container(&id, None::<bollard::query_parameters::WaitContainerOptions>);
+        let code = match waits.next().await {
+            Some(Ok(response)) => response.status_code,
+            Some(Err(DockerError::DockerContainerWaitError { code, .. })) => code,
+            Some(Err(source)) => {
+                let _ = self.remove(&id).await;
+                return Err(EngineError::Docker { action: format!("wait for container {}", spec.name), source });
+            }
+            None => 0,
+        };
+        let mut lines = Vec::new();
+        let mut logs = Box::pin(self.logs(&id, false, None, None));
+        while let Some(Ok((_, bytes))) = logs.next().await {
+            lines.extend(String::from_utf8_lossy(&bytes).lines().map(str::to_owned));
+        }
+        self.remove(&id).await?;
+        Ok((code, lines))
+    }
+
+    pub async fn start(&self, id: &str) -> Result<(), EngineError> {
+        self.docker.start_container(id, None).await.map_err(EngineError::docker(format!("start container {id}")))
+    }
+
+    /// Stops a container, giving it `grace_seconds` after SIGTERM.
+    pub async fn stop(&self, id: &str, grace_seconds: i32) -> Result<(), EngineError> {
+        let options = StopContainerOptionsBuilder::default().t(grace_seconds).build();
+        match self.docker.stop_container(id, Some(options)).await {
+            // 304: already stopped.
+            Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 304 | 404, .. }) => Ok(()),
+            Err(source) => Err(EngineError::Docker { action: format!("stop container {id}"), source }),
+        }
+    }
+
+    /// Removes a container, killing it if it still runs.
+    pub async fn remove(&self, id: &str) -> Result<(), EngineError> {
+        let options = RemoveContainerOptionsBuilder::default().force(true).build();
+        match self.docker.remove_container(id, Some(options)).await {
+            Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(source) => Err(EngineError::Docker { action: format!("remove container {id}"), source }),
+        }
+    }
+
+    pub async fn exit_info(&self, id: &str) -> Result<ExitInfo, EngineError> {
+        let inspected = self
+            .docker
+            .inspect_container(id, None)
+            .await
+            .map_err(EngineError::docker(format!("inspect container {id}")))?;
+        let state = inspected.state.unwrap_or_default();
+        Ok(ExitInfo {
+            exit_code: state.exit_code.unwrap_or(0),
+            oom_killed: state.oom_killed.unwrap_or(false),
+            error: state.error.filter(|e| !e.is_empty()),
+        })
+    }
+
+    /// A container's output; `since` is a Unix time in seconds.
+    pub fn logs(
+        &self,
+        id: &str,
+        follow: bool,
+        tail: Option<u32>,
+        since: Option<i64>,
+    ) -> impl Stream<Item = Result<(LogStream, Bytes), EngineError>> {
+        let tail = tail.map_or_else(|| "all".to_owned(), |n| n.to_string());
+        let mut options = LogsOptionsBuilder::default().follow(follow).stdout(true).stderr(true).tail(&tail);
+        if let Some(since) = since {
+            options = options.since(since.clamp(0, i32::MAX as i64) as i32);
+        }
+        let action = format!("read the logs of container {id}");
+        self.docker.logs(id, Some(options.build())).filter_map(move |item| {
+            let out = match item {
+                Ok(bollard::container::LogOutput::StdErr { message }) => Some(Ok((LogStream::Stderr, message))),
+                Ok(bollard::container::LogOutput::StdOut { message })
+                | Ok(bollard::container::LogOutput::Console { message }) => Some(Ok((LogStream::Stdout, message))),
+                Ok(bollard::container::LogOutput::StdIn { .. }) => None,
+                Err(source) => Some(Err(EngineError::Docker { action: action.clone(), source })),
+            };
+            futures::future::ready(out)
+        })
+    }
+}

@@ -1,0 +1,529 @@
+//! The public API's workload calls: deploy, status, releases, rollback,
+//! scale, secrets, suspend/resume/restart and logs.
+//!
+//! A deploy checks everything it can before it touches the cluster (the
+//! roost.toml, the app's state, the image) and proposes one `Command::Deploy`
+//! at the end, so a bad file, a failed build or a missing image leaves the
+//! running release untouched. What follows (placing, starting, checking,
+//! switching or rolling back) is the controller's and the agents' work; the
+//! CLI follows it through `GetStatus`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use roost_deploy::config::{AppConfig, Memory};
+use roost_deploy::engine::{BuildEvent, ContainerSpec, LABEL_APP, LABEL_CLUSTER};
+use roost_deploy::spec::{release_spec, ImageChoice};
+use roost_proto::api::{
+    deploy_event, deploy_request, AppRequest, AppStatus, ChangeResponse, DeployEvent, DeployRequest, DeployStart,
+    GetStatusRequest, Instance as WireInstance, ListReleasesRequest, ListReleasesResponse, ListSecretsResponse,
+    LogLine, LogsRequest, Release as WireRelease, RollbackRequest, ScaleRequest, ScaleVmRequest, Secret as WireSecret,
+    SetSecretsRequest, UnsetSecretsRequest,
+};
+use roost_proto::cluster::agent_client::AgentClient;
+use roost_proto::cluster::InstanceLogsRequest;
+use roost_raft::consensus::now_millis;
+use roost_raft::state::State;
+use roost_raft::workload::{Instance, Release, Resources, Strategy};
+use roost_raft::{Command, Rejection, Response};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+use tracing::Instrument;
+
+use super::api::{rejection_status, ControlService};
+use super::workloads::local_logs;
+
+pub type DeployStream = Pin<Box<dyn Stream<Item = Result<DeployEvent, Status>> + Send>>;
+pub type LogLineStream = Pin<Box<dyn Stream<Item = Result<LogLine, Status>> + Send>>;
+
+/// The largest build context or uploaded image a deploy accepts.
+const MAX_UPLOAD: usize = 2 << 30;
+
+fn progress(text: impl Into<String>) -> Result<DeployEvent, Status> {
+    Ok(DeployEvent { event: Some(deploy_event::Event::Progress(text.into())) })
+}
+
+fn parse_strategy(text: &str) -> Result<Option<Strategy>, Status> {
+    Ok(Some(match text {
+        "" => return Ok(None),
+        "rolling" => Strategy::Rolling,
+        "immediate" => Strategy::Immediate,
+        "bluegreen" => Strategy::Bluegreen,
+        "canary" => Strategy::Canary,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "unknown strategy '{other}': use rolling, immediate, bluegreen or canary"
+            )))
+        }
+    }))
+}
+
+pub fn release_to_wire(release: &Release) -> WireRelease {
+    WireRelease {
+        version: release.version,
+        status: release.status.to_string(),
+        description: release.description.clone(),
+        reason: release.reason.clone().unwrap_or_default(),
+        image: release.spec.image_ref.clone(),
+        strategy: release.spec.strategy.to_string(),
+        created_at_ms: release.created_at,
+    }
+}
+
+fn instance_to_wire(state: &State, instance: &Instance) -> WireInstance {
+    WireInstance {
+        id: instance.id.clone(),
+        node: instance.node.and_then(|id| state.nodes.get(&id)).map(|n| n.name.clone()).unwrap_or_default(),
+        process_group: instance.group.clone(),
+        release: instance.release,
+        state: instance.state.to_string(),
+        health: instance.health.to_string(),
+        address: instance.address.clone().unwrap_or_default(),
+        reason: instance.reason.clone().unwrap_or_default(),
+        restarts: instance.restarts,
+        updated_at_ms: instance.updated_at,
+    }
+}
+
+fn released(response: Response) -> ChangeResponse {
+    match response {
+        Response::ReleaseCreated { version } => ChangeResponse { release: Some(version) },
+        _ => ChangeResponse { release: None },
+    }
+}
+
+fn app_not_found(app: &str) -> Status {
+    rejection_status(Rejection::AppNotFound { name: app.to_owned() })
+}
+
+impl ControlService {
+    pub(super) async fn deploy_stream(&self, mut inbound: Streaming<DeployRequest>) -> Result<DeployStream, Status> {
+        let start = match inbound.message().await? {
+            Some(DeployRequest { part: Some(deploy_request::Part::Start(start)) }) => start,
+            _ => return Err(Status::invalid_argument("a deploy must begin with its DeployStart message")),
+        };
+        let config = AppConfig::parse(&start.config)
+            .map_err(|message| Status::invalid_argument(format!("roost.toml is not valid: {message}")))?;
+        let problems = config.validate();
+        if !problems.is_empty() {
+            let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+            return Err(Status::invalid_argument(format!("roost.toml has problems:\n{}", list.join("\n"))));
+        }
+        let app = if start.app.is_empty() { config.app.clone() } else { start.app.clone() };
+        if let Err(reason) = roost_raft::state::validate_name(&app) {
+            return Err(rejection_status(Rejection::InvalidAppName { name: app, reason }));
+        }
+        let strategy = parse_strategy(&start.strategy)?;
+        self.barrier(None).await?;
+        let blocked = self.consensus.state().read(|s| {
+            let a = s.apps.get(&app)?;
+            if a.suspended {
+                return Some(Rejection::AppSuspended { name: app.clone() });
+            }
+            a.deploying().map(|d| Rejection::DeployInProgress { app: app.clone(), version: d.version })
+        });
+        if let Some(rejection) = blocked {
+            return Err(rejection_status(rejection));
+        }
+
+        let (events, receiver) = mpsc::channel(64);
+        let this = self.clone();
+        let span = tracing::info_span!("deploy", %app);
+        tokio::spawn(
+            async move {
+                let result = this.run_deploy(start, config, app, strategy, inbound, &events).await;
+                if let Err(status) = &result {
+                    tracing::warn!(error = %status.message(), "deploy refused");
+                }
+                let last = result.map(|version| DeployEvent { event: Some(deploy_event::Event::Release(version)) });
+                let _ = events.send(last).await;
+            }
+            .instrument(span),
+        );
+        Ok(Box::pin(ReceiverStream::new(receiver)))
+    }
+
+    async fn run_deploy(
+        &self,
+        start: DeployStart,
+        config: AppConfig,
+        app: String,
+        strategy: Option<Strategy>,
+        mut inbound: Streaming<DeployRequest>,
+        events: &mpsc::Sender<Result<DeployEvent, Status>>,
+    ) -> Result<u64, Status> {
+        let me = self.consensus.id();
+        let cluster = self.consensus.state().read(|s| s.cluster.as_ref().map(|c| c.id.clone())).unwrap_or_default();
+        let started = std::time::Instant::now();
+        let (image_id, reference) = if start.image_upload {
+            let _ = events.send(progress(format!("loading image {} into {}", start.image, self.node_name))).await;
+            let chunks = inbound.filter_map(|item| async move {
+                match item {
+                    Ok(DeployRequest { part: Some(deploy_request::Part::Chunk(data)) }) => {
+                        Some(Ok::<_, std::io::Error>(bytes::Bytes::from(data)))
+                    }
+                    Ok(_) => None,
+                    Err(status) => Some(Err(std::io::Error::other(status.message().to_owned()))),
+                }
+            });
+            self.engine.import_image(chunks).await.map_err(|e| Status::internal(format!("{e:#}")))?;
+            let id = self.engine.image_id(&start.image).await.map_err(|e| Status::internal(format!("{e:#}")))?;
+            let id = id.ok_or_else(|| {
+                Status::invalid_argument(format!("the uploaded image does not contain {}", start.image))
+            })?;
+            (id, start.image.clone())
+        } else if !start.image.is_empty() {
+            let id = self.engine.image_id(&start.image).await.map_err(|e| Status::unavailable(format!("{e:#}")))?;
+            let id = id.ok_or_else(|| {
+                Status::not_found(format!(
+                    "image {} is not in the Docker engine of {}; build it there, or let the CLI upload it from its own engine",
+                    start.image, self.node_name
+                ))
+            })?;
+            (id, start.image.clone())
+        } else {
+            let mut context = Vec::new();
+            while let Some(message) = inbound.message().await? {
+                if let Some(deploy_request::Part::Chunk(data)) = message.part {
+                    if context.len() + data.len() > MAX_UPLOAD {
+                        return Err(Status::resource_exhausted("the build context is over 2 GiB; add a .dockerignore"));
+                    }
+                    context.extend_from_slice(&data);
+                }
+            }
+            let _ = events
+                .send(progress(format!("building on {} ({} KiB of context)", self.node_name, context.len() / 1024)))
+                .await;
+            let tag = format!("roost-{app}:{}", now_millis());
+            let labels =
+                HashMap::from([(LABEL_CLUSTER.to_owned(), cluster.clone()), (LABEL_APP.to_owned(), app.clone())]);
+            let args: HashMap<String, String> = config.build.args.clone().into_iter().collect();
+            let dockerfile = if start.dockerfile.is_empty() {
+                config.build.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into())
+            } else {
+                start.dockerfile.clone()
+            };
+            let mut build = Box::pin(self.engine.build(bytes::Bytes::from(context), &dockerfile, &tag, &labels, &args));
+            let mut built = None;
+            while let Some(event) = build.next().await {
+                match event {
+                    Ok(BuildEvent::Output(line)) => {
+                        let line = line.trim_end().to_owned();
+                        if !line.is_empty() {
+                            let _ = events
+                                .send(Ok(DeployEvent { event: Some(deploy_event::Event::BuildOutput(line)) }))
+                                .await;
+                        }
+                    }
+                    Ok(BuildEvent::Built { image_id }) => built = Some(image_id),
+                    Err(error) => return Err(Status::failed_precondition(format!("{error:#}"))),
+                }
+            }
+            let id = match built {
+                Some(id) => id,
+                None => self
+                    .engine
+                    .image_id(&tag)
+                    .await
+                    .map_err(|e| Status::internal(format!("{e:#}")))?
+                    .ok_or_else(|| Status::internal("the build made no image"))?,
+            };
+            let _ = events.send(progress(format!("built {tag} in {:.1}s", started.elapsed().as_secs_f64()))).await;
+            (id, tag)
+        };
+        if let Some(command) = &config.deploy.release_command {
+            self.release_command(&app, &cluster, &image_id, command, &config, events).await?;
+        }
+        let spec = release_spec(&config, ImageChoice { id: image_id, reference, source: me }, strategy);
+        let response = self.propose(Command::Deploy { app: app.clone(), spec, description: "deploy".into() }).await?;
+        match response {
+            Response::ReleaseCreated { version } => {
+                tracing::info!(%app, release = version, "release created");
+                Ok(version)
+            }
+            other => Err(Status::internal(format!("unexpected answer to a deploy: {other:?}"))),
+        }
+    }
+
+    /// Runs `[deploy] release_command` once in the new image, with the app's
+    /// environment and secrets, before the release is made; a failure stops
+    /// the deploy with nothing changed.
+    async fn release_command(
+        &self,
+        app: &str,
+        cluster: &str,
+        image: &str,
+        command: &str,
+        config: &AppConfig,
+        events: &mpsc::Sender<Result<DeployEvent, Status>>,
+    ) -> Result<(), Status> {
+        let _ = events.send(progress(format!("running the release command: {command}"))).await;
+        let secrets = self.consensus.state().read(|s| s.apps.get(app).map(|a| a.secrets.clone())).unwrap_or_default();
+        let mut env: BTreeMap<String, String> = config.env.clone();
+        for (name, sealed) in &secrets {
+            let value = self.secrets_key.open(app, name, sealed).map_err(|e| Status::internal(e.to_string()))?;
+            env.insert(name.clone(), value);
+        }
+        env.insert("ROOST_APP_NAME".into(), app.to_owned());
+        env.insert("ROOST_RELEASE_COMMAND".into(), "1".into());
+        let resources = release_spec(
+            config,
+            ImageChoice { id: image.to_owned(), reference: String::new(), source: self.consensus.id() },
+            None,
+        )
+        .groups
+        .values()
+        .next()
+        .map(|g| g.resources)
+        .unwrap_or(roost_deploy::spec::DEFAULT_RESOURCES);
+        let spec = ContainerSpec {
+            name: format!("roost-release-{app}-{}", now_millis()),
+            image: image.to_owned(),
+            command: command.split_whitespace().map(str::to_owned).collect(),
+            env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            labels: HashMap::from([
+                (LABEL_CLUSTER.to_owned(), cluster.to_owned()),
+                (LABEL_APP.to_owned(), app.to_owned()),
+            ]),
+            cpu_millis: resources.cpu_millis,
+            memory_bytes: resources.memory_bytes,
+        };
+        let (code, lines) =
+            self.engine.run_to_completion(&spec).await.map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        for line in lines {
+            let _ = events.send(Ok(DeployEvent { event: Some(deploy_event::Event::BuildOutput(line)) })).await;
+        }
+        if code != 0 {
+            return Err(Status::failed_precondition(format!(
+                "the release command `{command}` exited with code {code}; no release was made"
+            )));
+        }
+        Ok(())
+    }
+
+    pub(super) async fn get_status(&self, request: GetStatusRequest) -> Result<AppStatus, Status> {
+        self.barrier(request.read).await?;
+        self.consensus.state().read(|s| {
+            let app = s.apps.get(&request.app).ok_or_else(|| app_not_found(&request.app))?;
+            let mut instances: Vec<&Instance> = s.instances.values().filter(|i| i.app == app.name).collect();
+            instances.sort_by(|a, b| (&a.group, a.release, &a.id).cmp(&(&b.group, b.release, &b.id)));
+            Ok(AppStatus {
+                app: app.name.clone(),
+                suspended: app.suspended,
+                release: app.current().map(release_to_wire),
+                deploying: app.deploying().map(release_to_wire),
+                instances: instances.into_iter().map(|i| instance_to_wire(s, i)).collect(),
+                scale: app.scale.clone().into_iter().collect(),
+            })
+        })
+    }
+
+    pub(super) async fn list_releases(&self, request: ListReleasesRequest) -> Result<ListReleasesResponse, Status> {
+        self.barrier(request.read).await?;
+        self.consensus.state().read(|s| {
+            let app = s.apps.get(&request.app).ok_or_else(|| app_not_found(&request.app))?;
+            Ok(ListReleasesResponse { releases: app.releases.values().rev().map(release_to_wire).collect() })
+        })
+    }
+
+    pub(super) async fn rollback(&self, request: RollbackRequest) -> Result<ChangeResponse, Status> {
+        let response = self.propose(Command::Rollback { app: request.app, version: request.version }).await?;
+        Ok(released(response))
+    }
+
+    pub(super) async fn scale(&self, request: ScaleRequest) -> Result<ChangeResponse, Status> {
+        let group = if request.process_group.is_empty() { "app".to_owned() } else { request.process_group };
+        let response = self.propose(Command::Scale { app: request.app, group, count: request.count }).await?;
+        Ok(released(response))
+    }
+
+    pub(super) async fn scale_vm(&self, request: ScaleVmRequest) -> Result<ChangeResponse, Status> {
+        if !(request.cpus > 0.0 && request.cpus <= 256.0) {
+            return Err(Status::invalid_argument(format!(
+                "--cpus must be above 0 and at most 256, got {}",
+                request.cpus
+            )));
+        }
+        let memory = Memory::Text(request.memory.clone()).bytes().map_err(Status::invalid_argument)?;
+        if memory < 16 << 20 {
+            return Err(Status::invalid_argument("--memory must be at least 16mb"));
+        }
+        let resources = Resources { cpu_millis: (request.cpus * 1000.0).round() as u64, memory_bytes: memory };
+        let group = (!request.process_group.is_empty()).then_some(request.process_group);
+        let response = self.propose(Command::ScaleVm { app: request.app, group, resources }).await?;
+        Ok(released(response))
+    }
+
+    pub(super) async fn set_secrets(&self, request: SetSecretsRequest) -> Result<ChangeResponse, Status> {
+        if request.secrets.is_empty() {
+            return Err(Status::invalid_argument("give at least one NAME=VALUE"));
+        }
+        let at = now_millis();
+        let mut set = BTreeMap::new();
+        for (name, value) in &request.secrets {
+            if !is_env_name(name) {
+                return Err(Status::invalid_argument(format!(
+                    "'{name}' is not a valid secret name: use letters, digits and '_', not starting with a digit"
+                )));
+            }
+            let sealed =
+                self.secrets_key.seal(&request.app, name, value, at).map_err(|e| Status::internal(e.to_string()))?;
+            set.insert(name.clone(), sealed);
+        }
+        let names: Vec<&String> = request.secrets.keys().collect();
+        let response = self
+            .propose(Command::SetSecrets { app: request.app.clone(), set, unset: Vec::new(), stage: request.stage })
+            .await?;
+        tracing::info!(app = %request.app, ?names, "secrets set");
+        Ok(released(response))
+    }
+
+    pub(super) async fn unset_secrets(&self, request: UnsetSecretsRequest) -> Result<ChangeResponse, Status> {
+        if request.names.is_empty() {
+            return Err(Status::invalid_argument("give at least one secret name"));
+        }
+        let response = self
+            .propose(Command::SetSecrets {
+                app: request.app.clone(),
+                set: BTreeMap::new(),
+                unset: request.names.clone(),
+                stage: request.stage,
+            })
+            .await?;
+        tracing::info!(app = %request.app, names = ?request.names, "secrets unset");
+        Ok(released(response))
+    }
+
+    pub(super) async fn list_secrets(&self, request: AppRequest) -> Result<ListSecretsResponse, Status> {
+        self.barrier(None).await?;
+        self.consensus.state().read(|s| {
+            let app = s.apps.get(&request.app).ok_or_else(|| app_not_found(&request.app))?;
+            let secrets = app
+                .secrets
+                .iter()
+                .map(|(name, sealed)| WireSecret {
+                    name: name.clone(),
+                    digest: sealed.digest.clone(),
+                    updated_at_ms: sealed.updated_at,
+                })
+                .collect();
+            Ok(ListSecretsResponse { secrets })
+        })
+    }
+
+    pub(super) async fn change_app(&self, command: Command) -> Result<ChangeResponse, Status> {
+        Ok(released(self.propose(command).await?))
+    }
+
+    /// Merges the logs of the app's instances on every node. With `follow`,
+    /// instances that start later join the stream.
+    pub(super) async fn logs(&self, request: LogsRequest) -> Result<LogLineStream, Status> {
+        self.barrier(None).await?;
+        let exists = self.consensus.state().read(|s| {
+            let app = s.apps.contains_key(&request.app);
+            let instance =
+                request.instance.is_empty() || s.instances.get(&request.instance).is_some_and(|i| i.app == request.app);
+            (app, instance)
+        });
+        match exists {
+            (false, _) => return Err(app_not_found(&request.app)),
+            (true, false) => {
+                return Err(Status::not_found(format!(
+                    "app '{}' has no instance '{}' (see `roost status -a {}`)",
+                    request.app, request.instance, request.app
+                )))
+            }
+            _ => {}
+        }
+        let (lines, receiver) = mpsc::channel(256);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut streaming: HashSet<String> = HashSet::new();
+            let mut tasks = Vec::new();
+            loop {
+                let instances: Vec<(String, u64, String, String)> = this.consensus.state().read(|s| {
+                    s.instances
+                        .values()
+                        .filter(|i| i.app == request.app && (request.instance.is_empty() || i.id == request.instance))
+                        .filter_map(|i| {
+                            let node = s.nodes.get(&i.node?)?;
+                            Some((i.id.clone(), node.id, node.name.clone(), node.address.clone()))
+                        })
+                        .collect()
+                });
+                for (instance, node_id, node_name, address) in instances {
+                    if !streaming.insert(format!("{instance}@{node_id}")) {
+                        continue;
+                    }
+                    let request = InstanceLogsRequest {
+                        app: request.app.clone(),
+                        instance,
+                        follow: request.follow,
+                        lines: request.lines,
+                        since: request.since,
+                    };
+                    let (this, lines) = (this.clone(), lines.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let stream = if node_id == this.consensus.id() {
+                            local_logs(&this.engine, &this.consensus, &request).await
+                        } else {
+                            match this.channels.get(&address) {
+                                Ok(channel) => AgentClient::new(channel)
+                                    .instance_logs(request)
+                                    .await
+                                    .map(|r| Box::pin(r.into_inner()) as super::workloads::LineStream),
+                                Err(e) => Err(Status::unavailable(format!("cannot reach {node_name}: {e}"))),
+                            }
+                        };
+                        let mut stream = match stream {
+                            Ok(stream) => stream,
+                            Err(status) => {
+                                let _ = lines
+                                    .send(Ok(LogLine {
+                                        instance: String::new(),
+                                        node: node_name.clone(),
+                                        stream: "roost".into(),
+                                        text: format!("logs of {node_name} unavailable: {}", status.message()),
+                                    }))
+                                    .await;
+                                return;
+                            }
+                        };
+                        while let Some(item) = stream.next().await {
+                            let Ok(line) = item else { break };
+                            let line = LogLine {
+                                instance: line.instance,
+                                node: node_name.clone(),
+                                stream: line.stream,
+                                text: line.text,
+                            };
+                            if lines.send(Ok(line)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }));
+                }
+                if !request.follow {
+                    for task in tasks.drain(..) {
+                        let _ = task.await;
+                    }
+                    return;
+                }
+                tokio::select! {
+                    () = lines.closed() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(receiver)))
+    }
+}
+
+fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}

@@ -1,0 +1,387 @@
+//! Applying the workload commands: releases, instances, scale and secrets.
+//!
+//! Every command either applies whole or is rejected with nothing changed:
+//! checks come first, mutation after. The leader's controller (in the deploy
+//! crate) decides placements and rollout outcomes; these functions only check
+//! that a decision still fits the state (an instance may have been removed
+//! since it was decided) and record it.
+
+use std::collections::BTreeMap;
+
+use super::{App, State, UnixMillis};
+use crate::command::{Rejection, Response};
+use crate::workload::{
+    Health, Instance, InstanceReport, InstanceState, Outcome, Placement, Release, ReleaseSpec, ReleaseStatus,
+    Resources, SealedSecret,
+};
+use crate::NodeId;
+
+impl State {
+    fn app_mut(&mut self, name: &str) -> Result<&mut App, Rejection> {
+        self.apps.get_mut(name).ok_or_else(|| Rejection::AppNotFound { name: name.to_owned() })
+    }
+
+    pub(super) fn deploy(&mut self, app: &str, spec: &ReleaseSpec, description: &str, at: UnixMillis) -> Response {
+        if !self.apps.contains_key(app) {
+            if let Err(reason) = super::validate_name(app) {
+                return Response::Rejected(Rejection::InvalidAppName { name: app.to_owned(), reason });
+            }
+            self.apps.insert(app.to_owned(), App::new(app, at));
+        }
+        self.new_release(app, spec.clone(), description, at)
+    }
+
+    /// Records a release of `spec` as deploying, with its instances pending.
+    fn new_release(&mut self, app_name: &str, spec: ReleaseSpec, description: &str, at: UnixMillis) -> Response {
+        if spec.groups.is_empty() {
+            return Response::Rejected(Rejection::InvalidRelease { reason: "it has no process group".into() });
+        }
+        let app = match self.app_mut(app_name) {
+            Ok(app) => app,
+            Err(rejection) => return Response::Rejected(rejection),
+        };
+        if app.suspended {
+            return Response::Rejected(Rejection::AppSuspended { name: app_name.to_owned() });
+        }
+        if let Some(deploying) = app.deploying() {
+            return Response::Rejected(Rejection::DeployInProgress {
+                app: app_name.to_owned(),
+                version: deploying.version,
+            });
+        }
+        let version = app.releases.keys().next_back().map_or(1, |v| v + 1);
+        let counts: Vec<(String, u32)> =
+            spec.groups.keys().map(|group| (group.clone(), *app.scale.entry(group.clone()).or_insert(1))).collect();
+        app.releases.insert(
+            version,
+            Release {
+                version,
+                spec,
+                secrets_version: app.secrets_version,
+                status: ReleaseStatus::Deploying,
+                description: description.to_owned(),
+                reason: None,
+                created_at: at,
+            },
+        );
+        for (group, count) in counts {
+            for _ in 0..count {
+                self.add_instance(app_name, version, &group, at);
+            }
+        }
+        Response::ReleaseCreated { version }
+    }
+
+    fn add_instance(&mut self, app: &str, release: u64, group: &str, at: UnixMillis) {
+        let id = loop {
+            self.next_instance += 1;
+            let id = instance_id(self.next_instance);
+            if !self.instances.contains_key(&id) {
+                break id;
+            }
+        };
+        self.instances.insert(
+            id.clone(),
+            Instance {
+                id,
+                app: app.to_owned(),
+                release,
+                group: group.to_owned(),
+                node: None,
+                state: InstanceState::Pending,
+                health: Health::Unknown,
+                address: None,
+                reason: None,
+                restarts: 0,
+                generation: 0,
+                created_at: at,
+                updated_at: at,
+            },
+        );
+    }
+
+    pub(super) fn finish_release(&mut self, app_name: &str, version: u64, outcome: &Outcome) -> Response {
+        let Some(app) = self.apps.get_mut(app_name) else {
+            return Response::Rejected(Rejection::AppNotFound { name: app_name.to_owned() });
+        };
+        let Some(release) = app.releases.get(&version) else {
+            return Response::Rejected(Rejection::ReleaseNotFound { app: app_name.to_owned(), version });
+        };
+        if release.status != ReleaseStatus::Deploying {
+            // Decided twice (a leader change); the first decision stands.
+            return Response::Done;
+        }
+        match outcome {
+            Outcome::Active => {
+                for release in app.releases.values_mut() {
+                    if release.status == ReleaseStatus::Active {
+                        release.status = ReleaseStatus::Superseded;
+                    }
+                }
+                if let Some(release) = app.releases.get_mut(&version) {
+                    release.status = ReleaseStatus::Active;
+                }
+                self.instances.retain(|_, i| i.app != app_name || i.release == version);
+            }
+            Outcome::Failed { reason } => {
+                if let Some(release) = app.releases.get_mut(&version) {
+                    release.status = ReleaseStatus::Failed;
+                    release.reason = Some(reason.clone());
+                }
+                // Scale changes made for this release do not outlive it.
+                let groups: Vec<String> =
+                    app.current().map(|r| r.spec.groups.keys().cloned().collect()).unwrap_or_default();
+                app.scale.retain(|group, _| groups.contains(group));
+                self.instances.retain(|_, i| i.app != app_name || i.release != version);
+            }
+        }
+        Response::Done
+    }
+
+    pub(super) fn place(&mut self, placements: &[Placement]) -> Response {
+        for placement in placements {
+            match placement {
+                Placement::Place { instance, node } => {
+                    if !self.nodes.contains_key(node) {
+                        continue;
+                    }
+                    if let Some(instance) = self.instances.get_mut(instance) {
+                        if instance.node.is_none() {
+                            instance.node = Some(*node);
+                            instance.reason = None;
+                        }
+                    }
+                }
+                Placement::Unplaceable { instance, reason } => {
+                    if let Some(instance) = self.instances.get_mut(instance) {
+                        if instance.node.is_none() {
+                            instance.reason = Some(reason.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Response::Done
+    }
+
+    pub(super) fn reschedule(&mut self, ids: &[String], reason: &str) -> Response {
+        for id in ids {
+            if let Some(instance) = self.instances.get_mut(id) {
+                instance.node = None;
+                instance.state = InstanceState::Pending;
+                instance.health = Health::Unknown;
+                instance.address = None;
+                instance.reason = Some(reason.to_owned());
+            }
+        }
+        Response::Done
+    }
+
+    pub(super) fn report_instances(&mut self, node: NodeId, reports: &[InstanceReport], at: UnixMillis) -> Response {
+        for report in reports {
+            // A report from a node the instance has been moved away from is stale.
+            if let Some(instance) = self.instances.get_mut(&report.id).filter(|i| i.node == Some(node)) {
+                instance.state = report.state;
+                instance.health = report.health;
+                instance.address = report.address.clone();
+                instance.reason = report.reason.clone();
+                instance.restarts = report.restarts;
+                instance.updated_at = at;
+            }
+        }
+        Response::Done
+    }
+
+    /// Checks shared by the commands that change a running app.
+    fn changeable(&self, app_name: &str) -> Result<&App, Rejection> {
+        let app = self.apps.get(app_name).ok_or_else(|| Rejection::AppNotFound { name: app_name.to_owned() })?;
+        if let Some(deploying) = app.deploying() {
+            return Err(Rejection::DeployInProgress { app: app_name.to_owned(), version: deploying.version });
+        }
+        Ok(app)
+    }
+
+    pub(super) fn scale(&mut self, app_name: &str, group: &str, count: u32, at: UnixMillis) -> Response {
+        let current = match self.changeable(app_name) {
+            Ok(app) => match app.current() {
+                Some(current) => current.clone(),
+                None => return Response::Rejected(Rejection::NoRelease { app: app_name.to_owned() }),
+            },
+            Err(rejection) => return Response::Rejected(rejection),
+        };
+        if !current.spec.groups.contains_key(group) {
+            return Response::Rejected(unknown_group(app_name, group, &current.spec));
+        }
+        let mut existing: Vec<&Instance> =
+            self.instances.values().filter(|i| i.app == app_name && i.group == group).collect();
+        // Remove pending ones first, then the newest.
+        existing.sort_by_key(|i| (i.node.is_some(), std::cmp::Reverse(i.created_at), std::cmp::Reverse(i.id.clone())));
+        let surplus: Vec<String> =
+            existing.iter().take(existing.len().saturating_sub(count as usize)).map(|i| i.id.clone()).collect();
+        let missing = (count as usize).saturating_sub(existing.len());
+        for id in surplus {
+            self.instances.remove(&id);
+        }
+        for _ in 0..missing {
+            self.add_instance(app_name, current.version, group, at);
+        }
+        if let Some(app) = self.apps.get_mut(app_name) {
+            app.scale.insert(group.to_owned(), count);
+        }
+        Response::Done
+    }
+
+    pub(super) fn scale_vm(
+        &mut self,
+        app_name: &str,
+        group: Option<&str>,
+        resources: Resources,
+        at: UnixMillis,
+    ) -> Response {
+        let mut spec = match self.current_spec(app_name) {
+            Ok(spec) => spec,
+            Err(rejection) => return Response::Rejected(rejection),
+        };
+        match group {
+            Some(group) => match spec.groups.get_mut(group) {
+                Some(g) => g.resources = resources,
+                None => return Response::Rejected(unknown_group(app_name, group, &spec)),
+            },
+            None => spec.groups.values_mut().for_each(|g| g.resources = resources),
+        }
+        self.new_release(app_name, spec, &format!("scale vm to {resources}"), at)
+    }
+
+    fn current_spec(&self, app_name: &str) -> Result<ReleaseSpec, Rejection> {
+        let app = self.changeable(app_name)?;
+        app.current().map(|r| r.spec.clone()).ok_or_else(|| Rejection::NoRelease { app: app_name.to_owned() })
+    }
+
+    pub(super) fn rollback(&mut self, app_name: &str, version: Option<u64>, at: UnixMillis) -> Response {
+        let app = match self.changeable(app_name) {
+            Ok(app) => app,
+            Err(rejection) => return Response::Rejected(rejection),
+        };
+        let Some(current) = app.current() else {
+            return Response::Rejected(Rejection::NoRelease { app: app_name.to_owned() });
+        };
+        let target = match version {
+            Some(version) => match app.releases.get(&version) {
+                Some(release) => release,
+                None => return Response::Rejected(Rejection::ReleaseNotFound { app: app_name.to_owned(), version }),
+            },
+            None => match app
+                .releases
+                .values()
+                .rev()
+                .find(|r| r.version < current.version && r.status == ReleaseStatus::Superseded)
+            {
+                Some(release) => release,
+                None => return Response::Rejected(Rejection::NothingToRollBackTo { app: app_name.to_owned() }),
+            },
+        };
+        let (spec, description) = (target.spec.clone(), format!("rollback to v{}", target.version));
+        self.new_release(app_name, spec, &description, at)
+    }
+
+    pub(super) fn set_secrets(
+        &mut self,
+        app_name: &str,
+        set: &BTreeMap<String, SealedSecret>,
+        unset: &[String],
+        stage: bool,
+        at: UnixMillis,
+    ) -> Response {
+        let app = match self.changeable(app_name) {
+            Ok(app) => app,
+            Err(rejection) => return Response::Rejected(rejection),
+        };
+        let missing: Vec<&str> = unset.iter().filter(|k| !app.secrets.contains_key(*k)).map(String::as_str).collect();
+        if !missing.is_empty() {
+            return Response::Rejected(Rejection::SecretNotFound {
+                app: app_name.to_owned(),
+                names: missing.join(", "),
+            });
+        }
+        let spec = app.current().map(|r| r.spec.clone());
+        if !stage && spec.is_some() && app.suspended {
+            return Response::Rejected(Rejection::AppSuspended { name: app_name.to_owned() });
+        }
+        let Ok(app) = self.app_mut(app_name) else {
+            return Response::Rejected(Rejection::AppNotFound { name: app_name.to_owned() });
+        };
+        for name in unset {
+            app.secrets.remove(name);
+        }
+        app.secrets.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        app.secrets_version += 1;
+        match spec {
+            Some(spec) if !stage => self.new_release(app_name, spec, "secrets", at),
+            _ => Response::Done,
+        }
+    }
+
+    pub(super) fn restart(&mut self, app_name: &str) -> Response {
+        if let Err(rejection) = self.changeable(app_name) {
+            return Response::Rejected(rejection);
+        }
+        for instance in self.instances.values_mut().filter(|i| i.app == app_name) {
+            instance.generation += 1;
+        }
+        Response::Done
+    }
+
+    pub(super) fn set_suspended(&mut self, name: &str, suspended: bool) -> Response {
+        let app = match self.changeable(name) {
+            Ok(app) => app,
+            Err(rejection) => return Response::Rejected(rejection),
+        };
+        if app.suspended == suspended {
+            let state = if suspended { "suspended" } else { "running (not suspended)" };
+            return Response::Rejected(Rejection::AlreadyInState { name: name.to_owned(), state: state.into() });
+        }
+        if let Ok(app) = self.app_mut(name) {
+            app.suspended = suspended;
+        }
+        Response::Done
+    }
+
+    /// The resources reserved on each node by the instances placed there.
+    pub fn reserved(&self) -> BTreeMap<NodeId, Resources> {
+        let mut reserved: BTreeMap<NodeId, Resources> = BTreeMap::new();
+        for instance in self.instances.values() {
+            let (Some(node), Some(resources)) = (instance.node, self.instance_resources(instance)) else {
+                continue;
+            };
+            let entry = reserved.entry(node).or_default();
+            *entry = *entry + resources;
+        }
+        reserved
+    }
+
+    /// What an instance reserves: its group's resources, or nothing while its
+    /// app is suspended.
+    pub fn instance_resources(&self, instance: &Instance) -> Option<Resources> {
+        let app = self.apps.get(&instance.app).filter(|app| !app.suspended)?;
+        let release = app.releases.get(&instance.release)?;
+        release.spec.groups.get(&instance.group).map(|g| g.resources)
+    }
+}
+
+fn unknown_group(app: &str, group: &str, spec: &ReleaseSpec) -> Rejection {
+    Rejection::UnknownGroup {
+        app: app.to_owned(),
+        group: group.to_owned(),
+        groups: spec.groups.keys().cloned().collect::<Vec<_>>().join(", "),
+    }
+}
+
+/// A short, stable id from a counter (splitmix64, 48 bits, hex), in the
+/// style of fly.io machine ids; the caller skips the rare collision.
+fn instance_id(counter: u64) -> String {
+    let mut z = counter.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    format!("{:012x}", z & 0xffff_ffff_ffff)
+}

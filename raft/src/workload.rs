@@ -1,0 +1,327 @@
+//! What the cluster runs: releases, instances and secrets, as replicated data.
+//!
+//! These are plain values. The deploy crate turns a `roost.toml` into a
+//! [`ReleaseSpec`], decides placements and rollouts from the state, and talks
+//! to Docker; this crate only records the decisions, so it knows nothing about
+//! containers. A release's spec is complete: it names an image by id and says
+//! what each process group runs with which resources and checks, so any node
+//! can start an instance from the state alone.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::UnixMillis;
+use crate::NodeId;
+
+/// CPU and memory reserved for an instance, or offered by a node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Thousandths of a CPU.
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+}
+
+impl Resources {
+    pub fn saturating_sub(self, other: Resources) -> Resources {
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_sub(other.cpu_millis),
+            memory_bytes: self.memory_bytes.saturating_sub(other.memory_bytes),
+        }
+    }
+
+    pub fn fits_in(self, free: Resources) -> bool {
+        self.cpu_millis <= free.cpu_millis && self.memory_bytes <= free.memory_bytes
+    }
+}
+
+impl std::ops::Add for Resources {
+    type Output = Resources;
+
+    fn add(self, other: Resources) -> Resources {
+        Resources {
+            cpu_millis: self.cpu_millis + other.cpu_millis,
+            memory_bytes: self.memory_bytes + other.memory_bytes,
+        }
+    }
+}
+
+impl fmt::Display for Resources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} CPU, {}", format_cpus(self.cpu_millis), format_bytes(self.memory_bytes))
+    }
+}
+
+pub fn format_cpus(cpu_millis: u64) -> String {
+    if cpu_millis % 1000 == 0 {
+        format!("{}", cpu_millis / 1000)
+    } else {
+        format!("{:.2}", cpu_millis as f64 / 1000.0)
+    }
+}
+
+/// Bytes in the largest binary unit that keeps the number whole-ish.
+pub fn format_bytes(bytes: u64) -> String {
+    const MIB: u64 = 1024 * 1024;
+    const GIB: u64 = 1024 * MIB;
+    if bytes >= GIB && bytes % GIB == 0 {
+        format!("{} GiB", bytes / GIB)
+    } else if bytes >= GIB {
+        format!("{:.1} GiB", bytes as f64 / GIB as f64)
+    } else {
+        format!("{} MiB", bytes / MIB)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// New instances start beside the old ones; the old ones stop once every
+    /// new one passes its checks. A failure stops the deploy and keeps the
+    /// old instances serving.
+    #[default]
+    Rolling,
+    /// The old instances stop as soon as the new ones are placed; checks are
+    /// not waited for.
+    Immediate,
+    /// Like rolling: all new instances, checked, then the switch.
+    Bluegreen,
+    /// Like rolling: the new release must pass its checks before it serves.
+    Canary,
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Strategy::Rolling => "rolling",
+            Strategy::Immediate => "immediate",
+            Strategy::Bluegreen => "bluegreen",
+            Strategy::Canary => "canary",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    #[default]
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartSpec {
+    pub policy: RestartPolicy,
+    /// Restarts allowed before the instance is `failed`; none means no limit.
+    pub max_retries: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    Http,
+    Tcp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckSpec {
+    pub name: String,
+    pub kind: CheckKind,
+    pub port: u16,
+    /// For http checks; `/` when unset.
+    pub path: Option<String>,
+    pub method: Option<String>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub grace_period_ms: u64,
+}
+
+/// One process group of a release: what its instances run and need.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSpec {
+    /// The command line; empty runs the image's own entrypoint and command.
+    pub command: Vec<String>,
+    pub resources: Resources,
+    pub restart: RestartSpec,
+    /// The port where the group's service answers, if it has one.
+    pub internal_port: Option<u16>,
+    pub checks: Vec<CheckSpec>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementSpec {
+    /// `label == value` / `label != value`, as written in roost.toml.
+    pub constraints: Vec<String>,
+    pub max_per_node: Option<u32>,
+}
+
+/// Everything needed to run a release's instances.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseSpec {
+    /// The image id (`sha256:…`), which names the content, not a tag.
+    pub image: String,
+    /// What the user knows the image as, for display.
+    pub image_ref: String,
+    /// A node whose Docker engine has the image, to fetch it from.
+    pub image_source: NodeId,
+    pub env: BTreeMap<String, String>,
+    pub groups: BTreeMap<String, GroupSpec>,
+    pub strategy: Strategy,
+    pub placement: PlacementSpec,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseStatus {
+    /// Its instances are starting; the previous release still serves.
+    Deploying,
+    /// The release that serves.
+    Active,
+    /// Replaced by a later release.
+    Superseded,
+    /// Its deploy failed and was rolled back.
+    Failed,
+}
+
+impl fmt::Display for ReleaseStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReleaseStatus::Deploying => "deploying",
+            ReleaseStatus::Active => "active",
+            ReleaseStatus::Superseded => "superseded",
+            ReleaseStatus::Failed => "failed",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub version: u64,
+    pub spec: ReleaseSpec,
+    /// The app's secrets version this release was made with.
+    pub secrets_version: u64,
+    pub status: ReleaseStatus,
+    /// Why the release exists: "deploy", "rollback to v2", "secrets", ….
+    pub description: String,
+    /// Why it failed, when it did.
+    pub reason: Option<String>,
+    pub created_at: UnixMillis,
+}
+
+/// A secret value sealed with the cluster's secrets key; only nodes can open it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedSecret {
+    /// Nonce and ciphertext, hex.
+    pub sealed: String,
+    /// SHA-256 of the value, hex, first 16 characters: lets a user see that a
+    /// value changed without seeing it.
+    pub digest: String,
+    pub updated_at: UnixMillis,
+}
+
+impl fmt::Debug for SealedSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SealedSecret").field("digest", &self.digest).finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// Not yet placed, or placed but not yet seen by its node.
+    #[default]
+    Pending,
+    Starting,
+    Running,
+    Stopped,
+    Failed,
+}
+
+impl fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Starting => "starting",
+            InstanceState::Running => "running",
+            InstanceState::Stopped => "stopped",
+            InstanceState::Failed => "failed",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    #[default]
+    Unknown,
+    Passing,
+    Failing,
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Health::Unknown => "unknown",
+            Health::Passing => "passing",
+            Health::Failing => "failing",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: String,
+    pub app: String,
+    pub release: u64,
+    pub group: String,
+    /// Where it runs; `None` while it waits for a place.
+    pub node: Option<NodeId>,
+    pub state: InstanceState,
+    pub health: Health,
+    /// IP:PORT where its internal port answers, once it runs.
+    pub address: Option<String>,
+    /// Why it is pending or failed, or the last check output when failing.
+    pub reason: Option<String>,
+    pub restarts: u32,
+    /// Bumped by `roost restart`; a node recreates the container when the
+    /// one it runs has an older generation.
+    pub generation: u32,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+}
+
+/// What a node observed about one of its instances.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceReport {
+    pub id: String,
+    pub state: InstanceState,
+    pub health: Health,
+    pub address: Option<String>,
+    pub reason: Option<String>,
+    pub restarts: u32,
+}
+
+/// One decision of the scheduler.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Placement {
+    Place {
+        instance: String,
+        node: NodeId,
+    },
+    /// It cannot be placed now; the reason says what would let it.
+    Unplaceable {
+        instance: String,
+        reason: String,
+    },
+}
+
+/// How a deploy ended, as the leader's controller decided.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Outcome {
+    Active,
+    Failed { reason: String },
+}

@@ -1,0 +1,284 @@
+//! Apps on the real Docker engine: deploy, spread, heal, roll back, scale,
+//! secrets, suspend/resume/destroy, and a dead node's instances replaced.
+//!
+//! Every node of a test cluster uses this machine's one engine; labels keep
+//! each node's containers apart. The app is `examples/hello`, compiled by the
+//! test into a static binary in a `FROM scratch` image, and driven through
+//! the same CLI code a user runs.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use roost_tests::apps::{hello_app, hello_toml, http_get, kill_containers, require_docker};
+use roost_tests::{wait_until, Cluster};
+use serde_json::Value;
+
+async fn status(cluster: &Cluster, node: usize, app: &str) -> Result<Value> {
+    let text = cluster.cli(node, &["status", "-a", app, "--json"]).await?;
+    serde_json::from_str(&text).with_context(|| format!("status --json printed {text}"))
+}
+
+fn instances(status: &Value) -> Vec<Value> {
+    status["instances"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until the app's current release is `release` and runs `count`
+/// instances, all on it, running and passing their checks.
+async fn wait_serving(cluster: &Cluster, app: &str, release: u64, count: usize, within: Duration) -> Result<Value> {
+    let last = std::sync::Mutex::new(Value::Null);
+    let result = wait_until(&format!("{app} v{release} serving on {count} instances"), within, || {
+        let last = &last;
+        async move {
+            let node = cluster.slots.iter().position(|s| s.running.is_some()).context("no node runs")?;
+            let s = status(cluster, node, app).await?;
+            let list = instances(&s);
+            let ok = s["release"] == release
+                && list.len() == count
+                && list.iter().all(|i| i["release"] == release && i["state"] == "running" && i["health"] == "passing");
+            *last.lock().unwrap_or_else(|p| p.into_inner()) = s;
+            Ok(ok)
+        }
+    })
+    .await;
+    let last = last.into_inner().unwrap_or_else(|p| p.into_inner());
+    result.with_context(|| format!("last status: {last:#}"))?;
+    Ok(last)
+}
+
+fn field(instance: &Value, key: &str) -> String {
+    instance[key].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_app_deploys_spreads_heals_scales_and_rolls_back() -> Result<()> {
+    require_docker()?;
+    let cluster = Cluster::start(3).await?;
+    let dir = hello_app(&hello_toml("hello", "[env]\nGREETING = \"one\"\n"))?;
+    let path = dir.path().to_string_lossy().into_owned();
+
+    // A first deploy from a Dockerfile: built on the node, one instance.
+    let printed = cluster.cli(1, &["deploy", &path]).await?;
+    assert!(printed.contains("Successfully built") || printed.contains("built roost-hello"), "{printed}");
+    assert!(printed.contains("v1 is live"), "{printed}");
+    wait_serving(&cluster, "hello", 1, 1, Duration::from_secs(30)).await?;
+
+    // Three instances, one per node, each answering at its address.
+    let printed = cluster.cli(2, &["scale", "count", "3", "-a", "hello"]).await?;
+    assert!(printed.contains("runs 3 instance(s)"), "{printed}");
+    let s = wait_serving(&cluster, "hello", 1, 3, Duration::from_secs(30)).await?;
+    let mut nodes: Vec<String> = instances(&s).iter().map(|i| field(i, "node")).collect();
+    nodes.sort();
+    assert_eq!(nodes, ["n1", "n2", "n3"]);
+    for instance in instances(&s) {
+        let (code, body) = http_get(&field(&instance, "address"), "/").await?;
+        assert_eq!(code, 200);
+        assert!(body.contains(&field(&instance, "id")), "{body}");
+        assert_eq!(http_get(&field(&instance, "address"), "/env/GREETING").await?.1, "one");
+    }
+
+    // Logs of all instances, from one node, tagged with instance and node.
+    let logs = cluster.cli(0, &["logs", "-a", "hello"]).await?;
+    for instance in instances(&s) {
+        assert!(
+            logs.contains(&format!("[{} {}] hello: listening", field(&instance, "id"), field(&instance, "node"))),
+            "{logs}"
+        );
+    }
+
+    // A crashed container is restarted.
+    let victim = instances(&s)[0].clone();
+    let _ = http_get(&field(&victim, "address"), "/crash").await;
+    wait_until("the crashed instance restarted and passing", Duration::from_secs(30), || async {
+        let s = status(&cluster, 0, "hello").await?;
+        Ok(instances(&s).iter().any(|i| {
+            i["id"] == victim["id"]
+                && i["restarts"].as_u64() >= Some(1)
+                && i["state"] == "running"
+                && i["health"] == "passing"
+        }))
+    })
+    .await?;
+
+    // A second release with other settings, then the rollback command.
+    std::fs::write(dir.path().join("roost.toml"), hello_toml("hello", "[env]\nGREETING = \"two\"\n"))?;
+    let printed = cluster.cli(0, &["deploy", &path]).await?;
+    assert!(printed.contains("v2 is live"), "{printed}");
+    let s = wait_serving(&cluster, "hello", 2, 3, Duration::from_secs(30)).await?;
+    assert_eq!(http_get(&field(&instances(&s)[0], "address"), "/env/GREETING").await?.1, "two");
+    let printed = cluster.cli(0, &["rollback", "-a", "hello"]).await?;
+    assert!(printed.contains("v3 is live"), "{printed}");
+    let s = wait_serving(&cluster, "hello", 3, 3, Duration::from_secs(30)).await?;
+    assert_eq!(http_get(&field(&instances(&s)[0], "address"), "/env/GREETING").await?.1, "one");
+    let releases = cluster.cli(0, &["releases", "-a", "hello"]).await?;
+    assert!(releases.contains("rollback to v1"), "{releases}");
+
+    // Scale down.
+    cluster.cli(0, &["scale", "count", "1", "-a", "hello"]).await?;
+    wait_serving(&cluster, "hello", 3, 1, Duration::from_secs(30)).await?;
+    wait_until("surplus containers removed", Duration::from_secs(20), || async {
+        Ok(cluster.docker.containers(None).len() == 1)
+    })
+    .await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_release_rolls_back_and_bad_requests_change_nothing() -> Result<()> {
+    require_docker()?;
+    let cluster = Cluster::start(2).await?;
+    let dir = hello_app(&hello_toml("web", ""))?;
+    let path = dir.path().to_string_lossy().into_owned();
+    cluster.cli(0, &["deploy", &path]).await?;
+    let s = wait_serving(&cluster, "web", 1, 1, Duration::from_secs(30)).await?;
+    let serving = field(&instances(&s)[0], "address");
+
+    // The new release fails its check: the deploy fails with the check's
+    // output and v1 keeps serving, untouched.
+    std::fs::write(dir.path().join("roost.toml"), hello_toml("web", "[env]\nFAIL_HEALTH = \"1\"\n"))?;
+    let error = cluster.cli(0, &["deploy", &path]).await.expect_err("a failing check fails the deploy");
+    let message = error.to_string();
+    assert!(message.contains("v2 failed and was rolled back"), "{message}");
+    assert!(message.contains("answered 500"), "{message}");
+    assert!(message.contains("v1 keeps serving"), "{message}");
+    let s = wait_serving(&cluster, "web", 1, 1, Duration::from_secs(20)).await?;
+    assert_eq!(field(&instances(&s)[0], "address"), serving);
+    assert_eq!(http_get(&serving, "/health").await?.0, 200);
+
+    // An instance too big for any node: explained, nothing changes.
+    let error =
+        cluster.cli(0, &["scale", "vm", "--cpus", "1", "--memory", "64gb", "-a", "web"]).await.expect_err("too big");
+    assert!(error.to_string().contains("needs 64 GiB of memory; most free is"), "{error}");
+    wait_serving(&cluster, "web", 1, 1, Duration::from_secs(20)).await?;
+
+    // An invalid roost.toml is refused before anything is built.
+    std::fs::write(dir.path().join("roost.toml"), "app = \"web\"\n[http_service]\ninternal_prot = 8080\n")?;
+    let error = cluster.cli(0, &["deploy", &path]).await.expect_err("invalid toml");
+    assert!(error.to_string().contains("internal_prot"), "{error}");
+    // A release command that fails stops the deploy before any release.
+    std::fs::write(
+        dir.path().join("roost.toml"),
+        hello_toml("web", "[deploy]\nrelease_command = \"/no-such-binary migrate\"\n"),
+    )?;
+    let error = cluster.cli(0, &["deploy", &path]).await.expect_err("failing release command");
+    assert!(error.to_string().contains("no-such-binary"), "{error}");
+    // A build that fails.
+    std::fs::write(dir.path().join("roost.toml"), hello_toml("web", ""))?;
+    std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\nCOPY missing-file /x\n")?;
+    let error = cluster.cli(0, &["deploy", &path]).await.expect_err("failing build");
+    assert!(error.to_string().contains("missing-file"), "{error}");
+    let releases = cluster.cli(0, &["releases", "-a", "web", "--json"]).await?;
+    let releases: Value = serde_json::from_str(&releases)?;
+    assert_eq!(releases.as_array().map(Vec::len), Some(3), "v1, failed v2, the too-big v3: {releases:#}");
+    wait_serving(&cluster, "web", 1, 1, Duration::from_secs(20)).await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn secrets_reach_the_app_only_and_suspend_resume_destroy_clean_up() -> Result<()> {
+    require_docker()?;
+    let cluster = Cluster::start(1).await?;
+    let dir = hello_app(&hello_toml("vault", ""))?;
+    let path = dir.path().to_string_lossy().into_owned();
+    let value = "s3cr3t-value-7f1d2c";
+    cluster
+        .cli(0, &["secrets", "set", &format!("API_KEY={value}"), "-a", "vault", "--stage"])
+        .await
+        .expect_err("no app yet");
+    cluster.cli(0, &["deploy", &path]).await?;
+    wait_serving(&cluster, "vault", 1, 1, Duration::from_secs(30)).await?;
+
+    let printed = cluster.cli(0, &["secrets", "set", &format!("API_KEY={value}"), "-a", "vault"]).await?;
+    assert!(printed.contains("v2 is live"), "{printed}");
+    assert!(!printed.contains(value), "{printed}");
+    let s = wait_serving(&cluster, "vault", 2, 1, Duration::from_secs(30)).await?;
+    let address = field(&instances(&s)[0], "address");
+    assert_eq!(http_get(&address, "/env/API_KEY").await?.1, value);
+    let list = cluster.cli(0, &["secrets", "list", "-a", "vault"]).await?;
+    assert!(list.contains("API_KEY") && !list.contains(value), "{list}");
+    let logs = cluster.cli(0, &["logs", "-a", "vault"]).await?;
+    assert!(!logs.contains(value), "{logs}");
+    // Nothing the node wrote holds the value in plain text.
+    for slot in &cluster.slots {
+        for entry in walk(slot.dir.path())? {
+            let bytes = std::fs::read(&entry).unwrap_or_default();
+            if bytes.windows(value.len()).any(|w| w == value.as_bytes()) {
+                bail!("{} holds the secret in plain text", entry.display());
+            }
+        }
+    }
+
+    cluster.cli(0, &["apps", "suspend", "vault"]).await?;
+    wait_until("the suspended app's instance stopped", Duration::from_secs(20), || async {
+        let s = status(&cluster, 0, "vault").await?;
+        Ok(instances(&s).iter().all(|i| i["state"] == "stopped"))
+    })
+    .await?;
+    let running = std::process::Command::new("docker")
+        .args(["ps", "-q", "--filter", &format!("label=roost.cluster={}", cluster.docker.cluster)])
+        .output()?;
+    assert!(running.stdout.is_empty(), "a container still runs");
+    cluster.cli(0, &["apps", "resume", "vault"]).await?;
+    wait_serving(&cluster, "vault", 2, 1, Duration::from_secs(30)).await?;
+
+    cluster.cli(0, &["apps", "destroy", "vault", "--yes"]).await?;
+    wait_until("no container or image left", Duration::from_secs(90), || async {
+        Ok(cluster.docker.containers(None).is_empty())
+    })
+    .await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+fn walk(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            files.extend(walk(&path)?);
+        } else {
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_nodes_instances_are_replaced_within_the_grace_period() -> Result<()> {
+    require_docker()?;
+    let mut cluster = Cluster::start(3).await?;
+    let dir = hello_app(&hello_toml("ha", "[placement]\nmax_per_node = 1\n"))?;
+    let path = dir.path().to_string_lossy().into_owned();
+    cluster.cli(0, &["deploy", &path]).await?;
+    cluster.cli(0, &["scale", "count", "2", "-a", "ha"]).await?;
+    let s = wait_serving(&cluster, "ha", 1, 2, Duration::from_secs(30)).await?;
+
+    // Kill a node that is not the leader and runs an instance, with its containers.
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let (index, name) = cluster
+        .slots
+        .iter()
+        .enumerate()
+        .find(|(i, slot)| *i != leader && instances(&s).iter().any(|inst| field(inst, "node") == slot.name))
+        .map(|(i, slot)| (i, slot.name.clone()))
+        .context("no follower runs an instance")?;
+    let node_id = cluster.node(index)?.id;
+    cluster.stop(index).await?;
+    let killed = kill_containers(&cluster.docker, node_id)?;
+    assert_eq!(killed, 1);
+    let started = std::time::Instant::now();
+
+    // Default grace period 10 s, plus a few seconds to start and check.
+    let survivor = if leader == index { 0 } else { leader };
+    wait_until(&format!("both instances off {name}, running and passing"), Duration::from_secs(25), || async {
+        let s = status(&cluster, survivor, "ha").await?;
+        let list = instances(&s);
+        Ok(list.len() == 2
+            && list.iter().all(|i| field(i, "node") != name && i["state"] == "running" && i["health"] == "passing"))
+    })
+    .await?;
+    println!("instances of a dead node passing checks elsewhere after {:.1}s", started.elapsed().as_secs_f64());
+    cluster.shutdown().await;
+    Ok(())
+}
