@@ -100,7 +100,7 @@ impl Agent {
         let mut changes = self.consensus.state().changes();
         loop {
             if let Err(error) = self.pass().await {
-                tracing::warn!(error = %format!("{error:#}"), "reconciling containers failed; retrying");
+                tracing::warn!(error = %error.chain(), "reconciling containers failed; retrying");
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -196,7 +196,7 @@ impl Agent {
             if let Some(container) = container.filter(|c| c.running) {
                 tracing::info!("stopping container: the app is suspended");
                 if let Err(error) = self.engine.stop(&container.id, STOP_GRACE_SECONDS).await {
-                    report.reason = Some(format!("{error:#}"));
+                    report.reason = Some(error.chain());
                     return report;
                 }
             }
@@ -311,7 +311,7 @@ impl Agent {
             tracked.restart_at = None;
             tracing::info!(restarts = tracked.restarts, "restarting the instance");
             if let Err(error) = self.engine.start(&container.id).await {
-                tracing::warn!(error = %format!("{error:#}"), "restart failed");
+                tracing::warn!(error = %error.chain(), "restart failed");
             }
             report.restarts = tracked.restarts;
         }
@@ -359,14 +359,14 @@ impl Agent {
         // A container left by a crash between create and the state update
         // carries the same name; clear it first.
         let _ = self.engine.remove(&spec.name).await;
-        self.engine.run(&spec).await.map_err(|e| format!("{e:#}"))
+        self.engine.run(&spec).await.map_err(|e| e.chain())
     }
 
     async fn ensure_image(&self, image: &str, source: NodeId) -> Result<(), String> {
         match self.engine.image_id(image).await {
             Ok(Some(_)) => return Ok(()),
             Ok(None) => {}
-            Err(error) => return Err(format!("{error:#}")),
+            Err(error) => return Err(error.chain()),
         }
         if source == self.node {
             return Err(format!("image {image} is not in this node's Docker engine any more; deploy again"));
@@ -374,7 +374,7 @@ impl Agent {
         tracing::info!(%image, from = source, "fetching the image from a peer");
         let started = Instant::now();
         let stream = self.fetcher.fetch(image.to_owned(), source).await?;
-        self.engine.import_image(stream).await.map_err(|e| format!("{e:#}"))?;
+        self.engine.import_image(stream).await.map_err(|e| e.chain())?;
         match self.engine.image_id(image).await {
             Ok(Some(_)) => {
                 tracing::info!(%image, elapsed = ?started.elapsed(), "image fetched");
@@ -409,11 +409,11 @@ impl Agent {
                 for image in images.into_iter().filter(|i| !keep.contains(i)) {
                     tracing::info!(%image, "removing an image no release uses");
                     if let Err(error) = self.engine.remove_image(&image).await {
-                        tracing::debug!(error = %format!("{error:#}"), "image not removed");
+                        tracing::debug!(error = %error.chain(), "image not removed");
                     }
                 }
             }
-            Err(error) => tracing::debug!(error = %format!("{error:#}"), "listing images failed"),
+            Err(error) => tracing::debug!(error = %error.chain(), "listing images failed"),
         }
     }
 }

@@ -54,6 +54,22 @@ impl EngineError {
         move |source| EngineError::Docker { action, source }
     }
 
+    /// The error and its sources, as one line: what users read.
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(error) = source {
+            let next = error.to_string();
+            // bollard repeats the engine's message in nested errors.
+            if !text.ends_with(&next) {
+                text.push_str(": ");
+                text.push_str(next.trim());
+            }
+            source = error.source();
+        }
+        text
+    }
+
     /// Whether Docker answered "no such …".
     pub fn is_not_found(&self) -> bool {
         matches!(

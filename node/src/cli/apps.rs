@@ -235,14 +235,14 @@ pub async fn deploy(args: DeployArgs, out: &mut dyn Write) -> Result<(), CliErro
 
 /// Saves an image from this machine's engine, in chunks.
 async fn local_image(image: &str) -> Result<Vec<Vec<u8>>, String> {
-    let engine = roost_deploy::engine::Engine::connect(None).await.map_err(|e| format!("{e:#}"))?;
-    if engine.image_id(image).await.map_err(|e| format!("{e:#}"))?.is_none() {
+    let engine = roost_deploy::engine::Engine::connect(None).await.map_err(|e| e.chain())?;
+    if engine.image_id(image).await.map_err(|e| e.chain())?.is_none() {
         return Err(format!("it has no image {image} either"));
     }
     let mut stream = Box::pin(engine.export_image(image));
     let mut chunks = Vec::new();
     while let Some(chunk) = stream.next().await {
-        chunks.push(chunk.map_err(|e| format!("{e:#}"))?.to_vec());
+        chunks.push(chunk.map_err(|e| e.chain())?.to_vec());
     }
     Ok(chunks)
 }

@@ -169,14 +169,14 @@ impl ControlService {
                     Err(status) => Some(Err(std::io::Error::other(status.message().to_owned()))),
                 }
             });
-            self.engine.import_image(chunks).await.map_err(|e| Status::internal(format!("{e:#}")))?;
-            let id = self.engine.image_id(&start.image).await.map_err(|e| Status::internal(format!("{e:#}")))?;
+            self.engine.import_image(chunks).await.map_err(|e| Status::internal(e.chain()))?;
+            let id = self.engine.image_id(&start.image).await.map_err(|e| Status::internal(e.chain()))?;
             let id = id.ok_or_else(|| {
                 Status::invalid_argument(format!("the uploaded image does not contain {}", start.image))
             })?;
             (id, start.image.clone())
         } else if !start.image.is_empty() {
-            let id = self.engine.image_id(&start.image).await.map_err(|e| Status::unavailable(format!("{e:#}")))?;
+            let id = self.engine.image_id(&start.image).await.map_err(|e| Status::unavailable(e.chain()))?;
             let id = id.ok_or_else(|| {
                 Status::not_found(format!(
                     "image {} is not in the Docker engine of {}; build it there, or let the CLI upload it from its own engine",
@@ -219,7 +219,7 @@ impl ControlService {
                         }
                     }
                     Ok(BuildEvent::Built { image_id }) => built = Some(image_id),
-                    Err(error) => return Err(Status::failed_precondition(format!("{error:#}"))),
+                    Err(error) => return Err(Status::failed_precondition(error.chain())),
                 }
             }
             let id = match built {
@@ -228,7 +228,7 @@ impl ControlService {
                     .engine
                     .image_id(&tag)
                     .await
-                    .map_err(|e| Status::internal(format!("{e:#}")))?
+                    .map_err(|e| Status::internal(e.chain()))?
                     .ok_or_else(|| Status::internal("the build made no image"))?,
             };
             let _ = events.send(progress(format!("built {tag} in {:.1}s", started.elapsed().as_secs_f64()))).await;
@@ -292,7 +292,7 @@ impl ControlService {
             memory_bytes: resources.memory_bytes,
         };
         let (code, lines) =
-            self.engine.run_to_completion(&spec).await.map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+            self.engine.run_to_completion(&spec).await.map_err(|e| Status::failed_precondition(e.chain()))?;
         for line in lines {
             let _ = events.send(Ok(DeployEvent { event: Some(deploy_event::Event::BuildOutput(line)) })).await;
         }

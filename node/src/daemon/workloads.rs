@@ -110,14 +110,14 @@ impl Agent for AgentService {
         match self.engine.image_id(&image).await {
             Ok(Some(_)) => {}
             Ok(None) => return Err(Status::not_found(format!("this node's engine has no image {image}"))),
-            Err(error) => return Err(Status::unavailable(format!("{error:#}"))),
+            Err(error) => return Err(Status::unavailable(error.chain())),
         }
         tracing::info!(%image, "sending an image to a peer");
         let stream = self
             .engine
             .export_image(&image)
             .map_ok(|data| ImageChunk { data: data.to_vec() })
-            .map_err(|error| Status::internal(format!("{error:#}")));
+            .map_err(|error| Status::internal(error.chain()));
         Ok(tonic::Response::new(Box::pin(stream)))
     }
 
@@ -142,7 +142,7 @@ pub async fn local_logs(
     let containers = engine
         .containers(&cluster, Some(consensus.id()))
         .await
-        .map_err(|error| Status::unavailable(format!("{error:#}")))?;
+        .map_err(|error| Status::unavailable(error.chain()))?;
     let streams: Vec<LineStream> = containers
         .into_iter()
         .filter(|c| c.app == request.app && (request.instance.is_empty() || c.instance == request.instance))
@@ -165,7 +165,7 @@ pub async fn local_logs(
                             })
                         })
                         .collect(),
-                    Err(error) => vec![Err(Status::unavailable(format!("{error:#}")))],
+                    Err(error) => vec![Err(Status::unavailable(error.chain()))],
                 };
                 futures::stream::iter(lines)
             });
