@@ -96,14 +96,18 @@ pub fn decide(state: &State, view: &NodeView, config: &ControllerConfig, now: Un
             }
         }
         let timed_out = now.saturating_sub(release.created_at) > config.deploy_timeout.as_millis() as i64;
+        // `immediate` switches once the new instances have a place; the
+        // others once every new instance runs and passes its checks.
+        let ready = |i: &&roost_raft::workload::Instance| match release.spec.strategy {
+            Strategy::Immediate => i.node.is_some(),
+            _ => {
+                let checked = release.spec.groups.get(&i.group).is_some_and(|g| !g.checks.is_empty());
+                i.state == InstanceState::Running && (!checked || i.health == Health::Passing)
+            }
+        };
         let outcome = if let Some(reason) = failure {
             Some(Outcome::Failed { reason })
-        } else if release.spec.strategy == Strategy::Immediate && instances.iter().all(|i| i.node.is_some()) {
-            Some(Outcome::Active)
-        } else if instances.iter().all(|i| {
-            let checked = release.spec.groups.get(&i.group).is_some_and(|g| !g.checks.is_empty());
-            i.state == InstanceState::Running && (!checked || i.health == Health::Passing)
-        }) {
+        } else if instances.iter().all(ready) {
             Some(Outcome::Active)
         } else if timed_out {
             Some(Outcome::Failed {

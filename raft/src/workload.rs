@@ -54,7 +54,7 @@ impl fmt::Display for Resources {
 }
 
 pub fn format_cpus(cpu_millis: u64) -> String {
-    if cpu_millis % 1000 == 0 {
+    if cpu_millis.is_multiple_of(1000) {
         format!("{}", cpu_millis / 1000)
     } else {
         format!("{:.2}", cpu_millis as f64 / 1000.0)
@@ -65,7 +65,7 @@ pub fn format_cpus(cpu_millis: u64) -> String {
 pub fn format_bytes(bytes: u64) -> String {
     const MIB: u64 = 1024 * 1024;
     const GIB: u64 = 1024 * MIB;
-    if bytes >= GIB && bytes % GIB == 0 {
+    if bytes >= GIB && bytes.is_multiple_of(GIB) {
         format!("{} GiB", bytes / GIB)
     } else if bytes >= GIB {
         format!("{:.1} GiB", bytes as f64 / GIB as f64)

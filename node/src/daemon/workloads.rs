@@ -139,10 +139,8 @@ pub async fn local_logs(
     request: &InstanceLogsRequest,
 ) -> Result<LineStream, Status> {
     let cluster = consensus.state().read(|s| s.cluster.as_ref().map(|c| c.id.clone())).unwrap_or_default();
-    let containers = engine
-        .containers(&cluster, Some(consensus.id()))
-        .await
-        .map_err(|error| Status::unavailable(error.chain()))?;
+    let containers =
+        engine.containers(&cluster, Some(consensus.id())).await.map_err(|error| Status::unavailable(error.chain()))?;
     let streams: Vec<LineStream> = containers
         .into_iter()
         .filter(|c| c.app == request.app && (request.instance.is_empty() || c.instance == request.instance))
