@@ -10,7 +10,7 @@
 //! first, then most free memory. An instance that fits nowhere gets a reason
 //! that says what would let it ("needs 512 MiB; most free is 256 MiB on n2").
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use roost_raft::state::{NodeRecord, State};
 use roost_raft::workload::{format_bytes, format_cpus, Instance, Placement, Resources};
@@ -20,6 +20,11 @@ use crate::config::Constraint;
 
 /// Decides a node for every instance without one. `unavailable` nodes (down,
 /// or not yet heard from) get nothing.
+///
+/// Instances are taken in runs of the same app, release and group, which
+/// share their size and constraints: the nodes that meet the constraints are
+/// found once per run, and each instance then scans only those, over dense
+/// arrays of free resources and per-app counts.
 pub fn schedule(state: &State, unavailable: &BTreeSet<NodeId>) -> Vec<Placement> {
     let mut pending: Vec<&Instance> = state
         .instances
@@ -33,77 +38,81 @@ pub fn schedule(state: &State, unavailable: &BTreeSet<NodeId>) -> Vec<Placement>
     pending.sort_by(|a, b| (&a.app, a.release, &a.group, &a.id).cmp(&(&b.app, b.release, &b.group, &b.id)));
 
     let nodes: Vec<&NodeRecord> = state.nodes.values().filter(|n| !unavailable.contains(&n.id)).collect();
+    let slot: HashMap<NodeId, usize> = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
     let reserved = state.reserved();
-    let mut free: BTreeMap<NodeId, Resources> = nodes
-        .iter()
-        .map(|n| (n.id, n.resources.saturating_sub(reserved.get(&n.id).copied().unwrap_or_default())))
-        .collect();
-    let mut per_app: HashMap<(&str, NodeId), u32> = HashMap::new();
+    let mut free: Vec<Resources> =
+        nodes.iter().map(|n| n.resources.saturating_sub(reserved.get(&n.id).copied().unwrap_or_default())).collect();
+    // Instances of each app per node slot, counted only for pending apps.
+    let mut per_app: HashMap<&str, Vec<u32>> = HashMap::new();
+    for instance in pending.iter() {
+        per_app.entry(instance.app.as_str()).or_insert_with(|| vec![0; nodes.len()]);
+    }
     for instance in state.instances.values() {
-        if let Some(node) = instance.node {
-            *per_app.entry((instance.app.as_str(), node)).or_default() += 1;
+        if let (Some(node), Some(counts)) = (instance.node, per_app.get_mut(instance.app.as_str())) {
+            if let Some(&i) = slot.get(&node) {
+                counts[i] += 1;
+            }
         }
     }
 
     let mut placements = Vec::with_capacity(pending.len());
-    for instance in pending {
-        let Some(need) = state.instance_resources(instance) else { continue };
-        let Some(release) = state.apps.get(&instance.app).and_then(|a| a.releases.get(&instance.release)) else {
+    for run in pending.chunk_by(|a, b| (&a.app, a.release, &a.group) == (&b.app, b.release, &b.group)) {
+        let first = run[0];
+        let (Some(need), Some(release)) =
+            (state.instance_resources(first), state.apps.get(&first.app).and_then(|a| a.releases.get(&first.release)))
+        else {
             continue;
         };
         let placement = &release.spec.placement;
         let constraints: Result<Vec<Constraint>, String> =
             placement.constraints.iter().map(|c| Constraint::parse(c)).collect();
-        let decision = match constraints {
-            Err(reason) => Err(format!("its placement constraint is invalid: {reason}")),
-            Ok(constraints) => {
-                let matching: Vec<&&NodeRecord> =
-                    nodes.iter().filter(|n| constraints.iter().all(|c| c.holds(&n.labels))).collect();
-                let under_max: Vec<&&NodeRecord> = matching
-                    .iter()
-                    .copied()
-                    .filter(|n| {
-                        placement
-                            .max_per_node
-                            .is_none_or(|max| per_app.get(&(instance.app.as_str(), n.id)).copied().unwrap_or(0) < max)
-                    })
-                    .collect();
-                let best = under_max
-                    .iter()
-                    .filter(|n| need.fits_in(free[&n.id]))
-                    .min_by_key(|n| {
-                        let count = per_app.get(&(instance.app.as_str(), n.id)).copied().unwrap_or(0);
-                        (count, std::cmp::Reverse(free[&n.id].memory_bytes), n.id)
-                    })
-                    .map(|n| n.id);
-                match best {
-                    Some(node) => Ok(node),
-                    None => Err(unplaceable_reason(
-                        state,
-                        nodes.len(),
-                        &placement.constraints,
-                        matching.len(),
-                        &under_max,
-                        placement.max_per_node,
-                        need,
-                        &free,
-                    )),
+        let candidates: Result<Vec<usize>, String> = constraints
+            .map(|constraints| {
+                (0..nodes.len()).filter(|&i| constraints.iter().all(|c| c.holds(&nodes[i].labels))).collect()
+            })
+            .map_err(|reason| format!("its placement constraint is invalid: {reason}"));
+        let Some(counts) = per_app.get_mut(first.app.as_str()) else { continue };
+        for instance in run {
+            let decision = match &candidates {
+                Err(reason) => Err(reason.clone()),
+                Ok(candidates) => {
+                    let under_max = |i: &usize| placement.max_per_node.is_none_or(|max| counts[*i] < max);
+                    let best = candidates
+                        .iter()
+                        .filter(|i| under_max(i) && need.fits_in(free[**i]))
+                        .min_by_key(|&&i| (counts[i], std::cmp::Reverse(free[i].memory_bytes), nodes[i].id));
+                    match best {
+                        Some(&i) => Ok(i),
+                        None => {
+                            let open: Vec<&NodeRecord> =
+                                candidates.iter().filter(|i| under_max(i)).map(|&i| nodes[i]).collect();
+                            let free_of = |id: NodeId| slot.get(&id).map_or_else(Resources::default, |&i| free[i]);
+                            Err(unplaceable_reason(
+                                state,
+                                nodes.len(),
+                                &placement.constraints,
+                                candidates.len(),
+                                &open,
+                                placement.max_per_node,
+                                need,
+                                free_of,
+                            ))
+                        }
+                    }
                 }
-            }
-        };
-        match decision {
-            Ok(node) => {
-                if let Some(f) = free.get_mut(&node) {
-                    *f = f.saturating_sub(need);
+            };
+            match decision {
+                Ok(i) => {
+                    free[i] = free[i].saturating_sub(need);
+                    counts[i] += 1;
+                    placements.push(Placement::Place { instance: instance.id.clone(), node: nodes[i].id });
                 }
-                *per_app.entry((instance.app.as_str(), node)).or_default() += 1;
-                placements.push(Placement::Place { instance: instance.id.clone(), node });
+                // Proposing the same reason again would only grow the log.
+                Err(reason) if instance.reason.as_deref() != Some(reason.as_str()) => {
+                    placements.push(Placement::Unplaceable { instance: instance.id.clone(), reason });
+                }
+                Err(_) => {}
             }
-            // Proposing the same reason again would only grow the log.
-            Err(reason) if instance.reason.as_deref() != Some(reason.as_str()) => {
-                placements.push(Placement::Unplaceable { instance: instance.id.clone(), reason });
-            }
-            Err(_) => {}
         }
     }
     placements
@@ -115,10 +124,10 @@ fn unplaceable_reason(
     up: usize,
     constraints: &[String],
     matching: usize,
-    under_max: &[&&NodeRecord],
+    open: &[&NodeRecord],
     max_per_node: Option<u32>,
     need: Resources,
-    free: &BTreeMap<NodeId, Resources>,
+    free: impl Fn(NodeId) -> Resources,
 ) -> String {
     if up == 0 {
         return "no node is up".into();
@@ -129,26 +138,26 @@ fn unplaceable_reason(
             constraints.join(", ")
         );
     }
-    if under_max.is_empty() {
+    if open.is_empty() {
         return format!(
             "every matching node already runs max_per_node = {} of its instances; add nodes or raise placement.max_per_node",
             max_per_node.unwrap_or(0)
         );
     }
     let name = |id: NodeId| state.nodes.get(&id).map_or_else(|| id.to_string(), |n| n.name.clone());
-    let most_memory = under_max.iter().max_by_key(|n| (free[&n.id].memory_bytes, std::cmp::Reverse(n.id)));
-    let most_cpu = under_max.iter().max_by_key(|n| (free[&n.id].cpu_millis, std::cmp::Reverse(n.id)));
+    let most_memory = open.iter().max_by_key(|n| (free(n.id).memory_bytes, std::cmp::Reverse(n.id)));
+    let most_cpu = open.iter().max_by_key(|n| (free(n.id).cpu_millis, std::cmp::Reverse(n.id)));
     match (most_memory, most_cpu) {
-        (Some(m), _) if need.memory_bytes > free[&m.id].memory_bytes => format!(
+        (Some(m), _) if need.memory_bytes > free(m.id).memory_bytes => format!(
             "needs {} of memory; most free is {} on {}",
             format_bytes(need.memory_bytes),
-            format_bytes(free[&m.id].memory_bytes),
+            format_bytes(free(m.id).memory_bytes),
             name(m.id)
         ),
-        (_, Some(c)) if need.cpu_millis > free[&c.id].cpu_millis => format!(
+        (_, Some(c)) if need.cpu_millis > free(c.id).cpu_millis => format!(
             "needs {} CPU; most free is {} on {}",
             format_cpus(need.cpu_millis),
-            format_cpus(free[&c.id].cpu_millis),
+            format_cpus(free(c.id).cpu_millis),
             name(c.id)
         ),
         _ => format!("needs {need}; no single node has both free"),
