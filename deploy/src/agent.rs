@@ -22,6 +22,7 @@ use roost_raft::workload::{
     GroupSpec, Health, Instance, InstanceReport, InstanceState, ReleaseStatus, RestartPolicy, SealedSecret,
 };
 use roost_raft::{Command, Consensus, NodeId};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -58,6 +59,8 @@ pub struct Agent {
     node: NodeId,
     tracked: HashMap<String, Tracked>,
     last_collect: Option<Instant>,
+    /// Health checkers ring this when a result changes.
+    health_changed: Arc<Notify>,
 }
 
 /// What the agent remembers of one instance's container between passes.
@@ -93,7 +96,16 @@ impl Agent {
         fetcher: Arc<dyn ImageFetcher>,
     ) -> Self {
         let node = consensus.id();
-        Self { engine, consensus, key, fetcher, node, tracked: HashMap::new(), last_collect: None }
+        Self {
+            engine,
+            consensus,
+            key,
+            fetcher,
+            node,
+            tracked: HashMap::new(),
+            last_collect: None,
+            health_changed: Arc::new(Notify::new()),
+        }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -102,9 +114,11 @@ impl Agent {
             if let Err(error) = self.pass().await {
                 tracing::warn!(error = %error.chain(), "reconciling containers failed; retrying");
             }
+            let health_changed = self.health_changed.clone();
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = changes.changed() => {}
+                () = health_changed.notified() => {}
                 () = tokio::time::sleep(PASS_EVERY) => {}
             }
         }
@@ -256,8 +270,10 @@ impl Agent {
                 report.reason = Some("the container has no IP address yet".into());
                 return report;
             };
-            let checker =
-                tracked.checker.get_or_insert_with(|| Checker::start(&ip, &desired.group.checks, tracked.started));
+            let changed = self.health_changed.clone();
+            let checker = tracked
+                .checker
+                .get_or_insert_with(|| Checker::start(&ip, &desired.group.checks, tracked.started, changed));
             let (health, output) = checker.health();
             report.state = InstanceState::Running;
             report.health = health;

@@ -14,8 +14,12 @@ use std::time::Duration;
 use roost_raft::workload::{CheckKind, CheckSpec, Health};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
+
+/// How often a check that has not passed yet is probed.
+pub const STARTUP_PROBE: Duration = Duration::from_millis(200);
 
 /// The probes of one container; dropping it stops them.
 #[derive(Debug)]
@@ -36,19 +40,30 @@ impl Drop for Checker {
 
 impl Checker {
     /// Starts probing `ip`; `started` is when the container started.
-    pub fn start(ip: &str, checks: &[CheckSpec], started: Instant) -> Self {
+    /// `changed` is notified whenever a check's result changes.
+    ///
+    /// Until a check first passes it is probed every [`STARTUP_PROBE`] (or
+    /// its interval, if shorter), so a new instance is seen healthy soon
+    /// after it is; from then on, at its interval.
+    pub fn start(ip: &str, checks: &[CheckSpec], started: Instant, changed: Arc<Notify>) -> Self {
         let results = Arc::new(Mutex::new(BTreeMap::new()));
         let tasks = checks
             .iter()
             .map(|check| {
-                let (check, ip, results) = (check.clone(), ip.to_owned(), results.clone());
+                let (check, ip, results, changed) = (check.clone(), ip.to_owned(), results.clone(), changed.clone());
                 tokio::spawn(async move {
-                    let mut ticker = tokio::time::interval(Duration::from_millis(check.interval_ms.max(100)));
-                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let interval = Duration::from_millis(check.interval_ms.max(100));
+                    let mut passed_once = false;
                     loop {
-                        ticker.tick().await;
                         let result = probe(&ip, &check).await;
-                        results.lock().unwrap_or_else(|p| p.into_inner()).insert(check.name.clone(), result);
+                        passed_once |= result.is_ok();
+                        let previous =
+                            results.lock().unwrap_or_else(|p| p.into_inner()).insert(check.name.clone(), result.clone());
+                        if previous.as_ref() != Some(&result) {
+                            changed.notify_one();
+                        }
+                        let wait = if passed_once { interval } else { interval.min(STARTUP_PROBE) };
+                        tokio::time::sleep(wait).await;
                     }
                 })
             })
