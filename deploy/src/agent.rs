@@ -18,6 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use roost_raft::consensus::now_millis;
 use roost_raft::workload::{
     GroupSpec, Health, Instance, InstanceReport, InstanceState, ReleaseStatus, RestartPolicy, SealedSecret,
 };
@@ -50,6 +51,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Images of this many newest releases per app stay, for rollbacks.
 const KEEP_RELEASE_IMAGES: usize = 5;
 const COLLECT_IMAGES_EVERY: Duration = Duration::from_secs(60);
+/// An image no release uses is kept this long, in case a deploy is about to.
+const UNUSED_IMAGE_AGE: Duration = Duration::from_secs(600);
 
 pub struct Agent {
     engine: Engine,
@@ -59,6 +62,8 @@ pub struct Agent {
     node: NodeId,
     tracked: HashMap<String, Tracked>,
     last_collect: Option<Instant>,
+    /// What the last image collection saw: images in use, destroyed apps.
+    collected_for: Option<(HashSet<String>, usize)>,
     /// Health checkers ring this when a result changes.
     health_changed: Arc<Notify>,
 }
@@ -104,6 +109,7 @@ impl Agent {
             node,
             tracked: HashMap::new(),
             last_collect: None,
+            collected_for: None,
             health_changed: Arc::new(Notify::new()),
         }
     }
@@ -400,14 +406,14 @@ impl Agent {
         }
     }
 
-    /// Removes this cluster's images that no recent release uses.
+    /// Removes this cluster's images that no recent release uses: at once
+    /// when their app was destroyed after they were made, otherwise once
+    /// they are older than [`UNUSED_IMAGE_AGE`] (a new build is not yet in
+    /// any release until its deploy is proposed). Runs when the set of images
+    /// in use changes, and every [`COLLECT_IMAGES_EVERY`].
     async fn collect_images(&mut self, cluster: &str) {
-        if self.last_collect.is_some_and(|at| at.elapsed() < COLLECT_IMAGES_EVERY) {
-            return;
-        }
-        self.last_collect = Some(Instant::now());
-        let keep: HashSet<String> = self.consensus.state().read(|state| {
-            state
+        let (keep, destroyed): (HashSet<String>, BTreeMap<String, i64>) = self.consensus.state().read(|state| {
+            let keep = state
                 .apps
                 .values()
                 .flat_map(|app| {
@@ -418,13 +424,26 @@ impl Agent {
                         .filter(|(i, r)| *i < KEEP_RELEASE_IMAGES || r.status != ReleaseStatus::Superseded)
                         .map(|(_, r)| r.spec.image.clone())
                 })
-                .collect()
+                .collect();
+            (keep, state.destroyed_apps.clone())
         });
+        let due = self.last_collect.is_none_or(|at| at.elapsed() >= COLLECT_IMAGES_EVERY);
+        if !due && self.collected_for.as_ref() == Some(&(keep.clone(), destroyed.len())) {
+            return;
+        }
+        self.last_collect = Some(Instant::now());
+        self.collected_for = Some((keep.clone(), destroyed.len()));
+        let now = now_millis();
         match self.engine.cluster_images(cluster).await {
             Ok(images) => {
-                for image in images.into_iter().filter(|i| !keep.contains(i)) {
-                    tracing::info!(%image, "removing an image no release uses");
-                    if let Err(error) = self.engine.remove_image(&image).await {
+                for image in images.into_iter().filter(|i| !keep.contains(&i.id)) {
+                    let app_gone = destroyed.get(&image.app).is_some_and(|at| image.created_ms <= *at);
+                    let old = now - image.created_ms > UNUSED_IMAGE_AGE.as_millis() as i64;
+                    if !(app_gone || old) {
+                        continue;
+                    }
+                    tracing::info!(image = %image.id, app = %image.app, "removing an image no release uses");
+                    if let Err(error) = self.engine.remove_image(&image.id).await {
                         tracing::debug!(error = %error.chain(), "image not removed");
                     }
                 }

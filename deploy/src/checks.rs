@@ -57,8 +57,10 @@ impl Checker {
                     loop {
                         let result = probe(&ip, &check).await;
                         passed_once |= result.is_ok();
-                        let previous =
-                            results.lock().unwrap_or_else(|p| p.into_inner()).insert(check.name.clone(), result.clone());
+                        let previous = results
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(check.name.clone(), result.clone());
                         if previous.as_ref() != Some(&result) {
                             changed.notify_one();
                         }

@@ -92,6 +92,15 @@ pub enum BuildEvent {
     Built { image_id: String },
 }
 
+/// An image built for the cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterImage {
+    pub id: String,
+    pub app: String,
+    /// When it was made, in Unix milliseconds.
+    pub created_ms: i64,
+}
+
 /// A container Roost made, as the engine lists it.
 #[derive(Clone, Debug)]
 pub struct Container {
@@ -217,12 +226,19 @@ impl Engine {
         Ok(())
     }
 
-    /// Ids of the images built for `cluster`.
-    pub async fn cluster_images(&self, cluster: &str) -> Result<Vec<String>, EngineError> {
+    /// The images built for `cluster`.
+    pub async fn cluster_images(&self, cluster: &str) -> Result<Vec<ClusterImage>, EngineError> {
         let filters = HashMap::from([("label", vec![format!("{LABEL_CLUSTER}={cluster}")])]);
         let options = ListImagesOptionsBuilder::default().filters(&filters).build();
         let images = self.docker.list_images(Some(options)).await.map_err(EngineError::docker("list images"))?;
-        Ok(images.into_iter().map(|image| image.id).collect())
+        Ok(images
+            .into_iter()
+            .map(|image| ClusterImage {
+                app: image.labels.get(LABEL_APP).cloned().unwrap_or_default(),
+                created_ms: image.created.saturating_mul(1000),
+                id: image.id,
+            })
+            .collect())
     }
 
     /// Removes an image unless a container still uses it.

@@ -42,6 +42,10 @@ pub struct State {
     /// Feeds instance ids; never reused.
     #[serde(default)]
     pub next_instance: u64,
+    /// When each destroyed app was destroyed: its images made before then
+    /// can go at once.
+    #[serde(default)]
+    pub destroyed_apps: BTreeMap<String, UnixMillis>,
 }
 
 /// Cluster-wide facts and credentials, set once by `roost node init`.
@@ -145,7 +149,7 @@ impl State {
             Command::AddNode { node } => self.add_node(node, at),
             Command::RemoveNode { id, new_join_secret } => self.remove_node(*id, new_join_secret.as_ref(), at),
             Command::CreateApp { name } => self.create_app(name, at),
-            Command::DestroyApp { name } => self.destroy_app(name),
+            Command::DestroyApp { name } => self.destroy_app(name, at),
             Command::Deploy { app, spec, description } => self.deploy(app, spec, description, at),
             Command::FinishRelease { app, version, outcome } => self.finish_release(app, *version, outcome),
             Command::Place { placements } => self.place(placements),
@@ -233,10 +237,11 @@ impl State {
         Response::AppCreated { app }
     }
 
-    fn destroy_app(&mut self, name: &str) -> Response {
+    fn destroy_app(&mut self, name: &str, at: UnixMillis) -> Response {
         match self.apps.remove(name) {
             Some(_) => {
                 self.instances.retain(|_, instance| instance.app != name);
+                self.destroyed_apps.insert(name.to_owned(), at);
                 Response::Done
             }
             None => Response::Rejected(Rejection::AppNotFound { name: name.to_owned() }),

@@ -223,8 +223,8 @@ async fn secrets_reach_the_app_only_and_suspend_resume_destroy_clean_up() -> Res
     wait_serving(&cluster, "vault", 2, 1, Duration::from_secs(30)).await?;
 
     cluster.cli(0, &["apps", "destroy", "vault", "--yes"]).await?;
-    wait_until("no container or image left", Duration::from_secs(90), || async {
-        Ok(cluster.docker.containers(None).is_empty())
+    wait_until("no container or image left", Duration::from_secs(30), || async {
+        Ok(cluster.docker.containers(None).is_empty() && cluster.docker.images().is_empty())
     })
     .await?;
     cluster.shutdown().await;
@@ -279,6 +279,15 @@ async fn a_dead_nodes_instances_are_replaced_within_the_grace_period() -> Result
     })
     .await?;
     println!("instances of a dead node passing checks elsewhere after {:.1}s", started.elapsed().as_secs_f64());
+
+    // Back, the node removes the container whose instance moved away.
+    cluster.restart(index).await?;
+    wait_until(&format!("{name} removed its replaced container"), Duration::from_secs(20), || async {
+        Ok(cluster.docker.containers(Some(node_id)).is_empty())
+    })
+    .await?;
+    let s = status(&cluster, survivor, "ha").await?;
+    assert!(instances(&s).iter().all(|i| field(i, "node") != name), "{s:#}");
     cluster.shutdown().await;
     Ok(())
 }

@@ -194,6 +194,21 @@ async fn an_image_built_on_one_engine_runs_on_another() -> Result<()> {
     let on_n2 = on_n2.with_context(|| format!("no instance on n2: {status:#}"))?;
     assert_eq!((on_n2["state"].as_str(), on_n2["health"].as_str()), (Some("running"), Some("passing")), "{status:#}");
     assert!(logs(n2).contains("image fetched"), "{}", logs(n2));
+
+    // An image only this machine's engine has: the CLI uploads it to n1.
+    let image = format!("roost-it-upload:{id}");
+    docker(&["build", "-q", "-t", &image, &path])?;
+    let uploaded = async {
+        let printed = cli(&seed, &admin, &["deploy", &path, "-a", "up", "--image", &image]).await;
+        let _ = docker(&["rmi", "-f", &image]);
+        printed
+    }
+    .await;
+    let printed = match uploaded {
+        Ok(printed) => printed,
+        Err(error) => bail!("{error}\n--- n1 ---\n{}", logs(n1)),
+    };
+    assert!(printed.contains("Uploading image") && printed.contains("v1 is live"), "{printed}");
     drop(nodes);
     Ok(())
 }

@@ -41,6 +41,10 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // Nodes stopped on purpose make openraft log errors; they are expected here.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=off"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
     let args: Vec<String> = std::env::args().collect();
     let value = |flag: &str, default: usize| -> Result<usize> {
         match args.iter().position(|a| a == flag) {
