@@ -158,6 +158,9 @@ pub struct RunningNode {
     stop: CancellationToken,
     removed: Arc<AtomicBool>,
     server: JoinHandle<()>,
+    /// The agent, which may be creating a container when the node stops:
+    /// draining waits for it, so nothing is started after a node is down.
+    agent: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for RunningNode {
@@ -285,7 +288,7 @@ impl Node {
             spawn_background(&consensus, &liveness, &channels, &stop, &removed);
             let fetcher = Arc::new(workloads::PeerImages { consensus: consensus.clone(), channels: channels.clone() });
             let agent = Agent::new(engine, consensus.clone(), secrets_key, fetcher);
-            tokio::spawn(agent.run(stop.clone()).in_current_span());
+            let agent = tokio::spawn(agent.run(stop.clone()).in_current_span());
             tokio::spawn(
                 workloads::run_controller(consensus.clone(), liveness.clone(), config.controller.clone(), stop.clone())
                     .in_current_span(),
@@ -300,6 +303,7 @@ impl Node {
                 stop,
                 removed,
                 server,
+                agent,
             })
         }
         .instrument(span)
@@ -505,6 +509,9 @@ impl RunningNode {
     }
 
     async fn drain(self) -> ExitReason {
+        if tokio::time::timeout(Duration::from_secs(15), self.agent).await.is_err() {
+            tracing::warn!("the agent did not stop within 15s");
+        }
         self.consensus.shutdown().await;
         if tokio::time::timeout(Duration::from_secs(5), self.server).await.is_err() {
             tracing::warn!("the gRPC server did not stop within 5s");
