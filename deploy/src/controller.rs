@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use roost_raft::state::{State, UnixMillis};
-use roost_raft::workload::{Health, InstanceState, Outcome, ReleaseStatus, Strategy};
+use roost_raft::workload::{Health, Instance, InstanceState, Outcome, ReleaseStatus, Strategy};
 use roost_raft::{Command, NodeId};
 
 use crate::scheduler;
@@ -98,13 +98,16 @@ pub fn decide(state: &State, view: &NodeView, config: &ControllerConfig, now: Un
         let timed_out = now.saturating_sub(release.created_at) > config.deploy_timeout.as_millis() as i64;
         // `immediate` switches once the new instances have a place; the
         // others once every new instance runs and passes its checks.
-        let ready = |i: &&roost_raft::workload::Instance| match release.spec.strategy {
+        let ready = |i: &&Instance| match release.spec.strategy {
             Strategy::Immediate => i.node.is_some(),
-            _ => {
-                let checked = release.spec.groups.get(&i.group).is_some_and(|g| !g.checks.is_empty());
-                i.state == InstanceState::Running && (!checked || i.health == Health::Passing)
-            }
+            _ => i.ready(release.spec.groups.get(&i.group)),
         };
+        if failure.is_none() && release.spec.strategy == Strategy::Rolling {
+            let retire = replaced_old_instances(state, &app.name, release.version, &instances);
+            if !retire.is_empty() {
+                commands.push(Command::RetireInstances { app: app.name.clone(), instances: retire });
+            }
+        }
         let outcome = if let Some(reason) = failure {
             Some(Outcome::Failed { reason })
         } else if instances.iter().all(ready) {
@@ -124,6 +127,38 @@ pub fn decide(state: &State, view: &NodeView, config: &ControllerConfig, now: Un
         }
     }
     commands
+}
+
+/// In a rolling deploy, the old instances that ready new ones now replace:
+/// per group, at most as many old instances stay as new ones are not ready.
+/// Old instances that are not ready themselves go first.
+fn replaced_old_instances(state: &State, app: &str, version: u64, new: &[&Instance]) -> Vec<String> {
+    let mut retire = Vec::new();
+    let mut groups: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    let release = state.apps.get(app).and_then(|a| a.releases.get(&version));
+    for instance in new {
+        let entry = groups.entry(instance.group.as_str()).or_default();
+        entry.0 += 1;
+        if instance.ready(release.and_then(|r| r.spec.groups.get(&instance.group))) {
+            entry.1 += 1;
+        }
+    }
+    for (group, (count, ready)) in groups {
+        let mut old: Vec<&Instance> =
+            state.instances.values().filter(|i| i.app == app && i.release != version && i.group == group).collect();
+        let keep = count - ready;
+        if old.len() <= keep {
+            continue;
+        }
+        let ready_of = |i: &Instance| {
+            let spec =
+                state.apps.get(app).and_then(|a| a.releases.get(&i.release)).and_then(|r| r.spec.groups.get(&i.group));
+            i.ready(spec)
+        };
+        old.sort_by_key(|i| (ready_of(i), i.id.clone()));
+        retire.extend(old.iter().take(old.len() - keep).map(|i| i.id.clone()));
+    }
+    retire
 }
 
 /// A reason that only says the node went away, which a new placement fixes.

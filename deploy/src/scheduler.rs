@@ -13,7 +13,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use roost_raft::state::{NodeRecord, State};
-use roost_raft::workload::{format_bytes, format_cpus, Instance, Placement, Resources};
+use roost_raft::workload::{format_bytes, format_cpus, Instance, MaxUnavailable, Placement, Resources, Strategy};
 use roost_raft::NodeId;
 
 use crate::config::Constraint;
@@ -55,6 +55,7 @@ pub fn schedule(state: &State, unavailable: &BTreeSet<NodeId>) -> Vec<Placement>
         }
     }
 
+    let mut budget = rollout_budgets(state);
     let mut placements = Vec::with_capacity(pending.len());
     for run in pending.chunk_by(|a, b| (&a.app, a.release, &a.group) == (&b.app, b.release, &b.group)) {
         let first = run[0];
@@ -72,7 +73,13 @@ pub fn schedule(state: &State, unavailable: &BTreeSet<NodeId>) -> Vec<Placement>
             })
             .map_err(|reason| format!("its placement constraint is invalid: {reason}"));
         let Some(counts) = per_app.get_mut(first.app.as_str()) else { continue };
+        let mut budget = budget.get_mut(&(first.app.as_str(), first.release));
         for instance in run {
+            // A rolling deploy starts only so many new instances at a time;
+            // the rest wait, without a reason, for their turn.
+            if budget.as_deref() == Some(&0) {
+                continue;
+            }
             let decision = match &candidates {
                 Err(reason) => Err(reason.clone()),
                 Ok(candidates) => {
@@ -105,6 +112,9 @@ pub fn schedule(state: &State, unavailable: &BTreeSet<NodeId>) -> Vec<Placement>
                 Ok(i) => {
                     free[i] = free[i].saturating_sub(need);
                     counts[i] += 1;
+                    if let Some(left) = budget.as_deref_mut() {
+                        *left -= 1;
+                    }
                     placements.push(Placement::Place { instance: instance.id.clone(), node: nodes[i].id });
                 }
                 // Proposing the same reason again would only grow the log.
@@ -116,6 +126,30 @@ pub fn schedule(state: &State, unavailable: &BTreeSet<NodeId>) -> Vec<Placement>
         }
     }
     placements
+}
+
+/// For each release being deployed a few instances at a time over one that
+/// serves (`rolling`, and `canary` until its first instance is ready), how
+/// many more of its instances may be placed now.
+fn rollout_budgets(state: &State) -> HashMap<(&str, u64), usize> {
+    let mut budgets = HashMap::new();
+    for app in state.apps.values() {
+        // A first release has nothing serving to keep: all of it starts.
+        let (Some(release), Some(_)) = (app.deploying(), app.current()) else { continue };
+        let new: Vec<&Instance> =
+            state.instances.values().filter(|i| i.app == app.name && i.release == release.version).collect();
+        let ready = new.iter().filter(|i| i.ready(release.spec.groups.get(&i.group))).count();
+        let in_flight = new.iter().filter(|i| i.node.is_some() && !i.ready(release.spec.groups.get(&i.group))).count();
+        let limit = match release.spec.strategy {
+            Strategy::Rolling => Some(release.spec.max_unavailable.unwrap_or(MaxUnavailable::DEFAULT).wave(new.len())),
+            Strategy::Canary if ready == 0 => Some(1),
+            _ => None,
+        };
+        if let Some(limit) = limit {
+            budgets.insert((app.name.as_str(), release.version), limit.saturating_sub(in_flight));
+        }
+    }
+    budgets
 }
 
 #[allow(clippy::too_many_arguments)]

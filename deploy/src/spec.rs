@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use roost_raft::workload::{
-    CheckKind, CheckSpec, GroupSpec, PlacementSpec, ReleaseSpec, Resources, RestartPolicy as SpecRestartPolicy,
-    RestartSpec, Strategy as SpecStrategy,
+    CheckKind, CheckSpec, GroupSpec, MaxUnavailable, PlacementSpec, ReleaseSpec, Resources,
+    RestartPolicy as SpecRestartPolicy, RestartSpec, Strategy as SpecStrategy,
 };
 use roost_raft::NodeId;
 
@@ -49,6 +49,13 @@ pub fn release_spec(config: &AppConfig, image: ImageChoice, strategy: Option<Spe
             Strategy::Immediate => SpecStrategy::Immediate,
             Strategy::Bluegreen => SpecStrategy::Bluegreen,
             Strategy::Canary => SpecStrategy::Canary,
+        }),
+        max_unavailable: config.deploy.max_unavailable.map(|max| {
+            if max >= 1.0 {
+                MaxUnavailable::Count(max.round() as u32)
+            } else {
+                MaxUnavailable::Percent((max * 100.0).round().max(1.0) as u32)
+            }
         }),
         placement: PlacementSpec {
             constraints: config.placement.constraints.clone(),

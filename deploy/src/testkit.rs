@@ -77,6 +77,7 @@ pub fn spec(groups: &[&str], resources: Resources, checks: bool) -> ReleaseSpec 
             })
             .collect(),
         strategy: Strategy::Rolling,
+        max_unavailable: None,
         placement: PlacementSpec::default(),
     }
 }

@@ -67,6 +67,11 @@ pub enum Command {
         version: u64,
         outcome: Outcome,
     },
+    /// Removes old instances that new ones of a rolling deploy replaced.
+    RetireInstances {
+        app: String,
+        instances: Vec<String>,
+    },
     /// The scheduler's decisions.
     Place {
         placements: Vec<Placement>,
@@ -228,6 +233,7 @@ impl fmt::Display for Command {
             Command::Deploy { app, description, .. } => write!(f, "{description} of {app}"),
             Command::FinishRelease { app, version, outcome } => write!(f, "finish {app} v{version}: {outcome:?}"),
             Command::Place { placements } => write!(f, "{} placements", placements.len()),
+            Command::RetireInstances { app, instances } => write!(f, "retire {} instances of {app}", instances.len()),
             Command::Reschedule { instances, .. } => write!(f, "reschedule {} instances", instances.len()),
             Command::ReportInstances { node, reports } => write!(f, "{} reports from node {node}", reports.len()),
             Command::Scale { app, group, count } => write!(f, "scale {app} {group} to {count}"),

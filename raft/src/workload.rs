@@ -77,17 +77,19 @@ pub fn format_bytes(bytes: u64) -> String {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
-    /// New instances start beside the old ones; the old ones stop once every
-    /// new one passes its checks. A failure stops the deploy and keeps the
-    /// old instances serving.
+    /// New instances start a few at a time (`max_unavailable`) beside the
+    /// old ones; each old one stops as a new one passes its checks. A failure
+    /// stops the deploy and brings the old release back to full strength.
     #[default]
     Rolling,
     /// The old instances stop as soon as the new ones are placed; checks are
     /// not waited for.
     Immediate,
-    /// Like rolling: all new instances, checked, then the switch.
+    /// Every new instance starts beside the old ones; the switch happens
+    /// once all of them pass their checks.
     Bluegreen,
-    /// Like rolling: the new release must pass its checks before it serves.
+    /// One new instance first; once it passes its checks, the rest as in
+    /// bluegreen.
     Canary,
 }
 
@@ -169,7 +171,32 @@ pub struct ReleaseSpec {
     pub env: BTreeMap<String, String>,
     pub groups: BTreeMap<String, GroupSpec>,
     pub strategy: Strategy,
+    /// For rolling deploys: how many new instances may be starting at once.
+    #[serde(default)]
+    pub max_unavailable: Option<MaxUnavailable>,
     pub placement: PlacementSpec,
+}
+
+/// `[deploy] max_unavailable`: a count, or a share of the instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaxUnavailable {
+    Count(u32),
+    Percent(u32),
+}
+
+impl MaxUnavailable {
+    /// fly.io's default: a third of the instances at a time.
+    pub const DEFAULT: MaxUnavailable = MaxUnavailable::Percent(33);
+
+    /// How many of `total` instances may be replaced at once (at least one).
+    pub fn wave(self, total: usize) -> usize {
+        match self {
+            MaxUnavailable::Count(count) => count as usize,
+            MaxUnavailable::Percent(percent) => (total * percent as usize).div_ceil(100),
+        }
+        .max(1)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -316,6 +343,14 @@ pub enum Placement {
         instance: String,
         reason: String,
     },
+}
+
+impl Instance {
+    /// Whether the instance runs and passes its checks (or has none).
+    pub fn ready(&self, group: Option<&GroupSpec>) -> bool {
+        let checked = group.is_some_and(|g| !g.checks.is_empty());
+        self.state == InstanceState::Running && (!checked || self.health == Health::Passing)
+    }
 }
 
 /// How a deploy ended, as the leader's controller decided.

@@ -135,3 +135,103 @@ fn an_unplaceable_deploy_fails_with_the_reason() {
     assert!(release.reason.as_deref().is_some_and(|r| r.contains("needs 8 CPU; most free is 2 on n1")), "{release:?}");
     assert!(state.instances.is_empty());
 }
+
+/// Marks every placed instance of `release` running and passing.
+fn ready(state: &mut roost_raft::State, release: u64) {
+    let placed: Vec<(u64, String)> = state
+        .instances
+        .values()
+        .filter(|i| i.release == release && i.state != InstanceState::Running)
+        .filter_map(|i| Some((i.node?, i.id.clone())))
+        .collect();
+    for (node, id) in placed {
+        let report = InstanceReport {
+            id,
+            state: InstanceState::Running,
+            health: Health::Passing,
+            address: None,
+            reason: None,
+            restarts: 0,
+        };
+        apply(state, Command::ReportInstances { node, reports: vec![report] });
+    }
+}
+
+#[test]
+fn a_rolling_deploy_replaces_one_instance_at_a_time() {
+    let mut state = cluster(3, |_| vec![]);
+    state.apps.insert("a".into(), roost_raft::state::App::new("a", 0));
+    state.apps.get_mut("a").expect("app").scale.insert("app".into(), 3);
+    apply(
+        &mut state,
+        Command::Deploy { app: "a".into(), spec: spec(&["app"], small(), true), description: "deploy".into() },
+    );
+    for _ in 0..5 {
+        run(&mut state, &NodeView::default(), 1_000);
+        ready(&mut state, 1);
+    }
+    run(&mut state, &NodeView::default(), 1_000);
+    assert_eq!(state.apps["a"].current().map(|r| r.version), Some(1));
+
+    let mut v2 = spec(&["app"], small(), true);
+    v2.max_unavailable = Some(roost_raft::workload::MaxUnavailable::Count(1));
+    apply(&mut state, Command::Deploy { app: "a".into(), spec: v2, description: "deploy".into() });
+    let mut waves = Vec::new();
+    for _ in 0..10 {
+        run(&mut state, &NodeView::default(), 1_000);
+        let placed_new = state.instances.values().filter(|i| i.release == 2 && i.node.is_some()).count();
+        let old = state.instances.values().filter(|i| i.release == 1).count();
+        let placed = state.instances.values().filter(|i| i.node.is_some()).count();
+        assert!(placed <= 4, "never more than one extra instance placed: {:?}", state.instances);
+        waves.push((placed_new, old));
+        ready(&mut state, 2);
+        if state.apps["a"].current().map(|r| r.version) == Some(2) {
+            break;
+        }
+    }
+    assert_eq!(state.apps["a"].current().map(|r| r.version), Some(2), "{waves:?}");
+    assert_eq!(waves[0], (1, 3), "one new instance first, beside all three old: {waves:?}");
+    assert!(state.instances.values().all(|i| i.release == 2) && state.instances.len() == 3);
+}
+
+#[test]
+fn a_failed_rolling_deploy_restores_the_old_release_to_full_strength() {
+    let mut state = cluster(3, |_| vec![]);
+    state.apps.insert("a".into(), roost_raft::state::App::new("a", 0));
+    state.apps.get_mut("a").expect("app").scale.insert("app".into(), 3);
+    apply(
+        &mut state,
+        Command::Deploy { app: "a".into(), spec: spec(&["app"], small(), true), description: "deploy".into() },
+    );
+    for _ in 0..5 {
+        run(&mut state, &NodeView::default(), 1_000);
+        ready(&mut state, 1);
+    }
+    let mut v2 = spec(&["app"], small(), true);
+    v2.max_unavailable = Some(roost_raft::workload::MaxUnavailable::Count(1));
+    apply(&mut state, Command::Deploy { app: "a".into(), spec: v2, description: "deploy".into() });
+    run(&mut state, &NodeView::default(), 1_000);
+    ready(&mut state, 2);
+    run(&mut state, &NodeView::default(), 1_000);
+    assert_eq!(state.instances.values().filter(|i| i.release == 1).count(), 2, "one old instance retired");
+    // The second new instance fails its check.
+    let (node, id) = state
+        .instances
+        .values()
+        .find(|i| i.release == 2 && i.state != InstanceState::Running)
+        .and_then(|i| Some((i.node?, i.id.clone())))
+        .expect("a second new instance placed");
+    let failing = InstanceReport {
+        id,
+        state: InstanceState::Running,
+        health: Health::Failing,
+        address: None,
+        reason: Some("GET / answered 500".into()),
+        restarts: 0,
+    };
+    apply(&mut state, Command::ReportInstances { node, reports: vec![failing] });
+    run(&mut state, &NodeView::default(), 1_000);
+    assert_eq!(state.apps["a"].releases[&2].status, ReleaseStatus::Failed);
+    assert_eq!(state.instances.values().filter(|i| i.release == 1).count(), 3, "back to three");
+    assert!(state.instances.values().all(|i| i.release == 1));
+}

@@ -100,7 +100,13 @@ impl State {
         );
     }
 
-    pub(super) fn finish_release(&mut self, app_name: &str, version: u64, outcome: &Outcome) -> Response {
+    pub(super) fn finish_release(
+        &mut self,
+        app_name: &str,
+        version: u64,
+        outcome: &Outcome,
+        at: UnixMillis,
+    ) -> Response {
         let Some(app) = self.apps.get_mut(app_name) else {
             return Response::Rejected(Rejection::AppNotFound { name: app_name.to_owned() });
         };
@@ -129,10 +135,40 @@ impl State {
                     release.reason = Some(reason.clone());
                 }
                 // Scale changes made for this release do not outlive it.
+                let current = app.current().map(|r| r.version);
                 let groups: Vec<String> =
                     app.current().map(|r| r.spec.groups.keys().cloned().collect()).unwrap_or_default();
                 app.scale.retain(|group, _| groups.contains(group));
+                let scale = app.scale.clone();
                 self.instances.retain(|_, i| i.app != app_name || i.release != version);
+                // A rolling deploy retired some old instances: bring the
+                // serving release back to full strength.
+                if let Some(current) = current {
+                    for (group, count) in scale {
+                        let have = self
+                            .instances
+                            .values()
+                            .filter(|i| i.app == app_name && i.release == current && i.group == group)
+                            .count();
+                        for _ in have..count as usize {
+                            self.add_instance(app_name, current, &group, at);
+                        }
+                    }
+                }
+            }
+        }
+        Response::Done
+    }
+
+    pub(super) fn retire(&mut self, app_name: &str, ids: &[String]) -> Response {
+        let Some(app) = self.apps.get(app_name) else {
+            return Response::Rejected(Rejection::AppNotFound { name: app_name.to_owned() });
+        };
+        // Only instances of releases that are not being deployed.
+        let deploying = app.deploying().map(|r| r.version);
+        for id in ids {
+            if self.instances.get(id).is_some_and(|i| i.app == app_name && Some(i.release) != deploying) {
+                self.instances.remove(id);
             }
         }
         Response::Done

@@ -229,6 +229,7 @@ mod workloads {
             env: BTreeMap::new(),
             groups: groups.iter().map(|g| (g.to_string(), group.clone())).collect(),
             strategy: Strategy::Rolling,
+            max_unavailable: None,
             placement: PlacementSpec::default(),
         }
     }
