@@ -346,7 +346,7 @@ impl Agent {
     /// users see.
     async fn create(&self, cluster: &str, desired: &Desired) -> Result<String, String> {
         let instance = &desired.instance;
-        self.ensure_image(&desired.image, desired.image_source).await?;
+        self.ensure_image(&desired.image, desired.image_source, instance).await?;
         let mut env: BTreeMap<String, String> = desired.env.clone();
         for (name, sealed) in &desired.secrets {
             let value = self.key.open(&instance.app, name, sealed).map_err(|e| e.to_string())?;
@@ -384,7 +384,7 @@ impl Agent {
         self.engine.run(&spec).await.map_err(|e| e.chain())
     }
 
-    async fn ensure_image(&self, image: &str, source: NodeId) -> Result<(), String> {
+    async fn ensure_image(&self, image: &str, source: NodeId, instance: &Instance) -> Result<(), String> {
         match self.engine.image_id(image).await {
             Ok(Some(_)) => return Ok(()),
             Ok(None) => {}
@@ -395,6 +395,19 @@ impl Agent {
         }
         tracing::info!(%image, from = source, "fetching the image from a peer");
         let started = Instant::now();
+        // Say so now: a large image takes a while, and `roost deploy` shows it.
+        let name = self.consensus.state().read(|s| s.nodes.get(&source).map(|n| n.name.clone()));
+        let report = InstanceReport {
+            id: instance.id.clone(),
+            state: InstanceState::Starting,
+            health: Health::Unknown,
+            address: None,
+            reason: Some(format!("fetching the image from {}", name.unwrap_or_else(|| source.to_string()))),
+            restarts: instance.restarts,
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let _ =
+            self.consensus.propose(Command::ReportInstances { node: self.node, reports: vec![report] }, deadline).await;
         let stream = self.fetcher.fetch(image.to_owned(), source).await?;
         self.engine.import_image(stream).await.map_err(|e| e.chain())?;
         match self.engine.image_id(image).await {
