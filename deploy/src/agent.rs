@@ -48,7 +48,7 @@ pub trait ImageFetcher: Send + Sync {
 const STOP_GRACE_SECONDS: i32 = 5;
 const PASS_EVERY: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Images of this many newest releases per app stay, for rollbacks.
+/// Images of this many newest superseded releases per app stay, for rollbacks.
 const KEEP_RELEASE_IMAGES: usize = 5;
 const COLLECT_IMAGES_EVERY: Duration = Duration::from_secs(60);
 /// An image no release uses is kept this long, in case a deploy is about to.
@@ -62,6 +62,9 @@ pub struct Agent {
     node: NodeId,
     tracked: HashMap<String, Tracked>,
     last_collect: Option<Instant>,
+    /// Instances whose container could not be created: when to try again,
+    /// and how many tries failed.
+    create_retry: HashMap<String, (Instant, u32)>,
     /// What the last image collection saw: images in use, destroyed apps.
     collected_for: Option<(HashSet<String>, usize)>,
     /// Health checkers ring this when a result changes.
@@ -109,6 +112,7 @@ impl Agent {
             node,
             tracked: HashMap::new(),
             last_collect: None,
+            create_retry: HashMap::new(),
             collected_for: None,
             health_changed: Arc::new(Notify::new()),
         }
@@ -168,19 +172,25 @@ impl Agent {
                 current.insert(container.instance.clone(), container);
             } else {
                 let span = tracing::info_span!("instance", app = %container.app, instance = %container.instance);
-                async {
+                let removed = async {
                     tracing::info!(release = container.release, "removing container");
                     self.engine.stop(&container.id, STOP_GRACE_SECONDS).await?;
                     self.engine.remove(&container.id).await
                 }
                 .instrument(span)
-                .await?;
+                .await;
+                // One stuck container must not stop the node reconciling the rest.
+                if let Err(error) = removed {
+                    tracing::warn!(error = %error.chain(), instance = %container.instance, "could not remove a container; retrying");
+                    continue;
+                }
                 if self.tracked.get(&container.instance).is_some_and(|t| t.container == container.id) {
                     self.tracked.remove(&container.instance);
                 }
             }
         }
         self.tracked.retain(|id, _| wanted.contains_key(id.as_str()));
+        self.create_retry.retain(|id, _| wanted.contains_key(id.as_str()));
 
         let mut reports = Vec::new();
         for desired in &desired {
@@ -213,23 +223,37 @@ impl Agent {
             restarts: self.tracked.get(&id).map_or(desired.instance.restarts, |t| t.restarts),
         };
         if desired.suspended {
-            if let Some(container) = container.filter(|c| c.running) {
-                tracing::info!("stopping container: the app is suspended");
-                if let Err(error) = self.engine.stop(&container.id, STOP_GRACE_SECONDS).await {
+            // Removed rather than stopped, so that resume starts a fresh
+            // container instead of mistaking the stop for a crash.
+            if let Some(container) = container {
+                tracing::info!("removing the container: the app is suspended");
+                let removed = match self.engine.stop(&container.id, STOP_GRACE_SECONDS).await {
+                    Ok(()) => self.engine.remove(&container.id).await,
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = removed {
                     report.reason = Some(error.chain());
                     return report;
                 }
             }
-            if let Some(tracked) = self.tracked.get_mut(&id) {
-                tracked.checker = None;
-            }
+            self.tracked.remove(&id);
             report.state = InstanceState::Stopped;
             report.reason = Some("the app is suspended".into());
             return report;
         }
         let Some(container) = container else {
+            // After a failed create, wait (with backoff) before the next try,
+            // and keep reporting the failure meanwhile.
+            if let Some((at, _)) = self.create_retry.get(&id) {
+                if *at > Instant::now() {
+                    report.reason = desired.instance.reason.clone();
+                    report.state = desired.instance.state;
+                    return report;
+                }
+            }
             match self.create(cluster, desired).await {
                 Ok(container) => {
+                    self.create_retry.remove(&id);
                     let restarts = self.tracked.get(&id).map_or(0, |t| t.restarts);
                     self.tracked.insert(
                         id,
@@ -246,6 +270,8 @@ impl Agent {
                 }
                 Err(reason) => {
                     tracing::warn!(%reason, "could not start the instance");
+                    let attempts = self.create_retry.get(&id).map_or(0, |(_, n)| *n);
+                    self.create_retry.insert(id.clone(), (Instant::now() + backoff(attempts), attempts + 1));
                     report.reason = Some(reason);
                     // Failing to start a new release's instance fails its deploy.
                     if desired.deploying {
@@ -291,6 +317,7 @@ impl Agent {
         tracked.checker = None;
         if tracked.exit.is_none() {
             let exit = self.engine.exit_info(&container.id).await.unwrap_or_default();
+            let clean = exit.exit_code == 0 && !exit.oom_killed && exit.error.is_none();
             let text = if exit.oom_killed {
                 format!("exited with code {} after running out of memory", exit.exit_code)
             } else if let Some(error) = exit.error {
@@ -299,7 +326,6 @@ impl Agent {
                 format!("exited with code {}", exit.exit_code)
             };
             let policy = desired.group.restart;
-            let clean = exit.exit_code == 0 && !exit.oom_killed;
             let retries_left = policy.max_retries.is_none_or(|max| tracked.restarts < max);
             let restart = match policy.policy {
                 RestartPolicy::Always => true,
@@ -330,12 +356,20 @@ impl Agent {
         }
         if tracked.restart_at.is_some_and(|at| at <= Instant::now()) {
             tracked.restarts += 1;
-            tracked.restart_at = None;
-            tracing::info!(restarts = tracked.restarts, "restarting the instance");
-            if let Err(error) = self.engine.start(&container.id).await {
-                tracing::warn!(error = %error.chain(), "restart failed");
-            }
             report.restarts = tracked.restarts;
+            tracing::info!(restarts = tracked.restarts, "restarting the instance");
+            match self.engine.start(&container.id).await {
+                Ok(()) => {
+                    // The next exit, however soon, is a new one to handle.
+                    tracked.exit = None;
+                    tracked.restart_at = None;
+                    tracked.started = Instant::now();
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error.chain(), "restart failed");
+                    tracked.restart_at = Some(Instant::now() + backoff(tracked.restarts));
+                }
+            }
         }
         report.state = InstanceState::Starting;
         report.reason = Some(format!("{reason}; restarting (restart {})", tracked.restarts + 1));
@@ -390,33 +424,61 @@ impl Agent {
             Ok(None) => {}
             Err(error) => return Err(error.chain()),
         }
-        if source == self.node {
-            return Err(format!("image {image} is not in this node's Docker engine any more; deploy again"));
+        // The node that built the image first, then any node that runs an
+        // instance of the same release (and so has it too).
+        let (mut peers, names): (Vec<NodeId>, BTreeMap<NodeId, String>) = self.consensus.state().read(|s| {
+            let peers = s
+                .instances
+                .values()
+                .filter(|i| i.app == instance.app && i.release == instance.release && i.state == InstanceState::Running)
+                .filter_map(|i| i.node)
+                .collect();
+            (peers, s.nodes.values().map(|n| (n.id, n.name.clone())).collect())
+        });
+        peers.insert(0, source);
+        peers.retain(|n| *n != self.node);
+        peers.dedup();
+        if peers.is_empty() {
+            return Err(format!("image {image} is on no node any more; deploy again"));
         }
-        tracing::info!(%image, from = source, "fetching the image from a peer");
-        let started = Instant::now();
+        let name = |id: NodeId| names.get(&id).cloned().unwrap_or_else(|| id.to_string());
         // Say so now: a large image takes a while, and `roost deploy` shows it.
-        let name = self.consensus.state().read(|s| s.nodes.get(&source).map(|n| n.name.clone()));
-        let report = InstanceReport {
-            id: instance.id.clone(),
-            state: InstanceState::Starting,
-            health: Health::Unknown,
-            address: None,
-            reason: Some(format!("fetching the image from {}", name.unwrap_or_else(|| source.to_string()))),
-            restarts: instance.restarts,
-        };
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let _ =
-            self.consensus.propose(Command::ReportInstances { node: self.node, reports: vec![report] }, deadline).await;
-        let stream = self.fetcher.fetch(image.to_owned(), source).await?;
-        self.engine.import_image(stream).await.map_err(|e| e.chain())?;
-        match self.engine.image_id(image).await {
-            Ok(Some(_)) => {
-                tracing::info!(%image, elapsed = ?started.elapsed(), "image fetched");
-                Ok(())
-            }
-            _ => Err(format!("node {source} sent an image, but not {image}")),
+        let fetching = format!("fetching the image from {}", name(peers[0]));
+        if instance.reason.as_deref() != Some(fetching.as_str()) {
+            let report = InstanceReport {
+                id: instance.id.clone(),
+                state: InstanceState::Starting,
+                health: Health::Unknown,
+                address: None,
+                reason: Some(fetching),
+                restarts: instance.restarts,
+            };
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let command = Command::ReportInstances { node: self.node, reports: vec![report] };
+            let _ = self.consensus.propose(command, deadline).await;
         }
+        let mut failures = Vec::new();
+        for peer in peers {
+            tracing::info!(%image, from = %name(peer), "fetching the image from a peer");
+            let started = Instant::now();
+            let fetched = async {
+                let stream = self.fetcher.fetch(image.to_owned(), peer).await?;
+                self.engine.import_image(stream).await.map_err(|e| e.chain())?;
+                match self.engine.image_id(image).await {
+                    Ok(Some(_)) => Ok(()),
+                    _ => Err(format!("{} sent an image, but not {image}", name(peer))),
+                }
+            }
+            .await;
+            match fetched {
+                Ok(()) => {
+                    tracing::info!(%image, elapsed = ?started.elapsed(), "image fetched");
+                    return Ok(());
+                }
+                Err(error) => failures.push(error),
+            }
+        }
+        Err(format!("could not fetch image {image}: {}", failures.join("; ")))
     }
 
     /// Removes this cluster's images that no recent release uses: at once
@@ -430,12 +492,19 @@ impl Agent {
                 .apps
                 .values()
                 .flat_map(|app| {
-                    app.releases
+                    // What serves or deploys, and the newest releases a
+                    // rollback may pick (failed ones are never picked).
+                    let rollback_targets = app
+                        .releases
                         .values()
                         .rev()
-                        .enumerate()
-                        .filter(|(i, r)| *i < KEEP_RELEASE_IMAGES || r.status != ReleaseStatus::Superseded)
-                        .map(|(_, r)| r.spec.image.clone())
+                        .filter(|r| r.status == ReleaseStatus::Superseded)
+                        .take(KEEP_RELEASE_IMAGES);
+                    app.releases
+                        .values()
+                        .filter(|r| matches!(r.status, ReleaseStatus::Active | ReleaseStatus::Deploying))
+                        .chain(rollback_targets)
+                        .map(|r| r.spec.image.clone())
                 })
                 .collect();
             (keep, state.destroyed_apps.clone())

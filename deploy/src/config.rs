@@ -176,6 +176,10 @@ pub struct Check {
     pub timeout: String,
     #[serde(default = "default_grace")]
     pub grace_period: String,
+    /// For `[checks.NAME]`: the process groups it checks. Empty means the
+    /// groups `[http_service]` serves, or all groups without one.
+    #[serde(default)]
+    pub processes: Vec<String>,
 }
 
 fn default_interval() -> String {
@@ -361,6 +365,9 @@ impl AppConfig {
         }
         if let Some(http) = &self.http_service {
             known_groups("http_service.processes", &http.processes);
+        }
+        for (name, check) in &self.checks {
+            known_groups(&format!("checks.{name}.processes"), &check.processes);
         }
         for (i, vm) in self.vm.iter().enumerate() {
             if vm.cpus.is_nan() || vm.cpus <= 0.0 || vm.cpus > 256.0 {

@@ -82,6 +82,8 @@ pub fn decide(state: &State, view: &NodeView, config: &ControllerConfig, now: Un
             let detail = instance.reason.clone().unwrap_or_default();
             if instance.node.is_none() && instance.reason.is_some() && !unavailable_only(&detail) {
                 failure = Some(format!("instance {} ({}) cannot be placed: {detail}", instance.id, instance.group));
+            } else if instance.state == InstanceState::Stopped {
+                failure = Some(format!("instance {} on {} stopped: {detail}", instance.id, node_name(instance.node)));
             } else if instance.state == InstanceState::Failed {
                 failure = Some(format!("instance {} on {} failed: {detail}", instance.id, node_name(instance.node)));
             } else if instance.health == Health::Failing {

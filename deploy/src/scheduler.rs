@@ -4,10 +4,10 @@
 //! [`Placement`]s, which the leader proposes as one `Command::Place`. Apply
 //! re-checks nothing but existence, so the function must only emit decisions
 //! that fit: a node that is up, whose labels meet the release's constraints,
-//! that runs fewer than `max_per_node` of the app's instances, and whose free
+//! that runs fewer than `max_per_node` of the release's instances, and whose free
 //! CPU and memory (what it offers minus what placed instances reserve) hold
-//! the instance. Among those it spreads: fewest instances of the same app
-//! first, then most free memory. An instance that fits nowhere gets a reason
+//! the instance. Among those it spreads: fewest instances of the same
+//! release first, then most free memory. An instance that fits nowhere gets a reason
 //! that says what would let it ("needs 512 MiB; most free is 256 MiB on n2").
 
 use std::collections::{BTreeSet, HashMap};
@@ -42,13 +42,17 @@ pub fn schedule(state: &State, unavailable: &BTreeSet<NodeId>) -> Vec<Placement>
     let reserved = state.reserved();
     let mut free: Vec<Resources> =
         nodes.iter().map(|n| n.resources.saturating_sub(reserved.get(&n.id).copied().unwrap_or_default())).collect();
-    // Instances of each app per node slot, counted only for pending apps.
-    let mut per_app: HashMap<&str, Vec<u32>> = HashMap::new();
+    // Instances of each release per node slot, counted only for releases
+    // with pending instances. Per release, not per app: during a deploy the
+    // old release's instances are on their way out, and counting them would
+    // make `max_per_node = 1` with one instance per node undeployable.
+    let mut per_release: HashMap<(&str, u64), Vec<u32>> = HashMap::new();
     for instance in pending.iter() {
-        per_app.entry(instance.app.as_str()).or_insert_with(|| vec![0; nodes.len()]);
+        per_release.entry((instance.app.as_str(), instance.release)).or_insert_with(|| vec![0; nodes.len()]);
     }
     for instance in state.instances.values() {
-        if let (Some(node), Some(counts)) = (instance.node, per_app.get_mut(instance.app.as_str())) {
+        let key = (instance.app.as_str(), instance.release);
+        if let (Some(node), Some(counts)) = (instance.node, per_release.get_mut(&key)) {
             if let Some(&i) = slot.get(&node) {
                 counts[i] += 1;
             }
@@ -72,7 +76,7 @@ pub fn schedule(state: &State, unavailable: &BTreeSet<NodeId>) -> Vec<Placement>
                 (0..nodes.len()).filter(|&i| constraints.iter().all(|c| c.holds(&nodes[i].labels))).collect()
             })
             .map_err(|reason| format!("its placement constraint is invalid: {reason}"));
-        let Some(counts) = per_app.get_mut(first.app.as_str()) else { continue };
+        let Some(counts) = per_release.get_mut(&(first.app.as_str(), first.release)) else { continue };
         let mut budget = budget.get_mut(&(first.app.as_str(), first.release));
         for instance in run {
             // A rolling deploy starts only so many new instances at a time;

@@ -9,8 +9,8 @@
 //! secret.
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
+use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
-use sha2_digest::sha256_hex;
 
 use roost_raft::state::UnixMillis;
 use roost_raft::workload::SealedSecret;
@@ -30,6 +30,7 @@ pub enum SecretsError {
 /// The cluster's secrets key.
 pub struct SecretsKey {
     key: LessSafeKey,
+    digest_key: hmac::Key,
 }
 
 impl std::fmt::Debug for SecretsKey {
@@ -49,7 +50,8 @@ impl SecretsKey {
     pub fn from_hex(text: &str) -> Result<Self, SecretsError> {
         let bytes = unhex(text.trim()).filter(|b| b.len() == KEY_LEN).ok_or(SecretsError::BadKey)?;
         let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes).map_err(|_| SecretsError::BadKey)?;
-        Ok(Self { key: LessSafeKey::new(key) })
+        let derived = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &bytes), b"roost secret digests");
+        Ok(Self { key: LessSafeKey::new(key), digest_key: hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref()) })
     }
 
     pub fn seal(&self, app: &str, name: &str, value: &str, at: UnixMillis) -> Result<SealedSecret, SecretsError> {
@@ -61,7 +63,15 @@ impl SecretsKey {
             .map_err(|_| SecretsError::Random)?;
         let mut sealed = nonce.to_vec();
         sealed.extend_from_slice(&data);
-        Ok(SealedSecret { sealed: hex(&sealed), digest: sha256_hex(value.as_bytes())[..16].to_owned(), updated_at: at })
+        Ok(SealedSecret { sealed: hex(&sealed), digest: self.digest(app, name, value), updated_at: at })
+    }
+
+    /// A short digest of a value that tells a user it changed. Keyed (HMAC
+    /// with a key derived from the secrets key), so a digest in the state or
+    /// in `roost secrets list` cannot be checked against guessed values.
+    fn digest(&self, app: &str, name: &str, value: &str) -> String {
+        let tag = hmac::sign(&self.digest_key, format!("{app}\0{name}\0{value}").as_bytes());
+        hex(&tag.as_ref()[..8])
     }
 
     pub fn open(&self, app: &str, name: &str, secret: &SealedSecret) -> Result<String, SecretsError> {
@@ -87,14 +97,6 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         return None;
     }
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
-}
-
-mod sha2_digest {
-    use ring::digest::{digest, SHA256};
-
-    pub fn sha256_hex(bytes: &[u8]) -> String {
-        super::hex(digest(&SHA256, bytes).as_ref())
-    }
 }
 
 #[cfg(test)]

@@ -106,7 +106,14 @@ fn group_spec(config: &AppConfig, group: &str) -> GroupSpec {
     let named: BTreeMap<&String, &Check> = config.checks.iter().collect();
     let service_port = config.http_service.as_ref().map(|http| http.internal_port);
     for (name, check) in named {
-        checks.push(check_spec(name, check, service_port));
+        let checked = if check.processes.is_empty() {
+            config.http_service.as_ref().is_none_or(|service| applies(&service.processes, group))
+        } else {
+            applies(&check.processes, group)
+        };
+        if checked {
+            checks.push(check_spec(name, check, service_port));
+        }
     }
     GroupSpec { command, resources, restart, internal_port, checks }
 }
@@ -175,6 +182,33 @@ mod tests {
         assert_eq!(worker.resources, Resources { cpu_millis: 1000, memory_bytes: 1 << 30 });
         assert_eq!(worker.internal_port, None);
         assert!(worker.checks.is_empty());
+    }
+
+    #[test]
+    fn named_checks_go_to_the_served_groups_unless_they_name_theirs() {
+        let config = AppConfig::parse(
+            r#"
+            app = "hello"
+            [processes]
+            web = "/app serve"
+            worker = "/app work"
+            [http_service]
+            internal_port = 8080
+            processes = ["web"]
+            [checks.alive]
+            path = "/health"
+            [checks.queue]
+            type = "tcp"
+            port = 9000
+            processes = ["worker"]
+            "#,
+        )
+        .expect("parses");
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        let spec = release_spec(&config, image(), None);
+        let names = |g: &str| spec.groups[g].checks.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names("web"), ["alive"]);
+        assert_eq!(names("worker"), ["queue"]);
     }
 
     #[test]

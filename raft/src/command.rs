@@ -216,6 +216,8 @@ pub enum Rejection {
     AlreadyInState { name: String, state: String },
     #[error("app '{app}' has no secret named {names}")]
     SecretNotFound { app: String, names: String },
+    #[error("{count} instances is more than the {max} a process group may have")]
+    TooManyInstances { count: u32, max: u32 },
     #[error("invalid release: {reason}")]
     InvalidRelease { reason: String },
     #[error("this log entry has format version {version}, newer than this binary understands; upgrade roost")]

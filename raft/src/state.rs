@@ -19,6 +19,8 @@ use crate::NodeId;
 
 mod apps;
 
+pub use apps::MAX_INSTANCES_PER_GROUP;
+
 /// Milliseconds since the Unix epoch, as stamped by the proposer.
 pub type UnixMillis = i64;
 

@@ -280,10 +280,21 @@ pub async fn follow_release(
     let started = Instant::now();
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
     loop {
-        let status = client
+        let status = match client
             .get_status(GetStatusRequest { app: app.to_owned(), read: Some(ReadOptions { stale: false }) })
-            .await?
-            .into_inner();
+            .await
+        {
+            Ok(status) => status.into_inner(),
+            // An election or a restarting node: the deploy goes on; so does following it.
+            Err(status)
+                if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded)
+                    && started.elapsed() < FOLLOW_AT_MOST =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(status) => return Err(status.into()),
+        };
         for instance in status.instances.iter().filter(|i| i.release == version) {
             let line = instance_line(instance);
             if seen.get(&instance.id) != Some(&line) {
@@ -303,7 +314,13 @@ pub async fn follow_release(
                 .await?
                 .into_inner()
                 .releases;
-            let reason = releases.iter().find(|r| r.version == version).map(|r| r.reason.clone()).unwrap_or_default();
+            let release = releases.iter().find(|r| r.version == version);
+            // Live, then already replaced by a newer release between two looks.
+            if release.is_some_and(|r| r.status == "superseded") {
+                writeln!(out, "==> v{version} went live and has since been replaced").map_err(io)?;
+                return Ok(());
+            }
+            let reason = release.map(|r| r.reason.clone()).unwrap_or_default();
             let serving = status.release.map(|r| format!("v{} keeps serving", r.version));
             return Err(CliError::Other(format!(
                 "release v{version} failed and was rolled back: {reason}{}",
@@ -431,7 +448,14 @@ async fn wait_for_scale(
             writeln!(out, "{app} {group} runs {count} instance(s)").map_err(io)?;
             return output::status(out, &status, false).map_err(io);
         }
-        if let Some(stuck) = group_instances.iter().find(|i| i.node.is_empty() && !i.reason.is_empty()) {
+        // A reason that only says a node went away is fixed by placing again.
+        let stuck = group_instances.iter().find(|i| {
+            i.node.is_empty()
+                && !i.reason.is_empty()
+                && !i.reason.contains("was down for more than")
+                && !i.reason.ends_with("was removed")
+        });
+        if let Some(stuck) = stuck {
             return Err(CliError::Invalid(format!("instance {} cannot be placed: {}", stuck.id, stuck.reason)));
         }
         if Instant::now() > deadline {
@@ -456,8 +480,9 @@ pub async fn secrets(command: SecretsCommand, out: &mut dyn Write) -> Result<(),
             let app = app.resolve()?;
             let mut secrets = std::collections::HashMap::new();
             for pair in &pairs {
+                // The argument may be a bare value: never echo it.
                 let (name, value) = pair.split_once('=').ok_or_else(|| {
-                    CliError::Usage(format!("'{}' is not NAME=VALUE", pair.split('=').next().unwrap_or_default()))
+                    CliError::Usage("secrets are given as NAME=VALUE; one argument has no '='".into())
                 })?;
                 secrets.insert(name.to_owned(), value.to_owned());
             }

@@ -68,7 +68,7 @@ pub fn rejection_status(rejection: Rejection) -> Status {
         Rejection::ReleaseNotFound { .. } | Rejection::SecretNotFound { .. } | Rejection::UnknownGroup { .. } => {
             Status::not_found(message)
         }
-        Rejection::InvalidRelease { .. } => Status::invalid_argument(message),
+        Rejection::InvalidRelease { .. } | Rejection::TooManyInstances { .. } => Status::invalid_argument(message),
         Rejection::AlreadyBootstrapped
         | Rejection::LastNode { .. }
         | Rejection::UnsupportedVersion { .. }

@@ -234,10 +234,17 @@ impl ControlService {
             let _ = events.send(progress(format!("built {tag} in {:.1}s", started.elapsed().as_secs_f64()))).await;
             (id, tag)
         };
+        // A CLI that went away (Ctrl-C) cancels the deploy before it changes anything.
+        if events.is_closed() {
+            return Err(Status::cancelled("the client went away; no release was made"));
+        }
         if let Some(command) = &config.deploy.release_command {
             self.release_command(&app, &cluster, &image_id, command, &config, events).await?;
         }
         let spec = release_spec(&config, ImageChoice { id: image_id, reference, source: me }, strategy);
+        if events.is_closed() {
+            return Err(Status::cancelled("the client went away; no release was made"));
+        }
         let response = self.propose(Command::Deploy { app: app.clone(), spec, description: "deploy".into() }).await?;
         match response {
             Response::ReleaseCreated { version } => {
@@ -513,7 +520,13 @@ impl ControlService {
                     return;
                 }
                 tokio::select! {
-                    () = lines.closed() => return,
+                    () = lines.closed() => {
+                        // The client went away: stop following every instance.
+                        for task in &tasks {
+                            task.abort();
+                        }
+                        return;
+                    }
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }

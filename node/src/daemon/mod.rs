@@ -509,8 +509,10 @@ impl RunningNode {
     }
 
     async fn drain(self) -> ExitReason {
-        if tokio::time::timeout(Duration::from_secs(15), self.agent).await.is_err() {
-            tracing::warn!("the agent did not stop within 15s");
+        let mut agent = self.agent;
+        if tokio::time::timeout(Duration::from_secs(15), &mut agent).await.is_err() {
+            tracing::warn!("the agent did not stop within 15s; stopping it");
+            agent.abort();
         }
         self.consensus.shutdown().await;
         if tokio::time::timeout(Duration::from_secs(5), self.server).await.is_err() {

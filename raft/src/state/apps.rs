@@ -16,12 +16,20 @@ use crate::workload::{
 };
 use crate::NodeId;
 
+/// The most instances one process group may have; a typo in `roost scale`
+/// must not make every node apply millions of instances.
+pub const MAX_INSTANCES_PER_GROUP: u32 = 10_000;
+
 impl State {
     fn app_mut(&mut self, name: &str) -> Result<&mut App, Rejection> {
         self.apps.get_mut(name).ok_or_else(|| Rejection::AppNotFound { name: name.to_owned() })
     }
 
     pub(super) fn deploy(&mut self, app: &str, spec: &ReleaseSpec, description: &str, at: UnixMillis) -> Response {
+        // Checked before the app is created, so a refused deploy creates nothing.
+        if spec.groups.is_empty() {
+            return Response::Rejected(Rejection::InvalidRelease { reason: "it has no process group".into() });
+        }
         if !self.apps.contains_key(app) {
             if let Err(reason) = super::validate_name(app) {
                 return Response::Rejected(Rejection::InvalidAppName { name: app.to_owned(), reason });
@@ -238,6 +246,9 @@ impl State {
     }
 
     pub(super) fn scale(&mut self, app_name: &str, group: &str, count: u32, at: UnixMillis) -> Response {
+        if count > MAX_INSTANCES_PER_GROUP {
+            return Response::Rejected(Rejection::TooManyInstances { count, max: MAX_INSTANCES_PER_GROUP });
+        }
         let current = match self.changeable(app_name) {
             Ok(app) => match app.current() {
                 Some(current) => current.clone(),
@@ -395,10 +406,11 @@ impl State {
         reserved
     }
 
-    /// What an instance reserves: its group's resources, or nothing while its
-    /// app is suspended.
+    /// What an instance reserves: its group's resources. A suspended app's
+    /// instances keep their place and their reservation, so resume finds
+    /// room for them.
     pub fn instance_resources(&self, instance: &Instance) -> Option<Resources> {
-        let app = self.apps.get(&instance.app).filter(|app| !app.suspended)?;
+        let app = self.apps.get(&instance.app)?;
         let release = app.releases.get(&instance.release)?;
         release.spec.groups.get(&instance.group).map(|g| g.resources)
     }

@@ -301,6 +301,10 @@ mod workloads {
         assert_eq!(state.instances.values().filter(|i| i.group == "worker").count(), 1);
         let unknown = apply(&mut state, Command::Scale { app: "web".into(), group: "db".into(), count: 1 });
         assert!(matches!(unknown, Response::Rejected(Rejection::UnknownGroup { .. })), "{unknown:?}");
+        let before = state.clone();
+        let huge = apply(&mut state, Command::Scale { app: "web".into(), group: "app".into(), count: 4_000_000_000 });
+        assert!(matches!(huge, Response::Rejected(Rejection::TooManyInstances { .. })), "{huge:?}");
+        assert_eq!(state, before);
     }
 
     #[test]
