@@ -189,10 +189,14 @@ async fn an_image_built_on_one_engine_runs_on_another() -> Result<()> {
     if let Err(error) = result {
         bail!("{error}\n--- n1 ---\n{}\n--- n2 ---\n{}", logs(n1), logs(n2));
     }
-    let status: Value = serde_json::from_str(&cli(&seed, &admin, &["status", "-a", "far", "--json"]).await?)?;
-    let on_n2 = status["instances"].as_array().and_then(|l| l.iter().find(|i| i["node"] == "n2")).cloned();
-    let on_n2 = on_n2.with_context(|| format!("no instance on n2: {status:#}"))?;
-    assert_eq!((on_n2["state"].as_str(), on_n2["health"].as_str()), (Some("running"), Some("passing")), "{status:#}");
+    // `scale` returns once both run; the checks follow.
+    wait_until("the instance on n2 running and passing", Duration::from_secs(30), || async {
+        let status: Value = serde_json::from_str(&cli(&seed, &admin, &["status", "-a", "far", "--json"]).await?)?;
+        Ok(status["instances"].as_array().is_some_and(|l| {
+            l.iter().any(|i| i["node"] == "n2" && i["state"] == "running" && i["health"] == "passing")
+        }))
+    })
+    .await?;
     assert!(logs(n2).contains("image fetched"), "{}", logs(n2));
 
     // An image only this machine's engine has: the CLI uploads it to n1.

@@ -14,6 +14,39 @@ fn run(state: &mut roost_raft::State, view: &NodeView, now: i64) -> Vec<Command>
     commands
 }
 
+fn deploy(state: &mut roost_raft::State, checks: bool) -> Response {
+    apply(
+        state,
+        Command::Deploy { app: "a".into(), spec: spec(&["app"], small(), checks), description: "deploy".into() },
+    )
+}
+
+/// Three nodes and app `a` serving v1 on `count` checked instances.
+fn serving(count: u32) -> roost_raft::State {
+    let mut state = cluster(3, |_| vec![]);
+    state.apps.insert("a".into(), roost_raft::state::App::new("a", 0));
+    state.apps.get_mut("a").expect("app").scale.insert("app".into(), count);
+    deploy(&mut state, true);
+    for _ in 0..5 {
+        run(&mut state, &NodeView::default(), 1_000);
+        ready(&mut state, 1);
+    }
+    run(&mut state, &NodeView::default(), 1_000);
+    assert_eq!(state.apps["a"].current().map(|r| r.version), Some(1));
+    state
+}
+
+fn failing(id: &str) -> InstanceReport {
+    InstanceReport {
+        id: id.to_owned(),
+        state: InstanceState::Running,
+        health: Health::Failing,
+        address: None,
+        reason: Some("GET / answered 500".into()),
+        restarts: 0,
+    }
+}
+
 fn report(state: &mut roost_raft::State, running: bool, health: Health) {
     let reports: Vec<(u64, InstanceReport)> = state
         .instances
@@ -38,10 +71,7 @@ fn report(state: &mut roost_raft::State, running: bool, health: Health) {
 #[test]
 fn a_deploy_becomes_active_once_its_checks_pass_and_replaces_the_old_release() {
     let mut state = cluster(2, |_| vec![]);
-    apply(
-        &mut state,
-        Command::Deploy { app: "a".into(), spec: spec(&["app"], small(), true), description: "deploy".into() },
-    );
+    deploy(&mut state, true);
     run(&mut state, &NodeView::default(), 1_000);
     report(&mut state, true, Health::Unknown);
     assert!(run(&mut state, &NodeView::default(), 1_000).is_empty(), "not before the checks pass");
@@ -49,10 +79,7 @@ fn a_deploy_becomes_active_once_its_checks_pass_and_replaces_the_old_release() {
     run(&mut state, &NodeView::default(), 1_000);
     assert_eq!(state.apps["a"].current().map(|r| r.version), Some(1));
 
-    apply(
-        &mut state,
-        Command::Deploy { app: "a".into(), spec: spec(&["app"], small(), true), description: "deploy".into() },
-    );
+    deploy(&mut state, true);
     assert_eq!(state.instances.len(), 2, "old and new side by side");
     run(&mut state, &NodeView::default(), 1_000);
     report(&mut state, true, Health::Passing);
@@ -65,30 +92,16 @@ fn a_deploy_becomes_active_once_its_checks_pass_and_replaces_the_old_release() {
 #[test]
 fn a_failing_check_rolls_the_deploy_back_and_keeps_the_old_instances() {
     let mut state = cluster(2, |_| vec![]);
-    apply(
-        &mut state,
-        Command::Deploy { app: "a".into(), spec: spec(&["app"], small(), true), description: "deploy".into() },
-    );
+    deploy(&mut state, true);
     run(&mut state, &NodeView::default(), 1_000);
     report(&mut state, true, Health::Passing);
     run(&mut state, &NodeView::default(), 1_000);
 
-    apply(
-        &mut state,
-        Command::Deploy { app: "a".into(), spec: spec(&["app"], small(), true), description: "deploy".into() },
-    );
+    deploy(&mut state, true);
     run(&mut state, &NodeView::default(), 1_000);
     let new: Vec<String> = state.instances.values().filter(|i| i.release == 2).map(|i| i.id.clone()).collect();
     let node = state.instances[&new[0]].node.expect("placed");
-    let failing = InstanceReport {
-        id: new[0].clone(),
-        state: InstanceState::Running,
-        health: Health::Failing,
-        address: None,
-        reason: Some("GET / answered 500".into()),
-        restarts: 0,
-    };
-    apply(&mut state, Command::ReportInstances { node, reports: vec![failing] });
+    apply(&mut state, Command::ReportInstances { node, reports: vec![failing(&new[0])] });
     let commands = run(&mut state, &NodeView::default(), 1_000);
     let Some(Command::FinishRelease { outcome: Outcome::Failed { reason }, .. }) = commands.last() else {
         panic!("{commands:?}")
@@ -102,10 +115,7 @@ fn a_failing_check_rolls_the_deploy_back_and_keeps_the_old_instances() {
 #[test]
 fn instances_of_a_node_down_past_the_grace_period_move() {
     let mut state = cluster(2, |_| vec![]);
-    apply(
-        &mut state,
-        Command::Deploy { app: "a".into(), spec: spec(&["app"], small(), false), description: "deploy".into() },
-    );
+    deploy(&mut state, false);
     run(&mut state, &NodeView::default(), 1_000);
     let node = state.instances.values().next().and_then(|i| i.node).expect("placed");
     let briefly = NodeView { down: [(node, Duration::from_secs(3))].into() };
@@ -159,19 +169,7 @@ fn ready(state: &mut roost_raft::State, release: u64) {
 
 #[test]
 fn a_rolling_deploy_replaces_one_instance_at_a_time() {
-    let mut state = cluster(3, |_| vec![]);
-    state.apps.insert("a".into(), roost_raft::state::App::new("a", 0));
-    state.apps.get_mut("a").expect("app").scale.insert("app".into(), 3);
-    apply(
-        &mut state,
-        Command::Deploy { app: "a".into(), spec: spec(&["app"], small(), true), description: "deploy".into() },
-    );
-    for _ in 0..5 {
-        run(&mut state, &NodeView::default(), 1_000);
-        ready(&mut state, 1);
-    }
-    run(&mut state, &NodeView::default(), 1_000);
-    assert_eq!(state.apps["a"].current().map(|r| r.version), Some(1));
+    let mut state = serving(3);
 
     let mut v2 = spec(&["app"], small(), true);
     v2.max_unavailable = Some(roost_raft::workload::MaxUnavailable::Count(1));
@@ -196,17 +194,7 @@ fn a_rolling_deploy_replaces_one_instance_at_a_time() {
 
 #[test]
 fn a_failed_rolling_deploy_restores_the_old_release_to_full_strength() {
-    let mut state = cluster(3, |_| vec![]);
-    state.apps.insert("a".into(), roost_raft::state::App::new("a", 0));
-    state.apps.get_mut("a").expect("app").scale.insert("app".into(), 3);
-    apply(
-        &mut state,
-        Command::Deploy { app: "a".into(), spec: spec(&["app"], small(), true), description: "deploy".into() },
-    );
-    for _ in 0..5 {
-        run(&mut state, &NodeView::default(), 1_000);
-        ready(&mut state, 1);
-    }
+    let mut state = serving(3);
     let mut v2 = spec(&["app"], small(), true);
     v2.max_unavailable = Some(roost_raft::workload::MaxUnavailable::Count(1));
     apply(&mut state, Command::Deploy { app: "a".into(), spec: v2, description: "deploy".into() });
@@ -221,15 +209,7 @@ fn a_failed_rolling_deploy_restores_the_old_release_to_full_strength() {
         .find(|i| i.release == 2 && i.state != InstanceState::Running)
         .and_then(|i| Some((i.node?, i.id.clone())))
         .expect("a second new instance placed");
-    let failing = InstanceReport {
-        id,
-        state: InstanceState::Running,
-        health: Health::Failing,
-        address: None,
-        reason: Some("GET / answered 500".into()),
-        restarts: 0,
-    };
-    apply(&mut state, Command::ReportInstances { node, reports: vec![failing] });
+    apply(&mut state, Command::ReportInstances { node, reports: vec![failing(&id)] });
     run(&mut state, &NodeView::default(), 1_000);
     assert_eq!(state.apps["a"].releases[&2].status, ReleaseStatus::Failed);
     assert_eq!(state.instances.values().filter(|i| i.release == 1).count(), 3, "back to three");
