@@ -84,6 +84,21 @@ struct Tracked {
     gave_up: bool,
 }
 
+impl Tracked {
+    /// A container seen running (or just started) now.
+    fn new(container: String, restarts: u32) -> Self {
+        Self {
+            container,
+            started: Instant::now(),
+            checker: None,
+            restarts,
+            restart_at: None,
+            exit: None,
+            gave_up: false,
+        }
+    }
+}
+
 /// An instance this node should run, with what it needs from the state.
 struct Desired {
     instance: Instance,
@@ -255,18 +270,7 @@ impl Agent {
                 Ok(container) => {
                     self.create_retry.remove(&id);
                     let restarts = self.tracked.get(&id).map_or(0, |t| t.restarts);
-                    self.tracked.insert(
-                        id,
-                        Tracked {
-                            container,
-                            started: Instant::now(),
-                            checker: None,
-                            restarts,
-                            restart_at: None,
-                            exit: None,
-                            gave_up: false,
-                        },
-                    );
+                    self.tracked.insert(id, Tracked::new(container, restarts));
                 }
                 Err(reason) => {
                     tracing::warn!(%reason, "could not start the instance");
@@ -281,15 +285,10 @@ impl Agent {
             }
             return report;
         };
-        let tracked = self.tracked.entry(id.clone()).or_insert_with(|| Tracked {
-            container: container.id.clone(),
-            started: Instant::now(),
-            checker: None,
-            restarts: desired.instance.restarts,
-            restart_at: None,
-            exit: None,
-            gave_up: false,
-        });
+        let tracked = self
+            .tracked
+            .entry(id.clone())
+            .or_insert_with(|| Tracked::new(container.id.clone(), desired.instance.restarts));
         if tracked.container != container.id {
             tracked.container = container.id.clone();
             tracked.checker = None;

@@ -430,7 +430,8 @@ impl AppConfig {
     }
 }
 
-fn is_env_name(name: &str) -> bool {
+/// Whether `name` can be an environment variable (and so a secret) name.
+pub fn is_env_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with(|c: char| c.is_ascii_digit())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')

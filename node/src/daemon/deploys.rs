@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use roost_deploy::config::{AppConfig, Memory};
+use roost_deploy::config::{is_env_name, AppConfig, Memory};
 use roost_deploy::engine::{BuildEvent, ContainerSpec, LABEL_APP, LABEL_CLUSTER};
 use roost_deploy::spec::{release_spec, ImageChoice};
 use roost_proto::api::{
@@ -533,10 +533,4 @@ impl ControlService {
         });
         Ok(Box::pin(ReceiverStream::new(receiver)))
     }
-}
-
-fn is_env_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
