@@ -166,7 +166,7 @@ impl Agent {
                         image: release.spec.image.clone(),
                         image_source: release.spec.image_source,
                         env: release.spec.env.clone(),
-                        secrets: app.secrets.clone(),
+                        secrets: release.secrets.clone(),
                         suspended: app.suspended,
                         deploying: release.status == ReleaseStatus::Deploying,
                     })

@@ -229,6 +229,10 @@ pub struct Release {
     pub spec: ReleaseSpec,
     /// The app's secrets version this release was made with.
     pub secrets_version: u64,
+    /// The app's secrets as they were then: what its instances get, so a
+    /// rolled-back or staged change never reaches the running release.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SealedSecret>,
     pub status: ReleaseStatus,
     /// Why the release exists: "deploy", "rollback to v2", "secrets", ….
     pub description: String,

@@ -66,6 +66,7 @@ impl State {
                 version,
                 spec,
                 secrets_version: app.secrets_version,
+                secrets: app.secrets.clone(),
                 status: ReleaseStatus::Deploying,
                 description: description.to_owned(),
                 reason: None,

@@ -353,7 +353,9 @@ mod workloads {
         assert!(matches!(apply(&mut state, unknown), Response::Rejected(Rejection::SecretNotFound { .. })));
         assert_eq!(state, before);
         let released = Command::SetSecrets { app: "web".into(), set, unset: vec![], stage: false };
+        assert!(state.apps["web"].releases[&1].secrets.is_empty(), "staged values do not reach v1");
         assert_eq!(apply(&mut state, released), Response::ReleaseCreated { version: 2 });
         assert_eq!(state.apps["web"].releases[&2].secrets_version, 2);
+        assert!(state.apps["web"].releases[&2].secrets.contains_key("KEY"));
     }
 }
