@@ -26,7 +26,7 @@ use roost_proto::cluster::agent_client::AgentClient;
 use roost_proto::cluster::InstanceLogsRequest;
 use roost_raft::consensus::now_millis;
 use roost_raft::state::State;
-use roost_raft::workload::{Instance, Release, Resources, Strategy};
+use roost_raft::workload::{Instance, Release, ReleaseSpec, Resources, Strategy};
 use roost_raft::{Command, Rejection, Response};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -238,10 +238,10 @@ impl ControlService {
         if events.is_closed() {
             return Err(Status::cancelled("the client went away; no release was made"));
         }
-        if let Some(command) = &config.deploy.release_command {
-            self.release_command(&app, &cluster, &image_id, command, &config, events).await?;
-        }
         let spec = release_spec(&config, ImageChoice { id: image_id, reference, source: me }, strategy);
+        if let Some(command) = &config.deploy.release_command {
+            self.release_command(&app, &cluster, &spec, command, &config, events).await?;
+        }
         if events.is_closed() {
             return Err(Status::cancelled("the client went away; no release was made"));
         }
@@ -262,7 +262,7 @@ impl ControlService {
         &self,
         app: &str,
         cluster: &str,
-        image: &str,
+        release: &ReleaseSpec,
         command: &str,
         config: &AppConfig,
         events: &mpsc::Sender<Result<DeployEvent, Status>>,
@@ -276,19 +276,11 @@ impl ControlService {
         }
         env.insert("ROOST_APP_NAME".into(), app.to_owned());
         env.insert("ROOST_RELEASE_COMMAND".into(), "1".into());
-        let resources = release_spec(
-            config,
-            ImageChoice { id: image.to_owned(), reference: String::new(), source: self.consensus.id() },
-            None,
-        )
-        .groups
-        .values()
-        .next()
-        .map(|g| g.resources)
-        .unwrap_or(roost_deploy::spec::DEFAULT_RESOURCES);
+        // The size of the release's first process group.
+        let resources = release.groups.values().next().map_or(roost_deploy::spec::DEFAULT_RESOURCES, |g| g.resources);
         let spec = ContainerSpec {
             name: format!("roost-release-{app}-{}", now_millis()),
-            image: image.to_owned(),
+            image: release.image.clone(),
             command: command.split_whitespace().map(str::to_owned).collect(),
             env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
             labels: HashMap::from([
