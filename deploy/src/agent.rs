@@ -5,32 +5,36 @@
 //! has, and acts on the difference: it removes containers whose instance is
 //! gone, moved, of another release or of an older generation; fetches the
 //! image from a peer when the engine lacks it; creates and starts missing
-//! containers with the group's limits; stops the containers of suspended
-//! apps; restarts exited ones per the restart policy, with backoff; and runs
-//! the health checks. Then it reports to the leader what differs from what the
+//! containers with the group's limits, on the node's instance network (the
+//! mesh's bridge on the node's /24, with the node's DNS; none is started
+//! before the mesh has made it, and a container off it is replaced); stops
+//! the containers of suspended apps; restarts exited ones per the restart
+//! policy, with backoff; and runs the health checks. Then it reports to the leader what differs from what the
 //! state already says, so steady instances cost no log entries. A crash at
 //! any point leaves containers and state that the next pass repairs.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use ipnet::Ipv4Net;
 use roost_raft::consensus::now_millis;
 use roost_raft::workload::{
     GroupSpec, Health, Instance, InstanceReport, InstanceState, ReleaseStatus, RestartPolicy, SealedSecret,
 };
 use roost_raft::{Command, Consensus, NodeId};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::checks::Checker;
 use crate::engine::{
-    Container, ContainerSpec, Engine, LABEL_APP, LABEL_CLUSTER, LABEL_GENERATION, LABEL_GROUP, LABEL_INSTANCE,
+    AttachTo, Container, ContainerSpec, Engine, LABEL_APP, LABEL_CLUSTER, LABEL_GENERATION, LABEL_GROUP, LABEL_INSTANCE,
     LABEL_NODE, LABEL_RELEASE,
 };
 use crate::secrets::SecretsKey;
@@ -42,6 +46,29 @@ pub type ImageStream = BoxStream<'static, Result<Bytes, std::io::Error>>;
 /// cluster's TLS transport.
 pub trait ImageFetcher: Send + Sync {
     fn fetch(&self, image: String, from: NodeId) -> BoxFuture<'static, Result<ImageStream, String>>;
+}
+
+/// The network this node's instances join: a bridge on the node's /24 of
+/// the mesh, with the node's DNS server at its gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceNetwork {
+    /// The Docker network's name.
+    pub network: String,
+    pub subnet: Ipv4Net,
+    /// The node's own address on it, where `.internal` names resolve.
+    pub dns: Ipv4Addr,
+}
+
+impl InstanceNetwork {
+    /// How a container joins it.
+    pub fn attach(&self) -> AttachTo {
+        AttachTo { network: self.network.clone(), dns: self.dns.to_string() }
+    }
+
+    /// Whether a container with address `ip` sits on this network.
+    fn holds(&self, ip: Option<&str>) -> bool {
+        ip.and_then(|ip| ip.parse::<Ipv4Addr>().ok()).is_some_and(|ip| self.subnet.contains(&ip))
+    }
 }
 
 /// Seconds a container gets between SIGTERM and SIGKILL.
@@ -69,6 +96,8 @@ pub struct Agent {
     collected_for: Option<(HashSet<String>, usize)>,
     /// Health checkers ring this when a result changes.
     health_changed: Arc<Notify>,
+    /// The node's instance network, once the mesh has made it.
+    network: watch::Receiver<Option<InstanceNetwork>>,
 }
 
 /// What the agent remembers of one instance's container between passes.
@@ -117,6 +146,7 @@ impl Agent {
         consensus: Arc<Consensus>,
         key: Arc<SecretsKey>,
         fetcher: Arc<dyn ImageFetcher>,
+        network: watch::Receiver<Option<InstanceNetwork>>,
     ) -> Self {
         let node = consensus.id();
         Self {
@@ -130,11 +160,13 @@ impl Agent {
             create_retry: HashMap::new(),
             collected_for: None,
             health_changed: Arc::new(Notify::new()),
+            network,
         }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut changes = self.consensus.state().changes();
+        let mut network = self.network.clone();
         loop {
             if let Err(error) = self.pass().await {
                 tracing::warn!(error = %error.chain(), "reconciling containers failed; retrying");
@@ -143,6 +175,7 @@ impl Agent {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = changes.changed() => {}
+                _ = network.changed() => {}
                 () = health_changed.notified() => {}
                 () = tokio::time::sleep(PASS_EVERY) => {}
             }
@@ -176,13 +209,19 @@ impl Agent {
         });
         let Some(cluster) = cluster else { return Ok(()) };
         let containers = self.engine.containers(&cluster, Some(node)).await?;
+        let network = self.network.borrow().clone();
 
         let wanted: HashMap<&str, &Desired> = desired.iter().map(|d| (d.instance.id.as_str(), d)).collect();
         let mut current: HashMap<String, Container> = HashMap::new();
         for container in containers {
+            // A running container off the node's instance network (made
+            // before the mesh, or before the node's /24 changed) is replaced.
+            let on_network =
+                !container.running || network.as_ref().is_none_or(|n| n.holds(container.ip.as_deref()));
             let keep = wanted.get(container.instance.as_str()).is_some_and(|d| {
                 d.instance.release == container.release && d.instance.generation == container.generation
-            }) && !current.contains_key(&container.instance);
+            }) && on_network
+                && !current.contains_key(&container.instance);
             if keep {
                 current.insert(container.instance.clone(), container);
             } else {
@@ -210,7 +249,8 @@ impl Agent {
         let mut reports = Vec::new();
         for desired in &desired {
             let span = tracing::info_span!("instance", app = %desired.instance.app, instance = %desired.instance.id);
-            let report = self.reconcile(&cluster, desired, current.get(&desired.instance.id)).instrument(span).await;
+            let container = current.get(&desired.instance.id);
+            let report = self.reconcile(&cluster, desired, container, network.as_ref()).instrument(span).await;
             if differs(&desired.instance, &report) {
                 reports.push(report);
             }
@@ -227,13 +267,20 @@ impl Agent {
 
     /// Brings one instance's container to what `desired` asks; returns what
     /// the node now observes of it.
-    async fn reconcile(&mut self, cluster: &str, desired: &Desired, container: Option<&Container>) -> InstanceReport {
+    async fn reconcile(
+        &mut self,
+        cluster: &str,
+        desired: &Desired,
+        container: Option<&Container>,
+        network: Option<&InstanceNetwork>,
+    ) -> InstanceReport {
         let id = desired.instance.id.clone();
         let mut report = InstanceReport {
             id: id.clone(),
             state: InstanceState::Starting,
             health: Health::Unknown,
             address: None,
+            ip: None,
             reason: None,
             restarts: self.tracked.get(&id).map_or(desired.instance.restarts, |t| t.restarts),
         };
@@ -257,6 +304,10 @@ impl Agent {
             return report;
         }
         let Some(container) = container else {
+            let Some(network) = network else {
+                report.reason = Some("waiting for this node's instance network".into());
+                return report;
+            };
             // After a failed create, wait (with backoff) before the next try,
             // and keep reporting the failure meanwhile.
             if let Some((at, _)) = self.create_retry.get(&id) {
@@ -266,7 +317,7 @@ impl Agent {
                     return report;
                 }
             }
-            match self.create(cluster, desired).await {
+            match self.create(cluster, desired, network).await {
                 Ok(container) => {
                     self.create_retry.remove(&id);
                     let restarts = self.tracked.get(&id).map_or(0, |t| t.restarts);
@@ -310,6 +361,7 @@ impl Agent {
             report.health = health;
             report.reason = output;
             report.address = desired.group.internal_port.map(|port| format!("{ip}:{port}"));
+            report.ip = ip.parse().ok();
             return report;
         }
         // The container exists but does not run: it exited (or never started).
@@ -377,7 +429,7 @@ impl Agent {
 
     /// Creates and starts the instance's container; the error is the reason
     /// users see.
-    async fn create(&self, cluster: &str, desired: &Desired) -> Result<String, String> {
+    async fn create(&self, cluster: &str, desired: &Desired, network: &InstanceNetwork) -> Result<String, String> {
         let instance = &desired.instance;
         self.ensure_image(&desired.image, desired.image_source, instance).await?;
         let mut env: BTreeMap<String, String> = desired.env.clone();
@@ -409,6 +461,7 @@ impl Agent {
             labels,
             cpu_millis: desired.group.resources.cpu_millis,
             memory_bytes: desired.group.resources.memory_bytes,
+            network: Some(network.attach()),
         };
         tracing::info!(release = instance.release, image = %desired.image, "starting container");
         // A container left by a crash between create and the state update
@@ -449,6 +502,7 @@ impl Agent {
                 state: InstanceState::Starting,
                 health: Health::Unknown,
                 address: None,
+                ip: None,
                 reason: Some(fetching),
                 restarts: instance.restarts,
             };
@@ -539,6 +593,7 @@ fn differs(instance: &Instance, report: &InstanceReport) -> bool {
     instance.state != report.state
         || instance.health != report.health
         || instance.address != report.address
+        || instance.ip != report.ip
         || instance.reason != report.reason
         || instance.restarts != report.restarts
 }

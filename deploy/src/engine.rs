@@ -10,11 +10,13 @@
 use std::collections::HashMap;
 
 use bollard::errors::Error as DockerError;
-use bollard::models::{ContainerCreateBody, ContainerSummaryStateEnum, HostConfig};
+use bollard::models::{
+    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, Ipam, IpamConfig, NetworkCreateRequest,
+};
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, CreateContainerOptionsBuilder, ImportImageOptionsBuilder, ListContainersOptionsBuilder,
-    ListImagesOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
-    StopContainerOptionsBuilder,
+    ListImagesOptionsBuilder, ListNetworksOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveImageOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::{body_full, Docker};
 use bytes::Bytes;
@@ -125,6 +127,29 @@ pub struct ContainerSpec {
     pub labels: HashMap<String, String>,
     pub cpu_millis: u64,
     pub memory_bytes: u64,
+    /// The network to attach it to (and its resolver); `None`: Docker's default bridge.
+    pub network: Option<AttachTo>,
+}
+
+/// A network a container joins, and the DNS server its resolver forwards to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachTo {
+    pub network: String,
+    pub dns: String,
+}
+
+/// A bridge network for one node's instances: a subnet Roost chose, a
+/// gateway that is the node's own address on it, and no masquerading
+/// (the mesh decides what is translated on the way out).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BridgeNetwork {
+    pub name: String,
+    /// The host interface Docker creates for it.
+    pub bridge: String,
+    pub subnet: String,
+    pub gateway: String,
+    pub mtu: u32,
+    pub labels: HashMap<String, String>,
 }
 
 /// How a stopped container ended.
@@ -293,6 +318,75 @@ impl Engine {
             .collect())
     }
 
+    /// Creates `network` unless a network of that name with the same
+    /// subnet exists. One with another subnet (the node's /24 changed) is
+    /// removed first, which fails while containers still use it: the agent
+    /// removes those, and the next call succeeds.
+    pub async fn ensure_network(&self, network: &BridgeNetwork) -> Result<(), EngineError> {
+        match self.docker.inspect_network(&network.name, None).await {
+            Ok(existing) => {
+                let subnets: Vec<String> = existing
+                    .ipam
+                    .and_then(|ipam| ipam.config)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|c| c.subnet)
+                    .collect();
+                if subnets == [network.subnet.clone()] {
+                    return Ok(());
+                }
+                self.docker
+                    .remove_network(&network.name)
+                    .await
+                    .map_err(EngineError::docker(format!("remove network {} to change its subnet", network.name)))?;
+            }
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(source) => {
+                return Err(EngineError::Docker { action: format!("inspect network {}", network.name), source })
+            }
+        }
+        let options = HashMap::from([
+            ("com.docker.network.bridge.name".to_owned(), network.bridge.clone()),
+            ("com.docker.network.bridge.enable_ip_masquerade".to_owned(), "false".to_owned()),
+            ("com.docker.network.driver.mtu".to_owned(), network.mtu.to_string()),
+        ]);
+        let request = NetworkCreateRequest {
+            name: network.name.clone(),
+            driver: Some("bridge".into()),
+            ipam: Some(Ipam {
+                driver: Some("default".into()),
+                config: Some(vec![IpamConfig {
+                    subnet: Some(network.subnet.clone()),
+                    gateway: Some(network.gateway.clone()),
+                    ..Default::default()
+                }]),
+                options: None,
+            }),
+            options: Some(options),
+            labels: Some(network.labels.clone()),
+            ..Default::default()
+        };
+        self.docker
+            .create_network(request)
+            .await
+            .map_err(EngineError::docker(format!("create network {} ({})", network.name, network.subnet)))?;
+        Ok(())
+    }
+
+    /// Removes the networks labelled with `cluster` (and only those).
+    pub async fn remove_networks(&self, cluster: &str) -> Result<(), EngineError> {
+        let filters = HashMap::from([("label", vec![format!("{LABEL_CLUSTER}={cluster}")])]);
+        let options = ListNetworksOptionsBuilder::default().filters(&filters).build();
+        let networks = self.docker.list_networks(Some(options)).await.map_err(EngineError::docker("list networks"))?;
+        for network in networks.into_iter().filter_map(|n| n.name) {
+            match self.docker.remove_network(&network).await {
+                Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => {}
+                Err(source) => return Err(EngineError::Docker { action: format!("remove network {network}"), source }),
+            }
+        }
+        Ok(())
+    }
+
     /// Creates and starts a container; returns its id.
     pub async fn run(&self, spec: &ContainerSpec) -> Result<String, EngineError> {
         let body = ContainerCreateBody {
@@ -305,6 +399,10 @@ impl Engine {
                 init: Some(true),
                 memory: Some(spec.memory_bytes as i64),
                 nano_cpus: Some(spec.cpu_millis as i64 * 1_000_000),
+                // On a user-defined network the container's resolver is the
+                // engine's, which forwards what it does not know here.
+                network_mode: spec.network.as_ref().map(|n| n.network.clone()),
+                dns: spec.network.as_ref().map(|n| vec![n.dns.clone()]),
                 ..Default::default()
             }),
             ..Default::default()

@@ -29,6 +29,3 @@ pub mod pack;
 pub mod scheduler;
 pub mod secrets;
 pub mod spec;
-
-#[cfg(test)]
-mod testkit;

@@ -1,5 +1,5 @@
 //! Roost's network layer: everything that touches sockets and interfaces for
-//! node-to-node traffic and, later, the data plane (mesh, DNS, proxy).
+//! node-to-node traffic and the data plane (mesh, DNS; later the proxy).
 //!
 //! Layout:
 //! - [`pki`]: the cluster certificate authority and the certificates it issues
@@ -9,12 +9,21 @@
 //! - [`tls`]: the TLS plumbing of the one port every node serves: an acceptor
 //!   that turns TCP connections into mutually authenticated TLS streams for
 //!   tonic, and a connector that dials peers while pinning the cluster CA.
+//! - [`mesh`]: the private mesh: the node's WireGuard interface (boringtun),
+//!   its routes and its packet filter rules, reconciled towards a plan
+//!   derived from the replicated state.
+//! - [`directory`]: which healthy instances answer for which app, derived
+//!   from the state; [`dns`] serves it as `.internal` names.
 //!
-//! Only this crate decides how bytes are secured on the wire; callers hand it
-//! certificates and receive tonic channels and incoming streams.
+//! Only this crate decides how bytes are secured on the wire and touches
+//! interfaces, routes and packet filters; callers hand it certificates and
+//! plans and receive channels, streams and servers.
 
 #![forbid(unsafe_code)]
 
+pub mod directory;
+pub mod dns;
+pub mod mesh;
 pub mod pki;
 pub mod tls;
 pub mod token;

@@ -23,9 +23,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Node(NodeCommand::Init(args)) => run_node(&args, Start::Init).await,
+            Command::Node(NodeCommand::Init { node, mesh_range }) => run_node(&node, Start::Init, mesh_range).await,
             Command::Node(NodeCommand::Join { seed, token, node }) => {
-                run_node(&node, Start::Join { seed, token }).await
+                run_node(&node, Start::Join { seed, token }, None).await
             }
             command => {
                 init_tracing("warn");
@@ -49,12 +49,18 @@ fn init_tracing(default: &str) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
-async fn run_node(args: &cli::NodeArgs, start: Start) -> Result<ExitCode, CliError> {
+async fn run_node(
+    args: &cli::NodeArgs,
+    start: Start,
+    mesh_range: Option<ipnet::Ipv4Net>,
+) -> Result<ExitCode, CliError> {
     // openraft reports every failed RPC to a down peer, twice a second; the
     // node logs what matters (leader changes, nodes down and up) itself.
     // ROOST_LOG=info,openraft=warn brings openraft's own lines back.
     init_tracing("info,openraft=off");
-    let config = cli::node_config(args, start, hostname())?;
+    let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let host = cli::Host { name: hostname(), upstream_dns: roost_network::dns::parse_resolv_conf(&resolv_conf) };
+    let config = cli::node_config(args, start, mesh_range, host)?;
     let shutdown = CancellationToken::new();
     let node = Node::start(config, shutdown.clone())
         .await

@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{App, ClusterInfo, UnixMillis};
+use crate::state::{App, ClusterInfo, UnixMillis, WireguardPeer};
 use crate::workload::{InstanceReport, Outcome, Placement, ReleaseSpec, Resources, SealedSecret};
 use crate::NodeId;
 
@@ -48,6 +48,14 @@ pub enum Command {
         id: NodeId,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         new_join_secret: Option<Secret>,
+    },
+    /// A node describes itself after it starts: its address (which changes
+    /// when its machine moves) and its WireGuard endpoint.
+    UpdateNode {
+        id: NodeId,
+        address: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wireguard: Option<WireguardPeer>,
     },
     CreateApp {
         name: String,
@@ -152,6 +160,9 @@ pub struct NewNode {
     pub cert_fingerprint: String,
     #[serde(default)]
     pub resources: Resources,
+    /// Its WireGuard key and endpoint; `None` when it runs without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<WireguardPeer>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,6 +231,12 @@ pub enum Rejection {
     TooManyInstances { count: u32, max: u32 },
     #[error("invalid release: {reason}")]
     InvalidRelease { reason: String },
+    #[error("the mesh range {range} has no free /24 left for another node; a cluster made with a larger --mesh-range has room")]
+    MeshFull { range: String },
+    #[error("invalid mesh range {range}: {reason}")]
+    InvalidMeshRange { range: String, reason: String },
+    #[error("invalid node address '{address}'")]
+    InvalidAddress { address: String },
     #[error("this log entry has format version {version}, newer than this binary understands; upgrade roost")]
     UnsupportedVersion { version: u16 },
 }
@@ -230,6 +247,7 @@ impl fmt::Display for Command {
             Command::Bootstrap { cluster, .. } => write!(f, "bootstrap cluster {}", cluster.id),
             Command::AddNode { node } => write!(f, "add node {}", node.name),
             Command::RemoveNode { id, .. } => write!(f, "remove node {id}"),
+            Command::UpdateNode { id, address, .. } => write!(f, "node {id} is at {address}"),
             Command::CreateApp { name } => write!(f, "create app {name}"),
             Command::DestroyApp { name } => write!(f, "destroy app {name}"),
             Command::Deploy { app, description, .. } => write!(f, "{description} of {app}"),

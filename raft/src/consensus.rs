@@ -148,7 +148,7 @@ impl Consensus {
             .map_err(StartError::Store)?;
         let state = sm.reader();
         let hints = Arc::new(ElectionHints::default());
-        let network = Network::new(channels.clone(), hints.clone());
+        let network = Network::new(channels.clone(), hints.clone(), state.clone());
         let raft = Raft::new(id, config, network, log, sm).await.map_err(StartError::Raft)?;
         tokio::spawn(drive_elections(raft.clone(), timings.clone(), hints, shutdown));
         let (batcher, pending) = mpsc::unbounded_channel();
@@ -188,7 +188,8 @@ impl Consensus {
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow();
         let id = metrics.current_leader?;
-        let node = metrics.membership_config.membership().get_node(&id)?.clone();
+        let mut node = metrics.membership_config.membership().get_node(&id)?.clone();
+        node.address = crate::network::current_address(&self.state, id, &node);
         Some((id, node))
     }
 

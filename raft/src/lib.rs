@@ -24,6 +24,8 @@ pub mod network;
 pub mod service;
 pub mod state;
 pub mod store;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod workload;
 
 use std::fmt;

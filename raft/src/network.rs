@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::Channel;
 
+use crate::store::StateReader;
 use crate::{NodeId, RaftNode, TypeConfig};
 
 /// Opens channels to peers; the node supplies one that speaks mutual TLS.
@@ -32,12 +33,20 @@ pub trait Channels: Send + Sync + 'static {
 pub struct Network {
     channels: Arc<dyn Channels>,
     hints: Arc<ElectionHints>,
+    state: StateReader,
 }
 
 impl Network {
-    pub fn new(channels: Arc<dyn Channels>, hints: Arc<ElectionHints>) -> Self {
-        Self { channels, hints }
+    pub fn new(channels: Arc<dyn Channels>, hints: Arc<ElectionHints>, state: StateReader) -> Self {
+        Self { channels, hints, state }
     }
+}
+
+/// Where node `id` serves Raft now: the address the replicated state records
+/// (a node that moved says so with `Command::UpdateNode`), else the one
+/// Raft's membership was given when the node joined.
+pub fn current_address(state: &StateReader, id: NodeId, node: &RaftNode) -> String {
+    state.read(|s| s.nodes.get(&id).map(|n| n.address.clone())).unwrap_or_else(|| node.address.clone())
 }
 
 /// What the election driver learns from vote replies.
@@ -62,15 +71,24 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &RaftNode) -> PeerConnection {
-        let client = self.channels.channel(&node.address).map(RaftClient::new);
-        PeerConnection { target, node: node.clone(), client, hints: self.hints.clone() }
+        PeerConnection {
+            target,
+            node: node.clone(),
+            channels: self.channels.clone(),
+            state: self.state.clone(),
+            hints: self.hints.clone(),
+        }
     }
 }
 
+/// openraft keeps one of these per peer for as long as it replicates to it,
+/// so the peer's address is looked up on every call (channels are cached
+/// per address): a peer that moves is followed at once.
 pub struct PeerConnection {
     target: NodeId,
     node: RaftNode,
-    client: Result<RaftClient<Channel>, String>,
+    channels: Arc<dyn Channels>,
+    state: StateReader,
     hints: Arc<ElectionHints>,
 }
 
@@ -99,9 +117,10 @@ impl PeerConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let client = match &mut self.client {
-            Ok(client) => client,
-            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(e.clone())))),
+        let address = current_address(&self.state, self.target, &self.node);
+        let mut client = match self.channels.channel(&address) {
+            Ok(channel) => RaftClient::new(channel),
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(e)))),
         };
         let json = serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut req = tonic::Request::new(RaftPayload { json });

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, NewNode, Proposal, Rejection, Response, Secret, PROPOSAL_VERSION};
@@ -18,8 +19,10 @@ use crate::workload::{Instance, Release, ReleaseStatus, Resources, SealedSecret}
 use crate::NodeId;
 
 mod apps;
+mod mesh;
 
 pub use apps::MAX_INSTANCES_PER_GROUP;
+pub use mesh::{default_mesh_range, validate_mesh_range, WireguardPeer, NODE_SUBNET_PREFIX};
 
 /// Milliseconds since the Unix epoch, as stamped by the proposer.
 pub type UnixMillis = i64;
@@ -65,6 +68,10 @@ pub struct ClusterInfo {
     /// SHA-256 (hex) of the admin token's secret; the secret itself is only
     /// in the init node's `admin.token`.
     pub admin_secret_sha256: String,
+    /// The private range the mesh gives out, a /24 per node
+    /// (`node init --mesh-range`).
+    #[serde(default = "default_mesh_range")]
+    pub mesh_range: Ipv4Net,
 }
 
 impl std::fmt::Debug for ClusterInfo {
@@ -72,6 +79,7 @@ impl std::fmt::Debug for ClusterInfo {
         f.debug_struct("ClusterInfo")
             .field("id", &self.id)
             .field("created_at", &self.created_at)
+            .field("mesh_range", &self.mesh_range)
             .finish_non_exhaustive()
     }
 }
@@ -89,6 +97,15 @@ pub struct NodeRecord {
     /// What the node offers to instances.
     #[serde(default)]
     pub resources: Resources,
+    /// The node's /24 of the mesh range: its own address on the instance
+    /// network is the first, its instances get the rest. Held until the
+    /// node is removed; no two current nodes share one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<Ipv4Net>,
+    /// How peers reach the node over WireGuard; `None` for a node that runs
+    /// without it (nodes sharing one host and one Docker engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<WireguardPeer>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +167,7 @@ impl State {
             Command::Bootstrap { cluster, node } => self.bootstrap(cluster, node, at),
             Command::AddNode { node } => self.add_node(node, at),
             Command::RemoveNode { id, new_join_secret } => self.remove_node(*id, new_join_secret.as_ref(), at),
+            Command::UpdateNode { id, address, wireguard } => self.update_node(*id, address, wireguard.as_ref()),
             Command::CreateApp { name } => self.create_app(name, at),
             Command::DestroyApp { name } => self.destroy_app(name, at),
             Command::Deploy { app, spec, description } => self.deploy(app, spec, description, at),
@@ -180,16 +198,20 @@ impl State {
                 Response::Rejected(Rejection::AlreadyBootstrapped)
             };
         }
+        if let Err(reason) = validate_mesh_range(cluster.mesh_range) {
+            return Response::Rejected(Rejection::InvalidMeshRange { range: cluster.mesh_range.to_string(), reason });
+        }
         self.cluster = Some(cluster.clone());
-        self.nodes.insert(FIRST_NODE_ID, node.record(FIRST_NODE_ID, at));
+        let subnet = self.free_subnet();
+        self.nodes.insert(FIRST_NODE_ID, node.record(FIRST_NODE_ID, at, subnet));
         self.next_node_id = FIRST_NODE_ID + 1;
         Response::NodeAdded { id: FIRST_NODE_ID }
     }
 
     fn add_node(&mut self, node: &NewNode, at: UnixMillis) -> Response {
-        if self.cluster.is_none() {
+        let Some(cluster) = &self.cluster else {
             return Response::Rejected(Rejection::NotBootstrapped);
-        }
+        };
         if let Err(reason) = validate_name(&node.name) {
             return Response::Rejected(Rejection::InvalidNodeName { name: node.name.clone(), reason });
         }
@@ -204,9 +226,12 @@ impl State {
                 Response::Rejected(Rejection::NodeNameTaken { name: node.name.clone() })
             };
         }
+        let Some(subnet) = self.free_subnet() else {
+            return Response::Rejected(Rejection::MeshFull { range: cluster.mesh_range.to_string() });
+        };
         let id = self.next_node_id;
         self.next_node_id += 1;
-        self.nodes.insert(id, node.record(id, at));
+        self.nodes.insert(id, node.record(id, at, Some(subnet)));
         Response::NodeAdded { id }
     }
 
@@ -271,7 +296,7 @@ impl State {
 }
 
 impl NewNode {
-    fn record(&self, id: NodeId, at: UnixMillis) -> NodeRecord {
+    fn record(&self, id: NodeId, at: UnixMillis, subnet: Option<Ipv4Net>) -> NodeRecord {
         NodeRecord {
             id,
             name: self.name.clone(),
@@ -281,6 +306,8 @@ impl NewNode {
             cert_fingerprint: self.cert_fingerprint.clone(),
             joined_at: at,
             resources: self.resources,
+            subnet,
+            wireguard: self.wireguard.clone(),
         }
     }
 }

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
@@ -313,6 +314,9 @@ pub struct Instance {
     pub health: Health,
     /// IP:PORT where its internal port answers, once it runs.
     pub address: Option<String>,
+    /// Its mesh address, once it runs: reachable from every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
     /// Why it is pending or failed, or the last check output when failing.
     pub reason: Option<String>,
     pub restarts: u32,
@@ -330,6 +334,8 @@ pub struct InstanceReport {
     pub state: InstanceState,
     pub health: Health,
     pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
     pub reason: Option<String>,
     pub restarts: u32,
 }

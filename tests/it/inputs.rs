@@ -15,21 +15,9 @@ use roost_tests::Cluster;
 use tokio_util::sync::CancellationToken;
 
 fn join_config(dir: &std::path::Path, name: &str, seed: &str, token: &str) -> NodeConfig {
-    NodeConfig {
-        data_dir: dir.to_owned(),
-        listen: "127.0.0.1:0".into(),
-        advertise: None,
-        name: Some(name.into()),
-        default_name: name.into(),
-        labels: Default::default(),
-        start: Start::Join { seed: seed.into(), token: token.into() },
-        timings: Default::default(),
-        liveness: Default::default(),
-        join_wait: std::time::Duration::from_secs(1),
-        resources: roost_tests::node_resources(),
-        docker_host: None,
-        controller: Default::default(),
-    }
+    let start = Start::Join { seed: seed.into(), token: token.into() };
+    let config = roost_tests::node_config(name, dir, None, start, &Default::default(), &Default::default());
+    NodeConfig { join_wait: std::time::Duration::from_secs(1), ..config }
 }
 
 async fn node_count(cluster: &Cluster) -> Result<usize> {

@@ -8,6 +8,9 @@
 //!   secrets, suspend/resume/destroy, a dead node's instances replaced).
 //! - `engines`: two nodes with their own Docker engines; an image moves
 //!   between them through Roost.
+//! - `mesh`: nodes in containers of their own, joined by WireGuard:
+//!   instances reach each other by mesh address and `.internal` name,
+//!   through restarts, moves and removals; wireguard-go interoperates.
 //! - `binary`: the built `roost` binary driven as a user drives it.
 
 mod apps;
@@ -16,3 +19,4 @@ mod cluster;
 mod elections;
 mod engines;
 mod inputs;
+mod mesh;

@@ -132,6 +132,24 @@ impl Drop for DockerCleanup {
         if !images.is_empty() {
             let _ = Command::new("docker").args(["rmi", "-f"]).args(&images).output();
         }
+        let networks = docker_lines(&[
+            "network".into(),
+            "ls".into(),
+            "-q".into(),
+            "--filter".into(),
+            format!("label=roost.cluster={}", self.cluster),
+        ]);
+        if !networks.is_empty() {
+            let _ = Command::new("docker").args(["network", "rm"]).args(&networks).output();
+        }
+        // The mesh's filter rules, through the same code the nodes use. On a
+        // thread of its own: this may run inside the test's runtime.
+        let tag = roost_network::mesh::cluster_tag(&self.cluster);
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(roost_network::mesh::filter::remove_tagged(&tag)).map_err(std::io::Error::other)
+        })
+        .join();
     }
 }
 

@@ -5,6 +5,9 @@
 //!   Nodes can be stopped and restarted from their directories.
 //! - [`process`]: the built `roost` binary run as a user would, for tests
 //!   that kill processes with SIGKILL and read what the CLI prints.
+//! - [`topology`]: machines on this machine: each node in a container with
+//!   its own Docker engine and address, for what crosses a real network
+//!   (image transfers, the WireGuard mesh).
 //! - [`wait_until`]: polls a condition until a deadline; tests never sleep
 //!   for a fixed time to paper over a race.
 //!
@@ -13,14 +16,18 @@
 
 pub mod apps;
 pub mod process;
+pub mod topology;
 
 use std::future::Future;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use roost_network::tls::ClientTls;
 use roost_node::cli::BearerToken;
-use roost_node::daemon::{InitTokens, LivenessConfig, Node, NodeConfig, RunningNode, Start};
+use ipnet::Ipv4Net;
+use roost_node::daemon::{InitTokens, LivenessConfig, MeshSettings, Node, NodeConfig, RunningNode, Start};
 use roost_proto::api::control_client::ControlClient;
 use roost_raft::Timings;
 use tempfile::TempDir;
@@ -92,7 +99,7 @@ impl Cluster {
     pub async fn start_with(n: usize, timings: Timings, liveness: LivenessConfig) -> Result<Self> {
         init_logs();
         let dir = tempfile::Builder::new().prefix("roost-n1-").tempdir()?;
-        let config = node_config("n1", &dir, None, Start::Init, &timings, &liveness);
+        let config = node_config("n1", dir.path(), None, Start::Init, &timings, &liveness);
         let first = Node::start(config, CancellationToken::new()).await.context("starting n1")?;
         let tokens = first.init_tokens.clone().context("the first node returned no tokens")?;
         let address = first.address.clone();
@@ -119,7 +126,7 @@ impl Cluster {
         let seed = self.any_running()?.address.clone();
         let dir = tempfile::Builder::new().prefix(&format!("roost-{name}-")).tempdir()?;
         let start = Start::Join { seed, token: self.tokens.join.to_string() };
-        let config = node_config(&name, &dir, None, start, &self.timings, &self.liveness);
+        let config = node_config(&name, dir.path(), None, start, &self.timings, &self.liveness);
         let node = Node::start(config, CancellationToken::new()).await.with_context(|| format!("starting {name}"))?;
         self.slots.push(Slot { name, dir, address: Some(node.address.clone()), running: Some(node) });
         Ok(index)
@@ -181,7 +188,7 @@ impl Cluster {
             0 => Start::Init,
             _ => Start::Join { seed: String::new(), token: self.tokens.join.to_string() },
         };
-        let config = node_config(&slot.name, &slot.dir, Some(address), start, &self.timings, &self.liveness);
+        let config = node_config(&slot.name, slot.dir.path(), Some(address), start, &self.timings, &self.liveness);
         let node =
             Node::start(config, CancellationToken::new()).await.with_context(|| format!("restarting {}", slot.name))?;
         self.slots[index].running = Some(node);
@@ -219,16 +226,19 @@ pub async fn admin_client(address: &str, tokens: &InitTokens) -> Result<Control>
     Ok(ControlClient::with_interceptor(channel, BearerToken(header)))
 }
 
-fn node_config(
+/// A test node's configuration: its own data directory, port 0 (or the
+/// address it had), no WireGuard (the nodes share this machine), and the
+/// test cluster's own mesh range.
+pub fn node_config(
     name: &str,
-    dir: &TempDir,
+    dir: &std::path::Path,
     address: Option<String>,
     start: Start,
     timings: &Timings,
     liveness: &LivenessConfig,
 ) -> NodeConfig {
     NodeConfig {
-        data_dir: dir.path().to_owned(),
+        data_dir: dir.to_owned(),
         listen: address.unwrap_or_else(|| "127.0.0.1:0".into()),
         advertise: None,
         name: Some(name.into()),
@@ -241,7 +251,44 @@ fn node_config(
         resources: node_resources(),
         docker_host: None,
         controller: Default::default(),
+        mesh: MeshSettings { wireguard_port: None, dns_port: 53, upstream_dns: Vec::new() },
+        mesh_range: Some(mesh_range()),
     }
+}
+
+/// A mesh range of its own for each test cluster: a /20 (16 nodes) of
+/// 10.128.0.0/9 that no Docker network on this machine overlaps and that
+/// this process has not handed out, so test clusters can run side by side
+/// on one engine.
+pub fn mesh_range() -> Ipv4Net {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const SLOTS: u32 = 2048;
+    let taken = docker_subnets();
+    let start = std::process::id().wrapping_mul(7919);
+    loop {
+        let slot = (start.wrapping_add(NEXT.fetch_add(1, Ordering::SeqCst))) % SLOTS;
+        let base = u32::from(Ipv4Addr::new(10, 128, 0, 0)) + slot * 4096;
+        let range = Ipv4Net::new(Ipv4Addr::from(base), 20).unwrap_or_default();
+        if !taken.iter().any(|net| net.contains(&range.network()) || range.contains(&net.network())) {
+            return range;
+        }
+    }
+}
+
+/// The IPv4 subnets of the engine's networks.
+pub(crate) fn docker_subnets() -> Vec<Ipv4Net> {
+    let ids = std::process::Command::new("docker").args(["network", "ls", "-q"]).output();
+    let ids: Vec<String> = ids
+        .map(|out| String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+        .unwrap_or_default();
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let format = "{{range .IPAM.Config}}{{.Subnet}} {{end}}";
+    let inspected = std::process::Command::new("docker").args(["network", "inspect", "-f", format]).args(&ids).output();
+    inspected
+        .map(|out| String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|s| s.parse().ok()).collect())
+        .unwrap_or_default()
 }
 
 /// What each test node offers to instances: 2 CPUs and 2 GiB, whatever the

@@ -4,7 +4,7 @@ use roost_raft::workload::{Health, InstanceReport, InstanceState, Outcome, Relea
 use roost_raft::{Command, Response};
 
 use super::{decide, ControllerConfig, NodeView};
-use crate::testkit::{apply, cluster, small, spec};
+use roost_raft::testkit::{apply, cluster, small, spec};
 
 fn run(state: &mut roost_raft::State, view: &NodeView, now: i64) -> Vec<Command> {
     let commands = decide(state, view, &ControllerConfig::default(), now);
@@ -42,6 +42,7 @@ fn failing(id: &str) -> InstanceReport {
         state: InstanceState::Running,
         health: Health::Failing,
         address: None,
+        ip: None,
         reason: Some("GET / answered 500".into()),
         restarts: 0,
     }
@@ -57,6 +58,7 @@ fn report(state: &mut roost_raft::State, running: bool, health: Health) {
                 state: if running { InstanceState::Running } else { InstanceState::Failed },
                 health,
                 address: Some("172.17.0.2:8080".into()),
+                ip: None,
                 reason: (health == Health::Failing).then(|| "GET / answered 500".into()),
                 restarts: 0,
             };
@@ -160,6 +162,7 @@ fn ready(state: &mut roost_raft::State, release: u64) {
             state: InstanceState::Running,
             health: Health::Passing,
             address: None,
+            ip: None,
             reason: None,
             restarts: 0,
         };

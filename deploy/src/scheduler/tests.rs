@@ -4,7 +4,7 @@ use roost_raft::workload::{Placement, Resources};
 use roost_raft::Command;
 
 use super::schedule;
-use crate::testkit::{apply, cluster, small, spec, GIB, MIB};
+use roost_raft::testkit::{apply, cluster, small, spec, GIB, MIB};
 
 fn placed(placements: &[Placement]) -> Vec<u64> {
     placements

@@ -20,7 +20,8 @@ use roost_network::tls::ClientTls;
 use roost_network::{Token, TokenKind};
 use roost_proto::api::control_client::ControlClient;
 use roost_proto::api::{
-    CreateAppRequest, DestroyAppRequest, GetAppRequest, GetJoinTokenRequest, ListAppsRequest, ListNodesRequest,
+    CreateAppRequest, DestroyAppRequest, GetAppRequest, GetJoinTokenRequest, GetNodeRequest, ListAppsRequest,
+    ListNodesRequest,
     ReadOptions, RemoveNodeRequest, VersionRequest,
 };
 use tonic::metadata::MetadataValue;
@@ -31,7 +32,7 @@ use roost_deploy::config::Memory;
 use roost_deploy::controller::ControllerConfig;
 use roost_raft::workload::Resources;
 
-use crate::daemon::{LivenessConfig, NodeConfig, Start};
+use crate::daemon::{LivenessConfig, MeshSettings, NodeConfig, Start};
 
 #[derive(Debug, Parser)]
 #[command(name = "roost", version = crate::VERSION, about = "Run apps on machines you own, the fly.io way.")]
@@ -101,7 +102,14 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
     /// Create a new cluster with this machine as its first node, and run it.
-    Init(NodeArgs),
+    Init {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// The private range instances get addresses from; each node takes a /24 of it.
+        /// Set when the cluster is created [default: 10.210.0.0/16].
+        #[arg(long, value_name = "CIDR")]
+        mesh_range: Option<ipnet::Ipv4Net>,
+    },
     /// Join an existing cluster through any of its nodes, and run this node.
     Join {
         /// HOST:PORT of any node of the cluster.
@@ -112,7 +120,16 @@ pub enum NodeCommand {
         #[command(flatten)]
         node: NodeArgs,
     },
-    /// List the cluster's nodes, their roles and whether they are up.
+    /// Show one node: its place in the mesh and its WireGuard peers with their last handshake.
+    Show {
+        /// The node's name or id.
+        node: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List the cluster's nodes, their roles, whether they are up, and their mesh subnets.
     List {
         #[arg(long)]
         json: bool,
@@ -174,6 +191,13 @@ pub struct NodeArgs {
     /// The Docker engine to run instances on [default: the local socket].
     #[arg(long, env = "DOCKER_HOST")]
     pub docker_host: Option<String>,
+    /// The UDP port of this node's WireGuard interface.
+    #[arg(long, default_value_t = roost_network::mesh::DEFAULT_WG_PORT)]
+    pub wg_port: u16,
+    /// Run without WireGuard: only for nodes that share one machine and one Docker engine,
+    /// whose instance networks that machine routes directly.
+    #[arg(long)]
+    pub no_wireguard: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -370,14 +394,32 @@ pub fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>, CliEr
     Ok(parsed)
 }
 
+/// The machine-specific inputs a node's configuration needs besides its
+/// flags; `main` reads them.
+#[derive(Clone, Debug, Default)]
+pub struct Host {
+    /// The name a node takes without --name.
+    pub name: String,
+    /// The resolvers of /etc/resolv.conf, for names outside `.internal`.
+    pub upstream_dns: Vec<std::net::SocketAddr>,
+}
+
 /// Builds a node's configuration from `node init` / `node join` flags.
-pub fn node_config(args: &NodeArgs, start: Start, default_name: String) -> Result<NodeConfig, CliError> {
+pub fn node_config(
+    args: &NodeArgs,
+    start: Start,
+    mesh_range: Option<ipnet::Ipv4Net>,
+    host: Host,
+) -> Result<NodeConfig, CliError> {
+    if args.wg_port == 0 {
+        return Err(CliError::Usage("--wg-port must be from 1 to 65535".into()));
+    }
     Ok(NodeConfig {
         data_dir: args.data_dir.clone(),
         listen: args.listen.clone(),
         advertise: args.advertise.clone(),
         name: args.name.clone(),
-        default_name,
+        default_name: host.name,
         labels: parse_labels(&args.labels)?,
         start,
         timings: Default::default(),
@@ -390,6 +432,12 @@ pub fn node_config(args: &NodeArgs, start: Start, default_name: String) -> Resul
         resources: node_resources(args.cpus, args.memory.as_deref())?,
         docker_host: args.docker_host.clone(),
         controller: ControllerConfig { reschedule_after: args.reschedule_after, ..Default::default() },
+        mesh: MeshSettings {
+            wireguard_port: (!args.no_wireguard).then_some(args.wg_port),
+            dns_port: 53,
+            upstream_dns: host.upstream_dns,
+        },
+        mesh_range,
     })
 }
 
@@ -423,7 +471,7 @@ fn machine_memory() -> u64 {
 pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), CliError> {
     let io = |e: std::io::Error| CliError::Other(format!("could not write output: {e}"));
     match command {
-        Command::Node(NodeCommand::Init(_)) | Command::Node(NodeCommand::Join { .. }) => {
+        Command::Node(NodeCommand::Init { .. }) | Command::Node(NodeCommand::Join { .. }) => {
             Err(CliError::Other("node init and join run the daemon; call them through main".into()))
         }
         Command::Version(MaybeClient { client }) => {
@@ -443,6 +491,10 @@ pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), Cli
             let request = ListNodesRequest { read: Some(ReadOptions { stale }) };
             let nodes = client.connect().await?.list_nodes(request).await?.into_inner().nodes;
             output::nodes(out, &nodes, json).map_err(io)
+        }
+        Command::Node(NodeCommand::Show { node, json, client }) => {
+            let details = client.connect().await?.get_node(GetNodeRequest { node }).await?.into_inner();
+            output::node_details(out, &details, json).map_err(io)
         }
         Command::Node(NodeCommand::Token { client }) => {
             let reply = client.connect().await?.get_join_token(GetJoinTokenRequest {}).await?.into_inner();

@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 use std::time::{Duration, UNIX_EPOCH};
 
-use roost_proto::api::{App, AppStatus, Node, Release, Secret};
+use roost_proto::api::{App, AppStatus, Node, NodeDetails, Release, Secret};
 use serde_json::json;
 
 fn timestamp(ms: i64) -> String {
@@ -50,6 +50,8 @@ pub fn nodes(out: &mut dyn Write, nodes: &[Node], as_json: bool) -> io::Result<(
                     "cert_serial": n.cert_serial,
                     "joined_at": timestamp(n.joined_at_ms),
                     "last_seen_ms_ago": n.last_seen_ms_ago,
+                    "subnet": n.subnet,
+                    "wireguard": wireguard_json(n),
                 })
             })
             .collect();
@@ -57,9 +59,127 @@ pub fn nodes(out: &mut dyn Write, nodes: &[Node], as_json: bool) -> io::Result<(
     }
     let rows: Vec<Vec<String>> = nodes
         .iter()
-        .map(|n| vec![n.id.to_string(), n.name.clone(), n.address.clone(), n.role.clone(), n.state.clone(), labels(n)])
+        .map(|n| {
+            vec![
+                n.id.to_string(),
+                n.name.clone(),
+                n.address.clone(),
+                n.role.clone(),
+                n.state.clone(),
+                dash(&n.subnet),
+                labels(n),
+            ]
+        })
         .collect();
-    table(out, &["ID", "NAME", "ADDRESS", "ROLE", "STATE", "LABELS"], &rows)
+    table(out, &["ID", "NAME", "ADDRESS", "ROLE", "STATE", "MESH SUBNET", "LABELS"], &rows)
+}
+
+fn dash(text: &str) -> String {
+    if text.is_empty() {
+        "-".into()
+    } else {
+        text.to_owned()
+    }
+}
+
+fn wireguard_json(node: &Node) -> serde_json::Value {
+    if node.wireguard_public_key.is_empty() {
+        return serde_json::Value::Null;
+    }
+    json!({ "public_key": node.wireguard_public_key, "endpoint": node.wireguard_endpoint })
+}
+
+fn ago(ms: Option<u64>) -> String {
+    match ms {
+        None => "never".into(),
+        Some(ms) if ms < 1000 => "just now".into(),
+        Some(ms) => format!("{} ago", humantime::format_duration(Duration::from_secs(ms / 1000))),
+    }
+}
+
+fn bytes(count: u64) -> String {
+    match count {
+        0..1024 => format!("{count} B"),
+        1024..1_048_576 => format!("{:.1} KiB", count as f64 / 1024.0),
+        _ => format!("{:.1} MiB", count as f64 / 1_048_576.0),
+    }
+}
+
+/// `roost node show`: the node, its place in the mesh, and its WireGuard
+/// peers with their latest handshake as the node itself sees them.
+pub fn node_details(out: &mut dyn Write, details: &NodeDetails, as_json: bool) -> io::Result<()> {
+    let node = details.node.clone().unwrap_or_default();
+    if as_json {
+        let peers: Vec<_> = details
+            .peers
+            .iter()
+            .map(|p| {
+                json!({
+                    "node": p.node,
+                    "public_key": p.public_key,
+                    "endpoint": p.endpoint,
+                    "allowed_ips": p.allowed_ips,
+                    "handshake_ms_ago": p.handshake_ms_ago,
+                    "rx_bytes": p.rx_bytes,
+                    "tx_bytes": p.tx_bytes,
+                })
+            })
+            .collect();
+        let value = json!({
+            "id": node.id,
+            "name": node.name,
+            "address": node.address,
+            "role": node.role,
+            "state": node.state,
+            "labels": node.labels,
+            "subnet": node.subnet,
+            "mesh_address": details.mesh_address,
+            "wireguard": details.wireguard,
+            "interface": details.interface,
+            "public_key": node.wireguard_public_key,
+            "endpoint": node.wireguard_endpoint,
+            "peers": peers,
+            "peers_error": (!details.peers_error.is_empty()).then_some(&details.peers_error),
+        });
+        return writeln!(out, "{value}");
+    }
+    writeln!(out, "Node:       {} (id {}), {}, {}", node.name, node.id, node.role, node.state)?;
+    writeln!(out, "Address:    {}", node.address)?;
+    if !node.labels.is_empty() {
+        writeln!(out, "Labels:     {}", labels(&node))?;
+    }
+    writeln!(out, "Mesh:       {} (subnet {})", dash(&details.mesh_address), dash(&node.subnet))?;
+    if !details.peers_error.is_empty() {
+        return writeln!(out, "WireGuard:  unknown: {}", details.peers_error);
+    }
+    if !details.wireguard {
+        return writeln!(out, "WireGuard:  off (--no-wireguard: nodes share one machine)");
+    }
+    writeln!(
+        out,
+        "WireGuard:  {}, listening at {}, public key {}",
+        details.interface, node.wireguard_endpoint, node.wireguard_public_key
+    )?;
+    if details.peers.is_empty() {
+        return writeln!(out, "No peers.");
+    }
+    writeln!(out)?;
+    let rows: Vec<Vec<String>> = details
+        .peers
+        .iter()
+        .map(|p| {
+            vec![
+                dash(&p.node),
+                p.public_key.clone(),
+                dash(&p.endpoint),
+                p.allowed_ips.join(","),
+                ago(p.handshake_ms_ago),
+                bytes(p.rx_bytes),
+                bytes(p.tx_bytes),
+            ]
+        })
+        .collect();
+    table(out, &["PEER", "PUBLIC KEY", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RECEIVED", "SENT"], &rows)
 }
 
 fn app_json(app: &App) -> serde_json::Value {
@@ -99,6 +219,7 @@ pub fn status(out: &mut dyn Write, status: &AppStatus, as_json: bool) -> io::Res
                     "state": i.state,
                     "health": i.health,
                     "address": i.address,
+                    "ip": i.ip,
                     "reason": i.reason,
                     "restarts": i.restarts,
                 })
@@ -136,7 +257,7 @@ pub fn status(out: &mut dyn Write, status: &AppStatus, as_json: bool) -> io::Res
                 if i.node.is_empty() { "-".into() } else { i.node.clone() },
                 i.state.clone(),
                 i.health.clone(),
-                if i.address.is_empty() { "-".into() } else { i.address.clone() },
+                dash(if i.address.is_empty() { &i.ip } else { &i.address }),
                 i.restarts.to_string(),
                 i.reason.clone(),
             ]

@@ -5,6 +5,7 @@
 //! leader; reads first pass [`Consensus::read_barrier`] unless the caller
 //! asked for `stale`. Conversions between wire and domain types live here.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,12 +16,15 @@ use roost_network::{Token, TokenKind};
 use roost_proto::api::control_server::Control;
 use roost_proto::api::{
     App as WireApp, AppRequest, AppStatus, ChangeResponse, CreateAppRequest, DeployRequest, DestroyAppRequest,
-    DestroyAppResponse, GetAppRequest, GetJoinTokenRequest, GetJoinTokenResponse, GetStatusRequest, ListAppsRequest,
+    DestroyAppResponse, GetAppRequest, GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, GetStatusRequest,
+    ListAppsRequest, MeshPeer, NodeDetails,
     ListAppsResponse, ListNodesRequest, ListNodesResponse, ListReleasesRequest, ListReleasesResponse,
     ListSecretsResponse, LogsRequest, Node as WireNode, ReadOptions, RemoveNodeRequest, RemoveNodeResponse,
     RollbackRequest, ScaleRequest, ScaleVmRequest, SetSecretsRequest, UnsetSecretsRequest, VersionRequest,
     VersionResponse,
 };
+use roost_proto::cluster::peer_client::PeerClient;
+use roost_proto::cluster::{MeshStatusRequest, MeshStatusResponse};
 use roost_raft::command::Secret;
 use roost_raft::state::{validate_name, App, NodeRecord};
 use roost_raft::{Command, Consensus, ConsensusError, NodeId, Rejection, Response};
@@ -45,6 +49,9 @@ pub struct ControlService {
     pub node_name: String,
     pub engine: Engine,
     pub secrets_key: Arc<SecretsKey>,
+    pub plane: super::mesh::SharedPlane,
+    /// The node's instance network, once the mesh has made it.
+    pub network: tokio::sync::watch::Receiver<Option<roost_deploy::agent::InstanceNetwork>>,
 }
 
 pub fn consensus_status(error: ConsensusError) -> Status {
@@ -68,7 +75,10 @@ pub fn rejection_status(rejection: Rejection) -> Status {
         Rejection::ReleaseNotFound { .. } | Rejection::SecretNotFound { .. } | Rejection::UnknownGroup { .. } => {
             Status::not_found(message)
         }
-        Rejection::InvalidRelease { .. } | Rejection::TooManyInstances { .. } => Status::invalid_argument(message),
+        Rejection::InvalidRelease { .. }
+        | Rejection::TooManyInstances { .. }
+        | Rejection::InvalidMeshRange { .. }
+        | Rejection::InvalidAddress { .. } => Status::invalid_argument(message),
         Rejection::AlreadyBootstrapped
         | Rejection::LastNode { .. }
         | Rejection::UnsupportedVersion { .. }
@@ -76,7 +86,8 @@ pub fn rejection_status(rejection: Rejection) -> Status {
         | Rejection::NoRelease { .. }
         | Rejection::NothingToRollBackTo { .. }
         | Rejection::AppSuspended { .. }
-        | Rejection::AlreadyInState { .. } => Status::failed_precondition(message),
+        | Rejection::AlreadyInState { .. }
+        | Rejection::MeshFull { .. } => Status::failed_precondition(message),
     }
 }
 
@@ -85,6 +96,17 @@ fn app_to_wire(app: &App) -> WireApp {
 }
 
 impl ControlService {
+    /// Asks the node at `address` for its side of the mesh.
+    async fn remote_mesh_status(&self, address: &str) -> Result<MeshStatusResponse, Status> {
+        let channel = self.channels.get(address).map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut request = Request::new(MeshStatusRequest {});
+        request.set_timeout(Duration::from_secs(3));
+        let reply = PeerClient::new(channel).mesh_status(request).await;
+        reply.map(tonic::Response::into_inner).map_err(|status| {
+            Status::unavailable(format!("the node did not answer: {}", status.message()))
+        })
+    }
+
     pub(super) async fn propose(&self, command: Command) -> Result<Response, Status> {
         let response =
             self.consensus.propose(command, Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
@@ -135,6 +157,9 @@ fn node_to_wire(node: &NodeRecord, role: &str, seen: Option<&Seen>) -> WireNode 
         cert_serial: node.cert_serial.clone(),
         joined_at_ms: node.joined_at,
         last_seen_ms_ago: seen.filter(|s| s.ago != Duration::MAX).map(|s| s.ago.as_millis() as u64),
+        subnet: node.subnet.map(|s| s.to_string()).unwrap_or_default(),
+        wireguard_public_key: node.wireguard.as_ref().map(|w| w.public_key.clone()).unwrap_or_default(),
+        wireguard_endpoint: node.wireguard.as_ref().map(|w| w.endpoint.clone()).unwrap_or_default(),
     }
 }
 
@@ -160,6 +185,52 @@ impl Control for ControlService {
         let role = self.roles();
         let nodes = nodes.iter().map(|n| node_to_wire(n, role(n.id), seen.get(&n.id))).collect();
         Ok(tonic::Response::new(ListNodesResponse { nodes }))
+    }
+
+    async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<tonic::Response<NodeDetails>, Status> {
+        let wanted = request.into_inner().node;
+        self.barrier(None).await?;
+        let (node, names) = self.consensus.state().read(|s| {
+            let names: HashMap<String, String> = s
+                .nodes
+                .values()
+                .filter_map(|n| Some((n.wireguard.as_ref()?.public_key.clone(), n.name.clone())))
+                .collect();
+            (s.find_node(&wanted).cloned(), names)
+        });
+        let node = node.ok_or_else(|| rejection_status(Rejection::NodeNotFound { node: wanted.clone() }))?;
+        let seen = cluster_liveness(&self.consensus, &self.liveness, &self.channels).await.unwrap_or_default();
+        let status = if node.id == self.consensus.id() {
+            super::mesh::status(&self.plane).await
+        } else {
+            self.remote_mesh_status(&node.address).await
+        };
+        let mut details = NodeDetails {
+            node: Some(node_to_wire(&node, self.roles()(node.id), seen.get(&node.id))),
+            mesh_address: node.subnet.map(|s| roost_network::mesh::gateway(s).to_string()).unwrap_or_default(),
+            ..Default::default()
+        };
+        match status {
+            Ok(status) => {
+                details.wireguard = status.wireguard;
+                details.interface = status.interface;
+                details.peers = status
+                    .peers
+                    .into_iter()
+                    .map(|peer| MeshPeer {
+                        node: names.get(&peer.public_key).cloned().unwrap_or_default(),
+                        public_key: peer.public_key,
+                        endpoint: peer.endpoint,
+                        allowed_ips: peer.allowed_ips,
+                        handshake_ms_ago: peer.handshake_ms_ago,
+                        rx_bytes: peer.rx_bytes,
+                        tx_bytes: peer.tx_bytes,
+                    })
+                    .collect();
+            }
+            Err(status) => details.peers_error = status.message().to_owned(),
+        }
+        Ok(tonic::Response::new(details))
     }
 
     async fn remove_node(

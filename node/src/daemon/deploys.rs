@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use roost_deploy::config::{is_env_name, AppConfig, Memory};
+use roost_deploy::agent::InstanceNetwork;
 use roost_deploy::engine::{BuildEvent, ContainerSpec, LABEL_APP, LABEL_CLUSTER};
 use roost_deploy::spec::{release_spec, ImageChoice};
 use roost_proto::api::{
@@ -85,6 +86,7 @@ fn instance_to_wire(state: &State, instance: &Instance) -> WireInstance {
         reason: instance.reason.clone().unwrap_or_default(),
         restarts: instance.restarts,
         updated_at_ms: instance.updated_at,
+        ip: instance.ip.map(|ip| ip.to_string()).unwrap_or_default(),
     }
 }
 
@@ -289,6 +291,8 @@ impl ControlService {
             ]),
             cpu_millis: resources.cpu_millis,
             memory_bytes: resources.memory_bytes,
+            // On the mesh, like the app's instances, so it reaches `.internal` names.
+            network: self.network.borrow().as_ref().map(InstanceNetwork::attach),
         };
         let (code, lines) =
             self.engine.run_to_completion(&spec).await.map_err(|e| Status::failed_precondition(e.chain()))?;

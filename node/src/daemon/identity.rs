@@ -4,6 +4,8 @@
 //! - `node.json`: cluster id, node id, name, advertised address, labels;
 //! - `tls/ca.pem`, `tls/node.pem`, `tls/node.key` (0600): the cluster CA
 //!   certificate and this node's certificate and key;
+//! - `wireguard.key` (0600): the node's WireGuard private key, base64 as `wg`
+//!   writes it; only its public half is ever sent to the cluster;
 //! - `join.token`, `admin.token` (0600, first node only);
 //! - `bootstrap.json` (first node only, until the cluster's first entry is
 //!   committed), so a crash during `init` is finished by the next start;
@@ -11,7 +13,9 @@
 //!
 //! Starting a node on a directory that holds `node.json` resumes that node,
 //! whether the command was `init` or `join`: restart is the same command line.
-//! Flags that contradict the stored identity are refused rather than ignored.
+//! A new address is taken as a move (the machine's address changed): it is
+//! recorded here and told to the cluster. Other flags that contradict the
+//! stored identity (name, labels, cluster) are refused rather than ignored.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -19,6 +23,7 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use roost_network::mesh::Key;
 use roost_network::pki::{self, CaDigest};
 use roost_raft::{Command, NodeId};
 use serde::{Deserialize, Serialize};
@@ -40,8 +45,8 @@ pub enum IdentityError {
     },
     #[error("{} holds node '{stored}' (id {id}); --{flag} {given} conflicts with it. Drop --{flag}, or use another --data-dir for a new node", .dir.display())]
     Conflict { dir: PathBuf, flag: &'static str, stored: String, given: String, id: NodeId },
-    #[error("{} holds a node that the cluster knows at {stored}, but it now listens on {listen}: restart it with --listen {stored}, or keep the new --listen and add --advertise {stored} if that address still reaches it", .dir.display())]
-    Moved { dir: PathBuf, stored: String, listen: String },
+    #[error("{} is not a WireGuard private key (base64, as `wg genkey` writes it); restore it from a backup, or remove it to give the node a new key", .path.display())]
+    BadKey { path: PathBuf },
     #[error("{} holds a node of cluster {stored}, but the token is for another cluster (CA {given}). Use that cluster's token, or another --data-dir", .dir.display())]
     OtherCluster { dir: PathBuf, stored: String, given: String },
 }
@@ -59,7 +64,7 @@ pub struct StoredIdentity {
 }
 
 /// A node's identity with its credentials loaded.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Identity {
     pub stored: StoredIdentity,
     pub ca_cert_pem: String,
@@ -67,6 +72,15 @@ pub struct Identity {
     pub key_pem: String,
     /// The cluster's secrets key (hex), shared by every node, never in Raft.
     pub secrets_key: String,
+    /// This node's WireGuard private key; never leaves the node.
+    pub wireguard_key: Key,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keys stay out of logs.
+        f.debug_struct("Identity").field("stored", &self.stored).finish_non_exhaustive()
+    }
 }
 
 impl Identity {
@@ -114,6 +128,10 @@ impl DataDir {
         self.root.join("secrets.key")
     }
 
+    pub fn wireguard_key(&self) -> PathBuf {
+        self.root.join("wireguard.key")
+    }
+
     fn tls(&self, file: &str) -> PathBuf {
         self.root.join("tls").join(file)
     }
@@ -134,12 +152,24 @@ impl DataDir {
             Err(source) => return Err(io("read", &path, source)),
         };
         let stored = serde_json::from_str(&text).map_err(|source| IdentityError::Corrupt { path, source })?;
+        // A node made before the mesh has no WireGuard key yet: it gets one.
+        let wireguard_key = match fs::read_to_string(self.wireguard_key()) {
+            Ok(text) => Key::from_base64(text.trim())
+                .map_err(|_| IdentityError::BadKey { path: self.wireguard_key() })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = generate_wireguard_key();
+                write_private(&self.wireguard_key(), &format!("{}\n", key.to_base64()))?;
+                key
+            }
+            Err(source) => return Err(io("read", &self.wireguard_key(), source)),
+        };
         Ok(Some(Identity {
             stored,
             ca_cert_pem: read(&self.tls("ca.pem"))?,
             cert_pem: read(&self.tls("node.pem"))?,
             key_pem: read(&self.tls("node.key"))?,
             secrets_key: read(&self.secrets_key())?,
+            wireguard_key,
         }))
     }
 
@@ -151,7 +181,13 @@ impl DataDir {
         write_private(&self.tls("node.pem"), &identity.cert_pem)?;
         write_private(&self.tls("node.key"), &identity.key_pem)?;
         write_private(&self.secrets_key(), &identity.secrets_key)?;
-        let json = serde_json::to_string_pretty(&identity.stored)
+        write_private(&self.wireguard_key(), &format!("{}\n", identity.wireguard_key.to_base64()))?;
+        self.save_stored(&identity.stored)
+    }
+
+    /// Rewrites `node.json` (atomically), as when the node moved.
+    pub fn save_stored(&self, stored: &StoredIdentity) -> Result<(), IdentityError> {
+        let json = serde_json::to_string_pretty(stored)
             .map_err(|source| IdentityError::Corrupt { path: self.identity(), source })?;
         write_private(&self.identity(), &json)
     }
@@ -180,22 +216,15 @@ impl DataDir {
     }
 }
 
-/// Where a restarted node's advertised address comes from.
-#[derive(Clone, Copy, Debug)]
-pub enum Advertise<'a> {
-    Given(&'a str),
-    /// No --advertise: the address --listen bound.
-    FromListen(&'a str),
-}
-
-/// Checks that flags given on a restart agree with the stored identity.
+/// Checks that flags given on a restart agree with the stored identity, and
+/// returns the node's new address when it moved.
 pub fn check_resume(
     dir: &DataDir,
     stored: &StoredIdentity,
     name: Option<&str>,
-    advertise: Advertise<'_>,
+    address: &str,
     labels: &BTreeMap<String, String>,
-) -> Result<(), IdentityError> {
+) -> Result<Option<String>, IdentityError> {
     let conflict = |flag, stored_value: &str, given: &str| IdentityError::Conflict {
         dir: dir.root().to_owned(),
         flag,
@@ -206,25 +235,17 @@ pub fn check_resume(
     if let Some(name) = name.filter(|n| *n != stored.name) {
         return Err(conflict("name", &stored.name, name));
     }
-    match advertise {
-        Advertise::Given(address) if address != stored.address => {
-            return Err(conflict("advertise", &stored.address, address));
-        }
-        Advertise::FromListen(address) if address != stored.address => {
-            return Err(IdentityError::Moved {
-                dir: dir.root().to_owned(),
-                stored: stored.address.clone(),
-                listen: address.to_owned(),
-            });
-        }
-        _ => {}
-    }
     if !labels.is_empty() && *labels != stored.labels {
         let show =
             |l: &BTreeMap<String, String>| l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
         return Err(conflict("label", &show(&stored.labels), &show(labels)));
     }
-    Ok(())
+    Ok((address != stored.address).then(|| address.to_owned()))
+}
+
+/// A new WireGuard private key.
+pub fn generate_wireguard_key() -> Key {
+    roost_network::mesh::wireguard::generate_key()
 }
 
 fn io(action: &'static str, path: &Path, source: std::io::Error) -> IdentityError {

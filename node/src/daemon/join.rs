@@ -18,7 +18,8 @@ use roost_network::{Token, TokenKind};
 use roost_proto::cluster::join_client::JoinClient;
 use roost_proto::cluster::join_server;
 use roost_proto::cluster::{JoinRequest, JoinResponse};
-use roost_raft::state::validate_name;
+use roost_network::mesh::Key;
+use roost_raft::state::{validate_name, WireguardPeer};
 use roost_raft::workload::Resources;
 use roost_raft::{Command, Consensus, NewNode, Rejection, Response};
 use tokio::time::Instant;
@@ -58,6 +59,8 @@ pub struct JoinParams<'a> {
     /// How long to keep trying a seed that is not up yet.
     pub wait: Duration,
     pub resources: Resources,
+    /// The WireGuard port, when the node runs WireGuard.
+    pub wireguard_port: Option<u16>,
 }
 
 /// Joins through `seed` and stores the resulting identity in `dir`.
@@ -68,6 +71,9 @@ pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Ident
     }
     validate_name(params.name).map_err(|reason| JoinError::Name { name: params.name.to_owned(), reason })?;
     let key = NodeKey::generate().map_err(JoinError::Key)?;
+    // Made here, kept here: only the public half goes to the cluster.
+    let wireguard_key = super::identity::generate_wireguard_key();
+    let wireguard = params.wireguard_port.map(|port| super::wireguard_peer(&wireguard_key, params.address, port));
     let tls = ClientTls::anonymous(token.ca_digest).map_err(JoinError::Connect)?;
     let request = JoinRequest {
         secret: token.secret.clone(),
@@ -77,6 +83,8 @@ pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Ident
         public_key: key.public_key(),
         cpu_millis: params.resources.cpu_millis,
         memory_bytes: params.resources.memory_bytes,
+        wireguard_public_key: wireguard.as_ref().map(|w| w.public_key.clone()).unwrap_or_default(),
+        wireguard_endpoint: wireguard.map(|w| w.endpoint).unwrap_or_default(),
     };
     // Nodes of a new cluster are often started together: wait for a seed
     // that is not up yet, or has no leader yet, rather than fail at once.
@@ -116,6 +124,7 @@ pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Ident
         cert_pem: reply.node_cert_pem,
         key_pem: key.key_pem(),
         secrets_key: reply.secrets_key,
+        wireguard_key,
     };
     dir.save(&identity)?;
     Ok(identity)
@@ -169,6 +178,19 @@ impl join_server::Join for JoinService {
         if let Err(message) = super::check_address(&request.address) {
             return Err(Status::invalid_argument(message));
         }
+        let wireguard = match (request.wireguard_public_key.is_empty(), request.wireguard_endpoint.is_empty()) {
+            (true, true) => None,
+            (false, false) if Key::from_base64(&request.wireguard_public_key).is_ok() => {
+                if let Err(message) = super::check_address(&request.wireguard_endpoint) {
+                    return Err(Status::invalid_argument(format!("invalid WireGuard endpoint: {message}")));
+                }
+                Some(WireguardPeer {
+                    public_key: request.wireguard_public_key.clone(),
+                    endpoint: request.wireguard_endpoint.clone(),
+                })
+            }
+            _ => return Err(Status::invalid_argument("a WireGuard public key and endpoint must be given together, the key in base64")),
+        };
         if self.consensus.state().read(|s| s.node_by_name(&request.name).is_some()) {
             return Err(rejection_status(Rejection::NodeNameTaken { name: request.name }));
         }
@@ -184,6 +206,7 @@ impl join_server::Join for JoinService {
             cert_serial: serial.clone(),
             cert_fingerprint: fingerprint,
             resources: Resources { cpu_millis: request.cpu_millis, memory_bytes: request.memory_bytes },
+            wireguard,
         };
         let response = self
             .consensus

@@ -13,7 +13,10 @@ use std::time::Duration;
 use roost_network::tls::PeerIdentity;
 use roost_proto::cluster::peer_client::PeerClient;
 use roost_proto::cluster::peer_server;
-use roost_proto::cluster::{HeartbeatRequest, HeartbeatResponse, LivenessRequest, LivenessResponse, NodeLiveness};
+use roost_proto::cluster::{
+    HeartbeatRequest, HeartbeatResponse, LivenessRequest, LivenessResponse, MeshStatusRequest, MeshStatusResponse,
+    NodeLiveness,
+};
 use roost_raft::service::NOT_LEADER;
 use roost_raft::{Consensus, NodeId};
 use tokio::time::Instant;
@@ -113,6 +116,7 @@ impl Liveness {
 pub struct PeerService {
     pub consensus: Arc<Consensus>,
     pub liveness: Arc<Liveness>,
+    pub plane: super::mesh::SharedPlane,
 }
 
 #[tonic::async_trait]
@@ -147,6 +151,13 @@ impl peer_server::Peer for PeerService {
             })
             .collect();
         Ok(Response::new(LivenessResponse { nodes, leader_id: self.consensus.id() }))
+    }
+
+    async fn mesh_status(
+        &self,
+        _request: Request<MeshStatusRequest>,
+    ) -> Result<Response<MeshStatusResponse>, Status> {
+        super::mesh::status(&self.plane).await.map(Response::new)
     }
 }
 

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod join;
 pub mod liveness;
 pub mod membership;
+pub mod mesh;
 pub mod workloads;
 
 use std::collections::BTreeMap;
@@ -38,7 +39,8 @@ use roost_proto::cluster::join_server::JoinServer;
 use roost_proto::cluster::peer_server::PeerServer;
 use roost_raft::consensus::now_millis;
 use roost_raft::service::RaftService;
-use roost_raft::state::{validate_name, ClusterInfo, FIRST_NODE_ID};
+use ipnet::Ipv4Net;
+use roost_raft::state::{default_mesh_range, validate_name, ClusterInfo, WireguardPeer, FIRST_NODE_ID};
 use roost_raft::workload::Resources;
 use roost_raft::{Command, Consensus, NewNode, RaftNode, Response, Timings};
 use tokio::net::TcpListener;
@@ -52,6 +54,8 @@ use self::channels::NodeChannels;
 use self::identity::{check_resume, DataDir, Identity, IdentityError, StoredIdentity};
 pub use self::liveness::LivenessConfig;
 use self::liveness::{HeartbeatEnd, Liveness};
+pub use self::mesh::MeshSettings;
+use self::mesh::{MeshContext, SharedPlane};
 
 /// How a node comes to exist the first time it starts.
 #[derive(Clone, Debug)]
@@ -84,6 +88,9 @@ pub struct NodeConfig {
     /// The Docker engine to use; None: the local socket.
     pub docker_host: Option<String>,
     pub controller: ControllerConfig,
+    pub mesh: MeshSettings,
+    /// The private range a new cluster's mesh uses (`node init --mesh-range`).
+    pub mesh_range: Option<Ipv4Net>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +107,8 @@ pub enum StartError {
     NeedAdvertise { listen: String },
     #[error("invalid --advertise: {0}")]
     Advertise(String),
+    #[error("invalid --mesh-range {range}: {reason}")]
+    MeshRange { range: String, reason: String },
     #[error("invalid node name '{name}': {reason}; pass --name")]
     Name { name: String, reason: String },
     #[error(transparent)]
@@ -161,11 +170,22 @@ pub struct RunningNode {
     /// The agent, which may be creating a container when the node stops:
     /// draining waits for it, so nothing is started after a node is down.
     agent: JoinHandle<()>,
+    /// The mesh loop, which stops WireGuard and DNS when it ends.
+    mesh: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for RunningNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunningNode").field("id", &self.id).field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// How peers reach this node over WireGuard: the public half of its key, and
+/// its advertised host with the WireGuard port.
+pub fn wireguard_peer(private_key: &roost_network::mesh::Key, address: &str, port: u16) -> WireguardPeer {
+    WireguardPeer {
+        public_key: private_key.get_public().to_base64(),
+        endpoint: roost_network::mesh::endpoint_for(address, port),
     }
 }
 
@@ -225,6 +245,8 @@ impl Node {
             let consensus =
                 Consensus::start(stored.node_id, &dir.raft(), &config.timings, channels.clone(), stop.clone()).await?;
             let liveness = Arc::new(Liveness::new(config.liveness.clone(), stored.node_id));
+            let plane: SharedPlane = Arc::default();
+            let (network_tx, network_rx) = tokio::sync::watch::channel(None);
 
             let state = consensus.state().clone();
             let router = tonic::transport::Server::builder()
@@ -233,7 +255,11 @@ impl Node {
                     auth::require_node(state.clone(), stored.node_id),
                 ))
                 .add_service(InterceptedService::new(
-                    PeerServer::new(liveness::PeerService { consensus: consensus.clone(), liveness: liveness.clone() }),
+                    PeerServer::new(liveness::PeerService {
+                        consensus: consensus.clone(),
+                        liveness: liveness.clone(),
+                        plane: plane.clone(),
+                    }),
                     auth::require_node(state.clone(), stored.node_id),
                 ))
                 .add_service(InterceptedService::new(
@@ -253,6 +279,8 @@ impl Node {
                         node_name: stored.name.clone(),
                         engine: engine.clone(),
                         secrets_key: secrets_key.clone(),
+                        plane: plane.clone(),
+                        network: network_rx.clone(),
                     }),
                     auth::require_admin(state, ca_digest),
                 ));
@@ -286,8 +314,25 @@ impl Node {
 
             let removed = Arc::new(AtomicBool::new(false));
             spawn_background(&consensus, &liveness, &channels, &stop, &removed);
+            let (directory, _) = tokio::sync::watch::channel(Arc::default());
+            let mesh = tokio::spawn(
+                mesh::run(
+                    MeshContext {
+                        consensus: consensus.clone(),
+                        engine: engine.clone(),
+                        settings: config.mesh.clone(),
+                        address: stored.address.clone(),
+                        wireguard_key: identity.wireguard_key.clone(),
+                        network: network_tx,
+                        directory,
+                        plane,
+                    },
+                    stop.clone(),
+                )
+                .in_current_span(),
+            );
             let fetcher = Arc::new(workloads::PeerImages { consensus: consensus.clone(), channels: channels.clone() });
-            let agent = Agent::new(engine, consensus.clone(), secrets_key, fetcher);
+            let agent = Agent::new(engine, consensus.clone(), secrets_key, fetcher, network_rx);
             let agent = tokio::spawn(agent.run(stop.clone()).in_current_span());
             tokio::spawn(
                 workloads::run_controller(consensus.clone(), liveness.clone(), config.controller.clone(), stop.clone())
@@ -304,6 +349,7 @@ impl Node {
                 removed,
                 server,
                 agent,
+                mesh,
             })
         }
         .instrument(span)
@@ -317,12 +363,8 @@ async fn resolve_identity(
     config: &NodeConfig,
     address: &str,
 ) -> Result<(Identity, Option<InitTokens>), StartError> {
-    if let Some(identity) = dir.load()? {
-        let advertise = match &config.advertise {
-            Some(advertise) => identity::Advertise::Given(advertise),
-            None => identity::Advertise::FromListen(address),
-        };
-        check_resume(dir, &identity.stored, config.name.as_deref(), advertise, &config.labels)?;
+    if let Some(mut identity) = dir.load()? {
+        let moved = check_resume(dir, &identity.stored, config.name.as_deref(), address, &config.labels)?;
         if let Start::Join { token, .. } = &config.start {
             let token = Token::parse(token)?;
             let digest = identity.ca_digest()?;
@@ -335,6 +377,13 @@ async fn resolve_identity(
                 .into());
             }
         }
+        if let Some(address) = moved {
+            // The cluster learns the new address from this node once it runs
+            // (`Command::UpdateNode`); peers follow it from the state.
+            tracing::warn!(from = %identity.stored.address, to = %address, "this node has moved; it will tell the cluster its new address");
+            identity.stored.address = address;
+            dir.save_stored(&identity.stored)?;
+        }
         tracing::info!(node = %identity.stored.name, id = identity.stored.node_id, "resuming node from {}", dir.root().display());
         return Ok((identity, None));
     }
@@ -342,8 +391,12 @@ async fn resolve_identity(
     validate_name(&name).map_err(|reason| StartError::Name { name: name.clone(), reason })?;
     match &config.start {
         Start::Init => {
+            let mesh_range = config.mesh_range.unwrap_or_else(default_mesh_range);
+            roost_raft::state::validate_mesh_range(mesh_range)
+                .map_err(|reason| StartError::MeshRange { range: mesh_range.to_string(), reason })?;
             dir.create()?;
-            let (identity, tokens) = create_cluster(dir, &name, address, &config.labels, config.resources)?;
+            let new = NewCluster { name: &name, address, labels: &config.labels, resources: config.resources, mesh_range };
+            let (identity, tokens) = create_cluster(dir, new, config.mesh.wireguard_port)?;
             Ok((identity, Some(tokens)))
         }
         Start::Join { seed, token } => {
@@ -355,6 +408,7 @@ async fn resolve_identity(
                 labels: &config.labels,
                 wait: config.join_wait,
                 resources: config.resources,
+                wireguard_port: config.mesh.wireguard_port,
             };
             let identity = join::join_cluster(dir, params).await?;
             tracing::info!(node = %name, id = identity.stored.node_id, %seed, "joined the cluster");
@@ -363,15 +417,23 @@ async fn resolve_identity(
     }
 }
 
+/// What `node init` makes a cluster of.
+struct NewCluster<'a> {
+    name: &'a str,
+    address: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    resources: Resources,
+    mesh_range: Ipv4Net,
+}
+
 /// Creates the CA, the first node's certificate and the tokens, and records
 /// the bootstrap command to be committed once Raft runs.
 fn create_cluster(
     dir: &DataDir,
-    name: &str,
-    address: &str,
-    labels: &BTreeMap<String, String>,
-    resources: Resources,
+    new: NewCluster<'_>,
+    wireguard_port: Option<u16>,
 ) -> Result<(Identity, InitTokens), StartError> {
+    let NewCluster { name, address, labels, resources, mesh_range } = new;
     let cluster_id = pki::hex(&rand::random::<[u8; 8]>());
     let ca = ClusterCa::generate(&cluster_id)?;
     let node = ca.issue_node(name)?;
@@ -386,7 +448,9 @@ fn create_cluster(
         ca_key_pem: ca.key_pem().to_owned(),
         join_secret: tokens.join.secret.clone(),
         admin_secret_sha256: secret_digest(&tokens.admin.secret),
+        mesh_range,
     };
+    let wireguard_key = identity::generate_wireguard_key();
     let first = NewNode {
         name: name.to_owned(),
         address: address.to_owned(),
@@ -394,6 +458,7 @@ fn create_cluster(
         cert_serial: node.serial.clone(),
         cert_fingerprint: node.fingerprint.clone(),
         resources,
+        wireguard: wireguard_port.map(|port| wireguard_peer(&wireguard_key, address, port)),
     };
     dir.save_bootstrap(&Command::Bootstrap { cluster, node: first })?;
     identity::write_private(&dir.join_token(), &format!("{}\n", tokens.join))?;
@@ -410,6 +475,7 @@ fn create_cluster(
         cert_pem: node.cert_pem,
         key_pem: node.key_pem,
         secrets_key: SecretsKey::generate_hex()?,
+        wireguard_key,
     };
     dir.save(&identity)?;
     tracing::info!(cluster = %identity.stored.cluster_id, "created a new cluster");
@@ -513,6 +579,9 @@ impl RunningNode {
         if tokio::time::timeout(Duration::from_secs(15), &mut agent).await.is_err() {
             tracing::warn!("the agent did not stop within 15s; stopping it");
             agent.abort();
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.mesh).await.is_err() {
+            tracing::warn!("the mesh did not stop within 10s");
         }
         self.consensus.shutdown().await;
         if tokio::time::timeout(Duration::from_secs(5), self.server).await.is_err() {

@@ -100,6 +100,7 @@ impl State {
                 state: InstanceState::Pending,
                 health: Health::Unknown,
                 address: None,
+                ip: None,
                 reason: None,
                 restarts: 0,
                 generation: 0,
@@ -216,6 +217,7 @@ impl State {
                 instance.state = InstanceState::Pending;
                 instance.health = Health::Unknown;
                 instance.address = None;
+                instance.ip = None;
                 instance.reason = Some(reason.to_owned());
             }
         }
@@ -229,6 +231,7 @@ impl State {
                 instance.state = report.state;
                 instance.health = report.health;
                 instance.address = report.address.clone();
+                instance.ip = report.ip;
                 instance.reason = report.reason.clone();
                 instance.restarts = report.restarts;
                 instance.updated_at = at;

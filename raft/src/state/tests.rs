@@ -11,6 +11,7 @@ fn cluster() -> ClusterInfo {
         ca_key_pem: "key".into(),
         join_secret: "s".into(),
         admin_secret_sha256: "h".into(),
+        mesh_range: default_mesh_range(),
     }
 }
 
@@ -22,6 +23,7 @@ fn node(name: &str, fingerprint: &str) -> NewNode {
         cert_serial: format!("serial-{fingerprint}"),
         cert_fingerprint: fingerprint.into(),
         resources: Default::default(),
+        wireguard: None,
     }
 }
 
@@ -319,6 +321,7 @@ mod workloads {
             state: InstanceState::Running,
             health: Health::Passing,
             address: Some("10.0.0.1:8080".into()),
+            ip: None,
             reason: None,
             restarts: 0,
         };
@@ -358,4 +361,86 @@ mod workloads {
         assert_eq!(state.apps["web"].releases[&2].secrets_version, 2);
         assert!(state.apps["web"].releases[&2].secrets.contains_key("KEY"));
     }
+}
+
+#[test]
+fn every_node_holds_its_own_subnet_and_a_freed_one_is_reused() {
+    let mut state = bootstrapped();
+    for (name, fp) in [("n2", "f2"), ("n3", "f3")] {
+        assert!(matches!(apply(&mut state, Command::AddNode { node: node(name, fp) }), Response::NodeAdded { .. }));
+    }
+    let subnet = |s: &State, id: NodeId| s.nodes[&id].subnet.map(|n| n.to_string());
+    assert_eq!(subnet(&state, 1).as_deref(), Some("10.210.0.0/24"));
+    assert_eq!(subnet(&state, 2).as_deref(), Some("10.210.1.0/24"));
+    assert_eq!(subnet(&state, 3).as_deref(), Some("10.210.2.0/24"));
+    apply(&mut state, Command::RemoveNode { id: 2, new_join_secret: None });
+    apply(&mut state, Command::AddNode { node: node("n4", "f4") });
+    assert_eq!(subnet(&state, 4).as_deref(), Some("10.210.1.0/24"), "n2's subnet is free once n2 is gone");
+    let held: Vec<_> = state.nodes.values().filter_map(|n| n.subnet).collect();
+    let mut unique = held.clone();
+    unique.dedup();
+    assert_eq!(held.len(), unique.len(), "no two nodes share a subnet");
+}
+
+#[test]
+fn a_full_mesh_range_refuses_another_node_and_changes_nothing() {
+    let mut state = State::default();
+    let mut small = cluster();
+    small.mesh_range = "10.9.8.0/24".parse().expect("range");
+    apply(&mut state, Command::Bootstrap { cluster: small, node: node("n1", "f1") });
+    let before = state.clone();
+    let refused = apply(&mut state, Command::AddNode { node: node("n2", "f2") });
+    assert_eq!(refused, Response::Rejected(Rejection::MeshFull { range: "10.9.8.0/24".into() }));
+    assert_eq!(state, before);
+}
+
+#[test]
+fn a_public_or_misaligned_mesh_range_is_refused() {
+    assert!(validate_mesh_range("10.210.0.0/16".parse().expect("net")).is_ok());
+    assert!(validate_mesh_range("100.64.0.0/16".parse().expect("net")).is_ok());
+    for bad in ["8.8.0.0/16", "10.210.0.0/25", "10.210.1.0/16", "10.0.0.0/7"] {
+        assert!(validate_mesh_range(bad.parse().expect("net")).is_err(), "{bad}");
+    }
+    let mut state = State::default();
+    let mut public = cluster();
+    public.mesh_range = "8.8.0.0/16".parse().expect("net");
+    let refused = apply(&mut state, Command::Bootstrap { cluster: public, node: node("n1", "f1") });
+    assert!(matches!(refused, Response::Rejected(Rejection::InvalidMeshRange { .. })), "{refused:?}");
+    assert_eq!(state, State::default());
+}
+
+#[test]
+fn a_node_that_moves_updates_its_address_and_wireguard_endpoint() {
+    let mut state = bootstrapped();
+    apply(&mut state, Command::AddNode { node: node("n2", "f2") });
+    let wireguard = WireguardPeer { public_key: "k2".into(), endpoint: "10.0.0.9:51820".into() };
+    let update = Command::UpdateNode { id: 2, address: "10.0.0.9:7000".into(), wireguard: Some(wireguard.clone()) };
+    assert_eq!(apply(&mut state, update), Response::Done);
+    assert_eq!(state.nodes[&2].address, "10.0.0.9:7000");
+    assert_eq!(state.nodes[&2].wireguard, Some(wireguard));
+    assert_eq!(state.nodes[&2].subnet.map(|n| n.to_string()).as_deref(), Some("10.210.1.0/24"), "kept");
+    let unknown = Command::UpdateNode { id: 9, address: "x:1".into(), wireguard: None };
+    assert!(matches!(apply(&mut state, unknown), Response::Rejected(Rejection::NodeNotFound { .. })));
+}
+
+#[test]
+fn a_node_of_a_cluster_made_before_the_mesh_gets_a_subnet_when_it_describes_itself() {
+    let mut state = bootstrapped();
+    if let Some(n1) = state.nodes.get_mut(&1) {
+        n1.subnet = None;
+    }
+    apply(&mut state, Command::UpdateNode { id: 1, address: "n1:7000".into(), wireguard: None });
+    assert_eq!(state.nodes[&1].subnet.map(|n| n.to_string()).as_deref(), Some("10.210.0.0/24"));
+}
+
+#[test]
+fn a_log_written_before_the_mesh_still_reads() {
+    let json = r#"{"version":1,"proposed_at":5,"command":{"type":"bootstrap","cluster":{"id":"c","created_at":1,"ca_cert_pem":"","ca_key_pem":"","join_secret":"","admin_secret_sha256":""},"node":{"name":"n1","address":"a:1","labels":{},"cert_serial":"s","cert_fingerprint":"f"}}}"#;
+    let proposal: Proposal = serde_json::from_str(json).expect("decodes");
+    let mut state = State::default();
+    state.apply(&proposal);
+    let cluster = state.cluster.as_ref().expect("bootstrapped");
+    assert_eq!(cluster.mesh_range, default_mesh_range());
+    assert_eq!(state.nodes[&1].wireguard, None);
+    assert!(state.nodes[&1].subnet.is_some());
 }

@@ -256,6 +256,7 @@ async fn scheduler_bench(batch: usize) -> Result<()> {
         cert_serial: format!("s{i}"),
         cert_fingerprint: format!("f{i}"),
         resources: Resources { cpu_millis: 16_000, memory_bytes: 64 << 30 },
+        wireguard: None,
     };
     let cluster = ClusterInfo {
         id: "bench".into(),
@@ -264,6 +265,8 @@ async fn scheduler_bench(batch: usize) -> Result<()> {
         ca_key_pem: String::new(),
         join_secret: String::new(),
         admin_secret_sha256: String::new(),
+        // Room for a /24 per simulated node.
+        mesh_range: "10.0.0.0/8".parse()?,
     };
     propose(Command::Bootstrap { cluster, node: node(0) }).await?;
     for i in 1..NODES {

@@ -1,12 +1,14 @@
-//! Building replicated states for the pure tests of the scheduler and the
-//! controller, through `State::apply` as the cluster would.
+//! Building replicated states for pure tests (the scheduler, the
+//! controller, the mesh plan, the directory), through `State::apply` as the
+//! cluster would. Compiled for this crate's tests and, through the `testkit`
+//! feature, for the tests of the crates that read the state.
 
 use std::collections::BTreeMap;
 
-use roost_raft::command::NewNode;
-use roost_raft::state::{ClusterInfo, State};
-use roost_raft::workload::{GroupSpec, PlacementSpec, ReleaseSpec, Resources, RestartSpec, Strategy};
-use roost_raft::{Command, Proposal, Response};
+use crate::command::NewNode;
+use crate::state::{default_mesh_range, ClusterInfo, State};
+use crate::workload::{GroupSpec, PlacementSpec, ReleaseSpec, Resources, RestartSpec, Strategy};
+use crate::{Command, Proposal, Response};
 
 pub const GIB: u64 = 1 << 30;
 pub const MIB: u64 = 1 << 20;
@@ -25,6 +27,7 @@ fn node(name: &str, labels: &[(&str, &str)], resources: Resources) -> NewNode {
         cert_serial: name.to_owned(),
         cert_fingerprint: name.to_owned(),
         resources,
+        wireguard: None,
     }
 }
 
@@ -39,6 +42,7 @@ pub fn cluster(count: usize, labels: impl Fn(usize) -> Vec<(&'static str, &'stat
         ca_key_pem: String::new(),
         join_secret: String::new(),
         admin_secret_sha256: String::new(),
+        mesh_range: default_mesh_range(),
     };
     apply(&mut state, Command::Bootstrap { cluster, node: node("n1", &labels(1), size) });
     for i in 2..=count {
@@ -48,9 +52,9 @@ pub fn cluster(count: usize, labels: impl Fn(usize) -> Vec<(&'static str, &'stat
 }
 
 pub fn spec(groups: &[&str], resources: Resources, checks: bool) -> ReleaseSpec {
-    let check = roost_raft::workload::CheckSpec {
+    let check = crate::workload::CheckSpec {
         name: "http".into(),
-        kind: roost_raft::workload::CheckKind::Http,
+        kind: crate::workload::CheckKind::Http,
         port: 8080,
         path: Some("/".into()),
         method: None,
