@@ -34,8 +34,8 @@ use tracing::Instrument;
 
 use crate::checks::Checker;
 use crate::engine::{
-    AttachTo, Container, ContainerSpec, Engine, LABEL_APP, LABEL_CLUSTER, LABEL_GENERATION, LABEL_GROUP, LABEL_INSTANCE,
-    LABEL_NODE, LABEL_RELEASE,
+    AttachTo, Container, ContainerSpec, Engine, LABEL_APP, LABEL_CLUSTER, LABEL_GENERATION, LABEL_GROUP,
+    LABEL_INSTANCE, LABEL_NODE, LABEL_RELEASE,
 };
 use crate::secrets::SecretsKey;
 
@@ -216,8 +216,7 @@ impl Agent {
         for container in containers {
             // A running container off the node's instance network (made
             // before the mesh, or before the node's /24 changed) is replaced.
-            let on_network =
-                !container.running || network.as_ref().is_none_or(|n| n.holds(container.ip.as_deref()));
+            let on_network = !container.running || network.as_ref().is_none_or(|n| n.holds(container.ip.as_deref()));
             let keep = wanted.get(container.instance.as_str()).is_some_and(|d| {
                 d.instance.release == container.release && d.instance.generation == container.generation
             }) && on_network

@@ -206,7 +206,10 @@ mod tests {
         }
         let live = Outcome::Active;
         apply(&mut state, Command::FinishRelease { app: "shop".into(), version: 1, outcome: live });
-        assert_eq!(Directory::from_state(&state).resolve("shop"), Answer::Addresses(vec![Ipv4Addr::new(10, 210, 0, 2)]));
+        assert_eq!(
+            Directory::from_state(&state).resolve("shop"),
+            Answer::Addresses(vec![Ipv4Addr::new(10, 210, 0, 2)])
+        );
         apply(&mut state, Command::SuspendApp { name: "shop".into() });
         assert_eq!(Directory::from_state(&state).resolve("shop"), Answer::NoSuchName);
     }

@@ -303,10 +303,13 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
 
 /// One query, for tests and diagnostics: the response code and the A
 /// records (or TXT strings) of the answer.
-pub async fn query(server: SocketAddr, name: &str, record_type: RecordType) -> Result<(ResponseCode, Vec<String>), NetError> {
-    let stream = UdpClientStream::builder(server, TokioRuntimeProvider::default())
-        .with_timeout(Some(UPSTREAM_TIMEOUT))
-        .build();
+pub async fn query(
+    server: SocketAddr,
+    name: &str,
+    record_type: RecordType,
+) -> Result<(ResponseCode, Vec<String>), NetError> {
+    let stream =
+        UdpClientStream::builder(server, TokioRuntimeProvider::default()).with_timeout(Some(UPSTREAM_TIMEOUT)).build();
     let (mut client, background) = Client::<TokioRuntimeProvider>::from_sender(stream);
     let task = tokio::spawn(background);
     let name = Name::from_str(name)?;

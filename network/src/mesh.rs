@@ -44,7 +44,9 @@ pub enum MeshError {
     InterfaceTaken { name: String },
     #[error("UDP port {port} is in use: give each node on one machine its own --wg-port, or run nodes that share a machine with --no-wireguard")]
     PortTaken { port: u16 },
-    #[error("could not create WireGuard interface {name}: {message} (it needs root or CAP_NET_ADMIN, and /dev/net/tun)")]
+    #[error(
+        "could not create WireGuard interface {name}: {message} (it needs root or CAP_NET_ADMIN, and /dev/net/tun)"
+    )]
     Device { name: String, message: String },
     #[error("WireGuard: could not {action}")]
     Wireguard {
@@ -209,6 +211,11 @@ impl DataPlane {
 
     pub fn has_wireguard(&self) -> bool {
         self.tunnel.is_some()
+    }
+
+    /// Turns true if the WireGuard device stops; `None` without WireGuard.
+    pub fn wireguard_ended(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.tunnel.as_ref().map(Tunnel::ended)
     }
 
     /// Brings filter rules, peers and routes to what `plan` says.

@@ -57,7 +57,9 @@ async fn run_node(
     // openraft reports every failed RPC to a down peer, twice a second; the
     // node logs what matters (leader changes, nodes down and up) itself.
     // ROOST_LOG=info,openraft=warn brings openraft's own lines back.
-    init_tracing("info,openraft=off");
+    // boringtun logs every peer change and handshake retry; the mesh logs
+    // what a user needs.
+    init_tracing("info,openraft=off,boringtun=error");
     let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let host = cli::Host { name: hostname(), upstream_dns: roost_network::dns::parse_resolv_conf(&resolv_conf) };
     let config = cli::node_config(args, start, mesh_range, host)?;

@@ -16,7 +16,7 @@ use roost_tests::apps::{cli, hello_app, hello_toml};
 use roost_tests::topology::Topology;
 use roost_tests::wait_until;
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A node's view of the cluster through the CLI.
 struct Admin {
@@ -114,6 +114,15 @@ async fn start_cluster(topology: &Topology, count: usize) -> Result<Admin> {
     })
     .await
     .with_context(|| topology.logs())?;
+    for index in 0..count {
+        let name = roost_tests::topology::node_name(index);
+        wait_until(&format!("{name}'s mesh up with every peer"), Duration::from_secs(60), || async {
+            let shown = admin.json(&["node", "show", &name]).await?;
+            Ok(shown["peers_error"].is_null() && shown["peers"].as_array().is_some_and(|p| p.len() == count - 1))
+        })
+        .await
+        .with_context(|| topology.logs())?;
+    }
     Ok(admin)
 }
 
@@ -125,7 +134,9 @@ async fn handshakes(admin: &Admin, node: &str) -> Result<Vec<(String, Option<u64
     }
     Ok(shown["peers"]
         .as_array()
-        .map(|l| l.iter().map(|p| (p["node"].as_str().unwrap_or("").to_owned(), p["handshake_ms_ago"].as_u64())).collect())
+        .map(|l| {
+            l.iter().map(|p| (p["node"].as_str().unwrap_or("").to_owned(), p["handshake_ms_ago"].as_u64())).collect()
+        })
         .unwrap_or_default())
 }
 
@@ -142,7 +153,8 @@ async fn instances_on_different_nodes_reach_each_other_by_mesh_address_and_name(
 
 async fn scenario(topology: &mut Topology, admin: &Admin) -> Result<()> {
     let nodes = admin.json(&["node", "list"]).await?;
-    let mut subnets: Vec<&str> = nodes.as_array().context("a list")?.iter().filter_map(|n| n["subnet"].as_str()).collect();
+    let mut subnets: Vec<&str> =
+        nodes.as_array().context("a list")?.iter().filter_map(|n| n["subnet"].as_str()).collect();
     subnets.sort();
     subnets.dedup();
     assert_eq!(subnets.len(), 3, "each node holds its own /24: {nodes}");
@@ -175,7 +187,7 @@ async fn scenario(topology: &mut Topology, admin: &Admin) -> Result<()> {
     };
     assert_eq!(dig(topology, a, "mesh.internal", "A")?, all);
     assert_eq!(dig(topology, a, "app.mesh.internal", "A")?, all, "the process group");
-    assert_eq!(dig(topology, a, &format!("{}.vm.mesh.internal", b.id), "A")?, [b.ip.clone()]);
+    assert_eq!(dig(topology, a, &format!("{}.vm.mesh.internal", b.id), "A")?, std::slice::from_ref(&b.ip));
     assert_eq!(dig(topology, c, "_apps.internal", "TXT")?, ["mesh"]);
     assert_eq!(dig(topology, a, "nothing.internal", "A")?, Vec::<String>::new());
 
@@ -200,7 +212,11 @@ async fn scenario(topology: &mut Topology, admin: &Admin) -> Result<()> {
     let port = outside.local_addr()?.port();
     let server = tokio::spawn(async move {
         while let Ok((mut stream, _)) = outside.accept().await {
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\noutside\n").await;
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request).await;
+            let _ =
+                stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\noutside\n").await;
+            let _ = stream.shutdown().await;
         }
     });
     let answer = call(topology, a, &format!("{}:{port}/", topology.gateway));
@@ -225,7 +241,8 @@ async fn scenario(topology: &mut Topology, admin: &Admin) -> Result<()> {
     wait_until("the moved node up at its new address", Duration::from_secs(60), || async {
         let nodes = admin.json(&["node", "list"]).await?;
         Ok(nodes.as_array().is_some_and(|l| {
-            l.iter().any(|n| n["name"] == "n3" && n["state"] == "up" && n["address"] == format!("{moved}:7000").as_str())
+            l.iter()
+                .any(|n| n["name"] == "n3" && n["state"] == "up" && n["address"] == format!("{moved}:7000").as_str())
         }))
     })
     .await?;
@@ -274,7 +291,7 @@ async fn wireguard_go_completes_a_handshake_and_a_removed_node_is_dropped_everyw
         topology.exec(
             1,
             &format!(
-                "wireguard-go {wg} && wg set {wg} private-key /data/node/wireguard.key listen-port 51820 \
+                "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go {wg} && wg set {wg} private-key /data/node/wireguard.key listen-port 51820 \
                  peer {n1_key} endpoint {n1_endpoint} allowed-ips {n1_subnet} persistent-keepalive 1 && \
                  ip link set {wg} mtu 1420 up && ip route replace {n1_subnet} dev {wg} src {n2_address}"
             ),

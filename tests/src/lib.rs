@@ -24,9 +24,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use ipnet::Ipv4Net;
 use roost_network::tls::ClientTls;
 use roost_node::cli::BearerToken;
-use ipnet::Ipv4Net;
 use roost_node::daemon::{InitTokens, LivenessConfig, MeshSettings, Node, NodeConfig, RunningNode, Start};
 use roost_proto::api::control_client::ControlClient;
 use roost_raft::Timings;
@@ -278,9 +278,8 @@ pub fn mesh_range() -> Ipv4Net {
 /// The IPv4 subnets of the engine's networks.
 pub(crate) fn docker_subnets() -> Vec<Ipv4Net> {
     let ids = std::process::Command::new("docker").args(["network", "ls", "-q"]).output();
-    let ids: Vec<String> = ids
-        .map(|out| String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
-        .unwrap_or_default();
+    let ids: Vec<String> =
+        ids.map(|out| String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()).unwrap_or_default();
     if ids.is_empty() {
         return Vec::new();
     }

@@ -147,7 +147,7 @@ impl Topology {
     /// Starts `roost ARGS` in the background in machine `index`, its output
     /// appended to /data/node.log there.
     pub fn spawn_roost(&self, index: usize, args: &str) -> Result<()> {
-        let command = format!("ROOST_LOG=info,openraft=error /roost {args} >>/data/node.log 2>&1");
+        let command = format!("ROOST_LOG=info,openraft=error,boringtun=warn /roost {args} >>/data/node.log 2>&1");
         docker(&["exec", "-d", &self.machines[index].name, "sh", "-c", &command]).map(drop)
     }
 
@@ -155,7 +155,10 @@ impl Topology {
     pub fn init(&self, index: usize, extra: &str) -> Result<()> {
         let machine = &self.machines[index];
         let name = node_name(index);
-        self.spawn_roost(index, &format!("node init --data-dir /data/node --listen {}:7000 --name {name} {extra}", machine.ip))
+        self.spawn_roost(
+            index,
+            &format!("node init --data-dir /data/node --listen {}:7000 --name {name} {extra}", machine.ip),
+        )
     }
 
     /// `roost node join` in machine `index` through the first machine.

@@ -13,7 +13,10 @@ use super::*;
 /// App `shop` with one instance on n1, reported running with `health`.
 fn state(health: Health) -> State {
     let mut state = cluster(1, |_| Vec::new());
-    apply(&mut state, Command::Deploy { app: "shop".into(), spec: spec(&["web"], small(), true), description: "d".into() });
+    apply(
+        &mut state,
+        Command::Deploy { app: "shop".into(), spec: spec(&["web"], small(), true), description: "d".into() },
+    );
     let id = state.instances.keys().next().cloned().expect("an instance");
     apply(&mut state, Command::Place { placements: vec![Placement::Place { instance: id.clone(), node: 1 }] });
     let report = InstanceReport {
@@ -29,11 +32,7 @@ fn state(health: Health) -> State {
     state
 }
 
-async fn server(
-    zone: &str,
-    state: &State,
-    upstreams: &[SocketAddr],
-) -> (DnsServer, watch::Sender<Arc<Directory>>) {
+async fn server(zone: &str, state: &State, upstreams: &[SocketAddr]) -> (DnsServer, watch::Sender<Arc<Directory>>) {
     let (tx, rx) = watch::channel(Arc::new(Directory::from_state(state)));
     let handler = Handler::for_zone(zone, rx, upstreams);
     let server = DnsServer::serve("127.0.0.1:0".parse().expect("addr"), handler).await.expect("serve");

@@ -11,10 +11,8 @@ fn new_node(name: &str, wireguard: bool) -> NewNode {
         cert_serial: format!("serial-{name}"),
         cert_fingerprint: format!("fp-{name}"),
         resources: Default::default(),
-        wireguard: wireguard.then(|| WireguardPeer {
-            public_key: format!("key-{name}"),
-            endpoint: format!("{name}.example:51820"),
-        }),
+        wireguard: wireguard
+            .then(|| WireguardPeer { public_key: format!("key-{name}"), endpoint: format!("{name}.example:51820") }),
     }
 }
 

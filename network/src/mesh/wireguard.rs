@@ -4,8 +4,12 @@
 //!
 //! boringtun's device has sharp edges, each handled here:
 //! - `DeviceHandle::new` blocks SIGINT and SIGTERM on the calling thread (and
-//!   the threads it spawns) to stop the device on them, so it is created on a
-//!   thread of its own: the process's signal handling is unaffected.
+//!   the threads it spawns) and reads them from a signalfd to stop the
+//!   device. It is created on a thread of its own so the rest of the process
+//!   keeps its signal handling, but a SIGTERM sent to the process may still
+//!   be taken by that signalfd first. So a device that stops without being
+//!   asked is reported ([`Tunnel::ended`]): the node treats it as the stop
+//!   request it most likely was.
 //! - It cannot change an existing peer (it panics while holding the device's
 //!   lock, which wedges it), and it carries fields from one peer section to
 //!   the next. So a peer is only ever added or removed, one per request; a
@@ -32,6 +36,7 @@ use std::time::Duration;
 
 use boringtun::device::{DeviceConfig, DeviceHandle};
 use ipnet::Ipv4Net;
+use tokio::sync::watch;
 use wireguard_control::{Backend, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
 
 use super::MeshError;
@@ -71,6 +76,8 @@ pub struct Tunnel {
     thread: Option<std::thread::JoinHandle<()>>,
     /// The endpoint last pushed for each peer (base64 key).
     pushed: BTreeMap<String, SocketAddr>,
+    /// Becomes true when the device's event loops have ended.
+    ended: watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -101,24 +108,28 @@ impl Tunnel {
     /// Fails if the interface already exists: another process (another
     /// node on this machine) owns it, and boringtun would silently share it.
     pub async fn start(name: &str, private_key: &Key, port: u16) -> Result<Tunnel, MeshError> {
-        let iface: InterfaceName =
-            name.parse().map_err(|_| MeshError::InterfaceName { name: name.to_owned() })?;
+        let iface: InterfaceName = name.parse().map_err(|_| MeshError::InterfaceName { name: name.to_owned() })?;
         if std::path::Path::new("/sys/class/net").join(name).exists() {
             return Err(MeshError::InterfaceTaken { name: name.to_owned() });
         }
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (ended_tx, ended) = watch::channel(false);
         let thread_name = name.to_owned();
         let thread = std::thread::Builder::new()
             .name(format!("wireguard-{name}"))
             .spawn(move || {
                 // Two event loops on their own tun queues: this machine's
                 // two cores; more only contend.
-                let config = DeviceConfig { n_threads: 2, use_connected_socket: true, use_multi_queue: true, uapi_fd: -1 };
+                let config =
+                    DeviceConfig { n_threads: 2, use_connected_socket: true, use_multi_queue: true, uapi_fd: -1 };
                 match DeviceHandle::new(&thread_name, config) {
                     Ok(mut handle) => {
                         let _ = started_tx.send(Ok(()));
-                        // Returns once the control socket is removed (`stop`).
+                        // Returns once the control socket is removed (`stop`),
+                        // or the device took a SIGINT or SIGTERM.
                         handle.wait();
+                        drop(handle);
+                        let _ = ended_tx.send(true);
                     }
                     Err(error) => {
                         let _ = started_tx.send(Err(error.to_string()));
@@ -135,14 +146,14 @@ impl Tunnel {
                 return Err(MeshError::Device { name: name.to_owned(), message: "the device thread ended".into() });
             }
         }
-        let tunnel = Tunnel { name: name.to_owned(), iface, thread: Some(thread), pushed: BTreeMap::new() };
+        let tunnel = Tunnel { name: name.to_owned(), iface, thread: Some(thread), pushed: BTreeMap::new(), ended };
         // The key first: a packet that reaches a device without one panics it.
-        let (iface, key) = (tunnel.iface.clone(), private_key.clone());
+        let (iface, key) = (tunnel.iface, private_key.clone());
         blocking("set the private key", move || {
             DeviceUpdate::new().set_private_key(key).apply(&iface, Backend::Userspace)
         })
         .await?;
-        let iface = tunnel.iface.clone();
+        let iface = tunnel.iface;
         blocking("set the listen port", move || {
             DeviceUpdate::new().set_listen_port(port).apply(&iface, Backend::Userspace)
         })
@@ -154,6 +165,11 @@ impl Tunnel {
         &self.name
     }
 
+    /// Turns true when the device has stopped, asked or not.
+    pub fn ended(&self) -> watch::Receiver<bool> {
+        self.ended.clone()
+    }
+
     /// Makes the device's peers exactly `desired`: removes the others, adds
     /// the missing, and replaces those whose allowed range or wanted endpoint
     /// changed.
@@ -162,7 +178,8 @@ impl Tunnel {
         let wanted: BTreeMap<&str, &DesiredPeer> = desired.iter().map(|p| (p.public_key.as_str(), p)).collect();
         for peer in &current {
             let keep = wanted.get(peer.public_key.as_str()).is_some_and(|want| {
-                peer.allowed_ips == [want.allowed.to_string()] && self.pushed.get(&peer.public_key) == Some(&want.endpoint)
+                peer.allowed_ips == [want.allowed.to_string()]
+                    && self.pushed.get(&peer.public_key) == Some(&want.endpoint)
             });
             if !keep {
                 tracing::info!(peer = %peer.public_key, "removing a WireGuard peer");
@@ -183,7 +200,7 @@ impl Tunnel {
 
     async fn add_peer(&mut self, peer: &DesiredPeer) -> Result<(), MeshError> {
         let key = Key::from_base64(&peer.public_key).map_err(|_| MeshError::Key { key: peer.public_key.clone() })?;
-        let (iface, endpoint, allowed) = (self.iface.clone(), peer.endpoint, peer.allowed);
+        let (iface, endpoint, allowed) = (self.iface, peer.endpoint, peer.allowed);
         blocking("add a peer", move || {
             let builder = PeerConfigBuilder::new(&key)
                 .set_endpoint(endpoint)
@@ -198,7 +215,7 @@ impl Tunnel {
 
     async fn remove_peer(&mut self, public_key: &str) -> Result<(), MeshError> {
         let key = Key::from_base64(public_key).map_err(|_| MeshError::Key { key: public_key.to_owned() })?;
-        let iface = self.iface.clone();
+        let iface = self.iface;
         blocking("remove a peer", move || {
             DeviceUpdate::new().remove_peer_by_key(&key).apply(&iface, Backend::Userspace)
         })
@@ -245,7 +262,8 @@ impl Drop for Tunnel {
 /// Parses the reply to a UAPI `get=1`: device keys first, then one section
 /// per peer starting at `public_key` (hex), ending with `errno=N`.
 pub fn parse_get(reply: &str) -> std::io::Result<Vec<PeerStatus>> {
-    let invalid = |line: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unexpected line {line:?}"));
+    let invalid =
+        |line: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unexpected line {line:?}"));
     let mut peers: Vec<PeerStatus> = Vec::new();
     let mut seconds: Option<u64> = None;
     for line in reply.lines() {

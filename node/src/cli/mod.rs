@@ -21,8 +21,7 @@ use roost_network::{Token, TokenKind};
 use roost_proto::api::control_client::ControlClient;
 use roost_proto::api::{
     CreateAppRequest, DestroyAppRequest, GetAppRequest, GetJoinTokenRequest, GetNodeRequest, ListAppsRequest,
-    ListNodesRequest,
-    ReadOptions, RemoveNodeRequest, VersionRequest,
+    ListNodesRequest, ReadOptions, RemoveNodeRequest, VersionRequest,
 };
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;

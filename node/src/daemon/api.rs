@@ -17,11 +17,10 @@ use roost_proto::api::control_server::Control;
 use roost_proto::api::{
     App as WireApp, AppRequest, AppStatus, ChangeResponse, CreateAppRequest, DeployRequest, DestroyAppRequest,
     DestroyAppResponse, GetAppRequest, GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, GetStatusRequest,
-    ListAppsRequest, MeshPeer, NodeDetails,
-    ListAppsResponse, ListNodesRequest, ListNodesResponse, ListReleasesRequest, ListReleasesResponse,
-    ListSecretsResponse, LogsRequest, Node as WireNode, ReadOptions, RemoveNodeRequest, RemoveNodeResponse,
-    RollbackRequest, ScaleRequest, ScaleVmRequest, SetSecretsRequest, UnsetSecretsRequest, VersionRequest,
-    VersionResponse,
+    ListAppsRequest, ListAppsResponse, ListNodesRequest, ListNodesResponse, ListReleasesRequest, ListReleasesResponse,
+    ListSecretsResponse, LogsRequest, MeshPeer, Node as WireNode, NodeDetails, ReadOptions, RemoveNodeRequest,
+    RemoveNodeResponse, RollbackRequest, ScaleRequest, ScaleVmRequest, SetSecretsRequest, UnsetSecretsRequest,
+    VersionRequest, VersionResponse,
 };
 use roost_proto::cluster::peer_client::PeerClient;
 use roost_proto::cluster::{MeshStatusRequest, MeshStatusResponse};
@@ -102,9 +101,9 @@ impl ControlService {
         let mut request = Request::new(MeshStatusRequest {});
         request.set_timeout(Duration::from_secs(3));
         let reply = PeerClient::new(channel).mesh_status(request).await;
-        reply.map(tonic::Response::into_inner).map_err(|status| {
-            Status::unavailable(format!("the node did not answer: {}", status.message()))
-        })
+        reply
+            .map(tonic::Response::into_inner)
+            .map_err(|status| Status::unavailable(format!("the node did not answer: {}", status.message())))
     }
 
     pub(super) async fn propose(&self, command: Command) -> Result<Response, Status> {

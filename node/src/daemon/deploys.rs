@@ -13,8 +13,8 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use roost_deploy::config::{is_env_name, AppConfig, Memory};
 use roost_deploy::agent::InstanceNetwork;
+use roost_deploy::config::{is_env_name, AppConfig, Memory};
 use roost_deploy::engine::{BuildEvent, ContainerSpec, LABEL_APP, LABEL_CLUSTER};
 use roost_deploy::spec::{release_spec, ImageChoice};
 use roost_proto::api::{

@@ -154,8 +154,9 @@ impl DataDir {
         let stored = serde_json::from_str(&text).map_err(|source| IdentityError::Corrupt { path, source })?;
         // A node made before the mesh has no WireGuard key yet: it gets one.
         let wireguard_key = match fs::read_to_string(self.wireguard_key()) {
-            Ok(text) => Key::from_base64(text.trim())
-                .map_err(|_| IdentityError::BadKey { path: self.wireguard_key() })?,
+            Ok(text) => {
+                Key::from_base64(text.trim()).map_err(|_| IdentityError::BadKey { path: self.wireguard_key() })?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = generate_wireguard_key();
                 write_private(&self.wireguard_key(), &format!("{}\n", key.to_base64()))?;

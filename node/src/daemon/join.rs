@@ -12,13 +12,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use roost_network::mesh::Key;
 use roost_network::pki::{self, constant_time_eq, CaDigest, ClusterCa, NodeKey};
 use roost_network::tls::{ClientTls, TlsError};
 use roost_network::{Token, TokenKind};
 use roost_proto::cluster::join_client::JoinClient;
 use roost_proto::cluster::join_server;
 use roost_proto::cluster::{JoinRequest, JoinResponse};
-use roost_network::mesh::Key;
 use roost_raft::state::{validate_name, WireguardPeer};
 use roost_raft::workload::Resources;
 use roost_raft::{Command, Consensus, NewNode, Rejection, Response};
@@ -189,7 +189,11 @@ impl join_server::Join for JoinService {
                     endpoint: request.wireguard_endpoint.clone(),
                 })
             }
-            _ => return Err(Status::invalid_argument("a WireGuard public key and endpoint must be given together, the key in base64")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a WireGuard public key and endpoint must be given together, the key in base64",
+                ))
+            }
         };
         if self.consensus.state().read(|s| s.node_by_name(&request.name).is_some()) {
             return Err(rejection_status(Rejection::NodeNameTaken { name: request.name }));

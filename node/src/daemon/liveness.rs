@@ -153,10 +153,7 @@ impl peer_server::Peer for PeerService {
         Ok(Response::new(LivenessResponse { nodes, leader_id: self.consensus.id() }))
     }
 
-    async fn mesh_status(
-        &self,
-        _request: Request<MeshStatusRequest>,
-    ) -> Result<Response<MeshStatusResponse>, Status> {
+    async fn mesh_status(&self, _request: Request<MeshStatusRequest>) -> Result<Response<MeshStatusResponse>, Status> {
         super::mesh::status(&self.plane).await.map(Response::new)
     }
 }

@@ -79,13 +79,17 @@ pub struct MeshContext {
 
 pub async fn run(context: MeshContext, stop: CancellationToken) {
     let me = context.consensus.id();
-    let wanted = context.settings.wireguard_port.map(|port| super::wireguard_peer(&context.wireguard_key, &context.address, port));
+    let wanted = context
+        .settings
+        .wireguard_port
+        .map(|port| super::wireguard_peer(&context.wireguard_key, &context.address, port));
     let mut changes = context.consensus.state().changes();
     let mut applied: Option<MeshPlan> = None;
     let mut dns: Option<DnsServer> = None;
     let mut next_check = Instant::now();
     let mut last_described: Option<Instant> = None;
     let mut failures = 0u32;
+    let mut device_ended: Option<watch::Receiver<bool>> = None;
     loop {
         let (directory, plan, cluster) = context.consensus.state().read(|state| {
             let cluster = state.cluster.as_ref().map(|c| c.id.clone());
@@ -107,6 +111,9 @@ pub async fn run(context: MeshContext, stop: CancellationToken) {
             if applied.as_ref() != Some(&plan) || Instant::now() >= next_check {
                 match converge(&context, &cluster, &plan, &mut dns).await {
                     Ok(()) => {
+                        if device_ended.is_none() {
+                            device_ended = context.plane.lock().await.as_ref().and_then(DataPlane::wireguard_ended);
+                        }
                         if applied.as_ref() != Some(&plan) {
                             tracing::info!(subnet = %plan.subnet, address = %plan.address(), peers = plan.peers.len(), "mesh is up");
                         }
@@ -124,10 +131,25 @@ pub async fn run(context: MeshContext, stop: CancellationToken) {
                 }
             }
         }
+        let ended = async {
+            match device_ended.as_mut() {
+                Some(ended) => {
+                    let _ = ended.wait_for(|ended| *ended).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = stop.cancelled() => break,
             changed = changes.changed() => if changed.is_err() { break },
             () = tokio::time::sleep_until(next_check) => {}
+            () = ended => {
+                // boringtun stops its device on SIGINT or SIGTERM, which it
+                // may take before the process's own handler sees them.
+                tracing::warn!("the WireGuard device stopped (it takes SIGINT and SIGTERM sent to the node); stopping the node");
+                stop.cancel();
+                break;
+            }
         }
     }
     if let Some(dns) = dns {
@@ -172,7 +194,10 @@ async fn converge(
         subnet: plan.subnet.to_string(),
         gateway: plan.address().to_string(),
         mtu: MESH_MTU,
-        labels: HashMap::from([(LABEL_CLUSTER.to_owned(), cluster.to_owned()), (LABEL_NODE.to_owned(), me.to_string())]),
+        labels: HashMap::from([
+            (LABEL_CLUSTER.to_owned(), cluster.to_owned()),
+            (LABEL_NODE.to_owned(), me.to_string()),
+        ]),
     };
     context.engine.ensure_network(&bridge).await.map_err(StepError::Network)?;
 
@@ -219,7 +244,8 @@ pub async fn status(plane: &SharedPlane) -> Result<MeshStatusResponse, tonic::St
     let Some(plane) = plane.as_ref() else {
         return Err(tonic::Status::unavailable("this node's mesh is not up yet"));
     };
-    let peers = plane.peers().await.map_err(|error| tonic::Status::internal(format!("{:#}", anyhow::Error::new(error))))?;
+    let peers =
+        plane.peers().await.map_err(|error| tonic::Status::internal(format!("{:#}", anyhow::Error::new(error))))?;
     Ok(MeshStatusResponse {
         wireguard: plane.has_wireguard(),
         interface: if plane.has_wireguard() { plane.names().wireguard.clone() } else { String::new() },

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::Ipv4Net;
 use roost_deploy::agent::Agent;
 use roost_deploy::controller::ControllerConfig;
 use roost_deploy::engine::Engine;
@@ -39,7 +40,6 @@ use roost_proto::cluster::join_server::JoinServer;
 use roost_proto::cluster::peer_server::PeerServer;
 use roost_raft::consensus::now_millis;
 use roost_raft::service::RaftService;
-use ipnet::Ipv4Net;
 use roost_raft::state::{default_mesh_range, validate_name, ClusterInfo, WireguardPeer, FIRST_NODE_ID};
 use roost_raft::workload::Resources;
 use roost_raft::{Command, Consensus, NewNode, RaftNode, Response, Timings};
@@ -395,7 +395,8 @@ async fn resolve_identity(
             roost_raft::state::validate_mesh_range(mesh_range)
                 .map_err(|reason| StartError::MeshRange { range: mesh_range.to_string(), reason })?;
             dir.create()?;
-            let new = NewCluster { name: &name, address, labels: &config.labels, resources: config.resources, mesh_range };
+            let new =
+                NewCluster { name: &name, address, labels: &config.labels, resources: config.resources, mesh_range };
             let (identity, tokens) = create_cluster(dir, new, config.mesh.wireguard_port)?;
             Ok((identity, Some(tokens)))
         }
