@@ -49,12 +49,19 @@ pub struct NodeProcess {
     child: Option<Child>,
     log_dir: PathBuf,
     starts: u32,
+    /// This node created the cluster: dropping it cleans the cluster up.
+    creator: bool,
 }
 
 impl NodeProcess {
-    /// `roost node init` in `root/<name>`.
+    /// `roost node init` in `root/<name>`, on a mesh range of its own. When
+    /// this node is dropped, its cluster's containers, images, networks and
+    /// filter rules go too.
     pub fn init(root: &Path, name: &str) -> Result<Self> {
-        Self::spawn(root, name, &["node", "init"])
+        let range = crate::mesh_range().to_string();
+        let mut node = Self::spawn(root, name, &["node", "init", "--mesh-range", &range])?;
+        node.creator = true;
+        Ok(node)
     }
 
     /// `roost node join SEED --token T` in `root/<name>`.
@@ -62,17 +69,26 @@ impl NodeProcess {
         Self::spawn(root, name, &["node", "join", seed, "--token", token])
     }
 
-    /// Runs `roost COMMAND --data-dir root/<name> --listen 127.0.0.1:<free> --name <name>`.
+    /// Runs `roost COMMAND --data-dir root/<name> --listen 127.0.0.1:<free>
+    /// --name <name> --no-wireguard` (the nodes share this machine).
     fn spawn(root: &Path, name: &str, command: &[&str]) -> Result<Self> {
         let data_dir = root.join(name);
         let address = format!("127.0.0.1:{}", free_port()?);
         let mut args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
         let dir = data_dir.display().to_string();
-        for flag in ["--data-dir", &dir, "--listen", &address, "--name", name] {
+        for flag in ["--data-dir", &dir, "--listen", &address, "--name", name, "--no-wireguard"] {
             args.push(flag.to_owned());
         }
-        let mut node =
-            Self { name: name.into(), data_dir, address, args, child: None, log_dir: root.to_owned(), starts: 0 };
+        let mut node = Self {
+            name: name.into(),
+            data_dir,
+            address,
+            args,
+            child: None,
+            log_dir: root.to_owned(),
+            starts: 0,
+            creator: false,
+        };
         node.start()?;
         Ok(node)
     }
@@ -150,6 +166,16 @@ impl NodeProcess {
 impl Drop for NodeProcess {
     fn drop(&mut self) {
         let _ = self.kill();
+        if !self.creator {
+            return;
+        }
+        let identity = std::fs::read_to_string(self.data_dir.join("node.json")).unwrap_or_default();
+        let cluster = serde_json::from_str::<serde_json::Value>(&identity)
+            .ok()
+            .and_then(|v| v["cluster_id"].as_str().map(str::to_owned));
+        if let Some(cluster) = cluster {
+            drop(crate::apps::DockerCleanup { cluster });
+        }
     }
 }
 
