@@ -118,10 +118,12 @@ impl Tunnel {
         let thread = std::thread::Builder::new()
             .name(format!("wireguard-{name}"))
             .spawn(move || {
-                // Two event loops on their own tun queues: this machine's
-                // two cores; more only contend.
+                // One event loop. Measured with mesh-bench on 2 cores: one
+                // thread carries a TCP stream at about twice the rate of two
+                // (which contend for the device's locks and the cores) and
+                // three times that of boringtun's default of four.
                 let config =
-                    DeviceConfig { n_threads: 2, use_connected_socket: true, use_multi_queue: true, uapi_fd: -1 };
+                    DeviceConfig { n_threads: 1, use_connected_socket: true, use_multi_queue: true, uapi_fd: -1 };
                 match DeviceHandle::new(&thread_name, config) {
                     Ok(mut handle) => {
                         let _ = started_tx.send(Ok(()));
