@@ -27,6 +27,9 @@ pub struct AppConfig {
     #[serde(default)]
     pub vm: Vec<Vm>,
     pub http_service: Option<HttpService>,
+    /// Raw TCP services, each on public ports of every node.
+    #[serde(default)]
+    pub services: Vec<Service>,
     #[serde(default)]
     pub checks: BTreeMap<String, Check>,
     /// Process groups: name -> command. Empty means one group, `app`, running
@@ -134,6 +137,27 @@ pub struct HttpService {
     /// The process groups that serve; empty means all.
     #[serde(default)]
     pub processes: Vec<String>,
+}
+
+/// `[[services]]`: a TCP service that every node's edge forwards, from
+/// each of `ports`, to `internal_port` of a healthy instance.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// Only "tcp"; HTTP goes in `[http_service]`.
+    pub protocol: String,
+    pub internal_port: u16,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    /// The process groups that serve it; empty means all.
+    #[serde(default)]
+    pub processes: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    pub port: u16,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -369,6 +393,9 @@ impl AppConfig {
         for (name, check) in &self.checks {
             known_groups(&format!("checks.{name}.processes"), &check.processes);
         }
+        for (i, service) in self.services.iter().enumerate() {
+            known_groups(&format!("services[{i}].processes"), &service.processes);
+        }
         for (i, vm) in self.vm.iter().enumerate() {
             if vm.cpus.is_nan() || vm.cpus <= 0.0 || vm.cpus > 256.0 {
                 problem(&format!("vm[{i}].cpus"), format!("must be above 0 and at most 256, got {}", vm.cpus));
@@ -402,6 +429,28 @@ impl AppConfig {
         for (name, check) in &self.checks {
             for p in check_problems(check, self.http_service.is_some()) {
                 problem(&format!("checks.{name}.{}", p.key), p.message);
+            }
+        }
+        let mut public_ports = std::collections::BTreeSet::new();
+        for (i, service) in self.services.iter().enumerate() {
+            if service.protocol != "tcp" {
+                problem(
+                    &format!("services[{i}].protocol"),
+                    format!("'{}' is not supported: only \"tcp\" (HTTP goes in [http_service])", service.protocol),
+                );
+            }
+            if service.internal_port == 0 {
+                problem(&format!("services[{i}].internal_port"), "must be a port from 1 to 65535".into());
+            }
+            if service.ports.is_empty() {
+                problem(&format!("services[{i}].ports"), "needs at least one [[services.ports]] port".into());
+            }
+            for (j, port) in service.ports.iter().enumerate() {
+                if port.port == 0 {
+                    problem(&format!("services[{i}].ports[{j}].port"), "must be a port from 1 to 65535".into());
+                } else if !public_ports.insert(port.port) {
+                    problem(&format!("services[{i}].ports[{j}].port"), format!("{} is listed twice", port.port));
+                }
             }
         }
         for (i, restart) in self.restart.iter().enumerate() {

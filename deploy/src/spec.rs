@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use roost_raft::workload::{
-    CheckKind, CheckSpec, GroupSpec, MaxUnavailable, PlacementSpec, ReleaseSpec, Resources,
-    RestartPolicy as SpecRestartPolicy, RestartSpec, Strategy as SpecStrategy,
+    CheckKind, CheckSpec, Concurrency, GroupSpec, HttpServiceSpec, MaxUnavailable, PlacementSpec, ReleaseSpec,
+    Resources, RestartPolicy as SpecRestartPolicy, RestartSpec, Strategy as SpecStrategy, TcpServiceSpec,
 };
 use roost_raft::NodeId;
 
-use crate::config::{AppConfig, Check, CheckKind as ConfigCheckKind, RestartPolicy, Strategy};
+use crate::config::{AppConfig, Check, CheckKind as ConfigCheckKind, ConcurrencyKind, RestartPolicy, Strategy};
 
 /// The size an instance gets when `[[vm]]` says nothing.
 pub const DEFAULT_RESOURCES: Resources = Resources { cpu_millis: 1000, memory_bytes: 256 << 20 };
@@ -30,12 +30,38 @@ pub struct ImageChoice {
 /// why unreadable durations or sizes here fall back to defaults rather than
 /// fail.
 pub fn release_spec(config: &AppConfig, image: ImageChoice, strategy: Option<SpecStrategy>) -> ReleaseSpec {
-    let groups = config
-        .process_groups()
-        .into_iter()
+    let all_groups = config.process_groups();
+    let groups = all_groups
+        .iter()
         .map(|group| {
-            let spec = group_spec(config, &group);
-            (group, spec)
+            let spec = group_spec(config, group);
+            (group.clone(), spec)
+        })
+        .collect();
+    let served = |listed: &[String]| -> Vec<String> {
+        all_groups.iter().filter(|group| applies(listed, group)).cloned().collect()
+    };
+    let http = config.http_service.as_ref().map(|http| HttpServiceSpec {
+        internal_port: http.internal_port,
+        force_https: http.force_https,
+        concurrency: http
+            .concurrency
+            .as_ref()
+            .map(|c| Concurrency {
+                connections: c.kind == ConcurrencyKind::Connections,
+                soft_limit: c.soft_limit,
+                hard_limit: c.hard_limit,
+            })
+            .unwrap_or_default(),
+        groups: served(&http.processes),
+    });
+    let services = config
+        .services
+        .iter()
+        .map(|service| TcpServiceSpec {
+            internal_port: service.internal_port,
+            ports: service.ports.iter().map(|p| p.port).collect(),
+            groups: served(&service.processes),
         })
         .collect();
     ReleaseSpec {
@@ -61,6 +87,8 @@ pub fn release_spec(config: &AppConfig, image: ImageChoice, strategy: Option<Spe
             constraints: config.placement.constraints.clone(),
             max_per_node: config.placement.max_per_node,
         },
+        http,
+        services,
     }
 }
 

@@ -1,5 +1,5 @@
 //! Roost's network layer: everything that touches sockets and interfaces for
-//! node-to-node traffic and the data plane (mesh, DNS; later the proxy).
+//! node-to-node traffic and the data plane (mesh, DNS, the edge proxy).
 //!
 //! Layout:
 //! - [`pki`]: the cluster certificate authority and the certificates it issues
@@ -14,6 +14,9 @@
 //!   derived from the replicated state.
 //! - [`directory`]: which healthy instances answer for which app, derived
 //!   from the state; [`dns`] serves it as `.internal` names.
+//! - [`acme`]: ordering certificates for custom domains (HTTP-01).
+//! - [`edge`]: the proxy on every node: HTTP, HTTPS (certificates by SNI)
+//!   and TCP from outside to a healthy instance anywhere.
 //!
 //! Only this crate decides how bytes are secured on the wire and touches
 //! interfaces, routes and packet filters; callers hand it certificates and
@@ -21,8 +24,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod directory;
 pub mod dns;
+pub mod edge;
 pub mod mesh;
 pub mod pki;
 pub mod tls;

@@ -24,6 +24,9 @@ pub const NODE_SERVER_NAME: &str = "node.roost.internal";
 /// Node certificates are long-lived; rotation is a later feature and revocation
 /// (by fingerprint, through the replicated state) is what removal relies on.
 const NODE_CERT_DAYS: i64 = 3650;
+/// Edge certificates for APP.DOMAIN are made on demand and kept in memory;
+/// a node restart makes new ones, well before these expire.
+const EDGE_CERT_DAYS: i64 = 90;
 const CA_CERT_DAYS: i64 = 3650 * 2;
 
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +235,26 @@ impl ClusterCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.signed_by(&RawP256PublicKey(public_key.to_vec()), &self.issuer).map_err(PkiError::Signing)?;
         Ok((cert.pem(), serial_hex, fingerprint(cert.der())))
+    }
+
+    /// Generates a key and issues a TLS server certificate for `name` (an
+    /// app under the cluster domain, served by the edge until an ACME
+    /// certificate replaces it). Returns the certificate and key, PEM.
+    pub fn issue_server(&self, name: &str) -> Result<(String, String), PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(PkiError::KeyGeneration)?;
+        let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(PkiError::Signing)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Roost");
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.serial_number = Some(random_serial().0);
+        let now = time_now();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(EDGE_CERT_DAYS);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer).map_err(PkiError::Signing)?;
+        Ok((cert.pem(), key.serialize_pem()))
     }
 
     /// Generates a key and issues a certificate for it, for the node that

@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{App, ClusterInfo, UnixMillis, WireguardPeer};
+use crate::state::{AcmeChallenge, App, ClusterInfo, IssuedCertificate, UnixMillis, WireguardPeer};
 use crate::workload::{InstanceReport, Outcome, Placement, ReleaseSpec, Resources, SealedSecret};
 use crate::NodeId;
 
@@ -59,6 +59,35 @@ pub enum Command {
     },
     CreateApp {
         name: String,
+    },
+    /// Attaches a custom domain to an app; its certificate is ordered.
+    AddCertificate {
+        domain: String,
+        app: String,
+    },
+    RemoveCertificate {
+        domain: String,
+    },
+    /// The HTTP-01 challenge of an order in progress, for every node to
+    /// answer; `None` clears it.
+    SetAcmeChallenge {
+        domain: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        challenge: Option<AcmeChallenge>,
+    },
+    CertificateIssued {
+        domain: String,
+        issued: IssuedCertificate,
+    },
+    CertificateFailed {
+        domain: String,
+        error: String,
+        /// When to order again.
+        retry_at: UnixMillis,
+    },
+    /// The cluster's ACME account credentials, sealed.
+    SetAcmeAccount {
+        credentials: SealedSecret,
     },
     DestroyApp {
         name: String,
@@ -233,6 +262,14 @@ pub enum Rejection {
     InvalidRelease { reason: String },
     #[error("the mesh range {range} has no free /24 left for another node; a cluster made with a larger --mesh-range has room")]
     MeshFull { range: String },
+    #[error("invalid domain '{domain}': {reason}")]
+    InvalidDomain { domain: String, reason: String },
+    #[error("domain '{domain}' already has a certificate, for app '{app}' (see `roost certs list -a {app}`)")]
+    CertificateExists { domain: String, app: String },
+    #[error("no certificate for '{domain}' (see `roost certs list`)")]
+    CertificateNotFound { domain: String },
+    #[error("TCP port {port} is already a public port of app '{app}'; pick another [[services.ports]] port")]
+    PortTaken { port: u16, app: String },
     #[error("invalid mesh range {range}: {reason}")]
     InvalidMeshRange { range: String, reason: String },
     #[error("invalid node address '{address}'")]
@@ -249,6 +286,12 @@ impl fmt::Display for Command {
             Command::RemoveNode { id, .. } => write!(f, "remove node {id}"),
             Command::UpdateNode { id, address, .. } => write!(f, "node {id} is at {address}"),
             Command::CreateApp { name } => write!(f, "create app {name}"),
+            Command::AddCertificate { domain, app } => write!(f, "add certificate {domain} to {app}"),
+            Command::RemoveCertificate { domain } => write!(f, "remove certificate {domain}"),
+            Command::SetAcmeChallenge { domain, .. } => write!(f, "ACME challenge for {domain}"),
+            Command::CertificateIssued { domain, .. } => write!(f, "certificate issued for {domain}"),
+            Command::CertificateFailed { domain, .. } => write!(f, "certificate failed for {domain}"),
+            Command::SetAcmeAccount { .. } => write!(f, "set the ACME account"),
             Command::DestroyApp { name } => write!(f, "destroy app {name}"),
             Command::Deploy { app, description, .. } => write!(f, "{description} of {app}"),
             Command::FinishRelease { app, version, outcome } => write!(f, "finish {app} v{version}: {outcome:?}"),

@@ -19,9 +19,11 @@ use crate::workload::{Instance, Release, ReleaseStatus, Resources, SealedSecret}
 use crate::NodeId;
 
 mod apps;
+mod certs;
 mod mesh;
 
 pub use apps::MAX_INSTANCES_PER_GROUP;
+pub use certs::{validate_domain, AcmeChallenge, Certificate, CertificateStatus, IssuedCertificate};
 pub use mesh::{default_mesh_range, validate_mesh_range, WireguardPeer, NODE_SUBNET_PREFIX};
 
 /// Milliseconds since the Unix epoch, as stamped by the proposer.
@@ -51,6 +53,32 @@ pub struct State {
     /// can go at once.
     #[serde(default)]
     pub destroyed_apps: BTreeMap<String, UnixMillis>,
+    /// Custom domains' certificates, by domain.
+    #[serde(default)]
+    pub certificates: BTreeMap<String, Certificate>,
+    /// The cluster's ACME account (its credentials, sealed).
+    #[serde(default)]
+    pub acme_account: Option<SealedSecret>,
+}
+
+/// The cluster domain of a cluster made without `--domain`: `hello.localhost`
+/// resolves to this machine with no DNS set-up.
+pub const DEFAULT_DOMAIN: &str = "localhost";
+
+fn default_domain() -> String {
+    DEFAULT_DOMAIN.to_owned()
+}
+
+/// Where the cluster gets certificates for custom domains.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeSettings {
+    /// The ACME directory URL.
+    pub directory: String,
+    /// The account's contact address.
+    pub email: Option<String>,
+    /// A root certificate (PEM) to trust for the directory besides the
+    /// usual ones: a private ACME server's.
+    pub ca_pem: Option<String>,
 }
 
 /// Cluster-wide facts and credentials, set once by `roost node init`.
@@ -72,6 +100,13 @@ pub struct ClusterInfo {
     /// (`node init --mesh-range`).
     #[serde(default = "default_mesh_range")]
     pub mesh_range: Ipv4Net,
+    /// Apps are served as `APP.DOMAIN` by every node's edge (`--domain`).
+    #[serde(default = "default_domain")]
+    pub domain: String,
+    /// ACME for custom domains (`--acme-directory`, `--acme-email`,
+    /// `--acme-ca`); `None`: custom domains cannot get certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeSettings>,
 }
 
 impl std::fmt::Debug for ClusterInfo {
@@ -80,6 +115,7 @@ impl std::fmt::Debug for ClusterInfo {
             .field("id", &self.id)
             .field("created_at", &self.created_at)
             .field("mesh_range", &self.mesh_range)
+            .field("domain", &self.domain)
             .finish_non_exhaustive()
     }
 }
@@ -168,6 +204,17 @@ impl State {
             Command::AddNode { node } => self.add_node(node, at),
             Command::RemoveNode { id, new_join_secret } => self.remove_node(*id, new_join_secret.as_ref(), at),
             Command::UpdateNode { id, address, wireguard } => self.update_node(*id, address, wireguard.as_ref()),
+            Command::AddCertificate { domain, app } => self.add_certificate(domain, app, at),
+            Command::RemoveCertificate { domain } => self.remove_certificate(domain),
+            Command::SetAcmeChallenge { domain, challenge } => self.set_challenge(domain, challenge.as_ref(), at),
+            Command::CertificateIssued { domain, issued } => self.certificate_issued(domain, issued, at),
+            Command::CertificateFailed { domain, error, retry_at } => {
+                self.certificate_failed(domain, error, *retry_at, at)
+            }
+            Command::SetAcmeAccount { credentials } => {
+                self.acme_account = Some(credentials.clone());
+                Response::Done
+            }
             Command::CreateApp { name } => self.create_app(name, at),
             Command::DestroyApp { name } => self.destroy_app(name, at),
             Command::Deploy { app, spec, description } => self.deploy(app, spec, description, at),
@@ -269,6 +316,7 @@ impl State {
         match self.apps.remove(name) {
             Some(_) => {
                 self.instances.retain(|_, instance| instance.app != name);
+                self.certificates.retain(|_, certificate| certificate.app != name);
                 self.destroyed_apps.insert(name.to_owned(), at);
                 Response::Done
             }

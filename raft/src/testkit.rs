@@ -43,6 +43,8 @@ pub fn cluster(count: usize, labels: impl Fn(usize) -> Vec<(&'static str, &'stat
         join_secret: String::new(),
         admin_secret_sha256: String::new(),
         mesh_range: default_mesh_range(),
+        domain: "localhost".into(),
+        acme: None,
     };
     apply(&mut state, Command::Bootstrap { cluster, node: node("n1", &labels(1), size) });
     for i in 2..=count {
@@ -83,6 +85,13 @@ pub fn spec(groups: &[&str], resources: Resources, checks: bool) -> ReleaseSpec 
         strategy: Strategy::Rolling,
         max_unavailable: None,
         placement: PlacementSpec::default(),
+        http: Some(crate::workload::HttpServiceSpec {
+            internal_port: 8080,
+            force_https: false,
+            concurrency: Default::default(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        }),
+        services: Vec::new(),
     }
 }
 

@@ -160,6 +160,39 @@ pub struct PlacementSpec {
     pub max_per_node: Option<u32>,
 }
 
+/// `[http_service]`: what every node's edge proxy routes to the app.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpServiceSpec {
+    pub internal_port: u16,
+    /// Plain HTTP requests are redirected to HTTPS.
+    pub force_https: bool,
+    #[serde(default)]
+    pub concurrency: Concurrency,
+    /// The process groups that serve it.
+    pub groups: Vec<String>,
+}
+
+/// `[http_service.concurrency]`: how much one instance takes from one edge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Concurrency {
+    /// Connections rather than requests.
+    #[serde(default)]
+    pub connections: bool,
+    /// Balancing prefers instances below this.
+    pub soft_limit: Option<u32>,
+    /// An instance never gets more than this; the rest wait briefly, then 503.
+    pub hard_limit: Option<u32>,
+}
+
+/// `[[services]]`: raw TCP from public ports of every node to an instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpServiceSpec {
+    pub internal_port: u16,
+    pub ports: Vec<u16>,
+    /// The process groups that serve it.
+    pub groups: Vec<String>,
+}
+
 /// Everything needed to run a release's instances.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseSpec {
@@ -176,6 +209,11 @@ pub struct ReleaseSpec {
     #[serde(default)]
     pub max_unavailable: Option<MaxUnavailable>,
     pub placement: PlacementSpec,
+    /// What the edge routes over HTTP(S), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpServiceSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<TcpServiceSpec>,
 }
 
 /// `[deploy] max_unavailable`: a count, or a share of the instances.

@@ -26,6 +26,8 @@ fn state_with(nodes: &[(&str, bool)]) -> State {
         join_secret: String::new(),
         admin_secret_sha256: String::new(),
         mesh_range: default_mesh_range(),
+        domain: "localhost".into(),
+        acme: None,
     };
     let (first, rest) = nodes.split_first().expect("a node");
     state.apply(&Proposal::new(Command::Bootstrap { cluster, node: new_node(first.0, first.1) }, 1));

@@ -67,7 +67,11 @@ pub fn rejection_status(rejection: Rejection) -> Status {
     let message = rejection.to_string();
     match rejection {
         Rejection::AppExists { .. } | Rejection::NodeNameTaken { .. } => Status::already_exists(message),
-        Rejection::AppNotFound { .. } | Rejection::NodeNotFound { .. } => Status::not_found(message),
+        Rejection::AppNotFound { .. } | Rejection::NodeNotFound { .. } | Rejection::CertificateNotFound { .. } => {
+            Status::not_found(message)
+        }
+        Rejection::CertificateExists { .. } => Status::already_exists(message),
+        Rejection::InvalidDomain { .. } => Status::invalid_argument(message),
         Rejection::InvalidAppName { .. } | Rejection::InvalidNodeName { .. } => Status::invalid_argument(message),
         Rejection::RevokedCertificate => Status::permission_denied(message),
         Rejection::NotBootstrapped => Status::unavailable(message),
@@ -86,7 +90,8 @@ pub fn rejection_status(rejection: Rejection) -> Status {
         | Rejection::NothingToRollBackTo { .. }
         | Rejection::AppSuspended { .. }
         | Rejection::AlreadyInState { .. }
-        | Rejection::MeshFull { .. } => Status::failed_precondition(message),
+        | Rejection::MeshFull { .. }
+        | Rejection::PortTaken { .. } => Status::failed_precondition(message),
     }
 }
 

@@ -30,6 +30,9 @@ impl State {
         if spec.groups.is_empty() {
             return Response::Rejected(Rejection::InvalidRelease { reason: "it has no process group".into() });
         }
+        if let Some((port, owner)) = self.port_taken(app, spec) {
+            return Response::Rejected(Rejection::PortTaken { port, app: owner });
+        }
         if !self.apps.contains_key(app) {
             if let Err(reason) = super::validate_name(app) {
                 return Response::Rejected(Rejection::InvalidAppName { name: app.to_owned(), reason });
@@ -57,6 +60,12 @@ impl State {
                 version: deploying.version,
             });
         }
+        if let Some((port, owner)) = self.port_taken(app_name, &spec) {
+            return Response::Rejected(Rejection::PortTaken { port, app: owner });
+        }
+        let Some(app) = self.apps.get_mut(app_name) else {
+            return Response::Rejected(Rejection::AppNotFound { name: app_name.to_owned() });
+        };
         let version = app.releases.keys().next_back().map_or(1, |v| v + 1);
         let counts: Vec<(String, u32)> =
             spec.groups.keys().map(|group| (group.clone(), *app.scale.entry(group.clone()).or_insert(1))).collect();
@@ -79,6 +88,20 @@ impl State {
             }
         }
         Response::ReleaseCreated { version }
+    }
+
+    /// A public TCP port of `spec` that another app's serving or deploying
+    /// release already listens on, and that app.
+    fn port_taken(&self, app_name: &str, spec: &ReleaseSpec) -> Option<(u16, String)> {
+        let wanted: Vec<u16> = spec.services.iter().flat_map(|s| s.ports.iter().copied()).collect();
+        self.apps.values().filter(|app| app.name != app_name).find_map(|app| {
+            [app.current(), app.deploying()]
+                .into_iter()
+                .flatten()
+                .flat_map(|release| release.spec.services.iter().flat_map(|s| s.ports.iter().copied()))
+                .find(|port| wanted.contains(port))
+                .map(|port| (port, app.name.clone()))
+        })
     }
 
     fn add_instance(&mut self, app: &str, release: u64, group: &str, at: UnixMillis) {

@@ -12,6 +12,8 @@ fn cluster() -> ClusterInfo {
         join_secret: "s".into(),
         admin_secret_sha256: "h".into(),
         mesh_range: default_mesh_range(),
+        domain: "localhost".into(),
+        acme: None,
     }
 }
 
@@ -233,6 +235,8 @@ mod workloads {
             strategy: Strategy::Rolling,
             max_unavailable: None,
             placement: PlacementSpec::default(),
+            http: None,
+            services: Vec::new(),
         }
     }
 
@@ -443,4 +447,20 @@ fn a_log_written_before_the_mesh_still_reads() {
     assert_eq!(cluster.mesh_range, default_mesh_range());
     assert_eq!(state.nodes[&1].wireguard, None);
     assert!(state.nodes[&1].subnet.is_some());
+}
+
+#[test]
+fn a_public_tcp_port_belongs_to_one_app_and_a_refused_deploy_creates_nothing() {
+    use crate::workload::TcpServiceSpec;
+    let mut state = bootstrapped();
+    let mut spec = crate::testkit::spec(&["db"], crate::testkit::small(), false);
+    spec.services = vec![TcpServiceSpec { internal_port: 5432, ports: vec![15432], groups: vec!["db".into()] }];
+    let first = Command::Deploy { app: "pg".into(), spec: spec.clone(), description: "d".into() };
+    assert!(matches!(apply(&mut state, first), Response::ReleaseCreated { .. }));
+    let before = state.clone();
+    let second = Command::Deploy { app: "other".into(), spec: spec.clone(), description: "d".into() };
+    assert_eq!(apply(&mut state, second), Response::Rejected(Rejection::PortTaken { port: 15432, app: "pg".into() }));
+    assert_eq!(state, before, "the refused deploy created no app");
+    let again = Command::Deploy { app: "pg".into(), spec, description: "d".into() };
+    assert!(matches!(apply(&mut state, again), Response::Rejected(Rejection::DeployInProgress { .. })), "its own port is not taken");
 }

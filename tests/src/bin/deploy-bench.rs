@@ -267,6 +267,8 @@ async fn scheduler_bench(batch: usize) -> Result<()> {
         admin_secret_sha256: String::new(),
         // Room for a /24 per simulated node.
         mesh_range: "10.0.0.0/8".parse()?,
+        domain: "localhost".into(),
+        acme: None,
     };
     propose(Command::Bootstrap { cluster, node: node(0) }).await?;
     for i in 1..NODES {
@@ -288,6 +290,8 @@ async fn scheduler_bench(batch: usize) -> Result<()> {
         strategy: Strategy::Immediate,
         max_unavailable: None,
         placement: PlacementSpec { constraints: vec!["rack != r0".into()], max_per_node: Some(20) },
+        http: None,
+        services: Vec::new(),
     };
     propose(Command::Deploy { app: "bench".into(), spec, description: "deploy".into() }).await?;
     let first = consensus.state().read(|s| schedule(s, &BTreeSet::new()));
