@@ -109,13 +109,18 @@ fn http_client(extra_root: Option<&str>) -> Result<Box<dyn instant_acme::HttpCli
             return Err(AcmeError::Root("it holds no PEM certificate".into()));
         }
     }
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| AcmeError::Root(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let https =
-        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().enable_http2().build();
+    let tls =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| AcmeError::Root(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
     let client: Client<_, BodyWrapper<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
     Ok(Box::new(client))
 }
@@ -129,8 +134,10 @@ impl AcmeClient {
         extra_root: Option<&str>,
         credentials: Option<&str>,
     ) -> Result<(AcmeClient, Option<String>), AcmeError> {
-        let unreachable =
-            |error: instant_acme::Error| AcmeError::Directory { directory: directory.to_owned(), message: describe(&error) };
+        let unreachable = |error: instant_acme::Error| AcmeError::Directory {
+            directory: directory.to_owned(),
+            message: describe(&error),
+        };
         let builder = Account::builder_with_http(http_client(extra_root)?);
         if let Some(credentials) = credentials {
             let credentials: AccountCredentials =
@@ -170,15 +177,19 @@ impl AcmeClient {
                     })
                 }
             }
-            let mut challenge = authorization.challenge(ChallengeType::Http01).ok_or_else(|| AcmeError::Validation {
-                domain: domain.to_owned(),
-                message: "the ACME server offers no HTTP-01 challenge".into(),
-            })?;
+            let mut challenge =
+                authorization.challenge(ChallengeType::Http01).ok_or_else(|| AcmeError::Validation {
+                    domain: domain.to_owned(),
+                    message: "the ACME server offers no HTTP-01 challenge".into(),
+                })?;
             let key_authorization = challenge.key_authorization().as_str().to_owned();
-            publish(Challenge { token: challenge.token.clone(), key_authorization }).await.map_err(AcmeError::Publish)?;
+            publish(Challenge { token: challenge.token.clone(), key_authorization })
+                .await
+                .map_err(AcmeError::Publish)?;
             challenge.set_ready().await.map_err(refused)?;
         }
-        let retry = RetryPolicy::new().initial_delay(Duration::from_millis(250)).backoff(1.5).timeout(Duration::from_secs(90));
+        let retry =
+            RetryPolicy::new().initial_delay(Duration::from_millis(250)).backoff(1.5).timeout(Duration::from_secs(90));
         let status = match order.poll_ready(&retry).await {
             Ok(status) => status,
             Err(error) => {
@@ -189,7 +200,10 @@ impl AcmeClient {
         };
         if status != OrderStatus::Ready {
             let detail = challenge_errors(&mut order).await;
-            return Err(AcmeError::Validation { domain: domain.to_owned(), message: format!("the order is {status:?}: {detail}") });
+            return Err(AcmeError::Validation {
+                domain: domain.to_owned(),
+                message: format!("the order is {status:?}: {detail}"),
+            });
         }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| AcmeError::Key(e.to_string()))?;
         let mut params = CertificateParams::new(vec![domain.to_owned()]).map_err(|e| AcmeError::Key(e.to_string()))?;
@@ -228,4 +242,13 @@ pub fn not_after(chain_pem: &str) -> Result<i64, AcmeError> {
     let (_, parsed) =
         x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| AcmeError::Certificate(e.to_string()))?;
     Ok(parsed.validity().not_after.timestamp().saturating_mul(1000))
+}
+
+/// The leaf's issuer, as its common name (or the whole name when it has none).
+pub fn issuer(chain_pem: &str) -> Option<String> {
+    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).next()?.ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let name = parsed.issuer();
+    let common = name.iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned);
+    Some(common.unwrap_or_else(|| name.to_string()))
 }

@@ -73,8 +73,6 @@ pub struct EdgeConfig {
     pub http: String,
     /// HOST:PORT for HTTPS (`--https-listen`).
     pub https: String,
-    /// This node, whose instances are preferred.
-    pub node: NodeId,
 }
 
 pub struct Edge {
@@ -93,26 +91,45 @@ impl std::fmt::Debug for Edge {
     }
 }
 
-async fn bind(what: &'static str, address: &str) -> Result<TcpListener, EdgeError> {
-    TcpListener::bind(address).await.map_err(|source| EdgeError::Bind { what, address: address.to_owned(), source })
+/// The edge's two listeners, bound before anything else starts so that a
+/// taken port stops the node at once.
+#[derive(Debug)]
+pub struct Listeners {
+    http: TcpListener,
+    https: TcpListener,
+    http_addr: SocketAddr,
+    https_addr: SocketAddr,
+}
+
+impl Listeners {
+    pub async fn bind(config: &EdgeConfig) -> Result<Listeners, EdgeError> {
+        let bind = |what: &'static str, address: String| async move {
+            let error = |source| EdgeError::Bind { what, address: address.clone(), source };
+            let listener = TcpListener::bind(&address).await.map_err(error)?;
+            let bound = listener.local_addr().map_err(error)?;
+            Ok::<_, EdgeError>((listener, bound))
+        };
+        let (http, http_addr) = bind("HTTP (--http-listen)", config.http.clone()).await?;
+        let (https, https_addr) = bind("HTTPS (--https-listen)", config.https.clone()).await?;
+        Ok(Listeners { http, https, http_addr, https_addr })
+    }
 }
 
 impl Edge {
-    /// Binds the HTTP and HTTPS listeners and serves them until `stop`.
-    pub async fn start(config: EdgeConfig, hooks: Arc<dyn Hooks>, stop: CancellationToken) -> Result<Arc<Edge>, EdgeError> {
-        let http_listener = bind("HTTP", &config.http).await?;
-        let https_listener = bind("HTTPS", &config.https).await?;
-        let bound = |listener: &TcpListener, what, address: &str| {
-            listener.local_addr().map_err(|source| EdgeError::Bind { what, address: address.to_owned(), source })
-        };
-        let http_addr = bound(&http_listener, "HTTP", &config.http)?;
-        let https_addr = bound(&https_listener, "HTTPS", &config.https)?;
+    /// Serves the listeners until `stop`; `node` is this node's id.
+    pub fn start(
+        listeners: Listeners,
+        node: NodeId,
+        hooks: Arc<dyn Hooks>,
+        stop: CancellationToken,
+    ) -> Result<Arc<Edge>, EdgeError> {
+        let Listeners { http: http_listener, https: https_listener, http_addr, https_addr } = listeners;
         let (routes_tx, routes) = watch::channel(Arc::new(Routes::default()));
         let certificates = Arc::new(Certificates::new(routes.clone()));
         let tls = TlsAcceptor::from(tls::server_config(certificates.clone()).map_err(EdgeError::Tls)?);
         let shared = Arc::new(Shared {
             routes,
-            balancer: Arc::new(Balancer::new(config.node)),
+            balancer: Arc::new(Balancer::new(node)),
             pool: Pool::default(),
             hooks,
             https_port: Some(https_addr.port()),

@@ -23,9 +23,12 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Node(NodeCommand::Init { node, mesh_range }) => run_node(&node, Start::Init, mesh_range).await,
+            Command::Node(NodeCommand::Init { node, cluster }) => match cluster.settings() {
+                Ok(settings) => run_node(&node, Start::Init, settings).await,
+                Err(error) => Err(error),
+            },
             Command::Node(NodeCommand::Join { seed, token, node }) => {
-                run_node(&node, Start::Join { seed, token }, None).await
+                run_node(&node, Start::Join { seed, token }, Default::default()).await
             }
             command => {
                 init_tracing("warn");
@@ -52,7 +55,7 @@ fn init_tracing(default: &str) {
 async fn run_node(
     args: &cli::NodeArgs,
     start: Start,
-    mesh_range: Option<ipnet::Ipv4Net>,
+    cluster: roost_node::daemon::ClusterSettings,
 ) -> Result<ExitCode, CliError> {
     // openraft reports every failed RPC to a down peer, twice a second; the
     // node logs what matters (leader changes, nodes down and up) itself.
@@ -62,7 +65,7 @@ async fn run_node(
     init_tracing("info,openraft=off,boringtun=error");
     let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let host = cli::Host { name: hostname(), upstream_dns: roost_network::dns::parse_resolv_conf(&resolv_conf) };
-    let config = cli::node_config(args, start, mesh_range, host)?;
+    let config = cli::node_config(args, start, cluster, host)?;
     let shutdown = CancellationToken::new();
     let node = Node::start(config, shutdown.clone())
         .await

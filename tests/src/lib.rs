@@ -27,7 +27,9 @@ use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
 use roost_network::tls::ClientTls;
 use roost_node::cli::BearerToken;
-use roost_node::daemon::{InitTokens, LivenessConfig, MeshSettings, Node, NodeConfig, RunningNode, Start};
+use roost_node::daemon::{
+    ClusterSettings, EdgeListen, InitTokens, LivenessConfig, MeshSettings, Node, NodeConfig, RunningNode, Start,
+};
 use roost_proto::api::control_client::ControlClient;
 use roost_raft::Timings;
 use tempfile::TempDir;
@@ -252,7 +254,8 @@ pub fn node_config(
         docker_host: None,
         controller: Default::default(),
         mesh: MeshSettings { wireguard_port: None, dns_port: 53, upstream_dns: Vec::new() },
-        mesh_range: Some(mesh_range()),
+        cluster: ClusterSettings { mesh_range: mesh_range(), ..Default::default() },
+        edge: EdgeListen { http: "127.0.0.1:0".into(), https: "127.0.0.1:0".into() },
     }
 }
 

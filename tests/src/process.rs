@@ -70,13 +70,16 @@ impl NodeProcess {
     }
 
     /// Runs `roost COMMAND --data-dir root/<name> --listen 127.0.0.1:<free>
-    /// --name <name> --no-wireguard` (the nodes share this machine).
+    /// --name <name> --no-wireguard` (the nodes share this machine), with the
+    /// edge on free ports.
     fn spawn(root: &Path, name: &str, command: &[&str]) -> Result<Self> {
         let data_dir = root.join(name);
         let address = format!("127.0.0.1:{}", free_port()?);
         let mut args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
         let dir = data_dir.display().to_string();
-        for flag in ["--data-dir", &dir, "--listen", &address, "--name", name, "--no-wireguard"] {
+        let edge = ["--http-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"];
+        for flag in ["--data-dir", &dir, "--listen", &address, "--name", name, "--no-wireguard"].into_iter().chain(edge)
+        {
             args.push(flag.to_owned());
         }
         let mut node = Self {

@@ -148,7 +148,12 @@ impl Balancer {
         }
     }
 
-    fn try_acquire(&self, backends: &[Backend], limits: &Concurrency, tried: &[SocketAddr]) -> Result<Lease, Unavailable> {
+    fn try_acquire(
+        &self,
+        backends: &[Backend],
+        limits: &Concurrency,
+        tried: &[SocketAddr],
+    ) -> Result<Lease, Unavailable> {
         let candidates: Vec<(&Backend, Arc<Health>)> =
             backends.iter().filter(|b| !tried.contains(&b.addr)).map(|b| (b, self.health(b.addr))).collect();
         if candidates.is_empty() {
@@ -232,7 +237,10 @@ mod tests {
         let lease = balancer.acquire(&backends, &limits, &tried, Duration::ZERO).await.expect("lease");
         assert_eq!(lease.backend.addr.port(), 3);
         let all: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-        assert_eq!(balancer.acquire(&backends, &limits, &all, Duration::ZERO).await.err(), Some(Unavailable::NoInstance));
+        assert_eq!(
+            balancer.acquire(&backends, &limits, &all, Duration::ZERO).await.err(),
+            Some(Unavailable::NoInstance)
+        );
     }
 
     #[tokio::test]
@@ -245,7 +253,9 @@ mod tests {
         assert_eq!(saturated.err(), Some(Unavailable::Saturated));
         let waiter = {
             let balancer = balancer.clone();
-            tokio::spawn(async move { balancer.acquire(&[backend(1, 1)], &limits, &[], Duration::from_secs(5)).await.is_ok() })
+            tokio::spawn(async move {
+                balancer.acquire(&[backend(1, 1)], &limits, &[], Duration::from_secs(5)).await.is_ok()
+            })
         };
         tokio::task::yield_now().await;
         drop(held);

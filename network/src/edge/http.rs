@@ -91,7 +91,11 @@ impl Client {
 }
 
 /// Serves one request; never fails (errors are answers).
-pub async fn handle(shared: Arc<Shared>, client: Client, request: Request<Incoming>) -> Result<Response<EdgeBody>, Infallible> {
+pub async fn handle(
+    shared: Arc<Shared>,
+    client: Client,
+    request: Request<Incoming>,
+) -> Result<Response<EdgeBody>, Infallible> {
     let log = AccessLog::new(client, &request);
     Ok(route(&shared, client, request, log).await)
 }
@@ -177,8 +181,7 @@ async fn proxy(
     let target: Uri = parts.uri.path_and_query().map_or("/", |p| p.as_str()).parse().unwrap_or_default();
     // A request without a body can be sent again; one with a body only
     // until its body has started to go.
-    let replayable =
-        body.is_end_stream() && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let replayable = body.is_end_stream() && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
     let mut body = Some(body.boxed());
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_error = String::new();

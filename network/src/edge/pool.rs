@@ -46,7 +46,11 @@ pub struct Pool {
 
 impl Pool {
     /// A ready connection to `addr`: an idle one, or a new one.
-    pub async fn checkout(&self, addr: SocketAddr, timeout: Duration) -> Result<SendRequest<UpstreamBody>, ConnectError> {
+    pub async fn checkout(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<SendRequest<UpstreamBody>, ConnectError> {
         while let Some(mut sender) = self.take_idle(addr) {
             // A connection given back as its response ended may need a
             // moment to take the next request; a closed one never will.

@@ -92,7 +92,11 @@ impl Routes {
                     .filter(|e| spec.groups.contains(&e.group))
                     .filter_map(|e| {
                         let port = e.port?;
-                        Some(Backend { instance: e.instance.clone(), node: e.node, addr: SocketAddr::new(IpAddr::V4(e.ip), port) })
+                        Some(Backend {
+                            instance: e.instance.clone(),
+                            node: e.node,
+                            addr: SocketAddr::new(IpAddr::V4(e.ip), port),
+                        })
                     })
                     .collect();
                 let route = AppRoute {
@@ -119,8 +123,7 @@ impl Routes {
                 }
             }
         }
-        let domains =
-            state.certificates.values().map(|c| (c.domain.clone(), c.app.clone())).collect::<HashMap<_, _>>();
+        let domains = state.certificates.values().map(|c| (c.domain.clone(), c.app.clone())).collect::<HashMap<_, _>>();
         let challenges = state
             .certificates
             .values()

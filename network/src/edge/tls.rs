@@ -48,8 +48,10 @@ pub fn certified_key(domain: &str, chain_pem: &str, key_pem: &str) -> Result<Arc
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|source| CertificateError::Chain { domain: domain.to_owned(), source })?;
-    let key = pki::key_der_from_pem(key_pem).map_err(|source| CertificateError::Key { domain: domain.to_owned(), source })?;
-    let signer = any_supported_type(&key).map_err(|source| CertificateError::Unsupported { domain: domain.to_owned(), source })?;
+    let key =
+        pki::key_der_from_pem(key_pem).map_err(|source| CertificateError::Key { domain: domain.to_owned(), source })?;
+    let signer = any_supported_type(&key)
+        .map_err(|source| CertificateError::Unsupported { domain: domain.to_owned(), source })?;
     Ok(Arc::new(CertifiedKey::new(chain, signer)))
 }
 

@@ -20,8 +20,9 @@ use roost_network::tls::ClientTls;
 use roost_network::{Token, TokenKind};
 use roost_proto::api::control_client::ControlClient;
 use roost_proto::api::{
-    CreateAppRequest, DestroyAppRequest, GetAppRequest, GetJoinTokenRequest, GetNodeRequest, ListAppsRequest,
-    ListNodesRequest, ReadOptions, RemoveNodeRequest, VersionRequest,
+    AddCertificateRequest, CreateAppRequest, DestroyAppRequest, GetAppRequest, GetCertificateRequest,
+    GetJoinTokenRequest, GetNodeRequest, ListAppsRequest, ListCertificatesRequest, ListNodesRequest, ReadOptions,
+    RemoveCertificateRequest, RemoveNodeRequest, VersionRequest,
 };
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -31,7 +32,8 @@ use roost_deploy::config::Memory;
 use roost_deploy::controller::ControllerConfig;
 use roost_raft::workload::Resources;
 
-use crate::daemon::{LivenessConfig, MeshSettings, NodeConfig, Start};
+use crate::daemon::{ClusterSettings, EdgeListen, LivenessConfig, MeshSettings, NodeConfig, Start};
+use roost_raft::state::AcmeSettings;
 
 #[derive(Debug, Parser)]
 #[command(name = "roost", version = crate::VERSION, about = "Run apps on machines you own, the fly.io way.")]
@@ -94,6 +96,9 @@ pub enum Command {
     /// Manage an app's secrets (environment variables kept encrypted).
     #[command(subcommand)]
     Secrets(SecretsCommand),
+    /// Custom domains and their TLS certificates (ordered over ACME, served by every node).
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Print the CLI's version, and the node's when an endpoint is set.
     Version(MaybeClient),
 }
@@ -104,10 +109,8 @@ pub enum NodeCommand {
     Init {
         #[command(flatten)]
         node: NodeArgs,
-        /// The private range instances get addresses from; each node takes a /24 of it.
-        /// Set when the cluster is created [default: 10.210.0.0/16].
-        #[arg(long, value_name = "CIDR")]
-        mesh_range: Option<ipnet::Ipv4Net>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Join an existing cluster through any of its nodes, and run this node.
     Join {
@@ -150,6 +153,57 @@ pub enum NodeCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+/// What `node init` fixes for the whole cluster (ignored when the data
+/// directory already holds a node).
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// The private range instances get addresses from; each node takes a /24 of it.
+    #[arg(long, value_name = "CIDR", default_value = "10.210.0.0/16")]
+    pub mesh_range: ipnet::Ipv4Net,
+    /// Apps are served by every node's edge as APP.DOMAIN (`localhost` works with no DNS set-up).
+    #[arg(long, default_value = roost_raft::state::DEFAULT_DOMAIN)]
+    pub domain: String,
+    /// The ACME directory certificates of custom domains come from.
+    #[arg(long, value_name = "URL", default_value = crate::daemon::DEFAULT_ACME_DIRECTORY)]
+    pub acme_directory: String,
+    /// The contact address of the cluster's ACME account.
+    #[arg(long, value_name = "EMAIL")]
+    pub acme_email: Option<String>,
+    /// A PEM file with a root certificate to trust for the ACME directory (a private ACME server's).
+    #[arg(long, value_name = "PEM_FILE")]
+    pub acme_ca: Option<PathBuf>,
+}
+
+impl ClusterArgs {
+    /// The settings, with `--acme-ca` read; errors name the flag.
+    pub fn settings(&self) -> Result<ClusterSettings, CliError> {
+        let ca_pem = match &self.acme_ca {
+            Some(path) => {
+                let pem = std::fs::read_to_string(path)
+                    .map_err(|e| CliError::Usage(format!("cannot read --acme-ca {}: {e}", path.display())))?;
+                if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(CliError::Usage(format!("--acme-ca {} holds no PEM certificate", path.display())));
+                }
+                Some(pem)
+            }
+            None => None,
+        };
+        if !(self.acme_directory.starts_with("https://") || self.acme_directory.starts_with("http://")) {
+            return Err(CliError::Usage(format!("--acme-directory '{}' is not a URL", self.acme_directory)));
+        }
+        if let Some(email) = &self.acme_email {
+            if !email.contains('@') || email.contains(char::is_whitespace) {
+                return Err(CliError::Usage(format!("--acme-email '{email}' is not an e-mail address")));
+            }
+        }
+        Ok(ClusterSettings {
+            mesh_range: self.mesh_range,
+            domain: self.domain.trim_end_matches('.').to_ascii_lowercase(),
+            acme: AcmeSettings { directory: self.acme_directory.clone(), email: self.acme_email.clone(), ca_pem },
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -197,6 +251,48 @@ pub struct NodeArgs {
     /// whose instance networks that machine routes directly.
     #[arg(long)]
     pub no_wireguard: bool,
+    /// HOST:PORT where this node's edge takes HTTP for every app.
+    #[arg(long, default_value = "0.0.0.0:80")]
+    pub http_listen: String,
+    /// HOST:PORT where this node's edge takes HTTPS for every app.
+    #[arg(long, default_value = "0.0.0.0:443")]
+    pub https_listen: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Attach DOMAIN to an app and order its certificate.
+    Add {
+        domain: String,
+        #[command(flatten)]
+        app: AppArg,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List certificates: state (pending, issued, failed) and expiry.
+    List {
+        /// Only this app's [default: every app's].
+        #[arg(short = 'a', long = "app")]
+        app: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one certificate, with the ACME error if its order failed.
+    Show {
+        domain: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Detach DOMAIN; its certificate is no longer served.
+    Remove {
+        domain: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -407,7 +503,7 @@ pub struct Host {
 pub fn node_config(
     args: &NodeArgs,
     start: Start,
-    mesh_range: Option<ipnet::Ipv4Net>,
+    cluster: ClusterSettings,
     host: Host,
 ) -> Result<NodeConfig, CliError> {
     if args.wg_port == 0 {
@@ -436,7 +532,8 @@ pub fn node_config(
             dns_port: 53,
             upstream_dns: host.upstream_dns,
         },
-        mesh_range,
+        cluster,
+        edge: EdgeListen { http: args.http_listen.clone(), https: args.https_listen.clone() },
     })
 }
 
@@ -529,12 +626,47 @@ pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), Cli
         Command::Restart { app, client } => apps::restart(&app, &client, out).await,
         Command::Logs(args) => apps::logs(args, out).await,
         Command::Secrets(command) => apps::secrets(command, out).await,
+        Command::Certs(command) => certs(command, out).await,
         Command::Apps(AppsCommand::Destroy { name, yes, client }) => {
             if !yes {
                 confirm_destroy(&name)?;
             }
             client.connect().await?.destroy_app(DestroyAppRequest { name: name.clone() }).await?;
             writeln!(out, "Destroyed app {name}").map_err(io)
+        }
+    }
+}
+
+async fn certs(command: CertsCommand, out: &mut dyn Write) -> Result<(), CliError> {
+    let io = |e: std::io::Error| CliError::Other(format!("could not write output: {e}"));
+    match command {
+        CertsCommand::Add { domain, app, client } => {
+            let app = app.resolve()?;
+            let request = AddCertificateRequest { domain, app };
+            let certificate = client.connect().await?.add_certificate(request).await?.into_inner();
+            writeln!(out, "Added {} to app {}; its certificate is being ordered.", certificate.domain, certificate.app)
+                .map_err(io)?;
+            writeln!(
+                out,
+                "Point {} at your nodes (an A or CNAME record): the ACME server checks it over HTTP on port 80 of any node.",
+                certificate.domain
+            )
+            .map_err(io)?;
+            writeln!(out, "Follow it with: roost certs show {}", certificate.domain).map_err(io)
+        }
+        CertsCommand::List { app, json, client } => {
+            let request = ListCertificatesRequest { app: app.unwrap_or_default(), read: None };
+            let list = client.connect().await?.list_certificates(request).await?.into_inner().certificates;
+            output::certificates(out, &list, json).map_err(io)
+        }
+        CertsCommand::Show { domain, json, client } => {
+            let request = GetCertificateRequest { domain, read: None };
+            let certificate = client.connect().await?.get_certificate(request).await?.into_inner();
+            output::certificate(out, &certificate, json).map_err(io)
+        }
+        CertsCommand::Remove { domain, client } => {
+            client.connect().await?.remove_certificate(RemoveCertificateRequest { domain: domain.clone() }).await?;
+            writeln!(out, "Removed {domain}; no node serves it from now on.").map_err(io)
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 use std::time::{Duration, UNIX_EPOCH};
 
-use roost_proto::api::{App, AppStatus, Node, NodeDetails, Release, Secret};
+use roost_proto::api::{App, AppStatus, Certificate, Node, NodeDetails, Release, Secret};
 use serde_json::json;
 
 fn timestamp(ms: i64) -> String {
@@ -317,4 +317,66 @@ pub fn secrets(out: &mut dyn Write, secrets: &[Secret], as_json: bool) -> io::Re
     let rows: Vec<Vec<String>> =
         secrets.iter().map(|s| vec![s.name.clone(), s.digest.clone(), timestamp(s.updated_at_ms)]).collect();
     table(out, &["NAME", "DIGEST", "UPDATED"], &rows)
+}
+
+fn certificate_json(c: &Certificate) -> serde_json::Value {
+    json!({
+        "domain": c.domain,
+        "app": c.app,
+        "status": c.status,
+        "error": (!c.error.is_empty()).then_some(&c.error),
+        "expires": c.not_after_ms.map(timestamp),
+        "issued_at": c.issued_at_ms.map(timestamp),
+        "issuer": (!c.issuer.is_empty()).then_some(&c.issuer),
+        "validating": c.validating,
+        "retry_at": c.retry_at_ms.map(timestamp),
+        "created_at": timestamp(c.created_at_ms),
+    })
+}
+
+/// `roost certs list`.
+pub fn certificates(out: &mut dyn Write, list: &[Certificate], as_json: bool) -> io::Result<()> {
+    if as_json {
+        return writeln!(out, "{}", serde_json::Value::Array(list.iter().map(certificate_json).collect()));
+    }
+    if list.is_empty() {
+        return writeln!(out, "No certificates. Add one with `roost certs add DOMAIN -a APP`.");
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|c| {
+            vec![
+                c.domain.clone(),
+                c.app.clone(),
+                c.status.clone(),
+                c.not_after_ms.map_or_else(|| "-".into(), timestamp),
+                if c.error.is_empty() { String::new() } else { c.error.clone() },
+            ]
+        })
+        .collect();
+    table(out, &["DOMAIN", "APP", "STATUS", "EXPIRES", "ERROR"], &rows)
+}
+
+/// `roost certs show`.
+pub fn certificate(out: &mut dyn Write, c: &Certificate, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return writeln!(out, "{}", certificate_json(c));
+    }
+    writeln!(out, "Domain:   {}", c.domain)?;
+    writeln!(out, "App:      {}", c.app)?;
+    let validating = if c.validating { " (validating the HTTP-01 challenge now)" } else { "" };
+    writeln!(out, "Status:   {}{validating}", c.status)?;
+    if let Some(not_after) = c.not_after_ms {
+        writeln!(out, "Expires:  {} (renewed 30 days before)", timestamp(not_after))?;
+    }
+    if !c.issuer.is_empty() {
+        writeln!(out, "Issuer:   {}", c.issuer)?;
+    }
+    if !c.error.is_empty() {
+        writeln!(out, "Error:    {}", c.error)?;
+        if let Some(retry) = c.retry_at_ms {
+            writeln!(out, "Retrying: {}", timestamp(retry))?;
+        }
+    }
+    Ok(())
 }

@@ -15,12 +15,13 @@ use roost_network::pki::CaDigest;
 use roost_network::{Token, TokenKind};
 use roost_proto::api::control_server::Control;
 use roost_proto::api::{
-    App as WireApp, AppRequest, AppStatus, ChangeResponse, CreateAppRequest, DeployRequest, DestroyAppRequest,
-    DestroyAppResponse, GetAppRequest, GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, GetStatusRequest,
-    ListAppsRequest, ListAppsResponse, ListNodesRequest, ListNodesResponse, ListReleasesRequest, ListReleasesResponse,
-    ListSecretsResponse, LogsRequest, MeshPeer, Node as WireNode, NodeDetails, ReadOptions, RemoveNodeRequest,
-    RemoveNodeResponse, RollbackRequest, ScaleRequest, ScaleVmRequest, SetSecretsRequest, UnsetSecretsRequest,
-    VersionRequest, VersionResponse,
+    AddCertificateRequest, App as WireApp, AppRequest, AppStatus, Certificate as WireCertificate, ChangeResponse,
+    CreateAppRequest, DeployRequest, DestroyAppRequest, DestroyAppResponse, GetAppRequest, GetCertificateRequest,
+    GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, GetStatusRequest, ListAppsRequest, ListAppsResponse,
+    ListCertificatesRequest, ListCertificatesResponse, ListNodesRequest, ListNodesResponse, ListReleasesRequest,
+    ListReleasesResponse, ListSecretsResponse, LogsRequest, MeshPeer, Node as WireNode, NodeDetails, ReadOptions,
+    RemoveCertificateRequest, RemoveCertificateResponse, RemoveNodeRequest, RemoveNodeResponse, RollbackRequest,
+    ScaleRequest, ScaleVmRequest, SetSecretsRequest, UnsetSecretsRequest, VersionRequest, VersionResponse,
 };
 use roost_proto::cluster::peer_client::PeerClient;
 use roost_proto::cluster::{MeshStatusRequest, MeshStatusResponse};
@@ -380,6 +381,35 @@ impl Control for ControlService {
 
     async fn list_secrets(&self, request: Request<AppRequest>) -> Result<tonic::Response<ListSecretsResponse>, Status> {
         ControlService::list_secrets(self, request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn add_certificate(
+        &self,
+        request: Request<AddCertificateRequest>,
+    ) -> Result<tonic::Response<WireCertificate>, Status> {
+        ControlService::add_certificate(self, request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn list_certificates(
+        &self,
+        request: Request<ListCertificatesRequest>,
+    ) -> Result<tonic::Response<ListCertificatesResponse>, Status> {
+        ControlService::list_certificates(self, request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn get_certificate(
+        &self,
+        request: Request<GetCertificateRequest>,
+    ) -> Result<tonic::Response<WireCertificate>, Status> {
+        ControlService::get_certificate(self, request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn remove_certificate(
+        &self,
+        request: Request<RemoveCertificateRequest>,
+    ) -> Result<tonic::Response<RemoveCertificateResponse>, Status> {
+        ControlService::remove_certificate(self, request.into_inner()).await?;
+        Ok(tonic::Response::new(RemoveCertificateResponse {}))
     }
 
     type LogsStream = LogLineStream;

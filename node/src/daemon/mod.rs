@@ -10,8 +10,10 @@
 
 pub mod api;
 pub mod auth;
+pub mod certs;
 pub mod channels;
 pub mod deploys;
+pub mod edge;
 pub mod identity;
 pub mod join;
 pub mod liveness;
@@ -40,7 +42,7 @@ use roost_proto::cluster::join_server::JoinServer;
 use roost_proto::cluster::peer_server::PeerServer;
 use roost_raft::consensus::now_millis;
 use roost_raft::service::RaftService;
-use roost_raft::state::{default_mesh_range, validate_name, ClusterInfo, WireguardPeer, FIRST_NODE_ID};
+use roost_raft::state::{default_mesh_range, validate_name, AcmeSettings, ClusterInfo, WireguardPeer, FIRST_NODE_ID};
 use roost_raft::workload::Resources;
 use roost_raft::{Command, Consensus, NewNode, RaftNode, Response, Timings};
 use tokio::net::TcpListener;
@@ -89,8 +91,42 @@ pub struct NodeConfig {
     pub docker_host: Option<String>,
     pub controller: ControllerConfig,
     pub mesh: MeshSettings,
-    /// The private range a new cluster's mesh uses (`node init --mesh-range`).
-    pub mesh_range: Option<Ipv4Net>,
+    /// What a new cluster is made with (`node init`); ignored on restart and join.
+    pub cluster: ClusterSettings,
+    /// Where this node's edge listens.
+    pub edge: EdgeListen,
+}
+
+/// The cluster-wide settings `node init` fixes.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// The private range of the mesh (`--mesh-range`).
+    pub mesh_range: Ipv4Net,
+    /// Apps are served as APP.DOMAIN (`--domain`).
+    pub domain: String,
+    /// Where certificates of custom domains come from (`--acme-*`).
+    pub acme: AcmeSettings,
+}
+
+/// Let's Encrypt's production directory, where certificates come from
+/// unless `--acme-directory` says otherwise.
+pub const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            mesh_range: default_mesh_range(),
+            domain: roost_raft::state::DEFAULT_DOMAIN.to_owned(),
+            acme: AcmeSettings { directory: DEFAULT_ACME_DIRECTORY.to_owned(), email: None, ca_pem: None },
+        }
+    }
+}
+
+/// Where the edge proxy listens (`--http-listen`, `--https-listen`).
+#[derive(Clone, Debug)]
+pub struct EdgeListen {
+    pub http: String,
+    pub https: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +145,10 @@ pub enum StartError {
     Advertise(String),
     #[error("invalid --mesh-range {range}: {reason}")]
     MeshRange { range: String, reason: String },
+    #[error("invalid --domain '{domain}': {reason}")]
+    Domain { domain: String, reason: String },
+    #[error(transparent)]
+    Edge(#[from] roost_network::edge::EdgeError),
     #[error("invalid node name '{name}': {reason}; pass --name")]
     Name { name: String, reason: String },
     #[error(transparent)]
@@ -172,6 +212,9 @@ pub struct RunningNode {
     agent: JoinHandle<()>,
     /// The mesh loop, which stops WireGuard and DNS when it ends.
     mesh: JoinHandle<()>,
+    /// Where this node's edge takes HTTP and HTTPS.
+    pub http_address: SocketAddr,
+    pub https_address: SocketAddr,
 }
 
 impl std::fmt::Debug for RunningNode {
@@ -187,6 +230,17 @@ pub fn wireguard_peer(private_key: &roost_network::mesh::Key, address: &str, por
         public_key: private_key.get_public().to_base64(),
         endpoint: roost_network::mesh::endpoint_for(address, port),
     }
+}
+
+/// Checks a cluster domain: one or more lowercase DNS labels (`localhost`
+/// is one).
+pub fn validate_cluster_domain(domain: &str) -> Result<(), String> {
+    if domain.contains('.') {
+        return roost_raft::state::validate_domain(domain);
+    }
+    roost_raft::state::validate_domain(&format!("{domain}.check")).map_err(|_| {
+        "it must be lowercase letters, digits and '-' (not at either end), in dot-separated labels".to_owned()
+    })
 }
 
 /// Checks that `address` is HOST:PORT that others can dial.
@@ -228,6 +282,11 @@ impl Node {
             None => bound.to_string(),
         };
 
+        let edge_listeners = roost_network::edge::Listeners::bind(&roost_network::edge::EdgeConfig {
+            http: config.edge.http.clone(),
+            https: config.edge.https.clone(),
+        })
+        .await?;
         let engine = Engine::connect(config.docker_host.as_deref()).await?;
         let (identity, init_tokens) = resolve_identity(&dir, &config, &address).await?;
         let secrets_key = Arc::new(SecretsKey::from_hex(&identity.secrets_key)?);
@@ -297,24 +356,34 @@ impl Node {
             tracing::info!(address = %stored.address, listen = %bound, "serving");
 
             // From here on a failure must not leave Raft and the server running.
-            let bootstrapped = async {
+            let (built, built_rx) = tokio::sync::watch::channel(0);
+            let started = async {
                 if let Some(bootstrap) = dir.load_bootstrap()? {
                     bootstrap_cluster(&consensus, &stored, bootstrap).await?;
                     dir.clear_bootstrap()?;
                 }
-                Ok::<(), StartError>(())
+                let hooks = Arc::new(edge::NodeHooks { consensus: consensus.clone(), built: built_rx });
+                Ok::<_, StartError>(roost_network::edge::Edge::start(
+                    edge_listeners,
+                    stored.node_id,
+                    hooks,
+                    stop.clone(),
+                )?)
             }
             .await;
-            if let Err(error) = bootstrapped {
-                stop.cancel();
-                consensus.shutdown().await;
-                let _ = server.await;
-                return Err(error);
-            }
+            let proxy = match started {
+                Ok(proxy) => proxy,
+                Err(error) => {
+                    stop.cancel();
+                    consensus.shutdown().await;
+                    let _ = server.await;
+                    return Err(error);
+                }
+            };
 
             let removed = Arc::new(AtomicBool::new(false));
             spawn_background(&consensus, &liveness, &channels, &stop, &removed);
-            let (directory, _) = tokio::sync::watch::channel(Arc::default());
+            let (directory, directory_rx) = tokio::sync::watch::channel(Arc::default());
             let mesh = tokio::spawn(
                 mesh::run(
                     MeshContext {
@@ -331,6 +400,21 @@ impl Node {
                 )
                 .in_current_span(),
             );
+            let edge_addresses = (proxy.http_addr(), proxy.https_addr());
+            tokio::spawn(
+                edge::run(
+                    edge::EdgeContext {
+                        consensus: consensus.clone(),
+                        edge: proxy,
+                        directory: directory_rx,
+                        secrets_key: secrets_key.clone(),
+                        built,
+                    },
+                    stop.clone(),
+                )
+                .in_current_span(),
+            );
+            tokio::spawn(certs::run(consensus.clone(), secrets_key.clone(), stop.clone()).in_current_span());
             let fetcher = Arc::new(workloads::PeerImages { consensus: consensus.clone(), channels: channels.clone() });
             let agent = Agent::new(engine, consensus.clone(), secrets_key, fetcher, network_rx);
             let agent = tokio::spawn(agent.run(stop.clone()).in_current_span());
@@ -350,6 +434,8 @@ impl Node {
                 server,
                 agent,
                 mesh,
+                http_address: edge_addresses.0,
+                https_address: edge_addresses.1,
             })
         }
         .instrument(span)
@@ -391,12 +477,19 @@ async fn resolve_identity(
     validate_name(&name).map_err(|reason| StartError::Name { name: name.clone(), reason })?;
     match &config.start {
         Start::Init => {
-            let mesh_range = config.mesh_range.unwrap_or_else(default_mesh_range);
-            roost_raft::state::validate_mesh_range(mesh_range)
-                .map_err(|reason| StartError::MeshRange { range: mesh_range.to_string(), reason })?;
+            let settings = &config.cluster;
+            roost_raft::state::validate_mesh_range(settings.mesh_range)
+                .map_err(|reason| StartError::MeshRange { range: settings.mesh_range.to_string(), reason })?;
+            validate_cluster_domain(&settings.domain)
+                .map_err(|reason| StartError::Domain { domain: settings.domain.clone(), reason })?;
             dir.create()?;
-            let new =
-                NewCluster { name: &name, address, labels: &config.labels, resources: config.resources, mesh_range };
+            let new = NewCluster {
+                name: &name,
+                address,
+                labels: &config.labels,
+                resources: config.resources,
+                settings: settings.clone(),
+            };
             let (identity, tokens) = create_cluster(dir, new, config.mesh.wireguard_port)?;
             Ok((identity, Some(tokens)))
         }
@@ -424,7 +517,7 @@ struct NewCluster<'a> {
     address: &'a str,
     labels: &'a BTreeMap<String, String>,
     resources: Resources,
-    mesh_range: Ipv4Net,
+    settings: ClusterSettings,
 }
 
 /// Creates the CA, the first node's certificate and the tokens, and records
@@ -434,7 +527,7 @@ fn create_cluster(
     new: NewCluster<'_>,
     wireguard_port: Option<u16>,
 ) -> Result<(Identity, InitTokens), StartError> {
-    let NewCluster { name, address, labels, resources, mesh_range } = new;
+    let NewCluster { name, address, labels, resources, settings } = new;
     let cluster_id = pki::hex(&rand::random::<[u8; 8]>());
     let ca = ClusterCa::generate(&cluster_id)?;
     let node = ca.issue_node(name)?;
@@ -449,7 +542,9 @@ fn create_cluster(
         ca_key_pem: ca.key_pem().to_owned(),
         join_secret: tokens.join.secret.clone(),
         admin_secret_sha256: secret_digest(&tokens.admin.secret),
-        mesh_range,
+        mesh_range: settings.mesh_range,
+        domain: settings.domain,
+        acme: Some(settings.acme),
     };
     let wireguard_key = identity::generate_wireguard_key();
     let first = NewNode {

@@ -153,7 +153,12 @@ impl State {
         self.certificates.get_mut(domain).ok_or_else(|| Rejection::CertificateNotFound { domain: domain.to_owned() })
     }
 
-    pub(super) fn set_challenge(&mut self, domain: &str, challenge: Option<&AcmeChallenge>, at: UnixMillis) -> Response {
+    pub(super) fn set_challenge(
+        &mut self,
+        domain: &str,
+        challenge: Option<&AcmeChallenge>,
+        at: UnixMillis,
+    ) -> Response {
         match self.certificate_mut(domain) {
             Ok(certificate) => {
                 certificate.challenge = challenge.cloned();

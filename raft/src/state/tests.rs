@@ -462,5 +462,8 @@ fn a_public_tcp_port_belongs_to_one_app_and_a_refused_deploy_creates_nothing() {
     assert_eq!(apply(&mut state, second), Response::Rejected(Rejection::PortTaken { port: 15432, app: "pg".into() }));
     assert_eq!(state, before, "the refused deploy created no app");
     let again = Command::Deploy { app: "pg".into(), spec, description: "d".into() };
-    assert!(matches!(apply(&mut state, again), Response::Rejected(Rejection::DeployInProgress { .. })), "its own port is not taken");
+    assert!(
+        matches!(apply(&mut state, again), Response::Rejected(Rejection::DeployInProgress { .. })),
+        "its own port is not taken"
+    );
 }
