@@ -11,11 +11,15 @@
 //! - `mesh`: nodes in containers of their own, joined by WireGuard:
 //!   instances reach each other by mesh address and `.internal` name,
 //!   through restarts, moves and removals; wireguard-go interoperates.
+//! - `edge`: every node's HTTP, HTTPS and TCP ports reach healthy
+//!   instances anywhere; WebSocket, HTTP/2, 100 MiB bodies, limits, a
+//!   killed node under load, and a certificate from pebble served and renewed.
 //! - `binary`: the built `roost` binary driven as a user drives it.
 
 mod apps;
 mod binary;
 mod cluster;
+mod edge;
 mod elections;
 mod engines;
 mod inputs;

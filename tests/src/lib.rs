@@ -5,6 +5,7 @@
 //!   Nodes can be stopped and restarted from their directories.
 //! - [`process`]: the built `roost` binary run as a user would, for tests
 //!   that kill processes with SIGKILL and read what the CLI prints.
+//! - [`pebble`]: a real ACME server (Debian's pebble) for TLS tests.
 //! - [`topology`]: machines on this machine: each node in a container with
 //!   its own Docker engine and address, for what crosses a real network
 //!   (image transfers, the WireGuard mesh).
@@ -15,6 +16,7 @@
 //! the RocksDB state can be inspected.
 
 pub mod apps;
+pub mod pebble;
 pub mod process;
 pub mod topology;
 

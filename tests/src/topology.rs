@@ -180,6 +180,12 @@ impl Topology {
         format!("{}:7000", self.machines[index].ip)
     }
 
+    /// SIGKILL to the node in machine `index`, and `docker kill` of every
+    /// container its engine runs: the machine is as good as dead.
+    pub fn kill_machine(&self, index: usize) -> Result<()> {
+        self.exec(index, "pkill -KILL -x roost; docker ps -q | xargs -r docker kill >/dev/null; true").map(drop)
+    }
+
     /// SIGTERM to the node in machine `index`; waits until it has exited.
     pub async fn stop_roost(&self, index: usize) -> Result<()> {
         self.exec(index, "pkill -TERM -x roost || true")?;
@@ -187,6 +193,34 @@ impl Topology {
             Ok(self.exec(index, "pgrep -x roost || echo gone")?.contains("gone"))
         })
         .await
+    }
+
+    /// Writes `content` to `path` in machine `index`.
+    pub fn write_file(&self, index: usize, path: &str, content: &str) -> Result<()> {
+        use std::io::Write;
+        let mut child = Command::new("docker")
+            .args(["exec", "-i", &self.machines[index].name, "sh", "-c", &format!("cat > {path}")])
+            .stdin(std::process::Stdio::piped())
+            .spawn()?;
+        child.stdin.take().context("stdin")?.write_all(content.as_bytes())?;
+        if !child.wait()?.success() {
+            bail!("writing {path} in {} failed", self.machines[index].name);
+        }
+        Ok(())
+    }
+
+    /// The peak and current memory (VmHWM, VmRSS, KiB) of the node process
+    /// in machine `index`.
+    pub fn roost_memory(&self, index: usize) -> Result<(u64, u64)> {
+        let status = self.exec(index, "cat /proc/$(pgrep -x roost | head -1)/status")?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Ok((field("VmHWM:"), field("VmRSS:")))
     }
 
     /// What the node in machine `index` logged.

@@ -305,6 +305,16 @@ struct Finish {
     bytes: u64,
 }
 
+impl Tracked {
+    /// The answer ended: the connection can take another request.
+    fn complete(&mut self) {
+        if let Some(finish) = self.finish.take() {
+            finish.shared.pool.checkin(finish.addr, finish.sender);
+            finish.log.end(finish.bytes, None);
+        }
+    }
+}
+
 impl Body for Tracked {
     type Data = Bytes;
     type Error = BoxError;
@@ -316,6 +326,11 @@ impl Body for Tracked {
                 if let (Some(finish), Some(data)) = (this.finish.as_mut(), frame.data_ref()) {
                     finish.bytes += data.len() as u64;
                 }
+                // With a known length the server may not ask again once it
+                // has it all: finish now.
+                if this.inner.is_end_stream() {
+                    this.complete();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(error))) => {
@@ -325,10 +340,7 @@ impl Body for Tracked {
                 Poll::Ready(Some(Err(Box::new(error))))
             }
             Poll::Ready(None) => {
-                if let Some(finish) = this.finish.take() {
-                    finish.shared.pool.checkin(finish.addr, finish.sender);
-                    finish.log.end(finish.bytes, None);
-                }
+                this.complete();
                 Poll::Ready(None)
             }
             Poll::Pending => {
