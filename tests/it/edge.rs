@@ -47,9 +47,8 @@ impl Admin {
         self.run(&["scale", "count", &count.to_string(), "-a", app]).await?;
         wait_until(&format!("{count} instances of {app} passing"), Duration::from_secs(90), || async {
             let status = self.json(&["status", "-a", app]).await?;
-            let passing = status["instances"]
-                .as_array()
-                .map_or(0, |l| l.iter().filter(|i| i["health"] == "passing").count());
+            let passing =
+                status["instances"].as_array().map_or(0, |l| l.iter().filter(|i| i["health"] == "passing").count());
             Ok(passing == count)
         })
         .await
@@ -187,7 +186,10 @@ async fn routing(topology: &Topology, admin: &Admin) -> Result<()> {
     let (code, headers) = get(&ips[2], "web.localhost", "headers")?;
     assert_eq!(code, 200);
     assert!(headers.contains(&format!("x-forwarded-for: {}", topology.gateway)), "{headers}");
-    assert!(headers.contains("x-forwarded-proto: http\n") && headers.contains("x-forwarded-host: web.localhost"), "{headers}");
+    assert!(
+        headers.contains("x-forwarded-proto: http\n") && headers.contains("x-forwarded-host: web.localhost"),
+        "{headers}"
+    );
     assert!(headers.contains("roost-request-id: "), "{headers}");
 
     // HTTPS with the cluster CA's certificate for web.localhost, over HTTP/2.
@@ -242,10 +244,15 @@ async fn routing(topology: &Topology, admin: &Admin) -> Result<()> {
     admin.deploy_toml("secure", &secure, 1).await?;
     let (_, _, verbose) = curl(&["-v", "-H", "Host: secure.localhost", &format!("http://{}/a?b=c", ips[0])])?;
     let lower = verbose.to_ascii_lowercase();
-    assert!(lower.contains("< http/1.1 308") && lower.contains("location: https://secure.localhost/a?b=c"), "{verbose}");
+    assert!(
+        lower.contains("< http/1.1 308") && lower.contains("location: https://secure.localhost/a?b=c"),
+        "{verbose}"
+    );
 
     // A TCP service on every node.
-    admin.deploy("raw", "[[services]]\nprotocol = \"tcp\"\ninternal_port = 8080\n[[services.ports]]\nport = 9000\n", 1).await?;
+    admin
+        .deploy("raw", "[[services]]\nprotocol = \"tcp\"\ninternal_port = 8080\n[[services.ports]]\nport = 9000\n", 1)
+        .await?;
     for ip in &ips {
         let answer = wait_for_tcp(ip, 9000).await?;
         assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("Hello from raw"), "{answer}");
@@ -291,7 +298,8 @@ async fn a_killed_node_costs_a_steady_stream_few_failed_requests() -> Result<()>
     let result = async {
         admin.deploy("steady", "[placement]\nmax_per_node = 1\nconstraints = [\"zone == back\"]\n", 2).await?;
         let ip = topology.machine(0).ip.clone();
-        let (stop, ok, failed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (stop, ok, failed) =
+            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let stream = {
             let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
             std::thread::spawn(move || {
@@ -354,7 +362,8 @@ async fn a_certificate_from_pebble_is_served_by_every_node_and_renewed() -> Resu
     for i in 0..2 {
         topology.write_file(i, "/data/pebble-ca.pem", &ca)?;
     }
-    let extra = format!("--acme-directory {} --acme-ca /data/pebble-ca.pem --acme-email ops@example.com", pebble.directory);
+    let extra =
+        format!("--acme-directory {} --acme-ca /data/pebble-ca.pem --acme-email ops@example.com", pebble.directory);
     let admin = start(&topology, 2, &extra, &[]).await?;
     let result = async {
         admin.deploy("shop", "", 1).await?;
@@ -381,7 +390,8 @@ async fn a_certificate_from_pebble_is_served_by_every_node_and_renewed() -> Resu
         let root_path = root.path().to_string_lossy().into_owned();
         let served = |ip: &str| -> Result<String> {
             let resolve = format!("shop.example.com:443:{ip}");
-            let (code, body, verbose) = curl(&["-v", "--cacert", &root_path, "--resolve", &resolve, "https://shop.example.com/"])?;
+            let (code, body, verbose) =
+                curl(&["-v", "--cacert", &root_path, "--resolve", &resolve, "https://shop.example.com/"])?;
             if code != 200 {
                 bail!("through {ip}: {code} {body} {verbose}");
             }

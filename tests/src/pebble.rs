@@ -51,7 +51,8 @@ impl Pebble {
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca = ca_params.self_signed(&ca_key)?;
         let leaf_key = KeyPair::generate()?;
-        let leaf = CertificateParams::new(vec![host.to_owned()])?.signed_by(&leaf_key, &Issuer::new(ca_params, ca_key))?;
+        let leaf =
+            CertificateParams::new(vec![host.to_owned()])?.signed_by(&leaf_key, &Issuer::new(ca_params, ca_key))?;
         std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
         std::fs::write(dir.path().join("cert.pem"), leaf.pem())?;
         std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem())?;
@@ -117,9 +118,8 @@ impl Pebble {
     /// Makes `name` resolve to `addresses` for pebble's validation.
     pub fn add_a(&self, name: &str, addresses: &[&str]) -> Result<()> {
         let body = serde_json::json!({ "host": name, "addresses": addresses }).to_string();
-        let out = Command::new("curl")
-            .args(["-sf", "-d", &body, &format!("http://{}:8055/add-a", self.host)])
-            .output()?;
+        let out =
+            Command::new("curl").args(["-sf", "-d", &body, &format!("http://{}:8055/add-a", self.host)]).output()?;
         if !out.status.success() {
             bail!("challtestsrv refused add-a: {}", String::from_utf8_lossy(&out.stderr));
         }
