@@ -39,9 +39,12 @@ pub enum ConnectError {
     Handshake(#[source] hyper::Error),
 }
 
+/// An idle connection, and since when.
+type Idle = (SendRequest<UpstreamBody>, Instant);
+
 #[derive(Debug, Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<(SendRequest<UpstreamBody>, Instant)>>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
 }
 
 impl Pool {

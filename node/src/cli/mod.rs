@@ -108,9 +108,9 @@ pub enum NodeCommand {
     /// Create a new cluster with this machine as its first node, and run it.
     Init {
         #[command(flatten)]
-        node: NodeArgs,
+        node: Box<NodeArgs>,
         #[command(flatten)]
-        cluster: ClusterArgs,
+        cluster: Box<ClusterArgs>,
     },
     /// Join an existing cluster through any of its nodes, and run this node.
     Join {
@@ -120,7 +120,7 @@ pub enum NodeCommand {
         #[arg(long, env = "ROOST_JOIN_TOKEN", hide_env_values = true)]
         token: String,
         #[command(flatten)]
-        node: NodeArgs,
+        node: Box<NodeArgs>,
     },
     /// Show one node: its place in the mesh and its WireGuard peers with their last handshake.
     Show {
