@@ -45,6 +45,9 @@ pub struct NodeProcess {
     pub name: String,
     pub data_dir: PathBuf,
     pub address: String,
+    /// Where its edge takes HTTP and HTTPS.
+    pub http: std::net::SocketAddr,
+    pub https: std::net::SocketAddr,
     args: Vec<String>,
     child: Option<Child>,
     log_dir: PathBuf,
@@ -77,7 +80,8 @@ impl NodeProcess {
         let address = format!("127.0.0.1:{}", free_port()?);
         let mut args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
         let dir = data_dir.display().to_string();
-        let edge = ["--http-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"];
+        let (http, https) = (format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{}", free_port()?));
+        let edge = ["--http-listen", &http, "--https-listen", &https];
         for flag in ["--data-dir", &dir, "--listen", &address, "--name", name, "--no-wireguard"].into_iter().chain(edge)
         {
             args.push(flag.to_owned());
@@ -85,6 +89,8 @@ impl NodeProcess {
         let mut node = Self {
             name: name.into(),
             data_dir,
+            http: http.parse()?,
+            https: https.parse()?,
             address,
             args,
             child: None,
@@ -163,6 +169,15 @@ impl NodeProcess {
 
     pub fn read_token(&self, file: &str) -> Result<String> {
         Ok(std::fs::read_to_string(self.data_dir.join(file))?.trim().to_owned())
+    }
+
+    /// A token file, once the node has written it.
+    pub async fn read_token_when_ready(&self, file: &str) -> Result<String> {
+        wait_until(&format!("{file} of {}", self.name), Duration::from_secs(30), || async {
+            Ok(self.read_token(file).is_ok_and(|t| !t.is_empty()))
+        })
+        .await?;
+        self.read_token(file)
     }
 }
 
