@@ -31,7 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use roost_raft::NodeId;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -73,10 +73,16 @@ pub struct EdgeConfig {
     pub http: String,
     /// HOST:PORT for HTTPS (`--https-listen`).
     pub https: String,
+    /// Worker threads, each with its own listeners (SO_REUSEPORT) and
+    /// runtime: a connection, its requests and their connections to
+    /// instances stay on one thread, as in nginx's workers. One per core.
+    pub workers: usize,
 }
 
 pub struct Edge {
-    shared: Arc<Shared>,
+    balancer: Arc<Balancer>,
+    /// Each worker's connections to instances.
+    pools: Vec<Arc<Pool>>,
     certificates: Arc<Certificates>,
     routes: watch::Sender<Arc<Routes>>,
     prober: Mutex<Prober>,
@@ -91,56 +97,112 @@ impl std::fmt::Debug for Edge {
     }
 }
 
-/// The edge's two listeners, bound before anything else starts so that a
-/// taken port stops the node at once.
+/// The edge's listeners, bound before anything else starts so that a taken
+/// port stops the node at once: an HTTP and an HTTPS listener per worker,
+/// all on the same two addresses (SO_REUSEPORT; the kernel spreads
+/// connections among them).
 #[derive(Debug)]
 pub struct Listeners {
-    http: TcpListener,
-    https: TcpListener,
+    workers: Vec<(std::net::TcpListener, std::net::TcpListener)>,
     http_addr: SocketAddr,
     https_addr: SocketAddr,
 }
 
+fn reuseport(what: &'static str, address: &str, at: SocketAddr) -> Result<std::net::TcpListener, EdgeError> {
+    let error = |source| EdgeError::Bind { what, address: address.to_owned(), source };
+    let socket = if at.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(error)?;
+    socket.set_reuseaddr(true).map_err(error)?;
+    socket.set_reuseport(true).map_err(error)?;
+    socket.bind(at).map_err(error)?;
+    socket.listen(1024).map_err(error)?.into_std().map_err(error)
+}
+
 impl Listeners {
     pub async fn bind(config: &EdgeConfig) -> Result<Listeners, EdgeError> {
-        let bind = |what: &'static str, address: String| async move {
-            let error = |source| EdgeError::Bind { what, address: address.clone(), source };
-            let listener = TcpListener::bind(&address).await.map_err(error)?;
-            let bound = listener.local_addr().map_err(error)?;
-            Ok::<_, EdgeError>((listener, bound))
+        let resolve = |what: &'static str, address: &str| {
+            let error = |source| EdgeError::Bind { what, address: address.to_owned(), source };
+            std::net::ToSocketAddrs::to_socket_addrs(address).map_err(error)?.next().ok_or_else(|| {
+                error(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the address resolves to nothing"))
+            })
         };
-        let (http, http_addr) = bind("HTTP (--http-listen)", config.http.clone()).await?;
-        let (https, https_addr) = bind("HTTPS (--https-listen)", config.https.clone()).await?;
-        Ok(Listeners { http, https, http_addr, https_addr })
+        let (http_what, https_what) = ("HTTP (--http-listen)", "HTTPS (--https-listen)");
+        let mut http_addr = resolve(http_what, &config.http)?;
+        let mut https_addr = resolve(https_what, &config.https)?;
+        let mut workers = Vec::new();
+        for _ in 0..config.workers.max(1) {
+            let http = reuseport(http_what, &config.http, http_addr)?;
+            let https = reuseport(https_what, &config.https, https_addr)?;
+            // Port 0: the first listener's port is everyone's.
+            let error = |what, address: &str| {
+                let address = address.to_owned();
+                move |source| EdgeError::Bind { what, address, source }
+            };
+            http_addr = http.local_addr().map_err(error(http_what, &config.http))?;
+            https_addr = https.local_addr().map_err(error(https_what, &config.https))?;
+            workers.push((http, https));
+        }
+        Ok(Listeners { workers, http_addr, https_addr })
     }
 }
 
 impl Edge {
-    /// Serves the listeners until `stop`; `node` is this node's id.
+    /// Serves the listeners, each worker on a thread and runtime of its
+    /// own, until `stop`; `node` is this node's id.
     pub fn start(
         listeners: Listeners,
         node: NodeId,
         hooks: Arc<dyn Hooks>,
         stop: CancellationToken,
     ) -> Result<Arc<Edge>, EdgeError> {
-        let Listeners { http: http_listener, https: https_listener, http_addr, https_addr } = listeners;
+        let Listeners { workers, http_addr, https_addr } = listeners;
         let (routes_tx, routes) = watch::channel(Arc::new(Routes::default()));
         let certificates = Arc::new(Certificates::new(routes.clone()));
         let tls = TlsAcceptor::from(tls::server_config(certificates.clone()).map_err(EdgeError::Tls)?);
-        let shared = Arc::new(Shared {
-            routes,
-            balancer: Arc::new(Balancer::new(node)),
-            pool: Pool::default(),
-            hooks,
-            https_port: Some(https_addr.port()),
-            queue: QUEUE_TIMEOUT,
-            connect_timeout: CONNECT_TIMEOUT,
-        });
-        tokio::spawn(accept(http_listener, shared.clone(), None, stop.clone()));
-        tokio::spawn(accept(https_listener, shared.clone(), Some(tls), stop));
-        tracing::info!(http = %http_addr, https = %https_addr, "edge listening");
+        let balancer = Arc::new(Balancer::new(node));
+        let mut pools = Vec::new();
+        for (index, (http, https)) in workers.into_iter().enumerate() {
+            let pool = Arc::new(Pool::default());
+            pools.push(pool.clone());
+            let shared = Arc::new(Shared {
+                routes: routes.clone(),
+                balancer: balancer.clone(),
+                pool,
+                hooks: hooks.clone(),
+                https_port: Some(https_addr.port()),
+                queue: QUEUE_TIMEOUT,
+                connect_timeout: CONNECT_TIMEOUT,
+            });
+            let (tls, stop) = (tls.clone(), stop.clone());
+            let span = tracing::Span::current();
+            std::thread::Builder::new()
+                .name(format!("edge-{index}"))
+                .spawn(move || {
+                    let _entered = span.enter();
+                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(runtime) => runtime,
+                        Err(error) => {
+                            tracing::error!(%error, "an edge worker could not start its runtime");
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        let (http, https) = match (TcpListener::from_std(http), TcpListener::from_std(https)) {
+                            (Ok(http), Ok(https)) => (http, https),
+                            (Err(error), _) | (_, Err(error)) => {
+                                tracing::error!(%error, "an edge worker could not take its listeners");
+                                return;
+                            }
+                        };
+                        tokio::spawn(accept(http, shared.clone(), None, stop.clone()));
+                        accept(https, shared, Some(tls), stop).await;
+                    });
+                })
+                .map_err(|source| EdgeError::Bind { what: "an edge worker", address: http_addr.to_string(), source })?;
+        }
+        tracing::info!(http = %http_addr, https = %https_addr, workers = pools.len(), "edge listening");
         Ok(Arc::new(Edge {
-            shared,
+            balancer,
+            pools,
             certificates,
             routes: routes_tx,
             prober: Mutex::new(Prober::default()),
@@ -174,11 +236,13 @@ impl Edge {
             }
             changed
         });
-        self.prober.lock().unwrap_or_else(|p| p.into_inner()).sync(&probes, &self.shared.balancer);
-        self.shared.balancer.retain(&live);
-        self.shared.pool.retain(&live);
+        self.prober.lock().unwrap_or_else(|p| p.into_inner()).sync(&probes, &self.balancer);
+        self.balancer.retain(&live);
+        for pool in &self.pools {
+            pool.retain(&live);
+        }
         let mut tcp = self.tcp.lock().await;
-        tcp.sync(&self.shared.routes, &self.shared.balancer, CONNECT_TIMEOUT).await;
+        tcp.sync(&self.routes.subscribe(), &self.balancer, CONNECT_TIMEOUT).await;
     }
 }
 

@@ -257,7 +257,7 @@ pub fn node_config(
         controller: Default::default(),
         mesh: MeshSettings { wireguard_port: None, dns_port: 53, upstream_dns: Vec::new() },
         cluster: ClusterSettings { mesh_range: mesh_range(), ..Default::default() },
-        edge: EdgeListen { http: "127.0.0.1:0".into(), https: "127.0.0.1:0".into() },
+        edge: EdgeListen { http: "127.0.0.1:0".into(), https: "127.0.0.1:0".into(), workers: 1 },
     }
 }
 

@@ -55,6 +55,9 @@ impl Pool {
         timeout: Duration,
     ) -> Result<SendRequest<UpstreamBody>, ConnectError> {
         while let Some(mut sender) = self.take_idle(addr) {
+            if sender.is_ready() {
+                return Ok(sender);
+            }
             // A connection given back as its response ended may need a
             // moment to take the next request; a closed one never will.
             if let Ok(Ok(())) = tokio::time::timeout(READY_WITHIN, sender.ready()).await {

@@ -533,7 +533,11 @@ pub fn node_config(
             upstream_dns: host.upstream_dns,
         },
         cluster,
-        edge: EdgeListen { http: args.http_listen.clone(), https: args.https_listen.clone() },
+        edge: EdgeListen {
+            http: args.http_listen.clone(),
+            https: args.https_listen.clone(),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        },
     })
 }
 

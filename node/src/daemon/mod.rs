@@ -122,11 +122,13 @@ impl Default for ClusterSettings {
     }
 }
 
-/// Where the edge proxy listens (`--http-listen`, `--https-listen`).
+/// Where the edge proxy listens (`--http-listen`, `--https-listen`), and
+/// with how many worker threads.
 #[derive(Clone, Debug)]
 pub struct EdgeListen {
     pub http: String,
     pub https: String,
+    pub workers: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -285,6 +287,7 @@ impl Node {
         let edge_listeners = roost_network::edge::Listeners::bind(&roost_network::edge::EdgeConfig {
             http: config.edge.http.clone(),
             https: config.edge.https.clone(),
+            workers: config.edge.workers,
         })
         .await?;
         let engine = Engine::connect(config.docker_host.as_deref()).await?;
