@@ -128,7 +128,7 @@ async fn route(shared: &Arc<Shared>, client: Client, request: Request<Incoming>,
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         return log.local(response);
     }
-    proxy(shared, client, request, &route, log).await
+    proxy(shared, client, request, route, log).await
 }
 
 async fn challenge(shared: &Shared, token: &str) -> Response<EdgeBody> {
