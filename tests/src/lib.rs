@@ -16,6 +16,7 @@
 //! the RocksDB state can be inspected.
 
 pub mod apps;
+pub mod bench;
 pub mod pebble;
 pub mod process;
 pub mod topology;

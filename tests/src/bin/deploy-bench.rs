@@ -47,19 +47,10 @@ async fn main() -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=off"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
-    let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str, default: usize| -> Result<usize> {
-        match args.iter().position(|a| a == flag) {
-            Some(i) => {
-                args.get(i + 1).context("missing value")?.parse().with_context(|| format!("{flag} takes a number"))
-            }
-            None => Ok(default),
-        }
-    };
-    let runs = value("--runs", 3)?;
-    let batch = value("--batch", 1000)?;
-    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
-    let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let flags = roost_tests::bench::Flags::from_command_line();
+    let runs = flags.number("--runs", 3)? as usize;
+    let batch = flags.number("--batch", 1000)? as usize;
+    let want = |name: &str| flags.wants(name);
 
     if want("scheduler") {
         scheduler_bench(batch).await?;

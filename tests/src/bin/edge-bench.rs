@@ -40,19 +40,10 @@ use serde_json::Value;
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str, default: u64| -> Result<u64> {
-        match args.iter().position(|a| a == flag) {
-            Some(i) => {
-                args.get(i + 1).context("missing value")?.parse().with_context(|| format!("{flag} takes a number"))
-            }
-            None => Ok(default),
-        }
-    };
-    let runs = value("--runs", 3)?;
-    let seconds = value("--seconds", 10)?;
-    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
-    let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let flags = roost_tests::bench::Flags::from_command_line();
+    let runs = flags.number("--runs", 3)?;
+    let seconds = flags.number("--seconds", 10)?;
+    let want = |name: &str| flags.wants(name);
     if want("proxy") {
         for tool in ["wrk", "nginx", "unshare"] {
             if !found(tool) {

@@ -35,17 +35,9 @@ const WG_GO_PORT: u16 = 51900;
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str, default: u64| -> Result<u64> {
-        match args.iter().position(|a| a == flag) {
-            Some(i) => {
-                args.get(i + 1).context("missing value")?.parse().with_context(|| format!("{flag} takes a number"))
-            }
-            None => Ok(default),
-        }
-    };
-    let runs = value("--runs", 3)?;
-    let seconds = value("--seconds", 10)?;
+    let flags = roost_tests::bench::Flags::from_command_line();
+    let runs = flags.number("--runs", 3)?;
+    let seconds = flags.number("--seconds", 10)?;
     for tool in ["iperf3", "ping", "wireguard-go", "wg"] {
         if which(tool).is_none() {
             bail!("mesh-bench needs {tool}: apt-get install iperf3 iputils-ping wireguard-go wireguard-tools");
