@@ -24,7 +24,8 @@ use futures::stream::BoxStream;
 use ipnet::Ipv4Net;
 use roost_raft::consensus::now_millis;
 use roost_raft::workload::{
-    GroupSpec, Health, Instance, InstanceReport, InstanceState, ReleaseStatus, RestartPolicy, SealedSecret,
+    truncated, GroupSpec, Health, Instance, InstanceReport, InstanceState, ReleaseStatus, RestartPolicy, SealedSecret,
+    MAX_REASON_BYTES,
 };
 use roost_raft::{Command, Consensus, NodeId};
 use tokio::sync::{watch, Notify};
@@ -98,7 +99,15 @@ pub struct Agent {
     health_changed: Arc<Notify>,
     /// The node's instance network, once the mesh has made it.
     network: watch::Receiver<Option<InstanceNetwork>>,
+    /// When each instance's reason alone was last reported (see
+    /// [`REASON_REPORT_EVERY`]).
+    reason_reported: HashMap<String, Instant>,
 }
+
+/// A change of an instance's reason alone (a check's output, which app code
+/// writes) is reported at most this often, so an app cannot flood the Raft
+/// log; a change of state or health is reported at once.
+const REASON_REPORT_EVERY: Duration = Duration::from_secs(30);
 
 /// What the agent remembers of one instance's container between passes.
 struct Tracked {
@@ -161,6 +170,7 @@ impl Agent {
             collected_for: None,
             health_changed: Arc::new(Notify::new()),
             network,
+            reason_reported: HashMap::new(),
         }
     }
 
@@ -245,13 +255,22 @@ impl Agent {
         self.tracked.retain(|id, _| wanted.contains_key(id.as_str()));
         self.create_retry.retain(|id, _| wanted.contains_key(id.as_str()));
 
+        self.reason_reported.retain(|id, _| wanted.contains_key(id.as_str()));
         let mut reports = Vec::new();
         for desired in &desired {
             let span = tracing::info_span!("instance", app = %desired.instance.app, instance = %desired.instance.id);
             let container = current.get(&desired.instance.id);
-            let report = self.reconcile(&cluster, desired, container, network.as_ref()).instrument(span).await;
+            let mut report = self.reconcile(&cluster, desired, container, network.as_ref()).instrument(span).await;
+            // The state keeps a bounded reason; compare like with like.
+            report.reason = report.reason.map(|reason| truncated(&reason, MAX_REASON_BYTES));
             if differs(&desired.instance, &report) {
                 reports.push(report);
+            } else if desired.instance.reason != report.reason {
+                let id = &desired.instance.id;
+                if self.reason_reported.get(id).is_none_or(|at| at.elapsed() >= REASON_REPORT_EVERY) {
+                    self.reason_reported.insert(id.clone(), Instant::now());
+                    reports.push(report);
+                }
             }
         }
         if !reports.is_empty() {
@@ -431,6 +450,14 @@ impl Agent {
     async fn create(&self, cluster: &str, desired: &Desired, network: &InstanceNetwork) -> Result<String, String> {
         let instance = &desired.instance;
         self.ensure_image(&desired.image, desired.image_source, instance).await?;
+        // Only what was built or uploaded through this cluster runs.
+        let labels = self.engine.image_labels(&desired.image).await.map_err(|e| e.chain())?.unwrap_or_default();
+        if labels.get(LABEL_CLUSTER).map(String::as_str) != Some(cluster) {
+            return Err(format!(
+                "image {} was not built or uploaded through this cluster; deploy it with `roost deploy`",
+                desired.image
+            ));
+        }
         let mut env: BTreeMap<String, String> = desired.env.clone();
         for (name, sealed) in &desired.secrets {
             let value = self.key.open(&instance.app, name, sealed).map_err(|e| e.to_string())?;
@@ -587,14 +614,18 @@ impl Agent {
     }
 }
 
-/// Whether the state's record of an instance is out of date.
+/// Whether the state's record of an instance is out of date in substance
+/// (anything but the text of its reason).
 fn differs(instance: &Instance, report: &InstanceReport) -> bool {
     instance.state != report.state
         || instance.health != report.health
         || instance.address != report.address
         || instance.ip != report.ip
-        || instance.reason != report.reason
         || instance.restarts != report.restarts
+        // A running instance's reason is its check's output, which changes as
+        // the app likes: the caller rate-limits that.
+        || (instance.reason.is_none() != report.reason.is_none())
+        || (instance.reason != report.reason && report.state != InstanceState::Running)
 }
 
 fn backoff(restarts: u32) -> Duration {

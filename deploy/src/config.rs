@@ -364,8 +364,12 @@ impl AppConfig {
                 );
             }
         }
-        if self.deploy.release_command.as_deref().is_some_and(|c| c.trim().is_empty()) {
-            problem("deploy.release_command", "is empty".into());
+        if let Some(command) = &self.deploy.release_command {
+            if command.trim().is_empty() {
+                problem("deploy.release_command", "is empty".into());
+            } else if shlex::split(command).is_none() {
+                problem("deploy.release_command", UNBALANCED.into());
+            }
         }
         for (name, command) in &self.processes {
             if let Err(reason) = roost_raft::state::validate_name(name) {
@@ -373,6 +377,8 @@ impl AppConfig {
             }
             if command.trim().is_empty() {
                 problem(&format!("processes.{name}"), "has an empty command".into());
+            } else if shlex::split(command).is_none() {
+                problem(&format!("processes.{name}"), UNBALANCED.into());
             }
         }
         let groups = self.process_groups();
@@ -535,3 +541,13 @@ fn check_problems(check: &Check, has_http_service: bool) -> Vec<Problem> {
 
 #[cfg(test)]
 mod tests;
+
+const UNBALANCED: &str =
+    "has an unclosed quote or a trailing backslash (commands are split as a POSIX shell does: \"sh -c 'a && b'\")";
+
+/// A command of `roost.toml` as arguments, split as a POSIX shell splits
+/// words (quotes and backslashes; no expansion): `sh -c 'a && b'` is three.
+/// Commands are checked by `validate`, so an unsplittable one is empty here.
+pub fn split_command(command: &str) -> Vec<String> {
+    shlex::split(command).unwrap_or_default()
+}

@@ -18,7 +18,7 @@ use bollard::query_parameters::{
     ListImagesOptionsBuilder, ListNetworksOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
     RemoveImageOptionsBuilder, StopContainerOptionsBuilder,
 };
-use bollard::{body_full, Docker};
+use bollard::{body_try_stream, Docker};
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 
@@ -29,6 +29,14 @@ pub const LABEL_RELEASE: &str = "roost.release";
 pub const LABEL_INSTANCE: &str = "roost.instance";
 pub const LABEL_GROUP: &str = "roost.group";
 pub const LABEL_GENERATION: &str = "roost.generation";
+
+/// The most output lines of a release command that are kept (the last ones),
+/// and the longest line.
+pub const MAX_OUTPUT_LINES: usize = 1000;
+pub const MAX_OUTPUT_LINE_BYTES: usize = 4096;
+
+/// The most processes (and threads) one instance may have.
+pub const PIDS_LIMIT: i64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -188,7 +196,7 @@ impl Engine {
     /// Builds an image from a tar of the build context, streaming its output.
     pub fn build(
         &self,
-        context: Bytes,
+        context: impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
         dockerfile: &str,
         tag: &str,
         labels: &HashMap<String, String>,
@@ -204,7 +212,7 @@ impl Engine {
             .build();
         let mut built = false;
         self.docker
-            .build_image(options, None, Some(body_full(context)))
+            .build_image(options, None, Some(body_try_stream(context)))
             .map_err(|source| EngineError::Docker { action: "build the image".into(), source })
             .and_then(move |info| {
                 let event = if let Some(detail) = info.error_detail {
@@ -225,6 +233,50 @@ impl Engine {
             Ok(image) => Ok(image.id),
             Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
             Err(source) => Err(EngineError::Docker { action: format!("inspect image {name}"), source }),
+        }
+    }
+
+    /// The image's labels, when the engine has it.
+    pub async fn image_labels(&self, name: &str) -> Result<Option<HashMap<String, String>>, EngineError> {
+        match self.docker.inspect_image(name).await {
+            Ok(image) => Ok(Some(image.config.and_then(|c| c.labels).unwrap_or_default())),
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(source) => Err(EngineError::Docker { action: format!("inspect image {name}"), source }),
+        }
+    }
+
+    /// An image with `id`'s content that carries `labels`: `id` itself when
+    /// it carries them already, else one built `FROM` it with them (a build
+    /// that only writes metadata). So every image Roost runs or sends to a
+    /// peer is marked as the cluster's, however it arrived.
+    pub async fn adopt(&self, id: &str, tag: &str, labels: &HashMap<String, String>) -> Result<String, EngineError> {
+        let current = self.image_labels(id).await?.unwrap_or_default();
+        if labels.iter().all(|(k, v)| current.get(k) == Some(v)) {
+            return Ok(id.to_owned());
+        }
+        let dockerfile = format!("FROM {id}\n");
+        let mut context = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(dockerfile.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        context
+            .append_data(&mut header, "Dockerfile", dockerfile.as_bytes())
+            .map_err(|e| EngineError::Build { message: format!("could not pack the labelling build: {e}") })?;
+        let context = context
+            .into_inner()
+            .map_err(|e| EngineError::Build { message: format!("could not pack the labelling build: {e}") })?;
+        let context = futures::stream::once(futures::future::ready(Ok(Bytes::from(context))));
+        let mut events = Box::pin(self.build(context, "Dockerfile", tag, labels, &HashMap::new()));
+        let mut built = None;
+        while let Some(event) = events.next().await {
+            if let BuildEvent::Built { image_id } = event? {
+                built = Some(image_id);
+            }
+        }
+        match built {
+            Some(id) => Ok(id),
+            None => self.image_id(tag).await?.ok_or(EngineError::NoImageId),
         }
     }
 
@@ -403,6 +455,13 @@ impl Engine {
                 // engine's, which forwards what it does not know here.
                 network_mode: spec.network.as_ref().map(|n| n.network.clone()),
                 dns: spec.network.as_ref().map(|n| vec![n.dns.clone()]),
+                // Least privilege: no privilege gained through setuid
+                // binaries, no raw sockets (spoofing on the mesh), a bound on
+                // processes (a fork bomb stays in its instance). The user is
+                // the image's own (`USER`), as Docker does by default.
+                security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
+                cap_drop: Some(vec!["NET_RAW".to_owned()]),
+                pids_limit: Some(PIDS_LIMIT),
                 ..Default::default()
             }),
             ..Default::default()
@@ -436,14 +495,32 @@ impl Engine {
                 let _ = self.remove(&id).await;
                 return Err(EngineError::Docker { action: format!("wait for container {}", spec.name), source });
             }
-            None => 0,
+            // The engine ended the wait without a status: nothing says it succeeded.
+            None => {
+                let _ = self.remove(&id).await;
+                return Err(EngineError::Build {
+                    message: format!("the engine did not report how container {} exited", spec.name),
+                });
+            }
         };
-        let mut lines = Vec::new();
+        // The last lines only, each bounded: output is the app's to make.
+        let mut lines = std::collections::VecDeque::new();
+        let mut dropped = 0usize;
         let mut logs = Box::pin(self.logs(&id, false, None, None));
         while let Some(Ok((_, bytes))) = logs.next().await {
-            lines.extend(String::from_utf8_lossy(&bytes).lines().map(str::to_owned));
+            for line in String::from_utf8_lossy(&bytes).lines() {
+                if lines.len() == MAX_OUTPUT_LINES {
+                    lines.pop_front();
+                    dropped += 1;
+                }
+                lines.push_back(roost_raft::workload::truncated(line, MAX_OUTPUT_LINE_BYTES));
+            }
         }
         self.remove(&id).await?;
+        let mut lines: Vec<String> = lines.into();
+        if dropped > 0 {
+            lines.insert(0, format!("({dropped} earlier lines not shown)"));
+        }
         Ok((code, lines))
     }
 

@@ -97,8 +97,7 @@ fn applies(listed: &[String], group: &str) -> bool {
 }
 
 fn group_spec(config: &AppConfig, group: &str) -> GroupSpec {
-    let command =
-        config.processes.get(group).map(|c| c.split_whitespace().map(str::to_owned).collect()).unwrap_or_default();
+    let command = config.processes.get(group).map(|c| crate::config::split_command(c)).unwrap_or_default();
     let resources = config
         .vm
         .iter()

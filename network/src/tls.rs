@@ -15,7 +15,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -39,9 +39,99 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::pki::{self, fingerprint, CaDigest, PkiError, NODE_SERVER_NAME};
 
-/// How long a peer may take to finish a handshake before we drop it.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the node port lets one client, and all clients together, hold.
+///
+/// Connections are counted from accept, before the handshake, so a client
+/// that opens connections and sends nothing is bounded as much as one that
+/// completes them. Nodes, the CLI and joining nodes need a handful each; the
+/// caps only bite on a client that hoards. A refused connection is closed at
+/// once, and the others (Raft, the CLI) are served as before.
+#[derive(Clone, Debug)]
+pub struct ConnectionLimits {
+    /// Connections open at once, from all clients (each costs a file
+    /// descriptor: keep it well below `ulimit -n`).
+    pub max_connections: usize,
+    /// Connections open at once from one IP address.
+    pub per_client: usize,
+    /// How long a client may take to finish the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// How long a connection may pass no byte either way. Served HTTP/2
+    /// connections exchange pings more often than this (see the node's
+    /// server settings), so only a connection that has stopped speaking
+    /// is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            per_client: 128,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Counts open connections, overall and per client address.
+struct Admission {
+    limits: ConnectionLimits,
+    open: std::sync::Mutex<AdmissionCounts>,
+}
+
+#[derive(Default)]
+struct AdmissionCounts {
+    total: usize,
+    per_client: std::collections::HashMap<IpAddr, usize>,
+    last_warned: Option<std::time::Instant>,
+}
+
+/// One admitted connection; it gives its place back when dropped.
+struct Admitted {
+    admission: Arc<Admission>,
+    client: IpAddr,
+}
+
+impl Admission {
+    fn admit(self: &Arc<Self>, client: IpAddr) -> Option<Admitted> {
+        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mine = open.per_client.get(&client).copied().unwrap_or(0);
+        if open.total >= self.limits.max_connections || mine >= self.limits.per_client {
+            // One line a minute at most: the refused are many by definition.
+            let now = std::time::Instant::now();
+            if open.last_warned.is_none_or(|at| now.duration_since(at) > Duration::from_secs(60)) {
+                open.last_warned = Some(now);
+                tracing::warn!(
+                    %client,
+                    client_connections = mine,
+                    total = open.total,
+                    "refusing connections on the node port: a connection cap is reached (per client {}, overall {})",
+                    self.limits.per_client,
+                    self.limits.max_connections
+                );
+            }
+            return None;
+        }
+        open.total += 1;
+        *open.per_client.entry(client).or_default() += 1;
+        Some(Admitted { admission: self.clone(), client })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = self.admission.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        open.total = open.total.saturating_sub(1);
+        if let std::collections::hash_map::Entry::Occupied(mut entry) = open.per_client.entry(self.client) {
+            *entry.get_mut() -= 1;
+            if *entry.get() == 0 {
+                entry.remove();
+            }
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -67,6 +157,9 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The node port speaks TLS 1.3 only: every client is Roost's own.
+const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
 fn roots(ca: &CertificateDer<'static>) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.add(ca.clone()).map_err(TlsError::Config)?;
@@ -83,7 +176,7 @@ pub fn server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<
         .build()
         .map_err(TlsError::Verifier)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(VERSIONS)
         .map_err(TlsError::Config)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![cert, ca], key)
@@ -101,9 +194,20 @@ pub struct PeerIdentity {
 }
 
 /// A server-side TLS connection, with the identity tonic hands to services.
+/// It holds its place under the connection caps, and fails with `TimedOut`
+/// once no byte has passed either way for the idle timeout.
 pub struct TlsConnection {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     identity: PeerIdentity,
+    _admitted: Admitted,
+    idle_timeout: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl TlsConnection {
+    fn active(&mut self) {
+        self.idle.as_mut().reset(tokio::time::Instant::now() + self.idle_timeout);
+    }
 }
 
 impl Connected for TlsConnection {
@@ -116,13 +220,31 @@ impl Connected for TlsConnection {
 
 impl AsyncRead for TlsConnection {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    self.active();
+                }
+                Poll::Ready(result)
+            }
+            // The server always has a read pending, so this is where a
+            // connection that has gone quiet is noticed.
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle connection closed"))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 }
 
 impl AsyncWrite for TlsConnection {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.active();
+        }
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -138,7 +260,11 @@ impl AsyncWrite for TlsConnection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.active();
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -151,10 +277,12 @@ impl AsyncWrite for TlsConnection {
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
+    limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> ReceiverStream<io::Result<TlsConnection>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let admission = Arc::new(Admission { limits, open: Default::default() });
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -169,11 +297,14 @@ pub fn incoming(
                     }
                 },
             };
+            // Dropping the socket closes it: the client learns at once.
+            let Some(admitted) = admission.admit(remote.ip()) else { continue };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let limits = admission.limits.clone();
             tokio::spawn(async move {
-                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let stream = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(error)) => {
                         tracing::debug!(%remote, %error, "TLS handshake failed");
@@ -191,7 +322,10 @@ pub fn incoming(
                     .and_then(|certs| certs.first())
                     .map(|cert| fingerprint(cert));
                 let identity = PeerIdentity { remote_addr: Some(remote), node_fingerprint };
-                let _ = tx.send(Ok(TlsConnection { stream, identity })).await;
+                let idle = Box::pin(tokio::time::sleep(limits.idle_timeout));
+                let connection =
+                    TlsConnection { stream, identity, _admitted: admitted, idle_timeout: limits.idle_timeout, idle };
+                let _ = tx.send(Ok(connection)).await;
             });
         }
     });
@@ -215,7 +349,7 @@ impl ClientTls {
     /// no certificate: the CLI, or a node that has not joined yet.
     pub fn anonymous(ca_digest: CaDigest) -> Result<Self, TlsError> {
         let builder = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(VERSIONS)
             .map_err(TlsError::Config)?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier::new(ca_digest)));
@@ -228,7 +362,7 @@ impl ClientTls {
         let cert = pki::cert_der_from_pem(cert_pem)?;
         let key: PrivateKeyDer<'static> = pki::key_der_from_pem(key_pem)?;
         let builder = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(VERSIONS)
             .map_err(TlsError::Config)?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier::new(CaDigest::of(&ca))));

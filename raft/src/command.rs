@@ -16,6 +16,75 @@ use crate::NodeId;
 
 pub const PROPOSAL_VERSION: u16 = 1;
 
+/// What lets a node propose a command on someone's behalf. It travels with a
+/// forwarded proposal (`Raft.Propose`), never into the log: the leader
+/// checks it, then writes the proposal alone.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Grant {
+    /// The token an API caller presented (checked by the node that took the
+    /// call, and again by the leader).
+    Admin { token: String },
+    /// The join secret a joining node presented to its seed.
+    Join { secret: String },
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Credentials stay out of logs.
+        f.write_str(match self {
+            Grant::Admin { .. } => "Grant::Admin",
+            Grant::Join { .. } => "Grant::Join",
+        })
+    }
+}
+
+/// A proposal as one node forwards it to the leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Forward {
+    pub proposal: Proposal,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<Grant>,
+}
+
+impl Command {
+    /// Whether a node may propose this on its own authority (`caller` is the
+    /// node its certificate names): reports about itself and its instances,
+    /// and the decisions the leader's own loops (controller, ACME) make,
+    /// which a node that has just lost the lead may forward. Anything a user
+    /// asks for needs their grant; a new node needs the join secret.
+    pub fn is_node_command(&self, caller: NodeId) -> bool {
+        match self {
+            Command::UpdateNode { id, .. } => *id == caller,
+            Command::ReportInstances { node, .. } => *node == caller,
+            Command::Place { .. }
+            | Command::Reschedule { .. }
+            | Command::FinishRelease { .. }
+            | Command::RetireInstances { .. }
+            | Command::SetAcmeChallenge { .. }
+            | Command::CertificateIssued { .. }
+            | Command::CertificateFailed { .. }
+            | Command::SetAcmeAccount { .. } => true,
+            Command::Bootstrap { .. }
+            | Command::AddNode { .. }
+            | Command::RemoveNode { .. }
+            | Command::CreateApp { .. }
+            | Command::AddCertificate { .. }
+            | Command::RemoveCertificate { .. }
+            | Command::DestroyApp { .. }
+            | Command::Deploy { .. }
+            | Command::Scale { .. }
+            | Command::ScaleVm { .. }
+            | Command::Rollback { .. }
+            | Command::SetSecrets { .. }
+            | Command::Restart { .. }
+            | Command::SuspendApp { .. }
+            | Command::ResumeApp { .. }
+            | Command::Batch { .. } => false,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
     pub version: u16,
@@ -258,6 +327,12 @@ pub enum Rejection {
     SecretNotFound { app: String, names: String },
     #[error("{count} instances is more than the {max} a process group may have")]
     TooManyInstances { count: u32, max: u32 },
+    #[error("secret {name} of {app} is {bytes} bytes; a secret value may be at most {max_value} bytes (keep large files out of secrets: mount them, or fetch them at start)", max_value = crate::workload::MAX_SECRET_BYTES)]
+    SecretTooLarge { app: String, name: String, bytes: usize },
+    #[error("{app} would have {count} secrets; an app may have at most {max}. Unset some with `roost secrets unset`")]
+    TooManySecrets { app: String, count: usize, max: usize },
+    #[error("{app}'s secrets would hold {bytes} bytes together; an app's secrets may hold at most {max_total} bytes. Unset some with `roost secrets unset`", max_total = crate::workload::MAX_APP_SECRETS_BYTES)]
+    AppSecretsTooLarge { app: String, bytes: usize },
     #[error("invalid release: {reason}")]
     InvalidRelease { reason: String },
     #[error("the mesh range {range} has no free /24 left for another node; a cluster made with a larger --mesh-range has room")]

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::command::{Command, Proposal, Response};
+use crate::command::{Command, Forward, Grant, Proposal, Response};
 use crate::network::{Channels, ElectionHints, Network};
 use crate::service::NOT_LEADER;
 use crate::state::UnixMillis;
@@ -77,6 +77,7 @@ impl Timings {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.keep_after_snapshot,
             purge_batch_size: self.purge_batch,
+            max_payload_entries: MAX_PAYLOAD_ENTRIES,
             ..Default::default()
         }
     }
@@ -104,6 +105,41 @@ pub enum ConsensusError {
     Stopped,
     #[error("the leader answered something this node cannot read: {0}")]
     Protocol(String),
+    #[error("the leader refused the change: {0}")]
+    Refused(String),
+    #[error("the change is {bytes} bytes encoded; one change may be at most {max} bytes", max = MAX_COMMAND_BYTES)]
+    TooLarge { bytes: usize },
+}
+
+/// The largest one proposal may be, encoded. Checked before it is proposed
+/// (and again on the leader, for forwarded ones), so an oversized change is
+/// refused with a clear error rather than clogging the log.
+pub const MAX_COMMAND_BYTES: usize = 1 << 20;
+/// The most bytes of proposals the batcher merges into one entry.
+pub const MAX_BATCH_BYTES: usize = 2 * MAX_COMMAND_BYTES;
+/// The most entries one AppendEntries carries. With [`MAX_BATCH_BYTES`]
+/// this bounds a message at 32 MiB, half the 64 MiB a node accepts, so
+/// every batch the leader writes can reach its followers.
+const MAX_PAYLOAD_ENTRIES: u64 = 16;
+/// The Raft service's message limit, both ways.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The encoded size of `value`, without keeping the encoding.
+fn encoded_len(value: &impl serde::Serialize) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Encoding to a counter fails only where encoding to the log would.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
 }
 
 /// How long to wait between attempts to find or reach a leader.
@@ -115,8 +151,11 @@ pub struct Consensus {
     raft: Raft,
     state: StateReader,
     channels: Arc<dyn Channels>,
-    batcher: mpsc::UnboundedSender<(Proposal, oneshot::Sender<LocalWrite>)>,
+    batcher: mpsc::UnboundedSender<Pending>,
 }
+
+/// A proposal waiting for the batcher, its encoded size and its caller.
+type Pending = (Proposal, usize, oneshot::Sender<LocalWrite>);
 
 impl std::fmt::Debug for Consensus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -200,8 +239,23 @@ impl Consensus {
     /// Commits `command` through the leader, wherever it is, and returns what
     /// the state machine answered. Waits for a leader until `deadline`.
     pub async fn propose(&self, command: Command, deadline: Instant) -> Result<Response, ConsensusError> {
+        self.propose_granted(command, None, deadline).await
+    }
+
+    /// [`Consensus::propose`] on someone's behalf: `grant` goes with the
+    /// proposal if it must be forwarded, so the leader can check it.
+    pub async fn propose_granted(
+        &self,
+        command: Command,
+        grant: Option<Grant>,
+        deadline: Instant,
+    ) -> Result<Response, ConsensusError> {
         let started = Instant::now();
         let proposal = Proposal::new(command, now_millis());
+        let bytes = encoded_len(&proposal);
+        if bytes > MAX_COMMAND_BYTES {
+            return Err(ConsensusError::TooLarge { bytes });
+        }
         let mut retry = RETRY_MIN;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -218,11 +272,12 @@ impl Consensus {
                         Ok(LocalWrite::Stopped) => return Err(ConsensusError::Stopped),
                     }
                 }
-                Some((_, leader)) => match self.forward_proposal(&leader.address, &proposal, remaining).await {
+                Some((_, leader)) => match self.forward_proposal(&leader.address, &proposal, &grant, remaining).await {
                     Forwarded::Done(response) => return Ok(response),
                     Forwarded::Retry => {}
                     Forwarded::Unconfirmed => return Err(ConsensusError::Unconfirmed { waited: started.elapsed() }),
                     Forwarded::Protocol(e) => return Err(ConsensusError::Protocol(e)),
+                    Forwarded::Refused(e) => return Err(ConsensusError::Refused(e)),
                 },
                 None => {}
             }
@@ -233,8 +288,12 @@ impl Consensus {
     /// Writes through this node's Raft, which must lead; concurrent writes
     /// share one entry (see [`run_batcher`]).
     pub async fn write_local(&self, proposal: Proposal) -> LocalWrite {
+        let bytes = encoded_len(&proposal);
+        if bytes > MAX_COMMAND_BYTES {
+            return LocalWrite::Failed(ConsensusError::TooLarge { bytes }.to_string());
+        }
         let (tx, rx) = oneshot::channel();
-        if self.batcher.send((proposal, tx)).is_err() {
+        if self.batcher.send((proposal, bytes, tx)).is_err() {
             return LocalWrite::Stopped;
         }
         rx.await.unwrap_or(LocalWrite::Stopped)
@@ -291,14 +350,21 @@ impl Consensus {
     /// node's `Channels`, so this is cheap.
     fn leader_client(&self, address: &str) -> Option<RaftClient<Channel>> {
         let channel = self.channels.channel(address).ok()?;
-        Some(RaftClient::new(channel).max_decoding_message_size(64 << 20))
+        Some(RaftClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES))
     }
 
-    async fn forward_proposal(&self, address: &str, proposal: &Proposal, remaining: Duration) -> Forwarded {
+    async fn forward_proposal(
+        &self,
+        address: &str,
+        proposal: &Proposal,
+        grant: &Option<Grant>,
+        remaining: Duration,
+    ) -> Forwarded {
         let Some(mut client) = self.leader_client(address) else {
             return Forwarded::Retry;
         };
-        let json = match serde_json::to_vec(proposal) {
+        let forward = Forward { proposal: proposal.clone(), grant: grant.clone() };
+        let json = match serde_json::to_vec(&forward) {
             Ok(json) => json,
             Err(e) => return Forwarded::Protocol(e.to_string()),
         };
@@ -312,6 +378,10 @@ impl Consensus {
             Err(status) if is_retryable(&status) => {
                 tracing::debug!(%address, status = %status.message(), "forwarding a write failed; retrying");
                 Forwarded::Retry
+            }
+            // Checked before anything was written.
+            Err(status) if matches!(status.code(), tonic::Code::PermissionDenied | tonic::Code::InvalidArgument) => {
+                Forwarded::Refused(status.message().to_owned())
             }
             Err(status) => {
                 tracing::warn!(%address, status = %status.message(), "forwarded write unconfirmed");
@@ -361,21 +431,41 @@ const MAX_BATCH: usize = 512;
 /// write. Writing whatever has queued up as one `Command::Batch` turns that
 /// into one fsync (and one replication round) per batch; a lone write still
 /// goes out alone, so latency at low load is unchanged.
-async fn run_batcher(raft: Raft, mut pending: mpsc::UnboundedReceiver<(Proposal, oneshot::Sender<LocalWrite>)>) {
-    while let Some(first) = pending.recv().await {
+///
+/// A batch holds at most [`MAX_BATCH`] proposals and [`MAX_BATCH_BYTES`]
+/// bytes; a proposal that would overflow it opens the next one.
+async fn run_batcher(raft: Raft, mut pending: mpsc::UnboundedReceiver<Pending>) {
+    let mut carried: Option<Pending> = None;
+    loop {
+        let first = match carried.take() {
+            Some(first) => first,
+            None => match pending.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        let mut bytes = first.1;
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match pending.try_recv() {
-                Ok(next) => batch.push(next),
+                Ok(next) if bytes + next.1 > MAX_BATCH_BYTES => {
+                    carried = Some(next);
+                    break;
+                }
+                Ok(next) => {
+                    bytes += next.1;
+                    batch.push(next);
+                }
                 Err(_) => break,
             }
         }
         // Callers that gave up (timed out) are not written for.
-        batch.retain(|(_, waiter)| !waiter.is_closed());
+        batch.retain(|(_, _, waiter)| !waiter.is_closed());
         if batch.is_empty() {
             continue;
         }
-        let (mut proposals, waiters): (Vec<Proposal>, Vec<oneshot::Sender<LocalWrite>>) = batch.into_iter().unzip();
+        let (mut proposals, waiters): (Vec<Proposal>, Vec<oneshot::Sender<LocalWrite>>) =
+            batch.into_iter().map(|(proposal, _, waiter)| (proposal, waiter)).unzip();
         let entry = match proposals.len() {
             1 => proposals.remove(0),
             _ => Proposal::new(Command::Batch { proposals }, now_millis()),
@@ -413,6 +503,8 @@ enum Forwarded {
     /// The write may or may not have happened.
     Unconfirmed,
     Protocol(String),
+    /// The leader refused it before writing it.
+    Refused(String),
 }
 
 /// A write may be retried only when it certainly was not applied: the node

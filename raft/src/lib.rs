@@ -33,7 +33,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-pub use command::{Command, NewNode, Proposal, Rejection, Response};
+pub use command::{Command, Grant, NewNode, Proposal, Rejection, Response};
 pub use consensus::{Consensus, ConsensusError, Timings};
 pub use state::State;
 pub use store::StateReader;

@@ -5,7 +5,21 @@
 //! `ReadIndex` (the leader confirms it still leads and names the index a
 //! linearizable read must wait for). Authentication is the caller's concern:
 //! the node wraps this service in an interceptor that requires a valid node
-//! certificate.
+//! certificate and puts the node it belongs to in the request as [`Caller`].
+//! This service then checks that a node speaks only for itself: an
+//! AppendEntries, InstallSnapshot or Vote whose vote names another node than
+//! the caller is refused, so one member's certificate cannot pose as the
+//! leader or campaign in another's name.
+//!
+//! A forwarded proposal (`Propose`) is written only if the caller may make
+//! it: a node on its own authority only reports about itself and makes the
+//! leader's decisions ([`Command::is_node_command`]); anything a user asked
+//! for must carry their grant, which the node's [`Authorize`] checks.
+//!
+//! A snapshot arrives in chunks at offsets the sender chooses; a chunk must
+//! start within what has been received of that snapshot (a resend) or right
+//! after it, and the whole stays under [`MAX_SNAPSHOT_BYTES`], so no caller
+//! makes this node allocate for bytes it never sent.
 
 use std::sync::Arc;
 
@@ -16,37 +30,87 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Status};
 
-use crate::command::Proposal;
-use crate::consensus::{Consensus, LocalWrite};
+use crate::command::{Command, Forward, Grant};
+use crate::consensus::{Consensus, LocalWrite, MAX_MESSAGE_BYTES};
 use crate::{NodeId, Raft};
 
 /// Status message of a forwarded call that reached a node that no longer leads.
 pub const NOT_LEADER: &str = "not the leader";
 
+/// The largest snapshot a node accepts (the state of a cluster is a few MiB).
+pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
+
+/// The node a call comes from, as its certificate says. `None`: the
+/// certificate is the cluster's, but this node's state does not name its
+/// owner yet (this node has just joined and is catching up).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller(pub Option<NodeId>);
+
+/// Checks the grant of a forwarded proposal that a node may not make on its
+/// own authority (see [`Command::is_node_command`]); the node supplies it,
+/// since what makes a token good is the node's business.
+pub type Authorize = Arc<dyn Fn(&Command, Option<&Grant>) -> Result<(), String> + Send + Sync>;
+
 #[derive(Clone)]
 pub struct RaftService {
     raft: Raft,
     consensus: Arc<Consensus>,
+    authorize: Authorize,
+    /// The snapshot being received: its id and how many bytes have come.
+    receiving: Arc<std::sync::Mutex<Option<(String, u64)>>>,
 }
 
 impl RaftService {
-    pub fn new(consensus: Arc<Consensus>) -> Self {
-        Self { raft: consensus.raft().clone(), consensus }
+    pub fn new(consensus: Arc<Consensus>, authorize: Authorize) -> Self {
+        Self { raft: consensus.raft().clone(), consensus, authorize, receiving: Arc::default() }
     }
 
     pub fn into_server(self) -> raft_server::RaftServer<Self> {
-        raft_server::RaftServer::new(self).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
+        raft_server::RaftServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 }
 
-fn decode<T: DeserializeOwned>(request: Request<RaftPayload>) -> Result<T, Status> {
-    serde_json::from_slice(&request.into_inner().json)
+fn decode<T: DeserializeOwned>(request: &Request<RaftPayload>) -> Result<T, Status> {
+    serde_json::from_slice(&request.get_ref().json)
         .map_err(|e| Status::invalid_argument(format!("malformed Raft payload: {e}")))
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<tonic::Response<RaftPayload>, Status> {
     let json = serde_json::to_vec(value).map_err(|e| Status::internal(format!("could not encode reply: {e}")))?;
     Ok(tonic::Response::new(RaftPayload { json }))
+}
+
+/// Refuses a call in which the caller speaks for another node.
+fn check_caller<T>(request: &Request<T>, claimed: Option<NodeId>) -> Result<(), Status> {
+    match request.extensions().get::<Caller>() {
+        Some(Caller(None)) => Ok(()),
+        Some(Caller(Some(caller))) if claimed == Some(*caller) => Ok(()),
+        Some(Caller(Some(caller))) => Err(Status::permission_denied(format!(
+            "node {caller} sent a Raft message in the name of node {}",
+            claimed.map_or_else(|| "none".to_owned(), |id| id.to_string())
+        ))),
+        None => Err(Status::unauthenticated("Raft calls need a member's certificate")),
+    }
+}
+
+/// Checks a snapshot chunk against what has arrived of its snapshot, and
+/// records it. Pure, so the bounds are unit-tested.
+fn accept_chunk(receiving: &mut Option<(String, u64)>, snapshot_id: &str, offset: u64, len: u64) -> Result<(), String> {
+    let received = match receiving {
+        Some((id, received)) if id == snapshot_id => *received,
+        _ => 0,
+    };
+    if offset > received {
+        return Err(format!("snapshot chunk at offset {offset}, but only {received} bytes of it have arrived"));
+    }
+    let end = offset.saturating_add(len);
+    if end > MAX_SNAPSHOT_BYTES {
+        return Err(format!("snapshot larger than {MAX_SNAPSHOT_BYTES} bytes"));
+    }
+    *receiving = Some((snapshot_id.to_owned(), received.max(end)));
+    Ok(())
 }
 
 fn not_leader() -> Status {
@@ -56,23 +120,45 @@ fn not_leader() -> Status {
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
     async fn append_entries(&self, request: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
-        let result = self.raft.append_entries(decode(request)?).await;
+        let claimed: openraft::raft::AppendEntriesRequest<crate::TypeConfig> = decode(&request)?;
+        check_caller(&request, claimed.vote.leader_id().voted_for())?;
+        let result = self.raft.append_entries(claimed).await;
         encode(&result)
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
-        let result = self.raft.vote(decode(request)?).await;
+        let vote: openraft::raft::VoteRequest<NodeId> = decode(&request)?;
+        check_caller(&request, vote.vote.leader_id().voted_for())?;
+        let result = self.raft.vote(vote).await;
         encode(&result)
     }
 
     async fn install_snapshot(&self, request: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
-        let result = self.raft.install_snapshot(decode(request)?).await;
+        let chunk: openraft::raft::InstallSnapshotRequest<crate::TypeConfig> = decode(&request)?;
+        check_caller(&request, chunk.vote.leader_id().voted_for())?;
+        {
+            let mut receiving = self.receiving.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            accept_chunk(&mut receiving, &chunk.meta.snapshot_id, chunk.offset, chunk.data.len() as u64)
+                .map_err(Status::invalid_argument)?;
+        }
+        let result = self.raft.install_snapshot(chunk).await;
         encode(&result)
     }
 
     async fn propose(&self, request: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
-        let proposal: Proposal = decode(request)?;
-        match self.consensus.write_local(proposal).await {
+        let forward: Forward = decode(&request)?;
+        let caller = request.extensions().get::<Caller>().and_then(|c| c.0);
+        let own = caller.is_some_and(|caller| forward.proposal.command.is_node_command(caller));
+        if !own {
+            (self.authorize)(&forward.proposal.command, forward.grant.as_ref()).map_err(|reason| {
+                Status::permission_denied(format!(
+                    "node {} may not propose {} on its own authority: {reason}",
+                    caller.map_or_else(|| "?".to_owned(), |id| id.to_string()),
+                    forward.proposal.command
+                ))
+            })?;
+        }
+        match self.consensus.write_local(forward.proposal).await {
             LocalWrite::Done(response) => encode(&response),
             LocalWrite::NotLeader => Err(not_leader()),
             LocalWrite::Failed(e) => Err(Status::failed_precondition(e)),
@@ -98,5 +184,38 @@ impl raft_server::Raft for RaftService {
             }
             Err(RaftError::Fatal(e)) => Err(Status::unavailable(format!("raft stopped on this node: {e}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_chunk_may_not_start_past_what_has_arrived() {
+        let mut receiving = None;
+        assert!(accept_chunk(&mut receiving, "s1", 0, 100).is_ok());
+        assert!(accept_chunk(&mut receiving, "s1", 100, 100).is_ok(), "the next chunk");
+        assert!(accept_chunk(&mut receiving, "s1", 50, 100).is_ok(), "a resend");
+        let error = accept_chunk(&mut receiving, "s1", 1 << 29, 1).expect_err("a gap");
+        assert!(error.contains("only 200 bytes"), "{error}");
+        assert!(accept_chunk(&mut receiving, "s2", 10, 1).is_err(), "a new snapshot starts at 0");
+        assert!(accept_chunk(&mut receiving, "s2", 0, MAX_SNAPSHOT_BYTES + 1).is_err(), "too large");
+    }
+
+    #[test]
+    fn a_node_may_speak_only_for_itself() {
+        let request = |caller: Option<Caller>| {
+            let mut request = Request::new(());
+            if let Some(caller) = caller {
+                request.extensions_mut().insert(caller);
+            }
+            request
+        };
+        assert!(check_caller(&request(Some(Caller(Some(2)))), Some(2)).is_ok());
+        let refused = check_caller(&request(Some(Caller(Some(2)))), Some(1)).expect_err("posing as node 1");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(check_caller(&request(Some(Caller(None))), Some(1)).is_ok(), "a node still catching up");
+        assert!(check_caller(&request(None), Some(1)).is_err(), "no certificate checked");
     }
 }

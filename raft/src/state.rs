@@ -22,7 +22,7 @@ mod apps;
 mod certs;
 mod mesh;
 
-pub use apps::MAX_INSTANCES_PER_GROUP;
+pub use apps::{MAX_INSTANCES_PER_GROUP, RELEASE_HISTORY};
 pub use certs::{validate_domain, AcmeChallenge, Certificate, CertificateStatus, IssuedCertificate};
 pub use mesh::{default_mesh_range, validate_mesh_range, WireguardPeer, NODE_SUBNET_PREFIX};
 

@@ -280,6 +280,33 @@ pub struct Release {
     pub created_at: UnixMillis,
 }
 
+/// The largest secret value, in bytes before sealing.
+pub const MAX_SECRET_BYTES: usize = 64 * 1024;
+/// The most bytes (before sealing) one app's secrets may hold together.
+/// Every release keeps a copy, so this bounds what an app costs the state.
+pub const MAX_APP_SECRETS_BYTES: usize = 512 * 1024;
+/// The most secrets one app may hold.
+pub const MAX_SECRETS_PER_APP: usize = 100;
+/// What sealing adds to a value: a 12-byte nonce and a 16-byte tag.
+pub const SEAL_OVERHEAD: usize = 28;
+/// The longest sealed form of a value of [`MAX_SECRET_BYTES`] (hex).
+pub const MAX_SEALED_SECRET_CHARS: usize = 2 * (MAX_SECRET_BYTES + SEAL_OVERHEAD);
+/// The longest instance reason (a check's output, an exit) the state keeps.
+pub const MAX_REASON_BYTES: usize = 512;
+
+/// `text` cut to at most `max` bytes, at a character boundary, marked with
+/// an ellipsis when cut.
+pub fn truncated(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
 /// A secret value sealed with the cluster's secrets key; only nodes can open it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedSecret {

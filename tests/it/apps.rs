@@ -291,3 +291,58 @@ async fn a_dead_nodes_instances_are_replaced_within_the_grace_period() -> Result
     cluster.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_run_least_privileged_and_only_the_clusters_images_leave_a_node() -> Result<()> {
+    require_docker()?;
+    let cluster = Cluster::start(1).await?;
+    let dir = hello_app(&hello_toml("locked", ""))?;
+    // The image names a non-root user: the instance runs as it.
+    let dockerfile = std::fs::read_to_string(dir.path().join("Dockerfile"))?;
+    std::fs::write(dir.path().join("Dockerfile"), format!("{dockerfile}USER 65534:65534\n"))?;
+    let path = dir.path().to_string_lossy().into_owned();
+    cluster.cli(0, &["deploy", &path]).await?;
+    wait_serving(&cluster, "locked", 1, 1, Duration::from_secs(30)).await?;
+    let containers = cluster.docker.containers(None);
+    let [container] = containers.as_slice() else { bail!("one container expected, found {containers:?}") };
+    let out = std::process::Command::new("docker").args(["inspect", container]).output()?;
+    let inspected: Value = serde_json::from_slice(&out.stdout).context("docker inspect")?;
+    let host = &inspected[0]["HostConfig"];
+    assert_eq!(host["PidsLimit"], 4096, "{host}");
+    assert_eq!(host["SecurityOpt"], serde_json::json!(["no-new-privileges:true"]), "{host}");
+    assert_eq!(host["CapDrop"], serde_json::json!(["NET_RAW"]), "{host}");
+    assert_eq!(inspected[0]["Config"]["User"], "65534:65534");
+
+    // An image the engine has but that is not this cluster's is not handed
+    // to a peer, even one with a member's certificate.
+    let image = inspected[0]["Image"].as_str().context("no image")?.to_owned();
+    let foreign = format!("roost-test-foreign-{}", cluster.docker.cluster);
+    let mut build = std::process::Command::new("docker")
+        .args(["build", "-q", "-t", &foreign, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    std::io::Write::write_all(
+        build.stdin.as_mut().context("stdin")?,
+        format!("FROM {image}\nLABEL roost.cluster=elsewhere\n").as_bytes(),
+    )?;
+    drop(build.stdin.take());
+    assert!(build.wait()?.success(), "docker build of the foreign image");
+    let node_dir = cluster.slots[0].dir.path();
+    let read = |f: &str| std::fs::read_to_string(node_dir.join("tls").join(f));
+    let tls = roost_network::tls::ClientTls::node(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?;
+    let channel = tls.connect(&cluster.node(0)?.address).await?;
+    let mut agent = roost_proto::cluster::agent_client::AgentClient::new(channel);
+    let status = agent
+        .pull_image(roost_proto::cluster::PullImageRequest { image: foreign.clone() })
+        .await
+        .expect_err("a foreign image must not leave the node");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // The cluster's own image does.
+    let mut stream = agent.pull_image(roost_proto::cluster::PullImageRequest { image }).await?.into_inner();
+    assert!(stream.message().await?.is_some(), "the cluster's image is exported");
+    drop(stream);
+    let _ = std::process::Command::new("docker").args(["rmi", "-f", &foreign]).output();
+    cluster.shutdown().await;
+    Ok(())
+}

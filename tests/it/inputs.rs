@@ -141,7 +141,7 @@ async fn app_names_and_duplicates_are_checked() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn certificates_of_removed_or_unknown_nodes_are_refused() -> Result<()> {
+async fn certificates_of_removed_or_unknown_nodes_and_members_posing_as_others_are_refused() -> Result<()> {
     let cluster = Cluster::start(3).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
     let victim = (0..3).find(|i| *i != leader).expect("a follower");
@@ -152,6 +152,12 @@ async fn certificates_of_removed_or_unknown_nodes_are_refused() -> Result<()> {
     cluster.client(leader).await?.remove_node(RemoveNodeRequest { node: victim_name }).await?;
     let token_after = cluster.client(leader).await?.get_join_token(GetJoinTokenRequest {}).await?.into_inner().token;
     assert_ne!(token_before, token_after, "removing a node rotates the join token");
+    // The first node's join.token file follows the rotation.
+    let token_file = cluster.slots[0].dir.path().join("join.token");
+    roost_tests::wait_until("join.token to hold the rotated token", Duration::from_secs(15), || async {
+        Ok(std::fs::read_to_string(&token_file)?.trim() == token_after)
+    })
+    .await?;
     roost_tests::wait_until("the removed node to stop", Duration::from_secs(15), || async {
         Ok(cluster.slots[victim].running.as_ref().is_some_and(|n| n.is_stopping()))
     })
@@ -178,6 +184,27 @@ async fn certificates_of_removed_or_unknown_nodes_are_refused() -> Result<()> {
         .await
         .expect_err("not a member");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    // A member may not speak for another: an AppendEntries sent with a
+    // current member's certificate in the leader's name is refused.
+    let member = (0..cluster.slots.len()).find(|&i| i != victim && i != leader).expect("a third node");
+    let member_dir = cluster.slots[member].dir.path().to_owned();
+    let read = |f: &str| std::fs::read_to_string(member_dir.join("tls").join(f));
+    let tls = ClientTls::node(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?;
+    let leader_id = cluster.node(leader)?.id;
+    let forged: openraft::raft::AppendEntriesRequest<roost_raft::TypeConfig> = openraft::raft::AppendEntriesRequest {
+        vote: openraft::Vote::new_committed(u64::MAX / 2, leader_id),
+        prev_log_id: None,
+        entries: Vec::new(),
+        leader_commit: None,
+    };
+    let channel = tls.connect(&cluster.node(leader)?.address).await?;
+    let status = roost_proto::cluster::raft_client::RaftClient::new(channel)
+        .append_entries(roost_proto::cluster::RaftPayload { json: serde_json::to_vec(&forged)? })
+        .await
+        .expect_err("posing as the leader");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains(&format!("in the name of node {leader_id}")), "{status:?}");
     cluster.shutdown().await;
     Ok(())
 }
@@ -204,6 +231,242 @@ async fn a_restart_with_flags_that_contradict_the_data_dir_is_refused() -> Resul
     // The same command line as before resumes the node, data intact.
     cluster.restart(0).await?;
     assert_eq!(node_count(&cluster).await?, 1);
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &std::path::Path) -> Result<std::collections::BTreeMap<std::path::PathBuf, Vec<u8>>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.insert(path.clone(), std::fs::read(&path)?);
+            }
+        }
+    }
+    Ok(files)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn init_or_join_on_a_directory_with_keys_but_no_node_json_is_refused_and_changes_no_byte() -> Result<()> {
+    let mut cluster = Cluster::start(1).await?;
+    let address = cluster.node(0)?.address.clone();
+    let join_token = cluster.tokens.join.to_string();
+    cluster.stop(0).await?;
+    let dir = cluster.slots[0].dir.path().to_owned();
+    std::fs::remove_file(dir.join("node.json"))?;
+    let before = snapshot(&dir)?;
+    assert!(before.keys().any(|p| p.ends_with("secrets.key")), "the first node holds the secrets key");
+    let config = |start: Start| NodeConfig { listen: address.clone(), start, ..join_config(&dir, "n1", "", "") };
+    for (what, start) in
+        [("init", Start::Init), ("join", Start::Join { seed: "127.0.0.1:9".into(), token: join_token.clone() })]
+    {
+        let error = Node::start(config(start), CancellationToken::new())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what}: must be refused"));
+        let message = format!("{:#}", anyhow::Error::new(error));
+        assert!(
+            message.contains("holds no node.json") && message.contains("secrets.key") && message.contains("raft/"),
+            "{what}: {message}"
+        );
+        assert!(snapshot(&dir)? == before, "{what}: a refused start must leave every file byte for byte");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_node_port_refuses_tls_before_1_3() -> Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let address = cluster.node(0)?.address.clone();
+    let attempt = |max: &'static str| {
+        let address = address.clone();
+        async move {
+            let out = tokio::process::Command::new("curl")
+                .args(["-sk", "-o", "/dev/null", "--max-time", "5", "--http2", "--tls-max", max])
+                .args(["-w", "%{http_version}", &format!("https://{address}/")])
+                .output()
+                .await?;
+            Ok::<_, anyhow::Error>((out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned()))
+        }
+    };
+    // curl exits 35 when the TLS handshake fails.
+    let (code, _) = attempt("1.2").await?;
+    assert_eq!(code, Some(35), "a TLS 1.2 client must be refused at the handshake");
+    let (code, version) = attempt("1.3").await?;
+    assert_eq!((code, version.as_str()), (Some(0), "2"), "a TLS 1.3 client gets through the handshake");
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_300_idle_connections_is_capped_and_the_cli_and_raft_keep_working() -> Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let target: std::net::SocketAddr = cluster.node(0)?.address.parse()?;
+    let limits = roost_network::tls::ConnectionLimits::default();
+    let per_client = limits.per_client;
+    // The flood comes from another address than the CLI's (both loopback).
+    let mut flood = Vec::new();
+    for _ in 0..300 {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind("127.0.0.2:0".parse()?)?;
+        flood.push(socket.connect(target).await?);
+    }
+    let closed = |flood: &[tokio::net::TcpStream]| {
+        let mut buf = [0u8; 16];
+        flood
+            .iter()
+            .filter(|s| !matches!(s.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock))
+            .count()
+    };
+    roost_tests::wait_until("the connections over the per-client cap to be closed", Duration::from_secs(10), || {
+        let closed = closed(&flood);
+        async move { Ok(closed >= 300 - per_client) }
+    })
+    .await?;
+    // The rest stay open until the handshake timeout: meanwhile the CLI and
+    // Raft work as before.
+    let listed = cluster.cli(0, &["node", "list"]).await?;
+    assert!(listed.contains("n1") && listed.contains("n3"), "{listed}");
+    cluster.client(0).await?.create_app(CreateAppRequest { name: "flooded".into() }).await?;
+    let apps = cluster.client(2).await?.list_apps(ListAppsRequest::default()).await?.into_inner().apps;
+    assert!(apps.iter().any(|a| a.name == "flooded"), "{apps:?}");
+    // Connections that never handshake are closed after the timeout.
+    roost_tests::wait_until("every silent connection to be closed", limits.handshake_timeout * 3, || {
+        let closed = closed(&flood);
+        async move { Ok(closed == 300) }
+    })
+    .await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_and_concurrent_large_writes_are_refused_or_committed_without_a_leader_change() -> Result<()> {
+    use roost_proto::api::SetSecretsRequest;
+    let cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let term = |i: usize| -> Result<u64> { Ok(cluster.node(i)?.consensus.raft().metrics().borrow().current_term) };
+    let term_before = term(leader)?;
+    let apps: Vec<String> = (0..25).map(|i| format!("big{i}")).collect();
+    for app in &apps {
+        cluster.client(0).await?.create_app(CreateAppRequest { name: app.clone() }).await?;
+    }
+
+    // 25 concurrent 1.5 MB values, through every node: each refused, clearly.
+    let huge = "x".repeat(1_500_000);
+    let mut calls = Vec::new();
+    for (i, app) in apps.iter().enumerate() {
+        let mut client = cluster.client(i % 3).await?;
+        let request =
+            SetSecretsRequest { app: app.clone(), secrets: [("BLOB".to_owned(), huge.clone())].into(), stage: false };
+        calls.push(tokio::spawn(async move { client.set_secrets(request).await }));
+    }
+    for call in calls {
+        let status = call.await?.expect_err("a 1.5 MB secret must be refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("at most 65536 bytes"), "{}", status.message());
+    }
+
+    // 25 concurrent writes of ~900 KB each (7 values of 64 KiB, sealed):
+    // allowed, so each is committed, in entries the followers accept.
+    let value = "y".repeat(64 * 1024);
+    let mut calls = Vec::new();
+    for (i, app) in apps.iter().enumerate() {
+        let mut client = cluster.client(i % 3).await?;
+        let secrets = (0..7).map(|k| (format!("PART{k}"), value.clone())).collect();
+        let request = SetSecretsRequest { app: app.clone(), secrets, stage: false };
+        calls.push(tokio::spawn(async move { client.set_secrets(request).await }));
+    }
+    for call in calls {
+        call.await?.map_err(|status| anyhow::anyhow!("a large allowed write failed: {status:?}"))?;
+    }
+    // Every node has every write.
+    roost_tests::wait_until("every node to apply the large writes", Duration::from_secs(30), || async {
+        Ok((0..3).all(|i| {
+            cluster.node(i).is_ok_and(|n| {
+                n.consensus.state().read(|s| apps.iter().all(|a| s.apps.get(a).is_some_and(|a| a.secrets.len() == 7)))
+            })
+        }))
+    })
+    .await?;
+
+    // A proposal over the cap is refused before it is proposed.
+    let sealed = roost_raft::workload::SealedSecret { sealed: "0".repeat(3 << 20), digest: "d".into(), updated_at: 1 };
+    let command = roost_raft::Command::SetSecrets {
+        app: "big0".into(),
+        set: [("HUGE".to_owned(), sealed)].into(),
+        unset: Vec::new(),
+        stage: true,
+    };
+    let error = cluster.node(1)?.consensus.propose(command, tokio::time::Instant::now() + Duration::from_secs(5)).await;
+    assert!(matches!(error, Err(roost_raft::ConsensusError::TooLarge { .. })), "{error:?}");
+
+    assert_eq!(cluster.leader(), Some(leader), "the leader must not change");
+    assert_eq!(term(leader)?, term_before, "no election may happen");
+    cluster.client(2).await?.create_app(CreateAppRequest { name: "after".into() }).await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()> {
+    use roost_raft::command::Forward;
+    use roost_raft::{Command, Grant, Proposal};
+    let cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    cluster.client(0).await?.create_app(CreateAppRequest { name: "target".into() }).await?;
+    let member = (leader + 1) % 3;
+    let member_id = cluster.node(member)?.id;
+    let dir = cluster.slots[member].dir.path().to_owned();
+    let read = |f: &str| std::fs::read_to_string(dir.join("tls").join(f));
+    let tls = ClientTls::node(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?;
+    let mut raft =
+        roost_proto::cluster::raft_client::RaftClient::new(tls.connect(&cluster.node(leader)?.address).await?);
+    let propose = |command: Command, grant: Option<Grant>| {
+        let forward = Forward { proposal: Proposal::new(command, 1), grant };
+        roost_proto::cluster::RaftPayload { json: serde_json::to_vec(&forward).expect("encodes") }
+    };
+    let sealed = roost_raft::workload::SealedSecret { sealed: "00".into(), digest: "d".into(), updated_at: 1 };
+    let set_secrets = || Command::SetSecrets {
+        app: "target".into(),
+        set: [("K".to_owned(), sealed.clone())].into(),
+        unset: Vec::new(),
+        stage: true,
+    };
+    let forged = Token { secret: "0".repeat(32), ..cluster.tokens.admin.clone() }.to_string();
+    let other = cluster.node(leader)?.id;
+    let refused = [
+        ("secrets without a grant", propose(set_secrets(), None)),
+        ("secrets with a wrong admin token", propose(set_secrets(), Some(Grant::Admin { token: forged }))),
+        ("a destroy", propose(Command::DestroyApp { name: "target".into() }, None)),
+        ("a node removal", propose(roost_raft::Command::RemoveNode { id: other, new_join_secret: None }, None)),
+        (
+            "another node's address",
+            propose(Command::UpdateNode { id: other, address: "127.0.0.1:1".into(), wireguard: None }, None),
+        ),
+    ];
+    for (case, payload) in refused {
+        let status = raft.propose(payload).await.expect_err(case);
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{case}: {status:?}");
+    }
+    let state = |f: fn(&roost_raft::State) -> bool| cluster.node(leader).map(|n| n.consensus.state().read(f));
+    assert!(state(|s| s.apps.get("target").is_some_and(|a| a.secrets.is_empty()))?, "nothing was written");
+    assert!(state(|s| s.nodes.values().all(|n| n.address != "127.0.0.1:1"))?);
+
+    // With the user's admin token, the same proposal is written: this is how
+    // a node forwards a user's change.
+    let admin = Grant::Admin { token: cluster.tokens.admin.to_string() };
+    raft.propose(propose(set_secrets(), Some(admin))).await?;
+    assert!(state(|s| s.apps.get("target").is_some_and(|a| a.secrets.contains_key("K")))?);
+    // And a node reports about itself on its own authority.
+    let me = cluster.node(member)?.address.clone();
+    raft.propose(propose(Command::UpdateNode { id: member_id, address: me, wireguard: None }, None)).await?;
     cluster.shutdown().await;
     Ok(())
 }

@@ -259,6 +259,7 @@ pub fn node_config(
         mesh: MeshSettings { wireguard_port: None, dns_port: 53, upstream_dns: Vec::new() },
         cluster: ClusterSettings { mesh_range: mesh_range(), ..Default::default() },
         edge: EdgeListen { http: "127.0.0.1:0".into(), https: "127.0.0.1:0".into(), workers: 1 },
+        connection_limits: Default::default(),
     }
 }
 

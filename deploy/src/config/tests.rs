@@ -198,3 +198,13 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn commands_are_split_as_a_shell_splits_words_and_unclosed_quotes_are_refused() {
+    assert_eq!(split_command("sh -c 'a && b'"), ["sh", "-c", "a && b"]);
+    assert_eq!(split_command(r#"/app "two words" three\ four"#), ["/app", "two words", "three four"]);
+    let text = "app = \"x\"\n[processes]\nweb = \"sh -c 'unclosed\"\n[deploy]\nrelease_command = \"migrate \\\"x\"\n";
+    let found = problems(text);
+    assert!(found.iter().any(|p| p.contains("processes.web") && p.contains("unclosed quote")), "{found:?}");
+    assert!(found.iter().any(|p| p.contains("deploy.release_command") && p.contains("unclosed quote")), "{found:?}");
+}

@@ -538,6 +538,7 @@ pub fn node_config(
             https: args.https_listen.clone(),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         },
+        connection_limits: Default::default(),
     })
 }
 

@@ -52,6 +52,8 @@ pub struct ControlService {
     pub plane: super::mesh::SharedPlane,
     /// The node's instance network, once the mesh has made it.
     pub network: tokio::sync::watch::Receiver<Option<roost_deploy::agent::InstanceNetwork>>,
+    /// One image build at a time on this node.
+    pub builds: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn consensus_status(error: ConsensusError) -> Status {
@@ -61,6 +63,8 @@ pub fn consensus_status(error: ConsensusError) -> Status {
         // blindly could apply it twice.
         ConsensusError::Unconfirmed { .. } => Status::deadline_exceeded(error.to_string()),
         ConsensusError::NoLeader { .. } | ConsensusError::Stopped => Status::unavailable(error.to_string()),
+        ConsensusError::TooLarge { .. } => Status::invalid_argument(error.to_string()),
+        ConsensusError::Refused(_) => Status::permission_denied(error.to_string()),
     }
 }
 
@@ -81,6 +85,9 @@ pub fn rejection_status(rejection: Rejection) -> Status {
         }
         Rejection::InvalidRelease { .. }
         | Rejection::TooManyInstances { .. }
+        | Rejection::SecretTooLarge { .. }
+        | Rejection::TooManySecrets { .. }
+        | Rejection::AppSecretsTooLarge { .. }
         | Rejection::InvalidMeshRange { .. }
         | Rejection::InvalidAddress { .. } => Status::invalid_argument(message),
         Rejection::AlreadyBootstrapped
@@ -113,8 +120,13 @@ impl ControlService {
     }
 
     pub(super) async fn propose(&self, command: Command) -> Result<Response, Status> {
-        let response =
-            self.consensus.propose(command, Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
+        // The caller's grant goes along, should the leader be another node.
+        let grant = super::auth::current_grant();
+        let response = self
+            .consensus
+            .propose_granted(command, grant, Instant::now() + API_DEADLINE)
+            .await
+            .map_err(consensus_status)?;
         match response {
             Response::Rejected(rejection) => Err(rejection_status(rejection)),
             other => Ok(other),

@@ -10,7 +10,12 @@
 use roost_network::pki::{constant_time_eq, secret_digest, CaDigest};
 use roost_network::tls::PeerIdentity;
 use roost_network::{Token, TokenKind};
-use roost_raft::{NodeId, StateReader};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use roost_raft::service::{Authorize, Caller};
+use roost_raft::{Command, Grant, NodeId, StateReader};
 use tonic::{Request, Status};
 
 pub const REVOKED: &str =
@@ -33,19 +38,24 @@ pub fn require_node(
         let Some(fp) = fingerprint else {
             return Err(Status::unauthenticated("this service is for cluster nodes only: present a node certificate"));
         };
-        let allowed = state.read(|s| {
+        // Some(caller): allowed; the caller is a node the state names, or
+        // unknown while this node catches up.
+        let caller = state.read(|s| {
             if s.is_revoked(&fp) {
-                false
+                None
             } else if s.nodes.contains_key(&self_id) {
-                s.node_by_fingerprint(&fp).is_some()
+                s.node_by_fingerprint(&fp).map(|node| Caller(Some(node.id)))
             } else {
-                true
+                Some(Caller(None))
             }
         });
-        if allowed {
-            Ok(request)
-        } else {
-            Err(Status::permission_denied(REVOKED))
+        match caller {
+            Some(caller) => {
+                let mut request = request;
+                request.extensions_mut().insert(caller);
+                Ok(request)
+            }
+            None => Err(Status::permission_denied(REVOKED)),
         }
     }
 }
@@ -69,6 +79,81 @@ pub fn require_admin(
         check_admin(&state, &ca_digest, &token)?;
         Ok(request)
     }
+}
+
+tokio::task_local! {
+    /// The grant of the API call being served: what the leader must see to
+    /// write a user's change proposed through another node.
+    static GRANT: Grant;
+}
+
+/// The grant of the API call this task serves, if any.
+pub fn current_grant() -> Option<Grant> {
+    GRANT.try_with(Grant::clone).ok()
+}
+
+/// Runs `future` with `grant` as the current grant (a task spawned to serve
+/// a call takes its caller's grant along).
+pub async fn with_grant<F: Future>(grant: Option<Grant>, future: F) -> F::Output {
+    match grant {
+        Some(grant) => GRANT.scope(grant, future).await,
+        None => future.await,
+    }
+}
+
+/// Serves the public API with each call's bearer token as its [`Grant`].
+/// The token is checked by [`require_admin`] inside; the grant only travels.
+#[derive(Clone)]
+pub struct WithGrant<S>(pub S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for WithGrant<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for WithGrant<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let grant = request
+            .headers()
+            .get(roost_proto::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(|token| Grant::Admin { token: token.to_owned() });
+        Box::pin(with_grant(grant, self.0.call(request)))
+    }
+}
+
+/// What the leader accepts as a grant for a forwarded proposal that a node
+/// may not make on its own: the admin token for a user's change, the join
+/// secret for a new node.
+pub fn authorize(state: StateReader, ca_digest: CaDigest) -> Authorize {
+    std::sync::Arc::new(move |command: &Command, grant: Option<&Grant>| match (command, grant) {
+        (Command::AddNode { .. }, Some(Grant::Join { secret })) => {
+            let current = state.read(|s| s.cluster.as_ref().map(|c| c.join_secret.clone())).unwrap_or_default();
+            if !current.is_empty() && constant_time_eq(secret.as_bytes(), current.as_bytes()) {
+                Ok(())
+            } else {
+                Err("the join secret is not the cluster's".into())
+            }
+        }
+        (Command::Bootstrap { .. } | Command::Batch { .. }, _) => Err("it is never forwarded".into()),
+        (_, Some(Grant::Admin { token })) => {
+            let token = Token::parse(token).map_err(|e| format!("malformed admin token: {e}"))?;
+            check_admin(&state, &ca_digest, &token).map_err(|status| status.message().to_owned())
+        }
+        (_, _) => Err("it needs the admin token of the user who asked for it".into()),
+    })
 }
 
 fn check_admin(state: &StateReader, ca_digest: &CaDigest, token: &Token) -> Result<(), Status> {

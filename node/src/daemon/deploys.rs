@@ -29,6 +29,7 @@ use roost_raft::consensus::now_millis;
 use roost_raft::state::State;
 use roost_raft::workload::{Instance, Release, ReleaseSpec, Resources, Strategy};
 use roost_raft::{Command, Rejection, Response};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
@@ -42,6 +43,38 @@ pub type LogLineStream = Pin<Box<dyn Stream<Item = Result<LogLine, Status>> + Se
 
 /// The largest build context or uploaded image a deploy accepts.
 const MAX_UPLOAD: usize = 2 << 30;
+/// How long an upload may send nothing before the deploy gives up on it.
+const UPLOAD_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a build may print nothing before it is taken as stuck.
+const BUILD_STALL: std::time::Duration = std::time::Duration::from_secs(20 * 60);
+
+/// The next chunk of an upload: `None` at its end; an error when the client
+/// sends nothing for [`UPLOAD_STALL`] or the upload passes [`MAX_UPLOAD`].
+async fn next_chunk(inbound: &mut Streaming<DeployRequest>, received: &mut usize) -> Result<Option<Vec<u8>>, Status> {
+    loop {
+        let message = tokio::time::timeout(UPLOAD_STALL, inbound.message()).await.map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "the upload stalled: nothing arrived for {} s after {} KiB",
+                UPLOAD_STALL.as_secs(),
+                *received / 1024
+            ))
+        })??;
+        match message {
+            None => return Ok(None),
+            Some(DeployRequest { part: Some(deploy_request::Part::Chunk(data)) }) => {
+                *received += data.len();
+                if *received > MAX_UPLOAD {
+                    return Err(Status::resource_exhausted(format!(
+                        "the upload is over {} GiB: add a .dockerignore to the build context, or slim the image",
+                        MAX_UPLOAD >> 30
+                    )));
+                }
+                return Ok(Some(data));
+            }
+            Some(_) => continue,
+        }
+    }
+}
 
 fn progress(text: impl Into<String>) -> Result<DeployEvent, Status> {
     Ok(DeployEvent { event: Some(deploy_event::Event::Progress(text.into())) })
@@ -134,9 +167,11 @@ impl ControlService {
         let (events, receiver) = mpsc::channel(64);
         let this = self.clone();
         let span = tracing::info_span!("deploy", %app);
+        let grant = super::auth::current_grant();
         tokio::spawn(
             async move {
-                let result = this.run_deploy(start, config, app, strategy, inbound, &events).await;
+                let deploy = this.run_deploy(start, config, app, strategy, inbound, &events);
+                let result = super::auth::with_grant(grant, deploy).await;
                 if let Err(status) = &result {
                     tracing::warn!(error = %status.message(), "deploy refused");
                 }
@@ -160,15 +195,17 @@ impl ControlService {
         let me = self.consensus.id();
         let cluster = self.consensus.state().read(|s| s.cluster.as_ref().map(|c| c.id.clone())).unwrap_or_default();
         let started = std::time::Instant::now();
+        let labels = HashMap::from([(LABEL_CLUSTER.to_owned(), cluster.clone()), (LABEL_APP.to_owned(), app.clone())]);
         let (image_id, reference) = if start.image_upload {
             let _ = events.send(progress(format!("loading image {} into {}", start.image, self.node_name))).await;
-            let chunks = inbound.filter_map(|item| async move {
-                match item {
-                    Ok(DeployRequest { part: Some(deploy_request::Part::Chunk(data)) }) => {
-                        Some(Ok::<_, std::io::Error>(bytes::Bytes::from(data)))
-                    }
-                    Ok(_) => None,
-                    Err(status) => Some(Err(std::io::Error::other(status.message().to_owned()))),
+            // Chunks go to the engine as they come, bounded and stall-timed.
+            let chunks = futures::stream::unfold((Some(inbound), 0usize), |(inbound, mut received)| async move {
+                let mut inbound = inbound?;
+                match next_chunk(&mut inbound, &mut received).await {
+                    Ok(Some(data)) => Some((Ok(bytes::Bytes::from(data)), (Some(inbound), received))),
+                    Ok(None) => None,
+                    // The error ends the stream: the engine abandons the load.
+                    Err(status) => Some((Err(std::io::Error::other(status.message().to_owned())), (None, received))),
                 }
             });
             self.engine.import_image(chunks).await.map_err(|e| Status::internal(e.chain()))?;
@@ -176,7 +213,8 @@ impl ControlService {
             let id = id.ok_or_else(|| {
                 Status::invalid_argument(format!("the uploaded image does not contain {}", start.image))
             })?;
-            (id, start.image.clone())
+            let tag = format!("roost-{app}:{}", now_millis());
+            (self.engine.adopt(&id, &tag, &labels).await.map_err(|e| Status::internal(e.chain()))?, start.image.clone())
         } else if !start.image.is_empty() {
             let id = self.engine.image_id(&start.image).await.map_err(|e| Status::unavailable(e.chain()))?;
             let id = id.ok_or_else(|| {
@@ -185,32 +223,62 @@ impl ControlService {
                     start.image, self.node_name
                 ))
             })?;
-            (id, start.image.clone())
-        } else {
-            let mut context = Vec::new();
-            while let Some(message) = inbound.message().await? {
-                if let Some(deploy_request::Part::Chunk(data)) = message.part {
-                    if context.len() + data.len() > MAX_UPLOAD {
-                        return Err(Status::resource_exhausted("the build context is over 2 GiB; add a .dockerignore"));
-                    }
-                    context.extend_from_slice(&data);
-                }
-            }
-            let _ = events
-                .send(progress(format!("building on {} ({} KiB of context)", self.node_name, context.len() / 1024)))
-                .await;
             let tag = format!("roost-{app}:{}", now_millis());
-            let labels =
-                HashMap::from([(LABEL_CLUSTER.to_owned(), cluster.clone()), (LABEL_APP.to_owned(), app.clone())]);
+            (self.engine.adopt(&id, &tag, &labels).await.map_err(|e| Status::internal(e.chain()))?, start.image.clone())
+        } else {
+            // The context goes to disk as it arrives (an anonymous temporary
+            // file, gone when closed), not into memory.
+            let mut file = tokio::fs::File::from_std(
+                tempfile::tempfile().map_err(|e| Status::internal(format!("no room for the build context: {e}")))?,
+            );
+            let mut received = 0usize;
+            while let Some(data) = next_chunk(&mut inbound, &mut received).await? {
+                file.write_all(&data)
+                    .await
+                    .map_err(|e| Status::internal(format!("could not store the build context: {e}")))?;
+            }
+            file.flush().await.map_err(|e| Status::internal(format!("could not store the build context: {e}")))?;
+            file.seek(std::io::SeekFrom::Start(0))
+                .await
+                .map_err(|e| Status::internal(format!("could not read back the build context: {e}")))?;
+            // One build at a time on a node: builds take all its CPU.
+            let permit = match self.builds.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    let _ = events
+                        .send(progress(format!("waiting for another build on {} to finish", self.node_name)))
+                        .await;
+                    self.builds
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| Status::unavailable("the node is stopping"))?
+                }
+            };
+            let _ = events
+                .send(progress(format!("building on {} ({} KiB of context)", self.node_name, received / 1024)))
+                .await;
+            let context = tokio_util::io::ReaderStream::new(file);
+            let tag = format!("roost-{app}:{}", now_millis());
             let args: HashMap<String, String> = config.build.args.clone().into_iter().collect();
             let dockerfile = if start.dockerfile.is_empty() {
                 config.build.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into())
             } else {
                 start.dockerfile.clone()
             };
-            let mut build = Box::pin(self.engine.build(bytes::Bytes::from(context), &dockerfile, &tag, &labels, &args));
+            let mut build = Box::pin(self.engine.build(context, &dockerfile, &tag, &labels, &args));
             let mut built = None;
-            while let Some(event) = build.next().await {
+            loop {
+                let event = match tokio::time::timeout(BUILD_STALL, build.next()).await {
+                    Ok(Some(event)) => event,
+                    Ok(None) => break,
+                    Err(_) => {
+                        return Err(Status::deadline_exceeded(format!(
+                            "the build printed nothing for {} minutes and was given up",
+                            BUILD_STALL.as_secs() / 60
+                        )))
+                    }
+                };
                 match event {
                     Ok(BuildEvent::Output(line)) => {
                         let line = line.trim_end().to_owned();
@@ -233,6 +301,7 @@ impl ControlService {
                     .map_err(|e| Status::internal(e.chain()))?
                     .ok_or_else(|| Status::internal("the build made no image"))?,
             };
+            drop(permit);
             let _ = events.send(progress(format!("built {tag} in {:.1}s", started.elapsed().as_secs_f64()))).await;
             (id, tag)
         };
@@ -283,7 +352,7 @@ impl ControlService {
         let spec = ContainerSpec {
             name: format!("roost-release-{app}-{}", now_millis()),
             image: release.image.clone(),
-            command: command.split_whitespace().map(str::to_owned).collect(),
+            command: roost_deploy::config::split_command(command),
             env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
             labels: HashMap::from([
                 (LABEL_CLUSTER.to_owned(), cluster.to_owned()),
@@ -370,6 +439,13 @@ impl ControlService {
             if !is_env_name(name) {
                 return Err(Status::invalid_argument(format!(
                     "'{name}' is not a valid secret name: use letters, digits and '_', not starting with a digit"
+                )));
+            }
+            if value.len() > roost_raft::workload::MAX_SECRET_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "secret {name} is {} bytes; a secret value may be at most {} bytes (keep large files out of secrets)",
+                    value.len(),
+                    roost_raft::workload::MAX_SECRET_BYTES
                 )));
             }
             let sealed =

@@ -6,7 +6,9 @@
 //!   certificate and this node's certificate and key;
 //! - `wireguard.key` (0600): the node's WireGuard private key, base64 as `wg`
 //!   writes it; only its public half is ever sent to the cluster;
-//! - `join.token`, `admin.token` (0600, first node only);
+//! - `join.token`, `admin.token` (0600, first node only); the node that
+//!   holds `join.token` rewrites it whenever the cluster's join secret
+//!   rotates (`roost node remove`), so the file is always the current token;
 //! - `bootstrap.json` (first node only, until the cluster's first entry is
 //!   committed), so a crash during `init` is finished by the next start;
 //! - `raft/`: the RocksDB store.
@@ -16,6 +18,12 @@
 //! A new address is taken as a move (the machine's address changed): it is
 //! recorded here and told to the cluster. Other flags that contradict the
 //! stored identity (name, labels, cluster) are refused rather than ignored.
+//!
+//! A directory without `node.json` that holds any key, token or Raft data is
+//! refused by `init` and `join` before anything is written: a lost
+//! `node.json` must not cost the cluster's secrets key (every sealed secret)
+//! by being overwritten with a new one. Every file here is written
+//! atomically (temporary file, fsync, rename, fsync of the directory).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -47,6 +55,8 @@ pub enum IdentityError {
     Conflict { dir: PathBuf, flag: &'static str, stored: String, given: String, id: NodeId },
     #[error("{} is not a WireGuard private key (base64, as `wg genkey` writes it); restore it from a backup, or remove it to give the node a new key", .path.display())]
     BadKey { path: PathBuf },
+    #[error("{} holds no node.json but holds {found} of an earlier node; nothing was changed. Restore node.json from a backup to resume that node, or use another --data-dir for a new one (remove these files only if that node's keys are not needed: the secrets key seals every secret of a cluster made by `node init`)", .dir.display())]
+    Leftovers { dir: PathBuf, found: String },
     #[error("{} holds a node of cluster {stored}, but the token is for another cluster (CA {given}). Use that cluster's token, or another --data-dir", .dir.display())]
     OtherCluster { dir: PathBuf, stored: String, given: String },
 }
@@ -134,6 +144,35 @@ impl DataDir {
 
     fn tls(&self, file: &str) -> PathBuf {
         self.root.join("tls").join(file)
+    }
+
+    /// Refuses a directory that holds what an earlier node left: keys,
+    /// tokens or Raft data. Called before a new node writes anything.
+    pub fn check_fresh(&self) -> Result<(), IdentityError> {
+        let files = [
+            self.tls("ca.pem"),
+            self.tls("node.pem"),
+            self.tls("node.key"),
+            self.secrets_key(),
+            self.wireguard_key(),
+            self.join_token(),
+            self.admin_token(),
+            self.bootstrap(),
+        ];
+        let mut found: Vec<String> = files
+            .iter()
+            .filter(|path| path.exists())
+            .filter_map(|path| path.strip_prefix(&self.root).ok().map(|p| p.display().to_string()))
+            .collect();
+        let raft = self.raft();
+        if fs::read_dir(&raft).is_ok_and(|mut entries| entries.next().is_some()) {
+            found.push("raft/".to_owned());
+        }
+        if found.is_empty() {
+            Ok(())
+        } else {
+            Err(IdentityError::Leftovers { dir: self.root.clone(), found: found.join(", ") })
+        }
     }
 
     /// Creates the directory (0700) if needed.
@@ -244,6 +283,49 @@ pub fn check_resume(
     Ok((address != stored.address).then(|| address.to_owned()))
 }
 
+/// Keeps `join.token`, where this node holds one, equal to the cluster's
+/// current join token: the secret rotates when a node is removed.
+pub async fn keep_join_token(
+    dir: DataDir,
+    state: roost_raft::StateReader,
+    ca_digest: CaDigest,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let path = dir.join_token();
+    if !path.exists() {
+        return;
+    }
+    let mut changes = state.changes();
+    loop {
+        let secret = state.read(|s| s.cluster.as_ref().map(|c| c.join_secret.clone()));
+        if let Some(secret) = secret {
+            let current = roost_network::Token { kind: roost_network::TokenKind::Join, ca_digest, secret };
+            let text = format!("{current}\n");
+            if fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                match write_private(&path, &text) {
+                    Ok(()) => tracing::info!("the join token rotated; {} holds the new one", path.display()),
+                    Err(error) => tracing::warn!(error = %error_chain(&error), "could not update the join token file"),
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// A new WireGuard private key.
 pub fn generate_wireguard_key() -> Key {
     roost_network::mesh::wireguard::generate_key()
@@ -269,5 +351,8 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), IdentityError> {
         .map_err(|source| io("write", &tmp, source))?;
     file.write_all(contents.as_bytes()).map_err(|source| io("write", &tmp, source))?;
     file.sync_all().map_err(|source| io("sync", &tmp, source))?;
-    fs::rename(&tmp, path).map_err(|source| io("rename", path, source))
+    fs::rename(&tmp, path).map_err(|source| io("rename", path, source))?;
+    // The rename is durable only once the directory entry is.
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::File::open(parent).and_then(|dir| dir.sync_all()).map_err(|source| io("sync", parent, source))
 }

@@ -7,6 +7,10 @@
 //! with the cluster CA, and commits the node through Raft, which gives it its
 //! id. Nothing is written on the joining side until the seed has answered, and
 //! nothing changes in the cluster unless the secret and the name are good.
+//!
+//! The seed answers a join before the caller has proved anything, so it
+//! rate-limits joins per client address ([`JoinLimiter`]) and logs only the
+//! caller's address, never what it sent, until the secret checks out.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +18,7 @@ use std::time::Duration;
 
 use roost_network::mesh::Key;
 use roost_network::pki::{self, constant_time_eq, CaDigest, ClusterCa, NodeKey};
-use roost_network::tls::{ClientTls, TlsError};
+use roost_network::tls::{ClientTls, PeerIdentity, TlsError};
 use roost_network::{Token, TokenKind};
 use roost_proto::cluster::join_client::JoinClient;
 use roost_proto::cluster::join_server;
@@ -149,17 +153,64 @@ pub struct JoinService {
     pub consensus: Arc<Consensus>,
     /// Handed to the new node; see `roost_deploy::secrets`.
     pub secrets_key: String,
+    pub limiter: JoinLimiter,
+}
+
+/// A token bucket per client address: a burst of [`JoinLimiter::BURST`]
+/// joins, then one every [`JoinLimiter::EVERY`]. A join signs a certificate
+/// and writes to Raft; nobody needs more, and a guesser gets no further.
+#[derive(Default)]
+pub struct JoinLimiter {
+    buckets: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
+}
+
+impl JoinLimiter {
+    pub const BURST: f64 = 10.0;
+    pub const EVERY: Duration = Duration::from_secs(2);
+    /// Addresses remembered at once; past it, full buckets are forgotten.
+    const REMEMBERED: usize = 4096;
+
+    /// Takes a join from `client` at `now`, or says how long to wait.
+    pub fn admit(&self, client: std::net::IpAddr, now: std::time::Instant) -> Result<(), Duration> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let refill = |(tokens, at): (f64, std::time::Instant)| {
+            (Self::BURST).min(tokens + now.saturating_duration_since(at).as_secs_f64() / Self::EVERY.as_secs_f64())
+        };
+        if buckets.len() >= Self::REMEMBERED {
+            buckets.retain(|_, bucket| refill(*bucket) < Self::BURST);
+        }
+        let bucket = buckets.entry(client).or_insert((Self::BURST, now));
+        let tokens = refill(*bucket);
+        if tokens >= 1.0 {
+            *bucket = (tokens - 1.0, now);
+            Ok(())
+        } else {
+            Err(Self::EVERY.mul_f64(1.0 - tokens))
+        }
+    }
 }
 
 #[tonic::async_trait]
 impl join_server::Join for JoinService {
     async fn join(&self, request: Request<JoinRequest>) -> Result<tonic::Response<JoinResponse>, Status> {
+        let client = request.extensions().get::<PeerIdentity>().and_then(|p| p.remote_addr);
+        if let Some(client) = client {
+            if let Err(wait) = self.limiter.admit(client.ip(), std::time::Instant::now()) {
+                tracing::debug!(%client, "join refused: rate limit");
+                return Err(Status::resource_exhausted(format!(
+                    "too many join attempts from {}; try again in {} s",
+                    client.ip(),
+                    wait.as_secs().max(1)
+                )));
+            }
+        }
+        let client = client.map_or_else(|| "unknown".to_owned(), |c| c.to_string());
         let request = request.into_inner();
         // A wrong secret is refused from local state, before it costs the
         // leader a round trip; names are checked against the latest state.
         let local = self.consensus.state().read(|s| s.cluster.as_ref().map(|c| c.join_secret.clone()));
         if local.is_some_and(|secret| !constant_time_eq(request.secret.as_bytes(), secret.as_bytes())) {
-            tracing::warn!(name = %request.name, "join refused: wrong secret");
+            tracing::warn!(%client, "join refused: wrong secret");
             return Err(wrong_secret());
         }
         self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
@@ -169,7 +220,7 @@ impl join_server::Join for JoinService {
             .read(|s| s.cluster.clone())
             .ok_or_else(|| rejection_status(Rejection::NotBootstrapped))?;
         if !constant_time_eq(request.secret.as_bytes(), cluster.join_secret.as_bytes()) {
-            tracing::warn!(name = %request.name, "join refused: wrong secret");
+            tracing::warn!(%client, "join refused: wrong secret");
             return Err(wrong_secret());
         }
         if let Err(reason) = validate_name(&request.name) {
@@ -212,9 +263,10 @@ impl join_server::Join for JoinService {
             resources: Resources { cpu_millis: request.cpu_millis, memory_bytes: request.memory_bytes },
             wireguard,
         };
+        let grant = roost_raft::Grant::Join { secret: request.secret.clone() };
         let response = self
             .consensus
-            .propose(Command::AddNode { node }, Instant::now() + API_DEADLINE)
+            .propose_granted(Command::AddNode { node }, Some(grant), Instant::now() + API_DEADLINE)
             .await
             .map_err(consensus_status)?;
         let node_id = match response {
@@ -231,5 +283,26 @@ impl join_server::Join for JoinService {
             cert_serial: serial,
             secrets_key: self.secrets_key.clone(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_join_limiter_allows_a_burst_then_one_per_interval_per_client() {
+        let limiter = JoinLimiter::default();
+        let start = std::time::Instant::now();
+        let a: std::net::IpAddr = [10, 0, 0, 1].into();
+        let b: std::net::IpAddr = [10, 0, 0, 2].into();
+        for _ in 0..JoinLimiter::BURST as usize {
+            assert!(limiter.admit(a, start).is_ok());
+        }
+        let wait = limiter.admit(a, start).expect_err("the burst is spent");
+        assert!(wait > Duration::ZERO && wait <= JoinLimiter::EVERY, "{wait:?}");
+        assert!(limiter.admit(b, start).is_ok(), "another client has its own bucket");
+        assert!(limiter.admit(a, start + JoinLimiter::EVERY).is_ok(), "one more after the interval");
+        assert!(limiter.admit(a, start + JoinLimiter::EVERY).is_err());
     }
 }

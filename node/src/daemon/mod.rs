@@ -95,6 +95,8 @@ pub struct NodeConfig {
     pub cluster: ClusterSettings,
     /// Where this node's edge listens.
     pub edge: EdgeListen,
+    /// Caps and timeouts on the node port's connections.
+    pub connection_limits: tls::ConnectionLimits,
 }
 
 /// The cluster-wide settings `node init` fixes.
@@ -312,8 +314,13 @@ impl Node {
 
             let state = consensus.state().clone();
             let router = tonic::transport::Server::builder()
+                // Pings keep every served connection's bytes flowing, so the
+                // idle timeout (`ConnectionLimits`) closes only dead ones,
+                // and a client that stopped answering is dropped.
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                 .add_service(InterceptedService::new(
-                    RaftService::new(consensus.clone()).into_server(),
+                    RaftService::new(consensus.clone(), auth::authorize(state.clone(), ca_digest)).into_server(),
                     auth::require_node(state.clone(), stored.node_id),
                 ))
                 .add_service(InterceptedService::new(
@@ -331,8 +338,9 @@ impl Node {
                 .add_service(JoinServer::new(join::JoinService {
                     consensus: consensus.clone(),
                     secrets_key: identity.secrets_key.clone(),
+                    limiter: Default::default(),
                 }))
-                .add_service(InterceptedService::new(
+                .add_service(auth::WithGrant(InterceptedService::new(
                     ControlServer::new(api::ControlService {
                         consensus: consensus.clone(),
                         liveness: liveness.clone(),
@@ -343,10 +351,11 @@ impl Node {
                         secrets_key: secrets_key.clone(),
                         plane: plane.clone(),
                         network: network_rx.clone(),
+                        builds: Arc::new(tokio::sync::Semaphore::new(1)),
                     }),
                     auth::require_admin(state, ca_digest),
-                ));
-            let incoming = tls::incoming(listener, server_tls, stop.clone());
+                )));
+            let incoming = tls::incoming(listener, server_tls, config.connection_limits.clone(), stop.clone());
             let server_stop = stop.clone();
             let server = tokio::spawn(
                 async move {
@@ -418,6 +427,10 @@ impl Node {
                 .in_current_span(),
             );
             tokio::spawn(certs::run(consensus.clone(), secrets_key.clone(), stop.clone()).in_current_span());
+            tokio::spawn(
+                identity::keep_join_token(dir.clone(), consensus.state().clone(), ca_digest, stop.clone())
+                    .in_current_span(),
+            );
             let fetcher = Arc::new(workloads::PeerImages { consensus: consensus.clone(), channels: channels.clone() });
             let agent = Agent::new(engine, consensus.clone(), secrets_key, fetcher, network_rx);
             let agent = tokio::spawn(agent.run(stop.clone()).in_current_span());
@@ -476,6 +489,7 @@ async fn resolve_identity(
         tracing::info!(node = %identity.stored.name, id = identity.stored.node_id, "resuming node from {}", dir.root().display());
         return Ok((identity, None));
     }
+    dir.check_fresh()?;
     let name = config.name.clone().unwrap_or_else(|| config.default_name.clone());
     validate_name(&name).map_err(|reason| StartError::Name { name: name.clone(), reason })?;
     match &config.start {

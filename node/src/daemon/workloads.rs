@@ -14,7 +14,7 @@ use futures::stream::BoxStream;
 use futures::{Stream, StreamExt, TryStreamExt};
 use roost_deploy::agent::{ImageFetcher, ImageStream};
 use roost_deploy::controller::{decide, ControllerConfig, NodeView};
-use roost_deploy::engine::{Engine, LogStream};
+use roost_deploy::engine::{Engine, LogStream, LABEL_CLUSTER};
 use roost_proto::cluster::agent_client::AgentClient;
 use roost_proto::cluster::agent_server::Agent;
 use roost_proto::cluster::{ImageChunk, InstanceLogLine, InstanceLogsRequest, PullImageRequest};
@@ -107,8 +107,11 @@ impl Agent for AgentService {
         request: Request<PullImageRequest>,
     ) -> Result<tonic::Response<Self::PullImageStream>, Status> {
         let image = request.into_inner().image;
-        match self.engine.image_id(&image).await {
-            Ok(Some(_)) => {}
+        let cluster = self.consensus.state().read(|s| s.cluster.as_ref().map(|c| c.id.clone())).unwrap_or_default();
+        match self.engine.image_labels(&image).await {
+            Ok(Some(labels)) if labels.get(LABEL_CLUSTER) == Some(&cluster) => {}
+            // Only images of this cluster leave the node.
+            Ok(Some(_)) => return Err(Status::permission_denied(format!("image {image} is not this cluster's"))),
             Ok(None) => return Err(Status::not_found(format!("this node's engine has no image {image}"))),
             Err(error) => return Err(Status::unavailable(error.chain())),
         }

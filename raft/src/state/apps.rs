@@ -6,13 +6,14 @@
 //! that a decision still fits the state (an instance may have been removed
 //! since it was decided) and record it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{App, State, UnixMillis};
 use crate::command::{Rejection, Response};
+use crate::workload::{truncated, SEAL_OVERHEAD};
 use crate::workload::{
     Health, Instance, InstanceReport, InstanceState, Outcome, Placement, Release, ReleaseSpec, ReleaseStatus,
-    Resources, SealedSecret,
+    Resources, SealedSecret, MAX_APP_SECRETS_BYTES, MAX_REASON_BYTES, MAX_SEALED_SECRET_CHARS, MAX_SECRETS_PER_APP,
 };
 use crate::NodeId;
 
@@ -82,6 +83,7 @@ impl State {
                 created_at: at,
             },
         );
+        prune_releases(app);
         for (group, count) in counts {
             for _ in 0..count {
                 self.add_instance(app_name, version, &group, at);
@@ -255,7 +257,8 @@ impl State {
                 instance.health = report.health;
                 instance.address = report.address.clone();
                 instance.ip = report.ip;
-                instance.reason = report.reason.clone();
+                // App code writes check output: the state keeps a bounded part.
+                instance.reason = report.reason.as_deref().map(|r| truncated(r, MAX_REASON_BYTES));
                 instance.restarts = report.restarts;
                 instance.updated_at = at;
             }
@@ -377,6 +380,32 @@ impl State {
                 names: missing.join(", "),
             });
         }
+        if let Some((name, sealed)) = set.iter().find(|(_, v)| v.sealed.len() > MAX_SEALED_SECRET_CHARS) {
+            return Response::Rejected(Rejection::SecretTooLarge {
+                app: app_name.to_owned(),
+                name: name.clone(),
+                bytes: (sealed.sealed.len() / 2).saturating_sub(SEAL_OVERHEAD),
+            });
+        }
+        let count = app.secrets.keys().filter(|k| !unset.contains(k)).chain(set.keys()).collect::<BTreeSet<_>>().len();
+        if count > MAX_SECRETS_PER_APP {
+            return Response::Rejected(Rejection::TooManySecrets {
+                app: app_name.to_owned(),
+                count,
+                max: MAX_SECRETS_PER_APP,
+            });
+        }
+        // Sealed values are hex, with a nonce and a tag.
+        let bytes: usize = app
+            .secrets
+            .iter()
+            .filter(|(k, _)| !unset.contains(k) && !set.contains_key(*k))
+            .chain(set.iter())
+            .map(|(_, v)| (v.sealed.len() / 2).saturating_sub(SEAL_OVERHEAD))
+            .sum();
+        if bytes > MAX_APP_SECRETS_BYTES {
+            return Response::Rejected(Rejection::AppSecretsTooLarge { app: app_name.to_owned(), bytes });
+        }
         let spec = app.current().map(|r| r.spec.clone());
         if !stage && spec.is_some() && app.suspended {
             return Response::Rejected(Rejection::AppSuspended { name: app_name.to_owned() });
@@ -459,4 +488,28 @@ fn instance_id(counter: u64) -> String {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
     format!("{:012x}", z & 0xffff_ffff_ffff)
+}
+
+/// Releases an app keeps: the newest [`RELEASE_HISTORY`], and in any case
+/// the serving one, the one deploying and the one a rollback returns to.
+/// Each holds a spec and the app's sealed secrets, so an app deployed every
+/// hour must not grow the state without bound.
+pub const RELEASE_HISTORY: usize = 10;
+
+fn prune_releases(app: &mut App) {
+    if app.releases.len() <= RELEASE_HISTORY {
+        return;
+    }
+    let current = app.current().map(|r| r.version);
+    let deploying = app.deploying().map(|r| r.version);
+    let rollback = current.and_then(|current| {
+        app.releases
+            .values()
+            .rev()
+            .find(|r| r.version < current && r.status == ReleaseStatus::Superseded)
+            .map(|r| r.version)
+    });
+    let oldest_recent = app.releases.keys().rev().nth(RELEASE_HISTORY - 1).copied().unwrap_or(0);
+    app.releases
+        .retain(|&version, _| version >= oldest_recent || [current, deploying, rollback].contains(&Some(version)));
 }

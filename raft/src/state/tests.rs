@@ -365,6 +365,93 @@ mod workloads {
         assert_eq!(state.apps["web"].releases[&2].secrets_version, 2);
         assert!(state.apps["web"].releases[&2].secrets.contains_key("KEY"));
     }
+
+    #[test]
+    fn secrets_have_caps_on_size_and_count_and_a_refusal_changes_nothing() {
+        let mut state = bootstrapped();
+        deploy(&mut state, "sha256:1");
+        finish(&mut state, 1);
+        let sealed =
+            |bytes: usize| SealedSecret { sealed: "0".repeat(2 * (bytes + 28)), digest: "d".into(), updated_at: 1 };
+        let set = |secrets: Vec<(String, SealedSecret)>| Command::SetSecrets {
+            app: "web".into(),
+            set: secrets.into_iter().collect(),
+            unset: vec![],
+            stage: true,
+        };
+        let before = state.clone();
+        let huge = apply(&mut state, set(vec![("BIG".into(), sealed(MAX_SECRET_BYTES + 1))]));
+        assert!(matches!(huge, Response::Rejected(Rejection::SecretTooLarge { .. })), "{huge:?}");
+        let many = (0..=MAX_SECRETS_PER_APP).map(|i| (format!("K{i}"), sealed(1))).collect();
+        let many = apply(&mut state, set(many));
+        assert!(matches!(many, Response::Rejected(Rejection::TooManySecrets { .. })), "{many:?}");
+        let heavy = (0..9).map(|i| (format!("K{i}"), sealed(MAX_SECRET_BYTES))).collect();
+        let heavy = apply(&mut state, set(heavy));
+        assert!(matches!(heavy, Response::Rejected(Rejection::AppSecretsTooLarge { .. })), "{heavy:?}");
+        assert_eq!(state, before);
+        let most = (0..MAX_SECRETS_PER_APP).map(|i| (format!("K{i}"), sealed(16))).collect();
+        assert_eq!(apply(&mut state, set(most)), Response::Done, "the cap itself is allowed");
+    }
+
+    #[test]
+    fn releases_beyond_the_history_are_pruned_but_never_the_serving_or_rollback_one() {
+        let mut state = bootstrapped();
+        deploy(&mut state, "sha256:1");
+        finish(&mut state, 1);
+        for version in 2..=25u64 {
+            assert_eq!(deploy(&mut state, &format!("sha256:{version}")), Response::ReleaseCreated { version });
+            // v5 fails: the serving release stays v4 while later ones come.
+            if version != 5 {
+                finish(&mut state, version);
+            } else {
+                let outcome = Outcome::Failed { reason: "bad".into() };
+                apply(&mut state, Command::FinishRelease { app: "web".into(), version, outcome });
+            }
+        }
+        let app = &state.apps["web"];
+        let kept: Vec<u64> = app.releases.keys().copied().collect();
+        assert_eq!(kept, (16..=25).collect::<Vec<_>>(), "the newest {RELEASE_HISTORY}");
+        // A release that is not the newest but serves, and the one before it,
+        // survive pruning.
+        let mut state = bootstrapped();
+        deploy(&mut state, "sha256:1");
+        finish(&mut state, 1);
+        deploy(&mut state, "sha256:2");
+        finish(&mut state, 2);
+        for version in 3..=20u64 {
+            deploy(&mut state, &format!("sha256:{version}"));
+            let outcome = Outcome::Failed { reason: "bad".into() };
+            apply(&mut state, Command::FinishRelease { app: "web".into(), version, outcome });
+        }
+        let app = &state.apps["web"];
+        assert_eq!(app.current().map(|r| r.version), Some(2));
+        assert!(app.releases.contains_key(&1), "the rollback target is kept");
+        assert_eq!(app.releases.len(), RELEASE_HISTORY + 2);
+        assert_eq!(
+            apply(&mut state, Command::Rollback { app: "web".into(), version: None }),
+            Response::ReleaseCreated { version: 21 }
+        );
+    }
+
+    #[test]
+    fn an_instance_reason_is_kept_to_a_bounded_length() {
+        let mut state = bootstrapped();
+        deploy(&mut state, "sha256:1");
+        let id = state.instances.keys().next().cloned().expect("instance");
+        apply(&mut state, Command::Place { placements: vec![Placement::Place { instance: id.clone(), node: 1 }] });
+        let report = InstanceReport {
+            id: id.clone(),
+            state: InstanceState::Running,
+            health: Health::Failing,
+            address: None,
+            ip: None,
+            reason: Some("é".repeat(10_000)),
+            restarts: 0,
+        };
+        apply(&mut state, Command::ReportInstances { node: 1, reports: vec![report] });
+        let reason = state.instances[&id].reason.clone().expect("a reason");
+        assert!(reason.len() <= MAX_REASON_BYTES && reason.ends_with("..."), "{}", reason.len());
+    }
 }
 
 #[test]
