@@ -171,3 +171,28 @@ async fn five_nodes_make_five_voters_and_a_second_node_waits_as_a_learner() -> R
     cluster.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_serves_the_cli_as_soon_as_its_join_returns() -> Result<()> {
+    use roost_node::daemon::{Node, Start};
+    let cluster = Cluster::start(1).await?;
+    let seed = cluster.node(0)?.address.clone();
+    let mut joined = Vec::new();
+    for name in ["n2", "n3"] {
+        let dir = tempfile::tempdir()?;
+        let start = Start::Join { seed: seed.clone(), token: cluster.tokens.join.to_string() };
+        let config = roost_tests::node_config(name, dir.path(), None, start, &Default::default(), &Default::default());
+        let node = Node::start(config, tokio_util::sync::CancellationToken::new()).await?;
+        // No waiting: the first call after the join returns is served.
+        let mut client = roost_tests::admin_client(&node.address, &cluster.tokens).await?;
+        client.create_app(CreateAppRequest { name: format!("via-{name}") }).await?;
+        let nodes = client.list_nodes(ListNodesRequest::default()).await?.into_inner().nodes;
+        assert!(nodes.iter().any(|n| n.name == name), "{nodes:?}");
+        joined.push((dir, node));
+    }
+    for (_dir, node) in joined {
+        node.stop().await;
+    }
+    cluster.shutdown().await;
+    Ok(())
+}

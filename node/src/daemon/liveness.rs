@@ -190,7 +190,9 @@ pub async fn send_heartbeats(
         liveness.set_leading(leading, Instant::now());
         events.observe(&consensus, &liveness, leader.as_ref().map(|(id, node)| (*id, node.name.as_str())), leading);
         let Some((leader_id, leader)) = leader else { continue };
-        if leader_id == consensus.id() {
+        // A node is shown up only once it can serve: it must know the
+        // cluster (to check tokens) and itself.
+        if leader_id == consensus.id() || !super::caught_up(&consensus) {
             continue;
         }
         let Ok(channel) = channels.get(&leader.address) else { continue };

@@ -393,6 +393,10 @@ impl Node {
                 }
             };
 
+            // A node answers the CLI only once it knows the cluster and
+            // itself: `node join` returns, and the node reports itself up
+            // (heartbeats), only then.
+            wait_caught_up(&consensus, Instant::now() + CATCH_UP_WAIT).await;
             let removed = Arc::new(AtomicBool::new(false));
             spawn_background(&consensus, &liveness, &channels, &stop, &removed);
             let (directory, directory_rx) = tokio::sync::watch::channel(Arc::default());
@@ -456,6 +460,32 @@ impl Node {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// How long a starting node waits to learn the cluster before it serves anyway.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
+
+/// Whether this node's state holds the cluster and its own record: enough to
+/// check an admin token and to answer reads after a read barrier.
+pub fn caught_up(consensus: &Consensus) -> bool {
+    let me = consensus.id();
+    consensus.state().read(|s| s.cluster.is_some() && s.nodes.contains_key(&me))
+}
+
+/// Waits until [`caught_up`] or `deadline`.
+async fn wait_caught_up(consensus: &Consensus, deadline: Instant) {
+    let mut changes = consensus.state().changes();
+    while !caught_up(consensus) {
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            // Raft stopped: the caller finds out soon enough.
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::warn!("this node has not caught up with the cluster after {CATCH_UP_WAIT:?}; serving anyway");
+                return;
+            }
+        }
     }
 }
 
