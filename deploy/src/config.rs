@@ -246,34 +246,7 @@ pub struct Placement {
     pub max_per_node: Option<u32>,
 }
 
-/// A placement constraint on node labels.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Constraint {
-    pub label: String,
-    pub equal: bool,
-    pub value: String,
-}
-
-impl Constraint {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (label, equal, value) = if let Some((l, v)) = text.split_once("==") {
-            (l, true, v)
-        } else if let Some((l, v)) = text.split_once("!=") {
-            (l, false, v)
-        } else {
-            return Err(format!("'{text}' is not `label == value` or `label != value`"));
-        };
-        let (label, value) = (label.trim(), value.trim().trim_matches('"'));
-        if label.is_empty() || value.is_empty() {
-            return Err(format!("'{text}' needs a label and a value on either side"));
-        }
-        Ok(Self { label: label.to_owned(), equal, value: value.to_owned() })
-    }
-
-    pub fn holds(&self, labels: &BTreeMap<String, String>) -> bool {
-        (labels.get(&self.label) == Some(&self.value)) == self.equal
-    }
-}
+pub use roost_raft::workload::Constraint;
 
 /// Why `roost.toml` could not be used.
 #[derive(Debug, thiserror::Error)]

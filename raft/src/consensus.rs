@@ -152,6 +152,9 @@ pub struct Consensus {
     state: StateReader,
     channels: Arc<dyn Channels>,
     batcher: mpsc::UnboundedSender<Pending>,
+    /// The store, held so that shutdown closes it once every other holder
+    /// is gone, and returns only when it is closed.
+    db: std::sync::Mutex<Option<Arc<rocksdb::DB>>>,
 }
 
 /// A proposal waiting for the batcher, its encoded size and its caller.
@@ -186,13 +189,14 @@ impl Consensus {
             .map_err(|e| StartError::Store(store::OpenError::Task(std::io::Error::other(e))))?
             .map_err(StartError::Store)?;
         let state = sm.reader();
+        let db = std::sync::Mutex::new(Some(log.database()));
         let hints = Arc::new(ElectionHints::default());
         let network = Network::new(channels.clone(), hints.clone(), state.clone());
         let raft = Raft::new(id, config, network, log, sm).await.map_err(StartError::Raft)?;
         tokio::spawn(drive_elections(raft.clone(), timings.clone(), hints, shutdown));
         let (batcher, pending) = mpsc::unbounded_channel();
         tokio::spawn(run_batcher(raft.clone(), pending));
-        Ok(Arc::new(Self { id, raft, state, channels, batcher }))
+        Ok(Arc::new(Self { id, raft, state, channels, batcher, db }))
     }
 
     /// Makes this node the sole voter of a new cluster. Does nothing when the
@@ -403,10 +407,24 @@ impl Consensus {
         }
     }
 
+    /// Stops Raft and waits (up to 10 s) until RocksDB is closed: openraft's
+    /// state-machine and replication tasks hold the store a little past the
+    /// core, and a node restarted in the same process must find it unlocked.
     pub async fn shutdown(&self) {
         if let Err(error) = self.raft.shutdown().await {
             tracing::warn!(%error, "raft did not shut down cleanly");
         }
+        let Some(db) = self.db.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take() else { return };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&db) > 1 {
+            if Instant::now() >= deadline {
+                tracing::warn!("the Raft store is still in use 10 s after shutdown");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The last holder: closing flushes and writes RocksDB's own log.
+        let _ = tokio::task::spawn_blocking(move || drop(db)).await;
     }
 }
 

@@ -131,6 +131,13 @@ impl Debug for LogStore {
 }
 
 impl LogStore {
+    /// The database itself, so that shutdown can be the one to close it.
+    pub(crate) fn database(&self) -> Arc<DB> {
+        self.db.clone()
+    }
+}
+
+impl LogStore {
     fn recent(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry<TypeConfig>>> {
         self.recent.lock().unwrap_or_else(|p| p.into_inner())
     }

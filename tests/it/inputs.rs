@@ -275,7 +275,17 @@ async fn init_or_join_on_a_directory_with_keys_but_no_node_json_is_refused_and_c
             message.contains("holds no node.json") && message.contains("secrets.key") && message.contains("raft/"),
             "{what}: {message}"
         );
-        assert!(snapshot(&dir)? == before, "{what}: a refused start must leave every file byte for byte");
+        let after = snapshot(&dir)?;
+        let changed: Vec<_> = before
+            .keys()
+            .chain(after.keys())
+            .filter(|p| before.get(*p) != after.get(*p))
+            .map(|p| p.display().to_string())
+            .collect();
+        assert!(
+            changed.is_empty(),
+            "{what}: a refused start must leave every file byte for byte; changed: {changed:?}"
+        );
     }
     Ok(())
 }

@@ -8,9 +8,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{App, State, UnixMillis};
+use super::{App, NodeRecord, State, UnixMillis};
 use crate::command::{Rejection, Response};
-use crate::workload::{truncated, SEAL_OVERHEAD};
+use crate::workload::{truncated, Constraint, SEAL_OVERHEAD};
 use crate::workload::{
     Health, Instance, InstanceReport, InstanceState, Outcome, Placement, Release, ReleaseSpec, ReleaseStatus,
     Resources, SealedSecret, MAX_APP_SECRETS_BYTES, MAX_REASON_BYTES, MAX_SEALED_SECRET_CHARS, MAX_SECRETS_PER_APP,
@@ -209,18 +209,28 @@ impl State {
         Response::Done
     }
 
+    /// Places instances as the scheduler decided. A decision may have been
+    /// made on a stale state (a new leader, a write not yet confirmed), so
+    /// each is checked again, in order, against what the node has left, the
+    /// release's constraints and `max_per_node`; one that no longer holds
+    /// leaves the instance waiting, with the reason, for the next decision.
     pub(super) fn place(&mut self, placements: &[Placement]) -> Response {
+        let mut reserved = self.reserved();
         for placement in placements {
             match placement {
-                Placement::Place { instance, node } => {
-                    if !self.nodes.contains_key(node) {
-                        continue;
-                    }
-                    if let Some(instance) = self.instances.get_mut(instance) {
-                        if instance.node.is_none() {
+                Placement::Place { instance: id, node } => {
+                    let Some(instance) = self.instances.get(id).filter(|i| i.node.is_none()) else { continue };
+                    let Some(record) = self.nodes.get(node) else { continue };
+                    let checked = self.placement_holds(instance, record, &reserved);
+                    let Some(instance) = self.instances.get_mut(id) else { continue };
+                    match checked {
+                        Ok(need) => {
+                            let entry = reserved.entry(*node).or_default();
+                            *entry = *entry + need;
                             instance.node = Some(*node);
                             instance.reason = None;
                         }
+                        Err(reason) => instance.reason = Some(reason),
                     }
                 }
                 Placement::Unplaceable { instance, reason } => {
@@ -233,6 +243,49 @@ impl State {
             }
         }
         Response::Done
+    }
+
+    /// Whether `instance` may go on `node` now; what it reserves if so.
+    fn placement_holds(
+        &self,
+        instance: &Instance,
+        node: &NodeRecord,
+        reserved: &BTreeMap<NodeId, Resources>,
+    ) -> Result<Resources, String> {
+        let release = self.apps.get(&instance.app).and_then(|a| a.releases.get(&instance.release));
+        let (Some(release), Some(need)) = (release, self.instance_resources(instance)) else {
+            return Err("its release is gone".into());
+        };
+        let free = node.resources.saturating_sub(reserved.get(&node.id).copied().unwrap_or_default());
+        if !need.fits_in(free) {
+            return Err(format!(
+                "{} no longer has room for it (needs {} mCPU and {} MiB; {} mCPU and {} MiB free)",
+                node.name,
+                need.cpu_millis,
+                need.memory_bytes >> 20,
+                free.cpu_millis,
+                free.memory_bytes >> 20
+            ));
+        }
+        let placement = &release.spec.placement;
+        for text in &placement.constraints {
+            match Constraint::parse(text) {
+                Ok(constraint) if constraint.holds(&node.labels) => {}
+                Ok(_) => return Err(format!("{} does not meet its constraint {text}", node.name)),
+                Err(reason) => return Err(format!("its placement constraint is invalid: {reason}")),
+            }
+        }
+        if let Some(max) = placement.max_per_node {
+            let there = self
+                .instances
+                .values()
+                .filter(|i| i.app == instance.app && i.release == instance.release && i.node == Some(node.id))
+                .count();
+            if there >= max as usize {
+                return Err(format!("{} already runs {there} of its release (max_per_node = {max})", node.name));
+            }
+        }
+        Ok(need)
     }
 
     pub(super) fn reschedule(&mut self, ids: &[String], reason: &str) -> Response {

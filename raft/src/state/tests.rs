@@ -24,7 +24,7 @@ fn node(name: &str, fingerprint: &str) -> NewNode {
         labels: Default::default(),
         cert_serial: format!("serial-{fingerprint}"),
         cert_fingerprint: fingerprint.into(),
-        resources: Default::default(),
+        resources: crate::workload::Resources { cpu_millis: 8000, memory_bytes: 16 << 30 },
         wireguard: None,
     }
 }
@@ -553,4 +553,70 @@ fn a_public_tcp_port_belongs_to_one_app_and_a_refused_deploy_creates_nothing() {
         matches!(apply(&mut state, again), Response::Rejected(Rejection::DeployInProgress { .. })),
         "its own port is not taken"
     );
+}
+
+mod placement {
+    use crate::command::{Command, Response};
+    use crate::testkit::{apply, cluster, spec};
+    use crate::workload::{Placement, PlacementSpec, Resources};
+
+    const GIB: u64 = 1 << 30;
+
+    /// A cluster of two nodes (2 CPUs and 1 GiB each; n2 labelled
+    /// `zone=b`) and an app `web` with `count` pending instances of `need`.
+    fn pending(count: u32, need: Resources, placement: PlacementSpec) -> (crate::State, Vec<String>) {
+        let mut state = cluster(2, |i| if i == 2 { vec![("zone", "b")] } else { vec![] });
+        let spec = crate::workload::ReleaseSpec { placement, ..spec(&["app"], need, false) };
+        apply(&mut state, Command::Deploy { app: "web".into(), spec, description: "deploy".into() });
+        let outcome = crate::workload::Outcome::Active;
+        apply(&mut state, Command::FinishRelease { app: "web".into(), version: 1, outcome });
+        if count != 1 {
+            apply(&mut state, Command::Scale { app: "web".into(), group: "app".into(), count });
+        }
+        let ids = state.instances.keys().cloned().collect();
+        (state, ids)
+    }
+
+    fn place(state: &mut crate::State, ids: &[String], node: u64) {
+        let placements = ids.iter().map(|id| Placement::Place { instance: id.clone(), node }).collect();
+        assert_eq!(apply(state, Command::Place { placements }), Response::Done);
+    }
+
+    fn placed_on(state: &crate::State, node: u64) -> usize {
+        state.instances.values().filter(|i| i.node == Some(node)).count()
+    }
+
+    #[test]
+    fn a_stale_placement_that_overcommits_a_node_is_refused_at_apply() {
+        // Three instances of 1 CPU each decided onto n1, which has 2.
+        let (mut state, ids) = pending(3, Resources { cpu_millis: 1000, memory_bytes: GIB / 8 }, Default::default());
+        assert_eq!(ids.len(), 3);
+        place(&mut state, &ids, 1);
+        assert_eq!(placed_on(&state, 1), 2, "only what fits is placed");
+        let refused = state.instances.values().find(|i| i.node.is_none()).expect("one waits");
+        assert!(refused.reason.as_deref().is_some_and(|r| r.contains("no longer has room")), "{refused:?}");
+        // The next decision places it elsewhere.
+        let refused = refused.id.clone();
+        place(&mut state, &[refused], 2);
+        assert_eq!(placed_on(&state, 2), 1);
+    }
+
+    #[test]
+    fn placements_that_break_constraints_or_max_per_node_are_refused_at_apply() {
+        let small = Resources { cpu_millis: 100, memory_bytes: GIB / 16 };
+        let zoned = PlacementSpec { constraints: vec!["zone == b".into()], max_per_node: None };
+        let (mut state, ids) = pending(1, small, zoned);
+        place(&mut state, &ids, 1);
+        assert_eq!(placed_on(&state, 1), 0);
+        assert!(state.instances[&ids[0]].reason.as_deref().is_some_and(|r| r.contains("constraint zone == b")));
+        place(&mut state, &ids, 2);
+        assert_eq!(placed_on(&state, 2), 1);
+
+        let spread = PlacementSpec { constraints: vec![], max_per_node: Some(1) };
+        let (mut state, ids) = pending(2, small, spread);
+        place(&mut state, &ids, 1);
+        assert_eq!(placed_on(&state, 1), 1, "max_per_node = 1");
+        let waiting = state.instances.values().find(|i| i.node.is_none()).expect("one waits");
+        assert!(waiting.reason.as_deref().is_some_and(|r| r.contains("max_per_node = 1")), "{waiting:?}");
+    }
 }
