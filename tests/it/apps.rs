@@ -328,9 +328,7 @@ async fn instances_run_least_privileged_and_only_the_clusters_images_leave_a_nod
     )?;
     drop(build.stdin.take());
     assert!(build.wait()?.success(), "docker build of the foreign image");
-    let node_dir = cluster.slots[0].dir.path();
-    let read = |f: &str| std::fs::read_to_string(node_dir.join("tls").join(f));
-    let tls = roost_network::tls::ClientTls::node(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?;
+    let tls = roost_tests::node_tls(cluster.slots[0].dir.path())?;
     let channel = tls.connect(&cluster.node(0)?.address).await?;
     let mut agent = roost_proto::cluster::agent_client::AgentClient::new(channel);
     let status = agent

@@ -163,8 +163,7 @@ async fn certificates_of_removed_or_unknown_nodes_and_members_posing_as_others_a
     })
     .await?;
     // Its certificate no longer opens the node services.
-    let read = |f: &str| std::fs::read_to_string(victim_dir.join("tls").join(f));
-    let tls = ClientTls::node(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?;
+    let tls = roost_tests::node_tls(&victim_dir)?;
     let channel = tls.connect(&cluster.node(leader)?.address).await?;
     let status = roost_proto::cluster::peer_client::PeerClient::new(channel)
         .heartbeat(roost_proto::cluster::HeartbeatRequest { node_id: 0 })
@@ -188,9 +187,7 @@ async fn certificates_of_removed_or_unknown_nodes_and_members_posing_as_others_a
     // A member may not speak for another: an AppendEntries sent with a
     // current member's certificate in the leader's name is refused.
     let member = (0..cluster.slots.len()).find(|&i| i != victim && i != leader).expect("a third node");
-    let member_dir = cluster.slots[member].dir.path().to_owned();
-    let read = |f: &str| std::fs::read_to_string(member_dir.join("tls").join(f));
-    let tls = ClientTls::node(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?;
+    let tls = roost_tests::node_tls(cluster.slots[member].dir.path())?;
     let leader_id = cluster.node(leader)?.id;
     let forged: openraft::raft::AppendEntriesRequest<roost_raft::TypeConfig> = openraft::raft::AppendEntriesRequest {
         vote: openraft::Vote::new_committed(u64::MAX / 2, leader_id),
@@ -433,9 +430,7 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
     cluster.client(0).await?.create_app(CreateAppRequest { name: "target".into() }).await?;
     let member = (leader + 1) % 3;
     let member_id = cluster.node(member)?.id;
-    let dir = cluster.slots[member].dir.path().to_owned();
-    let read = |f: &str| std::fs::read_to_string(dir.join("tls").join(f));
-    let tls = ClientTls::node(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?;
+    let tls = roost_tests::node_tls(cluster.slots[member].dir.path())?;
     let mut raft =
         roost_proto::cluster::raft_client::RaftClient::new(tls.connect(&cluster.node(leader)?.address).await?);
     let propose = |command: Command, grant: Option<Grant>| {

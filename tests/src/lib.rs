@@ -224,6 +224,13 @@ impl Cluster {
 }
 
 /// An admin client for the node at `address`.
+/// A client that presents the node certificate stored in a data directory:
+/// what anyone holding that directory can do.
+pub fn node_tls(data_dir: &std::path::Path) -> Result<roost_network::tls::ClientTls> {
+    let read = |f: &str| std::fs::read_to_string(data_dir.join("tls").join(f));
+    Ok(roost_network::tls::ClientTls::node(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?)
+}
+
 pub async fn admin_client(address: &str, tokens: &InitTokens) -> Result<Control> {
     let tls = ClientTls::anonymous(tokens.admin.ca_digest)?;
     let channel = tls.connect(address).await?;
