@@ -268,7 +268,7 @@ impl Consensus {
             }
             match self.leader() {
                 Some((id, _)) if id == self.id => {
-                    match tokio::time::timeout(remaining, self.write_local(proposal.clone())).await {
+                    match tokio::time::timeout(remaining, self.write_sized(proposal.clone(), bytes)).await {
                         Err(_) => return Err(ConsensusError::Unconfirmed { waited: started.elapsed() }),
                         Ok(LocalWrite::Done(response)) => return Ok(response),
                         Ok(LocalWrite::NotLeader) => {}
@@ -296,6 +296,11 @@ impl Consensus {
         if bytes > MAX_COMMAND_BYTES {
             return LocalWrite::Failed(ConsensusError::TooLarge { bytes }.to_string());
         }
+        self.write_sized(proposal, bytes).await
+    }
+
+    /// [`Consensus::write_local`] of a proposal already measured.
+    async fn write_sized(&self, proposal: Proposal, bytes: usize) -> LocalWrite {
         let (tx, rx) = oneshot::channel();
         if self.batcher.send((proposal, bytes, tx)).is_err() {
             return LocalWrite::Stopped;
