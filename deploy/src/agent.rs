@@ -301,6 +301,7 @@ impl Agent {
             ip: None,
             reason: None,
             restarts: self.tracked.get(&id).map_or(desired.instance.restarts, |t| t.restarts),
+            generation: Some(desired.instance.generation),
         };
         if desired.suspended {
             // Removed rather than stopped, so that resume starts a fresh
@@ -531,6 +532,7 @@ impl Agent {
                 ip: None,
                 reason: Some(fetching),
                 restarts: instance.restarts,
+                generation: Some(instance.generation),
             };
             let deadline = Instant::now() + Duration::from_secs(2);
             let command = Command::ReportInstances { node: self.node, reports: vec![report] };

@@ -200,6 +200,8 @@ pub struct Check {
     pub timeout: String,
     #[serde(default = "default_grace")]
     pub grace_period: String,
+    /// Probes that must fail in a row before the check fails [default: 3].
+    pub failure_threshold: Option<u32>,
     /// For `[checks.NAME]`: the process groups it checks. Empty means the
     /// groups `[http_service]` serves, or all groups without one.
     #[serde(default)]
@@ -501,6 +503,9 @@ fn check_problems(check: &Check, has_http_service: bool) -> Vec<Problem> {
     if let Err(reason) = duration(&check.grace_period) {
         problem("grace_period", reason);
     }
+    if check.failure_threshold.is_some_and(|n| !(1..=MAX_FAILURE_THRESHOLD).contains(&n)) {
+        problem("failure_threshold", format!("must be from 1 to {MAX_FAILURE_THRESHOLD}"));
+    }
     if let (Ok(interval), Ok(timeout)) = (interval, timeout) {
         if interval.is_zero() {
             problem("interval", "must be above 0".into());
@@ -514,6 +519,10 @@ fn check_problems(check: &Check, has_http_service: bool) -> Vec<Problem> {
 
 #[cfg(test)]
 mod tests;
+
+/// The most probes a check may need to fail in a row: beyond this, a
+/// failing instance would go unnoticed for too long to be useful.
+pub const MAX_FAILURE_THRESHOLD: u32 = 100;
 
 const UNBALANCED: &str =
     "has an unclosed quote or a trailing backslash (commands are split as a POSIX shell does: \"sh -c 'a && b'\")";

@@ -6,7 +6,8 @@
 //! end deploys, as a success once every new instance runs and passes its
 //! checks, or as a failure (rolled back: the previous release keeps serving)
 //! as soon as one cannot be placed, fails, fails a check, or the deploy
-//! outlasts its timeout. The node driver proposes what it returns and calls
+//! outlasts its timeout; and move `roost restart` on by its next wave
+//! (`State::restart_wave`). The node driver proposes what it returns and calls
 //! it again; every decision is re-checked by apply, so a repeated or late one
 //! is harmless.
 
@@ -66,6 +67,12 @@ pub fn decide(state: &State, view: &NodeView, config: &ControllerConfig, now: Un
     let placements = scheduler::schedule(state, &unavailable);
     if !placements.is_empty() {
         commands.push(Command::Place { placements });
+    }
+
+    for app in state.apps.values() {
+        if let Some((generation, instances)) = state.restart_wave(&app.name) {
+            commands.push(Command::RestartInstances { app: app.name.clone(), generation, instances });
+        }
     }
 
     for app in state.apps.values() {

@@ -162,6 +162,7 @@ fn check_spec(name: &str, check: &Check, internal_port: Option<u16>) -> CheckSpe
         interval_ms: millis(&check.interval, 10_000),
         timeout_ms: millis(&check.timeout, 2_000),
         grace_period_ms: millis(&check.grace_period, 5_000),
+        failure_threshold: check.failure_threshold.unwrap_or(roost_raft::workload::DEFAULT_FAILURE_THRESHOLD),
     }
 }
 

@@ -160,6 +160,7 @@ mod tests {
             ip: Some(Ipv4Addr::new(10, 210, node as u8 - 1, last_octet)),
             reason: None,
             restarts: 0,
+            generation: None,
         };
         apply(state, Command::ReportInstances { node, reports: vec![report] });
     }

@@ -1,7 +1,9 @@
-//! Join and admin tokens.
+//! Join and API tokens.
 //!
-//! A token is `ROOST-1-<ca digest>-<secret>` (join) or
-//! `ROOST-ADMIN-1-<ca digest>-<secret>` (admin), in the spirit of Docker
+//! A token is `ROOST-1-<ca digest>-<secret>` (join),
+//! `ROOST-ADMIN-1-<ca digest>-<secret>` (the initial admin token `node init`
+//! writes) or `ROOST-TOKEN-1-<ca digest>-<secret>` (a token `roost tokens
+//! create` made, whatever its scope), in the spirit of Docker
 //! Swarm's `SWMTKN-1-…`: the digest (SHA-256 of the cluster CA certificate,
 //! hex) lets the holder trust the cluster before it has anything else, and the
 //! secret proves the holder may join or administer it. Both parts are
@@ -13,13 +15,17 @@ use crate::pki::{hex, CaDigest};
 
 const JOIN_PREFIX: &str = "ROOST-1-";
 const ADMIN_PREFIX: &str = "ROOST-ADMIN-1-";
+const API_PREFIX: &str = "ROOST-TOKEN-1-";
 /// 16 random bytes, hex.
 const SECRET_LEN: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenKind {
     Join,
+    /// The initial admin token.
     Admin,
+    /// A token made by `roost tokens create`; its scope is in the state.
+    Api,
 }
 
 impl fmt::Display for TokenKind {
@@ -27,6 +33,7 @@ impl fmt::Display for TokenKind {
         f.write_str(match self {
             TokenKind::Join => "join token",
             TokenKind::Admin => "admin token",
+            TokenKind::Api => "API token",
         })
     }
 }
@@ -47,7 +54,7 @@ impl fmt::Debug for Token {
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    #[error("a token starts with ROOST-1- (join) or ROOST-ADMIN-1- (admin); this one does not")]
+    #[error("a token starts with ROOST-1- (join), ROOST-ADMIN-1- or ROOST-TOKEN-1- (API); this one does not")]
     Prefix,
     #[error("the token's CA digest must be 64 lowercase hex characters")]
     Digest,
@@ -66,6 +73,8 @@ impl Token {
         let text = text.trim();
         let (kind, rest) = if let Some(rest) = text.strip_prefix(ADMIN_PREFIX) {
             (TokenKind::Admin, rest)
+        } else if let Some(rest) = text.strip_prefix(API_PREFIX) {
+            (TokenKind::Api, rest)
         } else if let Some(rest) = text.strip_prefix(JOIN_PREFIX) {
             (TokenKind::Join, rest)
         } else {
@@ -85,6 +94,7 @@ impl fmt::Display for Token {
         let prefix = match self.kind {
             TokenKind::Join => JOIN_PREFIX,
             TokenKind::Admin => ADMIN_PREFIX,
+            TokenKind::Api => API_PREFIX,
         };
         write!(f, "{prefix}{}-{}", self.ca_digest.to_hex(), self.secret)
     }
@@ -101,8 +111,8 @@ mod tests {
     }
 
     #[test]
-    fn round_trips_both_kinds() {
-        for kind in [TokenKind::Join, TokenKind::Admin] {
+    fn round_trips_every_kind() {
+        for kind in [TokenKind::Join, TokenKind::Admin, TokenKind::Api] {
             let token = Token::generate(kind, digest());
             assert_eq!(Token::parse(&token.to_string()), Ok(token));
         }
@@ -137,7 +147,7 @@ mod tests {
         }
 
         #[test]
-        fn accepts_only_what_it_prints(s in "ROOST-(ADMIN-)?1-[0-9a-f]{60,68}-[0-9a-f]{28,36}") {
+        fn accepts_only_what_it_prints(s in "ROOST-(ADMIN-|TOKEN-)?1-[0-9a-f]{60,68}-[0-9a-f]{28,36}") {
             if let Ok(token) = Token::parse(&s) {
                 prop_assert_eq!(token.to_string(), s);
             }

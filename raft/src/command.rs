@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{AcmeChallenge, App, ClusterInfo, IssuedCertificate, UnixMillis, WireguardPeer};
+use crate::state::{Access, AcmeChallenge, ApiToken, App, ClusterInfo, IssuedCertificate, UnixMillis, WireguardPeer};
 use crate::workload::{InstanceReport, Outcome, Placement, ReleaseSpec, Resources, SealedSecret};
 use crate::NodeId;
 
@@ -22,9 +22,10 @@ pub const PROPOSAL_VERSION: u16 = 1;
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Grant {
-    /// The token an API caller presented (checked by the node that took the
-    /// call, and again by the leader).
-    Admin { token: String },
+    /// The API token a caller presented (checked by the node that took the
+    /// call, and again by the leader against the command's [`Access`]).
+    #[serde(alias = "admin")]
+    Token { token: String },
     /// The join secret a joining node presented to its seed.
     Join { secret: String },
 }
@@ -33,7 +34,7 @@ impl std::fmt::Debug for Grant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Credentials stay out of logs.
         f.write_str(match self {
-            Grant::Admin { .. } => "Grant::Admin",
+            Grant::Token { .. } => "Grant::Token",
             Grant::Join { .. } => "Grant::Join",
         })
     }
@@ -61,10 +62,12 @@ impl Command {
             | Command::Reschedule { .. }
             | Command::FinishRelease { .. }
             | Command::RetireInstances { .. }
+            | Command::RestartInstances { .. }
             | Command::SetAcmeChallenge { .. }
             | Command::CertificateIssued { .. }
             | Command::CertificateFailed { .. }
-            | Command::SetAcmeAccount { .. } => true,
+            | Command::SetAcmeAccount { .. }
+            | Command::TokensUsed { .. } => true,
             Command::Bootstrap { .. }
             | Command::AddNode { .. }
             | Command::RemoveNode { .. }
@@ -80,7 +83,48 @@ impl Command {
             | Command::Restart { .. }
             | Command::SuspendApp { .. }
             | Command::ResumeApp { .. }
+            | Command::CreateToken { .. }
+            | Command::RevokeToken { .. }
+            | Command::RotateToken { .. }
             | Command::Batch { .. } => false,
+        }
+    }
+
+    /// What a user's token must allow for this command to be proposed on
+    /// their behalf. Node commands ([`Command::is_node_command`]) and the
+    /// commands that are never forwarded need an admin, should one ever ask.
+    pub fn access(&self) -> Access<'_> {
+        match self {
+            Command::Deploy { app, .. }
+            | Command::Scale { app, .. }
+            | Command::ScaleVm { app, .. }
+            | Command::Rollback { app, .. }
+            | Command::SetSecrets { app, .. }
+            | Command::Restart { app } => Access::WriteApp(app),
+            Command::SuspendApp { name } | Command::ResumeApp { name } => Access::WriteApp(name),
+            Command::Bootstrap { .. }
+            | Command::AddNode { .. }
+            | Command::RemoveNode { .. }
+            | Command::UpdateNode { .. }
+            | Command::CreateApp { .. }
+            | Command::DestroyApp { .. }
+            | Command::AddCertificate { .. }
+            | Command::RemoveCertificate { .. }
+            | Command::SetAcmeChallenge { .. }
+            | Command::CertificateIssued { .. }
+            | Command::CertificateFailed { .. }
+            | Command::SetAcmeAccount { .. }
+            | Command::FinishRelease { .. }
+            | Command::RetireInstances { .. }
+            | Command::RestartInstances { .. }
+            | Command::Place { .. }
+            | Command::Reschedule { .. }
+            | Command::ReportInstances { .. }
+            | Command::CreateToken { .. }
+            | Command::RevokeToken { .. }
+            | Command::RotateToken { .. }
+            | Command::TokensUsed { .. }
+            | Command::Batch { .. } => Access::Admin,
         }
     }
 }
@@ -217,15 +261,42 @@ pub enum Command {
         /// Stage only: no new release.
         stage: bool,
     },
-    /// Recreates every instance of the app in place.
+    /// Recreates every instance of the app in place, in waves of the
+    /// release's `max_unavailable` (see `RestartInstances`).
     Restart {
         app: String,
+    },
+    /// The leader's controller moves the next wave of a restart to a new
+    /// container (apply takes only what `State::restart_wave` allows).
+    RestartInstances {
+        app: String,
+        generation: u32,
+        instances: Vec<String>,
     },
     SuspendApp {
         name: String,
     },
     ResumeApp {
         name: String,
+    },
+    /// A token made by `roost tokens create` (its secret's digest only).
+    CreateToken {
+        token: ApiToken,
+    },
+    /// Revokes a token by id or name; the initial admin token cannot be.
+    RevokeToken {
+        token: String,
+    },
+    /// Gives a token (by id or name, the initial admin's included) a new
+    /// secret; the old one is refused from then on.
+    RotateToken {
+        token: String,
+        secret_sha256: String,
+    },
+    /// When nodes last accepted tokens, by token id. Each node reports a
+    /// token at most once a minute (see `auth::TokenUses` in roost-node).
+    TokensUsed {
+        used: BTreeMap<String, UnixMillis>,
     },
     /// Proposals that arrived together, committed as one entry and applied
     /// in order. The leader batches concurrent writes this way because
@@ -349,6 +420,16 @@ pub enum Rejection {
     InvalidMeshRange { range: String, reason: String },
     #[error("invalid node address '{address}'")]
     InvalidAddress { address: String },
+    #[error("invalid token name '{name}': {reason}")]
+    InvalidTokenName { name: String, reason: String },
+    #[error("a token named '{name}' already exists (see `roost tokens list`); pick another --name")]
+    TokenExists { name: String },
+    #[error("the cluster has {max} tokens, the most it may have; revoke some with `roost tokens revoke`")]
+    TooManyTokens { max: usize },
+    #[error("no token '{token}' (see `roost tokens list`)")]
+    TokenNotFound { token: String },
+    #[error("the initial admin token cannot be revoked, so that the cluster always has an admin; rotate it with `roost tokens rotate admin`")]
+    InitialAdminToken,
     #[error("this log entry has format version {version}, newer than this binary understands; upgrade roost")]
     UnsupportedVersion { version: u16 },
 }
@@ -379,8 +460,15 @@ impl fmt::Display for Command {
             Command::Rollback { app, .. } => write!(f, "roll back {app}"),
             Command::SetSecrets { app, .. } => write!(f, "set secrets of {app}"),
             Command::Restart { app } => write!(f, "restart {app}"),
+            Command::RestartInstances { app, instances, generation } => {
+                write!(f, "restart {} instances of {app} (generation {generation})", instances.len())
+            }
             Command::SuspendApp { name } => write!(f, "suspend {name}"),
             Command::ResumeApp { name } => write!(f, "resume {name}"),
+            Command::CreateToken { token } => write!(f, "create token {} ({})", token.name, token.scope),
+            Command::RevokeToken { token } => write!(f, "revoke token {token}"),
+            Command::RotateToken { token, .. } => write!(f, "rotate token {token}"),
+            Command::TokensUsed { used } => write!(f, "{} tokens used", used.len()),
             Command::Batch { proposals } => write!(f, "batch of {}", proposals.len()),
         }
     }

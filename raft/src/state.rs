@@ -21,10 +21,12 @@ use crate::NodeId;
 mod apps;
 mod certs;
 mod mesh;
+mod tokens;
 
 pub use apps::{MAX_INSTANCES_PER_GROUP, RELEASE_HISTORY};
 pub use certs::{validate_domain, AcmeChallenge, Certificate, CertificateStatus, IssuedCertificate};
 pub use mesh::{default_mesh_range, validate_mesh_range, WireguardPeer, NODE_SUBNET_PREFIX};
+pub use tokens::{Access, ApiToken, Scope, TokenMatch, TokenView, INITIAL_ADMIN, MAX_TOKENS};
 
 /// Milliseconds since the Unix epoch, as stamped by the proposer.
 pub type UnixMillis = i64;
@@ -59,6 +61,12 @@ pub struct State {
     /// The cluster's ACME account (its credentials, sealed).
     #[serde(default)]
     pub acme_account: Option<SealedSecret>,
+    /// Tokens made by `roost tokens create`, by id.
+    #[serde(default)]
+    pub api_tokens: BTreeMap<String, ApiToken>,
+    /// When the initial admin token was last accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_last_used: Option<UnixMillis>,
 }
 
 /// The cluster domain of a cluster made without `--domain`: `hello.localhost`
@@ -167,6 +175,18 @@ pub struct App {
     /// Bumped by every change to `secrets`.
     #[serde(default)]
     pub secrets_version: u64,
+    /// A `roost restart` under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartProgress>,
+}
+
+/// A restart in waves: instances placed before `requested_at` move to
+/// `generation` (a new container) a wave at a time, the release's
+/// `max_unavailable`, the next wave once the last is ready again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartProgress {
+    pub generation: u32,
+    pub requested_at: UnixMillis,
 }
 
 impl App {
@@ -179,6 +199,7 @@ impl App {
             scale: BTreeMap::new(),
             secrets: BTreeMap::new(),
             secrets_version: 0,
+            restart: None,
         }
     }
 
@@ -227,9 +248,16 @@ impl State {
             Command::ScaleVm { app, group, resources } => self.scale_vm(app, group.as_deref(), *resources, at),
             Command::Rollback { app, version } => self.rollback(app, *version, at),
             Command::SetSecrets { app, set, unset, stage } => self.set_secrets(app, set, unset, *stage, at),
-            Command::Restart { app } => self.restart(app),
+            Command::Restart { app } => self.restart(app, at),
+            Command::RestartInstances { app, generation, instances } => {
+                self.restart_instances(app, *generation, instances)
+            }
             Command::SuspendApp { name } => self.set_suspended(name, true),
             Command::ResumeApp { name } => self.set_suspended(name, false),
+            Command::CreateToken { token } => self.create_token(token),
+            Command::RevokeToken { token } => self.revoke_token(token),
+            Command::RotateToken { token, secret_sha256 } => self.rotate_token(token, secret_sha256),
+            Command::TokensUsed { used } => self.tokens_used(used),
             Command::Batch { proposals } => {
                 Response::Batch { responses: proposals.iter().map(|p| self.apply(p)).collect() }
             }

@@ -63,6 +63,7 @@ pub fn spec(groups: &[&str], resources: Resources, checks: bool) -> ReleaseSpec 
         interval_ms: 1000,
         timeout_ms: 500,
         grace_period_ms: 1000,
+        failure_threshold: crate::workload::DEFAULT_FAILURE_THRESHOLD,
     };
     ReleaseSpec {
         image: "sha256:1".into(),

@@ -139,6 +139,19 @@ pub struct CheckSpec {
     pub interval_ms: u64,
     pub timeout_ms: u64,
     pub grace_period_ms: u64,
+    /// Probes that must fail in a row, after the grace period, before the
+    /// instance is failing (one failed probe of a passing instance changes
+    /// nothing). Releases made before this existed read as the default.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+}
+
+/// How many probes in a row must fail before a check fails, as Kubernetes'
+/// `failureThreshold` and Nomad's `check_restart.limit` default to.
+pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
+
+fn default_failure_threshold() -> u32 {
+    DEFAULT_FAILURE_THRESHOLD
 }
 
 /// One process group of a release: what its instances run and need.
@@ -432,6 +445,11 @@ pub struct InstanceReport {
     pub ip: Option<Ipv4Addr>,
     pub reason: Option<String>,
     pub restarts: u32,
+    /// The generation of the container observed. A report about an older
+    /// generation than the state's (a container `roost restart` has already
+    /// replaced) is stale, and apply ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u32>,
 }
 
 /// One decision of the scheduler.

@@ -99,6 +99,26 @@ async fn an_app_deploys_spreads_heals_scales_and_rolls_back() -> Result<()> {
     })
     .await?;
 
+    // `roost restart` gives every instance a new container, a wave at a
+    // time: with max_unavailable's default (a third), one of the three is
+    // out of service at any moment, never more.
+    let before: std::collections::BTreeSet<String> = cluster.docker.containers(None).into_iter().collect();
+    assert_eq!(before.len(), 3, "{before:?}");
+    let printed = cluster.cli(0, &["restart", "-a", "hello"]).await?;
+    assert!(printed.contains("a wave at a time"), "{printed}");
+    let most_out = std::sync::atomic::AtomicUsize::new(0);
+    wait_until("every instance restarted into a new container and passing", Duration::from_secs(60), || async {
+        let s = status(&cluster, 0, "hello").await?;
+        let list = instances(&s);
+        let out = list.iter().filter(|i| !(i["state"] == "running" && i["health"] == "passing")).count();
+        most_out.fetch_max(out, std::sync::atomic::Ordering::SeqCst);
+        let now: std::collections::BTreeSet<String> = cluster.docker.containers(None).into_iter().collect();
+        Ok(out == 0 && list.len() == 3 && now.len() == 3 && now.is_disjoint(&before))
+    })
+    .await?;
+    let most_out = most_out.into_inner();
+    assert!(most_out <= 1, "{most_out} instances were out of service at once during the restart");
+
     // A second release with other settings, then the rollback command.
     std::fs::write(dir.path().join("roost.toml"), hello_toml("hello", "[env]\nGREETING = \"two\"\n"))?;
     let printed = cluster.cli(0, &["deploy", &path]).await?;

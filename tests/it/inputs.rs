@@ -75,7 +75,7 @@ async fn joins_with_bad_tokens_or_names_are_refused_and_change_nothing() -> Resu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn api_calls_need_this_clusters_admin_token() -> Result<()> {
+async fn api_calls_need_one_of_this_clusters_api_tokens() -> Result<()> {
     let cluster = Cluster::start(1).await?;
     let address = cluster.node(0)?.address.clone();
     let admin = cluster.tokens.admin.clone();
@@ -84,10 +84,10 @@ async fn api_calls_need_this_clusters_admin_token() -> Result<()> {
         (
             Some(Token { secret: "f".repeat(32), ..admin.clone() }.to_string()),
             tonic::Code::Unauthenticated,
-            "wrong admin token",
+            "not one of the cluster's current tokens",
         ),
         (Some(cluster.tokens.join.to_string()), tonic::Code::Unauthenticated, "join token"),
-        (None, tonic::Code::Unauthenticated, "no admin token"),
+        (None, tonic::Code::Unauthenticated, "no API token"),
     ];
     for (token, code, expected) in cases {
         let channel = tls.connect(&address).await?;
@@ -448,7 +448,7 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
     let other = cluster.node(leader)?.id;
     let refused = [
         ("secrets without a grant", propose(set_secrets(), None)),
-        ("secrets with a wrong admin token", propose(set_secrets(), Some(Grant::Admin { token: forged }))),
+        ("secrets with a wrong admin token", propose(set_secrets(), Some(Grant::Token { token: forged }))),
         ("a destroy", propose(Command::DestroyApp { name: "target".into() }, None)),
         ("a node removal", propose(roost_raft::Command::RemoveNode { id: other, new_join_secret: None }, None)),
         (
@@ -466,7 +466,7 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
 
     // With the user's admin token, the same proposal is written: this is how
     // a node forwards a user's change.
-    let admin = Grant::Admin { token: cluster.tokens.admin.to_string() };
+    let admin = Grant::Token { token: cluster.tokens.admin.to_string() };
     raft.propose(propose(set_secrets(), Some(admin))).await?;
     assert!(state(|s| s.apps.get("target").is_some_and(|a| a.secrets.contains_key("K")))?);
     // And a node reports about itself on its own authority.

@@ -14,6 +14,8 @@
 //! - `edge`: every node's HTTP, HTTPS and TCP ports reach healthy
 //!   instances anywhere; WebSocket, HTTP/2, 100 MiB bodies, limits, a
 //!   killed node under load, and a certificate from pebble served and renewed.
+//! - `tokens`: scoped API tokens at each boundary, on every node; revoked,
+//!   rotated and expired tokens refused.
 //! - `binary`: the built `roost` binary driven as a user drives it.
 
 mod apps;
@@ -24,3 +26,4 @@ mod elections;
 mod engines;
 mod inputs;
 mod mesh;
+mod tokens;

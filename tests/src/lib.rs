@@ -223,7 +223,6 @@ impl Cluster {
     }
 }
 
-/// An admin client for the node at `address`.
 /// A client that presents the node certificate stored in a data directory:
 /// what anyone holding that directory can do.
 pub fn node_tls(data_dir: &std::path::Path) -> Result<roost_network::tls::ClientTls> {
@@ -231,6 +230,7 @@ pub fn node_tls(data_dir: &std::path::Path) -> Result<roost_network::tls::Client
     Ok(roost_network::tls::ClientTls::node(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?)
 }
 
+/// An admin client for the node at `address`.
 pub async fn admin_client(address: &str, tokens: &InitTokens) -> Result<Control> {
     let tls = ClientTls::anonymous(tokens.admin.ca_digest)?;
     let channel = tls.connect(address).await?;

@@ -45,6 +45,7 @@ fn failing(id: &str) -> InstanceReport {
         ip: None,
         reason: Some("GET / answered 500".into()),
         restarts: 0,
+        generation: None,
     }
 }
 
@@ -61,6 +62,7 @@ fn report(state: &mut roost_raft::State, running: bool, health: Health) {
                 ip: None,
                 reason: (health == Health::Failing).then(|| "GET / answered 500".into()),
                 restarts: 0,
+                generation: None,
             };
             Some((i.node?, report))
         })
@@ -165,6 +167,7 @@ fn ready(state: &mut roost_raft::State, release: u64) {
             ip: None,
             reason: None,
             restarts: 0,
+            generation: None,
         };
         apply(state, Command::ReportInstances { node, reports: vec![report] });
     }

@@ -27,6 +27,7 @@ fn state(health: Health) -> State {
         ip: Some(Ipv4Addr::new(10, 210, 0, 7)),
         reason: None,
         restarts: 0,
+        generation: None,
     };
     apply(&mut state, Command::ReportInstances { node: 1, reports: vec![report] });
     state

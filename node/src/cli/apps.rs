@@ -471,7 +471,7 @@ async fn wait_for_scale(
 pub async fn restart(app: &AppArg, client: &ClientArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let app = app.resolve()?;
     client.connect().await?.restart_app(AppRequest { app: app.clone() }).await?;
-    writeln!(out, "Restarting every instance of {app}").map_err(io)
+    writeln!(out, "Restarting every instance of {app}, a wave at a time ([deploy] max_unavailable); `roost status -a {app}` follows it").map_err(io)
 }
 
 pub async fn secrets(command: SecretsCommand, out: &mut dyn Write) -> Result<(), CliError> {

@@ -20,9 +20,10 @@ use roost_network::tls::ClientTls;
 use roost_network::{Token, TokenKind};
 use roost_proto::api::control_client::ControlClient;
 use roost_proto::api::{
-    AddCertificateRequest, CreateAppRequest, DestroyAppRequest, GetAppRequest, GetCertificateRequest,
-    GetJoinTokenRequest, GetNodeRequest, ListAppsRequest, ListCertificatesRequest, ListNodesRequest, ReadOptions,
-    RemoveCertificateRequest, RemoveNodeRequest, VersionRequest,
+    AddCertificateRequest, CreateAppRequest, CreateTokenRequest, DestroyAppRequest, GetAppRequest,
+    GetCertificateRequest, GetJoinTokenRequest, GetNodeRequest, ListAppsRequest, ListCertificatesRequest,
+    ListNodesRequest, ListTokensRequest, ReadOptions, RemoveCertificateRequest, RemoveNodeRequest, RevokeTokenRequest,
+    RotateTokenRequest, VersionRequest,
 };
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -99,6 +100,9 @@ pub enum Command {
     /// Custom domains and their TLS certificates (ordered over ACME, served by every node).
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// API tokens with a scope: admin, read, or deploy:APP (one app only).
+    #[command(subcommand)]
+    Tokens(TokensCommand),
     /// Print the CLI's version, and the node's when an endpoint is set.
     Version(MaybeClient),
 }
@@ -345,12 +349,72 @@ pub enum AppsCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum TokensCommand {
+    /// Make a token; it is printed once, and only its digest is kept.
+    Create {
+        /// What it may do: admin, read (change nothing), or deploy:APP (deploy, scale, restart, secrets, status and logs of APP).
+        #[arg(long)]
+        scope: String,
+        /// A name to list and revoke it by [default: token-ID].
+        #[arg(long)]
+        name: Option<String>,
+        /// How long it lasts, like 30d, 12h or 90m [default: it never expires].
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
+        /// Print an object with the key `token`.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List the cluster's tokens (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Revoke a token: every node refuses it from then on.
+    Revoke {
+        /// The token's name or id.
+        #[arg(value_name = "NAME|ID")]
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Give a token a new secret (`admin` is the initial admin token); the old one is refused from then on.
+    Rotate {
+        /// The token's name or id (`admin`: the initial admin token).
+        #[arg(value_name = "NAME|ID")]
+        name: String,
+        /// Print an object with the key `token`.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Parses `--expires`: a duration such as `30d`, `12h` or `1h 30m`.
+pub fn parse_expiry(text: &str) -> Result<Duration, CliError> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| CliError::Usage(format!("--expires '{text}' is not a duration like 30d, 12h or 90m: {e}")))?;
+    let max = Duration::from_millis(crate::daemon::tokens::MAX_EXPIRY_MS as u64);
+    if duration.is_zero() || duration > max {
+        return Err(CliError::Usage(format!(
+            "--expires must be above zero and at most 10 years, got {text}; leave it out for a token that never expires"
+        )));
+    }
+    Ok(duration)
+}
+
 #[derive(Debug, Args)]
 pub struct ClientArgs {
     /// HOST:PORT of any node of the cluster.
     #[arg(long, env = "ROOST_ENDPOINT")]
     pub endpoint: Option<String>,
-    /// The admin token (admin.token in the first node's data directory).
+    /// An API token: the admin token (admin.token in the first node's data directory) or one `roost tokens create` made.
     #[arg(long, env = "ROOST_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 }
@@ -439,14 +503,14 @@ impl ClientArgs {
         })?;
         let text = self.token.as_deref().ok_or_else(|| {
             CliError::Auth(
-                "no admin token: pass --token or set ROOST_TOKEN (the first node wrote it to DATA_DIR/admin.token)"
+                "no API token: pass --token or set ROOST_TOKEN (the first node wrote the admin token to DATA_DIR/admin.token)"
                     .into(),
             )
         })?;
-        let token = Token::parse(text).map_err(|e| CliError::Auth(format!("invalid admin token: {e}")))?;
+        let token = Token::parse(text).map_err(|e| CliError::Auth(format!("invalid API token: {e}")))?;
         if token.kind == TokenKind::Join {
             return Err(CliError::Auth(
-                "that is a join token; the CLI needs the admin token (DATA_DIR/admin.token on the first node)".into(),
+                "that is a join token; the CLI needs an API token (DATA_DIR/admin.token on the first node, or one `roost tokens create` made)".into(),
             ));
         }
         Ok((endpoint, token))
@@ -463,7 +527,7 @@ impl ClientArgs {
             }
         })?;
         let header = MetadataValue::try_from(format!("Bearer {token}"))
-            .map_err(|_| CliError::Auth("the admin token has characters a header cannot carry".into()))?;
+            .map_err(|_| CliError::Auth("the API token has characters a header cannot carry".into()))?;
         Ok(ControlClient::with_interceptor(channel, BearerToken(header)))
     }
 }
@@ -632,6 +696,7 @@ pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), Cli
         Command::Logs(args) => apps::logs(args, out).await,
         Command::Secrets(command) => apps::secrets(command, out).await,
         Command::Certs(command) => certs(command, out).await,
+        Command::Tokens(command) => tokens(command, out).await,
         Command::Apps(AppsCommand::Destroy { name, yes, client }) => {
             if !yes {
                 confirm_destroy(&name)?;
@@ -672,6 +737,31 @@ async fn certs(command: CertsCommand, out: &mut dyn Write) -> Result<(), CliErro
         CertsCommand::Remove { domain, client } => {
             client.connect().await?.remove_certificate(RemoveCertificateRequest { domain: domain.clone() }).await?;
             writeln!(out, "Removed {domain}; no node serves it from now on.").map_err(io)
+        }
+    }
+}
+
+async fn tokens(command: TokensCommand, out: &mut dyn Write) -> Result<(), CliError> {
+    let io = |e: std::io::Error| CliError::Other(format!("could not write output: {e}"));
+    match command {
+        TokensCommand::Create { scope, name, expires, json, client } => {
+            let expires_in_ms = expires.as_deref().map(parse_expiry).transpose()?.map(|d| d.as_millis() as i64);
+            let request = CreateTokenRequest { name: name.unwrap_or_default(), scope, expires_in_ms };
+            let created = client.connect().await?.create_token(request).await?.into_inner();
+            output::created_token(out, &created, json).map_err(io)
+        }
+        TokensCommand::List { json, client } => {
+            let request = ListTokensRequest { read: None };
+            let tokens = client.connect().await?.list_tokens(request).await?.into_inner().tokens;
+            output::tokens(out, &tokens, json).map_err(io)
+        }
+        TokensCommand::Revoke { name, client } => {
+            client.connect().await?.revoke_token(RevokeTokenRequest { token: name.clone() }).await?;
+            writeln!(out, "Revoked token {name}; every node refuses it from now on.").map_err(io)
+        }
+        TokensCommand::Rotate { name, json, client } => {
+            let rotated = client.connect().await?.rotate_token(RotateTokenRequest { token: name }).await?.into_inner();
+            output::created_token(out, &rotated, json).map_err(io)
         }
     }
 }

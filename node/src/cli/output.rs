@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 use std::time::{Duration, UNIX_EPOCH};
 
-use roost_proto::api::{App, AppStatus, Certificate, Node, NodeDetails, Release, Secret};
+use roost_proto::api::{ApiToken, App, AppStatus, Certificate, CreatedToken, Node, NodeDetails, Release, Secret};
 use serde_json::json;
 
 fn timestamp(ms: i64) -> String {
@@ -379,4 +379,53 @@ pub fn certificate(out: &mut dyn Write, c: &Certificate, as_json: bool) -> io::R
         }
     }
     Ok(())
+}
+
+fn token_json(t: &ApiToken) -> serde_json::Value {
+    json!({
+        "id": t.id,
+        "name": t.name,
+        "scope": t.scope,
+        "created_at": timestamp(t.created_at_ms),
+        "expires_at": t.expires_at_ms.map(timestamp),
+        "last_used_at": t.last_used_at_ms.map(timestamp),
+    })
+}
+
+/// A token just made or rotated: the one time its secret is shown.
+pub fn created_token(out: &mut dyn Write, created: &CreatedToken, as_json: bool) -> io::Result<()> {
+    let Some(token) = &created.token else {
+        return writeln!(out, "{}", created.secret);
+    };
+    if as_json {
+        let mut object = token_json(token);
+        object["token"] = json!(created.secret);
+        return writeln!(out, "{object}");
+    }
+    let expires = token.expires_at_ms.map_or_else(|| "never".to_owned(), timestamp);
+    writeln!(out, "Token {} (id {}, scope {}, expires {expires}):", token.name, token.id, token.scope)?;
+    writeln!(out)?;
+    writeln!(out, "    {}", created.secret)?;
+    writeln!(out)?;
+    writeln!(out, "It is shown only now: keep it somewhere safe. Use it with --token or ROOST_TOKEN.")
+}
+
+pub fn tokens(out: &mut dyn Write, tokens: &[ApiToken], as_json: bool) -> io::Result<()> {
+    if as_json {
+        return writeln!(out, "{}", serde_json::Value::Array(tokens.iter().map(token_json).collect()));
+    }
+    let rows: Vec<Vec<String>> = tokens
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.clone(),
+                t.id.clone(),
+                t.scope.clone(),
+                timestamp(t.created_at_ms),
+                t.expires_at_ms.map_or_else(|| "never".to_owned(), timestamp),
+                t.last_used_at_ms.map_or_else(|| "-".to_owned(), timestamp),
+            ]
+        })
+        .collect();
+    table(out, &["NAME", "ID", "SCOPE", "CREATED", "EXPIRES", "LAST USED"], &rows)
 }

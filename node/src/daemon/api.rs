@@ -16,23 +16,26 @@ use roost_network::{Token, TokenKind};
 use roost_proto::api::control_server::Control;
 use roost_proto::api::{
     AddCertificateRequest, App as WireApp, AppRequest, AppStatus, Certificate as WireCertificate, ChangeResponse,
-    CreateAppRequest, DeployRequest, DestroyAppRequest, DestroyAppResponse, GetAppRequest, GetCertificateRequest,
-    GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, GetStatusRequest, ListAppsRequest, ListAppsResponse,
-    ListCertificatesRequest, ListCertificatesResponse, ListNodesRequest, ListNodesResponse, ListReleasesRequest,
-    ListReleasesResponse, ListSecretsResponse, LogsRequest, MeshPeer, Node as WireNode, NodeDetails, ReadOptions,
-    RemoveCertificateRequest, RemoveCertificateResponse, RemoveNodeRequest, RemoveNodeResponse, RollbackRequest,
-    ScaleRequest, ScaleVmRequest, SetSecretsRequest, UnsetSecretsRequest, VersionRequest, VersionResponse,
+    CreateAppRequest, CreateTokenRequest, CreatedToken, DeployRequest, DestroyAppRequest, DestroyAppResponse,
+    GetAppRequest, GetCertificateRequest, GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, GetStatusRequest,
+    ListAppsRequest, ListAppsResponse, ListCertificatesRequest, ListCertificatesResponse, ListNodesRequest,
+    ListNodesResponse, ListReleasesRequest, ListReleasesResponse, ListSecretsResponse, ListTokensRequest,
+    ListTokensResponse, LogsRequest, MeshPeer, Node as WireNode, NodeDetails, ReadOptions, RemoveCertificateRequest,
+    RemoveCertificateResponse, RemoveNodeRequest, RemoveNodeResponse, RevokeTokenRequest, RevokeTokenResponse,
+    RollbackRequest, RotateTokenRequest, ScaleRequest, ScaleVmRequest, SetSecretsRequest, UnsetSecretsRequest,
+    VersionRequest, VersionResponse,
 };
 use roost_proto::cluster::peer_client::PeerClient;
 use roost_proto::cluster::{MeshStatusRequest, MeshStatusResponse};
 use roost_raft::command::Secret;
-use roost_raft::state::{validate_name, App, NodeRecord};
-use roost_raft::{Command, Consensus, ConsensusError, NodeId, Rejection, Response};
+use roost_raft::state::{validate_name, Access, App, NodeRecord};
+use roost_raft::{Command, Consensus, ConsensusError, Grant, NodeId, Rejection, Response};
 use tokio::time::Instant;
 use tonic::{Request, Status, Streaming};
 
 use super::deploys::{DeployStream, LogLineStream};
 
+use super::auth::principal;
 use super::channels::NodeChannels;
 use super::liveness::{cluster_liveness, Liveness, Seen};
 
@@ -71,7 +74,12 @@ pub fn consensus_status(error: ConsensusError) -> Status {
 pub fn rejection_status(rejection: Rejection) -> Status {
     let message = rejection.to_string();
     match rejection {
-        Rejection::AppExists { .. } | Rejection::NodeNameTaken { .. } => Status::already_exists(message),
+        Rejection::AppExists { .. } | Rejection::NodeNameTaken { .. } | Rejection::TokenExists { .. } => {
+            Status::already_exists(message)
+        }
+        Rejection::TokenNotFound { .. } => Status::not_found(message),
+        Rejection::InvalidTokenName { .. } => Status::invalid_argument(message),
+        Rejection::TooManyTokens { .. } | Rejection::InitialAdminToken => Status::failed_precondition(message),
         Rejection::AppNotFound { .. } | Rejection::NodeNotFound { .. } | Rejection::CertificateNotFound { .. } => {
             Status::not_found(message)
         }
@@ -133,11 +141,20 @@ impl ControlService {
         }
     }
 
+    /// Waits until this node's state holds every write committed before the
+    /// call (unless the caller asked for a `stale` read), then checks the
+    /// caller's token again against that state: a token revoked, rotated or
+    /// expired a moment ago is refused by every node, not only by those
+    /// that had applied the revocation when the call arrived.
     pub(super) async fn barrier(&self, read: Option<ReadOptions>) -> Result<(), Status> {
         if read.is_some_and(|r| r.stale) {
             return Ok(());
         }
-        self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)
+        self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
+        if let Some(Grant::Token { token }) = super::auth::current_grant() {
+            super::auth::resolve(self.consensus.state(), &self.ca_digest, &token, None)?;
+        }
+        Ok(())
     }
 
     /// Each node's role, from Raft's membership as this node knows it.
@@ -196,6 +213,7 @@ impl Control for ControlService {
         &self,
         request: Request<ListNodesRequest>,
     ) -> Result<tonic::Response<ListNodesResponse>, Status> {
+        principal(&request)?.allow(Access::ReadCluster)?;
         self.barrier(request.into_inner().read).await?;
         let nodes: Vec<NodeRecord> = self.consensus.state().read(|s| s.nodes.values().cloned().collect());
         let seen = cluster_liveness(&self.consensus, &self.liveness, &self.channels).await.unwrap_or_default();
@@ -205,6 +223,7 @@ impl Control for ControlService {
     }
 
     async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<tonic::Response<NodeDetails>, Status> {
+        principal(&request)?.allow(Access::ReadCluster)?;
         let wanted = request.into_inner().node;
         self.barrier(None).await?;
         let (node, names) = self.consensus.state().read(|s| {
@@ -254,6 +273,7 @@ impl Control for ControlService {
         &self,
         request: Request<RemoveNodeRequest>,
     ) -> Result<tonic::Response<RemoveNodeResponse>, Status> {
+        principal(&request)?.allow(Access::Admin)?;
         let wanted = request.into_inner().node;
         self.barrier(None).await?;
         let node = self
@@ -272,8 +292,9 @@ impl Control for ControlService {
 
     async fn get_join_token(
         &self,
-        _request: Request<GetJoinTokenRequest>,
+        request: Request<GetJoinTokenRequest>,
     ) -> Result<tonic::Response<GetJoinTokenResponse>, Status> {
+        principal(&request)?.allow(Access::Admin)?;
         self.barrier(None).await?;
         let secret = self
             .consensus
@@ -285,6 +306,7 @@ impl Control for ControlService {
     }
 
     async fn create_app(&self, request: Request<CreateAppRequest>) -> Result<tonic::Response<WireApp>, Status> {
+        principal(&request)?.allow(Access::Admin)?;
         let name = request.into_inner().name;
         if let Err(reason) = validate_name(&name) {
             return Err(rejection_status(Rejection::InvalidAppName { name, reason }));
@@ -299,13 +321,20 @@ impl Control for ControlService {
     }
 
     async fn list_apps(&self, request: Request<ListAppsRequest>) -> Result<tonic::Response<ListAppsResponse>, Status> {
+        // A token confined to one app sees that app alone.
+        let scope = principal(&request)?.scope;
         self.barrier(request.into_inner().read).await?;
-        let apps = self.consensus.state().read(|s| s.apps.values().map(app_to_wire).collect());
+        let apps = self
+            .consensus
+            .state()
+            .read(|s| s.apps.values().filter(|a| scope.allows(Access::ReadApp(&a.name))).map(app_to_wire).collect());
         Ok(tonic::Response::new(ListAppsResponse { apps }))
     }
 
     async fn get_app(&self, request: Request<GetAppRequest>) -> Result<tonic::Response<WireApp>, Status> {
+        let caller = principal(&request)?;
         let request = request.into_inner();
+        caller.allow(Access::ReadApp(&request.name))?;
         self.barrier(request.read).await?;
         self.consensus
             .state()
@@ -318,6 +347,7 @@ impl Control for ControlService {
         &self,
         request: Request<DestroyAppRequest>,
     ) -> Result<tonic::Response<DestroyAppResponse>, Status> {
+        principal(&request)?.allow(Access::Admin)?;
         let name = request.into_inner().name;
         self.propose(Command::DestroyApp { name: name.clone() }).await?;
         tracing::info!(app = %name, "app destroyed");
@@ -325,21 +355,27 @@ impl Control for ControlService {
     }
 
     async fn suspend_app(&self, request: Request<AppRequest>) -> Result<tonic::Response<ChangeResponse>, Status> {
+        let caller = principal(&request)?;
         let app = request.into_inner().app;
+        caller.allow(Access::WriteApp(&app))?;
         let response = self.change_app(Command::SuspendApp { name: app.clone() }).await?;
         tracing::info!(%app, "app suspended");
         Ok(tonic::Response::new(response))
     }
 
     async fn resume_app(&self, request: Request<AppRequest>) -> Result<tonic::Response<ChangeResponse>, Status> {
+        let caller = principal(&request)?;
         let app = request.into_inner().app;
+        caller.allow(Access::WriteApp(&app))?;
         let response = self.change_app(Command::ResumeApp { name: app.clone() }).await?;
         tracing::info!(%app, "app resumed");
         Ok(tonic::Response::new(response))
     }
 
     async fn restart_app(&self, request: Request<AppRequest>) -> Result<tonic::Response<ChangeResponse>, Status> {
+        let caller = principal(&request)?;
         let app = request.into_inner().app;
+        caller.allow(Access::WriteApp(&app))?;
         let response = self.change_app(Command::Restart { app: app.clone() }).await?;
         tracing::info!(%app, "app restarting");
         Ok(tonic::Response::new(response))
@@ -351,54 +387,80 @@ impl Control for ControlService {
         &self,
         request: Request<Streaming<DeployRequest>>,
     ) -> Result<tonic::Response<Self::DeployStream>, Status> {
-        self.deploy_stream(request.into_inner()).await.map(tonic::Response::new)
+        let caller = principal(&request)?;
+        self.deploy_stream(caller, request.into_inner()).await.map(tonic::Response::new)
     }
 
     async fn get_status(&self, request: Request<GetStatusRequest>) -> Result<tonic::Response<AppStatus>, Status> {
-        ControlService::get_status(self, request.into_inner()).await.map(tonic::Response::new)
+        let caller = principal(&request)?;
+        let r = request.into_inner();
+        caller.allow(Access::ReadApp(&r.app))?;
+        ControlService::get_status(self, r).await.map(tonic::Response::new)
     }
 
     async fn list_releases(
         &self,
         request: Request<ListReleasesRequest>,
     ) -> Result<tonic::Response<ListReleasesResponse>, Status> {
-        ControlService::list_releases(self, request.into_inner()).await.map(tonic::Response::new)
+        let caller = principal(&request)?;
+        let r = request.into_inner();
+        caller.allow(Access::ReadApp(&r.app))?;
+        ControlService::list_releases(self, r).await.map(tonic::Response::new)
     }
 
     async fn rollback(&self, request: Request<RollbackRequest>) -> Result<tonic::Response<ChangeResponse>, Status> {
-        ControlService::rollback(self, request.into_inner()).await.map(tonic::Response::new)
+        let caller = principal(&request)?;
+        let r = request.into_inner();
+        caller.allow(Access::WriteApp(&r.app))?;
+        ControlService::rollback(self, r).await.map(tonic::Response::new)
     }
 
     async fn scale(&self, request: Request<ScaleRequest>) -> Result<tonic::Response<ChangeResponse>, Status> {
-        ControlService::scale(self, request.into_inner()).await.map(tonic::Response::new)
+        let caller = principal(&request)?;
+        let r = request.into_inner();
+        caller.allow(Access::WriteApp(&r.app))?;
+        ControlService::scale(self, r).await.map(tonic::Response::new)
     }
 
     async fn scale_vm(&self, request: Request<ScaleVmRequest>) -> Result<tonic::Response<ChangeResponse>, Status> {
-        ControlService::scale_vm(self, request.into_inner()).await.map(tonic::Response::new)
+        let caller = principal(&request)?;
+        let r = request.into_inner();
+        caller.allow(Access::WriteApp(&r.app))?;
+        ControlService::scale_vm(self, r).await.map(tonic::Response::new)
     }
 
     async fn set_secrets(
         &self,
         request: Request<SetSecretsRequest>,
     ) -> Result<tonic::Response<ChangeResponse>, Status> {
-        ControlService::set_secrets(self, request.into_inner()).await.map(tonic::Response::new)
+        let caller = principal(&request)?;
+        let r = request.into_inner();
+        caller.allow(Access::WriteApp(&r.app))?;
+        ControlService::set_secrets(self, r).await.map(tonic::Response::new)
     }
 
     async fn unset_secrets(
         &self,
         request: Request<UnsetSecretsRequest>,
     ) -> Result<tonic::Response<ChangeResponse>, Status> {
-        ControlService::unset_secrets(self, request.into_inner()).await.map(tonic::Response::new)
+        let caller = principal(&request)?;
+        let r = request.into_inner();
+        caller.allow(Access::WriteApp(&r.app))?;
+        ControlService::unset_secrets(self, r).await.map(tonic::Response::new)
     }
 
     async fn list_secrets(&self, request: Request<AppRequest>) -> Result<tonic::Response<ListSecretsResponse>, Status> {
-        ControlService::list_secrets(self, request.into_inner()).await.map(tonic::Response::new)
+        let caller = principal(&request)?;
+        let r = request.into_inner();
+        caller.allow(Access::ReadApp(&r.app))?;
+        ControlService::list_secrets(self, r).await.map(tonic::Response::new)
     }
 
     async fn add_certificate(
         &self,
         request: Request<AddCertificateRequest>,
     ) -> Result<tonic::Response<WireCertificate>, Status> {
+        principal(&request)?.allow(Access::Admin)?;
         ControlService::add_certificate(self, request.into_inner()).await.map(tonic::Response::new)
     }
 
@@ -406,13 +468,17 @@ impl Control for ControlService {
         &self,
         request: Request<ListCertificatesRequest>,
     ) -> Result<tonic::Response<ListCertificatesResponse>, Status> {
-        ControlService::list_certificates(self, request.into_inner()).await.map(tonic::Response::new)
+        let caller = principal(&request)?;
+        let r = request.into_inner();
+        caller.allow(if r.app.is_empty() { Access::ReadCluster } else { Access::ReadApp(&r.app) })?;
+        ControlService::list_certificates(self, r).await.map(tonic::Response::new)
     }
 
     async fn get_certificate(
         &self,
         request: Request<GetCertificateRequest>,
     ) -> Result<tonic::Response<WireCertificate>, Status> {
+        principal(&request)?.allow(Access::ReadCluster)?;
         ControlService::get_certificate(self, request.into_inner()).await.map(tonic::Response::new)
     }
 
@@ -420,13 +486,50 @@ impl Control for ControlService {
         &self,
         request: Request<RemoveCertificateRequest>,
     ) -> Result<tonic::Response<RemoveCertificateResponse>, Status> {
+        principal(&request)?.allow(Access::Admin)?;
         ControlService::remove_certificate(self, request.into_inner()).await?;
         Ok(tonic::Response::new(RemoveCertificateResponse {}))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<tonic::Response<CreatedToken>, Status> {
+        principal(&request)?.allow(Access::Admin)?;
+        ControlService::create_token(self, request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<tonic::Response<ListTokensResponse>, Status> {
+        principal(&request)?.allow(Access::Admin)?;
+        ControlService::list_tokens(self, request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<tonic::Response<RevokeTokenResponse>, Status> {
+        principal(&request)?.allow(Access::Admin)?;
+        ControlService::revoke_token(self, request.into_inner()).await?;
+        Ok(tonic::Response::new(RevokeTokenResponse {}))
+    }
+
+    async fn rotate_token(
+        &self,
+        request: Request<RotateTokenRequest>,
+    ) -> Result<tonic::Response<CreatedToken>, Status> {
+        principal(&request)?.allow(Access::Admin)?;
+        ControlService::rotate_token(self, request.into_inner()).await.map(tonic::Response::new)
     }
 
     type LogsStream = LogLineStream;
 
     async fn logs(&self, request: Request<LogsRequest>) -> Result<tonic::Response<Self::LogsStream>, Status> {
-        ControlService::logs(self, request.into_inner()).await.map(tonic::Response::new)
+        let caller = principal(&request)?;
+        let r = request.into_inner();
+        caller.allow(Access::ReadApp(&r.app))?;
+        ControlService::logs(self, r).await.map(tonic::Response::new)
     }
 }

@@ -3,19 +3,26 @@
 //! Node services (Raft, Peer) require a client certificate from the cluster
 //! CA whose fingerprint the replicated state has not revoked; the check runs
 //! on every call, so a removed node is refused even on a connection it opened
-//! before its removal. The public API requires the admin token, compared by
-//! digest with the one the state records. The join service checks its secret
-//! itself.
+//! before its removal. The public API requires an API token, found by the
+//! digest of its secret among those the state records, not expired; each
+//! handler then checks the token's [`Scope`] against what the call needs
+//! ([`Principal::allow`]), and the leader checks it again against every
+//! command proposed on the caller's behalf ([`authorize`]). The join service
+//! checks its secret itself.
 
 use roost_network::pki::{constant_time_eq, secret_digest, CaDigest};
 use roost_network::tls::PeerIdentity;
 use roost_network::{Token, TokenKind};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use roost_raft::consensus::now_millis;
 use roost_raft::service::{Authorize, Caller};
-use roost_raft::{Command, Grant, NodeId, StateReader};
+use roost_raft::state::{Access, Scope, UnixMillis};
+use roost_raft::{Command, Consensus, Grant, NodeId, StateReader};
 use tonic::{Request, Status};
 
 pub const REVOKED: &str =
@@ -60,25 +67,152 @@ pub fn require_node(
     }
 }
 
-/// Requires `authorization: Bearer <admin token>` of this cluster.
-pub fn require_admin(
+/// The token an API call was made with, as the state resolved it.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    /// The token's id (`admin` for the initial admin token).
+    pub token: String,
+    pub scope: Scope,
+}
+
+impl Principal {
+    /// Refuses unless this caller's scope allows `access`.
+    pub fn allow(&self, access: Access<'_>) -> Result<(), Status> {
+        if self.scope.allows(access) {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "this token's scope is {}, which does not allow {access}; ask an admin for a token that does (`roost tokens create --scope ...`)",
+                self.scope
+            )))
+        }
+    }
+}
+
+/// The caller of an API request; [`authenticate`] put it there.
+pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no API token: pass --token or set ROOST_TOKEN"))
+}
+
+/// Requires `authorization: Bearer <API token>` of this cluster, and puts
+/// the caller's [`Principal`] into the request for the handler to check
+/// against what the call needs.
+pub fn authenticate(
     state: StateReader,
     ca_digest: CaDigest,
+    uses: Arc<TokenUses>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |request: Request<()>| {
         let header = request
             .metadata()
             .get(roost_proto::AUTHORIZATION)
-            .ok_or_else(|| Status::unauthenticated("no admin token: pass --token or set ROOST_TOKEN"))?;
+            .ok_or_else(|| Status::unauthenticated("no API token: pass --token or set ROOST_TOKEN"))?;
         let text = header
             .to_str()
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("the authorization header must be `Bearer <admin token>`"))?;
-        let token = Token::parse(text).map_err(|e| Status::unauthenticated(format!("malformed admin token: {e}")))?;
-        check_admin(&state, &ca_digest, &token)?;
+            .ok_or_else(|| Status::unauthenticated("the authorization header must be `Bearer <API token>`"))?;
+        let principal = resolve(&state, &ca_digest, text, Some(&uses))?;
+        let mut request = request;
+        request.extensions_mut().insert(principal);
         Ok(request)
     }
+}
+
+/// When this node last accepted each token, until the next
+/// `Command::TokensUsed` takes them to the state. A token is noted only when
+/// the state's record of it is a minute old or more, so tokens in steady use
+/// cost the log one small entry a minute each, not one per call.
+#[derive(Debug, Default)]
+pub struct TokenUses {
+    pending: std::sync::Mutex<BTreeMap<String, UnixMillis>>,
+}
+
+/// How stale a token's `last used` may get before a node reports it.
+pub const LAST_USED_RESOLUTION_MS: UnixMillis = 60_000;
+
+impl TokenUses {
+    fn note(&self, id: &str, recorded: Option<UnixMillis>, now: UnixMillis) {
+        if recorded.is_some_and(|at| now - at < LAST_USED_RESOLUTION_MS) {
+            return;
+        }
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.insert(id.to_owned(), now);
+        }
+    }
+
+    pub fn take(&self) -> BTreeMap<String, UnixMillis> {
+        self.pending.lock().map(|mut pending| std::mem::take(&mut *pending)).unwrap_or_default()
+    }
+}
+
+/// Reports token uses to the state every `every`, until `stop`.
+pub async fn report_token_uses(
+    consensus: Arc<Consensus>,
+    uses: Arc<TokenUses>,
+    every: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let used = uses.take();
+        if used.is_empty() {
+            continue;
+        }
+        let deadline = tokio::time::Instant::now() + every;
+        if let Err(error) = consensus.propose(Command::TokensUsed { used }, deadline).await {
+            // Only `last used` is late; the next report carries newer uses.
+            tracing::debug!(error = %error, "could not record token uses");
+        }
+    }
+}
+
+/// Finds the token `text` is in the state: it must be this cluster's, not
+/// revoked, rotated or expired (by this node's clock).
+pub fn resolve(
+    state: &StateReader,
+    ca_digest: &CaDigest,
+    text: &str,
+    uses: Option<&TokenUses>,
+) -> Result<Principal, Status> {
+    let token = Token::parse(text).map_err(|e| Status::unauthenticated(format!("malformed API token: {e}")))?;
+    if token.kind == TokenKind::Join {
+        return Err(Status::unauthenticated(
+            "that is a join token; the CLI needs an API token (admin.token in the first node's data directory, or one `roost tokens create` made)",
+        ));
+    }
+    if token.ca_digest != *ca_digest {
+        return Err(Status::unauthenticated("the API token belongs to another cluster"));
+    }
+    let digest = secret_digest(&token.secret);
+    let (bootstrapped, found) = state.read(|s| (s.cluster.is_some(), s.token_by_digest(&digest, constant_time_eq)));
+    if !bootstrapped {
+        return Err(Status::unavailable("this node has not caught up with the cluster yet; try again shortly"));
+    }
+    let Some(found) = found else {
+        return Err(Status::unauthenticated(
+            "this token is not one of the cluster's current tokens: it was revoked or rotated, or is mistyped (`roost tokens list` shows the tokens)",
+        ));
+    };
+    let now = now_millis();
+    if let Some(expires_at) = found.expires_at.filter(|&at| at <= now) {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(expires_at.max(0) as u64);
+        return Err(Status::unauthenticated(format!(
+            "this token expired at {}; ask an admin for a new one (`roost tokens create`)",
+            humantime::format_rfc3339_seconds(at)
+        )));
+    }
+    if let Some(uses) = uses {
+        uses.note(&found.id, found.last_used, now);
+    }
+    Ok(Principal { token: found.id, scope: found.scope })
 }
 
 tokio::task_local! {
@@ -102,7 +236,7 @@ pub async fn with_grant<F: Future>(grant: Option<Grant>, future: F) -> F::Output
 }
 
 /// Serves the public API with each call's bearer token as its [`Grant`].
-/// The token is checked by [`require_admin`] inside; the grant only travels.
+/// The token is checked by [`authenticate`] inside; the grant only travels.
 #[derive(Clone)]
 pub struct WithGrant<S>(pub S);
 
@@ -129,16 +263,16 @@ where
             .get(roost_proto::AUTHORIZATION)
             .and_then(|h| h.to_str().ok())
             .and_then(|h| h.strip_prefix("Bearer "))
-            .map(|token| Grant::Admin { token: token.to_owned() });
+            .map(|token| Grant::Token { token: token.to_owned() });
         Box::pin(with_grant(grant, self.0.call(request)))
     }
 }
 
 /// What the leader accepts as a grant for a forwarded proposal that a node
-/// may not make on its own: the admin token for a user's change, the join
-/// secret for a new node.
-pub fn authorize(state: StateReader, ca_digest: CaDigest) -> Authorize {
-    std::sync::Arc::new(move |command: &Command, grant: Option<&Grant>| match (command, grant) {
+/// may not make on its own: an API token whose scope allows the command
+/// (`Command::access`), or the join secret for a new node.
+pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>) -> Authorize {
+    Arc::new(move |command: &Command, grant: Option<&Grant>| match (command, grant) {
         (Command::AddNode { .. }, Some(Grant::Join { secret })) => {
             let current = state.read(|s| s.cluster.as_ref().map(|c| c.join_secret.clone())).unwrap_or_default();
             if !current.is_empty() && constant_time_eq(secret.as_bytes(), current.as_bytes()) {
@@ -148,29 +282,11 @@ pub fn authorize(state: StateReader, ca_digest: CaDigest) -> Authorize {
             }
         }
         (Command::Bootstrap { .. } | Command::Batch { .. }, _) => Err("it is never forwarded".into()),
-        (_, Some(Grant::Admin { token })) => {
-            let token = Token::parse(token).map_err(|e| format!("malformed admin token: {e}"))?;
-            check_admin(&state, &ca_digest, &token).map_err(|status| status.message().to_owned())
+        (_, Some(Grant::Token { token })) => {
+            let principal =
+                resolve(&state, &ca_digest, token, Some(&uses)).map_err(|status| status.message().to_owned())?;
+            principal.allow(command.access()).map_err(|status| status.message().to_owned())
         }
-        (_, _) => Err("it needs the admin token of the user who asked for it".into()),
+        (_, _) => Err("it needs the API token of the user who asked for it".into()),
     })
-}
-
-fn check_admin(state: &StateReader, ca_digest: &CaDigest, token: &Token) -> Result<(), Status> {
-    if token.kind != TokenKind::Admin {
-        return Err(Status::unauthenticated(
-            "that is a join token; the CLI needs the admin token (admin.token in the first node's data directory)",
-        ));
-    }
-    if token.ca_digest != *ca_digest {
-        return Err(Status::unauthenticated("the admin token belongs to another cluster"));
-    }
-    let expected = state.read(|s| s.cluster.as_ref().map(|c| c.admin_secret_sha256.clone()));
-    let Some(expected) = expected else {
-        return Err(Status::unavailable("this node has not caught up with the cluster yet; try again shortly"));
-    };
-    if !constant_time_eq(secret_digest(&token.secret).as_bytes(), expected.as_bytes()) {
-        return Err(Status::unauthenticated("wrong admin token for this cluster"));
-    }
-    Ok(())
 }

@@ -135,7 +135,11 @@ fn app_not_found(app: &str) -> Status {
 }
 
 impl ControlService {
-    pub(super) async fn deploy_stream(&self, mut inbound: Streaming<DeployRequest>) -> Result<DeployStream, Status> {
+    pub(super) async fn deploy_stream(
+        &self,
+        caller: super::auth::Principal,
+        mut inbound: Streaming<DeployRequest>,
+    ) -> Result<DeployStream, Status> {
         let start = match inbound.message().await? {
             Some(DeployRequest { part: Some(deploy_request::Part::Start(start)) }) => start,
             _ => return Err(Status::invalid_argument("a deploy must begin with its DeployStart message")),
@@ -151,6 +155,7 @@ impl ControlService {
         if let Err(reason) = roost_raft::state::validate_name(&app) {
             return Err(rejection_status(Rejection::InvalidAppName { name: app, reason }));
         }
+        caller.allow(roost_raft::state::Access::WriteApp(&app))?;
         let strategy = parse_strategy(&start.strategy)?;
         self.barrier(None).await?;
         let blocked = self.consensus.state().read(|s| {

@@ -19,6 +19,7 @@ pub mod join;
 pub mod liveness;
 pub mod membership;
 pub mod mesh;
+pub mod tokens;
 pub mod workloads;
 
 use std::collections::BTreeMap;
@@ -313,6 +314,7 @@ impl Node {
             let (network_tx, network_rx) = tokio::sync::watch::channel(None);
 
             let state = consensus.state().clone();
+            let token_uses = Arc::new(auth::TokenUses::default());
             let router = tonic::transport::Server::builder()
                 // Pings keep every served connection's bytes flowing, so the
                 // idle timeout (`ConnectionLimits`) closes only dead ones,
@@ -320,7 +322,8 @@ impl Node {
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                 .add_service(InterceptedService::new(
-                    RaftService::new(consensus.clone(), auth::authorize(state.clone(), ca_digest)).into_server(),
+                    RaftService::new(consensus.clone(), auth::authorize(state.clone(), ca_digest, token_uses.clone()))
+                        .into_server(),
                     auth::require_node(state.clone(), stored.node_id),
                 ))
                 .add_service(InterceptedService::new(
@@ -353,7 +356,7 @@ impl Node {
                         network: network_rx.clone(),
                         builds: Arc::new(tokio::sync::Semaphore::new(1)),
                     }),
-                    auth::require_admin(state, ca_digest),
+                    auth::authenticate(state, ca_digest, token_uses.clone()),
                 )));
             let incoming = tls::incoming(listener, server_tls, config.connection_limits.clone(), stop.clone());
             let server_stop = stop.clone();
@@ -432,6 +435,10 @@ impl Node {
             );
             tokio::spawn(certs::run(consensus.clone(), secrets_key.clone(), stop.clone()).in_current_span());
             tokio::spawn(
+                auth::report_token_uses(consensus.clone(), token_uses, TOKEN_USES_EVERY, stop.clone())
+                    .in_current_span(),
+            );
+            tokio::spawn(
                 identity::keep_join_token(dir.clone(), consensus.state().clone(), ca_digest, stop.clone())
                     .in_current_span(),
             );
@@ -462,6 +469,9 @@ impl Node {
         .await
     }
 }
+
+/// How often a node tells the state which tokens it accepted.
+const TOKEN_USES_EVERY: Duration = Duration::from_secs(15);
 
 /// How long a starting node waits to learn the cluster before it serves anyway.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(60);

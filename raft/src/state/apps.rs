@@ -8,12 +8,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{App, NodeRecord, State, UnixMillis};
+use super::{App, NodeRecord, RestartProgress, State, UnixMillis};
 use crate::command::{Rejection, Response};
 use crate::workload::{truncated, Constraint, SEAL_OVERHEAD};
 use crate::workload::{
-    Health, Instance, InstanceReport, InstanceState, Outcome, Placement, Release, ReleaseSpec, ReleaseStatus,
-    Resources, SealedSecret, MAX_APP_SECRETS_BYTES, MAX_REASON_BYTES, MAX_SEALED_SECRET_CHARS, MAX_SECRETS_PER_APP,
+    Health, Instance, InstanceReport, InstanceState, MaxUnavailable, Outcome, Placement, Release, ReleaseSpec,
+    ReleaseStatus, Resources, SealedSecret, MAX_APP_SECRETS_BYTES, MAX_REASON_BYTES, MAX_SEALED_SECRET_CHARS,
+    MAX_SECRETS_PER_APP,
 };
 use crate::NodeId;
 
@@ -84,6 +85,8 @@ impl State {
             },
         );
         prune_releases(app);
+        // A new release replaces every instance: a restart under way is moot.
+        app.restart = None;
         for (group, count) in counts {
             for _ in 0..count {
                 self.add_instance(app_name, version, &group, at);
@@ -305,7 +308,10 @@ impl State {
     pub(super) fn report_instances(&mut self, node: NodeId, reports: &[InstanceReport], at: UnixMillis) -> Response {
         for report in reports {
             // A report from a node the instance has been moved away from is stale.
-            if let Some(instance) = self.instances.get_mut(&report.id).filter(|i| i.node == Some(node)) {
+            // So is one about a container older than the instance's generation.
+            let current =
+                |i: &&mut Instance| i.node == Some(node) && report.generation.is_none_or(|g| g >= i.generation);
+            if let Some(instance) = self.instances.get_mut(&report.id).filter(current) {
                 instance.state = report.state;
                 instance.health = report.health;
                 instance.address = report.address.clone();
@@ -477,12 +483,72 @@ impl State {
         }
     }
 
-    pub(super) fn restart(&mut self, app_name: &str) -> Response {
+    pub(super) fn restart(&mut self, app_name: &str, at: UnixMillis) -> Response {
         if let Err(rejection) = self.changeable(app_name) {
             return Response::Rejected(rejection);
         }
-        for instance in self.instances.values_mut().filter(|i| i.app == app_name) {
-            instance.generation += 1;
+        let placed = || self.instances.values().filter(|i| i.app == app_name && i.node.is_some());
+        let Some(newest) = placed().map(|i| i.generation).max() else {
+            // Nothing runs: there is nothing to restart.
+            return Response::Done;
+        };
+        let generation = newest + 1;
+        if let Ok(app) = self.app_mut(app_name) {
+            app.restart = Some(RestartProgress { generation, requested_at: at });
+        }
+        Response::Done
+    }
+
+    /// The next wave of the app's restart: instances still on an older
+    /// generation, as many as `max_unavailable` allows beside those of the
+    /// new generation that are not ready yet; unready ones go first, since
+    /// they serve nothing. Only placed instances count: one waiting for a
+    /// node gets a new container anyway.
+    pub fn restart_wave(&self, app_name: &str) -> Option<(u32, Vec<String>)> {
+        let app = self.apps.get(app_name)?;
+        let progress = app.restart?;
+        let release_spec = |i: &Instance| app.releases.get(&i.release).and_then(|r| r.spec.groups.get(&i.group));
+        let max = app.current().and_then(|r| r.spec.max_unavailable).unwrap_or(MaxUnavailable::DEFAULT);
+        let instances: Vec<&Instance> = self
+            .instances
+            .values()
+            .filter(|i| i.app == app_name && i.node.is_some() && i.created_at <= progress.requested_at)
+            .collect();
+        let in_flight =
+            instances.iter().filter(|i| i.generation >= progress.generation && !i.ready(release_spec(i))).count();
+        let mut behind: Vec<&&Instance> = instances.iter().filter(|i| i.generation < progress.generation).collect();
+        behind.sort_by_key(|i| (i.ready(release_spec(i)), i.id.clone()));
+        let room = max.wave(instances.len()).saturating_sub(in_flight);
+        let wave: Vec<String> = behind.into_iter().take(room).map(|i| i.id.clone()).collect();
+        (!wave.is_empty()).then_some((progress.generation, wave))
+    }
+
+    pub(super) fn restart_instances(&mut self, app_name: &str, generation: u32, ids: &[String]) -> Response {
+        // A decision made on a stale state (or repeated) may take only what
+        // the wave allows now.
+        let Some((current, allowed)) = self.restart_wave(app_name) else {
+            return Response::Done;
+        };
+        if current != generation {
+            return Response::Done;
+        }
+        for id in ids.iter().filter(|id| allowed.contains(id)) {
+            if let Some(instance) = self.instances.get_mut(id) {
+                instance.generation = generation;
+                // Not ready until the new container says so.
+                instance.state = InstanceState::Starting;
+                instance.health = Health::Unknown;
+                instance.reason = Some("restarting".into());
+            }
+        }
+        let requested_at = self.apps.get(app_name).and_then(|a| a.restart).map_or(0, |p| p.requested_at);
+        let behind = self.instances.values().any(|i| {
+            i.app == app_name && i.node.is_some() && i.generation < generation && i.created_at <= requested_at
+        });
+        if !behind {
+            if let Ok(app) = self.app_mut(app_name) {
+                app.restart = None;
+            }
         }
         Response::Done
     }

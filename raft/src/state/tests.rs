@@ -328,11 +328,98 @@ mod workloads {
             ip: None,
             reason: None,
             restarts: 0,
+            generation: None,
         };
         apply(&mut state, Command::ReportInstances { node: 2, reports: vec![report.clone()] });
         assert_eq!(state.instances[&id].state, InstanceState::Pending);
         apply(&mut state, Command::ReportInstances { node: 1, reports: vec![report] });
         assert_eq!(state.instances[&id].state, InstanceState::Running);
+    }
+
+    /// Scales `app` to `count`, places every instance on node 1 and reports
+    /// them running, as of `generation`.
+    fn running(state: &mut State, count: u32) -> Vec<String> {
+        apply(state, Command::Scale { app: "web".into(), group: "app".into(), count });
+        apply(state, Command::Scale { app: "web".into(), group: "worker".into(), count: 0 });
+        let ids: Vec<String> = state.instances.keys().cloned().collect();
+        let placements = ids.iter().map(|id| Placement::Place { instance: id.clone(), node: 1 }).collect();
+        apply(state, Command::Place { placements });
+        for id in &ids {
+            report(state, id, InstanceState::Running, None);
+        }
+        ids
+    }
+
+    fn report(state: &mut State, id: &str, run: InstanceState, generation: Option<u32>) {
+        let report = InstanceReport {
+            id: id.into(),
+            state: run,
+            health: Health::Unknown,
+            address: None,
+            ip: None,
+            reason: None,
+            restarts: 0,
+            generation,
+        };
+        apply(state, Command::ReportInstances { node: 1, reports: vec![report] });
+    }
+
+    #[test]
+    fn restart_moves_instances_to_a_new_generation_a_wave_at_a_time() {
+        let mut state = bootstrapped();
+        deploy(&mut state, "sha256:1");
+        finish(&mut state, 1);
+        let ids = running(&mut state, 6);
+        assert_eq!(apply(&mut state, Command::Restart { app: "web".into() }), Response::Done);
+        assert!(state.instances.values().all(|i| i.generation == 0), "restart itself recreates nothing");
+
+        // The default max_unavailable is a third: two of six at a time.
+        let (generation, wave) = state.restart_wave("web").expect("a first wave");
+        assert_eq!((generation, wave.len()), (1, 2));
+        // A stale or greedy decision is cut to what the wave allows.
+        let command = Command::RestartInstances { app: "web".into(), generation, instances: ids.clone() };
+        apply(&mut state, command);
+        let moved: Vec<&String> = ids.iter().filter(|id| state.instances[*id].generation == 1).collect();
+        assert_eq!(moved, wave.iter().collect::<Vec<_>>());
+        assert!(moved.iter().all(|id| state.instances[*id].state == InstanceState::Starting));
+        assert_eq!(state.restart_wave("web"), None, "the next wave waits until this one is ready");
+
+        // A report about the old container does not make the new one ready.
+        report(&mut state, &wave[0], InstanceState::Running, Some(0));
+        assert_eq!(state.instances[&wave[0]].state, InstanceState::Starting, "a stale report is ignored");
+        for id in &wave {
+            report(&mut state, id, InstanceState::Running, Some(1));
+        }
+        let (_, second) = state.restart_wave("web").expect("the second wave");
+        assert_eq!(second.len(), 2);
+        assert!(second.iter().all(|id| !wave.contains(id)));
+
+        // Waves until every instance is on generation 1; then it is over.
+        let mut waves = 1;
+        while let Some((generation, wave)) = state.restart_wave("web") {
+            waves += 1;
+            apply(&mut state, Command::RestartInstances { app: "web".into(), generation, instances: wave.clone() });
+            for id in &wave {
+                report(&mut state, id, InstanceState::Running, Some(1));
+            }
+        }
+        assert_eq!(waves, 3);
+        assert!(state.instances.values().all(|i| i.generation == 1));
+        assert_eq!(state.apps["web"].restart, None);
+    }
+
+    #[test]
+    fn a_restart_of_an_app_with_nothing_placed_does_nothing_and_a_deploy_ends_one() {
+        let mut state = bootstrapped();
+        deploy(&mut state, "sha256:1");
+        finish(&mut state, 1);
+        apply(&mut state, Command::Restart { app: "web".into() });
+        assert_eq!(state.apps["web"].restart, None, "no instance was placed");
+        running(&mut state, 3);
+        apply(&mut state, Command::Restart { app: "web".into() });
+        assert!(state.apps["web"].restart.is_some());
+        deploy(&mut state, "sha256:2");
+        assert_eq!(state.apps["web"].restart, None);
     }
 
     #[test]
@@ -447,6 +534,7 @@ mod workloads {
             ip: None,
             reason: Some("é".repeat(10_000)),
             restarts: 0,
+            generation: None,
         };
         apply(&mut state, Command::ReportInstances { node: 1, reports: vec![report] });
         let reason = state.instances[&id].reason.clone().expect("a reason");
@@ -618,5 +706,124 @@ mod placement {
         assert_eq!(placed_on(&state, 1), 1, "max_per_node = 1");
         let waiting = state.instances.values().find(|i| i.node.is_none()).expect("one waits");
         assert!(waiting.reason.as_deref().is_some_and(|r| r.contains("max_per_node = 1")), "{waiting:?}");
+    }
+}
+
+mod tokens {
+    use super::*;
+
+    fn token(id: &str, name: &str, scope: Scope, digest: &str) -> ApiToken {
+        ApiToken {
+            id: id.into(),
+            name: name.into(),
+            scope,
+            secret_sha256: digest.into(),
+            created_at: 5,
+            expires_at: None,
+            last_used: Some(99),
+        }
+    }
+
+    fn find(state: &State, digest: &str) -> Option<TokenMatch> {
+        state.token_by_digest(digest, |a, b| a == b)
+    }
+
+    #[test]
+    fn tokens_are_found_by_digest_and_names_and_ids_are_unique() {
+        let mut state = bootstrapped();
+        let ci = token("0a0b0c0d", "ci", Scope::Deploy { app: "web".into() }, "d1");
+        assert_eq!(apply(&mut state, Command::CreateToken { token: ci.clone() }), Response::Done);
+        let found = find(&state, "d1").expect("by digest");
+        assert_eq!((found.id.as_str(), found.scope), ("0a0b0c0d", Scope::Deploy { app: "web".into() }));
+        assert_eq!(found.last_used, None, "a new token has not been used, whatever the proposer said");
+        assert_eq!(find(&state, "h").map(|m| m.id), Some(INITIAL_ADMIN.to_owned()));
+        assert_eq!(find(&state, "nope"), None);
+
+        for clash in [
+            token("1", "ci", Scope::Read, "d2"),
+            token("0a0b0c0d", "other", Scope::Read, "d2"),
+            token("2", INITIAL_ADMIN, Scope::Read, "d2"),
+        ] {
+            let name = clash.name.clone();
+            assert_eq!(
+                apply(&mut state, Command::CreateToken { token: clash }),
+                Response::Rejected(Rejection::TokenExists { name })
+            );
+        }
+        let bad = token("3", "Bad Name", Scope::Read, "d3");
+        assert!(matches!(
+            apply(&mut state, Command::CreateToken { token: bad }),
+            Response::Rejected(Rejection::InvalidTokenName { .. })
+        ));
+        let names: Vec<String> = state.tokens().into_iter().map(|t| t.name).collect();
+        assert_eq!(names, ["admin", "ci"]);
+    }
+
+    #[test]
+    fn revoke_and_rotate_by_name_or_id_and_the_initial_admin_is_never_revoked() {
+        let mut state = bootstrapped();
+        apply(&mut state, Command::CreateToken { token: token("aa", "ci", Scope::Read, "d1") });
+        apply(&mut state, Command::CreateToken { token: token("bb", "ro", Scope::Read, "d2") });
+
+        assert_eq!(
+            apply(&mut state, Command::RotateToken { token: "ci".into(), secret_sha256: "d9".into() }),
+            Response::Done
+        );
+        assert_eq!(find(&state, "d1"), None, "the old secret is refused");
+        assert_eq!(find(&state, "d9").map(|m| m.id), Some("aa".to_owned()));
+        apply(&mut state, Command::RotateToken { token: INITIAL_ADMIN.into(), secret_sha256: "h2".into() });
+        assert_eq!(find(&state, "h"), None);
+        assert_eq!(find(&state, "h2").map(|m| m.scope), Some(Scope::Admin));
+
+        assert_eq!(apply(&mut state, Command::RevokeToken { token: "bb".into() }), Response::Done);
+        assert_eq!(apply(&mut state, Command::RevokeToken { token: "ci".into() }), Response::Done);
+        assert_eq!((find(&state, "d2"), find(&state, "d9")), (None, None));
+        assert_eq!(
+            apply(&mut state, Command::RevokeToken { token: "ci".into() }),
+            Response::Rejected(Rejection::TokenNotFound { token: "ci".into() })
+        );
+        assert_eq!(
+            apply(&mut state, Command::RevokeToken { token: INITIAL_ADMIN.into() }),
+            Response::Rejected(Rejection::InitialAdminToken)
+        );
+        assert!(find(&state, "h2").is_some());
+    }
+
+    #[test]
+    fn last_used_only_moves_forward_and_ignores_revoked_tokens() {
+        let mut state = bootstrapped();
+        apply(&mut state, Command::CreateToken { token: token("aa", "ci", Scope::Read, "d1") });
+        let used = |pairs: &[(&str, UnixMillis)]| Command::TokensUsed {
+            used: pairs.iter().map(|(id, at)| (id.to_string(), *at)).collect(),
+        };
+        apply(&mut state, used(&[("aa", 500), (INITIAL_ADMIN, 700), ("gone", 1)]));
+        apply(&mut state, used(&[("aa", 300)]));
+        assert_eq!(find(&state, "d1").and_then(|m| m.last_used), Some(500));
+        assert_eq!(state.admin_last_used, Some(700));
+        assert!(!state.api_tokens.contains_key("gone"));
+    }
+
+    #[test]
+    fn too_many_tokens_are_refused() {
+        let mut state = bootstrapped();
+        for i in 0..MAX_TOKENS {
+            let t = token(&format!("id{i}"), &format!("t{i}"), Scope::Read, &format!("d{i}"));
+            assert_eq!(apply(&mut state, Command::CreateToken { token: t }), Response::Done);
+        }
+        let one_more = token("x", "x", Scope::Read, "dx");
+        assert_eq!(
+            apply(&mut state, Command::CreateToken { token: one_more }),
+            Response::Rejected(Rejection::TooManyTokens { max: MAX_TOKENS })
+        );
+    }
+
+    #[test]
+    fn a_command_needs_the_access_of_what_it_changes() {
+        let web = || "web".to_owned();
+        assert_eq!(Command::Restart { app: web() }.access(), Access::WriteApp("web"));
+        assert_eq!(Command::SuspendApp { name: web() }.access(), Access::WriteApp("web"));
+        assert_eq!(Command::CreateApp { name: web() }.access(), Access::Admin);
+        assert_eq!(Command::DestroyApp { name: web() }.access(), Access::Admin);
+        assert_eq!(Command::RevokeToken { token: "x".into() }.access(), Access::Admin);
     }
 }

@@ -35,6 +35,7 @@ fn shop() -> State {
             ip: Some(Ipv4Addr::new(10, 210, i as u8, 2)),
             reason: None,
             restarts: 0,
+            generation: None,
         };
         apply(&mut state, Command::ReportInstances { node: i as u64 + 1, reports: vec![report] });
     }
@@ -104,6 +105,7 @@ fn a_failing_instance_is_not_a_backend() {
         ip: web.ip,
         reason: Some("GET / answered 500".into()),
         restarts: 0,
+        generation: None,
     };
     apply(&mut state, Command::ReportInstances { node: web.node.expect("placed"), reports: vec![report] });
     let routes = routes(&state);

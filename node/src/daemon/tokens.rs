@@ -1,0 +1,94 @@
+//! `roost tokens`: API tokens with scopes, made, listed, revoked and
+//! rotated through the log.
+//!
+//! The node that takes a create or rotate call draws the secret, proposes
+//! only its digest, and answers the secret once; no node keeps it. Every
+//! call here needs an admin token.
+
+use roost_network::pki::secret_digest;
+use roost_network::{Token, TokenKind};
+use roost_proto::api::{
+    ApiToken as WireToken, CreateTokenRequest, CreatedToken, ListTokensRequest, ListTokensResponse, RevokeTokenRequest,
+    RotateTokenRequest,
+};
+use roost_raft::consensus::now_millis;
+use roost_raft::state::{validate_name, ApiToken, Scope, TokenView, INITIAL_ADMIN};
+use roost_raft::{Command, Rejection};
+use tonic::Status;
+
+use super::api::{rejection_status, ControlService};
+
+/// The longest a token may be made to last: beyond this, make it never expire.
+pub const MAX_EXPIRY_MS: i64 = 10 * 366 * 24 * 3600 * 1000;
+
+fn token_to_wire(token: &TokenView) -> WireToken {
+    WireToken {
+        id: token.id.clone(),
+        name: token.name.clone(),
+        scope: token.scope.to_string(),
+        created_at_ms: token.created_at,
+        expires_at_ms: token.expires_at,
+        last_used_at_ms: token.last_used,
+    }
+}
+
+impl ControlService {
+    pub(super) async fn create_token(&self, request: CreateTokenRequest) -> Result<CreatedToken, Status> {
+        let scope = Scope::parse(&request.scope).map_err(|e| Status::invalid_argument(format!("--scope: {e}")))?;
+        let now = now_millis();
+        let expires_at =
+            match request.expires_in_ms {
+                None => None,
+                Some(ms) if ms > 0 && ms <= MAX_EXPIRY_MS => Some(now + ms),
+                Some(_) => return Err(Status::invalid_argument(
+                    "--expires must be above zero and at most 10 years; leave it out for a token that never expires",
+                )),
+            };
+        let id = roost_network::pki::hex(&rand::random::<[u8; 4]>());
+        let name = if request.name.is_empty() { format!("token-{id}") } else { request.name };
+        if let Err(reason) = validate_name(&name) {
+            return Err(rejection_status(Rejection::InvalidTokenName { name, reason }));
+        }
+        let secret = Token::generate(TokenKind::Api, self.ca_digest);
+        let token = ApiToken {
+            id: id.clone(),
+            name: name.clone(),
+            scope: scope.clone(),
+            secret_sha256: secret_digest(&secret.secret),
+            created_at: now,
+            expires_at,
+            last_used: None,
+        };
+        self.propose(Command::CreateToken { token }).await?;
+        tracing::info!(token = %name, %id, %scope, "API token created");
+        let view = TokenView { id, name, scope, created_at: now, expires_at, last_used: None };
+        Ok(CreatedToken { token: Some(token_to_wire(&view)), secret: secret.to_string() })
+    }
+
+    pub(super) async fn list_tokens(&self, request: ListTokensRequest) -> Result<ListTokensResponse, Status> {
+        self.barrier(request.read).await?;
+        let tokens = self.consensus.state().read(|s| s.tokens());
+        Ok(ListTokensResponse { tokens: tokens.iter().map(token_to_wire).collect() })
+    }
+
+    pub(super) async fn revoke_token(&self, request: RevokeTokenRequest) -> Result<(), Status> {
+        self.propose(Command::RevokeToken { token: request.token.clone() }).await?;
+        tracing::info!(token = %request.token, "API token revoked");
+        Ok(())
+    }
+
+    pub(super) async fn rotate_token(&self, request: RotateTokenRequest) -> Result<CreatedToken, Status> {
+        self.barrier(None).await?;
+        let found = self.consensus.state().read(|s| s.find_token(&request.token));
+        let Some(view) = found else {
+            return Err(rejection_status(Rejection::TokenNotFound { token: request.token }));
+        };
+        // The initial admin token keeps its kind, so it still reads as one.
+        let kind = if view.id == INITIAL_ADMIN { TokenKind::Admin } else { TokenKind::Api };
+        let secret = Token::generate(kind, self.ca_digest);
+        self.propose(Command::RotateToken { token: view.id.clone(), secret_sha256: secret_digest(&secret.secret) })
+            .await?;
+        tracing::info!(token = %view.name, id = %view.id, "API token rotated");
+        Ok(CreatedToken { token: Some(token_to_wire(&view)), secret: secret.to_string() })
+    }
+}
