@@ -227,8 +227,12 @@ impl Agent {
             // A running container off the node's instance network (made
             // before the mesh, or before the node's /24 changed) is replaced.
             let on_network = !container.running || network.as_ref().is_none_or(|n| n.holds(container.ip.as_deref()));
+            // The app must match too: labels of a container an app started
+            // itself (a release command's) could name another app's instance.
             let keep = wanted.get(container.instance.as_str()).is_some_and(|d| {
-                d.instance.release == container.release && d.instance.generation == container.generation
+                d.instance.app == container.app
+                    && d.instance.release == container.release
+                    && d.instance.generation == container.generation
             }) && on_network
                 && !current.contains_key(&container.instance);
             if keep {

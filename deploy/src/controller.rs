@@ -87,7 +87,7 @@ pub fn decide(state: &State, view: &NodeView, config: &ControllerConfig, now: Un
         let mut failure = None;
         for instance in &instances {
             let detail = instance.reason.clone().unwrap_or_default();
-            if instance.node.is_none() && instance.reason.is_some() && !unavailable_only(&detail) {
+            if instance.node.is_none() && instance.reason.is_some() && !instance.displaced {
                 failure = Some(format!("instance {} ({}) cannot be placed: {detail}", instance.id, instance.group));
             } else if instance.state == InstanceState::Stopped {
                 failure = Some(format!("instance {} on {} stopped: {detail}", instance.id, node_name(instance.node)));
@@ -168,11 +168,6 @@ fn replaced_old_instances(state: &State, app: &str, version: u64, new: &[&Instan
         retire.extend(old.iter().take(old.len() - keep).map(|i| i.id.clone()));
     }
     retire
-}
-
-/// A reason that only says the node went away, which a new placement fixes.
-fn unavailable_only(reason: &str) -> bool {
-    reason.ends_with("was removed") || reason.contains("was down for more than")
 }
 
 #[cfg(test)]

@@ -505,16 +505,29 @@ impl ServerCertVerifier for PinnedCaVerifier {
 /// The most specific message in an error's chain: "connection refused"
 /// says more than "transport error".
 pub fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
+    if timed_out(error) {
+        return "timed out connecting".to_owned();
+    }
     let mut current = error;
     while let Some(next) = current.source() {
         current = next;
     }
-    let text = current.to_string();
-    if text.contains("timed out") || text.contains("elapsed") {
-        "timed out connecting".to_owned()
-    } else {
-        text
+    current.to_string()
+}
+
+/// Whether the chain holds a timeout: tokio's `Elapsed`, or an I/O error of
+/// kind `TimedOut` (what the connect timeout of tonic's endpoint becomes).
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.downcast_ref::<tokio::time::error::Elapsed>().is_some()
+            || e.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        current = e.source();
     }
+    false
 }
 
 /// Whether a connection failure looks like "not up yet" rather than "wrong
@@ -528,12 +541,9 @@ fn is_transient(error: &(dyn std::error::Error + 'static)) -> bool {
                 return true;
             }
         }
-        if e.to_string().contains("elapsed") || e.to_string().contains("timed out") {
-            return true;
-        }
         current = e.source();
     }
-    false
+    timed_out(error)
 }
 
 fn short(digest: &CaDigest) -> String {

@@ -22,3 +22,7 @@ pub mod api {
 
 /// The metadata key that carries the admin token on public API calls.
 pub const AUTHORIZATION: &str = "authorization";
+
+/// Metadata a node sets on a deploy it refuses because its Docker engine
+/// lacks the image: the CLI can upload the image from its own engine.
+pub const IMAGE_MISSING: &str = "roost-image-missing";

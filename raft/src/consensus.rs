@@ -54,9 +54,14 @@ pub struct Timings {
 impl Default for Timings {
     fn default() -> Self {
         Self {
-            heartbeat: Duration::from_millis(100),
-            election_min: Duration::from_millis(400),
-            election_max: Duration::from_millis(800),
+            // A follower campaigns after 650–900 ms without a word from the
+            // leader: 13 to 18 heartbeats missed in a row, which a live
+            // leader on a loaded machine does not do (`failover-bench`
+            // counts campaigns on an idle cluster), and a dead leader is
+            // replaced in under a second at the median.
+            heartbeat: Duration::from_millis(50),
+            election_min: Duration::from_millis(200),
+            election_max: Duration::from_millis(450),
             snapshot_every: 10_000,
             keep_after_snapshot: 1_000,
             purge_batch: 256,
@@ -155,6 +160,8 @@ pub struct Consensus {
     /// The store, held so that shutdown closes it once every other holder
     /// is gone, and returns only when it is closed.
     db: std::sync::Mutex<Option<Arc<rocksdb::DB>>>,
+    /// The election driver and the batcher, which shutdown waits for.
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// A proposal waiting for the batcher, its encoded size and its caller.
@@ -193,10 +200,11 @@ impl Consensus {
         let hints = Arc::new(ElectionHints::default());
         let network = Network::new(channels.clone(), hints.clone(), state.clone());
         let raft = Raft::new(id, config, network, log, sm).await.map_err(StartError::Raft)?;
-        tokio::spawn(drive_elections(raft.clone(), timings.clone(), hints, shutdown));
+        let elections = tokio::spawn(drive_elections(raft.clone(), timings.clone(), hints, shutdown.clone()));
         let (batcher, pending) = mpsc::unbounded_channel();
-        tokio::spawn(run_batcher(raft.clone(), pending));
-        Ok(Arc::new(Self { id, raft, state, channels, batcher, db }))
+        let batching = tokio::spawn(run_batcher(raft.clone(), pending, shutdown));
+        let tasks = std::sync::Mutex::new(vec![elections, batching]);
+        Ok(Arc::new(Self { id, raft, state, channels, batcher, db, tasks }))
     }
 
     /// Makes this node the sole voter of a new cluster. Does nothing when the
@@ -412,12 +420,20 @@ impl Consensus {
         }
     }
 
-    /// Stops Raft and waits (up to 10 s) until RocksDB is closed: openraft's
-    /// state-machine and replication tasks hold the store a little past the
-    /// core, and a node restarted in the same process must find it unlocked.
+    /// Stops Raft, waits for the election driver and the batcher (which end
+    /// with the shutdown token `start` took, and with Raft), and waits (up to
+    /// 10 s) until RocksDB is closed: openraft's state-machine and
+    /// replication tasks hold the store a little past the core, and a node
+    /// restarted in the same process must find it unlocked.
     pub async fn shutdown(&self) {
         if let Err(error) = self.raft.shutdown().await {
             tracing::warn!(%error, "raft did not shut down cleanly");
+        }
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        for task in tasks {
+            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+                tracing::warn!("a Raft task did not stop within 5 s of shutdown");
+            }
         }
         let Some(db) = self.db.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take() else { return };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -457,14 +473,17 @@ const MAX_BATCH: usize = 512;
 ///
 /// A batch holds at most [`MAX_BATCH`] proposals and [`MAX_BATCH_BYTES`]
 /// bytes; a proposal that would overflow it opens the next one.
-async fn run_batcher(raft: Raft, mut pending: mpsc::UnboundedReceiver<Pending>) {
+async fn run_batcher(raft: Raft, mut pending: mpsc::UnboundedReceiver<Pending>, shutdown: CancellationToken) {
     let mut carried: Option<Pending> = None;
     loop {
         let first = match carried.take() {
             Some(first) => first,
-            None => match pending.recv().await {
-                Some(first) => first,
-                None => return,
+            None => tokio::select! {
+                () = shutdown.cancelled() => return,
+                first = pending.recv() => match first {
+                    Some(first) => first,
+                    None => return,
+                },
             },
         };
         let mut bytes = first.1;

@@ -257,7 +257,7 @@ impl State {
             Command::CreateToken { token } => self.create_token(token),
             Command::RevokeToken { token } => self.revoke_token(token),
             Command::RotateToken { token, secret_sha256 } => self.rotate_token(token, secret_sha256),
-            Command::TokensUsed { used } => self.tokens_used(used),
+            Command::TokensUsed { used } => self.tokens_used(used, at),
             Command::Batch { proposals } => {
                 Response::Batch { responses: proposals.iter().map(|p| self.apply(p)).collect() }
             }
@@ -346,6 +346,9 @@ impl State {
                 self.instances.retain(|_, instance| instance.app != name);
                 self.certificates.retain(|_, certificate| certificate.app != name);
                 self.destroyed_apps.insert(name.to_owned(), at);
+                // A token for this app must not carry over to a new app of
+                // the same name.
+                self.api_tokens.retain(|_, token| token.scope.app() != Some(name));
                 Response::Done
             }
             None => Response::Rejected(Rejection::AppNotFound { name: name.to_owned() }),

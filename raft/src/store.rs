@@ -84,6 +84,9 @@ fn open_db(options: &Options, dir: &Path) -> Result<DB, rocksdb::Error> {
     loop {
         let cfs = [CF_LOGS, CF_META].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         match DB::open_cf_descriptors(options, dir, cfs) {
+            // rocksdb's error says only `IOError` for a held lock; its text
+            // is the one way to tell it from a real I/O failure, which must
+            // not be retried.
             Err(e)
                 if e.to_string().contains("lock hold by current process") && std::time::Instant::now() < deadline =>
             {

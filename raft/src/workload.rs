@@ -426,6 +426,10 @@ pub struct Instance {
     pub ip: Option<Ipv4Addr>,
     /// Why it is pending or failed, or the last check output when failing.
     pub reason: Option<String>,
+    /// Taken off a node that went down or was removed (`Reschedule`):
+    /// placing it again is all it needs, so a deploy does not fail on it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub displaced: bool,
     pub restarts: u32,
     /// Bumped by `roost restart`; a node recreates the container when the
     /// one it runs has an older generation.

@@ -196,3 +196,22 @@ async fn a_node_serves_the_cli_as_soon_as_its_join_returns() -> Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+/// A node's tasks (heartbeats, membership, controllers, elections, the
+/// batcher, the edge, the server) all end with it: none keeps running, or
+/// keeps its RocksDB open, after `stop` has returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_task_of_a_stopped_cluster_keeps_running() -> Result<()> {
+    let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let before = tasks();
+    let cluster = Cluster::start(3).await?;
+    create_app(&cluster, 1, "busy").await?;
+    let running = tasks();
+    assert!(running > before + 10, "a running cluster has tasks: {running}");
+    cluster.shutdown().await;
+    // Connection tasks of the test's own clients end as their sockets close.
+    wait_until("every task of the stopped nodes to end", Duration::from_secs(5), || async { Ok(tasks() <= before) })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}: {} tasks left, {before} before the cluster started", tasks()))?;
+    Ok(())
+}

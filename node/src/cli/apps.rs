@@ -215,7 +215,7 @@ pub async fn deploy(args: DeployArgs, out: &mut dyn Write) -> Result<(), CliErro
         }
     };
     let version = match send_deploy(&mut client, start.clone(), body, out).await {
-        Err(CliError::NotFound(message)) if image.is_some() && message.contains("is not in the Docker engine") => {
+        Err(Sent::ImageMissing(message)) if image.is_some() => {
             // The node lacks the image; this machine's engine may have it.
             let image = image.clone().unwrap_or_default();
             let chunks = local_image(&image).await.map_err(|local| {
@@ -247,12 +247,45 @@ async fn local_image(image: &str) -> Result<Vec<Vec<u8>>, String> {
     Ok(chunks)
 }
 
+/// Why a deploy did not make a release.
+enum Sent {
+    /// The node's engine lacks the image (the node says so in the status's
+    /// metadata); this machine's engine may have it.
+    ImageMissing(String),
+    Failed(CliError),
+}
+
+impl From<CliError> for Sent {
+    fn from(error: CliError) -> Self {
+        Sent::Failed(error)
+    }
+}
+
+impl From<tonic::Status> for Sent {
+    fn from(status: tonic::Status) -> Self {
+        if status.metadata().get(roost_proto::IMAGE_MISSING).is_some() {
+            Sent::ImageMissing(status.message().to_owned())
+        } else {
+            Sent::Failed(status.into())
+        }
+    }
+}
+
+impl From<Sent> for CliError {
+    fn from(sent: Sent) -> Self {
+        match sent {
+            Sent::ImageMissing(message) => CliError::NotFound(message),
+            Sent::Failed(error) => error,
+        }
+    }
+}
+
 async fn send_deploy(
     client: &mut Control,
     start: DeployStart,
     body: Vec<Vec<u8>>,
     out: &mut dyn Write,
-) -> Result<u64, CliError> {
+) -> Result<u64, Sent> {
     let first = DeployRequest { part: Some(deploy_request::Part::Start(start)) };
     let rest = body.into_iter().map(|chunk| DeployRequest { part: Some(deploy_request::Part::Chunk(chunk)) });
     let requests = futures::stream::iter(std::iter::once(first).chain(rest));
@@ -266,7 +299,7 @@ async fn send_deploy(
         }
         out.flush().map_err(io)?;
     }
-    Err(CliError::Other("the node ended the deploy without naming a release".into()))
+    Err(Sent::Failed(CliError::Other("the node ended the deploy without naming a release".into())))
 }
 
 /// Follows a release until it is live or has failed, printing each change.
@@ -449,12 +482,7 @@ async fn wait_for_scale(
             return output::status(out, &status, false).map_err(io);
         }
         // A reason that only says a node went away is fixed by placing again.
-        let stuck = group_instances.iter().find(|i| {
-            i.node.is_empty()
-                && !i.reason.is_empty()
-                && !i.reason.contains("was down for more than")
-                && !i.reason.ends_with("was removed")
-        });
+        let stuck = group_instances.iter().find(|i| i.node.is_empty() && !i.reason.is_empty() && !i.displaced);
         if let Some(stuck) = stuck {
             return Err(CliError::Invalid(format!("instance {} cannot be placed: {}", stuck.id, stuck.reason)));
         }

@@ -472,16 +472,18 @@ impl From<tonic::Status> for CliError {
             tonic::Code::NotFound => CliError::NotFound(message),
             tonic::Code::AlreadyExists => CliError::Exists(message),
             tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => CliError::Invalid(message),
-            tonic::Code::Unavailable if is_transport(&message) => CliError::Unreachable(message),
+            tonic::Code::Unavailable if is_transport(&status) => CliError::Unreachable(message),
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => CliError::Unavailable(message),
             _ => CliError::Other(message),
         }
     }
 }
 
-/// tonic reports a dropped connection as Unavailable with this kind of text.
-fn is_transport(message: &str) -> bool {
-    message.contains("transport error") || message.contains("connection")
+/// Whether the status is the client's own (the connection failed) rather
+/// than a node's answer: tonic keeps the transport error as its source,
+/// while a status that came over the wire has none.
+fn is_transport(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some()
 }
 
 pub(crate) type Control = ControlClient<InterceptedService<Channel, BearerToken>>;

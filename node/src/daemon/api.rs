@@ -128,8 +128,14 @@ impl ControlService {
     }
 
     pub(super) async fn propose(&self, command: Command) -> Result<Response, Status> {
-        // The caller's grant goes along, should the leader be another node.
+        // The caller's grant goes along, should the leader be another node
+        // (which checks it again). It is checked here too, now, for this
+        // node may be the leader, and the token may have been revoked or
+        // have expired since the call began (a long build).
         let grant = super::auth::current_grant();
+        if let Some(Grant::Token { token }) = &grant {
+            super::auth::resolve(self.consensus.state(), &self.ca_digest, token, None)?.allow(command.access())?;
+        }
         let response = self
             .consensus
             .propose_granted(command, grant, Instant::now() + API_DEADLINE)

@@ -137,7 +137,7 @@ pub const LAST_USED_RESOLUTION_MS: UnixMillis = 60_000;
 
 impl TokenUses {
     fn note(&self, id: &str, recorded: Option<UnixMillis>, now: UnixMillis) {
-        if recorded.is_some_and(|at| now - at < LAST_USED_RESOLUTION_MS) {
+        if recorded.is_some_and(|at| now.saturating_sub(at) < LAST_USED_RESOLUTION_MS) {
             return;
         }
         if let Ok(mut pending) = self.pending.lock() {

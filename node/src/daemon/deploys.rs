@@ -120,6 +120,7 @@ fn instance_to_wire(state: &State, instance: &Instance) -> WireInstance {
         restarts: instance.restarts,
         updated_at_ms: instance.updated_at,
         ip: instance.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        displaced: instance.displaced,
     }
 }
 
@@ -128,6 +129,16 @@ fn released(response: Response) -> ChangeResponse {
         Response::ReleaseCreated { version } => ChangeResponse { release: Some(version) },
         _ => ChangeResponse { release: None },
     }
+}
+
+/// A deploy as checked before its body arrives.
+struct DeployPlan {
+    start: DeployStart,
+    config: AppConfig,
+    app: String,
+    strategy: Option<Strategy>,
+    /// The caller's token is confined to this app.
+    confined: bool,
 }
 
 fn app_not_found(app: &str) -> Status {
@@ -156,6 +167,8 @@ impl ControlService {
             return Err(rejection_status(Rejection::InvalidAppName { name: app, reason }));
         }
         caller.allow(roost_raft::state::Access::WriteApp(&app))?;
+        // A token for one app may not take another app's image by name.
+        let confined = caller.scope.app().is_some();
         let strategy = parse_strategy(&start.strategy)?;
         self.barrier(None).await?;
         let blocked = self.consensus.state().read(|s| {
@@ -175,7 +188,8 @@ impl ControlService {
         let grant = super::auth::current_grant();
         tokio::spawn(
             async move {
-                let deploy = this.run_deploy(start, config, app, strategy, inbound, &events);
+                let request = DeployPlan { start, config, app, strategy, confined };
+                let deploy = this.run_deploy(request, inbound, &events);
                 let result = super::auth::with_grant(grant, deploy).await;
                 if let Err(status) = &result {
                     tracing::warn!(error = %status.message(), "deploy refused");
@@ -188,15 +202,28 @@ impl ControlService {
         Ok(Box::pin(ReceiverStream::new(receiver)))
     }
 
+    /// Refuses, for a caller confined to `app`, an image that Roost made for
+    /// another app: a deploy token must not read another app's files.
+    async fn own_image(&self, id: &str, app: &str, confined: bool) -> Result<(), Status> {
+        if !confined {
+            return Ok(());
+        }
+        let labels = self.engine.image_labels(id).await.map_err(|e| Status::unavailable(e.chain()))?;
+        match labels.as_ref().and_then(|l| l.get(LABEL_APP)) {
+            Some(owner) if owner != app => Err(Status::permission_denied(format!(
+                "that image belongs to another app; this token may deploy only {app}'s images or new ones"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     async fn run_deploy(
         &self,
-        start: DeployStart,
-        config: AppConfig,
-        app: String,
-        strategy: Option<Strategy>,
+        plan: DeployPlan,
         mut inbound: Streaming<DeployRequest>,
         events: &mpsc::Sender<Result<DeployEvent, Status>>,
     ) -> Result<u64, Status> {
+        let DeployPlan { start, config, app, strategy, confined } = plan;
         let me = self.consensus.id();
         let cluster = self.consensus.state().read(|s| s.cluster.as_ref().map(|c| c.id.clone())).unwrap_or_default();
         let started = std::time::Instant::now();
@@ -218,16 +245,20 @@ impl ControlService {
             let id = id.ok_or_else(|| {
                 Status::invalid_argument(format!("the uploaded image does not contain {}", start.image))
             })?;
+            self.own_image(&id, &app, confined).await?;
             let tag = format!("roost-{app}:{}", now_millis());
             (self.engine.adopt(&id, &tag, &labels).await.map_err(|e| Status::internal(e.chain()))?, start.image.clone())
         } else if !start.image.is_empty() {
             let id = self.engine.image_id(&start.image).await.map_err(|e| Status::unavailable(e.chain()))?;
             let id = id.ok_or_else(|| {
-                Status::not_found(format!(
+                let mut status = Status::not_found(format!(
                     "image {} is not in the Docker engine of {}; build it there, or let the CLI upload it from its own engine",
                     start.image, self.node_name
-                ))
+                ));
+                status.metadata_mut().insert(roost_proto::IMAGE_MISSING, tonic::metadata::MetadataValue::from_static("1"));
+                status
             })?;
+            self.own_image(&id, &app, confined).await?;
             let tag = format!("roost-{app}:{}", now_millis());
             (self.engine.adopt(&id, &tag, &labels).await.map_err(|e| Status::internal(e.chain()))?, start.image.clone())
         } else {

@@ -50,6 +50,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 use tracing::Instrument;
 
@@ -217,6 +218,8 @@ pub struct RunningNode {
     agent: JoinHandle<()>,
     /// The mesh loop, which stops WireGuard and DNS when it ends.
     mesh: JoinHandle<()>,
+    /// Every task the node started (the three above included).
+    tasks: TaskTracker,
     /// Where this node's edge takes HTTP and HTTPS.
     pub http_address: SocketAddr,
     pub https_address: SocketAddr,
@@ -360,7 +363,10 @@ impl Node {
                 )));
             let incoming = tls::incoming(listener, server_tls, config.connection_limits.clone(), stop.clone());
             let server_stop = stop.clone();
-            let server = tokio::spawn(
+            // Every task the node starts from here on is tracked, and
+            // `drain` waits for all of them.
+            let tasks = TaskTracker::new();
+            let server = tasks.spawn(
                 async move {
                     if let Err(error) = router.serve_with_incoming_shutdown(incoming, server_stop.cancelled()).await {
                         tracing::error!(%error, "the gRPC server failed");
@@ -401,9 +407,9 @@ impl Node {
             // (heartbeats), only then.
             wait_caught_up(&consensus, Instant::now() + CATCH_UP_WAIT).await;
             let removed = Arc::new(AtomicBool::new(false));
-            spawn_background(&consensus, &liveness, &channels, &stop, &removed);
+            spawn_background(&consensus, &liveness, &channels, &stop, &removed, &tasks);
             let (directory, directory_rx) = tokio::sync::watch::channel(Arc::default());
-            let mesh = tokio::spawn(
+            let mesh = tasks.spawn(
                 mesh::run(
                     MeshContext {
                         consensus: consensus.clone(),
@@ -420,7 +426,7 @@ impl Node {
                 .in_current_span(),
             );
             let edge_addresses = (proxy.http_addr(), proxy.https_addr());
-            tokio::spawn(
+            tasks.spawn(
                 edge::run(
                     edge::EdgeContext {
                         consensus: consensus.clone(),
@@ -433,19 +439,19 @@ impl Node {
                 )
                 .in_current_span(),
             );
-            tokio::spawn(certs::run(consensus.clone(), secrets_key.clone(), stop.clone()).in_current_span());
-            tokio::spawn(
+            tasks.spawn(certs::run(consensus.clone(), secrets_key.clone(), stop.clone()).in_current_span());
+            tasks.spawn(
                 auth::report_token_uses(consensus.clone(), token_uses, TOKEN_USES_EVERY, stop.clone())
                     .in_current_span(),
             );
-            tokio::spawn(
+            tasks.spawn(
                 identity::keep_join_token(dir.clone(), consensus.state().clone(), ca_digest, stop.clone())
                     .in_current_span(),
             );
             let fetcher = Arc::new(workloads::PeerImages { consensus: consensus.clone(), channels: channels.clone() });
             let agent = Agent::new(engine, consensus.clone(), secrets_key, fetcher, network_rx);
-            let agent = tokio::spawn(agent.run(stop.clone()).in_current_span());
-            tokio::spawn(
+            let agent = tasks.spawn(agent.run(stop.clone()).in_current_span());
+            tasks.spawn(
                 workloads::run_controller(consensus.clone(), liveness.clone(), config.controller.clone(), stop.clone())
                     .in_current_span(),
             );
@@ -461,6 +467,7 @@ impl Node {
                 server,
                 agent,
                 mesh,
+                tasks,
                 http_address: edge_addresses.0,
                 https_address: edge_addresses.1,
             })
@@ -658,6 +665,7 @@ fn spawn_background(
     channels: &Arc<NodeChannels>,
     stop: &CancellationToken,
     removed: &Arc<AtomicBool>,
+    tasks: &TaskTracker,
 ) {
     let mark_removed = {
         let stop = stop.clone();
@@ -672,7 +680,7 @@ fn spawn_background(
 
     let heartbeats = liveness::send_heartbeats(consensus.clone(), liveness.clone(), channels.clone(), stop.clone());
     let on_revoked = mark_removed.clone();
-    tokio::spawn(
+    tasks.spawn(
         async move {
             if heartbeats.await == HeartbeatEnd::Revoked {
                 on_revoked();
@@ -681,7 +689,7 @@ fn spawn_background(
         .in_current_span(),
     );
 
-    tokio::spawn(
+    tasks.spawn(
         membership::run_controller(consensus.clone(), liveness.clone(), Duration::from_millis(500), stop.clone())
             .in_current_span(),
     );
@@ -689,7 +697,7 @@ fn spawn_background(
     // The state says so as soon as the removal is applied here.
     let consensus = consensus.clone();
     let stop = stop.clone();
-    tokio::spawn(
+    tasks.spawn(
         async move {
             let mut metrics = consensus.raft().metrics();
             loop {
@@ -739,6 +747,12 @@ impl RunningNode {
         self.consensus.shutdown().await;
         if tokio::time::timeout(Duration::from_secs(5), self.server).await.is_err() {
             tracing::warn!("the gRPC server did not stop within 5s");
+        }
+        // The rest (heartbeats, membership, the controllers, the edge, ACME)
+        // end with the stop token; none may outlive the node.
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait()).await.is_err() {
+            tracing::warn!(left = self.tasks.len(), "some of the node's tasks did not stop within 10s");
         }
         if self.removed.load(Ordering::SeqCst) {
             ExitReason::Removed

@@ -130,6 +130,7 @@ impl State {
                 address: None,
                 ip: None,
                 reason: None,
+                displaced: false,
                 restarts: 0,
                 generation: 0,
                 created_at: at,
@@ -232,14 +233,19 @@ impl State {
                             *entry = *entry + need;
                             instance.node = Some(*node);
                             instance.reason = None;
+                            instance.displaced = false;
                         }
-                        Err(reason) => instance.reason = Some(reason),
+                        Err(reason) => {
+                            instance.reason = Some(reason);
+                            instance.displaced = false;
+                        }
                     }
                 }
                 Placement::Unplaceable { instance, reason } => {
                     if let Some(instance) = self.instances.get_mut(instance) {
                         if instance.node.is_none() {
                             instance.reason = Some(reason.clone());
+                            instance.displaced = false;
                         }
                     }
                 }
@@ -300,6 +306,7 @@ impl State {
                 instance.address = None;
                 instance.ip = None;
                 instance.reason = Some(reason.to_owned());
+                instance.displaced = true;
             }
         }
         Response::Done

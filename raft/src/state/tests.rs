@@ -801,6 +801,21 @@ mod tokens {
         assert_eq!(find(&state, "d1").and_then(|m| m.last_used), Some(500));
         assert_eq!(state.admin_last_used, Some(700));
         assert!(!state.api_tokens.contains_key("gone"));
+        // A time beyond the proposal's clock (give or take a minute) is
+        // clamped, so a forged one cannot hide later uses.
+        apply(&mut state, used(&[("aa", i64::MAX)]));
+        assert_eq!(find(&state, "d1").and_then(|m| m.last_used), Some(1000 + 60_000));
+    }
+
+    #[test]
+    fn destroying_an_app_revokes_the_tokens_confined_to_it() {
+        let mut state = bootstrapped();
+        apply(&mut state, Command::CreateApp { name: "web".into() });
+        apply(&mut state, Command::CreateToken { token: token("aa", "ci", Scope::Deploy { app: "web".into() }, "d1") });
+        apply(&mut state, Command::CreateToken { token: token("bb", "ro", Scope::Read, "d2") });
+        apply(&mut state, Command::DestroyApp { name: "web".into() });
+        assert_eq!(find(&state, "d1"), None, "a new app named web must not inherit the token");
+        assert!(find(&state, "d2").is_some());
     }
 
     #[test]

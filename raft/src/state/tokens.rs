@@ -264,10 +264,12 @@ impl State {
         }
     }
 
-    /// Records uses; a time never goes back, and unknown ids (revoked since)
+    /// Records uses; a time never goes back, none is later than the proposal
+    /// (give or take a minute of clock skew), and unknown ids (revoked since)
     /// are ignored.
-    pub(super) fn tokens_used(&mut self, used: &BTreeMap<String, UnixMillis>) -> Response {
+    pub(super) fn tokens_used(&mut self, used: &BTreeMap<String, UnixMillis>, proposed_at: UnixMillis) -> Response {
         for (id, &at) in used {
+            let at = at.clamp(0, proposed_at.saturating_add(60_000));
             let last = if id == INITIAL_ADMIN {
                 &mut self.admin_last_used
             } else {
