@@ -184,7 +184,7 @@ impl Agent {
             let health_changed = self.health_changed.clone();
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = changes.changed() => {}
+                _ = roost_raft::store::settled(&mut changes) => {}
                 _ = network.changed() => {}
                 () = health_changed.notified() => {}
                 () = tokio::time::sleep(PASS_EVERY) => {}

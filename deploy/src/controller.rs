@@ -69,7 +69,7 @@ pub fn decide(state: &State, view: &NodeView, config: &ControllerConfig, now: Un
         commands.push(Command::Place { placements });
     }
 
-    for app in state.apps.values() {
+    for app in state.apps.values().filter(|a| a.restart.is_some()) {
         if let Some((generation, instances)) = state.restart_wave(&app.name) {
             commands.push(Command::RestartInstances { app: app.name.clone(), generation, instances });
         }

@@ -317,6 +317,22 @@ struct Applied {
     snapshot_index: u64,
 }
 
+/// How long a reconciler lets changes settle once one arrives. Under load the
+/// state changes hundreds of times a second, and every pass of a reconciler
+/// (the edge's routes, the mesh, the agent, the controller) reads the whole
+/// state under the lock that applying an entry needs: one pass per burst
+/// instead of one per entry keeps writes fast as the state grows.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// Waits for the next change to the state, then for [`SETTLE`].
+pub async fn settled(
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    changes.changed().await?;
+    tokio::time::sleep(SETTLE).await;
+    Ok(())
+}
+
 /// A read-only view of the replicated state, shared with the rest of the node.
 #[derive(Clone)]
 pub struct StateReader {

@@ -72,7 +72,7 @@ pub async fn run(context: EdgeContext, stop: CancellationToken) {
         context.built.send_replace(version);
         tokio::select! {
             () = stop.cancelled() => return,
-            changed = changes.changed() => if changed.is_err() { return },
+            changed = roost_raft::store::settled(&mut changes) => if changed.is_err() { return },
             changed = directory.changed() => if changed.is_err() { return },
         }
     }

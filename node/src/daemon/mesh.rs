@@ -141,7 +141,7 @@ pub async fn run(context: MeshContext, stop: CancellationToken) {
         };
         tokio::select! {
             () = stop.cancelled() => break,
-            changed = changes.changed() => if changed.is_err() { break },
+            changed = roost_raft::store::settled(&mut changes) => if changed.is_err() { break },
             () = tokio::time::sleep_until(next_check) => {}
             () = ended => {
                 // boringtun stops its device on SIGINT or SIGTERM, which it

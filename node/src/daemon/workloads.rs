@@ -42,7 +42,7 @@ pub async fn run_controller(
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = changes.changed() => {}
+            _ = roost_raft::store::settled(&mut changes) => {}
             () = tokio::time::sleep(CONTROL_EVERY) => {}
         }
         if !consensus.is_leader() {
