@@ -94,18 +94,18 @@ impl Checker {
                     let interval = Duration::from_millis(check.interval_ms.max(100));
                     loop {
                         let result = probe(&ip, &check).await;
-                        let (was, now, passed_once) = {
+                        let (was, now) = {
                             let mut results = results.lock().unwrap_or_else(|p| p.into_inner());
-                            let state = results.entry(check.name.clone()).or_insert_with(CheckState::default);
+                            let state: &mut CheckState = results.entry(check.name.clone()).or_default();
                             let was = state.clone();
                             state.record(result);
-                            (was, state.clone(), state.passed_once)
+                            (was, state.clone())
                         };
-                        let first = !was.passed_once && was.failures == 0 && was.output.is_none();
+                        let first = was == CheckState::default();
                         if first || was.verdict(check.failure_threshold) != now.verdict(check.failure_threshold) {
                             changed.notify_one();
                         }
-                        let wait = if passed_once { interval } else { interval.min(STARTUP_PROBE) };
+                        let wait = if now.passed_once { interval } else { interval.min(STARTUP_PROBE) };
                         tokio::time::sleep(wait).await;
                     }
                 })

@@ -132,10 +132,10 @@ impl ControlService {
         // (which checks it again). It is checked here too, now, for this
         // node may be the leader, and the token may have been revoked or
         // have expired since the call began (a long build).
-        let grant = super::auth::current_grant();
-        if let Some(Grant::Token { token }) = &grant {
-            super::auth::resolve(self.consensus.state(), &self.ca_digest, token, None)?.allow(command.access())?;
+        if let Some(caller) = self.caller_now()? {
+            caller.allow(command.access())?;
         }
+        let grant = super::auth::current_grant();
         let response = self
             .consensus
             .propose_granted(command, grant, Instant::now() + API_DEADLINE)
@@ -157,10 +157,20 @@ impl ControlService {
             return Ok(());
         }
         self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
-        if let Some(Grant::Token { token }) = super::auth::current_grant() {
-            super::auth::resolve(self.consensus.state(), &self.ca_digest, &token, None)?;
-        }
+        self.caller_now()?;
         Ok(())
+    }
+
+    /// The caller's token resolved against this node's state as it is now
+    /// (it may have been revoked, rotated or have expired since the call
+    /// began); `None` for work no user's token asked for.
+    fn caller_now(&self) -> Result<Option<super::auth::Principal>, Status> {
+        match super::auth::current_grant() {
+            Some(Grant::Token { token }) => {
+                super::auth::resolve(self.consensus.state(), &self.ca_digest, &token, None).map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Each node's role, from Raft's membership as this node knows it.

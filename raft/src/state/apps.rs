@@ -516,11 +516,7 @@ impl State {
         let progress = app.restart?;
         let release_spec = |i: &Instance| app.releases.get(&i.release).and_then(|r| r.spec.groups.get(&i.group));
         let max = app.current().and_then(|r| r.spec.max_unavailable).unwrap_or(MaxUnavailable::DEFAULT);
-        let instances: Vec<&Instance> = self
-            .instances
-            .values()
-            .filter(|i| i.app == app_name && i.node.is_some() && i.created_at <= progress.requested_at)
-            .collect();
+        let instances: Vec<&Instance> = self.restarting(app_name, progress).collect();
         let in_flight =
             instances.iter().filter(|i| i.generation >= progress.generation && !i.ready(release_spec(i))).count();
         let mut behind: Vec<&&Instance> = instances.iter().filter(|i| i.generation < progress.generation).collect();
@@ -528,6 +524,13 @@ impl State {
         let room = max.wave(instances.len()).saturating_sub(in_flight);
         let wave: Vec<String> = behind.into_iter().take(room).map(|i| i.id.clone()).collect();
         (!wave.is_empty()).then_some((progress.generation, wave))
+    }
+
+    /// The instances a restart covers: placed, and there when it was asked for.
+    fn restarting<'a>(&'a self, app_name: &'a str, progress: RestartProgress) -> impl Iterator<Item = &'a Instance> {
+        self.instances
+            .values()
+            .filter(move |i| i.app == app_name && i.node.is_some() && i.created_at <= progress.requested_at)
     }
 
     pub(super) fn restart_instances(&mut self, app_name: &str, generation: u32, ids: &[String]) -> Response {
@@ -548,10 +551,8 @@ impl State {
                 instance.reason = Some("restarting".into());
             }
         }
-        let requested_at = self.apps.get(app_name).and_then(|a| a.restart).map_or(0, |p| p.requested_at);
-        let behind = self.instances.values().any(|i| {
-            i.app == app_name && i.node.is_some() && i.generation < generation && i.created_at <= requested_at
-        });
+        let progress = self.apps.get(app_name).and_then(|a| a.restart);
+        let behind = progress.is_some_and(|p| self.restarting(app_name, p).any(|i| i.generation < generation));
         if !behind {
             if let Ok(app) = self.app_mut(app_name) {
                 app.restart = None;

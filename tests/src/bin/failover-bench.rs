@@ -51,25 +51,24 @@ struct Nodes {
 }
 
 impl Nodes {
-    /// The leader's index, as a node that is up sees it.
-    async fn leader(&self, skip: Option<usize>) -> Result<Option<usize>> {
-        for (i, node) in self.procs.iter().enumerate() {
-            if Some(i) == skip {
-                continue;
-            }
-            let Ok(printed) = cli(&node.address, &self.admin, &["node", "list", "--json", "--stale"]).await else {
-                continue;
-            };
-            let list: Vec<Value> = serde_json::from_str(&printed)?;
-            let leader = list.iter().find(|n| n["role"] == "leader").and_then(|n| n["name"].as_str());
-            if let Some(name) = leader {
-                let index = self.procs.iter().position(|p| p.name == name);
-                if index.is_some() && index != skip {
-                    return Ok(index);
+    /// The leader node `i` names in its own view (`node list --stale`).
+    async fn seen_by(&self, i: usize) -> Result<Option<usize>> {
+        let printed = cli(&self.procs[i].address, &self.admin, &["node", "list", "--json", "--stale"]).await?;
+        let list: Vec<Value> = serde_json::from_str(&printed)?;
+        let name = list.iter().find(|n| n["role"] == "leader").and_then(|n| n["name"].as_str());
+        Ok(name.and_then(|name| self.procs.iter().position(|p| p.name == name)))
+    }
+
+    /// A leader other than `killed`, as a survivor that answers sees it.
+    async fn new_leader(&self, killed: usize) -> Option<usize> {
+        for i in (0..self.procs.len()).filter(|i| *i != killed) {
+            if let Ok(Some(leader)) = self.seen_by(i).await {
+                if leader != killed {
+                    return Some(leader);
                 }
             }
         }
-        Ok(None)
+        None
     }
 
     /// Waits until every node's own view names the same leader.
@@ -77,11 +76,8 @@ impl Nodes {
         let found = std::sync::Mutex::new(None);
         wait_until("all three nodes to name the same leader", Duration::from_secs(60), || async {
             let mut leaders = Vec::new();
-            for node in &self.procs {
-                let printed = cli(&node.address, &self.admin, &["node", "list", "--json", "--stale"]).await?;
-                let list: Vec<Value> = serde_json::from_str(&printed)?;
-                let name = list.iter().find(|n| n["role"] == "leader").and_then(|n| n["name"].as_str());
-                leaders.push(name.and_then(|name| self.procs.iter().position(|p| p.name == name)));
+            for i in 0..self.procs.len() {
+                leaders.push(self.seen_by(i).await?);
             }
             let agreed = leaders[0].is_some() && leaders.iter().all(|l| *l == leaders[0]);
             *found.lock().unwrap_or_else(|p| p.into_inner()) = leaders[0];
@@ -159,7 +155,7 @@ async fn run(root: &std::path::Path, flags: &roost_tests::bench::Flags, kills: u
             };
             let elected = async {
                 loop {
-                    if nodes.leader(Some(leader)).await?.is_some() {
+                    if nodes.new_leader(leader).await.is_some() {
                         return Ok::<_, anyhow::Error>(killed_at.elapsed());
                     }
                     if killed_at.elapsed() > Duration::from_secs(30) {
