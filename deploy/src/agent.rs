@@ -12,8 +12,15 @@
 //! policy, with backoff; and runs the health checks. Then it reports to the leader what differs from what the
 //! state already says, so steady instances cost no log entries. A crash at
 //! any point leaves containers and state that the next pass repairs.
+//!
+//! The slow parts (fetching an image, creating and starting a container,
+//! stopping one within its kill timeout) run as jobs beside the pass, one
+//! per container ([`Jobs`]): a large image or an instance that takes its
+//! time to stop holds back no restart, health report or removal of
+//! another. A job's end wakes the agent for another pass.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use futures::FutureExt;
 use ipnet::Ipv4Net;
 use roost_raft::consensus::now_millis;
 use roost_raft::workload::{
@@ -29,6 +37,7 @@ use roost_raft::workload::{
 };
 use roost_raft::{Command, Consensus, NodeId};
 use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -72,8 +81,26 @@ impl InstanceNetwork {
     }
 }
 
-/// Seconds a container gets between SIGTERM and SIGKILL.
-const STOP_GRACE_SECONDS: i32 = 5;
+/// The node's instance network as the mesh last left it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NetworkStatus {
+    /// Not made yet.
+    #[default]
+    Pending,
+    Up(InstanceNetwork),
+    /// Making it failed, and why (what an instance waiting for it reports).
+    Failing(String),
+}
+
+impl NetworkStatus {
+    pub fn up(&self) -> Option<&InstanceNetwork> {
+        match self {
+            NetworkStatus::Up(network) => Some(network),
+            _ => None,
+        }
+    }
+}
+
 const PASS_EVERY: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Images of this many newest superseded releases per app stay, for rollbacks.
@@ -83,11 +110,8 @@ const COLLECT_IMAGES_EVERY: Duration = Duration::from_secs(60);
 const UNUSED_IMAGE_AGE: Duration = Duration::from_secs(600);
 
 pub struct Agent {
-    engine: Engine,
-    consensus: Arc<Consensus>,
-    key: Arc<SecretsKey>,
-    fetcher: Arc<dyn ImageFetcher>,
-    node: NodeId,
+    worker: Worker,
+    jobs: Jobs,
     tracked: HashMap<String, Tracked>,
     last_collect: Option<Instant>,
     /// Instances whose container could not be created: when to try again,
@@ -95,10 +119,8 @@ pub struct Agent {
     create_retry: HashMap<String, (Instant, u32)>,
     /// What the last image collection saw: images in use, destroyed apps.
     collected_for: Option<(HashSet<String>, usize)>,
-    /// Health checkers ring this when a result changes.
-    health_changed: Arc<Notify>,
     /// The node's instance network, once the mesh has made it.
-    network: watch::Receiver<Option<InstanceNetwork>>,
+    network: watch::Receiver<NetworkStatus>,
     /// When each instance's reason alone was last reported (see
     /// [`REASON_REPORT_EVERY`]).
     reason_reported: HashMap<String, Instant>,
@@ -137,7 +159,125 @@ impl Tracked {
     }
 }
 
+/// What does the slow work on containers: cheap to clone into a job.
+#[derive(Clone)]
+struct Worker {
+    engine: Engine,
+    consensus: Arc<Consensus>,
+    key: Arc<SecretsKey>,
+    fetcher: Arc<dyn ImageFetcher>,
+    node: NodeId,
+    /// Rung when a health check's result changes or a job ends: time for
+    /// another pass.
+    wake: Arc<Notify>,
+}
+
+/// Jobs in flight. An instance has at most one create; a container at most
+/// one removal; an instance's new container is not created while one of
+/// its old ones is still stopping (they share a name).
+#[derive(Default)]
+struct Jobs {
+    /// By instance: the generation being created, and the new container's
+    /// id or why it could not start.
+    creating: HashMap<String, (u32, Job<Result<String, String>>)>,
+    /// By container id: its instance, and how the stop and removal went.
+    removing: HashMap<String, (String, Job<Result<(), String>>)>,
+    /// By container id: a removal that failed, when to try again, how many
+    /// tries failed, and the last error (shown as the instance's reason).
+    remove_retry: HashMap<String, (Instant, u32, String)>,
+}
+
+impl Jobs {
+    fn stopping(&self, instance: &str) -> bool {
+        self.removing.values().any(|(of, _)| of == instance)
+    }
+
+    /// Forgets removals that ended; a failed one is tried again (with
+    /// backoff), for its container is still there to be found.
+    fn reap_removals(&mut self) {
+        let mut failed = Vec::new();
+        self.removing.retain(|container, (instance, job)| {
+            let error = match job.try_take() {
+                None => return true,
+                Some(Ok(Ok(()))) => return false,
+                Some(Ok(Err(error))) => error,
+                Some(Err(ended)) => format!("removing the container failed: {ended}"),
+            };
+            tracing::warn!(%error, %instance, %container, "could not remove a container; retrying");
+            failed.push((container.clone(), error));
+            false
+        });
+        for (container, error) in failed {
+            let attempts = self.remove_retry.get(&container).map_or(0, |(_, n, _)| *n);
+            self.remove_retry.insert(container, (Instant::now() + backoff(attempts), attempts + 1, error));
+        }
+    }
+
+    /// Why removing `container` failed last, if it did.
+    fn removal_error(&self, container: &str) -> Option<String> {
+        self.remove_retry.get(container).map(|(_, _, error)| error.clone())
+    }
+
+    /// Calls off every job (the engine finishes a stop it was asked for)
+    /// and waits until none runs.
+    async fn abort_all(&mut self) {
+        let mut ended = Vec::new();
+        for (_, (_, job)) in self.creating.drain() {
+            job.abort();
+            ended.push(job.ended().boxed());
+        }
+        for (_, (_, job)) in self.removing.drain() {
+            job.abort();
+            ended.push(job.ended().boxed());
+        }
+        futures::future::join_all(ended).await;
+    }
+}
+
+/// Slow work (a create, a removal) in a task of its own, whose end wakes the
+/// agent. The result is handed over before the wake, so the pass that the
+/// wake starts finds it (a task's own handle reports it finished only after
+/// its last line, so a wake from inside it could come too early and the
+/// result wait for the next periodic pass).
+struct Job<T> {
+    handle: JoinHandle<()>,
+    result: tokio::sync::oneshot::Receiver<T>,
+}
+
+impl<T: Send + 'static> Job<T> {
+    fn spawn(wake: Arc<Notify>, work: impl Future<Output = T> + Send + 'static) -> Self {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let handle = tokio::spawn(async move {
+            let _ = done.send(work.await);
+            wake.notify_one();
+        });
+        Job { handle, result }
+    }
+
+    /// The result, once the work has ended; why there is none if the task
+    /// ended without one (it panicked, or was called off).
+    fn try_take(&mut self) -> Option<Result<T, String>> {
+        match self.result.try_recv() {
+            Ok(value) => Some(Ok(value)),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => None,
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                Some(Err("the job ended without a result".into()))
+            }
+        }
+    }
+
+    fn abort(&self) {
+        self.handle.abort();
+    }
+
+    /// Waits until the task has ended (called off or not).
+    async fn ended(self) {
+        let _ = self.handle.await;
+    }
+}
+
 /// An instance this node should run, with what it needs from the state.
+#[derive(Clone)]
 struct Desired {
     instance: Instance,
     group: GroupSpec,
@@ -155,46 +295,44 @@ impl Agent {
         consensus: Arc<Consensus>,
         key: Arc<SecretsKey>,
         fetcher: Arc<dyn ImageFetcher>,
-        network: watch::Receiver<Option<InstanceNetwork>>,
+        network: watch::Receiver<NetworkStatus>,
     ) -> Self {
         let node = consensus.id();
+        let wake = Arc::new(Notify::new());
         Self {
-            engine,
-            consensus,
-            key,
-            fetcher,
-            node,
+            worker: Worker { engine, consensus, key, fetcher, node, wake },
+            jobs: Jobs::default(),
             tracked: HashMap::new(),
             last_collect: None,
             create_retry: HashMap::new(),
             collected_for: None,
-            health_changed: Arc::new(Notify::new()),
             network,
             reason_reported: HashMap::new(),
         }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut changes = self.consensus.state().changes();
+        let mut changes = self.worker.consensus.state().changes();
         let mut network = self.network.clone();
+        let wake = self.worker.wake.clone();
         loop {
             if let Err(error) = self.pass().await {
                 tracing::warn!(error = %error.chain(), "reconciling containers failed; retrying");
             }
-            let health_changed = self.health_changed.clone();
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => break,
                 _ = roost_raft::store::settled(&mut changes) => {}
                 _ = network.changed() => {}
-                () = health_changed.notified() => {}
+                () = wake.notified() => {}
                 () = tokio::time::sleep(PASS_EVERY) => {}
             }
         }
+        self.jobs.abort_all().await;
     }
 
     async fn pass(&mut self) -> Result<(), crate::engine::EngineError> {
-        let node = self.node;
-        let (cluster, desired) = self.consensus.state().read(|state| {
+        let node = self.worker.node;
+        let (cluster, desired) = self.worker.consensus.state().read(|state| {
             let cluster = state.cluster.as_ref().map(|c| c.id.clone());
             let desired: Vec<Desired> = state
                 .instances
@@ -218,15 +356,22 @@ impl Agent {
             (cluster, desired)
         });
         let Some(cluster) = cluster else { return Ok(()) };
-        let containers = self.engine.containers(&cluster, Some(node)).await?;
+        self.jobs.reap_removals();
+        let containers = self.worker.engine.containers(&cluster, Some(node)).await?;
         let network = self.network.borrow().clone();
 
         let wanted: HashMap<&str, &Desired> = desired.iter().map(|d| (d.instance.id.as_str(), d)).collect();
         let mut current: HashMap<String, Container> = HashMap::new();
+        let listed: HashSet<String> = containers.iter().map(|c| c.id.clone()).collect();
+        self.jobs.remove_retry.retain(|id, _| listed.contains(id));
         for container in containers {
+            // A container a job is making or removing is the job's.
+            if self.jobs.removing.contains_key(&container.id) || self.jobs.creating.contains_key(&container.instance) {
+                continue;
+            }
             // A running container off the node's instance network (made
             // before the mesh, or before the node's /24 changed) is replaced.
-            let on_network = !container.running || network.as_ref().is_none_or(|n| n.holds(container.ip.as_deref()));
+            let on_network = !container.running || network.up().is_none_or(|n| n.holds(container.ip.as_deref()));
             // The app must match too: labels of a container an app started
             // itself (a release command's) could name another app's instance.
             let keep = wanted.get(container.instance.as_str()).is_some_and(|d| {
@@ -238,24 +383,22 @@ impl Agent {
             if keep {
                 current.insert(container.instance.clone(), container);
             } else {
-                let span = tracing::info_span!("instance", app = %container.app, instance = %container.instance);
-                let removed = async {
-                    tracing::info!(release = container.release, "removing container");
-                    self.engine.stop(&container.id, STOP_GRACE_SECONDS).await?;
-                    self.engine.remove(&container.id).await
-                }
-                .instrument(span)
-                .await;
-                // One stuck container must not stop the node reconciling the rest.
-                if let Err(error) = removed {
-                    tracing::warn!(error = %error.chain(), instance = %container.instance, "could not remove a container; retrying");
-                    continue;
-                }
                 if self.tracked.get(&container.instance).is_some_and(|t| t.container == container.id) {
                     self.tracked.remove(&container.instance);
                 }
+                self.remove(container);
             }
         }
+        // Instances no longer wanted, or wanted in another generation: their
+        // creates are called off (a container one left behind is removed by
+        // the next pass).
+        self.jobs.creating.retain(|id, (generation, job)| {
+            let current = wanted.get(id.as_str()).is_some_and(|d| d.instance.generation == *generation);
+            if !current {
+                job.abort();
+            }
+            current
+        });
         self.tracked.retain(|id, _| wanted.contains_key(id.as_str()));
         self.create_retry.retain(|id, _| wanted.contains_key(id.as_str()));
 
@@ -264,7 +407,7 @@ impl Agent {
         for desired in &desired {
             let span = tracing::info_span!("instance", app = %desired.instance.app, instance = %desired.instance.id);
             let container = current.get(&desired.instance.id);
-            let mut report = self.reconcile(&cluster, desired, container, network.as_ref()).instrument(span).await;
+            let mut report = self.reconcile(&cluster, desired, container, &network).instrument(span).await;
             // The state keeps a bounded reason; compare like with like.
             report.reason = report.reason.map(|reason| truncated(&reason, MAX_REASON_BYTES));
             if differs(&desired.instance, &report) {
@@ -279,12 +422,35 @@ impl Agent {
         }
         if !reports.is_empty() {
             let deadline = Instant::now() + Duration::from_secs(5);
-            if let Err(error) = self.consensus.propose(Command::ReportInstances { node, reports }, deadline).await {
+            let command = Command::ReportInstances { node, reports };
+            if let Err(error) = self.worker.consensus.propose(command, deadline).await {
                 tracing::debug!(%error, "reporting instance states failed; the next pass retries");
             }
         }
         self.collect_images(&cluster).await;
         Ok(())
+    }
+
+    /// Starts stopping and removing `container`, unless that is under way
+    /// or waiting to be tried again.
+    fn remove(&mut self, container: Container) {
+        let retry_later = self.jobs.remove_retry.get(&container.id).is_some_and(|(at, _, _)| *at > Instant::now());
+        if self.jobs.removing.contains_key(&container.id) || retry_later {
+            return;
+        }
+        let worker = self.worker.clone();
+        let (id, instance) = (container.id.clone(), container.instance.clone());
+        let span = tracing::info_span!("instance", app = %container.app, instance = %container.instance);
+        let job = async move {
+            tracing::info!(release = container.release, "removing container");
+            let removed = match worker.engine.stop(&container.id).await {
+                Ok(()) => worker.engine.remove(&container.id).await,
+                Err(error) => Err(error),
+            };
+            removed.map_err(|e| e.chain())
+        };
+        let job = Job::spawn(self.worker.wake.clone(), job.instrument(span));
+        self.jobs.removing.insert(id, (instance, job));
     }
 
     /// Brings one instance's container to what `desired` asks; returns what
@@ -294,7 +460,7 @@ impl Agent {
         cluster: &str,
         desired: &Desired,
         container: Option<&Container>,
-        network: Option<&InstanceNetwork>,
+        network: &NetworkStatus,
     ) -> InstanceReport {
         let id = desired.instance.id.clone();
         let mut report = InstanceReport {
@@ -310,41 +476,48 @@ impl Agent {
         if desired.suspended {
             // Removed rather than stopped, so that resume starts a fresh
             // container instead of mistaking the stop for a crash.
+            // A create called off may have made its container already: the
+            // next pass, which lists it, removes it.
+            if let Some((_, create)) = self.jobs.creating.remove(&id) {
+                create.abort();
+                return unchanged(&desired.instance);
+            }
             if let Some(container) = container {
                 tracing::info!("removing the container: the app is suspended");
-                let removed = match self.engine.stop(&container.id, STOP_GRACE_SECONDS).await {
-                    Ok(()) => self.engine.remove(&container.id).await,
-                    Err(error) => Err(error),
-                };
-                if let Err(error) = removed {
-                    report.reason = Some(error.chain());
-                    return report;
-                }
+                self.remove(container.clone());
+            }
+            // Stopped once the container is gone; until then it is what it
+            // was (with the error, should removing it fail).
+            if container.is_some() || self.jobs.stopping(&id) {
+                let mut report = unchanged(&desired.instance);
+                report.reason = container.and_then(|c| self.jobs.removal_error(&c.id)).or(report.reason);
+                return report;
             }
             self.tracked.remove(&id);
             report.state = InstanceState::Stopped;
             report.reason = Some("the app is suspended".into());
             return report;
         }
-        let Some(container) = container else {
-            let Some(network) = network else {
-                report.reason = Some("waiting for this node's instance network".into());
-                return report;
-            };
-            // After a failed create, wait (with backoff) before the next try,
-            // and keep reporting the failure meanwhile.
-            if let Some((at, _)) = self.create_retry.get(&id) {
-                if *at > Instant::now() {
-                    report.reason = desired.instance.reason.clone();
-                    report.state = desired.instance.state;
-                    return report;
-                }
+        // A create under way: what the state says stands until it ends
+        // (its image fetch reports its own progress).
+        let created = match self.jobs.creating.get_mut(&id).map(|(_, job)| job.try_take()) {
+            Some(None) => return unchanged(&desired.instance),
+            Some(Some(created)) => {
+                self.jobs.creating.remove(&id);
+                Some(created)
             }
-            match self.create(cluster, desired, network).await {
+            None => None,
+        };
+        if let Some(created) = created {
+            let created = created.unwrap_or_else(|ended| Err(format!("starting the container failed: {ended}")));
+            match created {
                 Ok(container) => {
                     self.create_retry.remove(&id);
                     let restarts = self.tracked.get(&id).map_or(0, |t| t.restarts);
                     self.tracked.insert(id, Tracked::new(container, restarts));
+                    // The container is listed, probed and reported from the
+                    // next pass: have it now, not at the periodic one.
+                    self.worker.wake.notify_one();
                 }
                 Err(reason) => {
                     tracing::warn!(%reason, "could not start the instance");
@@ -357,6 +530,40 @@ impl Agent {
                     }
                 }
             }
+            return report;
+        }
+        let Some(container) = container else {
+            let network = match network {
+                NetworkStatus::Up(network) => network,
+                NetworkStatus::Pending => {
+                    report.reason = Some("waiting for this node's instance network".into());
+                    return report;
+                }
+                NetworkStatus::Failing(why) => {
+                    report.reason = Some(format!("waiting for this node's instance network: {why}"));
+                    return report;
+                }
+            };
+            if self.jobs.stopping(&id) {
+                report.reason = Some("waiting for the old container to stop".into());
+                return report;
+            }
+            // After a failed create, wait (with backoff) before the next try,
+            // and keep reporting the failure meanwhile.
+            if let Some((at, _)) = self.create_retry.get(&id) {
+                if *at > Instant::now() {
+                    report.reason = desired.instance.reason.clone();
+                    report.state = desired.instance.state;
+                    return report;
+                }
+            }
+            let worker = self.worker.clone();
+            let (cluster, wanted, network) = (cluster.to_owned(), desired.clone(), network.clone());
+            let job = async move { worker.create(&cluster, &wanted, &network).await };
+            let generation = desired.instance.generation;
+            let job = Job::spawn(self.worker.wake.clone(), job.in_current_span());
+            self.jobs.creating.insert(id, (generation, job));
+            // No container runs it now, whatever the state said.
             return report;
         };
         let tracked = self
@@ -375,7 +582,7 @@ impl Agent {
                 report.reason = Some("the container has no IP address yet".into());
                 return report;
             };
-            let changed = self.health_changed.clone();
+            let changed = self.worker.wake.clone();
             let checker = tracked
                 .checker
                 .get_or_insert_with(|| Checker::start(&ip, &desired.group.checks, tracked.started, changed));
@@ -390,7 +597,7 @@ impl Agent {
         // The container exists but does not run: it exited (or never started).
         tracked.checker = None;
         if tracked.exit.is_none() {
-            let exit = self.engine.exit_info(&container.id).await.unwrap_or_default();
+            let exit = self.worker.engine.exit_info(&container.id).await.unwrap_or_default();
             let clean = exit.exit_code == 0 && !exit.oom_killed && exit.error.is_none();
             let text = if exit.oom_killed {
                 format!("exited with code {} after running out of memory", exit.exit_code)
@@ -432,7 +639,7 @@ impl Agent {
             tracked.restarts += 1;
             report.restarts = tracked.restarts;
             tracing::info!(restarts = tracked.restarts, "restarting the instance");
-            match self.engine.start(&container.id).await {
+            match self.worker.engine.start(&container.id).await {
                 Ok(()) => {
                     // The next exit, however soon, is a new one to handle.
                     tracked.exit = None;
@@ -449,7 +656,9 @@ impl Agent {
         report.reason = Some(format!("{reason}; restarting (restart {})", tracked.restarts + 1));
         report
     }
+}
 
+impl Worker {
     /// Creates and starts the instance's container; the error is the reason
     /// users see.
     async fn create(&self, cluster: &str, desired: &Desired, network: &InstanceNetwork) -> Result<String, String> {
@@ -493,6 +702,7 @@ impl Agent {
             cpu_millis: desired.group.resources.cpu_millis,
             memory_bytes: desired.group.resources.memory_bytes,
             network: Some(network.attach()),
+            stop_timeout_seconds: desired.group.kill_timeout_seconds,
         };
         tracing::info!(release = instance.release, image = %desired.image, "starting container");
         // A container left by a crash between create and the state update
@@ -565,14 +775,21 @@ impl Agent {
         }
         Err(format!("could not fetch image {image}: {}", failures.join("; ")))
     }
+}
 
+impl Agent {
     /// Removes this cluster's images that no recent release uses: at once
     /// when their app was destroyed after they were made, otherwise once
     /// they are older than [`UNUSED_IMAGE_AGE`] (a new build is not yet in
     /// any release until its deploy is proposed). Runs when the set of images
     /// in use changes, and every [`COLLECT_IMAGES_EVERY`].
     async fn collect_images(&mut self, cluster: &str) {
-        let (keep, destroyed): (HashSet<String>, BTreeMap<String, i64>) = self.consensus.state().read(|state| {
+        // A container still being removed holds its image: collect once the
+        // removals have ended (each one's end wakes the agent for a pass).
+        if !self.jobs.removing.is_empty() {
+            return;
+        }
+        let (keep, destroyed): (HashSet<String>, BTreeMap<String, i64>) = self.worker.consensus.state().read(|state| {
             let keep = state
                 .apps
                 .values()
@@ -601,7 +818,7 @@ impl Agent {
         self.last_collect = Some(Instant::now());
         self.collected_for = Some((keep.clone(), destroyed.len()));
         let now = now_millis();
-        match self.engine.cluster_images(cluster).await {
+        match self.worker.engine.cluster_images(cluster).await {
             Ok(images) => {
                 for image in images.into_iter().filter(|i| !keep.contains(&i.id)) {
                     let app_gone = destroyed.get(&image.app).is_some_and(|at| image.created_ms <= *at);
@@ -610,13 +827,27 @@ impl Agent {
                         continue;
                     }
                     tracing::info!(image = %image.id, app = %image.app, "removing an image no release uses");
-                    if let Err(error) = self.engine.remove_image(&image.id).await {
+                    if let Err(error) = self.worker.engine.remove_image(&image.id).await {
                         tracing::debug!(error = %error.chain(), "image not removed");
                     }
                 }
             }
             Err(error) => tracing::debug!(error = %error.chain(), "listing images failed"),
         }
+    }
+}
+
+/// A report that says what the state already says: nothing to send.
+fn unchanged(instance: &Instance) -> InstanceReport {
+    InstanceReport {
+        id: instance.id.clone(),
+        state: instance.state,
+        health: instance.health,
+        address: instance.address.clone(),
+        ip: instance.ip,
+        reason: instance.reason.clone(),
+        restarts: instance.restarts,
+        generation: Some(instance.generation),
     }
 }
 

@@ -12,6 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use roost_raft::state::MAX_INSTANCES_PER_GROUP;
 use serde::Deserialize;
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -40,6 +41,34 @@ pub struct AppConfig {
     pub restart: Vec<Restart>,
     #[serde(default)]
     pub placement: Placement,
+    /// How long an instance has between SIGTERM and SIGKILL when it is
+    /// stopped: seconds (`30`) or a duration (`"30s"`) [default: 5s].
+    pub kill_timeout: Option<KillTimeout>,
+}
+
+/// `kill_timeout`, written as fly.toml writes it: a number of seconds or a
+/// duration.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum KillTimeout {
+    Seconds(u64),
+    Duration(String),
+}
+
+/// The longest `kill_timeout`, as on fly.io.
+pub const MAX_KILL_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl KillTimeout {
+    pub fn duration(&self) -> Result<Duration, String> {
+        let duration = match self {
+            KillTimeout::Seconds(seconds) => Duration::from_secs(*seconds),
+            KillTimeout::Duration(text) => duration(text)?,
+        };
+        if duration < Duration::from_secs(1) || duration > MAX_KILL_TIMEOUT {
+            return Err(format!("must be from 1s to {}s, got {duration:?}", MAX_KILL_TIMEOUT.as_secs()));
+        }
+        Ok(duration)
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -70,6 +99,9 @@ pub struct Deploy {
     /// during a rolling deploy.
     pub max_unavailable: Option<f64>,
     pub release_command: Option<String>,
+    /// How many instances each process group starts with when the app
+    /// first deploys it (default 1); afterwards `roost scale count` decides.
+    pub initial_count: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -331,12 +363,20 @@ impl AppConfig {
                 problem(&format!("env.{key}"), "is not a valid environment variable name".into());
             }
         }
+        if let Some(Err(reason)) = self.kill_timeout.as_ref().map(KillTimeout::duration) {
+            problem("kill_timeout", reason);
+        }
         if let Some(max) = self.deploy.max_unavailable {
             if max.is_nan() || max <= 0.0 {
                 problem(
                     "deploy.max_unavailable",
                     format!("must be above 0 (a count, or a fraction below 1), got {max}"),
                 );
+            }
+        }
+        if let Some(count) = self.deploy.initial_count {
+            if !(1..=MAX_INSTANCES_PER_GROUP).contains(&count) {
+                problem("deploy.initial_count", format!("must be from 1 to {MAX_INSTANCES_PER_GROUP}, got {count}"));
             }
         }
         if let Some(command) = &self.deploy.release_command {

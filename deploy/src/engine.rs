@@ -15,8 +15,8 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, CreateContainerOptionsBuilder, ImportImageOptionsBuilder, ListContainersOptionsBuilder,
-    ListImagesOptionsBuilder, ListNetworksOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
-    RemoveImageOptionsBuilder, StopContainerOptionsBuilder,
+    ListImagesOptionsBuilder, ListNetworksOptions, ListNetworksOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
 };
 use bollard::{body_try_stream, Docker};
 use bytes::Bytes;
@@ -56,6 +56,12 @@ pub enum EngineError {
     Build { message: String },
     #[error("the build finished without naming the image it made")]
     NoImageId,
+    #[error(
+        "this node's instance network {subnet} overlaps Docker's network {other} ({other_subnet}) on this machine: \
+         remove that network if it is left over (`docker network rm {other}`), or start the cluster with a \
+         --mesh-range that avoids it"
+    )]
+    SubnetTaken { subnet: String, other: String, other_subnet: String },
 }
 
 impl EngineError {
@@ -102,6 +108,27 @@ pub enum BuildEvent {
     Built { image_id: String },
 }
 
+/// A tar archive of regular files.
+fn tar_of(files: &[(&str, &[u8])]) -> std::io::Result<Vec<u8>> {
+    let mut archive = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        archive.append_data(&mut header, name, *data)?;
+    }
+    archive.into_inner()
+}
+
+/// What a build that starts from an image takes from it besides files.
+#[derive(Clone, Debug, Default)]
+pub struct ImageFacts {
+    pub labels: HashMap<String, String>,
+    /// Instructions that run in any build `FROM` the image.
+    pub onbuild: Vec<String>,
+}
+
 /// An image built for the cluster.
 #[derive(Clone, Debug)]
 pub struct ClusterImage {
@@ -137,6 +164,9 @@ pub struct ContainerSpec {
     pub memory_bytes: u64,
     /// The network to attach it to (and its resolver); `None`: Docker's default bridge.
     pub network: Option<AttachTo>,
+    /// Seconds between SIGTERM and SIGKILL when it is stopped; the
+    /// container keeps it, so a stop needs no spec.
+    pub stop_timeout_seconds: u32,
 }
 
 /// A network a container joins, and the DNS server its resolver forwards to.
@@ -238,33 +268,48 @@ impl Engine {
 
     /// The image's labels, when the engine has it.
     pub async fn image_labels(&self, name: &str) -> Result<Option<HashMap<String, String>>, EngineError> {
+        Ok(self.image_facts(name).await?.map(|facts| facts.labels))
+    }
+
+    /// The image's labels and the `ONBUILD` triggers a build that starts
+    /// from it runs, when the engine has it.
+    pub async fn image_facts(&self, name: &str) -> Result<Option<ImageFacts>, EngineError> {
         match self.docker.inspect_image(name).await {
-            Ok(image) => Ok(Some(image.config.and_then(|c| c.labels).unwrap_or_default())),
+            Ok(image) => {
+                let config = image.config.unwrap_or_default();
+                Ok(Some(ImageFacts {
+                    labels: config.labels.unwrap_or_default(),
+                    onbuild: config.on_build.unwrap_or_default(),
+                }))
+            }
             Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
             Err(source) => Err(EngineError::Docker { action: format!("inspect image {name}"), source }),
         }
     }
 
     /// An image with `id`'s content that carries `labels`: `id` itself when
-    /// it carries them already, else one built `FROM` it with them (a build
-    /// that only writes metadata). So every image Roost runs or sends to a
-    /// peer is marked as the cluster's, however it arrived.
+    /// it carries them already, else a new one with the same layers. So every
+    /// image Roost runs or sends to a peer is marked as the cluster's,
+    /// however it arrived.
+    ///
+    /// The new image is loaded as a `docker save` archive that holds only
+    /// its manifest and config: an engine loads no layer it already has, so
+    /// this takes tens of milliseconds. Where an engine will not (one that
+    /// keeps images in containerd's store may want every layer), a build
+    /// `FROM` the image with the labels makes it instead, in about two
+    /// seconds (each of the classic builder's steps commits a container).
     pub async fn adopt(&self, id: &str, tag: &str, labels: &HashMap<String, String>) -> Result<String, EngineError> {
-        let current = self.image_labels(id).await?.unwrap_or_default();
+        let image = self.docker.inspect_image(id).await.map_err(EngineError::docker("inspect the image"))?;
+        let current = image.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
         if labels.iter().all(|(k, v)| current.get(k) == Some(v)) {
             return Ok(id.to_owned());
         }
+        match self.relabel(&image, tag, labels).await {
+            Ok(new) => return Ok(new),
+            Err(error) => tracing::debug!(error = %error.chain(), "relabelling by load failed; building instead"),
+        }
         let dockerfile = format!("FROM {id}\n");
-        let mut context = tar::Builder::new(Vec::new());
-        let mut header = tar::Header::new_gnu();
-        header.set_size(dockerfile.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        context
-            .append_data(&mut header, "Dockerfile", dockerfile.as_bytes())
-            .map_err(|e| EngineError::Build { message: format!("could not pack the labelling build: {e}") })?;
-        let context = context
-            .into_inner()
+        let context = tar_of(&[("Dockerfile", dockerfile.as_bytes())])
             .map_err(|e| EngineError::Build { message: format!("could not pack the labelling build: {e}") })?;
         let context = futures::stream::once(futures::future::ready(Ok(Bytes::from(context))));
         let mut events = Box::pin(self.build(context, "Dockerfile", tag, labels, &HashMap::new()));
@@ -277,6 +322,45 @@ impl Engine {
         match built {
             Some(id) => Ok(id),
             None => self.image_id(tag).await?.ok_or(EngineError::NoImageId),
+        }
+    }
+
+    /// Loads an image of `image`'s layers whose config adds `labels`, from
+    /// an archive without layers, and checks that the engine made it.
+    async fn relabel(
+        &self,
+        image: &bollard::models::ImageInspect,
+        tag: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<String, EngineError> {
+        let mut config = image.config.clone().unwrap_or_default();
+        config.labels.get_or_insert_with(HashMap::new).extend(labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let diff_ids = image.root_fs.as_ref().and_then(|r| r.layers.clone()).unwrap_or_default();
+        let mut document = serde_json::json!({
+            "architecture": image.architecture,
+            "os": image.os,
+            "created": image.created,
+            "config": config,
+            "rootfs": { "type": "layers", "diff_ids": diff_ids },
+        });
+        if let Some(variant) = &image.variant {
+            document["variant"] = serde_json::Value::from(variant.clone());
+        }
+        let config = serde_json::to_vec(&document).map_err(|e| EngineError::Build { message: e.to_string() })?;
+        let digest: String =
+            ring::digest::digest(&ring::digest::SHA256, &config).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let layers: Vec<String> =
+            diff_ids.iter().map(|d| format!("{}/layer.tar", d.trim_start_matches("sha256:"))).collect();
+        let manifest = serde_json::json!([{ "Config": format!("{digest}.json"), "RepoTags": [tag], "Layers": layers }]);
+        let manifest = serde_json::to_vec(&manifest).map_err(|e| EngineError::Build { message: e.to_string() })?;
+        let archive = tar_of(&[("manifest.json", &manifest), (&format!("{digest}.json"), &config)])
+            .map_err(|e| EngineError::Build { message: format!("could not pack the image's config: {e}") })?;
+        self.import_image(futures::stream::once(futures::future::ready(Ok::<_, std::io::Error>(Bytes::from(archive)))))
+            .await?;
+        let expected = format!("sha256:{digest}");
+        match self.image_id(tag).await? {
+            Some(id) if id == expected => Ok(id),
+            other => Err(EngineError::Build { message: format!("the engine loaded {other:?}, not {expected}") }),
         }
     }
 
@@ -418,11 +502,30 @@ impl Engine {
             labels: Some(network.labels.clone()),
             ..Default::default()
         };
-        self.docker
-            .create_network(request)
-            .await
-            .map_err(EngineError::docker(format!("create network {} ({})", network.name, network.subnet)))?;
-        Ok(())
+        match self.docker.create_network(request).await {
+            Ok(_) => Ok(()),
+            // A network that overlaps is the usual cause, and one Docker
+            // names only as "Pool overlaps": name it.
+            Err(source) => Err(self.overlapping(&network.subnet).await.unwrap_or(EngineError::Docker {
+                action: format!("create network {} ({})", network.name, network.subnet),
+                source,
+            })),
+        }
+    }
+
+    /// The error naming a network of this engine whose subnet overlaps
+    /// `subnet`, if there is one: Docker's own says only "Pool overlaps".
+    async fn overlapping(&self, subnet: &str) -> Option<EngineError> {
+        let wanted: ipnet::IpNet = subnet.parse().ok()?;
+        let networks = self.docker.list_networks(None::<ListNetworksOptions>).await.ok()?;
+        networks.into_iter().find_map(|other| {
+            let name = other.name?;
+            let taken = other.ipam?.config?.into_iter().filter_map(|c| c.subnet).find(|s| {
+                s.parse::<ipnet::IpNet>()
+                    .is_ok_and(|net| net.contains(&wanted.network()) || wanted.contains(&net.network()))
+            })?;
+            Some(EngineError::SubnetTaken { subnet: subnet.to_owned(), other: name, other_subnet: taken })
+        })
     }
 
     /// Removes the networks labelled with `cluster` (and only those).
@@ -446,6 +549,7 @@ impl Engine {
             cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
             env: Some(spec.env.clone()),
             labels: Some(spec.labels.clone()),
+            stop_timeout: Some(i64::from(spec.stop_timeout_seconds)),
             host_config: Some(HostConfig {
                 // PID 1 of a FROM scratch image ignores SIGTERM; docker-init forwards it.
                 init: Some(true),
@@ -528,10 +632,10 @@ impl Engine {
         self.docker.start_container(id, None).await.map_err(EngineError::docker(format!("start container {id}")))
     }
 
-    /// Stops a container, giving it `grace_seconds` after SIGTERM.
-    pub async fn stop(&self, id: &str, grace_seconds: i32) -> Result<(), EngineError> {
-        let options = StopContainerOptionsBuilder::default().t(grace_seconds).build();
-        match self.docker.stop_container(id, Some(options)).await {
+    /// Stops a container, giving it the time it was created with
+    /// ([`ContainerSpec::stop_timeout_seconds`]) between SIGTERM and SIGKILL.
+    pub async fn stop(&self, id: &str) -> Result<(), EngineError> {
+        match self.docker.stop_container(id, None).await {
             // 304: already stopped.
             Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 304 | 404, .. }) => Ok(()),
             Err(source) => Err(EngineError::Docker { action: format!("stop container {id}"), source }),

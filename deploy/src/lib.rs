@@ -13,8 +13,9 @@
 //!   speaks to it.
 //! - [`agent`]: the loop on every node that makes Docker run what the state
 //!   places on that node, with [`checks`] for health.
-//! - [`pack`]: the build context a CLI sends; [`secrets`]: sealing secret
-//!   values so the state holds only ciphertext.
+//! - [`pack`]: the build context a CLI sends; [`dockerfile`]: the images a
+//!   build reads besides it; [`secrets`]: sealing secret values so the
+//!   state holds only ciphertext.
 //!
 //! This crate is the only one that talks to Docker.
 
@@ -24,6 +25,7 @@ pub mod agent;
 pub mod checks;
 pub mod config;
 pub mod controller;
+pub mod dockerfile;
 pub mod engine;
 pub mod pack;
 pub mod scheduler;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use roost_raft::workload::{
     CheckKind, CheckSpec, Concurrency, GroupSpec, HttpServiceSpec, MaxUnavailable, PlacementSpec, ReleaseSpec,
     Resources, RestartPolicy as SpecRestartPolicy, RestartSpec, Strategy as SpecStrategy, TcpServiceSpec,
+    DEFAULT_KILL_TIMEOUT_SECONDS,
 };
 use roost_raft::NodeId;
 
@@ -83,6 +84,7 @@ pub fn release_spec(config: &AppConfig, image: ImageChoice, strategy: Option<Spe
                 MaxUnavailable::Percent((max * 100.0).round().max(1.0) as u32)
             }
         }),
+        initial_count: config.deploy.initial_count,
         placement: PlacementSpec {
             constraints: config.placement.constraints.clone(),
             max_per_node: config.placement.max_per_node,
@@ -142,7 +144,12 @@ fn group_spec(config: &AppConfig, group: &str) -> GroupSpec {
             checks.push(check_spec(name, check, service_port));
         }
     }
-    GroupSpec { command, resources, restart, internal_port, checks }
+    let kill_timeout_seconds = config
+        .kill_timeout
+        .as_ref()
+        .and_then(|k| k.duration().ok())
+        .map_or(DEFAULT_KILL_TIMEOUT_SECONDS, |d| d.as_secs() as u32);
+    GroupSpec { command, resources, restart, internal_port, checks, kill_timeout_seconds }
 }
 
 fn millis(text: &str, default: u64) -> u64 {

@@ -19,7 +19,12 @@
 //! - `GET /sleep/MS`: answers after MS milliseconds (to see concurrency limits);
 //! - `GET /ws`: a WebSocket that echoes every message;
 //! - `GET /crash`: exits with code 3 (to see an instance restarted).
-//! Every request is logged to stdout.
+//! Every request is logged to stdout. With $IGNORE_SIGTERM set, it ignores
+//! SIGTERM (to see a stop take the app's whole kill_timeout).
+//!
+//! `hello check` is a health check for engines that run one inside the
+//! container (a Docker `HEALTHCHECK`, Swarm's `--health-cmd`): it asks
+//! `GET /health` of the server on $PORT and exits 0 on a 200, else 1.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -29,8 +34,22 @@ use std::time::Duration;
 /// Set by `GET /fail`: the health check fails until `GET /recover`.
 static FAILING: AtomicBool = AtomicBool::new(false);
 
+extern "C" {
+    /// libc's signal(2); the binary links libc statically anyway.
+    fn signal(signum: i32, handler: usize) -> usize;
+}
+
 fn main() {
+    if std::env::var_os("IGNORE_SIGTERM").is_some() {
+        const SIGTERM: i32 = 15;
+        const SIG_IGN: usize = 1;
+        // SAFETY: called before any thread starts; SIG_IGN is a valid disposition.
+        unsafe { signal(SIGTERM, SIG_IGN) };
+    }
     let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
+    if std::env::args().nth(1).as_deref() == Some("check") {
+        std::process::exit(if check(&port) { 0 } else { 1 });
+    }
     let listener = match TcpListener::bind(format!("0.0.0.0:{port}")) {
         Ok(listener) => listener,
         Err(e) => {
@@ -44,6 +63,18 @@ fn main() {
             let _ = serve(stream);
         });
     }
+}
+
+/// Whether `GET /health` on this container's own port answers 200.
+fn check(port: &str) -> bool {
+    let Ok(mut stream) = TcpStream::connect(format!("127.0.0.1:{port}")) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut status = String::new();
+    let _ = BufReader::new(stream).read_line(&mut status);
+    status.split_whitespace().nth(1) == Some("200")
 }
 
 /// One request's head.

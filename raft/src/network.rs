@@ -9,7 +9,9 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -21,6 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::Channel;
 
+use crate::consensus::{encoded_len, MAX_APPEND_BYTES};
 use crate::store::StateReader;
 use crate::{NodeId, RaftNode, TypeConfig};
 
@@ -117,12 +120,25 @@ impl PeerConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        let json = encode(request).map_err(RPCError::Network)?;
+        self.send(kind, json, option).await
+    }
+
+    async fn send<Resp, E>(
+        &mut self,
+        kind: RpcKind,
+        json: Vec<u8>,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, RaftError<NodeId, E>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let address = current_address(&self.state, self.target, &self.node);
         let mut client = match self.channels.channel(&address) {
             Ok(channel) => RaftClient::new(channel),
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(e)))),
         };
-        let json = serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut req = tonic::Request::new(RaftPayload { json });
         req.set_timeout(option.hard_ttl());
         let reply = match kind {
@@ -141,6 +157,25 @@ impl PeerConnection {
             serde_json::from_slice(&reply.into_inner().json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)))
     }
+}
+
+fn encode<T: Serialize>(request: &T) -> Result<Vec<u8>, NetworkError> {
+    serde_json::to_vec(request).map_err(|e| NetworkError::new(&e))
+}
+
+/// How many entries, from the first, fit in [`MAX_APPEND_BYTES`] beside
+/// `envelope` bytes of the rest of the message, given each entry's encoded
+/// size and one byte for the comma after it: at least one, since a single
+/// entry must be sent whatever its size, and fewer than all (the caller
+/// found all too large), so that every retry sends fewer entries until one
+/// is sent.
+fn entries_that_fit(sizes: &[usize], envelope: usize) -> u64 {
+    let mut bytes = envelope;
+    let fit = sizes.iter().take_while(|size| {
+        bytes += *size + 1;
+        bytes <= MAX_APPEND_BYTES
+    });
+    fit.count().min(sizes.len().saturating_sub(1)).max(1) as u64
 }
 
 #[derive(Clone, Copy)]
@@ -166,7 +201,23 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
-        self.call(RpcKind::AppendEntries, &rpc, &option).await
+        let json = encode(&rpc).map_err(RPCError::Network)?;
+        if json.len() > MAX_APPEND_BYTES && rpc.entries.len() > 1 {
+            // openraft sends the first `fit` entries at once and keeps the
+            // hint for its next few messages.
+            let sizes: Vec<usize> = rpc.entries.iter().map(encoded_len).collect();
+            let envelope = json.len().saturating_sub(sizes.iter().map(|size| size + 1).sum());
+            let fit = entries_that_fit(&sizes, envelope);
+            tracing::debug!(
+                target = self.target,
+                bytes = json.len(),
+                entries = rpc.entries.len(),
+                fit,
+                "splitting append entries"
+            );
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
+        }
+        self.send(RpcKind::AppendEntries, json, &option).await
     }
 
     async fn install_snapshot(
@@ -187,5 +238,31 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
             self.hints.greater_log_seen.store(true, Ordering::SeqCst);
         }
         Ok(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_that_fit_stop_at_the_byte_budget_but_always_include_one() {
+        let fit = |entries: &[String], envelope| {
+            let sizes: Vec<usize> = entries.iter().map(encoded_len).collect();
+            entries_that_fit(&sizes, envelope)
+        };
+        let third = "x".repeat(MAX_APPEND_BYTES / 3);
+        // Three thirds encode to a little more than the budget (quotes).
+        assert_eq!(fit(&[third.clone(), third.clone(), third.clone()], 0), 2);
+        // The rest of the message counts too.
+        assert_eq!(fit(&[third.clone(), third.clone(), third.clone()], MAX_APPEND_BYTES / 3), 1);
+        let huge = "x".repeat(MAX_APPEND_BYTES * 2);
+        assert_eq!(fit(&[huge.clone(), third.clone()], 0), 1);
+        assert_eq!(fit(&[huge], 0), 1);
+        // Called only when all were too large: never all, so each retry
+        // sends fewer, down to one.
+        let just_under = "x".repeat(MAX_APPEND_BYTES / 2 - 8);
+        assert_eq!(fit(&[just_under.clone(), just_under], 0), 1);
+        assert_eq!(fit(&vec!["small".to_owned(); 16], 0), 15);
     }
 }

@@ -79,12 +79,14 @@ pub fn spec(groups: &[&str], resources: Resources, checks: bool) -> ReleaseSpec 
                     restart: RestartSpec::default(),
                     internal_port: Some(8080),
                     checks: if checks { vec![check.clone()] } else { Vec::new() },
+                    kill_timeout_seconds: crate::workload::DEFAULT_KILL_TIMEOUT_SECONDS,
                 };
                 (g.to_string(), spec)
             })
             .collect(),
         strategy: Strategy::Rolling,
         max_unavailable: None,
+        initial_count: None,
         placement: PlacementSpec::default(),
         http: Some(crate::workload::HttpServiceSpec {
             internal_port: 8080,

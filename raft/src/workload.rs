@@ -164,6 +164,16 @@ pub struct GroupSpec {
     /// The port where the group's service answers, if it has one.
     pub internal_port: Option<u16>,
     pub checks: Vec<CheckSpec>,
+    /// Seconds an instance has between SIGTERM and SIGKILL when stopped.
+    #[serde(default = "default_kill_timeout")]
+    pub kill_timeout_seconds: u32,
+}
+
+/// fly.io's and Roost's default `kill_timeout`.
+pub const DEFAULT_KILL_TIMEOUT_SECONDS: u32 = 5;
+
+fn default_kill_timeout() -> u32 {
+    DEFAULT_KILL_TIMEOUT_SECONDS
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,6 +260,10 @@ pub struct ReleaseSpec {
     /// For rolling deploys: how many new instances may be starting at once.
     #[serde(default)]
     pub max_unavailable: Option<MaxUnavailable>,
+    /// `[deploy] initial_count`: the instances a process group new to the
+    /// app starts with (default 1); a group the app already has keeps its count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_count: Option<u32>,
     pub placement: PlacementSpec,
     /// What the edge routes over HTTP(S), if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]

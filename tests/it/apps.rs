@@ -49,6 +49,22 @@ fn field(instance: &Value, key: &str) -> String {
     instance[key].as_str().unwrap_or_default().to_owned()
 }
 
+/// Makes `victim` (an instance of `app`) exit through its `/crash`, and
+/// waits until it runs again, restarted and passing its checks.
+async fn crash_and_wait_restarted(cluster: &Cluster, app: &str, victim: &Value) -> Result<()> {
+    let _ = http_get(&field(victim, "address"), "/crash").await;
+    wait_until(&format!("{app}'s crashed instance restarted and passing"), Duration::from_secs(30), || async {
+        let s = status(cluster, 0, app).await?;
+        Ok(instances(&s).iter().any(|i| {
+            i["id"] == victim["id"]
+                && i["restarts"].as_u64() >= Some(1)
+                && i["state"] == "running"
+                && i["health"] == "passing"
+        }))
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_app_deploys_spreads_heals_scales_and_rolls_back() -> Result<()> {
     require_docker()?;
@@ -86,18 +102,7 @@ async fn an_app_deploys_spreads_heals_scales_and_rolls_back() -> Result<()> {
     }
 
     // A crashed container is restarted.
-    let victim = instances(&s)[0].clone();
-    let _ = http_get(&field(&victim, "address"), "/crash").await;
-    wait_until("the crashed instance restarted and passing", Duration::from_secs(30), || async {
-        let s = status(&cluster, 0, "hello").await?;
-        Ok(instances(&s).iter().any(|i| {
-            i["id"] == victim["id"]
-                && i["restarts"].as_u64() >= Some(1)
-                && i["state"] == "running"
-                && i["health"] == "passing"
-        }))
-    })
-    .await?;
+    crash_and_wait_restarted(&cluster, "hello", &instances(&s)[0]).await?;
 
     // `roost restart` gives every instance a new container, a wave at a
     // time: with max_unavailable's default (a third), one of the three is
@@ -268,10 +273,10 @@ fn walk(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
 async fn a_dead_nodes_instances_are_replaced_within_the_grace_period() -> Result<()> {
     require_docker()?;
     let mut cluster = Cluster::start(3).await?;
-    let dir = hello_app(&hello_toml("ha", "[placement]\nmax_per_node = 1\n"))?;
+    // The first deploy starts both instances (`initial_count`), one per node.
+    let dir = hello_app(&hello_toml("ha", "[placement]\nmax_per_node = 1\n\n[deploy]\ninitial_count = 2\n"))?;
     let path = dir.path().to_string_lossy().into_owned();
     cluster.cli(0, &["deploy", &path]).await?;
-    cluster.cli(0, &["scale", "count", "2", "-a", "ha"]).await?;
     let s = wait_serving(&cluster, "ha", 1, 2, Duration::from_secs(30)).await?;
 
     // Kill a node that is not the leader and runs an instance, with its containers.
@@ -361,6 +366,128 @@ async fn instances_run_least_privileged_and_only_the_clusters_images_leave_a_nod
     assert!(stream.message().await?.is_some(), "the cluster's image is exported");
     drop(stream);
     let _ = std::process::Command::new("docker").args(["rmi", "-f", &foreign]).output();
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// The agent works on instances side by side: an instance that takes its
+/// whole `kill_timeout` to stop (it ignores SIGTERM) holds back no restart
+/// of another instance on the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_slow_to_stop_holds_back_no_restart_of_another() -> Result<()> {
+    require_docker()?;
+    let cluster = Cluster::start(1).await?;
+    let slow_toml = format!("kill_timeout = \"120s\"\n{}", hello_toml("slow", "[env]\nIGNORE_SIGTERM = \"1\"\n"));
+    let slow = hello_app(&slow_toml)?;
+    let fast = hello_app(&hello_toml("fast", ""))?;
+    for dir in [&slow, &fast] {
+        cluster.cli(0, &["deploy", &dir.path().to_string_lossy()]).await?;
+    }
+    wait_serving(&cluster, "slow", 1, 1, Duration::from_secs(30)).await?;
+    let s = wait_serving(&cluster, "fast", 1, 1, Duration::from_secs(30)).await?;
+    let slow_container = || {
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-q", "--filter", &format!("label=roost.cluster={}", cluster.docker.cluster)])
+            .args(["--filter", "label=roost.app=slow"])
+            .output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+    };
+    assert!(!slow_container().is_empty(), "slow's container runs");
+
+    // Destroying slow sends its container SIGTERM, which it ignores: the
+    // stop takes 120 s. Meanwhile fast's instance crashes.
+    cluster.cli(0, &["apps", "destroy", "slow", "--yes"]).await?;
+    crash_and_wait_restarted(&cluster, "fast", &instances(&s)[0]).await?;
+    // The restart did not wait for the stop: slow's container is still in
+    // its kill timeout.
+    assert!(!slow_container().is_empty(), "slow's container was gone before fast restarted: the stop held it back");
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// A token confined to one app may not read another app's files through
+/// the node's engine: not by deploying its image, nor by a build that
+/// starts `FROM` it, copies out of it, names it through an ARG, names an
+/// unlabelled image by its ID, or runs an `ONBUILD` trigger that does. The admin token may; the confined token
+/// still builds its own app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deploy_token_may_not_build_from_copy_out_of_or_deploy_another_apps_image() -> Result<()> {
+    require_docker()?;
+    let cluster = Cluster::start(1).await?;
+    let image_of = |app: &'static str| {
+        let cluster = &cluster;
+        async move {
+            let releases: Value = serde_json::from_str(&cluster.cli(0, &["releases", "-a", app, "--json"]).await?)?;
+            let image = releases[0]["image"].as_str().map(str::to_owned);
+            image.with_context(|| format!("no image in {app}'s releases: {releases:#}"))
+        }
+    };
+    let db = hello_app(&hello_toml("db", ""))?;
+    cluster.cli(0, &["deploy", &db.path().to_string_lossy()]).await?;
+    let db_image = image_of("db").await?;
+    cluster.cli(0, &["apps", "create", "web"]).await?;
+    let printed = cluster.cli(0, &["tokens", "create", "--json", "--scope", "deploy:web", "--name", "ci"]).await?;
+    let printed: Value = serde_json::from_str(&printed)?;
+    let token = printed["token"].as_str().context("tokens create --json prints a token")?.to_owned();
+    let address = cluster.node(0)?.address.clone();
+    let web = hello_app(&hello_toml("web", ""))?;
+    let web_path = web.path().to_string_lossy().into_owned();
+    let dockerfile = |text: String| std::fs::write(web.path().join("Dockerfile"), text);
+    let confined = |args: Vec<String>| {
+        let (address, token) = (address.clone(), token.clone());
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            roost_tests::apps::cli(&address, &token, &args).await
+        }
+    };
+    let deploy_web = || vec!["deploy".to_owned(), web_path.clone()];
+
+    let onbuild =
+        format!("FROM scratch\nCOPY hello /hello\nONBUILD COPY --from={db_image} /hello /stolen\nCMD [\"/hello\"]\n");
+    let refused = [
+        ("FROM", format!("FROM {db_image}\n"), "belongs to another app"),
+        ("COPY --from", format!("FROM scratch\nCOPY --from={db_image} /hello /hello\n"), "belongs to another app"),
+        ("an ARG", format!("ARG BASE={db_image}\nFROM $BASE\n"), "belongs to another app"),
+        ("a variable without a value", "ARG BASE\nFROM $BASE\n".to_owned(), "cannot resolve"),
+        ("an ONBUILD trigger", onbuild.clone(), "belongs to another app"),
+    ];
+    for (case, text, why) in refused {
+        dockerfile(text)?;
+        let error = confined(deploy_web()).await.expect_err(case);
+        assert!(error.to_string().contains(why), "{case}: {error}");
+    }
+    // An image without labels, such as an intermediate one of another
+    // app's build, named by its ID.
+    let unlabelled = roost_tests::topology::docker(&["build", "-q", &db.path().to_string_lossy()])?;
+    let short = unlabelled.trim_start_matches("sha256:")[..12].to_owned();
+    dockerfile(format!("FROM {short}\n"))?;
+    let error = confined(deploy_web()).await.expect_err("FROM an unlabelled image by its ID");
+    assert!(error.to_string().contains("named by its ID"), "{error}");
+    let _ = roost_tests::topology::docker(&["rmi", &unlabelled]);
+    let mut args = deploy_web();
+    args.extend(["--image".to_owned(), db_image.clone()]);
+    let error = confined(args).await.expect_err("--image of db's image");
+    assert!(error.to_string().contains("belongs to another app"), "{error}");
+
+    // An image of web's own that the admin built with a trigger that reads
+    // db's image: a confined build FROM it would run the trigger.
+    dockerfile(onbuild)?;
+    cluster.cli(0, &["deploy", &web_path]).await?;
+    let trapped = image_of("web").await?;
+    dockerfile(format!("FROM {trapped}\n"))?;
+    let error = confined(deploy_web()).await.expect_err("a build FROM an image whose trigger reads db's");
+    assert!(error.to_string().contains(&format!("the image {db_image} belongs to another app")), "{error}");
+
+    // What the token may do, and what the admin may.
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello/Dockerfile"),
+        web.path().join("Dockerfile"),
+    )?;
+    confined(deploy_web()).await?;
+    dockerfile(format!("FROM {db_image}\n"))?;
+    cluster.cli(0, &["deploy", &web_path]).await?;
+    let releases: Value = serde_json::from_str(&cluster.cli(0, &["releases", "-a", "web", "--json"]).await?)?;
+    assert_eq!(releases.as_array().map(Vec::len), Some(3), "only the allowed deploys made releases: {releases:#}");
     cluster.shutdown().await;
     Ok(())
 }

@@ -144,3 +144,55 @@ async fn scenario(root: &std::path::Path) -> Result<()> {
     assert_eq!(code, Some(0), "{}", nodes[survivor].stderr());
     Ok(())
 }
+
+/// A node whose wall clock is an hour behind (libfaketime) refuses a token
+/// that has expired by the leader's clock, as every other node does: expiry
+/// is judged by the later of the node's clock and the leader's, which each
+/// heartbeat's answer carries. The node also says its clock is off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_is_an_hour_behind_refuses_a_token_expired_by_the_leaders_clock() -> Result<()> {
+    let root = tempfile::Builder::new().prefix("roost-clock-").tempdir()?;
+    let n1 = NodeProcess::init(root.path(), "n1")?;
+    let admin = n1.read_token_when_ready("admin.token").await?;
+    let join = n1.read_token_when_ready("join.token").await?;
+    let n2 = NodeProcess::join(root.path(), "n2", &n1.address, &join)?;
+    let n3 = NodeProcess::join_with_clock_behind(root.path(), "n3", &n1.address, &join, 3600)?;
+    wait_for_nodes(&n1.address, &admin, Duration::from_secs(60), "three nodes up, n1 leading", |n| {
+        names(n, "state", "up").len() == 3 && names(n, "role", "leader") == ["n1"]
+    })
+    .await?;
+    wait_until("n3 to say its clock is behind the leader's", Duration::from_secs(30), || async {
+        // 3600.0s, or a little less when a loaded machine delays the answer.
+        Ok(n3.stderr().contains("clock is 3") && n3.stderr().contains("s behind the leader's"))
+    })
+    .await
+    .with_context(|| n3.stderr())?;
+
+    let out =
+        roost(&["tokens", "create", "--scope", "read", "--expires", "5s", "--json"], Some(&n1.address), Some(&admin))
+            .await?;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let printed: Value = serde_json::from_str(&out.stdout)?;
+    let token = printed["token"].as_str().context("tokens create --json prints a token")?.to_owned();
+    let list = |node: &NodeProcess| {
+        let (address, token) = (node.address.clone(), token.clone());
+        async move { roost(&["apps", "list"], Some(&address), Some(&token)).await }
+    };
+    let used = list(&n3).await?;
+    assert_eq!(used.code, 0, "the token works on n3 before it expires: {}", used.stderr);
+
+    wait_until("n1 to refuse the expired token", Duration::from_secs(30), || async {
+        let out = list(&n1).await?;
+        Ok(out.code == 4 && out.stderr.contains("expired"))
+    })
+    .await?;
+    for node in [&n2, &n3] {
+        let out = list(node).await?;
+        assert_eq!(out.code, 4, "{} accepted an expired token: {}{}", node.name, out.stdout, out.stderr);
+        assert!(out.stderr.contains("expired"), "{}: {}", node.name, out.stderr);
+    }
+    let led = roost(&["node", "list", "--json"], Some(&n1.address), Some(&admin)).await?;
+    let nodes: Vec<Value> = serde_json::from_str(&led.stdout)?;
+    assert_eq!(names(&nodes, "role", "leader"), ["n1"], "the leader's clock stayed the reference");
+    Ok(())
+}

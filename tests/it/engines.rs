@@ -62,5 +62,59 @@ async fn an_image_built_on_one_engine_runs_on_another() -> Result<()> {
         Err(error) => bail!("{error}\n{}", topology.logs()),
     };
     assert!(printed.contains("Uploading image") && printed.contains("v1 is live"), "{printed}");
+    // The upload's own name, on an image without the cluster's labels, is gone.
+    assert!(topology.exec(0, &format!("docker image inspect {image}")).is_err(), "{image} still on n1");
     Ok(())
+}
+
+/// `Engine::adopt` marks an image made outside the cluster as the
+/// cluster's: a new image with the same layers and configuration plus the
+/// labels, which runs; an image that carries the labels already is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_adopted_image_keeps_its_layers_and_config_gains_the_labels_and_runs() -> Result<()> {
+    use roost_deploy::engine::{Engine, LABEL_APP, LABEL_CLUSTER};
+    roost_tests::apps::require_docker()?;
+    let app = hello_app(&hello_toml("adopt", ""))?;
+    let image = format!("roost-it-adopt:{}", std::process::id());
+    let tag = format!("{image}-adopted");
+    docker(&["build", "-q", "--label", "mine=kept", "-t", &image, &app.path().to_string_lossy()])?;
+    let engine = Engine::connect(None).await?;
+    let labels = std::collections::HashMap::from([
+        (LABEL_CLUSTER.to_owned(), "c1".to_owned()),
+        (LABEL_APP.to_owned(), "adopt".to_owned()),
+    ]);
+    let mut container = None;
+    let result = async {
+        let id = engine.adopt(&image, &tag, &labels).await?;
+        let inspect = |reference: &str, format: &str| docker(&["image", "inspect", "-f", format, reference]);
+        assert_ne!(id, inspect(&image, "{{.Id}}")?, "a new image");
+        assert_eq!(inspect(&tag, "{{.Id}}")?, id, "tagged as asked");
+        let kept = [
+            "{{json .RootFS.Layers}}",
+            "{{json .Config.Cmd}}",
+            "{{json .Config.ExposedPorts}}",
+            "{{json .Config.Env}}",
+        ];
+        for format in kept.into_iter().chain(["{{.Os}}/{{.Architecture}}"]) {
+            assert_eq!(inspect(&id, format)?, inspect(&image, format)?, "{format}");
+        }
+        let got: std::collections::HashMap<String, String> =
+            serde_json::from_str(&inspect(&id, "{{json .Config.Labels}}")?)?;
+        assert_eq!(got.get("mine").map(String::as_str), Some("kept"), "{got:?}");
+        assert!(labels.iter().all(|(k, v)| got.get(k) == Some(v)), "{got:?}");
+        assert_eq!(engine.adopt(&id, "roost-it-adopt-unused:1", &labels).await?, id, "already the cluster's");
+
+        let started = docker(&["run", "-d", "--init", &id])?;
+        container = Some(started.clone());
+        wait_until("the adopted image's server to answer", Duration::from_secs(20), || async {
+            Ok(docker(&["exec", &started, "/hello", "check"]).is_ok())
+        })
+        .await
+    }
+    .await;
+    if let Some(container) = container {
+        let _ = docker(&["rm", "-f", &container]);
+    }
+    let _ = docker(&["rmi", "-f", &tag, &image]);
+    result
 }

@@ -331,3 +331,41 @@ async fn wireguard_go_completes_a_handshake_and_a_removed_node_is_dropped_everyw
     }
     Ok(())
 }
+
+/// A Docker network left on the machine (by an earlier cluster, say) on the
+/// mesh range keeps the node from making its instance network. The user
+/// reads why, and how to fix it, in the instance's status, not only in the
+/// node's log; once the network is removed, the instance starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_network_that_overlaps_another_is_named_in_status_until_it_is_removed() -> Result<()> {
+    let topology = Topology::start(&format!("roost-it-{}-overlap", std::process::id()), 1).await?;
+    // The default mesh range is 10.210.0.0/16: the node's /24 is in it.
+    topology.exec(0, "docker network create --subnet 10.210.0.0/16 leftover")?;
+    let result = async {
+        topology.init(0, "")?;
+        let token = topology.file(0, "/data/node/admin.token").await?;
+        let admin = Admin { endpoint: topology.endpoint(0), token };
+        let app = hello_app(&hello_toml("blocked", ""))?;
+        admin.run(&["deploy", "--detach", &app.path().to_string_lossy()]).await?;
+        let reason = std::sync::Mutex::new(String::new());
+        wait_until("the instance's reason to name the overlapping network", Duration::from_secs(60), || async {
+            let status = admin.json(&["status", "-a", "blocked"]).await?;
+            let said = status["instances"][0]["reason"].as_str().unwrap_or_default().to_owned();
+            let named = said.contains("overlaps Docker's network leftover (10.210.0.0/16)")
+                && said.contains("docker network rm leftover");
+            *reason.lock().unwrap_or_else(|p| p.into_inner()) = said;
+            Ok(named)
+        })
+        .await
+        .with_context(|| format!("the reason was: {}", reason.lock().unwrap_or_else(|p| p.into_inner())))?;
+
+        topology.exec(0, "docker network rm leftover")?;
+        running(&admin, "blocked", 1).await?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    if let Err(error) = result {
+        bail!("{error:#}\n{}", topology.logs());
+    }
+    Ok(())
+}

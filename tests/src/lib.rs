@@ -9,6 +9,9 @@
 //! - [`topology`]: machines on this machine: each node in a container with
 //!   its own Docker engine and address, for what crosses a real network
 //!   (image transfers, the WireGuard mesh).
+//! - [`netns`]: nodes in network namespaces of their own, for partitions
+//!   made of dropped packets; [`linearizable`]: the checker the fault test
+//!   proves its histories with.
 //! - [`wait_until`]: polls a condition until a deadline; tests never sleep
 //!   for a fixed time to paper over a race.
 //!
@@ -17,6 +20,8 @@
 
 pub mod apps;
 pub mod bench;
+pub mod linearizable;
+pub mod netns;
 pub mod pebble;
 pub mod process;
 pub mod topology;

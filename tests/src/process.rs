@@ -41,6 +41,15 @@ pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Where a node process runs.
+pub enum Host {
+    /// This machine's loopback, on free ports.
+    Loopback,
+    /// A network namespace of its own (see [`crate::netns`]), listening on
+    /// `ip` at fixed ports: 7100 for the API, 8080 and 8443 for the edge.
+    Namespace { namespace: String, ip: std::net::Ipv4Addr },
+}
+
 pub struct NodeProcess {
     pub name: String,
     pub data_dir: PathBuf,
@@ -49,6 +58,10 @@ pub struct NodeProcess {
     pub http: std::net::SocketAddr,
     pub https: std::net::SocketAddr,
     args: Vec<String>,
+    /// The network namespace it runs in (`ip netns exec`), if not this one.
+    namespace: Option<String>,
+    /// Environment the process starts with beyond `ROOST_LOG`.
+    env: Vec<(String, String)>,
     child: Option<Child>,
     log_dir: PathBuf,
     starts: u32,
@@ -61,26 +74,59 @@ impl NodeProcess {
     /// this node is dropped, its cluster's containers, images, networks and
     /// filter rules go too.
     pub fn init(root: &Path, name: &str) -> Result<Self> {
-        let range = crate::mesh_range().to_string();
-        let mut node = Self::spawn(root, name, &["node", "init", "--mesh-range", &range])?;
-        node.creator = true;
-        Ok(node)
+        Self::init_at(root, name, &Host::Loopback)
     }
 
     /// `roost node join SEED --token T` in `root/<name>`.
     pub fn join(root: &Path, name: &str, seed: &str, token: &str) -> Result<Self> {
-        Self::spawn(root, name, &["node", "join", seed, "--token", token])
+        Self::join_at(root, name, seed, token, &Host::Loopback)
     }
 
-    /// Runs `roost COMMAND --data-dir root/<name> --listen 127.0.0.1:<free>
+    /// [`NodeProcess::init`] on the given host.
+    pub fn init_at(root: &Path, name: &str, host: &Host) -> Result<Self> {
+        let range = crate::mesh_range().to_string();
+        let mut node = Self::spawn(root, name, &["node", "init", "--mesh-range", &range], host)?;
+        node.creator = true;
+        Ok(node)
+    }
+
+    /// [`NodeProcess::join`], the process's wall clock `seconds` behind this
+    /// machine's (libfaketime, preloaded; its monotonic clock is left alone).
+    pub fn join_with_clock_behind(root: &Path, name: &str, seed: &str, token: &str, seconds: u32) -> Result<Self> {
+        let library = faketime_library()?;
+        let env = [
+            ("LD_PRELOAD".to_owned(), library),
+            ("FAKETIME".to_owned(), format!("-{seconds}")),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".to_owned(), "1".to_owned()),
+        ];
+        Self::spawn_with(root, name, &["node", "join", seed, "--token", token], &Host::Loopback, env.into())
+    }
+
+    /// [`NodeProcess::join`] on the given host.
+    pub fn join_at(root: &Path, name: &str, seed: &str, token: &str, host: &Host) -> Result<Self> {
+        Self::spawn(root, name, &["node", "join", seed, "--token", token], host)
+    }
+
+    /// Runs `roost COMMAND --data-dir root/<name> --listen <host>:<port>
     /// --name <name> --no-wireguard` (the nodes share this machine), with the
-    /// edge on free ports.
-    fn spawn(root: &Path, name: &str, command: &[&str]) -> Result<Self> {
+    /// edge on ports of its own.
+    fn spawn(root: &Path, name: &str, command: &[&str], host: &Host) -> Result<Self> {
+        Self::spawn_with(root, name, command, host, Vec::new())
+    }
+
+    fn spawn_with(root: &Path, name: &str, command: &[&str], host: &Host, env: Vec<(String, String)>) -> Result<Self> {
         let data_dir = root.join(name);
-        let address = format!("127.0.0.1:{}", free_port()?);
         let mut args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
         let dir = data_dir.display().to_string();
-        let (http, https) = (format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{}", free_port()?));
+        let (address, http, https, namespace) = match host {
+            Host::Loopback => {
+                let free = || Ok::<_, anyhow::Error>(format!("127.0.0.1:{}", free_port()?));
+                (free()?, free()?, free()?, None)
+            }
+            Host::Namespace { namespace, ip } => {
+                (format!("{ip}:7100"), format!("{ip}:8080"), format!("{ip}:8443"), Some(namespace.clone()))
+            }
+        };
         let edge = ["--http-listen", &http, "--https-listen", &https];
         for flag in ["--data-dir", &dir, "--listen", &address, "--name", name, "--no-wireguard"].into_iter().chain(edge)
         {
@@ -93,6 +139,8 @@ impl NodeProcess {
             https: https.parse()?,
             address,
             args,
+            namespace,
+            env,
             child: None,
             log_dir: root.to_owned(),
             starts: 0,
@@ -107,9 +155,19 @@ impl NodeProcess {
         self.starts += 1;
         let stdout = std::fs::File::create(self.log_dir.join(format!("{}.{}.stdout", self.name, self.starts)))?;
         let stderr = std::fs::File::create(self.log_dir.join(format!("{}.{}.stderr", self.name, self.starts)))?;
-        let child = Command::new(roost_bin()?)
+        let mut command = match &self.namespace {
+            Some(namespace) => {
+                // `ip netns exec` execs the binary: the child is roost itself.
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", namespace]).arg(roost_bin()?);
+                command
+            }
+            None => Command::new(roost_bin()?),
+        };
+        let child = command
             .args(&self.args)
             .env("ROOST_LOG", "info,openraft=error")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -137,6 +195,26 @@ impl NodeProcess {
         if let Some(mut child) = self.child.take() {
             child.kill()?;
             child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP: the process is paused, not dead; its sockets stay open and
+    /// nothing it was sent is answered until [`NodeProcess::resume`].
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// SIGCONT after [`NodeProcess::pause`].
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> Result<()> {
+        let Some(pid) = self.pid() else { bail!("{} is not running", self.name) };
+        let status = Command::new("kill").args([signal, &pid.to_string()]).status()?;
+        if !status.success() {
+            bail!("kill {signal} {pid} ({}) failed", self.name);
         }
         Ok(())
     }
@@ -195,6 +273,17 @@ impl Drop for NodeProcess {
             drop(crate::apps::DockerCleanup { cluster });
         }
     }
+}
+
+/// libfaketime's preload library (Debian's `faketime` package).
+fn faketime_library() -> Result<String> {
+    const PATHS: [&str; 2] =
+        ["/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1"];
+    PATHS
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .map(|p| p.to_string())
+        .context("libfaketime is not installed: `apt-get install faketime` (scripts/install-deps does)")
 }
 
 /// What a CLI command printed.

@@ -12,6 +12,7 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -87,12 +88,17 @@ fn host_image(tag: &str) -> Result<()> {
     Ok(())
 }
 
-/// A /24 in 172.28.0.0/14 that no Docker network here overlaps.
+/// A /24 in 172.28.0.0/14 that no Docker network here overlaps and that this
+/// process has not handed out before: topologies of one test binary start
+/// side by side, and two of them must not pick the same slot before either
+/// has created its network.
 fn free_subnet() -> Result<(String, String)> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const SLOTS: u32 = 1024;
     let taken = crate::docker_subnets();
-    let start = std::process::id() % 1024;
-    for k in 0..1024u32 {
-        let slot = (start + k) % 1024;
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..SLOTS {
+        let slot = start.wrapping_add(NEXT.fetch_add(1, Ordering::SeqCst)) % SLOTS;
         let base = u32::from(Ipv4Addr::new(172, 28, 0, 0)) + slot * 256;
         let net = ipnet::Ipv4Net::new(Ipv4Addr::from(base), 24)?;
         if !taken.iter().any(|t| t.contains(&net.network()) || net.contains(&t.network())) {
@@ -102,6 +108,20 @@ fn free_subnet() -> Result<(String, String)> {
     bail!("no free /24 in 172.28.0.0/14 for the test network")
 }
 
+/// Creates the topology's network on a free /24; another process may take the
+/// same /24 between the look and the create, so an overlap tries the next.
+fn create_network(name: &str) -> Result<(String, String)> {
+    let mut attempts = 0;
+    loop {
+        let (subnet, gateway) = free_subnet()?;
+        match docker(&["network", "create", "--subnet", &subnet, name]) {
+            Ok(_) => return Ok((subnet, gateway)),
+            Err(e) if attempts < 8 && e.to_string().contains("Pool overlaps") => attempts += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl Topology {
     /// Starts `count` machines named `<prefix>-n1`… and waits for their engines.
     pub async fn start(prefix: &str, count: usize) -> Result<Topology> {
@@ -109,10 +129,11 @@ impl Topology {
         let roost = roost_bin()?;
         let image = format!("roost-it-host:{prefix}");
         let network = format!("{prefix}-net");
-        let (subnet, gateway) = free_subnet()?;
         host_image(&image)?;
+        let (subnet, gateway) = create_network(&network).inspect_err(|_| {
+            let _ = docker(&["rmi", "-f", &image]);
+        })?;
         let mut topology = Topology { machines: Vec::new(), network, subnet, gateway, image, next_ip: 10 };
-        docker(&["network", "create", "--subnet", &topology.subnet, &topology.network])?;
         for i in 1..=count {
             let name = format!("{prefix}-n{i}");
             let ip = topology.next_address()?;
@@ -184,6 +205,27 @@ impl Topology {
     /// container its engine runs: the machine is as good as dead.
     pub fn kill_machine(&self, index: usize) -> Result<()> {
         self.exec(index, "pkill -KILL -x roost; docker ps -q | xargs -r docker kill >/dev/null; true").map(drop)
+    }
+
+    /// The whole of machine `index` dies at once, as a server that loses
+    /// power: `docker kill` of its container takes the node process, its
+    /// engine and every container in it.
+    pub fn crash_machine(&self, index: usize) -> Result<()> {
+        docker(&["kill", &self.machines[index].name]).map(drop)
+    }
+
+    /// Loads a `docker save` tar (a path on this machine) into the engine of
+    /// machine `index`.
+    pub fn load_image(&self, index: usize, tar: &Path) -> Result<()> {
+        let file = std::fs::File::open(tar).with_context(|| format!("open {}", tar.display()))?;
+        let output = Command::new("docker")
+            .args(["exec", "-i", &self.machines[index].name, "docker", "load", "-q"])
+            .stdin(file)
+            .output()?;
+        if !output.status.success() {
+            bail!("docker load in {}: {}", self.machines[index].name, String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(())
     }
 
     /// SIGTERM to the node in machine `index`; waits until it has exited.

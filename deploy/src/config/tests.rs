@@ -18,6 +18,7 @@ LOG_LEVEL = "info"
 strategy = "rolling"
 max_unavailable = 0.33
 release_command = "/app migrate"
+initial_count = 2
 
 [[vm]]
 cpus = 0.5
@@ -63,6 +64,7 @@ fn a_full_config_parses_and_validates() {
     assert_eq!(config.validate(), []);
     assert_eq!(config.app, "hello");
     assert_eq!(config.deploy.strategy, Strategy::Rolling);
+    assert_eq!(config.deploy.initial_count, Some(2));
     assert_eq!(config.vm[0].memory.bytes(), Ok(512 << 20));
     assert_eq!(config.process_groups(), ["web", "worker"]);
     assert_eq!(config.restart[0].policy, RestartPolicy::OnFailure);
@@ -113,6 +115,8 @@ max_retries = 2
 processes = ["nope"]
 [placement]
 constraints = ["region = eu"]
+[deploy]
+initial_count = 0
 "#,
     );
     let expected_keys = [
@@ -127,6 +131,7 @@ constraints = ["region = eu"]
         "http_service.checks[0].timeout:",
         "restart[0].max_retries:",
         "placement.constraints[0]:",
+        "deploy.initial_count:",
     ];
     for key in expected_keys {
         assert!(found.iter().any(|p| p.starts_with(key)), "missing {key} in {found:#?}");
@@ -207,4 +212,32 @@ fn commands_are_split_as_a_shell_splits_words_and_unclosed_quotes_are_refused() 
     let found = problems(text);
     assert!(found.iter().any(|p| p.contains("processes.web") && p.contains("unclosed quote")), "{found:?}");
     assert!(found.iter().any(|p| p.contains("deploy.release_command") && p.contains("unclosed quote")), "{found:?}");
+}
+
+#[test]
+fn kill_timeout_takes_seconds_or_a_duration_within_bounds() {
+    let parsed = |line: &str| AppConfig::parse(&format!("{line}\napp = \"hello\"\n")).expect("parses");
+    assert_eq!(parsed("kill_timeout = 30").kill_timeout.map(|k| k.duration()), Some(Ok(Duration::from_secs(30))));
+    assert_eq!(parsed("kill_timeout = \"2m\"").kill_timeout.map(|k| k.duration()), Some(Ok(Duration::from_secs(120))));
+    assert_eq!(AppConfig::parse("app = \"hello\"").expect("parses").kill_timeout, None);
+    for (line, wanted) in [
+        ("kill_timeout = 0", "from 1s to 300s"),
+        ("kill_timeout = 301", "from 1s to 300s"),
+        ("kill_timeout = \"1h\"", "from 1s to 300s"),
+        ("kill_timeout = \"soon\"", "not a duration"),
+    ] {
+        let found = problems(&format!("{line}\napp = \"hello\"\n"));
+        assert!(found.iter().any(|p| p.contains("kill_timeout") && p.contains(wanted)), "{line}: {found:?}");
+    }
+}
+
+#[test]
+fn initial_count_is_from_one_to_the_most_a_group_may_have() {
+    for (count, valid) in [(0, false), (1, true), (10_000, true), (10_001, false)] {
+        let found = problems(&format!("app = \"a\"\n[deploy]\ninitial_count = {count}\n"));
+        assert_eq!(found.is_empty(), valid, "initial_count = {count}: {found:?}");
+        if !valid {
+            assert!(found[0].starts_with("deploy.initial_count: must be from 1 to 10000"), "{found:?}");
+        }
+    }
 }

@@ -49,12 +49,14 @@ pub struct ControlService {
     pub liveness: Arc<Liveness>,
     pub channels: Arc<NodeChannels>,
     pub ca_digest: CaDigest,
+    /// What token expiry is judged by.
+    pub clock: Arc<super::clock::ClusterClock>,
     pub node_name: String,
     pub engine: Engine,
     pub secrets_key: Arc<SecretsKey>,
     pub plane: super::mesh::SharedPlane,
     /// The node's instance network, once the mesh has made it.
-    pub network: tokio::sync::watch::Receiver<Option<roost_deploy::agent::InstanceNetwork>>,
+    pub network: tokio::sync::watch::Receiver<roost_deploy::agent::NetworkStatus>,
     /// One image build at a time on this node.
     pub builds: Arc<tokio::sync::Semaphore>,
 }
@@ -167,7 +169,7 @@ impl ControlService {
     fn caller_now(&self) -> Result<Option<super::auth::Principal>, Status> {
         match super::auth::current_grant() {
             Some(Grant::Token { token }) => {
-                super::auth::resolve(self.consensus.state(), &self.ca_digest, &token, None).map(Some)
+                super::auth::resolve(self.consensus.state(), &self.ca_digest, &token, None, &self.clock).map(Some)
             }
             _ => Ok(None),
         }

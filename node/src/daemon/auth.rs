@@ -19,11 +19,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use roost_raft::consensus::now_millis;
 use roost_raft::service::{Authorize, Caller};
 use roost_raft::state::{Access, Scope, UnixMillis};
 use roost_raft::{Command, Consensus, Grant, NodeId, StateReader};
 use tonic::{Request, Status};
+
+use super::clock::ClusterClock;
 
 pub const REVOKED: &str =
     "this certificate is not a current member's: the node was removed from the cluster (or never joined it)";
@@ -105,6 +106,7 @@ pub fn authenticate(
     state: StateReader,
     ca_digest: CaDigest,
     uses: Arc<TokenUses>,
+    clock: Arc<ClusterClock>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |request: Request<()>| {
         let header = request
@@ -116,7 +118,7 @@ pub fn authenticate(
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("the authorization header must be `Bearer <API token>`"))?;
-        let principal = resolve(&state, &ca_digest, text, Some(&uses))?;
+        let principal = resolve(&state, &ca_digest, text, Some(&uses), &clock)?;
         let mut request = request;
         request.extensions_mut().insert(principal);
         Ok(request)
@@ -175,12 +177,14 @@ pub async fn report_token_uses(
 }
 
 /// Finds the token `text` is in the state: it must be this cluster's, not
-/// revoked, rotated or expired (by this node's clock).
+/// revoked, rotated or expired (by the later of this node's clock and the
+/// leader's: [`ClusterClock`]).
 pub fn resolve(
     state: &StateReader,
     ca_digest: &CaDigest,
     text: &str,
     uses: Option<&TokenUses>,
+    clock: &ClusterClock,
 ) -> Result<Principal, Status> {
     let token = Token::parse(text).map_err(|e| Status::unauthenticated(format!("malformed API token: {e}")))?;
     if token.kind == TokenKind::Join {
@@ -201,7 +205,7 @@ pub fn resolve(
             "this token is not one of the cluster's current tokens: it was revoked or rotated, or is mistyped (`roost tokens list` shows the tokens)",
         ));
     };
-    let now = now_millis();
+    let now = clock.now();
     if let Some(expires_at) = found.expires_at.filter(|&at| at <= now) {
         let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(expires_at.max(0) as u64);
         return Err(Status::unauthenticated(format!(
@@ -271,7 +275,7 @@ where
 /// What the leader accepts as a grant for a forwarded proposal that a node
 /// may not make on its own: an API token whose scope allows the command
 /// (`Command::access`), or the join secret for a new node.
-pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>) -> Authorize {
+pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, clock: Arc<ClusterClock>) -> Authorize {
     Arc::new(move |command: &Command, grant: Option<&Grant>| match (command, grant) {
         (Command::AddNode { .. }, Some(Grant::Join { secret })) => {
             let current = state.read(|s| s.cluster.as_ref().map(|c| c.join_secret.clone())).unwrap_or_default();
@@ -283,8 +287,8 @@ pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>) 
         }
         (Command::Bootstrap { .. } | Command::Batch { .. }, _) => Err("it is never forwarded".into()),
         (_, Some(Grant::Token { token })) => {
-            let principal =
-                resolve(&state, &ca_digest, token, Some(&uses)).map_err(|status| status.message().to_owned())?;
+            let principal = resolve(&state, &ca_digest, token, Some(&uses), &clock)
+                .map_err(|status| status.message().to_owned())?;
             principal.allow(command.access()).map_err(|status| status.message().to_owned())
         }
         (_, _) => Err("it needs the API token of the user who asked for it".into()),

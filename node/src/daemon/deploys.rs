@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use roost_deploy::agent::InstanceNetwork;
 use roost_deploy::config::{is_env_name, AppConfig, Memory};
-use roost_deploy::engine::{BuildEvent, ContainerSpec, LABEL_APP, LABEL_CLUSTER};
+use roost_deploy::engine::{BuildEvent, ContainerSpec, ImageFacts, LABEL_APP, LABEL_CLUSTER};
 use roost_deploy::spec::{release_spec, ImageChoice};
 use roost_proto::api::{
     deploy_event, deploy_request, AppRequest, AppStatus, ChangeResponse, DeployEvent, DeployRequest, DeployStart,
@@ -203,18 +203,74 @@ impl ControlService {
     }
 
     /// Refuses, for a caller confined to `app`, an image that Roost made for
-    /// another app: a deploy token must not read another app's files.
-    async fn own_image(&self, id: &str, app: &str, confined: bool) -> Result<(), Status> {
+    /// another app, or one whose `ONBUILD` triggers read such an image
+    /// (they run in the labelling build or in a build `FROM` it): a deploy
+    /// token must not read another app's files.
+    async fn own_image(&self, reference: &str, app: &str, confined: bool) -> Result<(), Status> {
         if !confined {
             return Ok(());
         }
-        let labels = self.engine.image_labels(id).await.map_err(|e| Status::unavailable(e.chain()))?;
-        match labels.as_ref().and_then(|l| l.get(LABEL_APP)) {
-            Some(owner) if owner != app => Err(Status::permission_denied(format!(
-                "that image belongs to another app; this token may deploy only {app}'s images or new ones"
-            ))),
-            _ => Ok(()),
+        let Some(facts) = self.owned_by(reference, app).await? else { return Ok(()) };
+        for trigger in &facts.onbuild {
+            for read in roost_deploy::dockerfile::images_read(trigger, &HashMap::new()) {
+                // Triggers of the images a trigger reads do not run.
+                self.owned_by(&read, app).await?;
+            }
         }
+        Ok(())
+    }
+
+    /// The image's facts, once it is known not to be another app's. A
+    /// reference must be plain (no variable, quote or escape this node would
+    /// have to guess at), and one that names an image by its ID must name
+    /// `app`'s own: intermediate images of another app's builds carry no
+    /// label, and only an ID reaches them.
+    async fn owned_by(&self, reference: &str, app: &str) -> Result<Option<ImageFacts>, Status> {
+        let plain = |c: char| c.is_ascii_alphanumeric() || "._-:/@".contains(c);
+        if reference.is_empty() || !reference.chars().all(plain) {
+            return Err(Status::invalid_argument(format!(
+                "the Dockerfile reads the image `{reference}`, which this node cannot resolve for certain (a variable, quotes or escapes); a token confined to {app} may build only from images named outright (or by ARGs with defaults or build args)"
+            )));
+        }
+        let facts = self.engine.image_facts(reference).await.map_err(|e| Status::unavailable(e.chain()))?;
+        let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
+        let by_id = hex.chars().all(|c| c.is_ascii_hexdigit());
+        match facts.as_ref().map(|f| f.labels.get(LABEL_APP)) {
+            Some(Some(owner)) if owner != app => Err(Status::permission_denied(format!(
+                "the image {reference} belongs to another app; this token may deploy only {app}'s images or new ones"
+            ))),
+            Some(None) if by_id => Err(Status::permission_denied(format!(
+                "the image {reference} is named by its ID and is not {app}'s; name a base image by its tag"
+            ))),
+            _ => Ok(facts),
+        }
+    }
+
+    /// For a caller confined to `app`: refuses a build whose Dockerfile
+    /// starts from or copies out of another app's image. `context` is the
+    /// stored build context, read from its start; the caller rewinds it
+    /// again for the build.
+    async fn check_build_reads(
+        &self,
+        context: &mut tokio::fs::File,
+        dockerfile: &str,
+        args: &HashMap<String, String>,
+        app: &str,
+    ) -> Result<(), Status> {
+        let unreadable = |e: std::io::Error| Status::internal(format!("could not read back the build context: {e}"));
+        context.seek(std::io::SeekFrom::Start(0)).await.map_err(unreadable)?;
+        let reader = context.try_clone().await.map_err(unreadable)?.into_std().await;
+        let path = dockerfile.to_owned();
+        let text = tokio::task::spawn_blocking(move || {
+            roost_deploy::dockerfile::from_context(std::io::BufReader::new(reader), &path)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("reading the Dockerfile failed: {e}")))?
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        for reference in roost_deploy::dockerfile::images_read(&text, args) {
+            self.own_image(&reference, app, true).await?;
+        }
+        Ok(())
     }
 
     async fn run_deploy(
@@ -245,9 +301,17 @@ impl ControlService {
             let id = id.ok_or_else(|| {
                 Status::invalid_argument(format!("the uploaded image does not contain {}", start.image))
             })?;
-            self.own_image(&id, &app, confined).await?;
+            self.own_image(&start.image, &app, confined).await?;
             let tag = format!("roost-{app}:{}", now_millis());
-            (self.engine.adopt(&id, &tag, &labels).await.map_err(|e| Status::internal(e.chain()))?, start.image.clone())
+            let adopted = self.engine.adopt(&id, &tag, &labels).await.map_err(|e| Status::internal(e.chain()))?;
+            // The upload's own name, on an image without the cluster's
+            // labels, would be another way in to this app's files.
+            if adopted != id {
+                if let Err(error) = self.engine.remove_image(&start.image).await {
+                    tracing::debug!(error = %error.chain(), "the uploaded image's name was not removed");
+                }
+            }
+            (adopted, start.image.clone())
         } else if !start.image.is_empty() {
             let id = self.engine.image_id(&start.image).await.map_err(|e| Status::unavailable(e.chain()))?;
             let id = id.ok_or_else(|| {
@@ -258,7 +322,7 @@ impl ControlService {
                 status.metadata_mut().insert(roost_proto::IMAGE_MISSING, tonic::metadata::MetadataValue::from_static("1"));
                 status
             })?;
-            self.own_image(&id, &app, confined).await?;
+            self.own_image(&start.image, &app, confined).await?;
             let tag = format!("roost-{app}:{}", now_millis());
             (self.engine.adopt(&id, &tag, &labels).await.map_err(|e| Status::internal(e.chain()))?, start.image.clone())
         } else {
@@ -274,6 +338,15 @@ impl ControlService {
                     .map_err(|e| Status::internal(format!("could not store the build context: {e}")))?;
             }
             file.flush().await.map_err(|e| Status::internal(format!("could not store the build context: {e}")))?;
+            let args: HashMap<String, String> = config.build.args.clone().into_iter().collect();
+            let dockerfile = if start.dockerfile.is_empty() {
+                config.build.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into())
+            } else {
+                start.dockerfile.clone()
+            };
+            if confined {
+                self.check_build_reads(&mut file, &dockerfile, &args, &app).await?;
+            }
             file.seek(std::io::SeekFrom::Start(0))
                 .await
                 .map_err(|e| Status::internal(format!("could not read back the build context: {e}")))?;
@@ -296,12 +369,6 @@ impl ControlService {
                 .await;
             let context = tokio_util::io::ReaderStream::new(file);
             let tag = format!("roost-{app}:{}", now_millis());
-            let args: HashMap<String, String> = config.build.args.clone().into_iter().collect();
-            let dockerfile = if start.dockerfile.is_empty() {
-                config.build.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into())
-            } else {
-                start.dockerfile.clone()
-            };
             let mut build = Box::pin(self.engine.build(context, &dockerfile, &tag, &labels, &args));
             let mut built = None;
             loop {
@@ -383,8 +450,9 @@ impl ControlService {
         }
         env.insert("ROOST_APP_NAME".into(), app.to_owned());
         env.insert("ROOST_RELEASE_COMMAND".into(), "1".into());
-        // The size of the release's first process group.
-        let resources = release.groups.values().next().map_or(roost_deploy::spec::DEFAULT_RESOURCES, |g| g.resources);
+        // The size and kill timeout of the release's first process group.
+        let first = release.groups.values().next();
+        let resources = first.map_or(roost_deploy::spec::DEFAULT_RESOURCES, |g| g.resources);
         let spec = ContainerSpec {
             name: format!("roost-release-{app}-{}", now_millis()),
             image: release.image.clone(),
@@ -397,7 +465,9 @@ impl ControlService {
             cpu_millis: resources.cpu_millis,
             memory_bytes: resources.memory_bytes,
             // On the mesh, like the app's instances, so it reaches `.internal` names.
-            network: self.network.borrow().as_ref().map(InstanceNetwork::attach),
+            network: self.network.borrow().up().map(InstanceNetwork::attach),
+            stop_timeout_seconds: first
+                .map_or(roost_raft::workload::DEFAULT_KILL_TIMEOUT_SECONDS, |g| g.kill_timeout_seconds),
         };
         let (code, lines) =
             self.engine.run_to_completion(&spec).await.map_err(|e| Status::failed_precondition(e.chain()))?;

@@ -17,6 +17,7 @@ use roost_proto::cluster::{
     HeartbeatRequest, HeartbeatResponse, LivenessRequest, LivenessResponse, MeshStatusRequest, MeshStatusResponse,
     NodeLiveness,
 };
+use roost_raft::consensus::now_millis;
 use roost_raft::service::NOT_LEADER;
 use roost_raft::{Consensus, NodeId};
 use tokio::time::Instant;
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::channels::NodeChannels;
+use super::clock::ClusterClock;
 
 #[derive(Clone, Debug)]
 pub struct LivenessConfig {
@@ -132,7 +134,7 @@ impl peer_server::Peer for PeerService {
             return Err(Status::permission_denied(super::auth::REVOKED));
         };
         self.liveness.record(id, Instant::now());
-        Ok(Response::new(HeartbeatResponse {}))
+        Ok(Response::new(HeartbeatResponse { leader_time_ms: now_millis() }))
     }
 
     async fn liveness(&self, _request: Request<LivenessRequest>) -> Result<Response<LivenessResponse>, Status> {
@@ -167,13 +169,15 @@ pub enum HeartbeatEnd {
 }
 
 /// Reports to the leader every `heartbeat_every` until shutdown, keeps the
-/// local tracker told whether this node leads, and logs what a person
+/// local tracker told whether this node leads and `clock` told the leader's
+/// time, and logs what a person
 /// running the cluster wants to know: who leads, and (on the leader) which
 /// nodes went down or came back.
 pub async fn send_heartbeats(
     consensus: Arc<Consensus>,
     liveness: Arc<Liveness>,
     channels: Arc<NodeChannels>,
+    clock: Arc<ClusterClock>,
     shutdown: CancellationToken,
 ) -> HeartbeatEnd {
     let every = liveness.config().heartbeat_every;
@@ -192,14 +196,19 @@ pub async fn send_heartbeats(
         let Some((leader_id, leader)) = leader else { continue };
         // A node is shown up only once it can serve: it must know the
         // cluster (to check tokens) and itself.
-        if leader_id == consensus.id() || !super::caught_up(&consensus) {
+        if leader_id == consensus.id() {
+            clock.leading();
+            continue;
+        }
+        if !super::caught_up(&consensus) {
             continue;
         }
         let Ok(channel) = channels.get(&leader.address) else { continue };
         let mut request = Request::new(HeartbeatRequest { node_id: consensus.id() });
         request.set_timeout(every.max(Duration::from_millis(500)));
+        let sent = now_millis();
         match PeerClient::new(channel).heartbeat(request).await {
-            Ok(_) => {}
+            Ok(answer) => clock.observe(sent, now_millis(), answer.into_inner().leader_time_ms),
             Err(status) if status.code() == tonic::Code::PermissionDenied => return HeartbeatEnd::Revoked,
             Err(status) => tracing::debug!(leader = %leader, status = %status.message(), "heartbeat not delivered"),
         }

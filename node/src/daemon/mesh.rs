@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use roost_deploy::agent::InstanceNetwork;
+use roost_deploy::agent::{InstanceNetwork, NetworkStatus};
 use roost_deploy::engine::{BridgeNetwork, Engine, EngineError, LABEL_CLUSTER, LABEL_NODE};
 use roost_network::directory::Directory;
 use roost_network::dns::{DnsError, DnsServer, Handler};
@@ -72,7 +72,7 @@ pub struct MeshContext {
     /// This node's advertised address.
     pub address: String,
     pub wireguard_key: Key,
-    pub network: watch::Sender<Option<InstanceNetwork>>,
+    pub network: watch::Sender<NetworkStatus>,
     pub directory: watch::Sender<Arc<Directory>>,
     pub plane: SharedPlane,
 }
@@ -124,7 +124,18 @@ pub async fn run(context: MeshContext, stop: CancellationToken) {
                     Err(error) => {
                         failures += 1;
                         let retry = Duration::from_millis(500 * (1 << failures.min(6)));
-                        tracing::warn!(error = %format!("{:#}", anyhow::Error::new(error)), ?retry, "the mesh is not ready; retrying");
+                        let error = format!("{:#}", anyhow::Error::new(error));
+                        // Instances waiting for the network say why it is not there;
+                        // one that is up stays up through a later step's failure.
+                        context.network.send_if_modified(|current| match current {
+                            NetworkStatus::Up(_) => false,
+                            NetworkStatus::Failing(why) if *why == error => false,
+                            _ => {
+                                *current = NetworkStatus::Failing(error.clone());
+                                true
+                            }
+                        });
+                        tracing::warn!(%error, ?retry, "the mesh is not ready; retrying");
                         applied = None;
                         next_check = Instant::now() + retry;
                     }
@@ -229,9 +240,9 @@ async fn converge(
 
     let network = InstanceNetwork { network: names.network, subnet: plan.subnet, dns: plan.address() };
     context.network.send_if_modified(|current| {
-        let changed = current.as_ref() != Some(&network);
+        let changed = current.up() != Some(&network);
         if changed {
-            *current = Some(network);
+            *current = NetworkStatus::Up(network);
         }
         changed
     });

@@ -12,6 +12,7 @@ pub mod api;
 pub mod auth;
 pub mod certs;
 pub mod channels;
+pub mod clock;
 pub mod deploys;
 pub mod edge;
 pub mod identity;
@@ -30,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use roost_deploy::agent::Agent;
+use roost_deploy::agent::{Agent, NetworkStatus};
 use roost_deploy::controller::ControllerConfig;
 use roost_deploy::engine::Engine;
 use roost_deploy::secrets::SecretsKey;
@@ -314,10 +315,11 @@ impl Node {
                 Consensus::start(stored.node_id, &dir.raft(), &config.timings, channels.clone(), stop.clone()).await?;
             let liveness = Arc::new(Liveness::new(config.liveness.clone(), stored.node_id));
             let plane: SharedPlane = Arc::default();
-            let (network_tx, network_rx) = tokio::sync::watch::channel(None);
+            let (network_tx, network_rx) = tokio::sync::watch::channel(NetworkStatus::Pending);
 
             let state = consensus.state().clone();
             let token_uses = Arc::new(auth::TokenUses::default());
+            let clock = Arc::new(clock::ClusterClock::default());
             let router = tonic::transport::Server::builder()
                 // Pings keep every served connection's bytes flowing, so the
                 // idle timeout (`ConnectionLimits`) closes only dead ones,
@@ -325,8 +327,11 @@ impl Node {
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                 .add_service(InterceptedService::new(
-                    RaftService::new(consensus.clone(), auth::authorize(state.clone(), ca_digest, token_uses.clone()))
-                        .into_server(),
+                    RaftService::new(
+                        consensus.clone(),
+                        auth::authorize(state.clone(), ca_digest, token_uses.clone(), clock.clone()),
+                    )
+                    .into_server(),
                     auth::require_node(state.clone(), stored.node_id),
                 ))
                 .add_service(InterceptedService::new(
@@ -352,6 +357,7 @@ impl Node {
                         liveness: liveness.clone(),
                         channels: channels.clone(),
                         ca_digest,
+                        clock: clock.clone(),
                         node_name: stored.name.clone(),
                         engine: engine.clone(),
                         secrets_key: secrets_key.clone(),
@@ -359,7 +365,7 @@ impl Node {
                         network: network_rx.clone(),
                         builds: Arc::new(tokio::sync::Semaphore::new(1)),
                     }),
-                    auth::authenticate(state, ca_digest, token_uses.clone()),
+                    auth::authenticate(state, ca_digest, token_uses.clone(), clock.clone()),
                 )));
             let incoming = tls::incoming(listener, server_tls, config.connection_limits.clone(), stop.clone());
             let server_stop = stop.clone();
@@ -407,7 +413,7 @@ impl Node {
             // (heartbeats), only then.
             wait_caught_up(&consensus, Instant::now() + CATCH_UP_WAIT).await;
             let removed = Arc::new(AtomicBool::new(false));
-            spawn_background(&consensus, &liveness, &channels, &stop, &removed, &tasks);
+            spawn_background(&consensus, &liveness, &channels, &clock, &stop, &removed, &tasks);
             let (directory, directory_rx) = tokio::sync::watch::channel(Arc::default());
             let mesh = tasks.spawn(
                 mesh::run(
@@ -663,6 +669,7 @@ fn spawn_background(
     consensus: &Arc<Consensus>,
     liveness: &Arc<Liveness>,
     channels: &Arc<NodeChannels>,
+    clock: &Arc<clock::ClusterClock>,
     stop: &CancellationToken,
     removed: &Arc<AtomicBool>,
     tasks: &TaskTracker,
@@ -678,7 +685,8 @@ fn spawn_background(
         }
     };
 
-    let heartbeats = liveness::send_heartbeats(consensus.clone(), liveness.clone(), channels.clone(), stop.clone());
+    let heartbeats =
+        liveness::send_heartbeats(consensus.clone(), liveness.clone(), channels.clone(), clock.clone(), stop.clone());
     let on_revoked = mark_removed.clone();
     tasks.spawn(
         async move {

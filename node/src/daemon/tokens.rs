@@ -11,7 +11,6 @@ use roost_proto::api::{
     ApiToken as WireToken, CreateTokenRequest, CreatedToken, ListTokensRequest, ListTokensResponse, RevokeTokenRequest,
     RotateTokenRequest,
 };
-use roost_raft::consensus::now_millis;
 use roost_raft::state::{validate_name, ApiToken, Scope, TokenView, INITIAL_ADMIN};
 use roost_raft::{Command, Rejection};
 use tonic::Status;
@@ -35,11 +34,13 @@ fn token_to_wire(token: &TokenView) -> WireToken {
 impl ControlService {
     pub(super) async fn create_token(&self, request: CreateTokenRequest) -> Result<CreatedToken, Status> {
         let scope = Scope::parse(&request.scope).map_err(|e| Status::invalid_argument(format!("--scope: {e}")))?;
-        let now = now_millis();
+        // The leader's clock, which expiry is judged by, so a token made
+        // through a node whose clock is off lives as long as it was asked to.
+        let now = self.clock.leader_now();
         let expires_at =
             match request.expires_in_ms {
                 None => None,
-                Some(ms) if ms > 0 && ms <= MAX_EXPIRY_MS => Some(now + ms),
+                Some(ms) if ms > 0 && ms <= MAX_EXPIRY_MS => Some(now.saturating_add(ms)),
                 Some(_) => return Err(Status::invalid_argument(
                     "--expires must be above zero and at most 10 years; leave it out for a token that never expires",
                 )),

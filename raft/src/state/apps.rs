@@ -6,7 +6,7 @@
 //! that a decision still fits the state (an instance may have been removed
 //! since it was decided) and record it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{App, NodeRecord, RestartProgress, State, UnixMillis};
 use crate::command::{Rejection, Response};
@@ -22,6 +22,20 @@ use crate::NodeId;
 /// must not make every node apply millions of instances.
 pub const MAX_INSTANCES_PER_GROUP: u32 = 10_000;
 
+/// The instances a process group new to the app starts with, if the
+/// release's `initial_count` is within bounds.
+fn check_initial_count(spec: &ReleaseSpec) -> Result<u32, Rejection> {
+    match spec.initial_count.unwrap_or(1) {
+        0 => Err(Rejection::InvalidRelease {
+            reason: "its initial_count is 0; a process group starts with at least one instance".into(),
+        }),
+        count if count > MAX_INSTANCES_PER_GROUP => {
+            Err(Rejection::TooManyInstances { count, max: MAX_INSTANCES_PER_GROUP })
+        }
+        count => Ok(count),
+    }
+}
+
 impl State {
     fn app_mut(&mut self, name: &str) -> Result<&mut App, Rejection> {
         self.apps.get_mut(name).ok_or_else(|| Rejection::AppNotFound { name: name.to_owned() })
@@ -34,6 +48,9 @@ impl State {
         }
         if let Some((port, owner)) = self.port_taken(app, spec) {
             return Response::Rejected(Rejection::PortTaken { port, app: owner });
+        }
+        if let Err(rejection) = check_initial_count(spec) {
+            return Response::Rejected(rejection);
         }
         if !self.apps.contains_key(app) {
             if let Err(reason) = super::validate_name(app) {
@@ -68,9 +85,16 @@ impl State {
         let Some(app) = self.apps.get_mut(app_name) else {
             return Response::Rejected(Rejection::AppNotFound { name: app_name.to_owned() });
         };
+        let initial = match check_initial_count(&spec) {
+            Ok(initial) => initial,
+            Err(rejection) => return Response::Rejected(rejection),
+        };
         let version = app.releases.keys().next_back().map_or(1, |v| v + 1);
-        let counts: Vec<(String, u32)> =
-            spec.groups.keys().map(|group| (group.clone(), *app.scale.entry(group.clone()).or_insert(1))).collect();
+        let counts: Vec<(String, u32)> = spec
+            .groups
+            .keys()
+            .map(|group| (group.clone(), *app.scale.entry(group.clone()).or_insert(initial)))
+            .collect();
         app.releases.insert(
             version,
             Release {
@@ -220,17 +244,35 @@ impl State {
     /// leaves the instance waiting, with the reason, for the next decision.
     pub(super) fn place(&mut self, placements: &[Placement]) -> Response {
         let mut reserved = self.reserved();
+        // Instances per app, release and node, counted once per command
+        // (not per placement: a command places thousands).
+        let mut placed: HashMap<String, HashMap<(u64, NodeId), usize>> = HashMap::new();
+        for instance in self.instances.values() {
+            if let Some(node) = instance.node {
+                *placed.entry(instance.app.clone()).or_default().entry((instance.release, node)).or_default() += 1;
+            }
+        }
         for placement in placements {
             match placement {
                 Placement::Place { instance: id, node } => {
                     let Some(instance) = self.instances.get(id).filter(|i| i.node.is_none()) else { continue };
                     let Some(record) = self.nodes.get(node) else { continue };
-                    let checked = self.placement_holds(instance, record, &reserved);
+                    let there = placed
+                        .get(instance.app.as_str())
+                        .and_then(|counts| counts.get(&(instance.release, *node)))
+                        .copied()
+                        .unwrap_or(0);
+                    let checked = self.placement_holds(instance, record, &reserved, there);
                     let Some(instance) = self.instances.get_mut(id) else { continue };
                     match checked {
                         Ok(need) => {
                             let entry = reserved.entry(*node).or_default();
                             *entry = *entry + need;
+                            *placed
+                                .entry(instance.app.clone())
+                                .or_default()
+                                .entry((instance.release, *node))
+                                .or_default() += 1;
                             instance.node = Some(*node);
                             instance.reason = None;
                             instance.displaced = false;
@@ -254,12 +296,14 @@ impl State {
         Response::Done
     }
 
-    /// Whether `instance` may go on `node` now; what it reserves if so.
+    /// Whether `instance` may go on `node` now, where `there` instances of
+    /// its release already are; what it reserves if so.
     fn placement_holds(
         &self,
         instance: &Instance,
         node: &NodeRecord,
         reserved: &BTreeMap<NodeId, Resources>,
+        there: usize,
     ) -> Result<Resources, String> {
         let release = self.apps.get(&instance.app).and_then(|a| a.releases.get(&instance.release));
         let (Some(release), Some(need)) = (release, self.instance_resources(instance)) else {
@@ -285,11 +329,6 @@ impl State {
             }
         }
         if let Some(max) = placement.max_per_node {
-            let there = self
-                .instances
-                .values()
-                .filter(|i| i.app == instance.app && i.release == instance.release && i.node == Some(node.id))
-                .count();
             if there >= max as usize {
                 return Err(format!("{} already runs {there} of its release (max_per_node = {max})", node.name));
             }

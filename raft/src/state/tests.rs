@@ -225,6 +225,7 @@ mod workloads {
             restart: RestartSpec::default(),
             internal_port: Some(8080),
             checks: Vec::new(),
+            kill_timeout_seconds: crate::workload::DEFAULT_KILL_TIMEOUT_SECONDS,
         };
         ReleaseSpec {
             image: image.into(),
@@ -234,6 +235,7 @@ mod workloads {
             groups: groups.iter().map(|g| (g.to_string(), group.clone())).collect(),
             strategy: Strategy::Rolling,
             max_unavailable: None,
+            initial_count: None,
             placement: PlacementSpec::default(),
             http: None,
             services: Vec::new(),
@@ -311,6 +313,46 @@ mod workloads {
         let huge = apply(&mut state, Command::Scale { app: "web".into(), group: "app".into(), count: 4_000_000_000 });
         assert!(matches!(huge, Response::Rejected(Rejection::TooManyInstances { .. })), "{huge:?}");
         assert_eq!(state, before);
+    }
+
+    #[test]
+    fn initial_count_sizes_only_groups_new_to_the_app() {
+        let mut state = bootstrapped();
+        let with_count = |image: &str, groups: &[&str], count: u32| Command::Deploy {
+            app: "web".into(),
+            spec: ReleaseSpec { initial_count: Some(count), ..spec(groups, image) },
+            description: "deploy".into(),
+        };
+        let count = |state: &State, group: &str| state.instances.values().filter(|i| i.group == group).count();
+        let before = state.clone();
+        let refused = apply(&mut state, with_count("sha256:1", &["app"], 0));
+        assert!(matches!(refused, Response::Rejected(Rejection::InvalidRelease { .. })), "{refused:?}");
+        assert_eq!(state, before, "a refused first deploy creates no app");
+        assert_eq!(apply(&mut state, with_count("sha256:1", &["app"], 3)), Response::ReleaseCreated { version: 1 });
+        assert_eq!(count(&state, "app"), 3, "a first deploy starts initial_count instances at once");
+        finish(&mut state, 1);
+        apply(&mut state, Command::Scale { app: "web".into(), group: "app".into(), count: 2 });
+        // A later deploy keeps the scaled count; a group new to the app starts at initial_count.
+        assert_eq!(
+            apply(&mut state, with_count("sha256:2", &["app", "worker"], 5)),
+            Response::ReleaseCreated { version: 2 }
+        );
+        let release_2 = |group: &str| state.instances.values().filter(|i| i.group == group && i.release == 2).count();
+        assert_eq!((release_2("app"), release_2("worker")), (2, 5));
+        finish(&mut state, 2);
+
+        for bad in [0, MAX_INSTANCES_PER_GROUP + 1] {
+            let before = state.clone();
+            let refused = apply(&mut state, with_count("sha256:3", &["app", "db"], bad));
+            assert!(
+                matches!(
+                    refused,
+                    Response::Rejected(Rejection::InvalidRelease { .. } | Rejection::TooManyInstances { .. })
+                ),
+                "initial_count {bad}: {refused:?}"
+            );
+            assert_eq!(state, before, "a refused deploy changes nothing");
+        }
     }
 
     #[test]
@@ -706,6 +748,12 @@ mod placement {
         assert_eq!(placed_on(&state, 1), 1, "max_per_node = 1");
         let waiting = state.instances.values().find(|i| i.node.is_none()).expect("one waits");
         assert!(waiting.reason.as_deref().is_some_and(|r| r.contains("max_per_node = 1")), "{waiting:?}");
+        // A later command counts what earlier ones placed.
+        let waiting = waiting.id.clone();
+        place(&mut state, std::slice::from_ref(&waiting), 1);
+        assert_eq!(placed_on(&state, 1), 1, "max_per_node = 1 across commands");
+        place(&mut state, &[waiting], 2);
+        assert_eq!(placed_on(&state, 2), 1);
     }
 }
 
