@@ -12,7 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use roost_raft::state::MAX_INSTANCES_PER_GROUP;
+use roost_raft::state::{MAX_INSTANCES_PER_GROUP, MAX_RELEASE_HISTORY};
 use serde::Deserialize;
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -102,6 +102,10 @@ pub struct Deploy {
     /// How many instances each process group starts with when the app
     /// first deploys it (default 1); afterwards `roost scale count` decides.
     pub initial_count: Option<u32>,
+    /// How many of the newest releases the app keeps for `roost releases`
+    /// and rollbacks (default 10); the serving release and the one a
+    /// rollback returns to are kept in any case.
+    pub release_history: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -377,6 +381,11 @@ impl AppConfig {
         if let Some(count) = self.deploy.initial_count {
             if !(1..=MAX_INSTANCES_PER_GROUP).contains(&count) {
                 problem("deploy.initial_count", format!("must be from 1 to {MAX_INSTANCES_PER_GROUP}, got {count}"));
+            }
+        }
+        if let Some(history) = self.deploy.release_history {
+            if !(1..=MAX_RELEASE_HISTORY).contains(&history) {
+                problem("deploy.release_history", format!("must be from 1 to {MAX_RELEASE_HISTORY}, got {history}"));
             }
         }
         if let Some(command) = &self.deploy.release_command {

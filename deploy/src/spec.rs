@@ -85,6 +85,7 @@ pub fn release_spec(config: &AppConfig, image: ImageChoice, strategy: Option<Spe
             }
         }),
         initial_count: config.deploy.initial_count,
+        release_history: config.deploy.release_history,
         placement: PlacementSpec {
             constraints: config.placement.constraints.clone(),
             max_per_node: config.placement.max_per_node,

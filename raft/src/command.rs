@@ -51,13 +51,24 @@ pub struct Forward {
 impl Command {
     /// Whether a node may propose this on its own authority (`caller` is the
     /// node its certificate names): reports about itself and its instances,
-    /// and the decisions the leader's own loops (controller, ACME) make,
-    /// which a node that has just lost the lead may forward. Anything a user
-    /// asks for needs their grant; a new node needs the join secret.
+    /// and which tokens it accepted. Anything a user asks for needs their
+    /// grant; a new node needs the join secret. The leader's own decisions
+    /// ([`Command::is_leader_decision`]) are never forwarded: the leader
+    /// writes them itself ([`crate::Consensus::propose_as_leader`]), so a
+    /// member cannot place instances on itself or install a certificate.
     pub fn is_node_command(&self, caller: NodeId) -> bool {
         match self {
             Command::UpdateNode { id, .. } => *id == caller,
             Command::ReportInstances { node, .. } => *node == caller,
+            Command::TokensUsed { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether this is a decision of the leader's own loops (controller,
+    /// ACME), which only the leader proposes, and only while it leads.
+    pub fn is_leader_decision(&self) -> bool {
+        match self {
             Command::Place { .. }
             | Command::Reschedule { .. }
             | Command::FinishRelease { .. }
@@ -66,11 +77,13 @@ impl Command {
             | Command::SetAcmeChallenge { .. }
             | Command::CertificateIssued { .. }
             | Command::CertificateFailed { .. }
-            | Command::SetAcmeAccount { .. }
-            | Command::TokensUsed { .. } => true,
+            | Command::SetAcmeAccount { .. } => true,
             Command::Bootstrap { .. }
             | Command::AddNode { .. }
             | Command::RemoveNode { .. }
+            | Command::UpdateNode { .. }
+            | Command::ReportInstances { .. }
+            | Command::TokensUsed { .. }
             | Command::CreateApp { .. }
             | Command::AddCertificate { .. }
             | Command::RemoveCertificate { .. }
@@ -91,8 +104,9 @@ impl Command {
     }
 
     /// What a user's token must allow for this command to be proposed on
-    /// their behalf. Node commands ([`Command::is_node_command`]) and the
-    /// commands that are never forwarded need an admin, should one ever ask.
+    /// their behalf. Node commands ([`Command::is_node_command`]) need an
+    /// admin, should one ever ask; the leader's decisions and the bootstrap
+    /// are refused whatever the grant.
     pub fn access(&self) -> Access<'_> {
         match self {
             Command::Deploy { app, .. }

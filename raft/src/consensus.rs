@@ -116,6 +116,8 @@ pub enum ConsensusError {
     Refused(String),
     #[error("the change is {bytes} bytes encoded; one change may be at most {max} bytes", max = MAX_COMMAND_BYTES)]
     TooLarge { bytes: usize },
+    #[error("this node does not lead, and only the leader makes this decision")]
+    NotLeader,
 }
 
 /// The largest one proposal may be, encoded. Checked before it is proposed
@@ -266,6 +268,29 @@ impl Consensus {
     /// the state machine answered. Waits for a leader until `deadline`.
     pub async fn propose(&self, command: Command, deadline: Instant) -> Result<Response, ConsensusError> {
         self.propose_granted(command, None, deadline).await
+    }
+
+    /// Writes one of the leader's own decisions
+    /// ([`Command::is_leader_decision`]) through this node's Raft, which
+    /// must lead: it is never forwarded, and another leader decides again.
+    pub async fn propose_as_leader(&self, command: Command, deadline: Instant) -> Result<Response, ConsensusError> {
+        let started = Instant::now();
+        let proposal = Proposal::new(command, now_millis());
+        let bytes = encoded_len(&proposal);
+        if bytes > MAX_COMMAND_BYTES {
+            return Err(ConsensusError::TooLarge { bytes });
+        }
+        if !self.is_leader() {
+            return Err(ConsensusError::NotLeader);
+        }
+        let remaining = deadline.saturating_duration_since(started);
+        match tokio::time::timeout(remaining, self.write_sized(proposal, bytes)).await {
+            Err(_) => Err(ConsensusError::Unconfirmed { waited: started.elapsed() }),
+            Ok(LocalWrite::Done(response)) => Ok(response),
+            Ok(LocalWrite::NotLeader) => Err(ConsensusError::NotLeader),
+            Ok(LocalWrite::Failed(e)) => Err(ConsensusError::Protocol(e)),
+            Ok(LocalWrite::Stopped) => Err(ConsensusError::Stopped),
+        }
     }
 
     /// [`Consensus::propose`] on someone's behalf: `grant` goes with the

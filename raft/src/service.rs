@@ -9,12 +9,15 @@
 //! This service then checks that a node speaks only for itself: an
 //! AppendEntries, InstallSnapshot or Vote whose vote names another node than
 //! the caller is refused, so one member's certificate cannot pose as the
-//! leader or campaign in another's name.
+//! leader or campaign in another's name; a Vote from a node that is not a
+//! voter (a learner) is refused, so it cannot disturb the leader with a
+//! higher term.
 //!
 //! A forwarded proposal (`Propose`) is written only if the caller may make
-//! it: a node on its own authority only reports about itself and makes the
-//! leader's decisions ([`Command::is_node_command`]); anything a user asked
-//! for must carry their grant, which the node's [`Authorize`] checks.
+//! it: a node on its own authority only reports about itself
+//! ([`Command::is_node_command`]); the leader's decisions are never
+//! forwarded ([`Command::is_leader_decision`]); anything a user asked for
+//! must carry their grant, which the node's [`Authorize`] checks.
 //!
 //! A snapshot arrives in chunks at offsets the sender chooses; a chunk must
 //! start within what has been received of that snapshot (a resend) or right
@@ -129,6 +132,12 @@ impl raft_server::Raft for RaftService {
     async fn vote(&self, request: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
         let vote: openraft::raft::VoteRequest<NodeId> = decode(&request)?;
         check_caller(&request, vote.vote.leader_id().voted_for())?;
+        if let Some(Caller(Some(caller))) = request.extensions().get::<Caller>() {
+            let voter = self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|id| id == *caller);
+            if !voter {
+                return Err(Status::permission_denied(format!("node {caller} does not vote, so it may not campaign")));
+            }
+        }
         let result = self.raft.vote(vote).await;
         encode(&result)
     }
@@ -148,7 +157,13 @@ impl raft_server::Raft for RaftService {
     async fn propose(&self, request: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
         let forward: Forward = decode(&request)?;
         let caller = request.extensions().get::<Caller>().and_then(|c| c.0);
-        let own = caller.is_some_and(|caller| forward.proposal.command.is_node_command(caller));
+        let command = &forward.proposal.command;
+        if command.is_leader_decision() {
+            return Err(Status::permission_denied(format!(
+                "{command} is the leader's own decision; no node may forward it"
+            )));
+        }
+        let own = caller.is_some_and(|caller| command.is_node_command(caller));
         if !own {
             (self.authorize)(&forward.proposal.command, forward.grant.as_ref()).map_err(|reason| {
                 Status::permission_denied(format!(

@@ -23,7 +23,7 @@ mod certs;
 mod mesh;
 mod tokens;
 
-pub use apps::{MAX_INSTANCES_PER_GROUP, RELEASE_HISTORY};
+pub use apps::{MAX_INSTANCES_PER_GROUP, MAX_RELEASE_HISTORY, RELEASE_HISTORY};
 pub use certs::{validate_domain, AcmeChallenge, Certificate, CertificateStatus, IssuedCertificate};
 pub use mesh::{default_mesh_range, validate_mesh_range, WireguardPeer, NODE_SUBNET_PREFIX};
 pub use tokens::{Access, ApiToken, Scope, TokenMatch, TokenView, INITIAL_ADMIN, MAX_TOKENS};

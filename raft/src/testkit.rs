@@ -87,6 +87,7 @@ pub fn spec(groups: &[&str], resources: Resources, checks: bool) -> ReleaseSpec 
         strategy: Strategy::Rolling,
         max_unavailable: None,
         initial_count: None,
+        release_history: None,
         placement: PlacementSpec::default(),
         http: Some(crate::workload::HttpServiceSpec {
             internal_port: 8080,

@@ -264,6 +264,11 @@ pub struct ReleaseSpec {
     /// app starts with (default 1); a group the app already has keeps its count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_count: Option<u32>,
+    /// `[deploy] release_history`: how many of the newest releases the app
+    /// keeps (default [`crate::state::RELEASE_HISTORY`], at most
+    /// [`crate::state::MAX_RELEASE_HISTORY`]); the newest release's says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_history: Option<u32>,
     pub placement: PlacementSpec,
     /// What the edge routes over HTTP(S), if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use roost_tests::apps::{hello_app, hello_toml};
 use roost_tests::process::{roost, wait_for_nodes, NodeProcess};
 use roost_tests::wait_until;
 use serde_json::Value;
@@ -194,5 +195,83 @@ async fn a_node_whose_clock_is_an_hour_behind_refuses_a_token_expired_by_the_lea
     let led = roost(&["node", "list", "--json"], Some(&n1.address), Some(&admin)).await?;
     let nodes: Vec<Value> = serde_json::from_str(&led.stdout)?;
     assert_eq!(names(&nodes, "role", "leader"), ["n1"], "the leader's clock stayed the reference");
+    Ok(())
+}
+
+/// A CLI that talks to a node the moment it can connect (`node init` has
+/// just written `admin.token`; `node join` has just started serving) is
+/// served once the node knows the cluster, not refused because it does not
+/// yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_call_to_a_node_still_starting_is_held_until_the_node_knows_the_cluster() -> Result<()> {
+    let root = tempfile::Builder::new().prefix("roost-starting-").tempdir()?;
+    let n1 = NodeProcess::init(root.path(), "n1")?;
+    first_contact(&n1, || n1.read_token("admin.token").is_ok_and(|t| !t.is_empty())).await?;
+    let admin = n1.read_token("admin.token")?;
+    let listed = roost(&["apps", "list", "--json"], Some(&n1.address), Some(&admin)).await?;
+    assert_eq!(listed.code, 0, "n1 refused a call made as soon as it wrote admin.token: {}", listed.stderr);
+
+    let created = roost(&["apps", "create", "early"], Some(&n1.address), Some(&admin)).await?;
+    assert_eq!(created.code, 0, "{}", created.stderr);
+    let join = n1.read_token("join.token")?;
+    let n2 = NodeProcess::join(root.path(), "n2", &n1.address, &join)?;
+    first_contact(&n2, || true).await?;
+    let apps = app_list(&n2.address, &admin, false).await.context("the first call to n2 as it joins")?;
+    assert_eq!(apps, ["early"], "n2 answered before it knew the cluster's apps");
+    Ok(())
+}
+
+/// Polls (every 2 ms, no CLI in between) until `ready` holds and the node's
+/// port accepts a connection.
+async fn first_contact(node: &NodeProcess, ready: impl Fn() -> bool) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if ready() && tokio::net::TcpStream::connect(&node.address).await.is_ok() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("{} did not accept connections within 30s: {}", node.name, node.stderr());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A node started with `--max-upload 1mb` refuses a deploy whose build
+/// context is larger, says why and what to do, and creates nothing; a
+/// limit below 1mb is refused before the node starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_context_over_the_nodes_max_upload_is_refused_and_creates_nothing() -> Result<()> {
+    let root = tempfile::Builder::new().prefix("roost-upload-").tempdir()?;
+    let tiny = root.path().join("tiny");
+    let dir = tiny.display().to_string();
+    let out =
+        roost(&["node", "init", "--data-dir", &dir, "--listen", "127.0.0.1:0", "--max-upload", "10kb"], None, None)
+            .await?;
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(out.stderr.contains("--max-upload must be at least 1mb, got 10kb"), "{}", out.stderr);
+    assert!(!tiny.exists(), "a refused init leaves no data directory");
+
+    let n1 = NodeProcess::init_with(root.path(), "n1", &["--max-upload", "1mb"])?;
+    let admin = n1.read_token_when_ready("admin.token").await?;
+    let app = hello_app(&hello_toml("big", ""))?;
+    // 3 MiB that no compression shrinks.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..3 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(app.path().join("noise.bin"), noise)?;
+    let out = roost(&["deploy", &app.path().to_string_lossy()], Some(&n1.address), Some(&admin)).await?;
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("over this node's limit of 1.0 MiB") && out.stderr.contains("--max-upload"),
+        "{}",
+        out.stderr
+    );
+    assert!(app_list(&n1.address, &admin, false).await?.is_empty(), "the refused deploy created no app");
     Ok(())
 }

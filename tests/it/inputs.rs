@@ -206,6 +206,34 @@ async fn certificates_of_removed_or_unknown_nodes_and_members_posing_as_others_a
     Ok(())
 }
 
+/// A learner (a node that does not vote) may not campaign: its Vote, sent
+/// with its own certificate in its own name, is refused before Raft sees it,
+/// so it cannot make the leader step down with a higher term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_learner_may_not_campaign() -> Result<()> {
+    // Two nodes: the first votes, the second waits as a learner for a third.
+    let cluster = Cluster::start(2).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let learner = 1 - leader;
+    let learner_id = cluster.node(learner)?.id;
+    let term = || cluster.node(leader).map(|n| n.consensus.raft().metrics().borrow().current_term);
+    let term_before = term()?;
+    let tls = roost_tests::node_tls(cluster.slots[learner].dir.path())?;
+    let campaign: openraft::raft::VoteRequest<roost_raft::NodeId> =
+        openraft::raft::VoteRequest { vote: openraft::Vote::new(term_before + 100, learner_id), last_log_id: None };
+    let channel = tls.connect(&cluster.node(leader)?.address).await?;
+    let status = roost_proto::cluster::raft_client::RaftClient::new(channel)
+        .vote(roost_proto::cluster::RaftPayload { json: serde_json::to_vec(&campaign)? })
+        .await
+        .expect_err("a learner campaigning");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("does not vote"), "{status:?}");
+    assert_eq!(term()?, term_before, "the leader's term did not move");
+    assert_eq!(cluster.leader(), Some(leader));
+    cluster.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restart_with_flags_that_contradict_the_data_dir_is_refused() -> Result<()> {
     let mut cluster = Cluster::start(1).await?;
@@ -446,7 +474,24 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
     };
     let forged = Token { secret: "0".repeat(32), ..cluster.tokens.admin.clone() }.to_string();
     let other = cluster.node(leader)?.id;
+    let here = roost_raft::workload::Placement::Place { instance: "target-app-0".into(), node: member_id };
+    let issued = roost_raft::state::IssuedCertificate {
+        chain_pem: String::new(),
+        key: sealed.clone(),
+        not_after: i64::MAX,
+        issued_at: 1,
+    };
+    let admin_grant = Grant::Token { token: cluster.tokens.admin.to_string() };
     let refused = [
+        ("a placement on itself", propose(Command::Place { placements: vec![here.clone()] }, None)),
+        (
+            "a placement even with the admin token",
+            propose(Command::Place { placements: vec![here] }, Some(admin_grant)),
+        ),
+        (
+            "a certificate for any domain",
+            propose(Command::CertificateIssued { domain: "bank.example.com".into(), issued }, None),
+        ),
         ("secrets without a grant", propose(set_secrets(), None)),
         ("secrets with a wrong admin token", propose(set_secrets(), Some(Grant::Token { token: forged }))),
         ("a destroy", propose(Command::DestroyApp { name: "target".into() }, None)),
@@ -463,6 +508,7 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
     let state = |f: fn(&roost_raft::State) -> bool| cluster.node(leader).map(|n| n.consensus.state().read(f));
     assert!(state(|s| s.apps.get("target").is_some_and(|a| a.secrets.is_empty()))?, "nothing was written");
     assert!(state(|s| s.nodes.values().all(|n| n.address != "127.0.0.1:1"))?);
+    assert!(state(|s| s.certificates.is_empty())?, "no certificate was installed");
 
     // With the user's admin token, the same proposal is written: this is how
     // a node forwards a user's change.

@@ -272,6 +272,7 @@ pub fn node_config(
         cluster: ClusterSettings { mesh_range: mesh_range(), ..Default::default() },
         edge: EdgeListen { http: "127.0.0.1:0".into(), https: "127.0.0.1:0".into(), workers: 1 },
         connection_limits: Default::default(),
+        max_upload: roost_node::daemon::DEFAULT_MAX_UPLOAD,
     }
 }
 

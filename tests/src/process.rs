@@ -90,6 +90,16 @@ impl NodeProcess {
         Ok(node)
     }
 
+    /// [`NodeProcess::init`] with more flags for `node init`.
+    pub fn init_with(root: &Path, name: &str, flags: &[&str]) -> Result<Self> {
+        let range = crate::mesh_range().to_string();
+        let mut command = vec!["node", "init", "--mesh-range", &range];
+        command.extend_from_slice(flags);
+        let mut node = Self::spawn(root, name, &command, &Host::Loopback)?;
+        node.creator = true;
+        Ok(node)
+    }
+
     /// [`NodeProcess::join`], the process's wall clock `seconds` behind this
     /// machine's (libfaketime, preloaded; its monotonic clock is left alone).
     pub fn join_with_clock_behind(root: &Path, name: &str, seed: &str, token: &str, seconds: u32) -> Result<Self> {

@@ -241,3 +241,14 @@ fn initial_count_is_from_one_to_the_most_a_group_may_have() {
         }
     }
 }
+
+#[test]
+fn release_history_is_from_one_to_a_hundred() {
+    for (history, valid) in [(0, false), (1, true), (100, true), (101, false)] {
+        let found = problems(&format!("app = \"a\"\n[deploy]\nrelease_history = {history}\n"));
+        assert_eq!(found.is_empty(), valid, "release_history = {history}: {found:?}");
+        if !valid {
+            assert!(found[0].starts_with("deploy.release_history: must be from 1 to 100"), "{found:?}");
+        }
+    }
+}

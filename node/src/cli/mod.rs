@@ -261,6 +261,9 @@ pub struct NodeArgs {
     /// HOST:PORT where this node's edge takes HTTPS for every app.
     #[arg(long, default_value = "0.0.0.0:443")]
     pub https_listen: String,
+    /// The largest build context or image a deploy may upload to this node, e.g. 500mb [default: 2gb].
+    #[arg(long)]
+    pub max_upload: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -605,7 +608,22 @@ pub fn node_config(
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         },
         connection_limits: Default::default(),
+        max_upload: max_upload(args.max_upload.as_deref())?,
     })
+}
+
+/// `--max-upload`: a size of at least 1mb, or the default 2 GiB.
+pub fn max_upload(text: Option<&str>) -> Result<u64, CliError> {
+    let Some(text) = text else {
+        return Ok(crate::daemon::DEFAULT_MAX_UPLOAD);
+    };
+    let bytes = Memory::Text(text.to_owned())
+        .bytes()
+        .map_err(|reason| CliError::Usage(format!("invalid --max-upload: {reason}")))?;
+    if bytes < 1 << 20 {
+        return Err(CliError::Usage(format!("--max-upload must be at least 1mb, got {text}")));
+    }
+    Ok(bytes)
 }
 
 /// What the node offers: the machine's CPUs and memory (less a little for

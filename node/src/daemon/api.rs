@@ -59,6 +59,8 @@ pub struct ControlService {
     pub network: tokio::sync::watch::Receiver<roost_deploy::agent::NetworkStatus>,
     /// One image build at a time on this node.
     pub builds: Arc<tokio::sync::Semaphore>,
+    /// The largest build context or image a deploy may upload (`--max-upload`).
+    pub max_upload: u64,
 }
 
 pub fn consensus_status(error: ConsensusError) -> Status {
@@ -67,7 +69,9 @@ pub fn consensus_status(error: ConsensusError) -> Status {
         // Not Unavailable: the change may yet be applied, so retrying it
         // blindly could apply it twice.
         ConsensusError::Unconfirmed { .. } => Status::deadline_exceeded(error.to_string()),
-        ConsensusError::NoLeader { .. } | ConsensusError::Stopped => Status::unavailable(error.to_string()),
+        ConsensusError::NoLeader { .. } | ConsensusError::Stopped | ConsensusError::NotLeader => {
+            Status::unavailable(error.to_string())
+        }
         ConsensusError::TooLarge { .. } => Status::invalid_argument(error.to_string()),
         ConsensusError::Refused(_) => Status::permission_denied(error.to_string()),
     }

@@ -239,10 +239,41 @@ pub async fn with_grant<F: Future>(grant: Option<Grant>, future: F) -> F::Output
     }
 }
 
+/// Whether this node's state holds the cluster and its own record: enough to
+/// check an API token and to answer reads after a read barrier.
+pub fn caught_up(state: &StateReader, me: NodeId) -> bool {
+    state.read(|s| s.cluster.is_some() && s.nodes.contains_key(&me))
+}
+
+/// Waits until [`caught_up`] or `deadline`; whether it caught up.
+pub async fn wait_caught_up(state: &StateReader, me: NodeId, deadline: tokio::time::Instant) -> bool {
+    let mut changes = state.changes();
+    while !caught_up(state, me) {
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            // Raft stopped, or the deadline passed.
+            Ok(Err(_)) | Err(_) => return caught_up(state, me),
+        }
+    }
+    true
+}
+
+/// How long an API call to a node that has not caught up with the cluster
+/// yet (just initialised or joined, or restarted and replaying) is held
+/// before it is refused as unavailable.
+pub const HOLD_UNTIL_CAUGHT_UP: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves the public API with each call's bearer token as its [`Grant`].
 /// The token is checked by [`authenticate`] inside; the grant only travels.
+/// A call that reaches a node that does not know the cluster yet is held
+/// until it does (up to [`HOLD_UNTIL_CAUGHT_UP`]), so a CLI that read
+/// `admin.token` the moment `node init` wrote it is served, not refused.
 #[derive(Clone)]
-pub struct WithGrant<S>(pub S);
+pub struct WithGrant<S> {
+    pub inner: S,
+    pub state: StateReader,
+    pub me: NodeId,
+}
 
 impl<S: tonic::server::NamedService> tonic::server::NamedService for WithGrant<S> {
     const NAME: &'static str = S::NAME;
@@ -250,15 +281,16 @@ impl<S: tonic::server::NamedService> tonic::server::NamedService for WithGrant<S
 
 impl<S, B> tower::Service<http::Request<B>> for WithGrant<S>
 where
-    S: tower::Service<http::Request<B>>,
+    S: tower::Service<http::Request<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    B: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
@@ -268,7 +300,21 @@ where
             .and_then(|h| h.to_str().ok())
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(|token| Grant::Token { token: token.to_owned() });
-        Box::pin(with_grant(grant, self.0.call(request)))
+        if caught_up(&self.state, self.me) {
+            return Box::pin(with_grant(grant, self.inner.call(request)));
+        }
+        // The service that was made ready serves this call later; the
+        // clone takes its place for the next one (tower's usual swap).
+        let clone = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        let state = self.state.clone();
+        let me = self.me;
+        Box::pin(async move {
+            // Not caught up by the deadline: the call goes on, and
+            // [`authenticate`] says the node is unavailable.
+            wait_caught_up(&state, me, tokio::time::Instant::now() + HOLD_UNTIL_CAUGHT_UP).await;
+            with_grant(grant, ready.call(request)).await
+        })
     }
 }
 

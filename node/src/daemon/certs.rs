@@ -232,7 +232,7 @@ impl ControlService {
 }
 
 async fn propose(consensus: &Consensus, command: Command) -> Result<(), String> {
-    match consensus.propose(command, Instant::now() + Duration::from_secs(10)).await {
+    match consensus.propose_as_leader(command, Instant::now() + Duration::from_secs(10)).await {
         Ok(Response::Rejected(rejection)) => Err(rejection.to_string()),
         Ok(_) => Ok(()),
         Err(error) => Err(error.to_string()),

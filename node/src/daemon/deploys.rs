@@ -41,16 +41,21 @@ use super::workloads::local_logs;
 pub type DeployStream = Pin<Box<dyn Stream<Item = Result<DeployEvent, Status>> + Send>>;
 pub type LogLineStream = Pin<Box<dyn Stream<Item = Result<LogLine, Status>> + Send>>;
 
-/// The largest build context or uploaded image a deploy accepts.
-const MAX_UPLOAD: usize = 2 << 30;
+/// The largest build context or uploaded image a deploy accepts unless the
+/// node's `--max-upload` says otherwise.
+pub const DEFAULT_MAX_UPLOAD: u64 = 2 << 30;
 /// How long an upload may send nothing before the deploy gives up on it.
 const UPLOAD_STALL: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long a build may print nothing before it is taken as stuck.
 const BUILD_STALL: std::time::Duration = std::time::Duration::from_secs(20 * 60);
 
 /// The next chunk of an upload: `None` at its end; an error when the client
-/// sends nothing for [`UPLOAD_STALL`] or the upload passes [`MAX_UPLOAD`].
-async fn next_chunk(inbound: &mut Streaming<DeployRequest>, received: &mut usize) -> Result<Option<Vec<u8>>, Status> {
+/// sends nothing for [`UPLOAD_STALL`] or the upload passes `limit` bytes.
+async fn next_chunk(
+    inbound: &mut Streaming<DeployRequest>,
+    received: &mut u64,
+    limit: u64,
+) -> Result<Option<Vec<u8>>, Status> {
     loop {
         let message = tokio::time::timeout(UPLOAD_STALL, inbound.message()).await.map_err(|_| {
             Status::deadline_exceeded(format!(
@@ -62,17 +67,26 @@ async fn next_chunk(inbound: &mut Streaming<DeployRequest>, received: &mut usize
         match message {
             None => return Ok(None),
             Some(DeployRequest { part: Some(deploy_request::Part::Chunk(data)) }) => {
-                *received += data.len();
-                if *received > MAX_UPLOAD {
+                *received += data.len() as u64;
+                if *received > limit {
                     return Err(Status::resource_exhausted(format!(
-                        "the upload is over {} GiB: add a .dockerignore to the build context, or slim the image",
-                        MAX_UPLOAD >> 30
+                        "the upload is over this node's limit of {}: add a .dockerignore to the build context, or slim the image (the limit is the node's --max-upload)",
+                        human_bytes(limit)
                     )));
                 }
                 return Ok(Some(data));
             }
             Some(_) => continue,
         }
+    }
+}
+
+/// `bytes` as GiB when it is a whole number of them, else MiB.
+fn human_bytes(bytes: u64) -> String {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
+        format!("{} GiB", bytes >> 30)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
     }
 }
 
@@ -287,9 +301,10 @@ impl ControlService {
         let (image_id, reference) = if start.image_upload {
             let _ = events.send(progress(format!("loading image {} into {}", start.image, self.node_name))).await;
             // Chunks go to the engine as they come, bounded and stall-timed.
-            let chunks = futures::stream::unfold((Some(inbound), 0usize), |(inbound, mut received)| async move {
+            let limit = self.max_upload;
+            let chunks = futures::stream::unfold((Some(inbound), 0u64), move |(inbound, mut received)| async move {
                 let mut inbound = inbound?;
-                match next_chunk(&mut inbound, &mut received).await {
+                match next_chunk(&mut inbound, &mut received, limit).await {
                     Ok(Some(data)) => Some((Ok(bytes::Bytes::from(data)), (Some(inbound), received))),
                     Ok(None) => None,
                     // The error ends the stream: the engine abandons the load.
@@ -331,8 +346,8 @@ impl ControlService {
             let mut file = tokio::fs::File::from_std(
                 tempfile::tempfile().map_err(|e| Status::internal(format!("no room for the build context: {e}")))?,
             );
-            let mut received = 0usize;
-            while let Some(data) = next_chunk(&mut inbound, &mut received).await? {
+            let mut received = 0u64;
+            while let Some(data) = next_chunk(&mut inbound, &mut received, self.max_upload).await? {
                 file.write_all(&data)
                     .await
                     .map_err(|e| Status::internal(format!("could not store the build context: {e}")))?;

@@ -56,6 +56,7 @@ use tonic::service::interceptor::InterceptedService;
 use tracing::Instrument;
 
 use self::channels::NodeChannels;
+pub use self::deploys::DEFAULT_MAX_UPLOAD;
 use self::identity::{check_resume, DataDir, Identity, IdentityError, StoredIdentity};
 pub use self::liveness::LivenessConfig;
 use self::liveness::{HeartbeatEnd, Liveness};
@@ -100,6 +101,8 @@ pub struct NodeConfig {
     pub edge: EdgeListen,
     /// Caps and timeouts on the node port's connections.
     pub connection_limits: tls::ConnectionLimits,
+    /// The largest build context or image a deploy may upload to this node.
+    pub max_upload: u64,
 }
 
 /// The cluster-wide settings `node init` fixes.
@@ -351,22 +354,27 @@ impl Node {
                     secrets_key: identity.secrets_key.clone(),
                     limiter: Default::default(),
                 }))
-                .add_service(auth::WithGrant(InterceptedService::new(
-                    ControlServer::new(api::ControlService {
-                        consensus: consensus.clone(),
-                        liveness: liveness.clone(),
-                        channels: channels.clone(),
-                        ca_digest,
-                        clock: clock.clone(),
-                        node_name: stored.name.clone(),
-                        engine: engine.clone(),
-                        secrets_key: secrets_key.clone(),
-                        plane: plane.clone(),
-                        network: network_rx.clone(),
-                        builds: Arc::new(tokio::sync::Semaphore::new(1)),
-                    }),
-                    auth::authenticate(state, ca_digest, token_uses.clone(), clock.clone()),
-                )));
+                .add_service(auth::WithGrant {
+                    inner: InterceptedService::new(
+                        ControlServer::new(api::ControlService {
+                            consensus: consensus.clone(),
+                            liveness: liveness.clone(),
+                            channels: channels.clone(),
+                            ca_digest,
+                            clock: clock.clone(),
+                            node_name: stored.name.clone(),
+                            engine: engine.clone(),
+                            secrets_key: secrets_key.clone(),
+                            plane: plane.clone(),
+                            network: network_rx.clone(),
+                            builds: Arc::new(tokio::sync::Semaphore::new(1)),
+                            max_upload: config.max_upload,
+                        }),
+                        auth::authenticate(state.clone(), ca_digest, token_uses.clone(), clock.clone()),
+                    ),
+                    state,
+                    me: stored.node_id,
+                });
             let incoming = tls::incoming(listener, server_tls, config.connection_limits.clone(), stop.clone());
             let server_stop = stop.clone();
             // Every task the node starts from here on is tracked, and
@@ -489,26 +497,16 @@ const TOKEN_USES_EVERY: Duration = Duration::from_secs(15);
 /// How long a starting node waits to learn the cluster before it serves anyway.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 
-/// Whether this node's state holds the cluster and its own record: enough to
-/// check an admin token and to answer reads after a read barrier.
+/// Whether this node's state holds the cluster and its own record
+/// ([`auth::caught_up`]).
 pub fn caught_up(consensus: &Consensus) -> bool {
-    let me = consensus.id();
-    consensus.state().read(|s| s.cluster.is_some() && s.nodes.contains_key(&me))
+    auth::caught_up(consensus.state(), consensus.id())
 }
 
 /// Waits until [`caught_up`] or `deadline`.
 async fn wait_caught_up(consensus: &Consensus, deadline: Instant) {
-    let mut changes = consensus.state().changes();
-    while !caught_up(consensus) {
-        match tokio::time::timeout_at(deadline, changes.changed()).await {
-            Ok(Ok(())) => {}
-            // Raft stopped: the caller finds out soon enough.
-            Ok(Err(_)) => return,
-            Err(_) => {
-                tracing::warn!("this node has not caught up with the cluster after {CATCH_UP_WAIT:?}; serving anyway");
-                return;
-            }
-        }
+    if !auth::wait_caught_up(consensus.state(), consensus.id(), deadline).await && Instant::now() >= deadline {
+        tracing::warn!("this node has not caught up with the cluster after {CATCH_UP_WAIT:?}; serving anyway");
     }
 }
 

@@ -58,7 +58,7 @@ pub async fn run_controller(
         for command in commands {
             log_decision(&command);
             let deadline = Instant::now() + Duration::from_secs(5);
-            match consensus.propose(command, deadline).await {
+            match consensus.propose_as_leader(command, deadline).await {
                 Ok(Response::Rejected(rejection)) => tracing::debug!(%rejection, "a decision no longer applied"),
                 Ok(_) => {}
                 Err(error) => {

@@ -656,14 +656,25 @@ fn instance_id(counter: u64) -> String {
     format!("{:012x}", z & 0xffff_ffff_ffff)
 }
 
-/// Releases an app keeps: the newest [`RELEASE_HISTORY`], and in any case
-/// the serving one, the one deploying and the one a rollback returns to.
-/// Each holds a spec and the app's sealed secrets, so an app deployed every
-/// hour must not grow the state without bound.
+/// Releases an app keeps unless its `[deploy] release_history` says
+/// otherwise: the newest [`RELEASE_HISTORY`], and in any case the serving
+/// one, the one deploying and the one a rollback returns to. Each holds a
+/// spec and the app's sealed secrets, so an app deployed every hour must not
+/// grow the state without bound.
 pub const RELEASE_HISTORY: usize = 10;
+/// The most releases an app may ask to keep.
+pub const MAX_RELEASE_HISTORY: u32 = 100;
+
+/// How many of the newest releases `app` keeps: its newest release's
+/// `release_history`, within 1..=[`MAX_RELEASE_HISTORY`].
+fn release_history(app: &App) -> usize {
+    let asked = app.releases.values().next_back().and_then(|r| r.spec.release_history);
+    asked.map_or(RELEASE_HISTORY, |n| n.clamp(1, MAX_RELEASE_HISTORY) as usize)
+}
 
 fn prune_releases(app: &mut App) {
-    if app.releases.len() <= RELEASE_HISTORY {
+    let history = release_history(app);
+    if app.releases.len() <= history {
         return;
     }
     let current = app.current().map(|r| r.version);
@@ -675,7 +686,7 @@ fn prune_releases(app: &mut App) {
             .find(|r| r.version < current && r.status == ReleaseStatus::Superseded)
             .map(|r| r.version)
     });
-    let oldest_recent = app.releases.keys().rev().nth(RELEASE_HISTORY - 1).copied().unwrap_or(0);
+    let oldest_recent = app.releases.keys().rev().nth(history - 1).copied().unwrap_or(0);
     app.releases
         .retain(|&version, _| version >= oldest_recent || [current, deploying, rollback].contains(&Some(version)));
 }

@@ -236,6 +236,7 @@ mod workloads {
             strategy: Strategy::Rolling,
             max_unavailable: None,
             initial_count: None,
+            release_history: None,
             placement: PlacementSpec::default(),
             http: None,
             services: Vec::new(),
@@ -560,6 +561,31 @@ mod workloads {
             apply(&mut state, Command::Rollback { app: "web".into(), version: None }),
             Response::ReleaseCreated { version: 21 }
         );
+    }
+
+    #[test]
+    fn an_app_keeps_as_many_releases_as_its_newest_release_asks() {
+        let mut state = bootstrapped();
+        let deploy_keeping = |state: &mut State, version: u64, history: Option<u32>| {
+            let spec = ReleaseSpec { release_history: history, ..spec(&["app"], &format!("sha256:{version}")) };
+            let deployed = apply(state, Command::Deploy { app: "web".into(), spec, description: "deploy".into() });
+            assert_eq!(deployed, Response::ReleaseCreated { version });
+            finish(state, version);
+        };
+        for version in 1..=12 {
+            deploy_keeping(&mut state, version, Some(3));
+        }
+        let kept: Vec<u64> = state.apps["web"].releases.keys().copied().collect();
+        assert_eq!(kept, [10, 11, 12], "release_history = 3");
+        // More history from now on: nothing pruned comes back, newer stays.
+        for version in 13..=20 {
+            deploy_keeping(&mut state, version, Some(50));
+        }
+        assert_eq!(state.apps["web"].releases.len(), 11, "v10 to v20");
+        // Out of bounds in a request that skipped the CLI's check: clamped.
+        deploy_keeping(&mut state, 21, Some(0));
+        let kept: Vec<u64> = state.apps["web"].releases.keys().copied().collect();
+        assert_eq!(kept, [19, 20, 21], "the deploying release, the serving one and its rollback target");
     }
 
     #[test]

@@ -599,6 +599,7 @@ async fn scheduler_bench(batch: usize) -> Result<()> {
         strategy: Strategy::Immediate,
         max_unavailable: None,
         initial_count: None,
+        release_history: None,
         placement: PlacementSpec { constraints: vec!["rack != r0".into()], max_per_node: Some(20) },
         http: None,
         services: Vec::new(),
