@@ -25,6 +25,8 @@
 //! `hello check` is a health check for engines that run one inside the
 //! container (a Docker `HEALTHCHECK`, Swarm's `--health-cmd`): it asks
 //! `GET /health` of the server on $PORT and exits 0 on a 200, else 1.
+//! `hello lines N` prints `line 1` to `line N`, then one line of 10,000
+//! `x`, and exits 0 (to see a release command's output bounded).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -49,6 +51,15 @@ fn main() {
     let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
     if std::env::args().nth(1).as_deref() == Some("check") {
         std::process::exit(if check(&port) { 0 } else { 1 });
+    }
+    if std::env::args().nth(1).as_deref() == Some("lines") {
+        let count: u64 = std::env::args().nth(2).and_then(|n| n.parse().ok()).unwrap_or(0);
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        for i in 1..=count {
+            let _ = writeln!(out, "line {i}");
+        }
+        let _ = writeln!(out, "{}", "x".repeat(10_000));
+        std::process::exit(0);
     }
     let listener = match TcpListener::bind(format!("0.0.0.0:{port}")) {
         Ok(listener) => listener,

@@ -200,6 +200,27 @@ async fn a_failing_release_rolls_back_and_bad_requests_change_nothing() -> Resul
     Ok(())
 }
 
+/// A release command's output reaches the user bounded: its last 1000
+/// lines, each cut to 4 KiB, after a line that says how many came before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_release_commands_output_is_cut_to_its_last_thousand_lines_of_at_most_4_kib() -> Result<()> {
+    require_docker()?;
+    let cluster = Cluster::start(1).await?;
+    // 2,999 numbered lines and one of 10,000 bytes: 3,000 in all.
+    let toml = hello_toml("chatty", "[deploy]\nrelease_command = \"/hello lines 2999\"\n");
+    let dir = hello_app(&toml)?;
+    let printed = cluster.cli(0, &["deploy", &dir.path().to_string_lossy()]).await?;
+    assert!(printed.contains("(2000 earlier lines not shown)"), "{printed}");
+    assert!(printed.contains("    line 2001\n") && printed.contains("    line 2999\n"), "{printed}");
+    assert!(!printed.contains("    line 2000\n"), "an earlier line was shown");
+    let cap = roost_deploy::engine::MAX_OUTPUT_LINE_BYTES;
+    let long = printed.lines().find(|l| l.trim_start().starts_with("xxx")).context("the long line is shown")?;
+    assert_eq!(long.trim_start().len(), cap, "cut to {cap} bytes: {}", long.len());
+    assert!(long.ends_with("..."), "and says it was cut");
+    cluster.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn secrets_reach_the_app_only_and_suspend_resume_destroy_clean_up() -> Result<()> {
     require_docker()?;
