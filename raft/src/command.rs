@@ -10,7 +10,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Access, AcmeChallenge, ApiToken, App, ClusterInfo, IssuedCertificate, UnixMillis, WireguardPeer};
+use crate::state::{
+    Access, AcmeChallenge, ApiToken, App, ClusterInfo, IssuedCertificate, NodeRole, UnixMillis, WireguardPeer,
+};
 use crate::workload::{InstanceReport, Outcome, Placement, ReleaseSpec, Resources, SealedSecret};
 use crate::NodeId;
 
@@ -169,12 +171,14 @@ pub enum Command {
     AddNode {
         node: NewNode,
     },
-    /// Removes a node and, when given, replaces the join secret, so the
-    /// removed node (which holds the old one) cannot simply join again.
+    /// Removes a node and, when given, replaces the join secrets, so the
+    /// removed node (which holds the old ones) cannot simply join again.
     RemoveNode {
         id: NodeId,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         new_join_secret: Option<Secret>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        new_worker_secret: Option<Secret>,
     },
     /// A node describes itself after it starts: its address (which changes
     /// when its machine moves) and its WireGuard endpoint.
@@ -346,6 +350,9 @@ pub struct NewNode {
     /// Its WireGuard key and endpoint; `None` when it runs without.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard: Option<WireguardPeer>,
+    /// Which join token it came with.
+    #[serde(default)]
+    pub role: NodeRole,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,9 +9,10 @@
 //! This service then checks that a node speaks only for itself: an
 //! AppendEntries, InstallSnapshot or Vote whose vote names another node than
 //! the caller is refused, so one member's certificate cannot pose as the
-//! leader or campaign in another's name; a Vote from a node that is not a
-//! voter (a learner) is refused, so it cannot disturb the leader with a
-//! higher term.
+//! leader or campaign in another's name; and none of the three is taken
+//! from a worker (a node that joined with the worker token), so a worker
+//! can neither campaign nor pose as a leader with a higher term. A member
+//! that may vote is trusted with both: it could be elected anyway.
 //!
 //! A forwarded proposal (`Propose`) is written only if the caller may make
 //! it: a node on its own authority only reports about itself
@@ -35,6 +36,7 @@ use tonic::{Request, Status};
 
 use crate::command::{Command, Forward, Grant};
 use crate::consensus::{Consensus, LocalWrite, MAX_MESSAGE_BYTES};
+use crate::state::NodeRole;
 use crate::{NodeId, Raft};
 
 /// Status message of a forwarded call that reached a node that no longer leads.
@@ -66,6 +68,23 @@ pub struct RaftService {
 impl RaftService {
     pub fn new(consensus: Arc<Consensus>, authorize: Authorize) -> Self {
         Self { raft: consensus.raft().clone(), consensus, authorize, receiving: Arc::default() }
+    }
+
+    /// Refuses a campaign or a leader's message from a worker
+    /// ([`NodeRole::Worker`]): a worker never votes or leads. The role is
+    /// fixed at join, so, unlike Raft's membership, this node's view of it
+    /// is never behind the caller's.
+    fn refuse_worker<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(Caller(Some(caller))) = request.extensions().get::<Caller>() else {
+            return Ok(());
+        };
+        let worker = self.consensus.state().read(|s| s.nodes.get(caller).is_some_and(|n| n.role == NodeRole::Worker));
+        if worker {
+            return Err(Status::permission_denied(format!(
+                "node {caller} is a worker: workers never campaign or lead"
+            )));
+        }
+        Ok(())
     }
 
     pub fn into_server(self) -> raft_server::RaftServer<Self> {
@@ -125,6 +144,7 @@ impl raft_server::Raft for RaftService {
     async fn append_entries(&self, request: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
         let claimed: openraft::raft::AppendEntriesRequest<crate::TypeConfig> = decode(&request)?;
         check_caller(&request, claimed.vote.leader_id().voted_for())?;
+        self.refuse_worker(&request)?;
         let result = self.raft.append_entries(claimed).await;
         encode(&result)
     }
@@ -132,12 +152,7 @@ impl raft_server::Raft for RaftService {
     async fn vote(&self, request: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
         let vote: openraft::raft::VoteRequest<NodeId> = decode(&request)?;
         check_caller(&request, vote.vote.leader_id().voted_for())?;
-        if let Some(Caller(Some(caller))) = request.extensions().get::<Caller>() {
-            let voter = self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|id| id == *caller);
-            if !voter {
-                return Err(Status::permission_denied(format!("node {caller} does not vote, so it may not campaign")));
-            }
-        }
+        self.refuse_worker(&request)?;
         let result = self.raft.vote(vote).await;
         encode(&result)
     }
@@ -145,6 +160,7 @@ impl raft_server::Raft for RaftService {
     async fn install_snapshot(&self, request: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
         let chunk: openraft::raft::InstallSnapshotRequest<crate::TypeConfig> = decode(&request)?;
         check_caller(&request, chunk.vote.leader_id().voted_for())?;
+        self.refuse_worker(&request)?;
         {
             let mut receiving = self.receiving.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             accept_chunk(&mut receiving, &chunk.meta.snapshot_id, chunk.offset, chunk.data.len() as u64)

@@ -99,8 +99,14 @@ pub struct ClusterInfo {
     pub created_at: UnixMillis,
     pub ca_cert_pem: String,
     pub ca_key_pem: String,
-    /// The secret half of the join token, which `roost node token` prints.
+    /// The secret half of the voter join token, which `roost node token`
+    /// prints: a node that joins with it may be made a voter.
     pub join_secret: String,
+    /// The secret half of the worker join token (`roost node token --role
+    /// worker`): a node that joins with it runs instances and never votes.
+    /// Empty in a cluster made before workers existed.
+    #[serde(default)]
+    pub worker_join_secret: String,
     /// SHA-256 (hex) of the admin token's secret; the secret itself is only
     /// in the init node's `admin.token`.
     pub admin_secret_sha256: String,
@@ -150,6 +156,22 @@ pub struct NodeRecord {
     /// without it (nodes sharing one host and one Docker engine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard: Option<WireguardPeer>,
+    /// Whether it may vote: set by the join token it came with.
+    #[serde(default)]
+    pub role: NodeRole,
+}
+
+/// What a node may be in Raft, fixed by the join token it joined with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeRole {
+    /// Joined with the voter token: made a voter when the cluster needs one.
+    #[default]
+    Voter,
+    /// Joined with the worker token: runs instances and serves the edge, but
+    /// stays a learner for good: it never counts towards a quorum, and its
+    /// Raft messages are refused, so it cannot campaign or lead.
+    Worker,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,7 +245,9 @@ impl State {
         match &proposal.command {
             Command::Bootstrap { cluster, node } => self.bootstrap(cluster, node, at),
             Command::AddNode { node } => self.add_node(node, at),
-            Command::RemoveNode { id, new_join_secret } => self.remove_node(*id, new_join_secret.as_ref(), at),
+            Command::RemoveNode { id, new_join_secret, new_worker_secret } => {
+                self.remove_node(*id, new_join_secret.as_ref(), new_worker_secret.as_ref(), at)
+            }
             Command::UpdateNode { id, address, wireguard } => self.update_node(*id, address, wireguard.as_ref()),
             Command::AddCertificate { domain, app } => self.add_certificate(domain, app, at),
             Command::RemoveCertificate { domain } => self.remove_certificate(domain),
@@ -310,7 +334,13 @@ impl State {
         Response::NodeAdded { id }
     }
 
-    fn remove_node(&mut self, id: NodeId, new_join_secret: Option<&Secret>, at: UnixMillis) -> Response {
+    fn remove_node(
+        &mut self,
+        id: NodeId,
+        new_join_secret: Option<&Secret>,
+        new_worker_secret: Option<&Secret>,
+        at: UnixMillis,
+    ) -> Response {
         let Some(node) = self.nodes.get(&id) else {
             return Response::Rejected(Rejection::NodeNotFound { node: id.to_string() });
         };
@@ -324,6 +354,9 @@ impl State {
         self.removed_nodes.insert(id, RemovedNode { name: node.name, removed_at: at });
         if let (Some(cluster), Some(secret)) = (self.cluster.as_mut(), new_join_secret) {
             cluster.join_secret = secret.0.clone();
+        }
+        if let (Some(cluster), Some(secret)) = (self.cluster.as_mut(), new_worker_secret) {
+            cluster.worker_join_secret = secret.0.clone();
         }
         Response::Done
     }
@@ -387,6 +420,7 @@ impl NewNode {
             resources: self.resources,
             subnet,
             wireguard: self.wireguard.clone(),
+            role: self.role,
         }
     }
 }

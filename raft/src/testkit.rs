@@ -28,6 +28,7 @@ fn node(name: &str, labels: &[(&str, &str)], resources: Resources) -> NewNode {
         cert_fingerprint: name.to_owned(),
         resources,
         wireguard: None,
+        role: Default::default(),
     }
 }
 
@@ -41,6 +42,7 @@ pub fn cluster(count: usize, labels: impl Fn(usize) -> Vec<(&'static str, &'stat
         ca_cert_pem: String::new(),
         ca_key_pem: String::new(),
         join_secret: String::new(),
+        worker_join_secret: String::new(),
         admin_secret_sha256: String::new(),
         mesh_range: default_mesh_range(),
         domain: "localhost".into(),

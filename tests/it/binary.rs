@@ -275,3 +275,57 @@ async fn a_build_context_over_the_nodes_max_upload_is_refused_and_creates_nothin
     assert!(app_list(&n1.address, &admin, false).await?.is_empty(), "the refused deploy created no app");
     Ok(())
 }
+
+/// `roost node token --role worker` prints a token for nodes that never
+/// vote: with two workers and three nodes that may vote, the cluster's three
+/// voters are the latter, `node list` shows the workers as `worker`, and
+/// removing a node rotates both tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_joined_with_the_worker_token_never_vote() -> Result<()> {
+    let root = tempfile::Builder::new().prefix("roost-workers-").tempdir()?;
+    let n1 = NodeProcess::init(root.path(), "n1")?;
+    let admin = n1.read_token_when_ready("admin.token").await?;
+    let voter_token = n1.read_token_when_ready("join.token").await?;
+    let token = |role: &'static str| {
+        let (address, admin) = (n1.address.clone(), admin.clone());
+        async move {
+            let out = roost(&["node", "token", "--role", role], Some(&address), Some(&admin)).await?;
+            anyhow::ensure!(out.code == 0, "node token --role {role}: {}", out.stderr);
+            Ok(out.stdout.trim().to_owned())
+        }
+    };
+    let worker_token = token("worker").await?;
+    assert_ne!(worker_token, voter_token);
+    assert_eq!(token("voter").await?, voter_token);
+    let out = roost(&["node", "token", "--role", "boss"], Some(&n1.address), Some(&admin)).await?;
+    assert_eq!(out.code, 2, "{}", out.stderr);
+
+    // The workers join first: the controller would have made them voters.
+    let w1 = NodeProcess::join(root.path(), "w1", &n1.address, &worker_token)?;
+    let w2 = NodeProcess::join(root.path(), "w2", &n1.address, &worker_token)?;
+    wait_for_nodes(&n1.address, &admin, Duration::from_secs(60), "two workers up", |n| {
+        names(n, "role", "worker").len() == 2 && names(n, "state", "up").len() == 3
+    })
+    .await?;
+    let n2 = NodeProcess::join(root.path(), "n2", &n1.address, &voter_token)?;
+    let n3 = NodeProcess::join(root.path(), "n3", &n1.address, &voter_token)?;
+    wait_for_nodes(&w1.address, &admin, Duration::from_secs(60), "three voters: n1, n2, n3", |n| {
+        let mut voting = [names(n, "role", "leader"), names(n, "role", "voter")].concat();
+        voting.sort();
+        voting == ["n1", "n2", "n3"] && names(n, "state", "up").len() == 5
+    })
+    .await?;
+    let out = roost(&["node", "list", "--json"], Some(&n2.address), Some(&admin)).await?;
+    let listed: Vec<Value> = serde_json::from_str(&out.stdout)?;
+    assert_eq!(names(&listed, "role", "worker"), ["w1", "w2"], "{listed:?}");
+    // A worker serves the CLI like any node.
+    let out = roost(&["apps", "create", "via-worker"], Some(&w2.address), Some(&admin)).await?;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+
+    let out = roost(&["node", "remove", "w2"], Some(&n3.address), Some(&admin)).await?;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_ne!(token("worker").await?, worker_token, "the worker token was rotated");
+    assert_ne!(token("voter").await?, voter_token, "the voter token was rotated");
+    drop(w2);
+    Ok(())
+}

@@ -148,9 +148,11 @@ async fn certificates_of_removed_or_unknown_nodes_and_members_posing_as_others_a
     let victim_name = cluster.slots[victim].name.clone();
     // Keep the victim's own view of the cluster: its client identity.
     let victim_dir = cluster.slots[victim].dir.path().to_owned();
-    let token_before = cluster.client(leader).await?.get_join_token(GetJoinTokenRequest {}).await?.into_inner().token;
+    let token_before =
+        cluster.client(leader).await?.get_join_token(GetJoinTokenRequest::default()).await?.into_inner().token;
     cluster.client(leader).await?.remove_node(RemoveNodeRequest { node: victim_name }).await?;
-    let token_after = cluster.client(leader).await?.get_join_token(GetJoinTokenRequest {}).await?.into_inner().token;
+    let token_after =
+        cluster.client(leader).await?.get_join_token(GetJoinTokenRequest::default()).await?.into_inner().token;
     assert_ne!(token_before, token_after, "removing a node rotates the join token");
     // The first node's join.token file follows the rotation.
     let token_file = cluster.slots[0].dir.path().join("join.token");
@@ -206,30 +208,53 @@ async fn certificates_of_removed_or_unknown_nodes_and_members_posing_as_others_a
     Ok(())
 }
 
-/// A learner (a node that does not vote) may not campaign: its Vote, sent
-/// with its own certificate in its own name, is refused before Raft sees it,
-/// so it cannot make the leader step down with a higher term.
+/// A worker (a node that joined with the worker token) may neither campaign
+/// nor pose as a leader: its Vote and its AppendEntries, sent with its own
+/// certificate in its own name and a log as long as the leader's, are
+/// refused before Raft sees them, so the leader's term does not move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_learner_may_not_campaign() -> Result<()> {
-    // Two nodes: the first votes, the second waits as a learner for a third.
-    let cluster = Cluster::start(2).await?;
+async fn a_worker_may_not_campaign_or_pose_as_a_leader() -> Result<()> {
+    let mut cluster = Cluster::start(1).await?;
+    let request = GetJoinTokenRequest { role: "worker".into() };
+    let token = cluster.client(0).await?.get_join_token(request).await?.into_inner().token;
+    let worker = cluster.add_node_with_token(&token).await?;
+    cluster.wait_for_members(2).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
-    let learner = 1 - leader;
-    let learner_id = cluster.node(learner)?.id;
-    let term = || cluster.node(leader).map(|n| n.consensus.raft().metrics().borrow().current_term);
-    let term_before = term()?;
-    let tls = roost_tests::node_tls(cluster.slots[learner].dir.path())?;
-    let campaign: openraft::raft::VoteRequest<roost_raft::NodeId> =
-        openraft::raft::VoteRequest { vote: openraft::Vote::new(term_before + 100, learner_id), last_log_id: None };
-    let channel = tls.connect(&cluster.node(leader)?.address).await?;
-    let status = roost_proto::cluster::raft_client::RaftClient::new(channel)
+    assert_eq!(leader, 0);
+    let worker_id = cluster.node(worker)?.id;
+    let metrics = || cluster.node(leader).map(|n| n.consensus.raft().metrics().borrow().clone());
+    let before = metrics()?;
+    let last = before.last_applied;
+    let tls = roost_tests::node_tls(cluster.slots[worker].dir.path())?;
+    let mut raft =
+        roost_proto::cluster::raft_client::RaftClient::new(tls.connect(&cluster.node(leader)?.address).await?);
+
+    let campaign: openraft::raft::VoteRequest<roost_raft::NodeId> = openraft::raft::VoteRequest {
+        vote: openraft::Vote::new(before.current_term + 100, worker_id),
+        last_log_id: last,
+    };
+    let status = raft
         .vote(roost_proto::cluster::RaftPayload { json: serde_json::to_vec(&campaign)? })
         .await
-        .expect_err("a learner campaigning");
+        .expect_err("a worker campaigning");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
-    assert!(status.message().contains("does not vote"), "{status:?}");
-    assert_eq!(term()?, term_before, "the leader's term did not move");
-    assert_eq!(cluster.leader(), Some(leader));
+    assert!(status.message().contains("is a worker"), "{status:?}");
+
+    let posing: openraft::raft::AppendEntriesRequest<roost_raft::TypeConfig> = openraft::raft::AppendEntriesRequest {
+        vote: openraft::Vote::new_committed(before.current_term + 1, worker_id),
+        prev_log_id: last,
+        entries: Vec::new(),
+        leader_commit: last,
+    };
+    let status = raft
+        .append_entries(roost_proto::cluster::RaftPayload { json: serde_json::to_vec(&posing)? })
+        .await
+        .expect_err("a worker posing as the leader");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    let after = metrics()?;
+    assert_eq!(after.current_term, before.current_term, "the leader's term did not move");
+    assert_eq!(after.current_leader, before.current_leader, "nor did its leadership");
     cluster.shutdown().await;
     Ok(())
 }
@@ -495,7 +520,13 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
         ("secrets without a grant", propose(set_secrets(), None)),
         ("secrets with a wrong admin token", propose(set_secrets(), Some(Grant::Token { token: forged }))),
         ("a destroy", propose(Command::DestroyApp { name: "target".into() }, None)),
-        ("a node removal", propose(roost_raft::Command::RemoveNode { id: other, new_join_secret: None }, None)),
+        (
+            "a node removal",
+            propose(
+                roost_raft::Command::RemoveNode { id: other, new_join_secret: None, new_worker_secret: None },
+                None,
+            ),
+        ),
         (
             "another node's address",
             propose(Command::UpdateNode { id: other, address: "127.0.0.1:1".into(), wireguard: None }, None),

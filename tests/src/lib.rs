@@ -131,11 +131,17 @@ impl Cluster {
 
     /// Starts a new node that joins through the first running node.
     pub async fn add_node(&mut self) -> Result<usize> {
+        let token = self.tokens.join.to_string();
+        self.add_node_with_token(&token).await
+    }
+
+    /// [`Cluster::add_node`] with the join token given (a worker token, say).
+    pub async fn add_node_with_token(&mut self, token: &str) -> Result<usize> {
         let index = self.slots.len();
         let name = format!("n{}", index + 1);
         let seed = self.any_running()?.address.clone();
         let dir = tempfile::Builder::new().prefix(&format!("roost-{name}-")).tempdir()?;
-        let start = Start::Join { seed, token: self.tokens.join.to_string() };
+        let start = Start::Join { seed, token: token.to_owned() };
         let config = node_config(&name, dir.path(), None, start, &self.timings, &self.liveness);
         let node = Node::start(config, CancellationToken::new()).await.with_context(|| format!("starting {name}"))?;
         self.slots.push(Slot { name, dir, address: Some(node.address.clone()), running: Some(node) });

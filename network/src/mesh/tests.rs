@@ -13,6 +13,7 @@ fn new_node(name: &str, wireguard: bool) -> NewNode {
         resources: Default::default(),
         wireguard: wireguard
             .then(|| WireguardPeer { public_key: format!("key-{name}"), endpoint: format!("{name}.example:51820") }),
+        role: Default::default(),
     }
 }
 
@@ -24,6 +25,7 @@ fn state_with(nodes: &[(&str, bool)]) -> State {
         ca_cert_pem: String::new(),
         ca_key_pem: String::new(),
         join_secret: String::new(),
+        worker_join_secret: String::new(),
         admin_secret_sha256: String::new(),
         mesh_range: default_mesh_range(),
         domain: "localhost".into(),
@@ -55,7 +57,7 @@ fn each_node_plans_its_own_subnet_and_every_peer_that_has_wireguard() {
 #[test]
 fn a_removed_node_leaves_every_plan() {
     let mut state = state_with(&[("n1", true), ("n2", true), ("n3", true)]);
-    state.apply(&Proposal::new(Command::RemoveNode { id: 2, new_join_secret: None }, 2));
+    state.apply(&Proposal::new(Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None }, 2));
     let peers: Vec<NodeId> = plan(&state, 1).expect("plan").peers.iter().map(|p| p.node).collect();
     assert_eq!(peers, [3]);
 }

@@ -145,8 +145,11 @@ pub enum NodeCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Print the join token other nodes need.
+    /// Print the join token other nodes need: `voter` for a node that may vote (the default),
+    /// `worker` for one that runs apps but never votes (it still receives the cluster's keys today).
     Token {
+        #[arg(long, value_enum, default_value_t = JoinRole::Voter)]
+        role: JoinRole,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -208,6 +211,15 @@ impl ClusterArgs {
             acme: AcmeSettings { directory: self.acme_directory.clone(), email: self.acme_email.clone(), ca_pem },
         })
     }
+}
+
+/// What a node that joins with a token may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum JoinRole {
+    /// May be made a voter when the cluster needs one.
+    Voter,
+    /// Runs apps and serves the edge; never votes.
+    Worker,
 }
 
 #[derive(Debug, Args)]
@@ -681,15 +693,21 @@ pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), Cli
             let details = client.connect().await?.get_node(GetNodeRequest { node }).await?.into_inner();
             output::node_details(out, &details, json).map_err(io)
         }
-        Command::Node(NodeCommand::Token { client }) => {
-            let reply = client.connect().await?.get_join_token(GetJoinTokenRequest {}).await?.into_inner();
+        Command::Node(NodeCommand::Token { role, client }) => {
+            let role = match role {
+                JoinRole::Voter => "voter",
+                JoinRole::Worker => "worker",
+            };
+            let request = GetJoinTokenRequest { role: role.into() };
+            let reply = client.connect().await?.get_join_token(request).await?.into_inner();
             writeln!(out, "{}", reply.token).map_err(io)
         }
         Command::Node(NodeCommand::Remove { node, client }) => {
             let reply = client.connect().await?.remove_node(RemoveNodeRequest { node }).await?.into_inner();
             let name = reply.removed.map(|n| format!("{} (id {})", n.name, n.id)).unwrap_or_default();
             writeln!(out, "Removed node {name}; its certificate is now refused.").map_err(io)?;
-            writeln!(out, "The join token was rotated: `roost node token` prints the new one.").map_err(io)
+            writeln!(out, "The join tokens were rotated: `roost node token [--role worker]` prints the new ones.")
+                .map_err(io)
         }
         Command::Apps(AppsCommand::Create { name, client }) => {
             let app = client.connect().await?.create_app(CreateAppRequest { name }).await?.into_inner();
@@ -814,6 +832,7 @@ pub fn init_banner(
         "Created a new Roost cluster; this node ({name}) is its first member.\n\
          \n\
          Join more nodes with:\n  roost node join {address} --token {join} --data-dir DIR --listen HOST:PORT\n\
+         (that token may make a node a voter; `roost node token --role worker` prints one for nodes that never vote)\n\
          \n\
          Drive the cluster from any machine with:\n  export ROOST_ENDPOINT={address}\n  export ROOST_TOKEN={admin}\n\
          \n\

@@ -182,12 +182,17 @@ impl ControlService {
     /// Each node's role, from Raft's membership as this node knows it.
     fn roles(&self) -> impl Fn(NodeId) -> &'static str {
         let metrics = self.consensus.raft().metrics().borrow().clone();
+        let workers: std::collections::BTreeSet<NodeId> = self.consensus.state().read(|s| {
+            s.nodes.values().filter(|n| n.role == roost_raft::state::NodeRole::Worker).map(|n| n.id).collect()
+        });
         move |id| {
             let membership = metrics.membership_config.membership();
             if metrics.current_leader == Some(id) {
                 "leader"
             } else if membership.voter_ids().any(|v| v == id) {
                 "voter"
+            } else if workers.contains(&id) {
+                "worker"
             } else if membership.get_node(&id).is_some() {
                 "learner"
             } else {
@@ -305,8 +310,9 @@ impl Control for ControlService {
             .ok_or_else(|| rejection_status(Rejection::NodeNotFound { node: wanted.clone() }))?;
         // A new join secret, so the removed node cannot rejoin with the one
         // it holds; `roost node token` prints the new token.
-        let rotated = Token::generate(TokenKind::Join, self.ca_digest).secret;
-        self.propose(Command::RemoveNode { id: node.id, new_join_secret: Some(Secret(rotated)) }).await?;
+        let rotated = || Some(Secret(Token::generate(TokenKind::Join, self.ca_digest).secret));
+        self.propose(Command::RemoveNode { id: node.id, new_join_secret: rotated(), new_worker_secret: rotated() })
+            .await?;
         tracing::info!(node = %node.name, id = node.id, "node removed from the cluster");
         let role = self.roles()(node.id);
         Ok(tonic::Response::new(RemoveNodeResponse { removed: Some(node_to_wire(&node, role, None)) }))
@@ -317,12 +323,25 @@ impl Control for ControlService {
         request: Request<GetJoinTokenRequest>,
     ) -> Result<tonic::Response<GetJoinTokenResponse>, Status> {
         principal(&request)?.allow(Access::Admin)?;
+        let worker = match request.get_ref().role.as_str() {
+            "" | "voter" => false,
+            "worker" => true,
+            other => {
+                return Err(Status::invalid_argument(format!("unknown role '{other}': use voter or worker")));
+            }
+        };
         self.barrier(None).await?;
-        let secret = self
+        let cluster = self
             .consensus
             .state()
-            .read(|s| s.cluster.as_ref().map(|c| c.join_secret.clone()))
+            .read(|s| s.cluster.clone())
             .ok_or_else(|| rejection_status(Rejection::NotBootstrapped))?;
+        let secret = if worker { cluster.worker_join_secret } else { cluster.join_secret };
+        if secret.is_empty() {
+            return Err(Status::failed_precondition(
+                "this cluster was made before Roost had workers and has no worker token (a node joined with the voter token may vote)",
+            ));
+        }
         let token = Token { kind: TokenKind::Join, ca_digest: self.ca_digest, secret };
         Ok(tonic::Response::new(GetJoinTokenResponse { token: token.to_string() }))
     }

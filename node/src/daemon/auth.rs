@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use roost_raft::service::{Authorize, Caller};
-use roost_raft::state::{Access, Scope, UnixMillis};
-use roost_raft::{Command, Consensus, Grant, NodeId, StateReader};
+use roost_raft::state::{Access, NodeRole, Scope, UnixMillis};
+use roost_raft::{Command, Consensus, Grant, NodeId, State, StateReader};
 use tonic::{Request, Status};
 
 use super::clock::ClusterClock;
@@ -262,17 +262,29 @@ pub async fn wait_caught_up(state: &StateReader, me: NodeId, deadline: tokio::ti
 /// yet (just initialised or joined, or restarted and replaying) is held
 /// before it is refused as unavailable.
 pub const HOLD_UNTIL_CAUGHT_UP: std::time::Duration = std::time::Duration::from_secs(10);
+/// The most calls held at once; more are answered at once.
+pub const MAX_HELD: usize = 256;
 
 /// Serves the public API with each call's bearer token as its [`Grant`].
 /// The token is checked by [`authenticate`] inside; the grant only travels.
 /// A call that reaches a node that does not know the cluster yet is held
 /// until it does (up to [`HOLD_UNTIL_CAUGHT_UP`]), so a CLI that read
 /// `admin.token` the moment `node init` wrote it is served, not refused.
+/// Only a call with a well-formed API token of this cluster is held, and at
+/// most [`MAX_HELD`] at once; others go straight on to be refused.
 #[derive(Clone)]
 pub struct WithGrant<S> {
     pub inner: S,
     pub state: StateReader,
     pub me: NodeId,
+    pub ca_digest: CaDigest,
+    pub held: Arc<tokio::sync::Semaphore>,
+}
+
+impl<S> WithGrant<S> {
+    pub fn new(inner: S, state: StateReader, me: NodeId, ca_digest: CaDigest) -> Self {
+        Self { inner, state, me, ca_digest, held: Arc::new(tokio::sync::Semaphore::new(MAX_HELD)) }
+    }
 }
 
 impl<S: tonic::server::NamedService> tonic::server::NamedService for WithGrant<S> {
@@ -300,9 +312,17 @@ where
             .and_then(|h| h.to_str().ok())
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(|token| Grant::Token { token: token.to_owned() });
-        if caught_up(&self.state, self.me) {
+        let ours =
+            |token: &str| Token::parse(token).is_ok_and(|t| t.kind != TokenKind::Join && t.ca_digest == self.ca_digest);
+        let hold = match &grant {
+            Some(Grant::Token { token }) if ours(token) && !caught_up(&self.state, self.me) => {
+                self.held.clone().try_acquire_owned().ok()
+            }
+            _ => None,
+        };
+        let Some(permit) = hold else {
             return Box::pin(with_grant(grant, self.inner.call(request)));
-        }
+        };
         // The service that was made ready serves this call later; the
         // clone takes its place for the next one (tower's usual swap).
         let clone = self.inner.clone();
@@ -310,11 +330,37 @@ where
         let state = self.state.clone();
         let me = self.me;
         Box::pin(async move {
-            // Not caught up by the deadline: the call goes on, and
-            // [`authenticate`] says the node is unavailable.
+            // Not caught up by the deadline: the call goes on, and is
+            // refused or answered with what this node knows.
             wait_caught_up(&state, me, tokio::time::Instant::now() + HOLD_UNTIL_CAUGHT_UP).await;
+            drop(permit);
             with_grant(grant, ready.call(request)).await
         })
+    }
+}
+
+/// The role a join secret admits: [`NodeRole::Voter`] for the voter join
+/// secret, [`NodeRole::Worker`] for the worker one; `None` for neither.
+pub fn join_role(state: &State, secret: &str) -> Option<NodeRole> {
+    let cluster = state.cluster.as_ref()?;
+    let matches = |current: &str| !current.is_empty() && constant_time_eq(secret.as_bytes(), current.as_bytes());
+    if matches(&cluster.join_secret) {
+        Some(NodeRole::Voter)
+    } else if matches(&cluster.worker_join_secret) {
+        Some(NodeRole::Worker)
+    } else {
+        None
+    }
+}
+
+/// Whether a node of `role` may join with the join `secret`: the voter
+/// secret admits any node, the worker secret only workers.
+pub fn admit(state: &State, secret: &str, role: NodeRole) -> Result<(), String> {
+    match join_role(state, secret) {
+        Some(NodeRole::Voter) => Ok(()),
+        Some(NodeRole::Worker) if role == NodeRole::Worker => Ok(()),
+        Some(NodeRole::Worker) => Err("the worker token joins only workers".into()),
+        None => Err("the join secret is not the cluster's".into()),
     }
 }
 
@@ -323,14 +369,7 @@ where
 /// (`Command::access`), or the join secret for a new node.
 pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, clock: Arc<ClusterClock>) -> Authorize {
     Arc::new(move |command: &Command, grant: Option<&Grant>| match (command, grant) {
-        (Command::AddNode { .. }, Some(Grant::Join { secret })) => {
-            let current = state.read(|s| s.cluster.as_ref().map(|c| c.join_secret.clone())).unwrap_or_default();
-            if !current.is_empty() && constant_time_eq(secret.as_bytes(), current.as_bytes()) {
-                Ok(())
-            } else {
-                Err("the join secret is not the cluster's".into())
-            }
-        }
+        (Command::AddNode { node }, Some(Grant::Join { secret })) => state.read(|s| admit(s, secret, node.role)),
         (Command::Bootstrap { .. } | Command::Batch { .. }, _) => Err("it is never forwarded".into()),
         (_, Some(Grant::Token { token })) => {
             let principal = resolve(&state, &ca_digest, token, Some(&uses), &clock)
@@ -339,4 +378,36 @@ pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, 
         }
         (_, _) => Err("it needs the API token of the user who asked for it".into()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use roost_raft::state::NodeRole::{Voter, Worker};
+    use roost_raft::testkit::cluster;
+
+    use super::*;
+
+    #[test]
+    fn the_voter_secret_admits_any_node_and_the_worker_secret_only_workers() {
+        let mut state = cluster(1, |_| Vec::new());
+        if let Some(c) = state.cluster.as_mut() {
+            c.join_secret = "voter-secret".into();
+            c.worker_join_secret = "worker-secret".into();
+        }
+        assert_eq!(join_role(&state, "voter-secret"), Some(Voter));
+        assert_eq!(join_role(&state, "worker-secret"), Some(Worker));
+        assert!(admit(&state, "voter-secret", Voter).is_ok());
+        assert!(admit(&state, "voter-secret", Worker).is_ok());
+        assert!(admit(&state, "worker-secret", Worker).is_ok());
+        let refused = admit(&state, "worker-secret", Voter).expect_err("a worker token adding a voter");
+        assert!(refused.contains("joins only workers"), "{refused}");
+        assert!(admit(&state, "other", Worker).is_err());
+        // A cluster without a worker secret (made before workers) admits
+        // nothing with an empty one.
+        if let Some(c) = state.cluster.as_mut() {
+            c.worker_join_secret = String::new();
+        }
+        assert_eq!(join_role(&state, ""), None);
+        assert!(admit(&state, "", Worker).is_err());
+    }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use roost_network::mesh::Key;
-use roost_network::pki::{self, constant_time_eq, CaDigest, ClusterCa, NodeKey};
+use roost_network::pki::{self, CaDigest, ClusterCa, NodeKey};
 use roost_network::tls::{ClientTls, PeerIdentity, TlsError};
 use roost_network::{Token, TokenKind};
 use roost_proto::cluster::join_client::JoinClient;
@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use tonic::{Request, Status};
 
 use super::api::{consensus_status, rejection_status, API_DEADLINE};
+use super::auth::join_role;
 use super::identity::{DataDir, Identity, IdentityError, StoredIdentity};
 
 #[derive(Debug, thiserror::Error)]
@@ -208,8 +209,8 @@ impl join_server::Join for JoinService {
         let request = request.into_inner();
         // A wrong secret is refused from local state, before it costs the
         // leader a round trip; names are checked against the latest state.
-        let local = self.consensus.state().read(|s| s.cluster.as_ref().map(|c| c.join_secret.clone()));
-        if local.is_some_and(|secret| !constant_time_eq(request.secret.as_bytes(), secret.as_bytes())) {
+        let bootstrapped = self.consensus.state().read(|s| s.cluster.is_some());
+        if bootstrapped && self.consensus.state().read(|s| join_role(s, &request.secret)).is_none() {
             tracing::warn!(%client, "join refused: wrong secret");
             return Err(wrong_secret());
         }
@@ -219,10 +220,11 @@ impl join_server::Join for JoinService {
             .state()
             .read(|s| s.cluster.clone())
             .ok_or_else(|| rejection_status(Rejection::NotBootstrapped))?;
-        if !constant_time_eq(request.secret.as_bytes(), cluster.join_secret.as_bytes()) {
+        // The token decides the role: a worker token makes a worker.
+        let Some(role) = self.consensus.state().read(|s| join_role(s, &request.secret)) else {
             tracing::warn!(%client, "join refused: wrong secret");
             return Err(wrong_secret());
-        }
+        };
         if let Err(reason) = validate_name(&request.name) {
             return Err(rejection_status(Rejection::InvalidNodeName { name: request.name, reason }));
         }
@@ -262,6 +264,7 @@ impl join_server::Join for JoinService {
             cert_fingerprint: fingerprint,
             resources: Resources { cpu_millis: request.cpu_millis, memory_bytes: request.memory_bytes },
             wireguard,
+            role,
         };
         let grant = roost_raft::Grant::Join { secret: request.secret.clone() };
         let response = self
@@ -274,7 +277,7 @@ impl join_server::Join for JoinService {
             Response::Rejected(rejection) => return Err(rejection_status(rejection)),
             other => return Err(Status::internal(format!("unexpected answer to a join: {other:?}"))),
         };
-        tracing::info!(node = %request.name, id = node_id, address = %request.address, "node joined");
+        tracing::info!(node = %request.name, id = node_id, address = %request.address, ?role, "node joined");
         Ok(tonic::Response::new(JoinResponse {
             node_id,
             cluster_id: cluster.id,

@@ -2,7 +2,8 @@
 //!
 //! Every node runs the same binary, so nobody chooses voters by hand. The
 //! rule: the first three nodes vote (five once the cluster has five or more
-//! nodes); the rest are learners. The voter count stays odd: a second node
+//! nodes that may vote); the rest are learners. Workers (nodes that joined
+//! with the worker token) are never promoted and do not count. The voter count stays odd: a second node
 //! waits as a learner until a third arrives and both are promoted together,
 //! because two voters tolerate no failure and stall if *either* fails. A voter that is removed, or has been down
 //! longer than `promote_after`, is replaced by a healthy, caught-up learner
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::ChangeMembers;
+use roost_raft::state::NodeRole;
 use roost_raft::{Consensus, NodeId, RaftNode};
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +40,8 @@ pub struct MembershipView {
     pub seen: BTreeMap<NodeId, Seen>,
     /// Members whose log is close to the leader's.
     pub caught_up: BTreeSet<NodeId>,
+    /// Wanted nodes that joined as workers: never voters.
+    pub workers: BTreeSet<NodeId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,11 +68,13 @@ pub fn plan(view: &MembershipView, promote_after: Duration) -> Option<Membership
     let up = |id: &NodeId| view.seen.get(id).is_some_and(|s| s.up) || *id == view.leader;
     let long_down =
         |id: &NodeId| *id != view.leader && view.seen.get(id).is_some_and(|s| !s.up && s.ago >= promote_after);
-    let target = voter_target(view.wanted.len());
+    let eligible = view.wanted.keys().filter(|id| !view.workers.contains(id));
+    let target = voter_target(eligible.clone().count());
 
-    let staying: Vec<NodeId> = view.voters.iter().copied().filter(|id| view.wanted.contains_key(id)).collect();
+    let staying: Vec<NodeId> =
+        view.voters.iter().copied().filter(|id| view.wanted.contains_key(id) && !view.workers.contains(id)).collect();
     let mut voters: BTreeSet<NodeId> = staying.iter().copied().filter(|id| !long_down(id)).collect();
-    let candidates = view.wanted.keys().filter(|id| !view.voters.contains(id) && up(id) && view.caught_up.contains(id));
+    let candidates = eligible.filter(|id| !view.voters.contains(id) && up(id) && view.caught_up.contains(id));
     for id in candidates {
         if voters.len() >= target {
             break;
@@ -165,8 +171,11 @@ fn observe(consensus: &Consensus, liveness: &Liveness) -> Option<MembershipView>
                 .collect()
         })
         .unwrap_or_default();
-    let wanted: BTreeMap<NodeId, RaftNode> = consensus.state().read(|s| {
-        s.nodes.values().map(|n| (n.id, RaftNode { name: n.name.clone(), address: n.address.clone() })).collect()
+    let (wanted, workers) = consensus.state().read(|s| {
+        let wanted: BTreeMap<NodeId, RaftNode> =
+            s.nodes.values().map(|n| (n.id, RaftNode { name: n.name.clone(), address: n.address.clone() })).collect();
+        let workers = s.nodes.values().filter(|n| n.role == NodeRole::Worker).map(|n| n.id).collect();
+        (wanted, workers)
     });
     let seen = liveness.view(wanted.keys().copied(), tokio::time::Instant::now());
     Some(MembershipView {
@@ -176,6 +185,7 @@ fn observe(consensus: &Consensus, liveness: &Liveness) -> Option<MembershipView>
         wanted,
         seen,
         caught_up,
+        workers,
     })
 }
 
@@ -207,7 +217,24 @@ mod tests {
             voters: voters.iter().copied().collect(),
             seen: wanted.iter().map(|id| (*id, up())).collect(),
             caught_up: wanted.iter().copied().collect(),
+            workers: BTreeSet::new(),
         }
+    }
+
+    #[test]
+    fn workers_are_never_promoted_and_do_not_count_towards_the_target() {
+        // Nodes 2 and 3 are workers: two nodes may vote, so one voter.
+        let mut v = view(&[1, 2, 3, 4], &[1]);
+        v.workers = set(&[2, 3]);
+        assert_eq!(plan(&v, AFTER), None);
+        // A fifth node that may vote: three may, so three voters, never 2 or 3.
+        v = view(&[1, 2, 3, 4, 5], &[1]);
+        v.workers = set(&[2, 3]);
+        assert_eq!(plan(&v, AFTER), Some(MembershipAction::SetVoters(set(&[1, 4, 5]))));
+        // A worker found voting (it should never be) is replaced.
+        v = view(&[1, 2, 3, 4, 5], &[1, 2, 4]);
+        v.workers = set(&[2, 3]);
+        assert_eq!(plan(&v, AFTER), Some(MembershipAction::SetVoters(set(&[1, 4, 5]))));
     }
 
     fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {

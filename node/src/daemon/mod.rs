@@ -329,6 +329,9 @@ impl Node {
                 // and a client that stopped answering is dropped.
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                // hyper's default, which tonic lifts: no connection opens
+                // more calls than this at once.
+                .max_concurrent_streams(Some(200))
                 .add_service(InterceptedService::new(
                     RaftService::new(
                         consensus.clone(),
@@ -354,8 +357,8 @@ impl Node {
                     secrets_key: identity.secrets_key.clone(),
                     limiter: Default::default(),
                 }))
-                .add_service(auth::WithGrant {
-                    inner: InterceptedService::new(
+                .add_service(auth::WithGrant::new(
+                    InterceptedService::new(
                         ControlServer::new(api::ControlService {
                             consensus: consensus.clone(),
                             liveness: liveness.clone(),
@@ -373,8 +376,9 @@ impl Node {
                         auth::authenticate(state.clone(), ca_digest, token_uses.clone(), clock.clone()),
                     ),
                     state,
-                    me: stored.node_id,
-                });
+                    stored.node_id,
+                    ca_digest,
+                ));
             let incoming = tls::incoming(listener, server_tls, config.connection_limits.clone(), stop.clone());
             let server_stop = stop.clone();
             // Every task the node starts from here on is tracked, and
@@ -609,6 +613,7 @@ fn create_cluster(
         ca_cert_pem: ca.cert_pem().to_owned(),
         ca_key_pem: ca.key_pem().to_owned(),
         join_secret: tokens.join.secret.clone(),
+        worker_join_secret: Token::generate(TokenKind::Join, ca.digest()).secret,
         admin_secret_sha256: secret_digest(&tokens.admin.secret),
         mesh_range: settings.mesh_range,
         domain: settings.domain,
@@ -623,6 +628,7 @@ fn create_cluster(
         cert_fingerprint: node.fingerprint.clone(),
         resources,
         wireguard: wireguard_port.map(|port| wireguard_peer(&wireguard_key, address, port)),
+        role: Default::default(),
     };
     dir.save_bootstrap(&Command::Bootstrap { cluster, node: first })?;
     identity::write_private(&dir.join_token(), &format!("{}\n", tokens.join))?;

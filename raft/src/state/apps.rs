@@ -462,7 +462,9 @@ impl State {
                 None => return Response::Rejected(Rejection::NothingToRollBackTo { app: app_name.to_owned() }),
             },
         };
-        let (spec, description) = (target.spec.clone(), format!("rollback to v{}", target.version));
+        let (mut spec, description) = (target.spec.clone(), format!("rollback to v{}", target.version));
+        // The history the app keeps is today's, not the old release's.
+        spec.release_history = app.releases.values().next_back().and_then(|r| r.spec.release_history);
         self.new_release(app_name, spec, &description, at)
     }
 

@@ -10,6 +10,7 @@ fn cluster() -> ClusterInfo {
         ca_cert_pem: "cert".into(),
         ca_key_pem: "key".into(),
         join_secret: "s".into(),
+        worker_join_secret: "w".into(),
         admin_secret_sha256: "h".into(),
         mesh_range: default_mesh_range(),
         domain: "localhost".into(),
@@ -26,6 +27,7 @@ fn node(name: &str, fingerprint: &str) -> NewNode {
         cert_fingerprint: fingerprint.into(),
         resources: crate::workload::Resources { cpu_millis: 8000, memory_bytes: 16 << 30 },
         wireguard: None,
+        role: Default::default(),
     }
 }
 
@@ -79,7 +81,10 @@ fn add_node_before_bootstrap_is_refused() {
 fn removed_nodes_are_revoked_and_their_ids_never_reused() {
     let mut state = bootstrapped();
     apply(&mut state, Command::AddNode { node: node("n2", "f2") });
-    assert_eq!(apply(&mut state, Command::RemoveNode { id: 2, new_join_secret: None }), Response::Done);
+    assert_eq!(
+        apply(&mut state, Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None }),
+        Response::Done
+    );
     assert!(state.is_revoked("f2"));
     assert!(state.removed_nodes.contains_key(&2));
     assert_eq!(
@@ -94,11 +99,11 @@ fn removed_nodes_are_revoked_and_their_ids_never_reused() {
 fn the_last_node_cannot_be_removed() {
     let mut state = bootstrapped();
     assert_eq!(
-        apply(&mut state, Command::RemoveNode { id: FIRST_NODE_ID, new_join_secret: None }),
+        apply(&mut state, Command::RemoveNode { id: FIRST_NODE_ID, new_join_secret: None, new_worker_secret: None }),
         Response::Rejected(Rejection::LastNode { name: "n1".into() })
     );
     assert_eq!(
-        apply(&mut state, Command::RemoveNode { id: 9, new_join_secret: None }),
+        apply(&mut state, Command::RemoveNode { id: 9, new_join_secret: None, new_worker_secret: None }),
         Response::Rejected(Rejection::NodeNotFound { node: "9".into() })
     );
 }
@@ -166,7 +171,7 @@ fn apply_is_deterministic() {
     let commands = [
         Command::AddNode { node: node("n2", "f2") },
         Command::CreateApp { name: "a".into() },
-        Command::RemoveNode { id: 2, new_join_secret: None },
+        Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None },
         Command::CreateApp { name: "b".into() },
     ];
     let run = || {
@@ -200,16 +205,20 @@ fn a_batch_applies_each_proposal_in_order_and_answers_each() {
 }
 
 #[test]
-fn removing_a_node_can_rotate_the_join_secret() {
+fn removing_a_node_can_rotate_both_join_secrets() {
     let mut state = bootstrapped();
-    apply(&mut state, Command::AddNode { node: node("n2", "f2") });
-    let secret = crate::command::Secret("new".into());
-    assert_eq!(apply(&mut state, Command::RemoveNode { id: 2, new_join_secret: Some(secret) }), Response::Done);
-    assert_eq!(state.cluster.as_ref().map(|c| c.join_secret.as_str()), Some("new"));
-    // A refused removal changes nothing, the secret included.
-    let again = Command::RemoveNode { id: 2, new_join_secret: Some(crate::command::Secret("newer".into())) };
+    let worker = NewNode { role: NodeRole::Worker, ..node("n2", "f2") };
+    apply(&mut state, Command::AddNode { node: worker });
+    assert_eq!(state.nodes[&2].role, NodeRole::Worker, "the role is recorded");
+    let secret = |s: &str| Some(crate::command::Secret(s.into()));
+    let remove = Command::RemoveNode { id: 2, new_join_secret: secret("new"), new_worker_secret: secret("new-w") };
+    assert_eq!(apply(&mut state, remove), Response::Done);
+    let secrets = |state: &State| state.cluster.as_ref().map(|c| (c.join_secret.clone(), c.worker_join_secret.clone()));
+    assert_eq!(secrets(&state), Some(("new".into(), "new-w".into())));
+    // A refused removal changes nothing, the secrets included.
+    let again = Command::RemoveNode { id: 2, new_join_secret: secret("newer"), new_worker_secret: secret("newer-w") };
     assert!(matches!(apply(&mut state, again), Response::Rejected(_)));
-    assert_eq!(state.cluster.as_ref().map(|c| c.join_secret.as_str()), Some("new"));
+    assert_eq!(secrets(&state), Some(("new".into(), "new-w".into())));
 }
 
 mod workloads {
@@ -582,10 +591,15 @@ mod workloads {
             deploy_keeping(&mut state, version, Some(50));
         }
         assert_eq!(state.apps["web"].releases.len(), 11, "v10 to v20");
+        // A rollback to a release that kept 3 keeps today's history.
+        let back = apply(&mut state, Command::Rollback { app: "web".into(), version: Some(12) });
+        assert_eq!(back, Response::ReleaseCreated { version: 21 });
+        assert_eq!(state.apps["web"].releases.len(), 12, "v10 to v21: nothing pruned by the rollback");
+        finish(&mut state, 21);
         // Out of bounds in a request that skipped the CLI's check: clamped.
-        deploy_keeping(&mut state, 21, Some(0));
+        deploy_keeping(&mut state, 22, Some(0));
         let kept: Vec<u64> = state.apps["web"].releases.keys().copied().collect();
-        assert_eq!(kept, [19, 20, 21], "the deploying release, the serving one and its rollback target");
+        assert_eq!(kept, [20, 21, 22], "the deploying release, the serving one and its rollback target");
     }
 
     #[test]
@@ -620,7 +634,7 @@ fn every_node_holds_its_own_subnet_and_a_freed_one_is_reused() {
     assert_eq!(subnet(&state, 1).as_deref(), Some("10.210.0.0/24"));
     assert_eq!(subnet(&state, 2).as_deref(), Some("10.210.1.0/24"));
     assert_eq!(subnet(&state, 3).as_deref(), Some("10.210.2.0/24"));
-    apply(&mut state, Command::RemoveNode { id: 2, new_join_secret: None });
+    apply(&mut state, Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None });
     apply(&mut state, Command::AddNode { node: node("n4", "f4") });
     assert_eq!(subnet(&state, 4).as_deref(), Some("10.210.1.0/24"), "n2's subnet is free once n2 is gone");
     let held: Vec<_> = state.nodes.values().filter_map(|n| n.subnet).collect();

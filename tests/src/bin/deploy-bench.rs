@@ -565,6 +565,7 @@ async fn scheduler_bench(batch: usize) -> Result<()> {
         cert_fingerprint: format!("f{i}"),
         resources: Resources { cpu_millis: 16_000, memory_bytes: 64 << 30 },
         wireguard: None,
+        role: Default::default(),
     };
     let cluster = ClusterInfo {
         id: "bench".into(),
@@ -572,6 +573,7 @@ async fn scheduler_bench(batch: usize) -> Result<()> {
         ca_cert_pem: String::new(),
         ca_key_pem: String::new(),
         join_secret: String::new(),
+        worker_join_secret: String::new(),
         admin_secret_sha256: String::new(),
         // Room for a /24 per simulated node.
         mesh_range: "10.0.0.0/8".parse()?,
