@@ -528,9 +528,14 @@ impl Engine {
         })
     }
 
-    /// Removes the networks labelled with `cluster` (and only those).
-    pub async fn remove_networks(&self, cluster: &str) -> Result<(), EngineError> {
-        let filters = HashMap::from([("label", vec![format!("{LABEL_CLUSTER}={cluster}")])]);
+    /// Removes the networks labelled with `cluster` (and only those), and
+    /// with `node` if given.
+    pub async fn remove_networks(&self, cluster: &str, node: Option<u64>) -> Result<(), EngineError> {
+        let mut labels = vec![format!("{LABEL_CLUSTER}={cluster}")];
+        if let Some(node) = node {
+            labels.push(format!("{LABEL_NODE}={node}"));
+        }
+        let filters = HashMap::from([("label", labels)]);
         let options = ListNetworksOptionsBuilder::default().filters(&filters).build();
         let networks = self.docker.list_networks(Some(options)).await.map_err(EngineError::docker("list networks"))?;
         for network in networks.into_iter().filter_map(|n| n.name) {

@@ -279,7 +279,8 @@ async fn a_build_context_over_the_nodes_max_upload_is_refused_and_creates_nothin
 /// `roost node token --role worker` prints a token for nodes that never
 /// vote: with two workers and three nodes that may vote, the cluster's three
 /// voters are the latter, `node list` shows the workers as `worker`, and
-/// removing a node rotates both tokens.
+/// removing a node rotates both tokens; the removed node exits and takes its
+/// instance network off the machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_joined_with_the_worker_token_never_vote() -> Result<()> {
     let root = tempfile::Builder::new().prefix("roost-workers-").tempdir()?;
@@ -302,7 +303,7 @@ async fn nodes_joined_with_the_worker_token_never_vote() -> Result<()> {
 
     // The workers join first: the controller would have made them voters.
     let w1 = NodeProcess::join(root.path(), "w1", &n1.address, &worker_token)?;
-    let w2 = NodeProcess::join(root.path(), "w2", &n1.address, &worker_token)?;
+    let mut w2 = NodeProcess::join(root.path(), "w2", &n1.address, &worker_token)?;
     wait_for_nodes(&n1.address, &admin, Duration::from_secs(60), "two workers up", |n| {
         names(n, "role", "worker").len() == 2 && names(n, "state", "up").len() == 3
     })
@@ -317,15 +318,39 @@ async fn nodes_joined_with_the_worker_token_never_vote() -> Result<()> {
     .await?;
     let out = roost(&["node", "list", "--json"], Some(&n2.address), Some(&admin)).await?;
     let listed: Vec<Value> = serde_json::from_str(&out.stdout)?;
-    assert_eq!(names(&listed, "role", "worker"), ["w1", "w2"], "{listed:?}");
+    let mut workers = names(&listed, "role", "worker");
+    workers.sort();
+    assert_eq!(workers, ["w1", "w2"], "{listed:?}");
     // A worker serves the CLI like any node.
     let out = roost(&["apps", "create", "via-worker"], Some(&w2.address), Some(&admin)).await?;
     assert_eq!(out.code, 0, "{}", out.stderr);
+
+    let w2_id = listed.iter().find(|n| n["name"] == "w2").and_then(|n| n["id"].as_u64()).context("w2's id")?;
+    let identity: Value = serde_json::from_str(&std::fs::read_to_string(n1.data_dir.join("node.json"))?)?;
+    let cluster = identity["cluster_id"].as_str().context("cluster id")?.to_owned();
+    let w2_network = || {
+        roost_tests::topology::docker(&[
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label=roost.cluster={cluster}"),
+            "--filter",
+            &format!("label=roost.node={w2_id}"),
+        ])
+    };
+    wait_until("w2's instance network", Duration::from_secs(30), || async { Ok(!w2_network()?.is_empty()) }).await?;
 
     let out = roost(&["node", "remove", "w2"], Some(&n3.address), Some(&admin)).await?;
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_ne!(token("worker").await?, worker_token, "the worker token was rotated");
     assert_ne!(token("voter").await?, voter_token, "the voter token was rotated");
-    drop(w2);
+    wait_until("w2 to exit", Duration::from_secs(60), || {
+        let exited = w2.exited().map(|e| e.is_some());
+        async move { exited }
+    })
+    .await?;
+    assert_eq!(w2.exited()?.flatten(), Some(10), "exit code 10: removed; {}", w2.stderr());
+    assert_eq!(w2_network()?, "", "the removed node's instance network is gone");
     Ok(())
 }

@@ -227,6 +227,9 @@ pub struct RunningNode {
     /// Where this node's edge takes HTTP and HTTPS.
     pub http_address: SocketAddr,
     pub https_address: SocketAddr,
+    /// The engine and the cluster, for what a removed node clears away.
+    engine: Engine,
+    cluster_id: String,
 }
 
 impl std::fmt::Debug for RunningNode {
@@ -467,7 +470,7 @@ impl Node {
                     .in_current_span(),
             );
             let fetcher = Arc::new(workloads::PeerImages { consensus: consensus.clone(), channels: channels.clone() });
-            let agent = Agent::new(engine, consensus.clone(), secrets_key, fetcher, network_rx);
+            let agent = Agent::new(engine.clone(), consensus.clone(), secrets_key, fetcher, network_rx);
             let agent = tasks.spawn(agent.run(stop.clone()).in_current_span());
             tasks.spawn(
                 workloads::run_controller(consensus.clone(), liveness.clone(), config.controller.clone(), stop.clone())
@@ -488,6 +491,8 @@ impl Node {
                 tasks,
                 http_address: edge_addresses.0,
                 https_address: edge_addresses.1,
+                engine,
+                cluster_id: stored.cluster_id.clone(),
             })
         }
         .instrument(span)
@@ -728,6 +733,18 @@ fn spawn_background(
     );
 }
 
+/// Removes what a removed node left on its engine: its containers and its
+/// instance network (not other nodes' on a shared engine). Returns how many
+/// containers went.
+async fn leave(engine: &Engine, cluster: &str, node: u64) -> Result<usize, roost_deploy::engine::EngineError> {
+    let containers = engine.containers(cluster, Some(node)).await?;
+    for container in &containers {
+        engine.remove(&container.id).await?;
+    }
+    engine.remove_networks(cluster, Some(node)).await?;
+    Ok(containers.len())
+}
+
 impl RunningNode {
     /// Waits until the node is asked to stop or learns it was removed, then
     /// drains: stops serving, shuts Raft down, and waits for the server.
@@ -767,6 +784,15 @@ impl RunningNode {
             tracing::warn!(left = self.tasks.len(), "some of the node's tasks did not stop within 10s");
         }
         if self.removed.load(Ordering::SeqCst) {
+            // Out for good: its instances run elsewhere now, so nothing of
+            // the cluster is left on this machine's engine.
+            match tokio::time::timeout(Duration::from_secs(60), leave(&self.engine, &self.cluster_id, self.id)).await {
+                Ok(Ok(removed)) => {
+                    tracing::info!(containers = removed, "removed this node's containers and instance network");
+                }
+                Ok(Err(error)) => tracing::warn!(error = %error.chain(), "could not clear this node's containers away"),
+                Err(_) => tracing::warn!("clearing this node's containers away took over 60s; left the rest"),
+            }
             ExitReason::Removed
         } else {
             ExitReason::Shutdown
