@@ -72,6 +72,13 @@ async fn run_node(
         .map_err(|e| CliError::Other(format!("{:#}", anyhow::Error::new(e))))?;
     if let Some(tokens) = &node.init_tokens {
         print!("{}", cli::init_banner(tokens, &node.address, node.data_dir.root(), &node.name));
+    } else {
+        let worker = node
+            .consensus
+            .state()
+            .read(|s| s.nodes.get(&node.id).is_some_and(|n| n.role == roost_raft::state::NodeRole::Worker));
+        let role = if worker { " as a worker: it runs apps and never votes" } else { "" };
+        println!("Node {} (id {}) is serving at {}{role}.", node.name, node.id, node.address);
     }
     tokio::spawn(async move {
         wait_for_signal().await;

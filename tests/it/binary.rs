@@ -318,6 +318,7 @@ async fn nodes_joined_with_the_worker_token_never_vote() -> Result<()> {
     .await?;
     let out = roost(&["node", "list", "--json"], Some(&n2.address), Some(&admin)).await?;
     let listed: Vec<Value> = serde_json::from_str(&out.stdout)?;
+    assert!(w1.stdout().contains("(id ") && w1.stdout().contains("as a worker"), "{}", w1.stdout());
     let mut workers = names(&listed, "role", "worker");
     workers.sort();
     assert_eq!(workers, ["w1", "w2"], "{listed:?}");
