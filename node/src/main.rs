@@ -73,11 +73,11 @@ async fn run_node(
     if let Some(tokens) = &node.init_tokens {
         print!("{}", cli::init_banner(tokens, &node.address, node.data_dir.root(), &node.name));
     } else {
-        let worker = node
-            .consensus
-            .state()
-            .read(|s| s.nodes.get(&node.id).is_some_and(|n| n.role == roost_raft::state::NodeRole::Worker));
-        let role = if worker { " as a worker: it runs apps and never votes" } else { "" };
+        let role = if node.consensus.state().read(|s| s.is_worker(node.id)) {
+            " as a worker: it runs apps and never votes"
+        } else {
+            ""
+        };
         println!("Node {} (id {}) is serving at {}{role}.", node.name, node.id, node.address);
     }
     tokio::spawn(async move {

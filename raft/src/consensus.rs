@@ -120,6 +120,17 @@ pub enum ConsensusError {
     NotLeader,
 }
 
+/// `command` as a proposal made now, and its encoded size, unless it is
+/// over [`MAX_COMMAND_BYTES`].
+fn sized(command: Command) -> Result<(Proposal, usize), ConsensusError> {
+    let proposal = Proposal::new(command, now_millis());
+    let bytes = encoded_len(&proposal);
+    if bytes > MAX_COMMAND_BYTES {
+        return Err(ConsensusError::TooLarge { bytes });
+    }
+    Ok((proposal, bytes))
+}
+
 /// The largest one proposal may be, encoded. Checked before it is proposed
 /// (and again on the leader, for forwarded ones), so an oversized change is
 /// refused with a clear error rather than clogging the log.
@@ -275,22 +286,11 @@ impl Consensus {
     /// must lead: it is never forwarded, and another leader decides again.
     pub async fn propose_as_leader(&self, command: Command, deadline: Instant) -> Result<Response, ConsensusError> {
         let started = Instant::now();
-        let proposal = Proposal::new(command, now_millis());
-        let bytes = encoded_len(&proposal);
-        if bytes > MAX_COMMAND_BYTES {
-            return Err(ConsensusError::TooLarge { bytes });
-        }
+        let (proposal, bytes) = sized(command)?;
         if !self.is_leader() {
             return Err(ConsensusError::NotLeader);
         }
-        let remaining = deadline.saturating_duration_since(started);
-        match tokio::time::timeout(remaining, self.write_sized(proposal, bytes)).await {
-            Err(_) => Err(ConsensusError::Unconfirmed { waited: started.elapsed() }),
-            Ok(LocalWrite::Done(response)) => Ok(response),
-            Ok(LocalWrite::NotLeader) => Err(ConsensusError::NotLeader),
-            Ok(LocalWrite::Failed(e)) => Err(ConsensusError::Protocol(e)),
-            Ok(LocalWrite::Stopped) => Err(ConsensusError::Stopped),
-        }
+        self.write_leading(proposal, bytes, deadline, started).await
     }
 
     /// [`Consensus::propose`] on someone's behalf: `grant` goes with the
@@ -302,11 +302,7 @@ impl Consensus {
         deadline: Instant,
     ) -> Result<Response, ConsensusError> {
         let started = Instant::now();
-        let proposal = Proposal::new(command, now_millis());
-        let bytes = encoded_len(&proposal);
-        if bytes > MAX_COMMAND_BYTES {
-            return Err(ConsensusError::TooLarge { bytes });
-        }
+        let (proposal, bytes) = sized(command)?;
         let mut retry = RETRY_MIN;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -315,12 +311,10 @@ impl Consensus {
             }
             match self.leader() {
                 Some((id, _)) if id == self.id => {
-                    match tokio::time::timeout(remaining, self.write_sized(proposal.clone(), bytes)).await {
-                        Err(_) => return Err(ConsensusError::Unconfirmed { waited: started.elapsed() }),
-                        Ok(LocalWrite::Done(response)) => return Ok(response),
-                        Ok(LocalWrite::NotLeader) => {}
-                        Ok(LocalWrite::Failed(e)) => return Err(ConsensusError::Protocol(e)),
-                        Ok(LocalWrite::Stopped) => return Err(ConsensusError::Stopped),
+                    match self.write_leading(proposal.clone(), bytes, deadline, started).await {
+                        // It lost the lead meanwhile: find the new leader.
+                        Err(ConsensusError::NotLeader) => {}
+                        done => return done,
                     }
                 }
                 Some((_, leader)) => match self.forward_proposal(&leader.address, &proposal, &grant, remaining).await {
@@ -333,6 +327,24 @@ impl Consensus {
                 None => {}
             }
             retry = self.pause(retry, deadline).await;
+        }
+    }
+
+    /// [`Consensus::write_sized`] until `deadline`, its outcome as the
+    /// proposer sees it (`started`: when the proposal was made).
+    async fn write_leading(
+        &self,
+        proposal: Proposal,
+        bytes: usize,
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<Response, ConsensusError> {
+        match tokio::time::timeout_at(deadline, self.write_sized(proposal, bytes)).await {
+            Err(_) => Err(ConsensusError::Unconfirmed { waited: started.elapsed() }),
+            Ok(LocalWrite::Done(response)) => Ok(response),
+            Ok(LocalWrite::NotLeader) => Err(ConsensusError::NotLeader),
+            Ok(LocalWrite::Failed(e)) => Err(ConsensusError::Protocol(e)),
+            Ok(LocalWrite::Stopped) => Err(ConsensusError::Stopped),
         }
     }
 

@@ -36,7 +36,6 @@ use tonic::{Request, Status};
 
 use crate::command::{Command, Forward, Grant};
 use crate::consensus::{Consensus, LocalWrite, MAX_MESSAGE_BYTES};
-use crate::state::NodeRole;
 use crate::{NodeId, Raft};
 
 /// Status message of a forwarded call that reached a node that no longer leads.
@@ -71,15 +70,14 @@ impl RaftService {
     }
 
     /// Refuses a campaign or a leader's message from a worker
-    /// ([`NodeRole::Worker`]): a worker never votes or leads. The role is
+    /// ([`crate::state::NodeRole::Worker`]): a worker never votes or leads. The role is
     /// fixed at join, so, unlike Raft's membership, this node's view of it
     /// is never behind the caller's.
     fn refuse_worker<T>(&self, request: &Request<T>) -> Result<(), Status> {
         let Some(Caller(Some(caller))) = request.extensions().get::<Caller>() else {
             return Ok(());
         };
-        let worker = self.consensus.state().read(|s| s.nodes.get(caller).is_some_and(|n| n.role == NodeRole::Worker));
-        if worker {
+        if self.consensus.state().read(|s| s.is_worker(*caller)) {
             return Err(Status::permission_denied(format!(
                 "node {caller} is a worker: workers never campaign or lead"
             )));

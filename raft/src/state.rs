@@ -392,6 +392,16 @@ impl State {
         self.nodes.values().find(|n| n.name == name)
     }
 
+    /// Whether `id` is a current node that joined as a worker.
+    pub fn is_worker(&self, id: NodeId) -> bool {
+        self.nodes.get(&id).is_some_and(|n| n.role == NodeRole::Worker)
+    }
+
+    /// The current nodes that joined as workers.
+    pub fn workers(&self) -> BTreeSet<NodeId> {
+        self.nodes.values().filter(|n| n.role == NodeRole::Worker).map(|n| n.id).collect()
+    }
+
     /// The current node whose certificate has this fingerprint.
     pub fn node_by_fingerprint(&self, fingerprint: &str) -> Option<&NodeRecord> {
         self.nodes.values().find(|n| n.cert_fingerprint == fingerprint)

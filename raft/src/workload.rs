@@ -70,8 +70,10 @@ pub fn format_bytes(bytes: u64) -> String {
         format!("{} GiB", bytes / GIB)
     } else if bytes >= GIB {
         format!("{:.1} GiB", bytes as f64 / GIB as f64)
-    } else {
+    } else if bytes.is_multiple_of(MIB) {
         format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / MIB as f64)
     }
 }
 

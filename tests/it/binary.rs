@@ -94,12 +94,7 @@ async fn scenario(root: &std::path::Path) -> Result<()> {
     let dup_root = root.join("dup");
     std::fs::create_dir_all(&dup_root)?;
     let mut dup = NodeProcess::join(&dup_root, "n1", &nodes[0].address, &join).context("dup")?;
-    wait_until("the duplicate join to exit", Duration::from_secs(30), || {
-        let exited = dup.exited().map(|e| e.is_some());
-        async move { exited }
-    })
-    .await?;
-    assert_ne!(dup.exited()?.flatten(), Some(0));
+    assert_ne!(dup.wait_for_exit(Duration::from_secs(30)).await?, Some(0));
     assert!(dup.stderr().contains("already in the cluster"), "{}", dup.stderr());
 
     // SIGKILL the leader.
@@ -268,7 +263,7 @@ async fn a_build_context_over_the_nodes_max_upload_is_refused_and_creates_nothin
     let out = roost(&["deploy", &app.path().to_string_lossy()], Some(&n1.address), Some(&admin)).await?;
     assert_ne!(out.code, 0, "{}", out.stdout);
     assert!(
-        out.stderr.contains("over this node's limit of 1.0 MiB") && out.stderr.contains("--max-upload"),
+        out.stderr.contains("over this node's limit of 1 MiB") && out.stderr.contains("--max-upload"),
         "{}",
         out.stderr
     );
@@ -346,12 +341,8 @@ async fn nodes_joined_with_the_worker_token_never_vote() -> Result<()> {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_ne!(token("worker").await?, worker_token, "the worker token was rotated");
     assert_ne!(token("voter").await?, voter_token, "the voter token was rotated");
-    wait_until("w2 to exit", Duration::from_secs(60), || {
-        let exited = w2.exited().map(|e| e.is_some());
-        async move { exited }
-    })
-    .await?;
-    assert_eq!(w2.exited()?.flatten(), Some(10), "exit code 10: removed; {}", w2.stderr());
+    let code = w2.wait_for_exit(Duration::from_secs(60)).await?;
+    assert_eq!(code, Some(10), "exit code 10: removed; {}", w2.stderr());
     assert_eq!(w2_network()?, "", "the removed node's instance network is gone");
     Ok(())
 }

@@ -255,6 +255,18 @@ impl NodeProcess {
         }
     }
 
+    /// Waits until the process has exited; its exit code (`None`: killed
+    /// by a signal).
+    pub async fn wait_for_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let what = format!("{} to exit", self.name);
+        wait_until(&what, timeout, || {
+            let exited = self.exited().map(|e| e.is_some());
+            async move { exited }
+        })
+        .await?;
+        Ok(self.exited()?.flatten())
+    }
+
     pub fn read_token(&self, file: &str) -> Result<String> {
         Ok(std::fs::read_to_string(self.data_dir.join(file))?.trim().to_owned())
     }

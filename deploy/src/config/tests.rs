@@ -231,24 +231,24 @@ fn kill_timeout_takes_seconds_or_a_duration_within_bounds() {
     }
 }
 
-#[test]
-fn initial_count_is_from_one_to_the_most_a_group_may_have() {
-    for (count, valid) in [(0, false), (1, true), (10_000, true), (10_001, false)] {
-        let found = problems(&format!("app = \"a\"\n[deploy]\ninitial_count = {count}\n"));
-        assert_eq!(found.is_empty(), valid, "initial_count = {count}: {found:?}");
+/// `[deploy] KEY = value` for each of `cases` (value, whether valid); an
+/// invalid one is reported as `deploy.KEY: must be from 1 to MAX`.
+fn check_deploy_range(key: &str, max: u32, cases: [(u32, bool); 4]) {
+    for (value, valid) in cases {
+        let found = problems(&format!("app = \"a\"\n[deploy]\n{key} = {value}\n"));
+        assert_eq!(found.is_empty(), valid, "{key} = {value}: {found:?}");
         if !valid {
-            assert!(found[0].starts_with("deploy.initial_count: must be from 1 to 10000"), "{found:?}");
+            assert!(found[0].starts_with(&format!("deploy.{key}: must be from 1 to {max}")), "{found:?}");
         }
     }
 }
 
 #[test]
+fn initial_count_is_from_one_to_the_most_a_group_may_have() {
+    check_deploy_range("initial_count", 10_000, [(0, false), (1, true), (10_000, true), (10_001, false)]);
+}
+
+#[test]
 fn release_history_is_from_one_to_a_hundred() {
-    for (history, valid) in [(0, false), (1, true), (100, true), (101, false)] {
-        let found = problems(&format!("app = \"a\"\n[deploy]\nrelease_history = {history}\n"));
-        assert_eq!(found.is_empty(), valid, "release_history = {history}: {found:?}");
-        if !valid {
-            assert!(found[0].starts_with("deploy.release_history: must be from 1 to 100"), "{found:?}");
-        }
-    }
+    check_deploy_range("release_history", 100, [(0, false), (1, true), (100, true), (101, false)]);
 }

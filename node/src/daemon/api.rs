@@ -182,9 +182,7 @@ impl ControlService {
     /// Each node's role, from Raft's membership as this node knows it.
     fn roles(&self) -> impl Fn(NodeId) -> &'static str {
         let metrics = self.consensus.raft().metrics().borrow().clone();
-        let workers: std::collections::BTreeSet<NodeId> = self.consensus.state().read(|s| {
-            s.nodes.values().filter(|n| n.role == roost_raft::state::NodeRole::Worker).map(|n| n.id).collect()
-        });
+        let workers = self.consensus.state().read(|s| s.workers());
         move |id| {
             let membership = metrics.membership_config.membership();
             if metrics.current_leader == Some(id) {

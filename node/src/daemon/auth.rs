@@ -176,6 +176,21 @@ pub async fn report_token_uses(
     }
 }
 
+/// `text` as an API token of this cluster, by its form alone: not yet
+/// looked up in the state.
+fn api_token(text: &str, ca_digest: &CaDigest) -> Result<Token, Status> {
+    let token = Token::parse(text).map_err(|e| Status::unauthenticated(format!("malformed API token: {e}")))?;
+    if token.kind == TokenKind::Join {
+        return Err(Status::unauthenticated(
+            "that is a join token; the CLI needs an API token (admin.token in the first node's data directory, or one `roost tokens create` made)",
+        ));
+    }
+    if token.ca_digest != *ca_digest {
+        return Err(Status::unauthenticated("the API token belongs to another cluster"));
+    }
+    Ok(token)
+}
+
 /// Finds the token `text` is in the state: it must be this cluster's, not
 /// revoked, rotated or expired (by the later of this node's clock and the
 /// leader's: [`ClusterClock`]).
@@ -186,15 +201,7 @@ pub fn resolve(
     uses: Option<&TokenUses>,
     clock: &ClusterClock,
 ) -> Result<Principal, Status> {
-    let token = Token::parse(text).map_err(|e| Status::unauthenticated(format!("malformed API token: {e}")))?;
-    if token.kind == TokenKind::Join {
-        return Err(Status::unauthenticated(
-            "that is a join token; the CLI needs an API token (admin.token in the first node's data directory, or one `roost tokens create` made)",
-        ));
-    }
-    if token.ca_digest != *ca_digest {
-        return Err(Status::unauthenticated("the API token belongs to another cluster"));
-    }
+    let token = api_token(text, ca_digest)?;
     let digest = secret_digest(&token.secret);
     let (bootstrapped, found) = state.read(|s| (s.cluster.is_some(), s.token_by_digest(&digest, constant_time_eq)));
     if !bootstrapped {
@@ -312,10 +319,10 @@ where
             .and_then(|h| h.to_str().ok())
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(|token| Grant::Token { token: token.to_owned() });
-        let ours =
-            |token: &str| Token::parse(token).is_ok_and(|t| t.kind != TokenKind::Join && t.ca_digest == self.ca_digest);
         let hold = match &grant {
-            Some(Grant::Token { token }) if ours(token) && !caught_up(&self.state, self.me) => {
+            Some(Grant::Token { token })
+                if api_token(token, &self.ca_digest).is_ok() && !caught_up(&self.state, self.me) =>
+            {
                 self.held.clone().try_acquire_owned().ok()
             }
             _ => None,

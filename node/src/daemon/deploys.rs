@@ -71,22 +71,13 @@ async fn next_chunk(
                 if *received > limit {
                     return Err(Status::resource_exhausted(format!(
                         "the upload is over this node's limit of {}: add a .dockerignore to the build context, or slim the image (the limit is the node's --max-upload)",
-                        human_bytes(limit)
+                        roost_raft::workload::format_bytes(limit)
                     )));
                 }
                 return Ok(Some(data));
             }
             Some(_) => continue,
         }
-    }
-}
-
-/// `bytes` as GiB when it is a whole number of them, else MiB.
-fn human_bytes(bytes: u64) -> String {
-    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
-        format!("{} GiB", bytes >> 30)
-    } else {
-        format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
     }
 }
 

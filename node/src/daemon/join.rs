@@ -209,8 +209,8 @@ impl join_server::Join for JoinService {
         let request = request.into_inner();
         // A wrong secret is refused from local state, before it costs the
         // leader a round trip; names are checked against the latest state.
-        let bootstrapped = self.consensus.state().read(|s| s.cluster.is_some());
-        if bootstrapped && self.consensus.state().read(|s| join_role(s, &request.secret)).is_none() {
+        let local = self.consensus.state().read(|s| s.cluster.is_some().then(|| join_role(s, &request.secret)));
+        if local == Some(None) {
             tracing::warn!(%client, "join refused: wrong secret");
             return Err(wrong_secret());
         }

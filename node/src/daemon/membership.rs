@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::ChangeMembers;
-use roost_raft::state::NodeRole;
 use roost_raft::{Consensus, NodeId, RaftNode};
 use tokio_util::sync::CancellationToken;
 
@@ -174,8 +173,7 @@ fn observe(consensus: &Consensus, liveness: &Liveness) -> Option<MembershipView>
     let (wanted, workers) = consensus.state().read(|s| {
         let wanted: BTreeMap<NodeId, RaftNode> =
             s.nodes.values().map(|n| (n.id, RaftNode { name: n.name.clone(), address: n.address.clone() })).collect();
-        let workers = s.nodes.values().filter(|n| n.role == NodeRole::Worker).map(|n| n.id).collect();
-        (wanted, workers)
+        (wanted, s.workers())
     });
     let seen = liveness.view(wanted.keys().copied(), tokio::time::Instant::now());
     Some(MembershipView {
