@@ -47,7 +47,7 @@ use crate::engine::{
     AttachTo, Container, ContainerSpec, Engine, LABEL_APP, LABEL_CLUSTER, LABEL_GENERATION, LABEL_GROUP,
     LABEL_INSTANCE, LABEL_NODE, LABEL_RELEASE,
 };
-use crate::secrets::SecretsKey;
+use crate::secrets::{SecretsError, SecretsKey};
 
 /// A `docker save` stream of an image, fetched from another node.
 pub type ImageStream = BoxStream<'static, Result<Bytes, std::io::Error>>;
@@ -56,6 +56,32 @@ pub type ImageStream = BoxStream<'static, Result<Bytes, std::io::Error>>;
 /// cluster's TLS transport.
 pub trait ImageFetcher: Send + Sync {
     fn fetch(&self, image: String, from: NodeId) -> BoxFuture<'static, Result<ImageStream, String>>;
+}
+
+/// Opens the secrets of an instance the agent is about to start: with the
+/// secrets key where the node holds it, else by asking a node that does.
+pub trait SecretOpener: Send + Sync {
+    /// The values of `sealed` (the secrets of `instance`'s release).
+    fn open(
+        self: Arc<Self>,
+        instance: &Instance,
+        sealed: &BTreeMap<String, SealedSecret>,
+    ) -> BoxFuture<'static, Result<BTreeMap<String, String>, String>>;
+}
+
+impl SecretOpener for SecretsKey {
+    fn open(
+        self: Arc<Self>,
+        instance: &Instance,
+        sealed: &BTreeMap<String, SealedSecret>,
+    ) -> BoxFuture<'static, Result<BTreeMap<String, String>, String>> {
+        let opened = sealed
+            .iter()
+            .map(|(name, value)| Ok((name.clone(), SecretsKey::open(&self, &instance.app, name, value)?)))
+            .collect::<Result<BTreeMap<_, _>, SecretsError>>()
+            .map_err(|e| e.to_string());
+        Box::pin(std::future::ready(opened))
+    }
 }
 
 /// The network this node's instances join: a bridge on the node's /24 of
@@ -164,7 +190,7 @@ impl Tracked {
 struct Worker {
     engine: Engine,
     consensus: Arc<Consensus>,
-    key: Arc<SecretsKey>,
+    secrets: Arc<dyn SecretOpener>,
     fetcher: Arc<dyn ImageFetcher>,
     node: NodeId,
     /// Rung when a health check's result changes or a job ends: time for
@@ -293,14 +319,14 @@ impl Agent {
     pub fn new(
         engine: Engine,
         consensus: Arc<Consensus>,
-        key: Arc<SecretsKey>,
+        secrets: Arc<dyn SecretOpener>,
         fetcher: Arc<dyn ImageFetcher>,
         network: watch::Receiver<NetworkStatus>,
     ) -> Self {
         let node = consensus.id();
         let wake = Arc::new(Notify::new());
         Self {
-            worker: Worker { engine, consensus, key, fetcher, node, wake },
+            worker: Worker { engine, consensus, secrets, fetcher, node, wake },
             jobs: Jobs::default(),
             tracked: HashMap::new(),
             last_collect: None,
@@ -673,10 +699,7 @@ impl Worker {
             ));
         }
         let mut env: BTreeMap<String, String> = desired.env.clone();
-        for (name, sealed) in &desired.secrets {
-            let value = self.key.open(&instance.app, name, sealed).map_err(|e| e.to_string())?;
-            env.insert(name.clone(), value);
-        }
+        env.extend(self.secrets.clone().open(instance, &desired.secrets).await?);
         env.insert("ROOST_APP_NAME".into(), instance.app.clone());
         env.insert("ROOST_INSTANCE_ID".into(), instance.id.clone());
         env.insert("ROOST_PROCESS_GROUP".into(), instance.group.clone());

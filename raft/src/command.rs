@@ -11,7 +11,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::state::{
-    Access, AcmeChallenge, ApiToken, App, ClusterInfo, IssuedCertificate, NodeRole, UnixMillis, WireguardPeer,
+    Access, AcmeChallenge, ApiToken, App, ClusterInfo, IssuedCertificate, NodeRole, RotatedJoinSecrets, UnixMillis,
+    WireguardPeer,
 };
 use crate::workload::{InstanceReport, Outcome, Placement, ReleaseSpec, Resources, SealedSecret};
 use crate::NodeId;
@@ -164,7 +165,7 @@ impl Proposal {
 pub enum Command {
     /// Creates the cluster and its first node.
     Bootstrap {
-        cluster: ClusterInfo,
+        cluster: Box<ClusterInfo>,
         node: NewNode,
     },
     /// Admits a node that presented the join secret.
@@ -175,10 +176,14 @@ pub enum Command {
     /// removed node (which holds the old ones) cannot simply join again.
     RemoveNode {
         id: NodeId,
+        /// Plain new secrets, as entries made before join secrets were
+        /// sealed carry them; never written now.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         new_join_secret: Option<Secret>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         new_worker_secret: Option<Secret>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rotate: Option<RotatedJoinSecrets>,
     },
     /// A node describes itself after it starts: its address (which changes
     /// when its machine moves) and its WireGuard endpoint.

@@ -91,21 +91,34 @@ pub struct AcmeSettings {
 
 /// Cluster-wide facts and credentials, set once by `roost node init`.
 ///
-/// The CA key is here so that whichever node answers a join can sign the new
-/// node's certificate; the state is readable only by the nodes themselves.
+/// Every member replicates this, workers included, so nothing here opens
+/// anything by itself: the CA key and the join secrets are sealed with the
+/// secrets key, which only nodes that may vote hold, and joins are checked
+/// against digests.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterInfo {
     pub id: String,
     pub created_at: UnixMillis,
     pub ca_cert_pem: String,
+    /// The CA key (PEM), sealed with the secrets key: a voter opens it to
+    /// sign a joining node's certificate or an edge certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_key: Option<SealedSecret>,
+    /// The voter join token's secret, which `roost node token` prints: a
+    /// node that joins with it may be made a voter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voter_join: Option<JoinSecret>,
+    /// The worker join token's secret (`roost node token --role worker`):
+    /// a node that joins with it runs instances and never votes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_join: Option<JoinSecret>,
+    /// Clusters made before the CA key was sealed kept it here in plain
+    /// text (and the join secrets below); read, never written now.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ca_key_pem: String,
-    /// The secret half of the voter join token, which `roost node token`
-    /// prints: a node that joins with it may be made a voter.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub join_secret: String,
-    /// The secret half of the worker join token (`roost node token --role
-    /// worker`): a node that joins with it runs instances and never votes.
-    /// Empty in a cluster made before workers existed.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub worker_join_secret: String,
     /// SHA-256 (hex) of the admin token's secret; the secret itself is only
     /// in the init node's `admin.token`.
@@ -132,6 +145,22 @@ impl std::fmt::Debug for ClusterInfo {
             .field("domain", &self.domain)
             .finish_non_exhaustive()
     }
+}
+
+/// A join secret as the state keeps it: a digest any node checks a join
+/// against, and the secret sealed for the voters that print tokens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinSecret {
+    /// SHA-256 of the secret, hex.
+    pub sha256: String,
+    pub sealed: SealedSecret,
+}
+
+/// New join secrets for both roles, as `roost node remove` makes them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotatedJoinSecrets {
+    pub voter: JoinSecret,
+    pub worker: JoinSecret,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,8 +274,8 @@ impl State {
         match &proposal.command {
             Command::Bootstrap { cluster, node } => self.bootstrap(cluster, node, at),
             Command::AddNode { node } => self.add_node(node, at),
-            Command::RemoveNode { id, new_join_secret, new_worker_secret } => {
-                self.remove_node(*id, new_join_secret.as_ref(), new_worker_secret.as_ref(), at)
+            Command::RemoveNode { id, new_join_secret, new_worker_secret, rotate } => {
+                self.remove_node(*id, (new_join_secret.as_ref(), new_worker_secret.as_ref()), rotate.as_ref(), at)
             }
             Command::UpdateNode { id, address, wireguard } => self.update_node(*id, address, wireguard.as_ref()),
             Command::AddCertificate { domain, app } => self.add_certificate(domain, app, at),
@@ -337,8 +366,8 @@ impl State {
     fn remove_node(
         &mut self,
         id: NodeId,
-        new_join_secret: Option<&Secret>,
-        new_worker_secret: Option<&Secret>,
+        legacy: (Option<&Secret>, Option<&Secret>),
+        rotate: Option<&RotatedJoinSecrets>,
         at: UnixMillis,
     ) -> Response {
         let Some(node) = self.nodes.get(&id) else {
@@ -352,11 +381,21 @@ impl State {
         };
         self.revoked_certs.insert(node.cert_fingerprint);
         self.removed_nodes.insert(id, RemovedNode { name: node.name, removed_at: at });
-        if let (Some(cluster), Some(secret)) = (self.cluster.as_mut(), new_join_secret) {
-            cluster.join_secret = secret.0.clone();
-        }
-        if let (Some(cluster), Some(secret)) = (self.cluster.as_mut(), new_worker_secret) {
-            cluster.worker_join_secret = secret.0.clone();
+        if let Some(cluster) = self.cluster.as_mut() {
+            if let Some(rotate) = rotate {
+                cluster.voter_join = Some(rotate.voter.clone());
+                cluster.worker_join = Some(rotate.worker.clone());
+                // A digest now decides: the old plain secrets admit no one.
+                cluster.join_secret.clear();
+                cluster.worker_join_secret.clear();
+            }
+            // Entries written before join secrets were sealed.
+            if let Some(secret) = legacy.0 {
+                cluster.join_secret = secret.0.clone();
+            }
+            if let Some(secret) = legacy.1 {
+                cluster.worker_join_secret = secret.0.clone();
+            }
         }
         Response::Done
     }

@@ -40,6 +40,9 @@ pub fn cluster(count: usize, labels: impl Fn(usize) -> Vec<(&'static str, &'stat
         id: "test".into(),
         created_at: 0,
         ca_cert_pem: String::new(),
+        ca_key: None,
+        voter_join: None,
+        worker_join: None,
         ca_key_pem: String::new(),
         join_secret: String::new(),
         worker_join_secret: String::new(),
@@ -48,7 +51,7 @@ pub fn cluster(count: usize, labels: impl Fn(usize) -> Vec<(&'static str, &'stat
         domain: "localhost".into(),
         acme: None,
     };
-    apply(&mut state, Command::Bootstrap { cluster, node: node("n1", &labels(1), size) });
+    apply(&mut state, Command::Bootstrap { cluster: Box::new(cluster), node: node("n1", &labels(1), size) });
     for i in 2..=count {
         apply(&mut state, Command::AddNode { node: node(&format!("n{i}"), &labels(i), size) });
     }

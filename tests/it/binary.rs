@@ -346,3 +346,145 @@ async fn nodes_joined_with_the_worker_token_never_vote() -> Result<()> {
     assert_eq!(w2_network()?, "", "the removed node's instance network is gone");
     Ok(())
 }
+
+/// A worker holds none of the cluster's keys: its data directory has no
+/// secrets key, and no file of it holds a private key but its own or a join
+/// secret. It still runs an instance with its secrets (opened by a voter for
+/// that instance only) and serves APP.DOMAIN over TLS with a certificate a
+/// voter made for it; what needs the keys (setting secrets, printing a join
+/// token, admitting a node) it refuses, naming the voters to use instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_holds_no_cluster_keys_yet_runs_secrets_and_serves_tls() -> Result<()> {
+    use roost_proto::cluster::keys_client::KeysClient;
+    use roost_proto::cluster::InstanceSecretsRequest;
+
+    let root = tempfile::Builder::new().prefix("roost-keys-").tempdir()?;
+    let n1 = NodeProcess::init(root.path(), "n1")?;
+    let admin = n1.read_token_when_ready("admin.token").await?;
+    let voter_token = n1.read_token_when_ready("join.token").await?;
+    let out = roost(&["node", "token", "--role", "worker"], Some(&n1.address), Some(&admin)).await?;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let worker_token = out.stdout.trim().to_owned();
+    let w1 = NodeProcess::join(root.path(), "w1", &n1.address, &worker_token)?;
+    wait_for_nodes(&n1.address, &admin, Duration::from_secs(60), "the worker up", |n| {
+        names(n, "role", "worker") == ["w1"] && names(n, "state", "up").len() == 2
+    })
+    .await?;
+    let identity: Value = serde_json::from_str(&std::fs::read_to_string(n1.data_dir.join("node.json"))?)?;
+    let _cleanup =
+        roost_tests::apps::DockerCleanup { cluster: identity["cluster_id"].as_str().context("cluster id")?.to_owned() };
+
+    // Nothing on the worker's disk opens anything. Raft's write-ahead log
+    // holds every entry uncompressed, the bootstrap entry included.
+    assert!(!w1.data_dir.join("secrets.key").exists(), "a worker has no secrets key");
+    let secrets_key = std::fs::read_to_string(n1.data_dir.join("secrets.key"))?.trim().to_owned();
+    let join_secrets = [&voter_token, &worker_token].map(|t| roost_network::Token::parse(t).map(|t| t.secret));
+    let mut forbidden = vec![secrets_key];
+    for secret in join_secrets {
+        forbidden.push(secret?);
+    }
+    let own_key = w1.data_dir.join("tls/node.key");
+    let mut checked = 0;
+    for file in walk(&w1.data_dir)? {
+        let bytes = std::fs::read(&file)?;
+        let text = String::from_utf8_lossy(&bytes);
+        for needle in &forbidden {
+            assert!(!text.contains(needle.as_str()), "{} holds a cluster secret", file.display());
+        }
+        if file != own_key {
+            assert!(!text.contains("PRIVATE KEY"), "{} holds a private key", file.display());
+        }
+        checked += 1;
+    }
+    assert!(checked > 5, "the walk found the worker's files ({checked})");
+
+    // What needs the keys, the worker refuses, naming the voter.
+    for args in [&["secrets", "set", "GREETING=hi", "-a", "keys"][..], &["node", "token"]] {
+        let out = roost(args, Some(&w1.address), Some(&admin)).await?;
+        assert_ne!(out.code, 0, "{args:?} through a worker: {}", out.stdout);
+        assert!(
+            out.stderr.contains("worker") && out.stderr.contains(&format!("n1 ({})", n1.address)),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    let dir = root.path().join("x").display().to_string();
+    let local = "127.0.0.1:0";
+    let join = ["node", "join", &w1.address, "--token", &voter_token, "--data-dir", &dir, "--name", "x"];
+    let flags = ["--listen", local, "--http-listen", local, "--https-listen", local, "--no-wireguard"];
+    let out = roost(&[&join[..], &flags[..]].concat(), None, None).await?;
+    assert_ne!(out.code, 0, "a join through a worker: {}", out.stdout);
+    assert!(out.stderr.contains("cannot join through a worker"), "{}", out.stderr);
+
+    // An instance on the worker gets its secret, from a voter.
+    for args in [&["apps", "create", "keys"][..], &["secrets", "set", "GREETING=opened-by-a-voter", "-a", "keys"]] {
+        let out = roost(args, Some(&n1.address), Some(&admin)).await?;
+        assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+    }
+    let app = hello_app(&hello_toml("keys", "[placement]\nmax_per_node = 1\n\n[deploy]\ninitial_count = 2\n"))?;
+    let out = roost(&["deploy", &app.path().to_string_lossy()], Some(&n1.address), Some(&admin)).await?;
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let instance_on = |node: &str| -> Result<String> {
+        let id = roost_tests::topology::docker(&[
+            "ps",
+            "--filter",
+            &format!("label=roost.cluster={}", _cleanup.cluster),
+            "--filter",
+            &format!("label=roost.node={node}"),
+            "--format",
+            "{{.Label \"roost.instance\"}}",
+        ])?;
+        Ok(id.trim().to_owned())
+    };
+    let (on_n1, on_w1) = (instance_on("1")?, instance_on("2")?);
+    assert!(!on_n1.is_empty() && !on_w1.is_empty(), "one instance on each node: {on_n1:?} {on_w1:?}");
+
+    // The worker's edge serves keys.localhost with a certificate from the
+    // cluster CA, and the instance answers with the opened secret.
+    let ca = n1.data_dir.join("tls/ca.pem").display().to_string();
+    let port = w1.https.port();
+    let resolve = format!("keys.localhost:{port}:127.0.0.1");
+    let url = format!("https://keys.localhost:{port}/env/GREETING");
+    let last = std::sync::Mutex::new(String::new());
+    let served = wait_until("the worker's edge to serve the secret over TLS", Duration::from_secs(30), || async {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--cacert", &ca, "--resolve", &resolve, &url])
+            .output()?;
+        let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        *last.lock().unwrap_or_else(|p| p.into_inner()) = format!("{body} {}", String::from_utf8_lossy(&out.stderr));
+        Ok(out.status.success() && body == "opened-by-a-voter")
+    })
+    .await;
+    served.with_context(|| format!("curl: {}", last.lock().unwrap_or_else(|p| p.into_inner())))?;
+
+    // A voter opens an instance's secrets only for the node it runs on.
+    let tls = roost_tests::node_tls(&w1.data_dir)?;
+    let ask = |instance: String| {
+        let (tls, address) = (&tls, n1.address.clone());
+        async move {
+            let channel = tls.connect(&address).await?;
+            Ok::<_, anyhow::Error>(KeysClient::new(channel).instance_secrets(InstanceSecretsRequest { instance }).await)
+        }
+    };
+    let own = ask(on_w1).await?.map_err(|s| anyhow::anyhow!("its own instance: {s:?}"))?.into_inner();
+    assert_eq!(own.secrets.get("GREETING").map(String::as_str), Some("opened-by-a-voter"));
+    let status = ask(on_n1).await?.expect_err("another node's instance");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // The nodes stop before their containers are cleaned up.
+    drop((w1, n1));
+    Ok(())
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            files.extend(walk(&path)?);
+        } else {
+            files.push(path);
+        }
+    }
+    Ok(files)
+}

@@ -176,7 +176,8 @@ async fn certificates_of_removed_or_unknown_nodes_and_members_posing_as_others_a
     // A certificate signed with the cluster CA's key but never issued
     // through a join opens nothing either.
     let info = cluster.node(leader)?.consensus.state().read(|s| s.cluster.clone()).expect("bootstrapped");
-    let ca = roost_network::ClusterCa::load(&info.id, &info.ca_cert_pem, &info.ca_key_pem)?;
+    let key = std::fs::read_to_string(cluster.slots[leader].dir.path().join("secrets.key"))?;
+    let ca = roost_node::daemon::keys::open_ca(&info, &roost_deploy::secrets::SecretsKey::from_hex(&key)?)?;
     let rogue = ca.issue_node("rogue")?;
     let tls = ClientTls::node(ca.cert_pem(), &rogue.cert_pem, &rogue.key_pem)?;
     let channel = tls.connect(&cluster.node(leader)?.address).await?;
@@ -523,7 +524,12 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
         (
             "a node removal",
             propose(
-                roost_raft::Command::RemoveNode { id: other, new_join_secret: None, new_worker_secret: None },
+                roost_raft::Command::RemoveNode {
+                    id: other,
+                    new_join_secret: None,
+                    new_worker_secret: None,
+                    rotate: None,
+                },
                 None,
             ),
         ),

@@ -112,6 +112,13 @@ impl NodeProcess {
         Self::spawn_with(root, name, &["node", "join", seed, "--token", token], &Host::Loopback, env.into())
     }
 
+    /// [`NodeProcess::join`] with more flags for `node join`.
+    pub fn join_with(root: &Path, name: &str, seed: &str, token: &str, flags: &[&str]) -> Result<Self> {
+        let mut command = vec!["node", "join", seed, "--token", token];
+        command.extend_from_slice(flags);
+        Self::spawn(root, name, &command, &Host::Loopback)
+    }
+
     /// [`NodeProcess::join`] on the given host.
     pub fn join_at(root: &Path, name: &str, seed: &str, token: &str, host: &Host) -> Result<Self> {
         Self::spawn(root, name, &["node", "join", seed, "--token", token], host)

@@ -3,7 +3,9 @@
 //! A custom domain (or an app name) with an ACME certificate gets that one;
 //! an app under the cluster domain without one gets a certificate from the
 //! cluster CA, made on first use and kept (renewed well before it expires).
-//! Any other name has no certificate, and its handshake fails. The node
+//! A node without the CA key (a worker) serves those a voter made for it
+//! ([`Certificates::insert_made`]). Any other name has no certificate, and
+//! its handshake fails. The node
 //! hands over ACME certificates with their keys opened ([`Certificates::set_issued`]);
 //! they stay in memory only.
 
@@ -81,6 +83,14 @@ impl Certificates {
     /// The CA that signs certificates of apps under the cluster domain.
     pub fn set_ca(&self, ca: Arc<ClusterCa>) {
         *self.ca.write().unwrap_or_else(|p| p.into_inner()) = Some(ca);
+    }
+
+    /// A certificate for an app under the cluster domain that another node
+    /// made, for a node without the CA (a worker holds no CA key); served
+    /// as one made here would be.
+    pub fn insert_made(&self, name: &str, certificate: Arc<CertifiedKey>) {
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        made.insert(name.to_ascii_lowercase(), (certificate, Instant::now()));
     }
 
     /// The ACME certificates to serve, by domain (replacing the previous set).

@@ -23,6 +23,9 @@ fn state_with(nodes: &[(&str, bool)]) -> State {
         id: "c0ffee0123456789".into(),
         created_at: 0,
         ca_cert_pem: String::new(),
+        ca_key: None,
+        voter_join: None,
+        worker_join: None,
         ca_key_pem: String::new(),
         join_secret: String::new(),
         worker_join_secret: String::new(),
@@ -32,7 +35,7 @@ fn state_with(nodes: &[(&str, bool)]) -> State {
         acme: None,
     };
     let (first, rest) = nodes.split_first().expect("a node");
-    state.apply(&Proposal::new(Command::Bootstrap { cluster, node: new_node(first.0, first.1) }, 1));
+    state.apply(&Proposal::new(Command::Bootstrap { cluster: Box::new(cluster), node: new_node(first.0, first.1) }, 1));
     for (name, wireguard) in rest {
         state.apply(&Proposal::new(Command::AddNode { node: new_node(name, *wireguard) }, 1));
     }
@@ -57,7 +60,10 @@ fn each_node_plans_its_own_subnet_and_every_peer_that_has_wireguard() {
 #[test]
 fn a_removed_node_leaves_every_plan() {
     let mut state = state_with(&[("n1", true), ("n2", true), ("n3", true)]);
-    state.apply(&Proposal::new(Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None }, 2));
+    state.apply(&Proposal::new(
+        Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None, rotate: None },
+        2,
+    ));
     let peers: Vec<NodeId> = plan(&state, 1).expect("plan").peers.iter().map(|p| p.node).collect();
     assert_eq!(peers, [3]);
 }

@@ -27,8 +27,7 @@ use roost_proto::api::{
 };
 use roost_proto::cluster::peer_client::PeerClient;
 use roost_proto::cluster::{MeshStatusRequest, MeshStatusResponse};
-use roost_raft::command::Secret;
-use roost_raft::state::{validate_name, Access, App, NodeRecord};
+use roost_raft::state::{validate_name, Access, App, NodeRecord, NodeRole, RotatedJoinSecrets};
 use roost_raft::{Command, Consensus, ConsensusError, Grant, NodeId, Rejection, Response};
 use tokio::time::Instant;
 use tonic::{Request, Status, Streaming};
@@ -37,6 +36,7 @@ use super::deploys::{DeployStream, LogLineStream};
 
 use super::auth::principal;
 use super::channels::NodeChannels;
+use super::keys::{self, KeysError};
 use super::liveness::{cluster_liveness, Liveness, Seen};
 
 /// How long an API call waits for a leader before it reports the cluster
@@ -53,7 +53,8 @@ pub struct ControlService {
     pub clock: Arc<super::clock::ClusterClock>,
     pub node_name: String,
     pub engine: Engine,
-    pub secrets_key: Arc<SecretsKey>,
+    /// `None` on a worker.
+    pub secrets_key: Option<Arc<SecretsKey>>,
     pub plane: super::mesh::SharedPlane,
     /// The node's instance network, once the mesh has made it.
     pub network: tokio::sync::watch::Receiver<roost_deploy::agent::NetworkStatus>,
@@ -122,6 +123,15 @@ fn app_to_wire(app: &App) -> WireApp {
 }
 
 impl ControlService {
+    /// The secrets key, which only a node that may vote holds: a worker
+    /// refuses, naming the voters to ask instead (as a Swarm worker does).
+    pub(super) fn secrets_key(&self) -> Result<&SecretsKey, Status> {
+        match &self.secrets_key {
+            Some(key) => Ok(key),
+            None => Err(self.consensus.state().read(keys::worker_refusal).into()),
+        }
+    }
+
     /// Asks the node at `address` for its side of the mesh.
     async fn remote_mesh_status(&self, address: &str) -> Result<MeshStatusResponse, Status> {
         let channel = self.channels.get(address).map_err(|e| Status::unavailable(e.to_string()))?;
@@ -306,11 +316,17 @@ impl Control for ControlService {
             .state()
             .read(|s| s.find_node(&wanted).cloned())
             .ok_or_else(|| rejection_status(Rejection::NodeNotFound { node: wanted.clone() }))?;
-        // A new join secret, so the removed node cannot rejoin with the one
-        // it holds; `roost node token` prints the new token.
-        let rotated = || Some(Secret(Token::generate(TokenKind::Join, self.ca_digest).secret));
-        self.propose(Command::RemoveNode { id: node.id, new_join_secret: rotated(), new_worker_secret: rotated() })
-            .await?;
+        // New join secrets, so the removed node cannot rejoin with the ones
+        // it holds; `roost node token` prints the new tokens.
+        let key = self.secrets_key()?;
+        let rotate = |role| {
+            let secret = Token::generate(TokenKind::Join, self.ca_digest).secret;
+            keys::seal_join_secret(key, role, &secret).map_err(|e| Status::internal(e.to_string()))
+        };
+        let rotate = RotatedJoinSecrets { voter: rotate(NodeRole::Voter)?, worker: rotate(NodeRole::Worker)? };
+        let remove =
+            Command::RemoveNode { id: node.id, new_join_secret: None, new_worker_secret: None, rotate: Some(rotate) };
+        self.propose(remove).await?;
         tracing::info!(node = %node.name, id = node.id, "node removed from the cluster");
         let role = self.roles()(node.id);
         Ok(tonic::Response::new(RemoveNodeResponse { removed: Some(node_to_wire(&node, role, None)) }))
@@ -321,9 +337,9 @@ impl Control for ControlService {
         request: Request<GetJoinTokenRequest>,
     ) -> Result<tonic::Response<GetJoinTokenResponse>, Status> {
         principal(&request)?.allow(Access::Admin)?;
-        let worker = match request.get_ref().role.as_str() {
-            "" | "voter" => false,
-            "worker" => true,
+        let role = match request.get_ref().role.as_str() {
+            "" | "voter" => NodeRole::Voter,
+            "worker" => NodeRole::Worker,
             other => {
                 return Err(Status::invalid_argument(format!("unknown role '{other}': use voter or worker")));
             }
@@ -334,12 +350,14 @@ impl Control for ControlService {
             .state()
             .read(|s| s.cluster.clone())
             .ok_or_else(|| rejection_status(Rejection::NotBootstrapped))?;
-        let secret = if worker { cluster.worker_join_secret } else { cluster.join_secret };
-        if secret.is_empty() {
-            return Err(Status::failed_precondition(
-                "this cluster was made before Roost had workers and has no worker token (a node joined with the voter token may vote)",
-            ));
-        }
+        let secret = match keys::open_join_secret(&cluster, role, self.secrets_key()?) {
+            Err(KeysError::Missing { .. }) => {
+                return Err(Status::failed_precondition(
+                    "this cluster was made before Roost had workers and has no worker token until a node is removed (a node joined with the voter token may vote)",
+                ))
+            }
+            other => other?,
+        };
         let token = Token { kind: TokenKind::Join, ca_digest: self.ca_digest, secret };
         Ok(tonic::Response::new(GetJoinTokenResponse { token: token.to_string() }))
     }

@@ -346,24 +346,10 @@ where
     }
 }
 
-/// The role a join secret admits: [`NodeRole::Voter`] for the voter join
-/// secret, [`NodeRole::Worker`] for the worker one; `None` for neither.
-pub fn join_role(state: &State, secret: &str) -> Option<NodeRole> {
-    let cluster = state.cluster.as_ref()?;
-    let matches = |current: &str| !current.is_empty() && constant_time_eq(secret.as_bytes(), current.as_bytes());
-    if matches(&cluster.join_secret) {
-        Some(NodeRole::Voter)
-    } else if matches(&cluster.worker_join_secret) {
-        Some(NodeRole::Worker)
-    } else {
-        None
-    }
-}
-
 /// Whether a node of `role` may join with the join `secret`: the voter
 /// secret admits any node, the worker secret only workers.
 pub fn admit(state: &State, secret: &str, role: NodeRole) -> Result<(), String> {
-    match join_role(state, secret) {
+    match super::keys::join_role(state, secret) {
         Some(NodeRole::Voter) => Ok(()),
         Some(NodeRole::Worker) if role == NodeRole::Worker => Ok(()),
         Some(NodeRole::Worker) => Err("the worker token joins only workers".into()),
@@ -401,8 +387,6 @@ mod tests {
             c.join_secret = "voter-secret".into();
             c.worker_join_secret = "worker-secret".into();
         }
-        assert_eq!(join_role(&state, "voter-secret"), Some(Voter));
-        assert_eq!(join_role(&state, "worker-secret"), Some(Worker));
         assert!(admit(&state, "voter-secret", Voter).is_ok());
         assert!(admit(&state, "voter-secret", Worker).is_ok());
         assert!(admit(&state, "worker-secret", Worker).is_ok());
@@ -414,7 +398,6 @@ mod tests {
         if let Some(c) = state.cluster.as_mut() {
             c.worker_join_secret = String::new();
         }
-        assert_eq!(join_role(&state, ""), None);
         assert!(admit(&state, "", Worker).is_err());
     }
 }

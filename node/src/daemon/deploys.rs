@@ -285,6 +285,13 @@ impl ControlService {
         events: &mpsc::Sender<Result<DeployEvent, Status>>,
     ) -> Result<u64, Status> {
         let DeployPlan { start, config, app, strategy, confined } = plan;
+        // A release command sees the app's secrets, which a worker cannot
+        // open: say so before anything is uploaded or built.
+        if config.deploy.release_command.is_some()
+            && self.consensus.state().read(|s| s.apps.get(&app).is_some_and(|a| !a.secrets.is_empty()))
+        {
+            self.secrets_key()?;
+        }
         let me = self.consensus.id();
         let cluster = self.consensus.state().read(|s| s.cluster.as_ref().map(|c| c.id.clone())).unwrap_or_default();
         let started = std::time::Instant::now();
@@ -451,7 +458,7 @@ impl ControlService {
         let secrets = self.consensus.state().read(|s| s.apps.get(app).map(|a| a.secrets.clone())).unwrap_or_default();
         let mut env: BTreeMap<String, String> = config.env.clone();
         for (name, sealed) in &secrets {
-            let value = self.secrets_key.open(app, name, sealed).map_err(|e| Status::internal(e.to_string()))?;
+            let value = self.secrets_key()?.open(app, name, sealed).map_err(|e| Status::internal(e.to_string()))?;
             env.insert(name.clone(), value);
         }
         env.insert("ROOST_APP_NAME".into(), app.to_owned());
@@ -561,7 +568,7 @@ impl ControlService {
                 )));
             }
             let sealed =
-                self.secrets_key.seal(&request.app, name, value, at).map_err(|e| Status::internal(e.to_string()))?;
+                self.secrets_key()?.seal(&request.app, name, value, at).map_err(|e| Status::internal(e.to_string()))?;
             set.insert(name.clone(), sealed);
         }
         let names: Vec<&String> = request.secrets.keys().collect();

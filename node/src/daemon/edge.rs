@@ -7,7 +7,7 @@
 //! keys opened, and publishes how far it got, so that a challenge request
 //! that beat its token here can wait for it ([`NodeHooks`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,12 +18,13 @@ use roost_network::edge::http::Hooks;
 use roost_network::edge::routes::Routes;
 use roost_network::edge::tls::certified_key;
 use roost_network::edge::Edge;
-use roost_network::ClusterCa;
 use roost_raft::state::IssuedCertificate;
 use roost_raft::Consensus;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use super::keys::{VoterKeys, MAX_EDGE_NAMES};
 
 /// What sealed certificate keys are sealed under (with the domain as name).
 pub const CERTIFICATE_KEYS: &str = "roost:certificates";
@@ -33,10 +34,23 @@ pub struct EdgeContext {
     pub consensus: Arc<Consensus>,
     pub edge: Arc<Edge>,
     pub directory: watch::Receiver<Arc<Directory>>,
-    pub secrets_key: Arc<SecretsKey>,
+    pub keys: EdgeKeys,
     /// The state version the routes were last built from.
     pub built: watch::Sender<u64>,
 }
+
+/// Where the edge's certificate keys come from.
+pub enum EdgeKeys {
+    /// A node that may vote opens them itself, and makes APP.DOMAIN
+    /// certificates with the CA.
+    Voter(Arc<SecretsKey>),
+    /// A worker's come from a voter ([`worker_certificates`]).
+    Worker,
+}
+
+/// A worker fetches its edge's certificates again this often, well within
+/// the life of the cluster CA's certificate (90 days).
+const WORKER_REFRESH: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub async fn run(context: EdgeContext, stop: CancellationToken) {
     let mut changes = context.consensus.state().changes();
@@ -45,29 +59,29 @@ pub async fn run(context: EdgeContext, stop: CancellationToken) {
     let mut has_ca = false;
     loop {
         let version = *changes.borrow_and_update();
-        let (routes, issued, ca) = context.consensus.state().read(|state| {
+        let (routes, issued, cluster) = context.consensus.state().read(|state| {
             let routes = Routes::new(state, &directory.borrow_and_update());
-            let issued: Vec<(String, IssuedCertificate)> =
-                state.certificates.values().filter_map(|c| Some((c.domain.clone(), c.issued.clone()?))).collect();
-            let ca = state.cluster.as_ref().map(|c| (c.id.clone(), c.ca_cert_pem.clone(), c.ca_key_pem.clone()));
-            (routes, issued, ca)
+            (routes, issued_certificates(state), state.cluster.clone())
         });
         context.edge.update(routes).await;
-        if !has_ca {
-            if let Some((id, cert, key)) = ca {
-                match ClusterCa::load(&id, &cert, &key) {
+        if let EdgeKeys::Voter(key) = &context.keys {
+            if let (false, Some(cluster)) = (has_ca, cluster) {
+                match super::keys::open_ca(&cluster, key) {
                     Ok(ca) => {
                         context.edge.certificates().set_ca(Arc::new(ca));
                         has_ca = true;
                     }
-                    Err(error) => tracing::error!(%error, "the cluster CA is unusable; APP.DOMAIN has no certificate"),
+                    Err(error) => tracing::error!(
+                        error = %super::identity::error_chain(&error),
+                        "the cluster CA is unusable; APP.DOMAIN has no certificate"
+                    ),
                 }
             }
-        }
-        let now: HashMap<String, i64> = issued.iter().map(|(d, i)| (d.clone(), i.issued_at)).collect();
-        if now != served {
-            context.edge.certificates().set_issued(open_certificates(&context.secrets_key, &issued));
-            served = now;
+            let now: HashMap<String, i64> = issued.iter().map(|(d, i)| (d.clone(), i.issued_at)).collect();
+            if now != served {
+                context.edge.certificates().set_issued(open_certificates(key, &issued));
+                served = now;
+            }
         }
         context.built.send_replace(version);
         tokio::select! {
@@ -76,6 +90,102 @@ pub async fn run(context: EdgeContext, stop: CancellationToken) {
             changed = directory.changed() => if changed.is_err() { return },
         }
     }
+}
+
+fn issued_certificates(state: &roost_raft::State) -> Vec<(String, IssuedCertificate)> {
+    state.certificates.values().filter_map(|c| Some((c.domain.clone(), c.issued.clone()?))).collect()
+}
+
+/// A worker's edge certificates, from a voter: at start, whenever an ACME
+/// certificate is issued or renewed or an app is created, and all again
+/// every [`WORKER_REFRESH`]; retried until a voter answers.
+pub async fn worker_certificates(
+    consensus: Arc<Consensus>,
+    edge: Arc<Edge>,
+    keys: Arc<VoterKeys>,
+    stop: CancellationToken,
+) {
+    let mut changes = consensus.state().changes();
+    // The ACME certificates served, the names a certificate is held for,
+    // and when all were last fetched.
+    let mut served: Option<HashMap<String, i64>> = None;
+    let mut held: BTreeSet<String> = BTreeSet::new();
+    let mut refreshed: Option<Instant> = None;
+    let mut retry = Duration::from_secs(1);
+    let mut next_try = Instant::now();
+    loop {
+        changes.borrow_and_update();
+        let (issued, names) = consensus.state().read(|s| {
+            let issued: HashMap<String, i64> =
+                issued_certificates(s).into_iter().map(|(d, i)| (d, i.issued_at)).collect();
+            let domain = s.cluster.as_ref().map(|c| c.domain.clone());
+            let names: BTreeSet<String> =
+                domain.map(|d| s.apps.keys().map(|app| format!("{app}.{d}")).collect()).unwrap_or_default();
+            (issued, names)
+        });
+        let due = refreshed.is_none_or(|at| at.elapsed() >= WORKER_REFRESH);
+        let missing: Vec<String> = names.iter().filter(|n| due || !held.contains(*n)).cloned().collect();
+        let mut wait = WORKER_REFRESH;
+        if served.as_ref() != Some(&issued) || !missing.is_empty() || due {
+            let now = Instant::now();
+            if now < next_try {
+                wait = next_try - now;
+            } else {
+                match fetch_certificates(&keys, &edge, &missing).await {
+                    Ok(()) => {
+                        served = Some(issued);
+                        held.extend(missing);
+                        if due {
+                            refreshed = Some(Instant::now());
+                        }
+                        retry = Duration::from_secs(1);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "could not get the edge's certificates from a voter; retrying in {retry:?}");
+                        next_try = Instant::now() + retry;
+                        wait = retry;
+                        retry = (retry * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+            changed = roost_raft::store::settled(&mut changes) => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Fetches the ACME certificates and certificates for `names`, a call per
+/// [`MAX_EDGE_NAMES`], and hands them to the edge.
+async fn fetch_certificates(keys: &VoterKeys, edge: &Edge, names: &[String]) -> Result<(), String> {
+    let mut batches: Vec<Vec<String>> = names.chunks(MAX_EDGE_NAMES).map(<[String]>::to_vec).collect();
+    if batches.is_empty() {
+        batches.push(Vec::new());
+    }
+    for batch in batches {
+        let reply = keys.edge_certificates(batch).await?;
+        let mut issued = HashMap::new();
+        for certificate in reply.issued {
+            match certified_key(&certificate.domain, &certificate.chain_pem, &certificate.key_pem) {
+                Ok(key) => {
+                    issued.insert(certificate.domain, key);
+                }
+                Err(error) => {
+                    tracing::error!(domain = %certificate.domain, %error, "cannot serve an issued certificate")
+                }
+            }
+        }
+        edge.certificates().set_issued(issued);
+        for made in reply.cluster {
+            match certified_key(&made.domain, &made.chain_pem, &made.key_pem) {
+                Ok(key) => edge.certificates().insert_made(&made.domain, key),
+                Err(error) => tracing::error!(name = %made.domain, %error, "cannot serve a certificate a voter made"),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The issued certificates, keys opened, ready to serve.

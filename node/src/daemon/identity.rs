@@ -71,6 +71,10 @@ pub struct StoredIdentity {
     pub address: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Joined with the worker token: the node never votes and holds no
+    /// secrets key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub worker: bool,
 }
 
 /// A node's identity with its credentials loaded.
@@ -80,8 +84,9 @@ pub struct Identity {
     pub ca_cert_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
-    /// The cluster's secrets key (hex), shared by every node, never in Raft.
-    pub secrets_key: String,
+    /// The cluster's secrets key (hex), held by every node that may vote,
+    /// never in Raft; `None` on a worker.
+    pub secrets_key: Option<String>,
     /// This node's WireGuard private key; never leaves the node.
     pub wireguard_key: Key,
 }
@@ -203,12 +208,14 @@ impl DataDir {
             }
             Err(source) => return Err(io("read", &self.wireguard_key(), source)),
         };
+        let stored: StoredIdentity = stored;
+        let secrets_key = if stored.worker { None } else { Some(read(&self.secrets_key())?) };
         Ok(Some(Identity {
             stored,
             ca_cert_pem: read(&self.tls("ca.pem"))?,
             cert_pem: read(&self.tls("node.pem"))?,
             key_pem: read(&self.tls("node.key"))?,
-            secrets_key: read(&self.secrets_key())?,
+            secrets_key,
             wireguard_key,
         }))
     }
@@ -220,7 +227,9 @@ impl DataDir {
         write_private(&self.tls("ca.pem"), &identity.ca_cert_pem)?;
         write_private(&self.tls("node.pem"), &identity.cert_pem)?;
         write_private(&self.tls("node.key"), &identity.key_pem)?;
-        write_private(&self.secrets_key(), &identity.secrets_key)?;
+        if let Some(secrets_key) = &identity.secrets_key {
+            write_private(&self.secrets_key(), secrets_key)?;
+        }
         write_private(&self.wireguard_key(), &format!("{}\n", identity.wireguard_key.to_base64()))?;
         self.save_stored(&identity.stored)
     }
@@ -288,6 +297,7 @@ pub fn check_resume(
 pub async fn keep_join_token(
     dir: DataDir,
     state: roost_raft::StateReader,
+    key: std::sync::Arc<roost_deploy::secrets::SecretsKey>,
     ca_digest: CaDigest,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -297,7 +307,12 @@ pub async fn keep_join_token(
     }
     let mut changes = state.changes();
     loop {
-        let secret = state.read(|s| s.cluster.as_ref().map(|c| c.join_secret.clone()));
+        let cluster = state.read(|s| s.cluster.clone());
+        let secret = cluster.and_then(|cluster| {
+            super::keys::open_join_secret(&cluster, roost_raft::state::NodeRole::Voter, &key)
+                .map_err(|error| tracing::warn!(error = %error_chain(&error), "cannot read the join token"))
+                .ok()
+        });
         if let Some(secret) = secret {
             let current = roost_network::Token { kind: roost_network::TokenKind::Join, ca_digest, secret };
             let text = format!("{current}\n");
@@ -315,7 +330,7 @@ pub async fn keep_join_token(
     }
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

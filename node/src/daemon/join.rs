@@ -16,22 +16,23 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use roost_deploy::secrets::SecretsKey;
 use roost_network::mesh::Key;
-use roost_network::pki::{self, CaDigest, ClusterCa, NodeKey};
+use roost_network::pki::{self, CaDigest, NodeKey};
 use roost_network::tls::{ClientTls, PeerIdentity, TlsError};
 use roost_network::{Token, TokenKind};
 use roost_proto::cluster::join_client::JoinClient;
 use roost_proto::cluster::join_server;
 use roost_proto::cluster::{JoinRequest, JoinResponse};
-use roost_raft::state::{validate_name, WireguardPeer};
+use roost_raft::state::{validate_name, NodeRole, WireguardPeer};
 use roost_raft::workload::Resources;
 use roost_raft::{Command, Consensus, NewNode, Rejection, Response};
 use tokio::time::Instant;
 use tonic::{Request, Status};
 
 use super::api::{consensus_status, rejection_status, API_DEADLINE};
-use super::auth::join_role;
 use super::identity::{DataDir, Identity, IdentityError, StoredIdentity};
+use super::keys::{join_role, open_ca};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -124,11 +125,12 @@ pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Ident
             name: params.name.to_owned(),
             address: params.address.to_owned(),
             labels: params.labels.clone(),
+            worker: reply.worker,
         },
         ca_cert_pem: reply.ca_cert_pem,
         cert_pem: reply.node_cert_pem,
         key_pem: key.key_pem(),
-        secrets_key: reply.secrets_key,
+        secrets_key: (!reply.worker).then_some(reply.secrets_key),
         wireguard_key,
     };
     dir.save(&identity)?;
@@ -152,8 +154,9 @@ fn wrong_secret() -> Status {
 /// The seed's side of a join.
 pub struct JoinService {
     pub consensus: Arc<Consensus>,
-    /// Handed to the new node; see `roost_deploy::secrets`.
-    pub secrets_key: String,
+    /// Opens the CA key, and is handed (as hex) to a node that may vote;
+    /// `None` on a worker, which admits no one.
+    pub secrets_key: Option<(Arc<SecretsKey>, String)>,
     pub limiter: JoinLimiter,
 }
 
@@ -206,6 +209,11 @@ impl join_server::Join for JoinService {
             }
         }
         let client = client.map_or_else(|| "unknown".to_owned(), |c| c.to_string());
+        // As in Swarm, a node joins through a node that holds the keys.
+        let Some((secrets_key, secrets_key_hex)) = &self.secrets_key else {
+            let refusal = self.consensus.state().read(super::keys::worker_refusal);
+            return Err(Status::failed_precondition(format!("cannot join through a worker: {refusal}")));
+        };
         let request = request.into_inner();
         // A wrong secret is refused from local state, before it costs the
         // leader a round trip; names are checked against the latest state.
@@ -251,8 +259,7 @@ impl join_server::Join for JoinService {
         if self.consensus.state().read(|s| s.node_by_name(&request.name).is_some()) {
             return Err(rejection_status(Rejection::NodeNameTaken { name: request.name }));
         }
-        let ca = ClusterCa::load(&cluster.id, &cluster.ca_cert_pem, &cluster.ca_key_pem)
-            .map_err(|e| Status::internal(format!("the cluster CA is unusable: {e}")))?;
+        let ca = open_ca(&cluster, secrets_key)?;
         let (cert_pem, serial, fingerprint) = ca
             .issue_for_public_key(&request.name, &request.public_key)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -284,7 +291,9 @@ impl join_server::Join for JoinService {
             ca_cert_pem: cluster.ca_cert_pem,
             node_cert_pem: cert_pem,
             cert_serial: serial,
-            secrets_key: self.secrets_key.clone(),
+            // Only a node that may vote holds the keys.
+            secrets_key: if role == NodeRole::Voter { secrets_key_hex.clone() } else { String::new() },
+            worker: role == NodeRole::Worker,
         }))
     }
 }

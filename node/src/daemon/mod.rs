@@ -17,6 +17,7 @@ pub mod deploys;
 pub mod edge;
 pub mod identity;
 pub mod join;
+pub mod keys;
 pub mod liveness;
 pub mod membership;
 pub mod mesh;
@@ -31,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use roost_deploy::agent::{Agent, NetworkStatus};
+use roost_deploy::agent::{Agent, NetworkStatus, SecretOpener};
 use roost_deploy::controller::ControllerConfig;
 use roost_deploy::engine::Engine;
 use roost_deploy::secrets::SecretsKey;
@@ -41,10 +42,13 @@ use roost_network::{Token, TokenKind};
 use roost_proto::api::control_server::ControlServer;
 use roost_proto::cluster::agent_server::AgentServer;
 use roost_proto::cluster::join_server::JoinServer;
+use roost_proto::cluster::keys_server::KeysServer;
 use roost_proto::cluster::peer_server::PeerServer;
 use roost_raft::consensus::now_millis;
 use roost_raft::service::RaftService;
-use roost_raft::state::{default_mesh_range, validate_name, AcmeSettings, ClusterInfo, WireguardPeer, FIRST_NODE_ID};
+use roost_raft::state::{
+    default_mesh_range, validate_name, AcmeSettings, ClusterInfo, NodeRole, WireguardPeer, FIRST_NODE_ID,
+};
 use roost_raft::workload::Resources;
 use roost_raft::{Command, Consensus, NewNode, RaftNode, Response, Timings};
 use tokio::net::TcpListener;
@@ -305,7 +309,11 @@ impl Node {
         .await?;
         let engine = Engine::connect(config.docker_host.as_deref()).await?;
         let (identity, init_tokens) = resolve_identity(&dir, &config, &address).await?;
-        let secrets_key = Arc::new(SecretsKey::from_hex(&identity.secrets_key)?);
+        // Only a node that may vote holds the secrets key.
+        let secrets_key = match &identity.secrets_key {
+            Some(hex) => Some(Arc::new(SecretsKey::from_hex(hex)?)),
+            None => None,
+        };
         let stored = identity.stored.clone();
         let span = tracing::info_span!("node", node = %stored.name, id = stored.node_id);
         async move {
@@ -355,9 +363,13 @@ impl Node {
                     AgentServer::new(workloads::AgentService { engine: engine.clone(), consensus: consensus.clone() }),
                     auth::require_node(state.clone(), stored.node_id),
                 ))
+                .add_service(InterceptedService::new(
+                    KeysServer::new(keys::KeysService { consensus: consensus.clone(), key: secrets_key.clone() }),
+                    auth::require_node(state.clone(), stored.node_id),
+                ))
                 .add_service(JoinServer::new(join::JoinService {
                     consensus: consensus.clone(),
-                    secrets_key: identity.secrets_key.clone(),
+                    secrets_key: secrets_key.clone().zip(identity.secrets_key.clone()),
                     limiter: Default::default(),
                 }))
                 .add_service(auth::WithGrant::new(
@@ -447,30 +459,52 @@ impl Node {
                 .in_current_span(),
             );
             let edge_addresses = (proxy.http_addr(), proxy.https_addr());
+            let voter_keys = Arc::new(keys::VoterKeys { consensus: consensus.clone(), channels: channels.clone() });
+            if secrets_key.is_none() {
+                let certificates =
+                    edge::worker_certificates(consensus.clone(), proxy.clone(), voter_keys.clone(), stop.clone());
+                tasks.spawn(certificates.in_current_span());
+            }
             tasks.spawn(
                 edge::run(
                     edge::EdgeContext {
                         consensus: consensus.clone(),
                         edge: proxy,
                         directory: directory_rx,
-                        secrets_key: secrets_key.clone(),
+                        keys: match &secrets_key {
+                            Some(key) => edge::EdgeKeys::Voter(key.clone()),
+                            None => edge::EdgeKeys::Worker,
+                        },
                         built,
                     },
                     stop.clone(),
                 )
                 .in_current_span(),
             );
-            tasks.spawn(certs::run(consensus.clone(), secrets_key.clone(), stop.clone()).in_current_span());
+            // Workers never lead, so never order certificates.
+            if let Some(key) = &secrets_key {
+                tasks.spawn(certs::run(consensus.clone(), key.clone(), stop.clone()).in_current_span());
+            }
             tasks.spawn(
                 auth::report_token_uses(consensus.clone(), token_uses, TOKEN_USES_EVERY, stop.clone())
                     .in_current_span(),
             );
-            tasks.spawn(
-                identity::keep_join_token(dir.clone(), consensus.state().clone(), ca_digest, stop.clone())
-                    .in_current_span(),
-            );
+            if let Some(key) = &secrets_key {
+                let keep = identity::keep_join_token(
+                    dir.clone(),
+                    consensus.state().clone(),
+                    key.clone(),
+                    ca_digest,
+                    stop.clone(),
+                );
+                tasks.spawn(keep.in_current_span());
+            }
             let fetcher = Arc::new(workloads::PeerImages { consensus: consensus.clone(), channels: channels.clone() });
-            let agent = Agent::new(engine.clone(), consensus.clone(), secrets_key, fetcher, network_rx);
+            let secrets: Arc<dyn SecretOpener> = match secrets_key {
+                Some(key) => key,
+                None => voter_keys.clone(),
+            };
+            let agent = Agent::new(engine.clone(), consensus.clone(), secrets, fetcher, network_rx);
             let agent = tasks.spawn(agent.run(stop.clone()).in_current_span());
             tasks.spawn(
                 workloads::run_controller(consensus.clone(), liveness.clone(), config.controller.clone(), stop.clone())
@@ -612,13 +646,19 @@ fn create_cluster(
         join: Token::generate(TokenKind::Join, ca.digest()),
         admin: Token::generate(TokenKind::Admin, ca.digest()),
     };
+    let secrets_key_hex = SecretsKey::generate_hex()?;
+    let secrets_key = SecretsKey::from_hex(&secrets_key_hex)?;
+    let worker_secret = Token::generate(TokenKind::Join, ca.digest()).secret;
     let cluster = ClusterInfo {
         id: cluster_id.clone(),
         created_at: now_millis(),
         ca_cert_pem: ca.cert_pem().to_owned(),
-        ca_key_pem: ca.key_pem().to_owned(),
-        join_secret: tokens.join.secret.clone(),
-        worker_join_secret: Token::generate(TokenKind::Join, ca.digest()).secret,
+        ca_key: Some(keys::seal_ca_key(&secrets_key, &ca)?),
+        voter_join: Some(keys::seal_join_secret(&secrets_key, NodeRole::Voter, &tokens.join.secret)?),
+        worker_join: Some(keys::seal_join_secret(&secrets_key, NodeRole::Worker, &worker_secret)?),
+        ca_key_pem: String::new(),
+        join_secret: String::new(),
+        worker_join_secret: String::new(),
         admin_secret_sha256: secret_digest(&tokens.admin.secret),
         mesh_range: settings.mesh_range,
         domain: settings.domain,
@@ -635,7 +675,7 @@ fn create_cluster(
         wireguard: wireguard_port.map(|port| wireguard_peer(&wireguard_key, address, port)),
         role: Default::default(),
     };
-    dir.save_bootstrap(&Command::Bootstrap { cluster, node: first })?;
+    dir.save_bootstrap(&Command::Bootstrap { cluster: Box::new(cluster), node: first })?;
     identity::write_private(&dir.join_token(), &format!("{}\n", tokens.join))?;
     identity::write_private(&dir.admin_token(), &format!("{}\n", tokens.admin))?;
     let identity = Identity {
@@ -645,11 +685,12 @@ fn create_cluster(
             name: name.to_owned(),
             address: address.to_owned(),
             labels: labels.clone(),
+            worker: false,
         },
         ca_cert_pem: ca.cert_pem().to_owned(),
         cert_pem: node.cert_pem,
         key_pem: node.key_pem,
-        secrets_key: SecretsKey::generate_hex()?,
+        secrets_key: Some(secrets_key_hex),
         wireguard_key,
     };
     dir.save(&identity)?;

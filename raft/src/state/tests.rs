@@ -8,6 +8,9 @@ fn cluster() -> ClusterInfo {
         id: "c1".into(),
         created_at: 1,
         ca_cert_pem: "cert".into(),
+        ca_key: None,
+        voter_join: None,
+        worker_join: None,
         ca_key_pem: "key".into(),
         join_secret: "s".into(),
         worker_join_secret: "w".into(),
@@ -37,7 +40,7 @@ fn apply(state: &mut State, command: Command) -> Response {
 
 fn bootstrapped() -> State {
     let mut state = State::default();
-    let r = apply(&mut state, Command::Bootstrap { cluster: cluster(), node: node("n1", "f1") });
+    let r = apply(&mut state, Command::Bootstrap { cluster: Box::new(cluster()), node: node("n1", "f1") });
     assert_eq!(r, Response::NodeAdded { id: FIRST_NODE_ID });
     state
 }
@@ -45,11 +48,11 @@ fn bootstrapped() -> State {
 #[test]
 fn bootstrap_is_idempotent_for_the_same_cluster_only() {
     let mut state = bootstrapped();
-    let again = apply(&mut state, Command::Bootstrap { cluster: cluster(), node: node("n1", "f1") });
+    let again = apply(&mut state, Command::Bootstrap { cluster: Box::new(cluster()), node: node("n1", "f1") });
     assert_eq!(again, Response::NodeAdded { id: FIRST_NODE_ID });
     let mut other = cluster();
     other.id = "c2".into();
-    let r = apply(&mut state, Command::Bootstrap { cluster: other, node: node("n1", "f1") });
+    let r = apply(&mut state, Command::Bootstrap { cluster: Box::new(other), node: node("n1", "f1") });
     assert_eq!(r, Response::Rejected(Rejection::AlreadyBootstrapped));
     assert_eq!(state.nodes.len(), 1);
 }
@@ -82,7 +85,7 @@ fn removed_nodes_are_revoked_and_their_ids_never_reused() {
     let mut state = bootstrapped();
     apply(&mut state, Command::AddNode { node: node("n2", "f2") });
     assert_eq!(
-        apply(&mut state, Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None }),
+        apply(&mut state, Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None, rotate: None }),
         Response::Done
     );
     assert!(state.is_revoked("f2"));
@@ -99,11 +102,14 @@ fn removed_nodes_are_revoked_and_their_ids_never_reused() {
 fn the_last_node_cannot_be_removed() {
     let mut state = bootstrapped();
     assert_eq!(
-        apply(&mut state, Command::RemoveNode { id: FIRST_NODE_ID, new_join_secret: None, new_worker_secret: None }),
+        apply(
+            &mut state,
+            Command::RemoveNode { id: FIRST_NODE_ID, new_join_secret: None, new_worker_secret: None, rotate: None }
+        ),
         Response::Rejected(Rejection::LastNode { name: "n1".into() })
     );
     assert_eq!(
-        apply(&mut state, Command::RemoveNode { id: 9, new_join_secret: None, new_worker_secret: None }),
+        apply(&mut state, Command::RemoveNode { id: 9, new_join_secret: None, new_worker_secret: None, rotate: None }),
         Response::Rejected(Rejection::NodeNotFound { node: "9".into() })
     );
 }
@@ -171,7 +177,7 @@ fn apply_is_deterministic() {
     let commands = [
         Command::AddNode { node: node("n2", "f2") },
         Command::CreateApp { name: "a".into() },
-        Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None },
+        Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None, rotate: None },
         Command::CreateApp { name: "b".into() },
     ];
     let run = || {
@@ -210,15 +216,40 @@ fn removing_a_node_can_rotate_both_join_secrets() {
     let worker = NewNode { role: NodeRole::Worker, ..node("n2", "f2") };
     apply(&mut state, Command::AddNode { node: worker });
     assert_eq!(state.nodes[&2].role, NodeRole::Worker, "the role is recorded");
-    let secret = |s: &str| Some(crate::command::Secret(s.into()));
-    let remove = Command::RemoveNode { id: 2, new_join_secret: secret("new"), new_worker_secret: secret("new-w") };
+    let join = |digest: &str| JoinSecret {
+        sha256: digest.into(),
+        sealed: SealedSecret { sealed: format!("sealed-{digest}"), digest: String::new(), updated_at: 1 },
+    };
+    let rotate = |v: &str, w: &str| Some(RotatedJoinSecrets { voter: join(v), worker: join(w) });
+    let remove =
+        Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None, rotate: rotate("new", "new-w") };
     assert_eq!(apply(&mut state, remove), Response::Done);
-    let secrets = |state: &State| state.cluster.as_ref().map(|c| (c.join_secret.clone(), c.worker_join_secret.clone()));
-    assert_eq!(secrets(&state), Some(("new".into(), "new-w".into())));
+    let secrets = |state: &State| {
+        let c = state.cluster.as_ref().expect("bootstrapped");
+        (c.voter_join.clone(), c.worker_join.clone(), c.join_secret.clone(), c.worker_join_secret.clone())
+    };
+    let rotated = (Some(join("new")), Some(join("new-w")), String::new(), String::new());
+    assert_eq!(secrets(&state), rotated, "the plain secrets of an older cluster admit no one after a rotation");
     // A refused removal changes nothing, the secrets included.
-    let again = Command::RemoveNode { id: 2, new_join_secret: secret("newer"), new_worker_secret: secret("newer-w") };
+    let again = Command::RemoveNode {
+        id: 2,
+        new_join_secret: None,
+        new_worker_secret: None,
+        rotate: rotate("newer", "newer-w"),
+    };
     assert!(matches!(apply(&mut state, again), Response::Rejected(_)));
-    assert_eq!(secrets(&state), Some(("new".into(), "new-w".into())));
+    assert_eq!(secrets(&state), rotated);
+}
+
+#[test]
+fn a_removal_logged_before_join_secrets_were_sealed_still_rotates_them() {
+    let mut state = bootstrapped();
+    apply(&mut state, Command::AddNode { node: node("n2", "f2") });
+    let json = r#"{"type":"remove_node","id":2,"new_join_secret":"new","new_worker_secret":"new-w"}"#;
+    let remove: Command = serde_json::from_str(json).expect("an older entry decodes");
+    assert_eq!(apply(&mut state, remove), Response::Done);
+    let cluster = state.cluster.as_ref().expect("bootstrapped");
+    assert_eq!((cluster.join_secret.as_str(), cluster.worker_join_secret.as_str()), ("new", "new-w"));
 }
 
 mod workloads {
@@ -634,7 +665,7 @@ fn every_node_holds_its_own_subnet_and_a_freed_one_is_reused() {
     assert_eq!(subnet(&state, 1).as_deref(), Some("10.210.0.0/24"));
     assert_eq!(subnet(&state, 2).as_deref(), Some("10.210.1.0/24"));
     assert_eq!(subnet(&state, 3).as_deref(), Some("10.210.2.0/24"));
-    apply(&mut state, Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None });
+    apply(&mut state, Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None, rotate: None });
     apply(&mut state, Command::AddNode { node: node("n4", "f4") });
     assert_eq!(subnet(&state, 4).as_deref(), Some("10.210.1.0/24"), "n2's subnet is free once n2 is gone");
     let held: Vec<_> = state.nodes.values().filter_map(|n| n.subnet).collect();
@@ -648,7 +679,7 @@ fn a_full_mesh_range_refuses_another_node_and_changes_nothing() {
     let mut state = State::default();
     let mut small = cluster();
     small.mesh_range = "10.9.8.0/24".parse().expect("range");
-    apply(&mut state, Command::Bootstrap { cluster: small, node: node("n1", "f1") });
+    apply(&mut state, Command::Bootstrap { cluster: Box::new(small), node: node("n1", "f1") });
     let before = state.clone();
     let refused = apply(&mut state, Command::AddNode { node: node("n2", "f2") });
     assert_eq!(refused, Response::Rejected(Rejection::MeshFull { range: "10.9.8.0/24".into() }));
@@ -665,7 +696,7 @@ fn a_public_or_misaligned_mesh_range_is_refused() {
     let mut state = State::default();
     let mut public = cluster();
     public.mesh_range = "8.8.0.0/16".parse().expect("net");
-    let refused = apply(&mut state, Command::Bootstrap { cluster: public, node: node("n1", "f1") });
+    let refused = apply(&mut state, Command::Bootstrap { cluster: Box::new(public), node: node("n1", "f1") });
     assert!(matches!(refused, Response::Rejected(Rejection::InvalidMeshRange { .. })), "{refused:?}");
     assert_eq!(state, State::default());
 }

@@ -571,6 +571,9 @@ async fn scheduler_bench(batch: usize) -> Result<()> {
         id: "bench".into(),
         created_at: now_millis(),
         ca_cert_pem: String::new(),
+        ca_key: None,
+        voter_join: None,
+        worker_join: None,
         ca_key_pem: String::new(),
         join_secret: String::new(),
         worker_join_secret: String::new(),
@@ -580,7 +583,7 @@ async fn scheduler_bench(batch: usize) -> Result<()> {
         domain: "localhost".into(),
         acme: None,
     };
-    propose(Command::Bootstrap { cluster, node: node(0) }).await?;
+    propose(Command::Bootstrap { cluster: Box::new(cluster), node: node(0) }).await?;
     for i in 1..NODES {
         propose(Command::AddNode { node: node(i) }).await?;
     }

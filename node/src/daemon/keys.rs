@@ -1,0 +1,381 @@
+//! Who holds the cluster's keys, and how a worker does without them.
+//!
+//! Nodes that may vote hold the secrets key (`secrets.key`); the replicated
+//! state holds the CA key and the join secrets only sealed with it, and joins
+//! are checked against digests. A worker, which replicates the state like any
+//! member, therefore holds nothing that opens a secret, signs a certificate
+//! or admits a node. What it needs it asks a voter for over mTLS (the `Keys`
+//! service, [`KeysService`]): the opened secrets of an instance placed on it,
+//! at the moment it starts it, and the certificates its edge serves.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use roost_deploy::agent::SecretOpener;
+use roost_deploy::secrets::{SecretsError, SecretsKey};
+use roost_network::pki::{self, constant_time_eq, secret_digest, ClusterCa};
+use roost_proto::cluster::keys_client::KeysClient;
+use roost_proto::cluster::keys_server;
+use roost_proto::cluster::{
+    EdgeCertificate, EdgeCertificatesRequest, EdgeCertificatesResponse, InstanceSecretsRequest, InstanceSecretsResponse,
+};
+use roost_raft::consensus::now_millis;
+use roost_raft::service::Caller;
+use roost_raft::state::{ClusterInfo, JoinSecret, NodeRole};
+use roost_raft::workload::{Instance, SealedSecret};
+use roost_raft::{Consensus, State};
+use tokio::time::Instant;
+use tonic::{Request, Status};
+
+use super::api::{consensus_status, API_DEADLINE};
+use super::channels::NodeChannels;
+use super::edge::CERTIFICATE_KEYS;
+
+/// The "app" the cluster's own keys are sealed under; no app can be named so.
+pub const CLUSTER_KEYS: &str = "roost:cluster";
+const CA_KEY: &str = "ca-key";
+/// APP.DOMAIN names a node may ask certificates for in one call.
+pub const MAX_EDGE_NAMES: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error("this node is a worker and holds none of the cluster's keys; run this against a voter{voters}")]
+    Worker { voters: String },
+    #[error("the cluster's {what} cannot be opened with this node's secrets key")]
+    Open {
+        what: &'static str,
+        #[source]
+        source: SecretsError,
+    },
+    #[error("the cluster has no {what} (it was made before Roost had one)")]
+    Missing { what: &'static str },
+    #[error("the cluster CA is unusable")]
+    Ca(#[source] pki::PkiError),
+}
+
+impl From<KeysError> for Status {
+    fn from(error: KeysError) -> Status {
+        match error {
+            KeysError::Worker { .. } | KeysError::Missing { .. } => Status::failed_precondition(error.to_string()),
+            KeysError::Open { .. } | KeysError::Ca(_) => Status::internal(super::identity::error_chain(&error)),
+        }
+    }
+}
+
+fn join_name(role: NodeRole) -> &'static str {
+    match role {
+        NodeRole::Voter => "join-voter",
+        NodeRole::Worker => "join-worker",
+    }
+}
+
+/// The CA key as the state keeps it.
+pub fn seal_ca_key(key: &SecretsKey, ca: &ClusterCa) -> Result<SealedSecret, SecretsError> {
+    key.seal(CLUSTER_KEYS, CA_KEY, ca.key_pem(), now_millis())
+}
+
+/// A join secret for `role` as the state keeps it.
+pub fn seal_join_secret(key: &SecretsKey, role: NodeRole, secret: &str) -> Result<JoinSecret, SecretsError> {
+    Ok(JoinSecret {
+        sha256: secret_digest(secret),
+        sealed: key.seal(CLUSTER_KEYS, join_name(role), secret, now_millis())?,
+    })
+}
+
+/// The cluster CA, key included: only a node with the secrets key opens it.
+pub fn open_ca(cluster: &ClusterInfo, key: &SecretsKey) -> Result<ClusterCa, KeysError> {
+    let key_pem = match &cluster.ca_key {
+        Some(sealed) => {
+            key.open(CLUSTER_KEYS, CA_KEY, sealed).map_err(|source| KeysError::Open { what: "CA key", source })?
+        }
+        None if !cluster.ca_key_pem.is_empty() => cluster.ca_key_pem.clone(),
+        None => return Err(KeysError::Missing { what: "CA key" }),
+    };
+    ClusterCa::load(&cluster.id, &cluster.ca_cert_pem, &key_pem).map_err(KeysError::Ca)
+}
+
+/// The join secret of `role`, as `roost node token` prints it.
+pub fn open_join_secret(cluster: &ClusterInfo, role: NodeRole, key: &SecretsKey) -> Result<String, KeysError> {
+    let (sealed, legacy) = match role {
+        NodeRole::Voter => (&cluster.voter_join, &cluster.join_secret),
+        NodeRole::Worker => (&cluster.worker_join, &cluster.worker_join_secret),
+    };
+    match sealed {
+        // A rotation by an older entry leaves a plain secret beside a
+        // sealed one; the plain one is the newer.
+        _ if !legacy.is_empty() => Ok(legacy.clone()),
+        Some(join) => key
+            .open(CLUSTER_KEYS, join_name(role), &join.sealed)
+            .map_err(|source| KeysError::Open { what: "join secret", source }),
+        None => Err(KeysError::Missing { what: "worker join token" }),
+    }
+}
+
+/// The role a join secret admits: [`NodeRole::Voter`] for the voter join
+/// secret, [`NodeRole::Worker`] for the worker one; `None` for neither.
+/// Checked against digests, so any member can check it.
+pub fn join_role(state: &State, secret: &str) -> Option<NodeRole> {
+    let cluster = state.cluster.as_ref()?;
+    let digest = secret_digest(secret);
+    let matches = |sealed: &Option<JoinSecret>, legacy: &str| {
+        if !legacy.is_empty() {
+            return constant_time_eq(secret.as_bytes(), legacy.as_bytes());
+        }
+        sealed.as_ref().is_some_and(|join| constant_time_eq(digest.as_bytes(), join.sha256.as_bytes()))
+    };
+    if matches(&cluster.voter_join, &cluster.join_secret) {
+        Some(NodeRole::Voter)
+    } else if matches(&cluster.worker_join, &cluster.worker_join_secret) {
+        Some(NodeRole::Worker)
+    } else {
+        None
+    }
+}
+
+/// The error a worker gives for what only a voter can do, naming the voters.
+pub fn worker_refusal(state: &State) -> KeysError {
+    let workers = state.workers();
+    let voters: Vec<String> = state
+        .nodes
+        .values()
+        .filter(|n| !workers.contains(&n.id))
+        .map(|n| format!("{} ({})", n.name, n.address))
+        .collect();
+    let voters = if voters.is_empty() { String::new() } else { format!(": {}", voters.join(", ")) };
+    KeysError::Worker { voters }
+}
+
+/// The `Keys` service, as a voter serves it.
+pub struct KeysService {
+    pub consensus: Arc<Consensus>,
+    /// `None` on a worker, which serves nothing here.
+    pub key: Option<Arc<SecretsKey>>,
+}
+
+impl KeysService {
+    fn key(&self) -> Result<&SecretsKey, Status> {
+        match &self.key {
+            Some(key) => Ok(key),
+            None => Err(self.consensus.state().read(worker_refusal).into()),
+        }
+    }
+
+    /// The caller's node id, known once this node has caught up.
+    fn caller<T>(request: &Request<T>) -> Result<roost_raft::NodeId, Status> {
+        match request.extensions().get::<Caller>() {
+            Some(Caller(Some(id))) => Ok(*id),
+            _ => Err(Status::unavailable("this node has not caught up with the cluster yet; try another voter")),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl keys_server::Keys for KeysService {
+    async fn instance_secrets(
+        &self,
+        request: Request<InstanceSecretsRequest>,
+    ) -> Result<tonic::Response<InstanceSecretsResponse>, Status> {
+        let caller = Self::caller(&request)?;
+        let key = self.key()?;
+        let wanted = request.into_inner().instance;
+        // The placement was committed before the caller saw it: after a
+        // barrier this node sees it too.
+        self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
+        let sealed = self.consensus.state().read(|s| {
+            let instance = s.instances.get(&wanted).filter(|i| i.node == Some(caller))?;
+            Some((instance.app.clone(), s.apps.get(&instance.app)?.releases.get(&instance.release)?.secrets.clone()))
+        });
+        let Some((app, sealed)) = sealed else {
+            return Err(Status::permission_denied(format!("instance {wanted} is not placed on the calling node")));
+        };
+        let mut secrets = HashMap::new();
+        for (name, value) in &sealed {
+            let opened = key.open(&app, name, value).map_err(|e| Status::internal(e.to_string()))?;
+            secrets.insert(name.clone(), opened);
+        }
+        tracing::debug!(instance = %wanted, node = caller, "opened an instance's secrets for its node");
+        Ok(tonic::Response::new(InstanceSecretsResponse { secrets }))
+    }
+
+    async fn edge_certificates(
+        &self,
+        request: Request<EdgeCertificatesRequest>,
+    ) -> Result<tonic::Response<EdgeCertificatesResponse>, Status> {
+        let caller = Self::caller(&request)?;
+        let key = self.key()?;
+        let names = request.into_inner().names;
+        if names.len() > MAX_EDGE_NAMES {
+            return Err(Status::invalid_argument(format!("at most {MAX_EDGE_NAMES} names per call")));
+        }
+        let (cluster, issued, names) = self.consensus.state().read(|s| {
+            let issued: Vec<_> =
+                s.certificates.values().filter_map(|c| Some((c.domain.clone(), c.issued.clone()?))).collect();
+            // Only APP.DOMAIN of an app that exists.
+            let domain = s.cluster.as_ref().map(|c| format!(".{}", c.domain)).unwrap_or_default();
+            let names: Vec<String> = names
+                .into_iter()
+                .filter(|name| name.strip_suffix(domain.as_str()).is_some_and(|app| s.apps.contains_key(app)))
+                .collect();
+            (s.cluster.clone(), issued, names)
+        });
+        let cluster = cluster.ok_or_else(|| Status::unavailable("this node does not know the cluster yet"))?;
+        let mut opened = Vec::new();
+        for (domain, certificate) in issued {
+            match key.open(CERTIFICATE_KEYS, &domain, &certificate.key) {
+                Ok(key_pem) => opened.push(EdgeCertificate { domain, chain_pem: certificate.chain_pem, key_pem }),
+                Err(error) => tracing::error!(%domain, %error, "cannot open an issued certificate's key"),
+            }
+        }
+        let ca = if names.is_empty() { None } else { Some(open_ca(&cluster, key)?) };
+        let mut made = Vec::new();
+        for name in names {
+            let Some(ca) = &ca else { break };
+            let (chain_pem, key_pem) =
+                ca.issue_server(&name).map_err(|e| Status::internal(format!("could not issue {name}: {e}")))?;
+            made.push(EdgeCertificate { domain: name, chain_pem, key_pem });
+        }
+        tracing::debug!(node = caller, issued = opened.len(), made = made.len(), "handed a node its edge certificates");
+        Ok(tonic::Response::new(EdgeCertificatesResponse { issued: opened, cluster: made }))
+    }
+}
+
+/// A worker's way to the keys: it asks the voters, the leader first.
+pub struct VoterKeys {
+    pub consensus: Arc<Consensus>,
+    pub channels: Arc<NodeChannels>,
+}
+
+impl VoterKeys {
+    /// The voters to ask, the leader first.
+    fn voters(&self) -> Vec<(String, String)> {
+        let leader = self.consensus.leader().map(|(id, _)| id);
+        self.consensus.state().read(|s| {
+            let workers = s.workers();
+            let mut voters: Vec<_> = s.nodes.values().filter(|n| !workers.contains(&n.id)).collect();
+            voters.sort_by_key(|n| (Some(n.id) != leader, n.id));
+            voters.into_iter().map(|n| (n.name.clone(), n.address.clone())).collect()
+        })
+    }
+
+    /// Asks each voter in turn until one answers; the last refusal otherwise.
+    async fn ask<T, F, Fut>(&self, what: &str, call: F) -> Result<T, String>
+    where
+        F: Fn(KeysClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut last = format!("no voter is known to ask for {what}");
+        for (name, address) in self.voters() {
+            let channel = match self.channels.get(&address) {
+                Ok(channel) => channel,
+                Err(error) => {
+                    last = format!("cannot reach {name}: {error}");
+                    continue;
+                }
+            };
+            match call(KeysClient::new(channel)).await {
+                Ok(reply) => return Ok(reply.into_inner()),
+                Err(status) => {
+                    last = format!("{name} did not give {what}: {}", status.message());
+                    // A refusal is the same from every voter.
+                    if status.code() == tonic::Code::PermissionDenied {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// The ACME certificates, and certificates for `names` (APP.DOMAIN).
+    pub async fn edge_certificates(&self, names: Vec<String>) -> Result<EdgeCertificatesResponse, String> {
+        self.ask("the edge's certificates", |mut client| {
+            let names = names.clone();
+            async move { client.edge_certificates(EdgeCertificatesRequest { names }).await }
+        })
+        .await
+    }
+}
+
+impl SecretOpener for VoterKeys {
+    fn open(
+        self: Arc<Self>,
+        instance: &Instance,
+        sealed: &BTreeMap<String, SealedSecret>,
+    ) -> BoxFuture<'static, Result<BTreeMap<String, String>, String>> {
+        let id = instance.id.clone();
+        let wanted = sealed.len();
+        Box::pin(async move {
+            if wanted == 0 {
+                return Ok(BTreeMap::new());
+            }
+            let reply = self
+                .ask("the instance's secrets", |mut client| {
+                    let instance = id.clone();
+                    async move { client.instance_secrets(InstanceSecretsRequest { instance }).await }
+                })
+                .await?;
+            Ok(reply.secrets.into_iter().collect())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use roost_raft::state::NodeRole::{Voter, Worker};
+    use roost_raft::testkit::cluster;
+
+    use super::*;
+
+    fn key() -> SecretsKey {
+        SecretsKey::from_hex(&SecretsKey::generate_hex().expect("random")).expect("key")
+    }
+
+    #[test]
+    fn the_voter_secret_admits_voters_and_the_worker_secret_workers_by_digest() {
+        let key = key();
+        let mut state = cluster(1, |_| Vec::new());
+        if let Some(c) = state.cluster.as_mut() {
+            c.voter_join = Some(seal_join_secret(&key, Voter, "voter-secret").expect("seal"));
+            c.worker_join = Some(seal_join_secret(&key, Worker, "worker-secret").expect("seal"));
+        }
+        assert_eq!(join_role(&state, "voter-secret"), Some(Voter));
+        assert_eq!(join_role(&state, "worker-secret"), Some(Worker));
+        assert_eq!(join_role(&state, "other"), None);
+        assert_eq!(join_role(&state, ""), None);
+        let cluster = state.cluster.clone().expect("bootstrapped");
+        let json = serde_json::to_string(&cluster).expect("encodes");
+        assert!(!json.contains("voter-secret") && !json.contains("worker-secret"), "the state holds no join secret");
+        assert_eq!(open_join_secret(&cluster, Voter, &key).expect("opens"), "voter-secret");
+        assert_eq!(open_join_secret(&cluster, Worker, &key).expect("opens"), "worker-secret");
+        assert!(open_join_secret(&cluster, Voter, &self::key()).is_err(), "another key opens nothing");
+    }
+
+    #[test]
+    fn plain_join_secrets_of_an_older_cluster_still_admit() {
+        let mut state = cluster(1, |_| Vec::new());
+        if let Some(c) = state.cluster.as_mut() {
+            c.join_secret = "voter-secret".into();
+        }
+        assert_eq!(join_role(&state, "voter-secret"), Some(Voter));
+        assert_eq!(join_role(&state, ""), None, "no worker secret: an empty one admits nothing");
+        let cluster = state.cluster.clone().expect("bootstrapped");
+        assert!(matches!(open_join_secret(&cluster, Worker, &key()), Err(KeysError::Missing { .. })));
+    }
+
+    #[test]
+    fn the_ca_key_opens_only_with_the_secrets_key() {
+        let key = key();
+        let ca = ClusterCa::generate("c1").expect("ca");
+        let mut state = cluster(1, |_| Vec::new());
+        let cluster = state.cluster.as_mut().expect("bootstrapped");
+        cluster.id = "c1".into();
+        cluster.ca_cert_pem = ca.cert_pem().to_owned();
+        cluster.ca_key = Some(seal_ca_key(&key, &ca).expect("seal"));
+        let json = serde_json::to_string(&*cluster).expect("encodes");
+        assert!(!json.contains("PRIVATE KEY"), "the state holds no CA key in plain text");
+        let opened = open_ca(cluster, &key).expect("opens");
+        assert_eq!(opened.digest(), ca.digest());
+        assert!(matches!(open_ca(cluster, &self::key()), Err(KeysError::Open { .. })));
+    }
+}
