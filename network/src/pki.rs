@@ -49,6 +49,8 @@ pub enum PkiError {
     },
     #[error("the public key has {len} bytes; an uncompressed P-256 point has 65")]
     PublicKeyLength { len: usize },
+    #[error("{name} is the name every node certificate carries; no other certificate may")]
+    ReservedName { name: String },
 }
 
 /// SHA-256 of a certificate's DER bytes: how tokens pin the CA and how the
@@ -241,6 +243,10 @@ impl ClusterCa {
     /// app under the cluster domain, served by the edge until an ACME
     /// certificate replaces it). Returns the certificate and key, PEM.
     pub fn issue_server(&self, name: &str) -> Result<(String, String), PkiError> {
+        // That name is how clients know a node: no app may have it.
+        if name.eq_ignore_ascii_case(NODE_SERVER_NAME) {
+            return Err(PkiError::ReservedName { name: name.to_owned() });
+        }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(PkiError::KeyGeneration)?;
         let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(PkiError::Signing)?;
         let mut dn = DistinguishedName::new();
@@ -324,6 +330,14 @@ pub fn secret_digest(secret: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_server_certificate_is_issued_for_the_node_name() {
+        let ca = ClusterCa::generate("c1").expect("ca");
+        assert!(matches!(ca.issue_server(NODE_SERVER_NAME), Err(PkiError::ReservedName { .. })));
+        assert!(matches!(ca.issue_server("NODE.roost.internal"), Err(PkiError::ReservedName { .. })));
+        assert!(ca.issue_server("web.roost.internal").is_ok());
+    }
 
     #[test]
     fn issued_certificates_carry_distinct_serials_and_fingerprints() {

@@ -358,14 +358,29 @@ impl ClientTls {
 
     /// A client that presents a node certificate.
     pub fn node(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        Self::node_accepting(ca_pem, cert_pem, key_pem, None)
+    }
+
+    /// [`ClientTls::node`] that also refuses a server whose certificate
+    /// `accept` (given its fingerprint) refuses: a node checks a peer against
+    /// the current members, so a removed node's certificate, though the CA
+    /// signed it, opens no connection from the cluster.
+    pub fn node_accepting(
+        ca_pem: &str,
+        cert_pem: &str,
+        key_pem: &str,
+        accept: Option<AcceptServer>,
+    ) -> Result<Self, TlsError> {
         let ca = pki::cert_der_from_pem(ca_pem)?;
         let cert = pki::cert_der_from_pem(cert_pem)?;
         let key: PrivateKeyDer<'static> = pki::key_der_from_pem(key_pem)?;
+        let mut verifier = PinnedCaVerifier::new(CaDigest::of(&ca));
+        verifier.accept = accept;
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(VERSIONS)
             .map_err(TlsError::Config)?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier::new(CaDigest::of(&ca))));
+            .with_custom_certificate_verifier(Arc::new(verifier));
         let config = builder.with_client_auth_cert(vec![cert, ca], key).map_err(TlsError::Config)?;
         Ok(Self::finish(config))
     }
@@ -442,17 +457,27 @@ impl tower::Service<Uri> for TlsConnectorService {
     }
 }
 
+/// Whether a node accepts a server certificate, by its fingerprint
+/// ([`pki::fingerprint`]).
+pub type AcceptServer = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// Trusts a server whose chain includes the CA with the pinned digest and
-/// whose certificate that CA signed.
-#[derive(Debug)]
+/// whose certificate that CA signed (and, when set, that `accept` accepts).
 struct PinnedCaVerifier {
     digest: CaDigest,
     provider: Arc<CryptoProvider>,
+    accept: Option<AcceptServer>,
+}
+
+impl std::fmt::Debug for PinnedCaVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedCaVerifier").field("digest", &short(&self.digest)).finish_non_exhaustive()
+    }
 }
 
 impl PinnedCaVerifier {
     fn new(digest: CaDigest) -> Self {
-        Self { digest, provider: provider() }
+        Self { digest, provider: provider(), accept: None }
     }
 }
 
@@ -476,7 +501,16 @@ impl ServerCertVerifier for PinnedCaVerifier {
         let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
             .build()
             .map_err(|e| rustls::Error::General(e.to_string()))?;
-        verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+        let verified = verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)?;
+        if let Some(accept) = &self.accept {
+            if !accept(&pki::fingerprint(end_entity)) {
+                return Err(rustls::Error::General(
+                    "the server presents the certificate of a node that is not a member of the cluster (removed?)"
+                        .to_owned(),
+                ));
+            }
+        }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(

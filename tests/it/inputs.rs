@@ -209,6 +209,56 @@ async fn certificates_of_removed_or_unknown_nodes_and_members_posing_as_others_a
     Ok(())
 }
 
+/// A removed node is out for good with its peers too: its certificate,
+/// though the cluster CA signed it, presented at a member's address (the
+/// member down, the removed node's data directory in other hands), opens no
+/// connection from the leader, which keeps trying to replicate there; so
+/// the impostor receives no log entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_nodes_certificate_at_a_members_address_is_refused_by_the_leader() -> Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let mut cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let mut followers = (0..3).filter(|i| *i != leader);
+    let (victim, member) = (followers.next().expect("a follower"), followers.next().expect("another"));
+    let victim_name = cluster.slots[victim].name.clone();
+    cluster.client(leader).await?.remove_node(RemoveNodeRequest { node: victim_name }).await?;
+    roost_tests::wait_until("the removed node to stop", Duration::from_secs(15), || async {
+        Ok(cluster.slots[victim].running.as_ref().is_some_and(|n| n.is_stopping()))
+    })
+    .await?;
+    let address = cluster.slots[member].address.clone().expect("the member has an address");
+    cluster.stop(member).await?;
+
+    let read = |file: &str| std::fs::read_to_string(cluster.slots[victim].dir.path().join("tls").join(file));
+    let config = roost_network::tls::server_config(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?;
+    let listener = tokio::net::TcpListener::bind(&address).await?;
+    let (refused, accepted) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let impostor = {
+        let (refused, accepted) = (refused.clone(), accepted.clone());
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let counter = match acceptor.accept(tcp).await {
+                    Ok(_) => &accepted,
+                    Err(_) => &refused,
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    roost_tests::wait_until("the leader to dial the member's address", Duration::from_secs(20), || async {
+        Ok(refused.load(Ordering::SeqCst) + accepted.load(Ordering::SeqCst) >= 3)
+    })
+    .await?;
+    impostor.abort();
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "a handshake with the removed node's certificate completed");
+    cluster.shutdown().await;
+    Ok(())
+}
+
 /// A worker (a node that joined with the worker token) may neither campaign
 /// nor pose as a leader: its Vote and its AppendEntries, sent with its own
 /// certificate in its own name and a log as long as the leader's, are

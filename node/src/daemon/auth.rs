@@ -68,6 +68,26 @@ pub fn require_node(
     }
 }
 
+/// Which servers this node's own calls accept ([`ClientTls::node_accepting`]):
+/// a current member's certificate, never a removed node's; while this node
+/// does not know the cluster yet (`state` unset, or its own record not in
+/// it), any certificate from the CA that is not revoked, as
+/// [`require_node`] accepts callers.
+///
+/// [`ClientTls::node_accepting`]: roost_network::tls::ClientTls::node_accepting
+pub fn accept_server(
+    state: Arc<std::sync::OnceLock<StateReader>>,
+    self_id: NodeId,
+) -> roost_network::tls::AcceptServer {
+    Arc::new(move |fingerprint: &str| {
+        let Some(state) = state.get() else { return true };
+        state.read(|s| {
+            !s.is_revoked(fingerprint)
+                && (!s.nodes.contains_key(&self_id) || s.node_by_fingerprint(fingerprint).is_some())
+        })
+    })
+}
+
 /// The token an API call was made with, as the state resolved it.
 #[derive(Clone, Debug)]
 pub struct Principal {

@@ -48,8 +48,9 @@ pub enum EdgeKeys {
     Worker,
 }
 
-/// A worker fetches its edge's certificates again this often, well within
-/// the life of the cluster CA's certificate (90 days).
+/// A worker fetches its edge's certificates again this often: well within
+/// the 90 days a certificate from the cluster CA for an app lives, and the
+/// 30 days after which the edge stops serving one it got.
 const WORKER_REFRESH: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub async fn run(context: EdgeContext, stop: CancellationToken) {
@@ -132,9 +133,10 @@ pub async fn worker_certificates(
                 wait = next_try - now;
             } else {
                 match fetch_certificates(&keys, &edge, &missing).await {
-                    Ok(()) => {
+                    Ok(made) => {
                         served = Some(issued);
-                        held.extend(missing);
+                        // A name the voter did not know yet is asked again.
+                        held.extend(made);
                         if due {
                             refreshed = Some(Instant::now());
                         }
@@ -159,11 +161,13 @@ pub async fn worker_certificates(
 
 /// Fetches the ACME certificates and certificates for `names`, a call per
 /// [`MAX_EDGE_NAMES`], and hands them to the edge.
-async fn fetch_certificates(keys: &VoterKeys, edge: &Edge, names: &[String]) -> Result<(), String> {
+/// Returns the names a certificate came back for.
+async fn fetch_certificates(keys: &VoterKeys, edge: &Edge, names: &[String]) -> Result<Vec<String>, String> {
     let mut batches: Vec<Vec<String>> = names.chunks(MAX_EDGE_NAMES).map(<[String]>::to_vec).collect();
     if batches.is_empty() {
         batches.push(Vec::new());
     }
+    let mut made_for = Vec::new();
     for batch in batches {
         let reply = keys.edge_certificates(batch).await?;
         let mut issued = HashMap::new();
@@ -180,12 +184,15 @@ async fn fetch_certificates(keys: &VoterKeys, edge: &Edge, names: &[String]) -> 
         edge.certificates().set_issued(issued);
         for made in reply.cluster {
             match certified_key(&made.domain, &made.chain_pem, &made.key_pem) {
-                Ok(key) => edge.certificates().insert_made(&made.domain, key),
+                Ok(key) => {
+                    edge.certificates().insert_made(&made.domain, key);
+                    made_for.push(made.domain);
+                }
                 Err(error) => tracing::error!(name = %made.domain, %error, "cannot serve a certificate a voter made"),
             }
         }
     }
-    Ok(())
+    Ok(made_for)
 }
 
 /// The issued certificates, keys opened, ready to serve.

@@ -209,11 +209,6 @@ impl join_server::Join for JoinService {
             }
         }
         let client = client.map_or_else(|| "unknown".to_owned(), |c| c.to_string());
-        // As in Swarm, a node joins through a node that holds the keys.
-        let Some((secrets_key, secrets_key_hex)) = &self.secrets_key else {
-            let refusal = self.consensus.state().read(super::keys::worker_refusal);
-            return Err(Status::failed_precondition(format!("cannot join through a worker: {refusal}")));
-        };
         let request = request.into_inner();
         // A wrong secret is refused from local state, before it costs the
         // leader a round trip; names are checked against the latest state.
@@ -222,6 +217,12 @@ impl join_server::Join for JoinService {
             tracing::warn!(%client, "join refused: wrong secret");
             return Err(wrong_secret());
         }
+        // As in Swarm, a node joins through a node that holds the keys; the
+        // voters are named only to a caller with a good secret.
+        let Some((secrets_key, secrets_key_hex)) = &self.secrets_key else {
+            let refusal = self.consensus.state().read(super::keys::worker_refusal);
+            return Err(Status::failed_precondition(format!("cannot join through a worker: {refusal}")));
+        };
         self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
         let cluster = self
             .consensus

@@ -108,7 +108,12 @@ pub fn open_join_secret(cluster: &ClusterInfo, role: NodeRole, key: &SecretsKey)
         Some(join) => key
             .open(CLUSTER_KEYS, join_name(role), &join.sealed)
             .map_err(|source| KeysError::Open { what: "join secret", source }),
-        None => Err(KeysError::Missing { what: "worker join token" }),
+        None => Err(KeysError::Missing {
+            what: match role {
+                NodeRole::Voter => "voter join token",
+                NodeRole::Worker => "worker join token",
+            },
+        }),
     }
 }
 
@@ -183,6 +188,10 @@ impl keys_server::Keys for KeysService {
         // barrier this node sees it too.
         self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
         let sealed = self.consensus.state().read(|s| {
+            // Checked again after the barrier: the caller may have been removed.
+            if !s.nodes.contains_key(&caller) {
+                return None;
+            }
             let instance = s.instances.get(&wanted).filter(|i| i.node == Some(caller))?;
             Some((instance.app.clone(), s.apps.get(&instance.app)?.releases.get(&instance.release)?.secrets.clone()))
         });
@@ -208,6 +217,8 @@ impl keys_server::Keys for KeysService {
         if names.len() > MAX_EDGE_NAMES {
             return Err(Status::invalid_argument(format!("at most {MAX_EDGE_NAMES} names per call")));
         }
+        // Apps and certificates the caller saw are known here after this.
+        self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
         let (cluster, issued, names) = self.consensus.state().read(|s| {
             let issued: Vec<_> =
                 s.certificates.values().filter_map(|c| Some((c.domain.clone(), c.issued.clone()?))).collect();
@@ -220,6 +231,9 @@ impl keys_server::Keys for KeysService {
             (s.cluster.clone(), issued, names)
         });
         let cluster = cluster.ok_or_else(|| Status::unavailable("this node does not know the cluster yet"))?;
+        if !self.consensus.state().read(|s| s.nodes.contains_key(&caller)) {
+            return Err(Status::permission_denied("the calling node is no longer a member"));
+        }
         let mut opened = Vec::new();
         for (domain, certificate) in issued {
             match key.open(CERTIFICATE_KEYS, &domain, &certificate.key) {
@@ -275,13 +289,9 @@ impl VoterKeys {
             };
             match call(KeysClient::new(channel)).await {
                 Ok(reply) => return Ok(reply.into_inner()),
-                Err(status) => {
-                    last = format!("{name} did not give {what}: {}", status.message());
-                    // A refusal is the same from every voter.
-                    if status.code() == tonic::Code::PermissionDenied {
-                        break;
-                    }
-                }
+                // Another voter may know more (one that lags may not
+                // know this node or its instance yet).
+                Err(status) => last = format!("{name} did not give {what}: {}", status.message()),
             }
         }
         Err(last)
@@ -305,6 +315,7 @@ impl SecretOpener for VoterKeys {
     ) -> BoxFuture<'static, Result<BTreeMap<String, String>, String>> {
         let id = instance.id.clone();
         let wanted = sealed.len();
+        let names: Vec<String> = sealed.keys().cloned().collect();
         Box::pin(async move {
             if wanted == 0 {
                 return Ok(BTreeMap::new());
@@ -315,7 +326,13 @@ impl SecretOpener for VoterKeys {
                     async move { client.instance_secrets(InstanceSecretsRequest { instance }).await }
                 })
                 .await?;
-            Ok(reply.secrets.into_iter().collect())
+            let opened: BTreeMap<String, String> = reply.secrets.into_iter().collect();
+            // Started without one of its secrets, an instance would fail
+            // in ways nobody could trace here.
+            if opened.len() != wanted || !names.iter().all(|n| opened.contains_key(n)) {
+                return Err(format!("a voter opened other secrets than the instance's release holds ({names:?})"));
+            }
+            Ok(opened)
         })
     }
 }

@@ -320,13 +320,17 @@ impl Node {
             let stop = shutdown.child_token();
             let ca_digest = identity.ca_digest()?;
             let server_tls = tls::server_config(&identity.ca_cert_pem, &identity.cert_pem, &identity.key_pem)?;
-            let channels = Arc::new(NodeChannels::new(ClientTls::node(
+            // The state the peer check reads exists once Raft has started.
+            let known = Arc::new(std::sync::OnceLock::new());
+            let channels = Arc::new(NodeChannels::new(ClientTls::node_accepting(
                 &identity.ca_cert_pem,
                 &identity.cert_pem,
                 &identity.key_pem,
+                Some(auth::accept_server(known.clone(), stored.node_id)),
             )?));
             let consensus =
                 Consensus::start(stored.node_id, &dir.raft(), &config.timings, channels.clone(), stop.clone()).await?;
+            let _ = known.set(consensus.state().clone());
             let liveness = Arc::new(Liveness::new(config.liveness.clone(), stored.node_id));
             let plane: SharedPlane = Arc::default();
             let (network_tx, network_rx) = tokio::sync::watch::channel(NetworkStatus::Pending);
