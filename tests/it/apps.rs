@@ -247,7 +247,7 @@ async fn secrets_reach_the_app_only_and_suspend_resume_destroy_clean_up() -> Res
     assert!(!logs.contains(value), "{logs}");
     // Nothing the node wrote holds the value in plain text.
     for slot in &cluster.slots {
-        for entry in walk(slot.dir.path())? {
+        for entry in roost_tests::files_under(slot.dir.path())? {
             let bytes = std::fs::read(&entry).unwrap_or_default();
             if bytes.windows(value.len()).any(|w| w == value.as_bytes()) {
                 bail!("{} holds the secret in plain text", entry.display());
@@ -275,19 +275,6 @@ async fn secrets_reach_the_app_only_and_suspend_resume_destroy_clean_up() -> Res
     .await?;
     cluster.shutdown().await;
     Ok(())
-}
-
-fn walk(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            files.extend(walk(&path)?);
-        } else {
-            files.push(path);
-        }
-    }
-    Ok(files)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -385,7 +385,7 @@ async fn a_worker_holds_no_cluster_keys_yet_runs_secrets_and_serves_tls() -> Res
     }
     let own_key = w1.data_dir.join("tls/node.key");
     let mut checked = 0;
-    for file in walk(&w1.data_dir)? {
+    for file in roost_tests::files_under(&w1.data_dir)? {
         let bytes = std::fs::read(&file)?;
         let text = String::from_utf8_lossy(&bytes);
         for needle in &forbidden {
@@ -473,18 +473,4 @@ async fn a_worker_holds_no_cluster_keys_yet_runs_secrets_and_serves_tls() -> Res
     // The nodes stop before their containers are cleaned up.
     drop((w1, n1));
     Ok(())
-}
-
-/// Every file under `dir`.
-fn walk(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            files.extend(walk(&path)?);
-        } else {
-            files.push(path);
-        }
-    }
-    Ok(files)
 }

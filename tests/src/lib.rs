@@ -234,6 +234,20 @@ impl Cluster {
     }
 }
 
+/// Every file under `dir`, in subdirectories too.
+pub fn files_under(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            files.extend(files_under(&path)?);
+        } else {
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
 /// A client that presents the node certificate stored in a data directory:
 /// what anyone holding that directory can do.
 pub fn node_tls(data_dir: &std::path::Path) -> Result<roost_network::tls::ClientTls> {
