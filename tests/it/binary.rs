@@ -414,7 +414,11 @@ async fn a_worker_holds_no_cluster_keys_yet_runs_secrets_and_serves_tls() -> Res
     let flags = ["--listen", local, "--http-listen", local, "--https-listen", local, "--no-wireguard"];
     let out = roost(&[&join[..], &flags[..]].concat(), None, None).await?;
     assert_ne!(out.code, 0, "a join through a worker: {}", out.stdout);
-    assert!(out.stderr.contains("cannot join through a worker"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("cannot join through a worker") && out.stderr.contains(&format!("n1 ({})", n1.address)),
+        "{}",
+        out.stderr
+    );
 
     // An instance on the worker gets its secret, from a voter.
     for args in [&["apps", "create", "keys"][..], &["secrets", "set", "GREETING=opened-by-a-voter", "-a", "keys"]] {

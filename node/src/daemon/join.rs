@@ -220,8 +220,10 @@ impl join_server::Join for JoinService {
         // As in Swarm, a node joins through a node that holds the keys; the
         // voters are named only to a caller with a good secret.
         let Some((secrets_key, secrets_key_hex)) = &self.secrets_key else {
-            let refusal = self.consensus.state().read(super::keys::worker_refusal);
-            return Err(Status::failed_precondition(format!("cannot join through a worker: {refusal}")));
+            let voters = self.consensus.state().read(super::keys::voters_named);
+            return Err(Status::failed_precondition(format!(
+                "cannot join through a worker, which holds none of the cluster's keys; give a voter as the seed{voters}"
+            )));
         };
         self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
         let cluster = self

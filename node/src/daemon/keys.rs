@@ -40,7 +40,7 @@ pub const MAX_EDGE_NAMES: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
-    #[error("this node is a worker and holds none of the cluster's keys; run this against a voter{voters}")]
+    #[error("this node is a worker and holds none of the cluster's keys; run it against a voter instead (--endpoint){voters}")]
     Worker { voters: String },
     #[error("the cluster's {what} cannot be opened with this node's secrets key")]
     Open {
@@ -140,6 +140,11 @@ pub fn join_role(state: &State, secret: &str) -> Option<NodeRole> {
 
 /// The error a worker gives for what only a voter can do, naming the voters.
 pub fn worker_refusal(state: &State) -> KeysError {
+    KeysError::Worker { voters: voters_named(state) }
+}
+
+/// ": NAME (ADDRESS), ..." of the nodes that may vote; empty if none is known.
+pub fn voters_named(state: &State) -> String {
     let workers = state.workers();
     let voters: Vec<String> = state
         .nodes
@@ -147,8 +152,11 @@ pub fn worker_refusal(state: &State) -> KeysError {
         .filter(|n| !workers.contains(&n.id))
         .map(|n| format!("{} ({})", n.name, n.address))
         .collect();
-    let voters = if voters.is_empty() { String::new() } else { format!(": {}", voters.join(", ")) };
-    KeysError::Worker { voters }
+    if voters.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", voters.join(", "))
+    }
 }
 
 /// The `Keys` service, as a voter serves it.
