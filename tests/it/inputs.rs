@@ -558,7 +558,11 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
         issued_at: 1,
     };
     let admin_grant = Grant::Token { token: cluster.tokens.admin.to_string() };
+    let plain = || Some(roost_raft::command::Secret("known-to-the-proposer".into()));
+    let plain_rotation =
+        Command::RemoveNode { id: other, new_join_secret: plain(), new_worker_secret: plain(), rotate: None };
     let refused = [
+        ("join secrets in plain text, even with the admin token", propose(plain_rotation, Some(admin_grant.clone()))),
         ("a placement on itself", propose(Command::Place { placements: vec![here.clone()] }, None)),
         (
             "a placement even with the admin token",
@@ -595,6 +599,7 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
     let state = |f: fn(&roost_raft::State) -> bool| cluster.node(leader).map(|n| n.consensus.state().read(f));
     assert!(state(|s| s.apps.get("target").is_some_and(|a| a.secrets.is_empty()))?, "nothing was written");
     assert!(state(|s| s.nodes.values().all(|n| n.address != "127.0.0.1:1"))?);
+    assert!(state(|s| s.nodes.len() == 3 && s.cluster.as_ref().is_some_and(|c| c.join_secret.is_empty()))?);
 
     // With the user's admin token, the same proposal is written: this is how
     // a node forwards a user's change.

@@ -384,6 +384,12 @@ pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, 
     Arc::new(move |command: &Command, grant: Option<&Grant>| match (command, grant) {
         (Command::AddNode { node }, Some(Grant::Join { secret })) => state.read(|s| admit(s, secret, node.role)),
         (Command::Bootstrap { .. } | Command::Batch { .. }, _) => Err("it is never forwarded".into()),
+        // Only entries of older clusters carry join secrets in plain text.
+        (Command::RemoveNode { new_join_secret, new_worker_secret, .. }, _)
+            if new_join_secret.is_some() || new_worker_secret.is_some() =>
+        {
+            Err("join secrets are written only sealed, never in plain text".into())
+        }
         (_, Some(Grant::Token { token })) => {
             let principal = resolve(&state, &ca_digest, token, Some(&uses), &clock)
                 .map_err(|status| status.message().to_owned())?;
