@@ -612,3 +612,44 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
     cluster.shutdown().await;
     Ok(())
 }
+
+/// A deploy whose upload stops sending (the client neither sends nor ends
+/// the stream) is given up after 60 s with a message that says so, not
+/// before, and creates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_that_sends_nothing_for_60_s_is_given_up_and_creates_nothing() -> Result<()> {
+    use roost_proto::api::{deploy_request, DeployRequest, DeployStart};
+
+    let cluster = Cluster::start(1).await?;
+    let mut client = cluster.client(0).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let start =
+        DeployStart { app: "stall".into(), config: roost_tests::apps::hello_toml("stall", ""), ..Default::default() };
+    tx.send(DeployRequest { part: Some(deploy_request::Part::Start(start)) }).await?;
+    tx.send(DeployRequest { part: Some(deploy_request::Part::Chunk(vec![0; 2048])) }).await?;
+    let requests = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let started = tokio::time::Instant::now();
+    let mut events = client.deploy(requests).await?.into_inner();
+    // `tx` stays open: the upload neither goes on nor ends.
+    let given_up = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            match events.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => anyhow::bail!("the deploy ended without an error"),
+                Err(status) => return Ok(status),
+            }
+        }
+    });
+    let status = given_up.await.map_err(|_| anyhow::anyhow!("the stalled upload was not given up in 120 s"))??;
+    assert!(
+        status.message().contains("the upload stalled: nothing arrived for 60 s after 2 KiB"),
+        "{}",
+        status.message()
+    );
+    assert!(started.elapsed() >= Duration::from_secs(60), "given up after {:?}", started.elapsed());
+    let apps = client.list_apps(ListAppsRequest::default()).await?.into_inner().apps;
+    assert!(apps.is_empty(), "the stalled deploy created {apps:?}");
+    drop(tx);
+    cluster.shutdown().await;
+    Ok(())
+}
