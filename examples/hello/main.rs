@@ -27,6 +27,8 @@
 //! `GET /health` of the server on $PORT and exits 0 on a 200, else 1.
 //! `hello lines N` prints `line 1` to `line N`, then one line of 10,000
 //! `x`, and exits 0 (to see a release command's output bounded).
+//! `hello sleep S` waits S seconds and exits 0 (a slow build step, to see
+//! builds queue).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -51,6 +53,11 @@ fn main() {
     let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
     if std::env::args().nth(1).as_deref() == Some("check") {
         std::process::exit(if check(&port) { 0 } else { 1 });
+    }
+    if std::env::args().nth(1).as_deref() == Some("sleep") {
+        let seconds: u64 = std::env::args().nth(2).and_then(|n| n.parse().ok()).unwrap_or(0);
+        std::thread::sleep(Duration::from_secs(seconds));
+        std::process::exit(0);
     }
     if std::env::args().nth(1).as_deref() == Some("lines") {
         let count: u64 = std::env::args().nth(2).and_then(|n| n.parse().ok()).unwrap_or(0);

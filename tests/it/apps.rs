@@ -499,3 +499,37 @@ async fn a_deploy_token_may_not_build_from_copy_out_of_or_deploy_another_apps_im
     cluster.shutdown().await;
     Ok(())
 }
+
+/// A node builds one image at a time: a deploy that arrives while another
+/// one builds waits, says so, and then goes through, as does the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_build_on_a_node_waits_for_the_first_and_says_so() -> Result<()> {
+    require_docker()?;
+    let cluster = Cluster::start(1).await?;
+    let slow = hello_app(&hello_toml("slow", ""))?;
+    // The first build has a step that lasts 20 s.
+    let dockerfile =
+        "FROM scratch\nCOPY hello /hello\nRUN [\"/hello\", \"sleep\", \"20\"]\nEXPOSE 8080\nCMD [\"/hello\"]\n";
+    std::fs::write(slow.path().join("Dockerfile"), dockerfile)?;
+    let fast = hello_app(&hello_toml("fast", ""))?;
+    let slow_dir = slow.path().display().to_string();
+    let fast_dir = fast.path().display().to_string();
+    // Both in this task: the CLI's future stays on one thread.
+    let first_args = ["deploy", slow_dir.as_str()];
+    let first = cluster.cli(0, &first_args);
+    let second = async {
+        wait_until("the first build to run its slow step", Duration::from_secs(60), || async {
+            let running = roost_tests::topology::docker(&["ps", "--no-trunc", "--format", "{{.Command}}"])?;
+            Ok(running.contains("/hello sleep 20"))
+        })
+        .await?;
+        cluster.cli(0, &["deploy", &fast_dir]).await.map_err(|e| anyhow::anyhow!("the second deploy: {e}"))
+    };
+    let (first, second) = tokio::join!(first, second);
+    let printed = second?;
+    assert!(printed.contains("waiting for another build on n1 to finish"), "{printed}");
+    let first = first.map_err(|e| anyhow::anyhow!("the first deploy: {e}"))?;
+    assert!(first.contains("Release v1 of slow created"), "{first}");
+    cluster.shutdown().await;
+    Ok(())
+}
