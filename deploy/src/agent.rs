@@ -147,15 +147,39 @@ pub struct Agent {
     collected_for: Option<(HashSet<String>, usize)>,
     /// The node's instance network, once the mesh has made it.
     network: watch::Receiver<NetworkStatus>,
-    /// When each instance's reason alone was last reported (see
-    /// [`REASON_REPORT_EVERY`]).
-    reason_reported: HashMap<String, Instant>,
+    /// When each instance's reason alone was last reported.
+    reason_reported: ReasonLimiter,
 }
 
 /// A change of an instance's reason alone (a check's output, which app code
 /// writes) is reported at most this often, so an app cannot flood the Raft
 /// log; a change of state or health is reported at once.
 const REASON_REPORT_EVERY: Duration = Duration::from_secs(30);
+
+/// When each instance's reason alone was last reported: a new one goes out
+/// at most every [`REASON_REPORT_EVERY`] per instance.
+#[derive(Debug, Default)]
+struct ReasonLimiter {
+    reported: HashMap<String, Instant>,
+}
+
+impl ReasonLimiter {
+    /// Whether a change of `instance`'s reason alone may be reported `now`
+    /// (and, if so, notes that it was).
+    fn admit(&mut self, instance: &str, now: Instant) -> bool {
+        let due =
+            self.reported.get(instance).is_none_or(|at| now.saturating_duration_since(*at) >= REASON_REPORT_EVERY);
+        if due {
+            self.reported.insert(instance.to_owned(), now);
+        }
+        due
+    }
+
+    /// Forgets instances that are no longer wanted here.
+    fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.reported.retain(|id, _| keep(id));
+    }
+}
 
 /// What the agent remembers of one instance's container between passes.
 struct Tracked {
@@ -333,7 +357,7 @@ impl Agent {
             create_retry: HashMap::new(),
             collected_for: None,
             network,
-            reason_reported: HashMap::new(),
+            reason_reported: ReasonLimiter::default(),
         }
     }
 
@@ -428,7 +452,7 @@ impl Agent {
         self.tracked.retain(|id, _| wanted.contains_key(id.as_str()));
         self.create_retry.retain(|id, _| wanted.contains_key(id.as_str()));
 
-        self.reason_reported.retain(|id, _| wanted.contains_key(id.as_str()));
+        self.reason_reported.retain(|id| wanted.contains_key(id));
         let mut reports = Vec::new();
         for desired in &desired {
             let span = tracing::info_span!("instance", app = %desired.instance.app, instance = %desired.instance.id);
@@ -436,14 +460,13 @@ impl Agent {
             let mut report = self.reconcile(&cluster, desired, container, &network).instrument(span).await;
             // The state keeps a bounded reason; compare like with like.
             report.reason = report.reason.map(|reason| truncated(&reason, MAX_REASON_BYTES));
-            if differs(&desired.instance, &report) {
+            // A change of state or health goes out at once; of the reason
+            // alone, at most every REASON_REPORT_EVERY.
+            let reason_changed = desired.instance.reason != report.reason;
+            if differs(&desired.instance, &report)
+                || (reason_changed && self.reason_reported.admit(&desired.instance.id, Instant::now()))
+            {
                 reports.push(report);
-            } else if desired.instance.reason != report.reason {
-                let id = &desired.instance.id;
-                if self.reason_reported.get(id).is_none_or(|at| at.elapsed() >= REASON_REPORT_EVERY) {
-                    self.reason_reported.insert(id.clone(), Instant::now());
-                    reports.push(report);
-                }
             }
         }
         if !reports.is_empty() {
@@ -896,4 +919,22 @@ fn backoff(restarts: u32) -> Duration {
 pub fn container_name(cluster: &str, app: &str, instance: &str) -> String {
     let short: String = cluster.chars().filter(char::is_ascii_alphanumeric).take(8).collect();
     format!("roost-{short}-{app}-{instance}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reason_alone_is_reported_at_most_every_30_s_per_instance() {
+        let mut limiter = ReasonLimiter::default();
+        let start = Instant::now();
+        assert!(limiter.admit("a", start), "the first change goes out");
+        assert!(!limiter.admit("a", start + Duration::from_secs(29)), "not again within 30 s");
+        assert!(limiter.admit("b", start + Duration::from_secs(1)), "another instance has its own limit");
+        assert!(limiter.admit("a", start + REASON_REPORT_EVERY), "again after 30 s");
+        assert!(!limiter.admit("a", start + Duration::from_secs(45)));
+        limiter.retain(|id| id != "a");
+        assert!(limiter.admit("a", start + Duration::from_secs(46)), "a forgotten instance starts afresh");
+    }
 }
