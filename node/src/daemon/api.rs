@@ -126,10 +126,7 @@ impl ControlService {
     /// The secrets key, which only a node that may vote holds: a worker
     /// refuses, naming the voters to ask instead (as a Swarm worker does).
     pub(super) fn secrets_key(&self) -> Result<&SecretsKey, Status> {
-        match &self.secrets_key {
-            Some(key) => Ok(key),
-            None => Err(self.consensus.state().read(keys::worker_refusal).into()),
-        }
+        super::auth::require_key(&self.secrets_key, self.consensus.state())
     }
 
     /// Asks the node at `address` for its side of the mesh.

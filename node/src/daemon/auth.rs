@@ -19,6 +19,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use roost_deploy::secrets::SecretsKey;
 use roost_raft::service::{Authorize, Caller};
 use roost_raft::state::{Access, NodeRole, Scope, UnixMillis};
 use roost_raft::{Command, Consensus, Grant, NodeId, State, StateReader};
@@ -46,18 +47,7 @@ pub fn require_node(
         let Some(fp) = fingerprint else {
             return Err(Status::unauthenticated("this service is for cluster nodes only: present a node certificate"));
         };
-        // Some(caller): allowed; the caller is a node the state names, or
-        // unknown while this node catches up.
-        let caller = state.read(|s| {
-            if s.is_revoked(&fp) {
-                None
-            } else if s.nodes.contains_key(&self_id) {
-                s.node_by_fingerprint(&fp).map(|node| Caller(Some(node.id)))
-            } else {
-                Some(Caller(None))
-            }
-        });
-        match caller {
+        match state.read(|s| member(s, self_id, &fp)) {
             Some(caller) => {
                 let mut request = request;
                 request.extensions_mut().insert(caller);
@@ -80,12 +70,30 @@ pub fn accept_server(
     self_id: NodeId,
 ) -> roost_network::tls::AcceptServer {
     Arc::new(move |fingerprint: &str| {
-        let Some(state) = state.get() else { return true };
-        state.read(|s| {
-            !s.is_revoked(fingerprint)
-                && (!s.nodes.contains_key(&self_id) || s.node_by_fingerprint(fingerprint).is_some())
-        })
+        state.get().is_none_or(|state| state.read(|s| member(s, self_id, fingerprint).is_some()))
     })
+}
+
+/// The node a certificate belongs to, as node `self_id` sees the cluster:
+/// `Some(caller)` for a node the state names, or (while `self_id` is not in
+/// its own state yet) an unknown one that is not revoked; `None` otherwise.
+fn member(s: &State, self_id: NodeId, fingerprint: &str) -> Option<Caller> {
+    if s.is_revoked(fingerprint) {
+        None
+    } else if s.nodes.contains_key(&self_id) {
+        s.node_by_fingerprint(fingerprint).map(|node| Caller(Some(node.id)))
+    } else {
+        Some(Caller(None))
+    }
+}
+
+/// The secrets key, which only a node that may vote holds: a worker
+/// refuses, naming the voters to ask instead (as a Swarm worker does).
+pub fn require_key<'a>(key: &'a Option<Arc<SecretsKey>>, state: &StateReader) -> Result<&'a SecretsKey, Status> {
+    match key {
+        Some(key) => Ok(key),
+        None => Err(state.read(super::keys::worker_refusal).into()),
+    }
 }
 
 /// The token an API call was made with, as the state resolved it.

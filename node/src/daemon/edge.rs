@@ -93,7 +93,8 @@ pub async fn run(context: EdgeContext, stop: CancellationToken) {
     }
 }
 
-fn issued_certificates(state: &roost_raft::State) -> Vec<(String, IssuedCertificate)> {
+/// The ACME certificates the state holds, by domain.
+pub(super) fn issued_certificates(state: &roost_raft::State) -> Vec<(String, IssuedCertificate)> {
     state.certificates.values().filter_map(|c| Some((c.domain.clone(), c.issued.clone()?))).collect()
 }
 
@@ -201,19 +202,28 @@ fn open_certificates(
     issued: &[(String, IssuedCertificate)],
 ) -> HashMap<String, Arc<rustls::sign::CertifiedKey>> {
     let mut ready = HashMap::new();
-    for (domain, certificate) in issued {
-        let opened = key
-            .open(CERTIFICATE_KEYS, domain, &certificate.key)
-            .map_err(|e| e.to_string())
-            .and_then(|key_pem| certified_key(domain, &certificate.chain_pem, &key_pem).map_err(|e| e.to_string()));
-        match opened {
+    for (domain, chain_pem, key_pem) in open_issued(key, issued) {
+        match certified_key(&domain, &chain_pem, &key_pem) {
             Ok(certified) => {
-                ready.insert(domain.clone(), certified);
+                ready.insert(domain, certified);
             }
             Err(error) => tracing::error!(%domain, %error, "cannot serve an issued certificate"),
         }
     }
     ready
+}
+
+/// The issued certificates as (domain, chain PEM, key PEM), keys opened;
+/// one that does not open is left out, and logged.
+pub(super) fn open_issued(key: &SecretsKey, issued: &[(String, IssuedCertificate)]) -> Vec<(String, String, String)> {
+    let mut opened = Vec::new();
+    for (domain, certificate) in issued {
+        match key.open(CERTIFICATE_KEYS, domain, &certificate.key) {
+            Ok(key_pem) => opened.push((domain.clone(), certificate.chain_pem.clone(), key_pem)),
+            Err(error) => tracing::error!(%domain, %error, "cannot open an issued certificate's key"),
+        }
+    }
+    opened
 }
 
 /// How the edge catches up with the leader for an ACME challenge.

@@ -22,7 +22,7 @@ use roost_proto::cluster::{
 };
 use roost_raft::consensus::now_millis;
 use roost_raft::service::Caller;
-use roost_raft::state::{ClusterInfo, JoinSecret, NodeRole};
+use roost_raft::state::{ClusterInfo, JoinSecret, NodeRecord, NodeRole};
 use roost_raft::workload::{Instance, SealedSecret};
 use roost_raft::{Consensus, State};
 use tokio::time::Instant;
@@ -30,7 +30,7 @@ use tonic::{Request, Status};
 
 use super::api::{consensus_status, API_DEADLINE};
 use super::channels::NodeChannels;
-use super::edge::CERTIFICATE_KEYS;
+use super::edge::{issued_certificates, open_issued};
 
 /// The "app" the cluster's own keys are sealed under; no app can be named so.
 pub const CLUSTER_KEYS: &str = "roost:cluster";
@@ -143,15 +143,14 @@ pub fn worker_refusal(state: &State) -> KeysError {
     KeysError::Worker { voters: voters_named(state) }
 }
 
+/// The nodes that may vote (every node not a worker), by id.
+fn voters(state: &State) -> Vec<&NodeRecord> {
+    state.nodes.values().filter(|n| !state.is_worker(n.id)).collect()
+}
+
 /// ": NAME (ADDRESS), ..." of the nodes that may vote; empty if none is known.
 pub fn voters_named(state: &State) -> String {
-    let workers = state.workers();
-    let voters: Vec<String> = state
-        .nodes
-        .values()
-        .filter(|n| !workers.contains(&n.id))
-        .map(|n| format!("{} ({})", n.name, n.address))
-        .collect();
+    let voters: Vec<String> = voters(state).iter().map(|n| format!("{} ({})", n.name, n.address)).collect();
     if voters.is_empty() {
         String::new()
     } else {
@@ -168,10 +167,7 @@ pub struct KeysService {
 
 impl KeysService {
     fn key(&self) -> Result<&SecretsKey, Status> {
-        match &self.key {
-            Some(key) => Ok(key),
-            None => Err(self.consensus.state().read(worker_refusal).into()),
-        }
+        super::auth::require_key(&self.key, self.consensus.state())
     }
 
     /// The caller's node id, known once this node has caught up.
@@ -227,35 +223,32 @@ impl keys_server::Keys for KeysService {
         }
         // Apps and certificates the caller saw are known here after this.
         self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
-        let (cluster, issued, names) = self.consensus.state().read(|s| {
-            let issued: Vec<_> =
-                s.certificates.values().filter_map(|c| Some((c.domain.clone(), c.issued.clone()?))).collect();
+        let (member, cluster, issued, names) = self.consensus.state().read(|s| {
             // Only APP.DOMAIN of an app that exists.
             let domain = s.cluster.as_ref().map(|c| format!(".{}", c.domain)).unwrap_or_default();
             let names: Vec<String> = names
                 .into_iter()
                 .filter(|name| name.strip_suffix(domain.as_str()).is_some_and(|app| s.apps.contains_key(app)))
                 .collect();
-            (s.cluster.clone(), issued, names)
+            (s.nodes.contains_key(&caller), s.cluster.clone(), issued_certificates(s), names)
         });
-        let cluster = cluster.ok_or_else(|| Status::unavailable("this node does not know the cluster yet"))?;
-        if !self.consensus.state().read(|s| s.nodes.contains_key(&caller)) {
+        // Checked again after the barrier: the caller may have been removed.
+        if !member {
             return Err(Status::permission_denied("the calling node is no longer a member"));
         }
-        let mut opened = Vec::new();
-        for (domain, certificate) in issued {
-            match key.open(CERTIFICATE_KEYS, &domain, &certificate.key) {
-                Ok(key_pem) => opened.push(EdgeCertificate { domain, chain_pem: certificate.chain_pem, key_pem }),
-                Err(error) => tracing::error!(%domain, %error, "cannot open an issued certificate's key"),
-            }
-        }
-        let ca = if names.is_empty() { None } else { Some(open_ca(&cluster, key)?) };
+        let cluster = cluster.ok_or_else(|| Status::unavailable("this node does not know the cluster yet"))?;
+        let opened: Vec<EdgeCertificate> = open_issued(key, &issued)
+            .into_iter()
+            .map(|(domain, chain_pem, key_pem)| EdgeCertificate { domain, chain_pem, key_pem })
+            .collect();
         let mut made = Vec::new();
-        for name in names {
-            let Some(ca) = &ca else { break };
-            let (chain_pem, key_pem) =
-                ca.issue_server(&name).map_err(|e| Status::internal(format!("could not issue {name}: {e}")))?;
-            made.push(EdgeCertificate { domain: name, chain_pem, key_pem });
+        if !names.is_empty() {
+            let ca = open_ca(&cluster, key)?;
+            for name in names {
+                let (chain_pem, key_pem) =
+                    ca.issue_server(&name).map_err(|e| Status::internal(format!("could not issue {name}: {e}")))?;
+                made.push(EdgeCertificate { domain: name, chain_pem, key_pem });
+            }
         }
         tracing::debug!(node = caller, issued = opened.len(), made = made.len(), "handed a node its edge certificates");
         Ok(tonic::Response::new(EdgeCertificatesResponse { issued: opened, cluster: made }))
@@ -273,8 +266,7 @@ impl VoterKeys {
     fn voters(&self) -> Vec<(String, String)> {
         let leader = self.consensus.leader().map(|(id, _)| id);
         self.consensus.state().read(|s| {
-            let workers = s.workers();
-            let mut voters: Vec<_> = s.nodes.values().filter(|n| !workers.contains(&n.id)).collect();
+            let mut voters = voters(s);
             voters.sort_by_key(|n| (Some(n.id) != leader, n.id));
             voters.into_iter().map(|n| (n.name.clone(), n.address.clone())).collect()
         })
@@ -322,10 +314,9 @@ impl SecretOpener for VoterKeys {
         sealed: &BTreeMap<String, SealedSecret>,
     ) -> BoxFuture<'static, Result<BTreeMap<String, String>, String>> {
         let id = instance.id.clone();
-        let wanted = sealed.len();
         let names: Vec<String> = sealed.keys().cloned().collect();
         Box::pin(async move {
-            if wanted == 0 {
+            if names.is_empty() {
                 return Ok(BTreeMap::new());
             }
             let reply = self
@@ -337,7 +328,7 @@ impl SecretOpener for VoterKeys {
             let opened: BTreeMap<String, String> = reply.secrets.into_iter().collect();
             // Started without one of its secrets, an instance would fail
             // in ways nobody could trace here.
-            if opened.len() != wanted || !names.iter().all(|n| opened.contains_key(n)) {
+            if !opened.keys().eq(names.iter()) {
                 return Err(format!("a voter opened other secrets than the instance's release holds ({names:?})"));
             }
             Ok(opened)

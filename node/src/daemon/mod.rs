@@ -310,10 +310,7 @@ impl Node {
         let engine = Engine::connect(config.docker_host.as_deref()).await?;
         let (identity, init_tokens) = resolve_identity(&dir, &config, &address).await?;
         // Only a node that may vote holds the secrets key.
-        let secrets_key = match &identity.secrets_key {
-            Some(hex) => Some(Arc::new(SecretsKey::from_hex(hex)?)),
-            None => None,
-        };
+        let secrets_key = identity.secrets_key.as_deref().map(SecretsKey::from_hex).transpose()?.map(Arc::new);
         let stored = identity.stored.clone();
         let span = tracing::info_span!("node", node = %stored.name, id = stored.node_id);
         async move {
