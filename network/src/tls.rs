@@ -191,6 +191,19 @@ pub struct PeerIdentity {
     pub remote_addr: Option<SocketAddr>,
     /// Fingerprint of the client certificate, present when the peer is a node.
     pub node_fingerprint: Option<String>,
+    /// The TLS session's exporter value ([`session_binding`]): what a signed
+    /// API call signs, so its signature is good on this connection alone.
+    pub session: Option<[u8; 32]>,
+}
+
+/// The label of the exporter value both ends of a TLS session derive
+/// (RFC 8446 §7.5): equal on both ends of one session, unrelated on any
+/// other, and unknown to anyone but the two ends.
+const SESSION_EXPORTER_LABEL: &[u8] = b"EXPORTER-roost-session-binding";
+
+/// The exporter value of a TLS 1.3 session that has completed its handshake.
+pub fn session_binding<D>(connection: &rustls::ConnectionCommon<D>) -> Option<[u8; 32]> {
+    connection.export_keying_material([0u8; 32], SESSION_EXPORTER_LABEL, None).ok()
 }
 
 /// A server-side TLS connection, with the identity tonic hands to services.
@@ -321,7 +334,8 @@ pub fn incoming(
                     .peer_certificates()
                     .and_then(|certs| certs.first())
                     .map(|cert| fingerprint(cert));
-                let identity = PeerIdentity { remote_addr: Some(remote), node_fingerprint };
+                let session = session_binding(stream.get_ref().1);
+                let identity = PeerIdentity { remote_addr: Some(remote), node_fingerprint, session };
                 let idle = Box::pin(tokio::time::sleep(limits.idle_timeout));
                 let connection =
                     TlsConnection { stream, identity, _admitted: admitted, idle_timeout: limits.idle_timeout, idle };
@@ -388,8 +402,21 @@ impl ClientTls {
     /// Connects to `addr` now, so that an unreachable node or a node of
     /// another cluster is reported as such rather than on first use.
     pub async fn connect(&self, addr: &str) -> Result<Channel, TlsError> {
+        self.connect_with(addr, self.connector()).await
+    }
+
+    /// [`ClientTls::connect`], also giving the exporter value of the TLS
+    /// session the channel opened (and of the one it reopens after a
+    /// failure): what a signed API call signs.
+    pub async fn connect_bound(&self, addr: &str) -> Result<(Channel, SessionSlot), TlsError> {
+        let slot = SessionSlot::default();
+        let connector = TlsConnectorService { session: Some(slot.clone()), ..self.connector() };
+        Ok((self.connect_with(addr, connector).await?, slot))
+    }
+
+    async fn connect_with(&self, addr: &str, connector: TlsConnectorService) -> Result<Channel, TlsError> {
         let endpoint = self.endpoint(addr)?;
-        endpoint.connect_with_connector(self.connector()).await.map_err(|e| TlsError::Connect {
+        endpoint.connect_with_connector(connector).await.map_err(|e| TlsError::Connect {
             addr: addr.to_owned(),
             reason: innermost(&e),
             transient: is_transient(&e),
@@ -406,7 +433,7 @@ impl ClientTls {
     }
 
     fn connector(&self) -> TlsConnectorService {
-        TlsConnectorService { tls: TlsConnector::from(self.config.clone()) }
+        TlsConnectorService { tls: TlsConnector::from(self.config.clone()), session: None }
     }
 
     fn finish(mut config: rustls::ClientConfig) -> Self {
@@ -421,10 +448,29 @@ impl ClientTls {
     }
 }
 
+/// The exporter value ([`session_binding`]) of the TLS session a channel
+/// has open, set by the connector on every connection it opens.
+#[derive(Clone, Debug, Default)]
+pub struct SessionSlot(Arc<std::sync::Mutex<Option<[u8; 32]>>>);
+
+impl SessionSlot {
+    pub fn get(&self) -> Option<[u8; 32]> {
+        self.0.lock().ok().and_then(|session| *session)
+    }
+
+    fn set(&self, session: Option<[u8; 32]>) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = session;
+        }
+    }
+}
+
 /// The tower service tonic calls to open a connection: TCP, then TLS.
 #[derive(Clone)]
 struct TlsConnectorService {
     tls: TlsConnector,
+    /// Where to put each new session's exporter value, when asked.
+    session: Option<SessionSlot>,
 }
 
 type ConnectFuture =
@@ -441,6 +487,7 @@ impl tower::Service<Uri> for TlsConnectorService {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let tls = self.tls.clone();
+        let slot = self.session.clone();
         Box::pin(async move {
             let authority = uri
                 .authority()
@@ -452,6 +499,9 @@ impl tower::Service<Uri> for TlsConnectorService {
             let name =
                 ServerName::try_from(NODE_SERVER_NAME).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             let stream = tls.connect(name, tcp).await?;
+            if let Some(slot) = slot {
+                slot.set(session_binding(stream.get_ref().1));
+            }
             Ok(TokioIo::new(stream))
         })
     }

@@ -8,10 +8,19 @@
 //! hex) lets the holder trust the cluster before it has anything else, and the
 //! secret proves the holder may join or administer it. Both parts are
 //! lowercase hex, so a token survives copy and paste and shell quoting.
+//!
+//! An API token never travels to a node. The CLI derives an Ed25519 key pair
+//! from its secret ([`Token::key`]) and signs the TLS session it talks over
+//! ([`TokenKey::sign`]: the session's exporter value and the time); the
+//! state records only the public key. A server that is not what it claims
+//! (a removed node's data directory, say) sees a signature that is good for
+//! its own session alone, and nothing it could present elsewhere.
 
 use std::fmt;
 
-use crate::pki::{hex, CaDigest};
+use ring::signature::{self, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+
+use crate::pki::{hex, unhex, CaDigest};
 
 const JOIN_PREFIX: &str = "ROOST-1-";
 const ADMIN_PREFIX: &str = "ROOST-ADMIN-1-";
@@ -100,6 +109,145 @@ impl fmt::Display for Token {
     }
 }
 
+/// The `authorization` scheme of a signed API call:
+/// `Signed PUBLIC_KEY.TIMESTAMP_MS.SIGNATURE` (key and signature in hex).
+pub const SIGNED_SCHEME: &str = "Signed ";
+/// What the seed of a token's key pair is drawn with (HMAC-SHA256 keyed by
+/// this label over the secret), so the key says nothing of the secret's
+/// SHA-256 digest, which older states recorded.
+const KEY_LABEL: &[u8] = b"roost api token key v1";
+/// What a signature covers besides the session and the time, so it is
+/// never good for any other purpose.
+const SIGNED_LABEL: &[u8] = b"roost api call v1\0";
+
+impl Token {
+    /// The key pair this token's secret stands for: the public half is what
+    /// the state records, the private half signs calls.
+    pub fn key(&self) -> TokenKey {
+        let seed = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, KEY_LABEL), self.secret.as_bytes());
+        // Every 32-byte seed is a valid Ed25519 private key.
+        let pair = Ed25519KeyPair::from_seed_unchecked(seed.as_ref()).expect("a 32-byte Ed25519 seed");
+        TokenKey(pair)
+    }
+}
+
+/// An API token's key pair ([`Token::key`]).
+pub struct TokenKey(Ed25519KeyPair);
+
+impl fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("TokenKey").field(&self.public_key()).finish()
+    }
+}
+
+impl TokenKey {
+    /// The public key, hex.
+    pub fn public_key(&self) -> String {
+        hex(self.0.public_key().as_ref())
+    }
+
+    /// Signs the TLS session whose exporter value is `session`, at
+    /// `timestamp_ms` (milliseconds since the Unix epoch, the signer's clock).
+    pub fn sign(&self, session: &[u8], timestamp_ms: i64) -> TokenSignature {
+        let signature = self.0.sign(&signed_message(session, timestamp_ms));
+        TokenSignature { public_key: self.public_key(), timestamp_ms, signature: hex(signature.as_ref()) }
+    }
+}
+
+fn signed_message(session: &[u8], timestamp_ms: i64) -> Vec<u8> {
+    let mut message = Vec::with_capacity(SIGNED_LABEL.len() + session.len() + 8);
+    message.extend_from_slice(SIGNED_LABEL);
+    message.extend_from_slice(session);
+    message.extend_from_slice(&timestamp_ms.to_be_bytes());
+    message
+}
+
+/// A signed API call's credentials, as the `authorization` header carries
+/// them ([`SIGNED_SCHEME`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenSignature {
+    /// The token's public key, hex: which token signed.
+    pub public_key: String,
+    pub timestamp_ms: i64,
+    /// The Ed25519 signature, hex.
+    pub signature: String,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("a signed authorization is `Signed PUBLIC_KEY.TIMESTAMP_MS.SIGNATURE`, with the key and signature in hex")]
+    Malformed,
+    #[error("the token's signature does not match this TLS session (a signature is good for the session it was made on only)")]
+    Mismatch,
+}
+
+impl TokenSignature {
+    /// The `authorization` header's value.
+    pub fn header(&self) -> String {
+        format!("{SIGNED_SCHEME}{}.{}.{}", self.public_key, self.timestamp_ms, self.signature)
+    }
+
+    /// Parses what follows [`SIGNED_SCHEME`] in a header.
+    pub fn parse(text: &str) -> Result<Self, SignatureError> {
+        let mut parts = text.trim().split('.');
+        let (Some(public_key), Some(timestamp), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(SignatureError::Malformed);
+        };
+        let hex_of =
+            |text: &str, bytes: usize| (text.len() == bytes * 2 && unhex(text).is_some()).then(|| text.to_owned());
+        Ok(Self {
+            public_key: hex_of(public_key, 32).ok_or(SignatureError::Malformed)?,
+            timestamp_ms: timestamp.parse().map_err(|_| SignatureError::Malformed)?,
+            signature: hex_of(signature, 64).ok_or(SignatureError::Malformed)?,
+        })
+    }
+
+    /// Checks the signature over the TLS session whose exporter value is
+    /// `session` (the receiving side's own view of it) and the timestamp.
+    /// Which token the key is, and whether the time is recent, is the
+    /// caller's to check.
+    pub fn verify(&self, session: &[u8]) -> Result<(), SignatureError> {
+        let (Some(key), Some(signature)) = (unhex(&self.public_key), unhex(&self.signature)) else {
+            return Err(SignatureError::Malformed);
+        };
+        UnparsedPublicKey::new(&signature::ED25519, key)
+            .verify(&signed_message(session, self.timestamp_ms), &signature)
+            .map_err(|_| SignatureError::Mismatch)
+    }
+}
+
+/// Who makes a join proof, and with what key ([`join_proof`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JoinProof {
+    /// The joining node, keyed by the join secret.
+    Joiner,
+    /// The joining node, keyed by the secret's SHA-256 (hex), which every
+    /// member's state holds: enough to pre-check a join anywhere, never to
+    /// admit one.
+    JoinerDigest,
+    /// The seed, keyed by the join secret: only a node that knows the
+    /// current secret can make it.
+    Seed,
+}
+
+/// HMAC-SHA256 keyed by `key` (the join secret, or its digest for
+/// [`JoinProof::JoinerDigest`]) over the TLS session's exporter value: it
+/// proves knowledge of the key on that session alone, and reveals nothing
+/// that would let the other end join (or pose as the cluster) elsewhere.
+pub fn join_proof(key: &str, session: &[u8], who: JoinProof) -> Vec<u8> {
+    let label: &[u8] = match who {
+        JoinProof::Joiner => b"roost join v1 joiner\0",
+        JoinProof::JoinerDigest => b"roost join v1 joiner digest\0",
+        JoinProof::Seed => b"roost join v1 seed\0",
+    };
+    let mut context = ring::hmac::Context::with_key(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes()));
+    context.update(label);
+    context.update(session);
+    context.sign().as_ref().to_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -132,6 +280,50 @@ mod tests {
         assert_eq!(Token::parse(&good[..good.len() - 1]), Err(TokenError::Secret));
         // Uppercase hex is not what we print, so it is refused rather than guessed at.
         assert_eq!(Token::parse(&good.to_uppercase()), Err(TokenError::Digest));
+    }
+
+    #[test]
+    fn a_signature_is_good_for_its_session_and_time_only() {
+        let token = Token::generate(TokenKind::Api, digest());
+        let key = token.key();
+        assert_eq!(key.public_key(), token.key().public_key(), "the key follows from the secret alone");
+        assert_ne!(key.public_key(), Token::generate(TokenKind::Api, digest()).key().public_key());
+        let session = [7u8; 32];
+        let signed = key.sign(&session, 1_000);
+        let parsed = TokenSignature::parse(signed.header().strip_prefix(SIGNED_SCHEME).unwrap_or_default());
+        assert_eq!(parsed.as_ref(), Ok(&signed));
+        assert_eq!(signed.verify(&session), Ok(()));
+        // Another session, another time, another key: refused.
+        assert_eq!(signed.verify(&[8u8; 32]), Err(SignatureError::Mismatch));
+        let moved = TokenSignature { timestamp_ms: 1_001, ..signed.clone() };
+        assert_eq!(moved.verify(&session), Err(SignatureError::Mismatch));
+        let other = Token::generate(TokenKind::Api, digest()).key();
+        let swapped = TokenSignature { public_key: other.public_key(), ..signed.clone() };
+        assert_eq!(swapped.verify(&session), Err(SignatureError::Mismatch));
+        // Nothing of the secret is in what travels.
+        assert!(!signed.header().contains(&token.secret));
+    }
+
+    #[test]
+    fn join_proofs_differ_by_key_session_and_side() {
+        let session = [1u8; 32];
+        let joiner = join_proof("s1", &session, JoinProof::Joiner);
+        assert_eq!(joiner, join_proof("s1", &session, JoinProof::Joiner));
+        assert_ne!(joiner, join_proof("s2", &session, JoinProof::Joiner));
+        assert_ne!(joiner, join_proof("s1", &[2u8; 32], JoinProof::Joiner));
+        // The seed cannot echo the joiner's proof back as its own.
+        assert_ne!(joiner, join_proof("s1", &session, JoinProof::Seed));
+        assert_ne!(joiner, join_proof("s1", &session, JoinProof::JoinerDigest));
+    }
+
+    #[test]
+    fn a_malformed_signature_says_what_a_good_one_looks_like() {
+        for bad in ["", "abc", "00.1.00", &format!("{}.x.{}", "0".repeat(64), "0".repeat(128))] {
+            assert_eq!(TokenSignature::parse(bad), Err(SignatureError::Malformed), "{bad}");
+        }
+        let good = format!("{}.5.{}", "a".repeat(64), "b".repeat(128));
+        assert!(TokenSignature::parse(&good).is_ok());
+        assert_eq!(TokenSignature::parse(&format!("{good}.extra")), Err(SignatureError::Malformed));
     }
 
     #[test]

@@ -29,6 +29,12 @@ pub enum Grant {
     /// call, and again by the leader against the command's [`Access`]).
     #[serde(alias = "admin")]
     Token { token: String },
+    /// A signed API call: the token's public key, the caller's timestamp
+    /// and its signature over them and the TLS session it was made on
+    /// (`session`, the exporter value the node that took the call saw), all
+    /// hex but the time. The leader checks the signature, that the key is a
+    /// current token's, and that the time is recent.
+    Signed { public_key: String, timestamp_ms: i64, session: String, signature: String },
     /// The join secret a joining node presented to its seed.
     Join { secret: String },
 }
@@ -38,6 +44,7 @@ impl std::fmt::Debug for Grant {
         // Credentials stay out of logs.
         f.write_str(match self {
             Grant::Token { .. } => "Grant::Token",
+            Grant::Signed { .. } => "Grant::Signed",
             Grant::Join { .. } => "Grant::Join",
         })
     }
@@ -315,6 +322,10 @@ pub enum Command {
     RotateToken {
         token: String,
         secret_sha256: String,
+        /// The public key of the new secret's key pair (hex); empty in
+        /// entries written before calls were signed.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        public_key: String,
     },
     /// When nodes last accepted tokens, by token id. Each node reports a
     /// token at most once a minute (see `auth::TokenUses` in roost-node).

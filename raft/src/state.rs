@@ -123,6 +123,11 @@ pub struct ClusterInfo {
     /// SHA-256 (hex) of the admin token's secret; the secret itself is only
     /// in the init node's `admin.token`.
     pub admin_secret_sha256: String,
+    /// The public key (hex) of the admin token's key pair, which signed
+    /// calls are checked against; empty for a cluster made before calls
+    /// were signed, until its admin token is rotated.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub admin_public_key: String,
     /// The private range the mesh gives out, a /24 per node
     /// (`node init --mesh-range`).
     #[serde(default = "default_mesh_range")]
@@ -309,7 +314,9 @@ impl State {
             Command::ResumeApp { name } => self.set_suspended(name, false),
             Command::CreateToken { token } => self.create_token(token),
             Command::RevokeToken { token } => self.revoke_token(token),
-            Command::RotateToken { token, secret_sha256 } => self.rotate_token(token, secret_sha256),
+            Command::RotateToken { token, secret_sha256, public_key } => {
+                self.rotate_token(token, secret_sha256, public_key)
+            }
             Command::TokensUsed { used } => self.tokens_used(used, at),
             Command::Batch { proposals } => {
                 Response::Batch { responses: proposals.iter().map(|p| self.apply(p)).collect() }

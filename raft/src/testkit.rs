@@ -47,6 +47,7 @@ pub fn cluster(count: usize, labels: impl Fn(usize) -> Vec<(&'static str, &'stat
         join_secret: String::new(),
         worker_join_secret: String::new(),
         admin_secret_sha256: String::new(),
+        admin_public_key: String::new(),
         mesh_range: default_mesh_range(),
         domain: "localhost".into(),
         acme: None,

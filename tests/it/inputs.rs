@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Result;
 use roost_network::tls::ClientTls;
 use roost_network::{Token, TokenKind};
-use roost_node::cli::BearerToken;
+use roost_node::cli::ApiAuth;
 use roost_node::daemon::{Node, NodeConfig, Start};
 use roost_proto::api::control_client::ControlClient;
 use roost_proto::api::{
@@ -94,7 +94,7 @@ async fn api_calls_need_one_of_this_clusters_api_tokens() -> Result<()> {
         let result = match &token {
             Some(token) => {
                 let mut client =
-                    ControlClient::with_interceptor(channel, BearerToken(format!("Bearer {token}").parse()?));
+                    ControlClient::with_interceptor(channel, ApiAuth::Header(format!("Bearer {token}").parse()?));
                 client.list_apps(ListAppsRequest::default()).await
             }
             None => ControlClient::new(channel).list_apps(ListAppsRequest::default()).await,
@@ -255,6 +255,201 @@ async fn a_removed_nodes_certificate_at_a_members_address_is_refused_by_the_lead
     .await?;
     impostor.abort();
     assert_eq!(accepted.load(Ordering::SeqCst), 0, "a handshake with the removed node's certificate completed");
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// A server that is not a current member (here, a removed node's data
+/// directory serving its certificate, which the CA signed) learns nothing
+/// from a CLI call that would let it act as the admin elsewhere: the CLI
+/// sends a signature of its own TLS session, never the token, and that
+/// signature replayed to a member on another session is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cli_call_to_a_removed_node_gives_it_nothing_a_member_accepts() -> Result<()> {
+    use std::sync::{Arc, Mutex};
+
+    let cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let victim = (leader + 1) % 3;
+    let victim_name = cluster.slots[victim].name.clone();
+    cluster.client(leader).await?.remove_node(RemoveNodeRequest { node: victim_name }).await?;
+    roost_tests::wait_until("the removed node to stop", Duration::from_secs(15), || async {
+        Ok(cluster.slots[victim].running.as_ref().is_some_and(|n| n.is_stopping()))
+    })
+    .await?;
+
+    // The removed node's directory, serving gRPC over HTTP/2 with its
+    // certificate, answering every call "unimplemented" and keeping the
+    // authorization header of each.
+    let read = |file: &str| std::fs::read_to_string(cluster.slots[victim].dir.path().join("tls").join(file));
+    let config = roost_network::tls::server_config(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let impostor_address = listener.local_addr()?.to_string();
+    let captured = Arc::new(Mutex::new(Vec::<String>::new()));
+    let impostor = {
+        let captured = captured.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(stream) = acceptor.accept(tcp).await else { continue };
+                let captured = captured.clone();
+                let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let header = request.headers().get("authorization").and_then(|h| h.to_str().ok());
+                    if let Ok(mut captured) = captured.lock() {
+                        captured.push(header.unwrap_or_default().to_owned());
+                    }
+                    let response = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .header("grpc-status", "12")
+                        .body(http_body_util::Empty::<bytes::Bytes>::new());
+                    async move { response }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        })
+    };
+
+    // The CLI's own client, as `roost apps list --endpoint IMPOSTOR` makes it.
+    let admin = cluster.tokens.admin.clone();
+    let mut cli = roost_node::cli::connect_api(&impostor_address, &admin).await?;
+    let status = cli.list_apps(ListAppsRequest::default()).await.expect_err("the impostor serves nothing");
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    let headers = captured.lock().map(|c| c.clone()).unwrap_or_default();
+    impostor.abort();
+    let [header] = headers.as_slice() else { anyhow::bail!("expected one call at the impostor, got {headers:?}") };
+    assert!(header.starts_with("Signed "), "the CLI signs: {header}");
+    assert!(!header.contains(&admin.secret), "the token itself reached the impostor");
+
+    // Replayed at a member, on a session of the replayer's own: refused.
+    let member = cluster.node(leader)?.address.clone();
+    let channel = ClientTls::anonymous(admin.ca_digest)?.connect(&member).await?;
+    let mut replay = ControlClient::with_interceptor(channel, ApiAuth::Header(header.parse()?));
+    let status = replay.list_apps(ListAppsRequest::default()).await.expect_err("a replayed signature");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("does not match this TLS session"), "{}", status.message());
+    // The same CLI call to a member goes through.
+    roost_node::cli::connect_api(&member, &admin).await?.list_apps(ListAppsRequest::default()).await?;
+    // A token the cluster does not have, signing properly: refused.
+    let stranger = Token::generate(TokenKind::Api, admin.ca_digest);
+    let status = roost_node::cli::connect_api(&member, &stranger)
+        .await?
+        .list_apps(ListAppsRequest::default())
+        .await
+        .expect_err("an unknown token's signature");
+    assert!(status.message().contains("not one of the cluster's current tokens"), "{}", status.message());
+    // A good signature of this very session, at a time too far from the
+    // cluster's clock either way, is refused and says why.
+    for (offset_ms, expected) in
+        [(3_600_000, "ahead of the cluster's clock"), (-1_200_000, "before the cluster's clock")]
+    {
+        let (channel, session) = ClientTls::anonymous(admin.ca_digest)?.connect_bound(&member).await?;
+        let session = session.get().ok_or_else(|| anyhow::anyhow!("no session"))?;
+        let signed = admin.key().sign(&session, roost_raft::consensus::now_millis() + offset_ms);
+        let mut skewed = ControlClient::with_interceptor(channel, ApiAuth::Header(signed.header().parse()?));
+        let status = skewed.list_apps(ListAppsRequest::default()).await.expect_err("a skewed signature");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        assert!(status.message().contains(expected), "{}", status.message());
+    }
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// What an impostor seed (a removed node's directory) keeps of each join
+/// and answers: the cluster's own CA, so only the missing proof of the
+/// current join secret gives it away.
+struct ImpostorSeed {
+    ca_cert_pem: String,
+    captured: std::sync::Arc<std::sync::Mutex<Vec<roost_proto::cluster::JoinRequest>>>,
+}
+
+#[tonic::async_trait]
+impl roost_proto::cluster::join_server::Join for ImpostorSeed {
+    async fn join(
+        &self,
+        request: tonic::Request<roost_proto::cluster::JoinRequest>,
+    ) -> Result<tonic::Response<roost_proto::cluster::JoinResponse>, tonic::Status> {
+        if let Ok(mut captured) = self.captured.lock() {
+            captured.push(request.into_inner());
+        }
+        Ok(tonic::Response::new(roost_proto::cluster::JoinResponse {
+            node_id: 99,
+            cluster_id: "impostor".into(),
+            ca_cert_pem: self.ca_cert_pem.clone(),
+            seed_proof: vec![0; 32],
+            ..Default::default()
+        }))
+    }
+}
+
+/// A joining node given a removed node as its seed sends it nothing it could
+/// join with (a proof bound to that TLS session, never the token), refuses
+/// its answer for want of the seed's proof of the current token, and writes
+/// nothing; the proof it sent, replayed to a voter, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_join_through_a_removed_node_is_refused_by_the_joiner_and_leaks_no_token() -> Result<()> {
+    use std::sync::{Arc, Mutex};
+
+    let cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let victim = (leader + 1) % 3;
+    let victim_name = cluster.slots[victim].name.clone();
+    cluster.client(leader).await?.remove_node(RemoveNodeRequest { node: victim_name }).await?;
+    roost_tests::wait_until("the removed node to stop", Duration::from_secs(15), || async {
+        Ok(cluster.slots[victim].running.as_ref().is_some_and(|n| n.is_stopping()))
+    })
+    .await?;
+    // The token a user prints now: rotated by the removal.
+    let token = cluster.client(leader).await?.get_join_token(GetJoinTokenRequest::default()).await?.into_inner().token;
+    assert_ne!(token, cluster.tokens.join.to_string(), "the removal rotated the join token");
+
+    let read = |file: &str| std::fs::read_to_string(cluster.slots[victim].dir.path().join("tls").join(file));
+    let config = roost_network::tls::server_config(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let impostor_address = listener.local_addr()?.to_string();
+    let stop = CancellationToken::new();
+    let incoming = roost_network::tls::incoming(listener, config, Default::default(), stop.clone());
+    let captured = Arc::new(Mutex::new(Vec::new()));
+    let seed = ImpostorSeed { ca_cert_pem: read("ca.pem")?, captured: captured.clone() };
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(roost_proto::cluster::join_server::JoinServer::new(seed))
+            .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()),
+    );
+
+    let dir = tempfile::tempdir()?;
+    let node =
+        Node::start(join_config(dir.path(), "newcomer", &impostor_address, &token), CancellationToken::new()).await;
+    let error = node.err().ok_or_else(|| anyhow::anyhow!("a join through a removed node succeeded"))?;
+    let message = format!("{:#}", anyhow::Error::new(error));
+    assert!(message.contains("did not prove that it knows the cluster's current join token"), "{message}");
+    assert!(!dir.path().join("node.json").exists(), "a refused join must not leave an identity");
+    stop.cancel();
+    let _ = server.await;
+
+    let requests = captured.lock().map(|c| c.clone()).unwrap_or_default();
+    let [request] = requests.as_slice() else {
+        anyhow::bail!("expected one join at the impostor, got {}", requests.len())
+    };
+    let secret = Token::parse(&token)?.secret;
+    assert!(request.secret.is_empty(), "the token itself reached the impostor");
+    let sent = format!("{request:?}");
+    assert!(!sent.contains(&secret), "the secret reached the impostor in some field");
+    assert!(!sent.contains(&roost_network::pki::secret_digest(&secret)), "its digest reached the impostor");
+
+    // The proofs it captured, replayed to a voter on a session of its own.
+    let voter = cluster.node(leader)?.address.clone();
+    let channel = ClientTls::anonymous(cluster.tokens.admin.ca_digest)?.connect(&voter).await?;
+    let replay = roost_proto::cluster::JoinRequest { name: "replayed".into(), ..request.clone() };
+    let status = roost_proto::cluster::join_client::JoinClient::new(channel)
+        .join(replay)
+        .await
+        .expect_err("a replayed join proof");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("wrong join token"), "{}", status.message());
+    assert_eq!(node_count(&cluster).await?, 2, "nobody joined");
     cluster.shutdown().await;
     Ok(())
 }
@@ -558,6 +753,27 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
         issued_at: 1,
     };
     let admin_grant = Grant::Token { token: cluster.tokens.admin.to_string() };
+    // A signed call's grant: good when fresh, refused once older than the
+    // leader allows (a node cannot keep a user's signature to use later).
+    let signed = |age_ms: i64| {
+        let session = [9u8; 32];
+        let now = roost_raft::consensus::now_millis();
+        let signature = cluster.tokens.admin.key().sign(&session, now - age_ms);
+        Grant::Signed {
+            public_key: signature.public_key,
+            timestamp_ms: signature.timestamp_ms,
+            session: roost_network::pki::hex(&session),
+            signature: signature.signature,
+        }
+    };
+    let stale = signed(roost_node::daemon::auth::SIGNED_GRANT_AGE_MS + 60_000);
+    let other_key = Token::generate(TokenKind::Api, cluster.tokens.admin.ca_digest).key().sign(&[9u8; 32], 1);
+    let unknown_key = Grant::Signed {
+        public_key: other_key.public_key,
+        timestamp_ms: roost_raft::consensus::now_millis(),
+        session: roost_network::pki::hex(&[9u8; 32]),
+        signature: other_key.signature,
+    };
     let plain = || Some(roost_raft::command::Secret("known-to-the-proposer".into()));
     let plain_rotation =
         Command::RemoveNode { id: other, new_join_secret: plain(), new_worker_secret: plain(), rotate: None };
@@ -574,6 +790,8 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
         ),
         ("secrets without a grant", propose(set_secrets(), None)),
         ("secrets with a wrong admin token", propose(set_secrets(), Some(Grant::Token { token: forged }))),
+        ("secrets with a signature older than allowed", propose(set_secrets(), Some(stale))),
+        ("secrets with a signature that does not verify", propose(set_secrets(), Some(unknown_key))),
         ("a destroy", propose(Command::DestroyApp { name: "target".into() }, None)),
         (
             "a node removal",
@@ -606,6 +824,11 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
     let admin = Grant::Token { token: cluster.tokens.admin.to_string() };
     raft.propose(propose(set_secrets(), Some(admin))).await?;
     assert!(state(|s| s.apps.get("target").is_some_and(|a| a.secrets.contains_key("K")))?);
+    // And so is it with a fresh signed call's grant, as the CLI makes them.
+    let unset =
+        Command::SetSecrets { app: "target".into(), set: Default::default(), unset: vec!["K".into()], stage: true };
+    raft.propose(propose(unset, Some(signed(0)))).await?;
+    assert!(state(|s| s.apps.get("target").is_some_and(|a| a.secrets.is_empty()))?);
     // And a node reports about itself on its own authority.
     let me = cluster.node(member)?.address.clone();
     raft.propose(propose(Command::UpdateNode { id: member_id, address: me, wireguard: None }, None)).await?;

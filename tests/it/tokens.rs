@@ -194,3 +194,34 @@ async fn scoped_tokens_allow_exactly_their_scope_on_every_node_and_revocation_is
     cluster.shutdown().await;
     Ok(())
 }
+
+/// A cluster made before calls were signed recorded only its admin token's
+/// digest: the CLI's signed calls find no such key until the node holding
+/// `admin.token` records it, which it does on its own, and then they work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_admin_token_from_before_signed_calls_gets_its_key_from_the_node_holding_it() -> Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let admin = cluster.tokens.admin.clone();
+    let keyed = |state: &roost_raft::State| state.cluster.as_ref().map(|c| c.admin_public_key.clone());
+    assert_eq!(cluster.node(0)?.consensus.state().read(keyed), Some(admin.key().public_key()));
+
+    // The state as an older version left it: the digest alone.
+    let legacy = Command::RotateToken {
+        token: "admin".into(),
+        secret_sha256: roost_network::pki::secret_digest(&admin.secret),
+        public_key: String::new(),
+    };
+    let tls = roost_tests::node_tls(cluster.slots[0].dir.path())?;
+    let mut raft = roost_proto::cluster::raft_client::RaftClient::new(tls.connect(&cluster.node(0)?.address).await?);
+    let forward =
+        Forward { proposal: Proposal::new(legacy, 1), grant: Some(Grant::Token { token: admin.to_string() }) };
+    raft.propose(roost_proto::cluster::RaftPayload { json: serde_json::to_vec(&forward)? }).await?;
+
+    wait_until("the node holding admin.token to record its key", Duration::from_secs(10), || async {
+        Ok(cluster.node(0)?.consensus.state().read(keyed) == Some(admin.key().public_key()))
+    })
+    .await?;
+    cluster.cli(0, &["apps", "list"]).await.map_err(|e| anyhow!("a signed call after the key was recorded: {e}"))?;
+    cluster.shutdown().await;
+    Ok(())
+}

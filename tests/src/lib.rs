@@ -33,20 +33,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
-use roost_network::tls::ClientTls;
-use roost_node::cli::BearerToken;
 use roost_node::daemon::{
     ClusterSettings, EdgeListen, InitTokens, LivenessConfig, MeshSettings, Node, NodeConfig, RunningNode, Start,
 };
-use roost_proto::api::control_client::ControlClient;
 use roost_raft::Timings;
 use tempfile::TempDir;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
-pub type Control = ControlClient<InterceptedService<Channel, BearerToken>>;
+pub use roost_node::cli::Control;
 
 /// Polls `condition` every 50 ms until it returns `Ok(true)` or `timeout`
 /// passes; the error names `what` and the last error seen.
@@ -255,12 +250,10 @@ pub fn node_tls(data_dir: &std::path::Path) -> Result<roost_network::tls::Client
     Ok(roost_network::tls::ClientTls::node(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?)
 }
 
-/// An admin client for the node at `address`.
+/// An admin client for the node at `address`, signing its calls as the CLI
+/// does.
 pub async fn admin_client(address: &str, tokens: &InitTokens) -> Result<Control> {
-    let tls = ClientTls::anonymous(tokens.admin.ca_digest)?;
-    let channel = tls.connect(address).await?;
-    let header = format!("Bearer {}", tokens.admin).parse()?;
-    Ok(ControlClient::with_interceptor(channel, BearerToken(header)))
+    Ok(roost_node::cli::connect_api(address, &tokens.admin).await?)
 }
 
 /// A test node's configuration: its own data directory, port 0 (or the

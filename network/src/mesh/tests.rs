@@ -30,6 +30,7 @@ fn state_with(nodes: &[(&str, bool)]) -> State {
         join_secret: String::new(),
         worker_join_secret: String::new(),
         admin_secret_sha256: String::new(),
+        admin_public_key: String::new(),
         mesh_range: default_mesh_range(),
         domain: "localhost".into(),
         acme: None,

@@ -13,10 +13,12 @@ pub use apps::{AppArg, DeployArgs, LogsArgs, ScaleCommand, SecretsCommand};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use roost_network::tls::ClientTls;
+use roost_network::tls::{ClientTls, SessionSlot};
+use roost_network::token::TokenKey;
 use roost_network::{Token, TokenKind};
 use roost_proto::api::control_client::ControlClient;
 use roost_proto::api::{
@@ -501,16 +503,50 @@ fn is_transport(status: &tonic::Status) -> bool {
     std::error::Error::source(status).is_some()
 }
 
-pub(crate) type Control = ControlClient<InterceptedService<Channel, BearerToken>>;
+pub type Control = ControlClient<InterceptedService<Channel, ApiAuth>>;
 
+/// How a client proves its API token to a node on each call.
 #[derive(Clone)]
-pub struct BearerToken(pub MetadataValue<tonic::metadata::Ascii>);
+pub enum ApiAuth {
+    /// Signs the TLS session the call goes over, and the time, with the
+    /// token's key pair: the token itself never leaves this machine, and a
+    /// signature is good on that session alone. What the CLI does.
+    Signed { key: Arc<TokenKey>, session: SessionSlot },
+    /// Sends this `authorization` value as it is: `Bearer TOKEN`, the token
+    /// itself, as tools that cannot sign do.
+    Header(MetadataValue<tonic::metadata::Ascii>),
+}
 
-impl tonic::service::Interceptor for BearerToken {
+impl tonic::service::Interceptor for ApiAuth {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        request.metadata_mut().insert(roost_proto::AUTHORIZATION, self.0.clone());
+        let value = match self {
+            ApiAuth::Header(value) => value.clone(),
+            ApiAuth::Signed { key, session } => {
+                let session = session
+                    .get()
+                    .ok_or_else(|| tonic::Status::unavailable("no TLS session with the node is open to sign"))?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+                MetadataValue::try_from(key.sign(&session, now).header())
+                    .map_err(|_| tonic::Status::internal("a signature that a header cannot carry"))?
+            }
+        };
+        request.metadata_mut().insert(roost_proto::AUTHORIZATION, value);
         Ok(request)
     }
+}
+
+/// Connects to the node at `endpoint`, trusting only the CA `token` pins,
+/// with calls signed by the token ([`ApiAuth::Signed`]).
+pub async fn connect_api(endpoint: &str, token: &Token) -> Result<Control, CliError> {
+    let tls = ClientTls::anonymous(token.ca_digest).map_err(|e| CliError::Other(e.to_string()))?;
+    let (channel, session) = tls.connect_bound(endpoint).await.map_err(|e| match e {
+        roost_network::tls::TlsError::Address { .. } => CliError::Usage(format!("invalid --endpoint: {e}")),
+        _ => CliError::Unreachable(format!("{e} (is a roost node running there? check --endpoint / ROOST_ENDPOINT)")),
+    })?;
+    let auth = ApiAuth::Signed { key: Arc::new(token.key()), session };
+    Ok(ControlClient::with_interceptor(channel, auth))
 }
 
 impl ClientArgs {
@@ -533,19 +569,11 @@ impl ClientArgs {
         Ok((endpoint, token))
     }
 
-    /// Connects to the endpoint, trusting only the CA the token pins.
+    /// Connects to the endpoint, trusting only the CA the token pins; calls
+    /// are signed with the token, which never leaves this machine.
     pub async fn connect(&self) -> Result<Control, CliError> {
         let (endpoint, token) = self.parts()?;
-        let tls = ClientTls::anonymous(token.ca_digest).map_err(|e| CliError::Other(e.to_string()))?;
-        let channel = tls.connect(&endpoint).await.map_err(|e| match e {
-            roost_network::tls::TlsError::Address { .. } => CliError::Usage(format!("invalid --endpoint: {e}")),
-            _ => {
-                CliError::Unreachable(format!("{e} (is a roost node running there? check --endpoint / ROOST_ENDPOINT)"))
-            }
-        })?;
-        let header = MetadataValue::try_from(format!("Bearer {token}"))
-            .map_err(|_| CliError::Auth("the API token has characters a header cannot carry".into()))?;
-        Ok(ControlClient::with_interceptor(channel, BearerToken(header)))
+        connect_api(&endpoint, &token).await
     }
 }
 

@@ -179,9 +179,15 @@ impl ControlService {
     /// began); `None` for work no user's token asked for.
     fn caller_now(&self) -> Result<Option<super::auth::Principal>, Status> {
         match super::auth::current_grant() {
-            Some(Grant::Token { token }) => {
-                super::auth::resolve(self.consensus.state(), &self.ca_digest, &token, None, &self.clock).map(Some)
-            }
+            Some(grant @ (Grant::Token { .. } | Grant::Signed { .. })) => super::auth::resolve_grant(
+                self.consensus.state(),
+                &self.ca_digest,
+                &grant,
+                None,
+                &self.clock,
+                super::auth::SIGNED_GRANT_AGE_MS,
+            )
+            .map(Some),
             _ => Ok(None),
         }
     }

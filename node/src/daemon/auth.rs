@@ -3,15 +3,18 @@
 //! Node services (Raft, Peer) require a client certificate from the cluster
 //! CA whose fingerprint the replicated state has not revoked; the check runs
 //! on every call, so a removed node is refused even on a connection it opened
-//! before its removal. The public API requires an API token, found by the
-//! digest of its secret among those the state records, not expired; each
-//! handler then checks the token's [`Scope`] against what the call needs
-//! ([`Principal::allow`]), and the leader checks it again against every
-//! command proposed on the caller's behalf ([`authorize`]). The join service
-//! checks its secret itself.
+//! before its removal. The public API requires an API token: the CLI signs
+//! the TLS session with the token's key pair (`Signed`, found by its public
+//! key), other clients may send the token itself (`Bearer`, found by the
+//! digest of its secret); either way it must be current and not expired.
+//! Each handler then checks the token's [`Scope`] against what the call
+//! needs ([`Principal::allow`]), and the leader checks it again against
+//! every command proposed on the caller's behalf ([`authorize`]). The join
+//! service checks its secret itself.
 
-use roost_network::pki::{constant_time_eq, secret_digest, CaDigest};
+use roost_network::pki::{constant_time_eq, hex, secret_digest, unhex, CaDigest};
 use roost_network::tls::PeerIdentity;
+use roost_network::token::{TokenSignature, SIGNED_SCHEME};
 use roost_network::{Token, TokenKind};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -21,7 +24,7 @@ use std::task::{Context, Poll};
 
 use roost_deploy::secrets::SecretsKey;
 use roost_raft::service::{Authorize, Caller};
-use roost_raft::state::{Access, NodeRole, Scope, UnixMillis};
+use roost_raft::state::{Access, NodeRole, Scope, TokenMatch, UnixMillis};
 use roost_raft::{Command, Consensus, Grant, NodeId, State, StateReader};
 use tonic::{Request, Status};
 
@@ -127,9 +130,10 @@ pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
         .ok_or_else(|| Status::unauthenticated("no API token: pass --token or set ROOST_TOKEN"))
 }
 
-/// Requires `authorization: Bearer <API token>` of this cluster, and puts
-/// the caller's [`Principal`] into the request for the handler to check
-/// against what the call needs.
+/// Requires an API token of this cluster in `authorization` (signed, or
+/// the bearer token itself: [`grant_of`]), and puts the caller's
+/// [`Principal`] into the request for the handler to check against what the
+/// call needs.
 pub fn authenticate(
     state: StateReader,
     ca_digest: CaDigest,
@@ -137,19 +141,95 @@ pub fn authenticate(
     clock: Arc<ClusterClock>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |request: Request<()>| {
-        let header = request
-            .metadata()
-            .get(roost_proto::AUTHORIZATION)
-            .ok_or_else(|| Status::unauthenticated("no API token: pass --token or set ROOST_TOKEN"))?;
-        let text = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("the authorization header must be `Bearer <API token>`"))?;
-        let principal = resolve(&state, &ca_digest, text, Some(&uses), &clock)?;
+        let header = request.metadata().get(roost_proto::AUTHORIZATION).map(|h| h.to_str().unwrap_or_default());
+        let grant = grant_of(header, request.extensions().get::<PeerIdentity>())?;
+        let principal = resolve_grant(&state, &ca_digest, &grant, Some(&uses), &clock, SIGNED_CALL_SKEW_MS)?;
         let mut request = request;
         request.extensions_mut().insert(principal);
         Ok(request)
+    }
+}
+
+/// How far a signed call's time may be from the clock of the node that
+/// takes it, either way (as AWS's signed requests allow): a machine whose
+/// clock is off by more is told so.
+pub const SIGNED_CALL_SKEW_MS: UnixMillis = 15 * 60_000;
+/// How old a signed call's time may be when it is checked again later in
+/// the call (after a long build) or by the leader for a proposal forwarded
+/// on its behalf: a grant a node kept cannot be used for longer.
+pub const SIGNED_GRANT_AGE_MS: UnixMillis = 2 * 3_600_000;
+
+/// The grant an API call's `authorization` header carries:
+/// `Signed PUBLIC_KEY.TIME.SIGNATURE` over the TLS session `peer` is on, or
+/// `Bearer TOKEN`. Only the form is checked here.
+pub fn grant_of(header: Option<&str>, peer: Option<&PeerIdentity>) -> Result<Grant, Status> {
+    let header = header.ok_or_else(|| Status::unauthenticated("no API token: pass --token or set ROOST_TOKEN"))?;
+    if let Some(token) = header.strip_prefix("Bearer ") {
+        return Ok(Grant::Token { token: token.to_owned() });
+    }
+    let Some(signed) = header.strip_prefix(SIGNED_SCHEME) else {
+        return Err(Status::unauthenticated(
+            "the authorization header must be `Signed KEY.TIME.SIGNATURE` (as the roost CLI sends) or `Bearer <API token>`",
+        ));
+    };
+    let signed = TokenSignature::parse(signed).map_err(|e| Status::unauthenticated(e.to_string()))?;
+    let session = peer
+        .and_then(|p| p.session)
+        .ok_or_else(|| Status::unauthenticated("a signed call needs a TLS 1.3 session to sign"))?;
+    Ok(Grant::Signed {
+        public_key: signed.public_key,
+        timestamp_ms: signed.timestamp_ms,
+        session: hex(&session),
+        signature: signed.signature,
+    })
+}
+
+/// The caller a grant stands for, by the state and clock as they are now:
+/// the token must be current and not expired; a signed one must verify over
+/// its session, at a time no more than `max_age_ms` old and not ahead of the
+/// cluster's clock by more than [`SIGNED_CALL_SKEW_MS`].
+pub fn resolve_grant(
+    state: &StateReader,
+    ca_digest: &CaDigest,
+    grant: &Grant,
+    uses: Option<&TokenUses>,
+    clock: &ClusterClock,
+    max_age_ms: UnixMillis,
+) -> Result<Principal, Status> {
+    match grant {
+        Grant::Token { token } => resolve(state, ca_digest, token, uses, clock),
+        Grant::Signed { public_key, timestamp_ms, session, signature } => {
+            let signed = TokenSignature {
+                public_key: public_key.clone(),
+                timestamp_ms: *timestamp_ms,
+                signature: signature.clone(),
+            };
+            let session = unhex(session).ok_or_else(|| Status::unauthenticated("the signed session is not hex"))?;
+            signed.verify(&session).map_err(|e| Status::unauthenticated(e.to_string()))?;
+            let now = clock.now();
+            if *timestamp_ms > now.saturating_add(SIGNED_CALL_SKEW_MS) || *timestamp_ms < now.saturating_sub(max_age_ms)
+            {
+                return Err(Status::unauthenticated(signed_time_refusal(*timestamp_ms, now, max_age_ms)));
+            }
+            let (bootstrapped, found) = state.read(|s| (s.cluster.is_some(), s.token_by_key(public_key)));
+            current(bootstrapped, found, uses, clock, "signed with a token that is not one of the cluster's current tokens: it was revoked or rotated, is mistyped, or was made before calls were signed (then rotate it: `roost tokens rotate NAME`)")
+        }
+        Grant::Join { .. } => Err(Status::unauthenticated("a join secret is no API token")),
+    }
+}
+
+fn signed_time_refusal(at: UnixMillis, now: UnixMillis, max_age_ms: UnixMillis) -> String {
+    let off = humantime::format_duration(std::time::Duration::from_secs(at.abs_diff(now) / 1000));
+    if at > now {
+        format!(
+            "the call was signed {off} ahead of the cluster's clock, more than the {} allowed: set this machine's clock right (NTP)",
+            humantime::format_duration(std::time::Duration::from_millis(SIGNED_CALL_SKEW_MS as u64))
+        )
+    } else {
+        format!(
+            "the call was signed {off} before the cluster's clock, more than the {} allowed: set this machine's clock right (NTP), or make the call again",
+            humantime::format_duration(std::time::Duration::from_millis(max_age_ms.max(0) as u64))
+        )
     }
 }
 
@@ -232,13 +312,22 @@ pub fn resolve(
     let token = api_token(text, ca_digest)?;
     let digest = secret_digest(&token.secret);
     let (bootstrapped, found) = state.read(|s| (s.cluster.is_some(), s.token_by_digest(&digest, constant_time_eq)));
+    current(bootstrapped, found, uses, clock, "this token is not one of the cluster's current tokens: it was revoked or rotated, or is mistyped (`roost tokens list` shows the tokens)")
+}
+
+/// The caller of a token found (or not) in the state, if it has not expired.
+fn current(
+    bootstrapped: bool,
+    found: Option<TokenMatch>,
+    uses: Option<&TokenUses>,
+    clock: &ClusterClock,
+    unknown: &str,
+) -> Result<Principal, Status> {
     if !bootstrapped {
         return Err(Status::unavailable("this node has not caught up with the cluster yet; try again shortly"));
     }
     let Some(found) = found else {
-        return Err(Status::unauthenticated(
-            "this token is not one of the cluster's current tokens: it was revoked or rotated, or is mistyped (`roost tokens list` shows the tokens)",
-        ));
+        return Err(Status::unauthenticated(unknown));
     };
     let now = clock.now();
     if let Some(expires_at) = found.expires_at.filter(|&at| at <= now) {
@@ -300,8 +389,9 @@ pub const HOLD_UNTIL_CAUGHT_UP: std::time::Duration = std::time::Duration::from_
 /// The most calls held at once; more are answered at once.
 pub const MAX_HELD: usize = 256;
 
-/// Serves the public API with each call's bearer token as its [`Grant`].
-/// The token is checked by [`authenticate`] inside; the grant only travels.
+/// Serves the public API with each call's token or signature as its
+/// [`Grant`]. It is checked by [`authenticate`] inside; the grant only
+/// travels.
 /// A call that reaches a node that does not know the cluster yet is held
 /// until it does (up to [`HOLD_UNTIL_CAUGHT_UP`]), so a CLI that read
 /// `admin.token` the moment `node init` wrote it is served, not refused.
@@ -341,19 +431,16 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let grant = request
-            .headers()
-            .get(roost_proto::AUTHORIZATION)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(|token| Grant::Token { token: token.to_owned() });
-        let hold = match &grant {
-            Some(Grant::Token { token })
-                if api_token(token, &self.ca_digest).is_ok() && !caught_up(&self.state, self.me) =>
-            {
-                self.held.clone().try_acquire_owned().ok()
-            }
-            _ => None,
+        let header = request.headers().get(roost_proto::AUTHORIZATION).and_then(|h| h.to_str().ok());
+        let grant = grant_of(header, request.extensions().get::<PeerIdentity>()).ok();
+        let well_formed = match &grant {
+            Some(Grant::Token { token }) => api_token(token, &self.ca_digest).is_ok(),
+            Some(Grant::Signed { .. }) => true,
+            _ => false,
+        };
+        let hold = match well_formed && !caught_up(&self.state, self.me) {
+            true => self.held.clone().try_acquire_owned().ok(),
+            false => None,
         };
         let Some(permit) = hold else {
             return Box::pin(with_grant(grant, self.inner.call(request)));
@@ -386,7 +473,8 @@ pub fn admit(state: &State, secret: &str, role: NodeRole) -> Result<(), String> 
 }
 
 /// What the leader accepts as a grant for a forwarded proposal that a node
-/// may not make on its own: an API token whose scope allows the command
+/// may not make on its own: an API token or a call signed with one (no
+/// older than [`SIGNED_GRANT_AGE_MS`]) whose scope allows the command
 /// (`Command::access`), or the join secret for a new node.
 pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, clock: Arc<ClusterClock>) -> Authorize {
     Arc::new(move |command: &Command, grant: Option<&Grant>| match (command, grant) {
@@ -398,8 +486,8 @@ pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, 
         {
             Err("join secrets are written only sealed, never in plain text".into())
         }
-        (_, Some(Grant::Token { token })) => {
-            let principal = resolve(&state, &ca_digest, token, Some(&uses), &clock)
+        (_, Some(grant @ (Grant::Token { .. } | Grant::Signed { .. }))) => {
+            let principal = resolve_grant(&state, &ca_digest, grant, Some(&uses), &clock, SIGNED_GRANT_AGE_MS)
                 .map_err(|status| status.message().to_owned())?;
             principal.allow(command.access()).map_err(|status| status.message().to_owned())
         }

@@ -1,12 +1,16 @@
 //! Joining a cluster, from both ends.
 //!
 //! The joining node ([`join_cluster`]) parses the join token, dials the seed
-//! trusting only the CA whose digest the token pins, and sends the secret, its
-//! name, address, labels and *public* key. The seed ([`JoinService`]) checks
-//! the secret against the replicated state, signs a certificate for that key
-//! with the cluster CA, and commits the node through Raft, which gives it its
-//! id. Nothing is written on the joining side until the seed has answered, and
-//! nothing changes in the cluster unless the secret and the name are good.
+//! trusting only the CA whose digest the token pins, and sends a proof of the
+//! secret bound to that TLS session (never the secret), its name, address,
+//! labels and *public* key. The seed ([`JoinService`]) checks the proof
+//! against the secrets it opens, signs a certificate for that key with the
+//! cluster CA, commits the node through Raft, which gives it its id, and
+//! answers with its own proof of the secret. The joining node takes the
+//! answer only with that proof: a removed node, whose secrets were rotated
+//! away, can neither learn the token from a join nor pass for the cluster.
+//! Nothing is written on the joining side until the seed has answered, and
+//! nothing changes in the cluster unless the proof and the name are good.
 //!
 //! The seed answers a join before the caller has proved anything, so it
 //! rate-limits joins per client address ([`JoinLimiter`]) and logs only the
@@ -18,8 +22,10 @@ use std::time::Duration;
 
 use roost_deploy::secrets::SecretsKey;
 use roost_network::mesh::Key;
+use roost_network::pki::constant_time_eq;
 use roost_network::pki::{self, CaDigest, NodeKey};
 use roost_network::tls::{ClientTls, PeerIdentity, TlsError};
+use roost_network::token::{join_proof, JoinProof};
 use roost_network::{Token, TokenKind};
 use roost_proto::cluster::join_client::JoinClient;
 use roost_proto::cluster::join_server;
@@ -32,7 +38,7 @@ use tonic::{Request, Status};
 
 use super::api::{consensus_status, rejection_status, API_DEADLINE};
 use super::identity::{DataDir, Identity, IdentityError, StoredIdentity};
-use super::keys::{join_role, open_ca};
+use super::keys::{join_role_by_digest_proof, open_ca, open_join_by_proof};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -48,6 +54,8 @@ pub enum JoinError {
     Refused { seed: String, code: tonic::Code, message: String },
     #[error("{seed} answered with a CA that does not match the token")]
     CaMismatch { seed: String },
+    #[error("{seed} did not prove that it knows the cluster's current join token: it is not a current member (a removed node?), or the token is old (print the current one with `roost node token` on a member)")]
+    SeedUnproven { seed: String },
     #[error("could not generate this node's key")]
     Key(#[source] pki::PkiError),
     #[error(transparent)]
@@ -82,7 +90,7 @@ pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Ident
     let wireguard = params.wireguard_port.map(|port| super::wireguard_peer(&wireguard_key, params.address, port));
     let tls = ClientTls::anonymous(token.ca_digest).map_err(JoinError::Connect)?;
     let request = JoinRequest {
-        secret: token.secret.clone(),
+        secret: String::new(),
         name: params.name.to_owned(),
         address: params.address.to_owned(),
         labels: params.labels.clone().into_iter().collect(),
@@ -91,13 +99,15 @@ pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Ident
         memory_bytes: params.resources.memory_bytes,
         wireguard_public_key: wireguard.as_ref().map(|w| w.public_key.clone()).unwrap_or_default(),
         wireguard_endpoint: wireguard.map(|w| w.endpoint).unwrap_or_default(),
+        proof: Vec::new(),
+        digest_proof: Vec::new(),
     };
     // Nodes of a new cluster are often started together: wait for a seed
     // that is not up yet, or has no leader yet, rather than fail at once.
     let deadline = Instant::now() + params.wait;
     let mut delay = Duration::from_millis(200);
     let reply = loop {
-        let error = match try_join(&tls, params.seed, request.clone()).await {
+        let error = match try_join(&tls, params.seed, request.clone(), &token.secret).await {
             Ok(reply) => break reply,
             Err(error) => error,
         };
@@ -137,14 +147,28 @@ pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Ident
     Ok(identity)
 }
 
-async fn try_join(tls: &ClientTls, seed: &str, request: JoinRequest) -> Result<JoinResponse, JoinError> {
-    let channel = tls.connect(seed).await.map_err(JoinError::Connect)?;
-    let reply = JoinClient::new(channel).join(request).await.map_err(|status| JoinError::Refused {
+/// One join through `seed`: proves `secret` on the TLS session it opens, and
+/// takes the answer only if the seed proves it too on the same session.
+async fn try_join(
+    tls: &ClientTls,
+    seed: &str,
+    mut request: JoinRequest,
+    secret: &str,
+) -> Result<JoinResponse, JoinError> {
+    let (channel, session) = tls.connect_bound(seed).await.map_err(JoinError::Connect)?;
+    let refused = |status: Status| JoinError::Refused {
         seed: seed.to_owned(),
         code: status.code(),
         message: status.message().to_owned(),
-    })?;
-    Ok(reply.into_inner())
+    };
+    let session = session.get().ok_or_else(|| refused(Status::unavailable("the TLS session closed")))?;
+    request.proof = join_proof(secret, &session, JoinProof::Joiner);
+    request.digest_proof = join_proof(&pki::secret_digest(secret), &session, JoinProof::JoinerDigest);
+    let reply = JoinClient::new(channel).join(request).await.map_err(refused)?.into_inner();
+    if !constant_time_eq(&reply.seed_proof, &join_proof(secret, &session, JoinProof::Seed)) {
+        return Err(JoinError::SeedUnproven { seed: seed.to_owned() });
+    }
+    Ok(reply)
 }
 
 fn wrong_secret() -> Status {
@@ -209,10 +233,22 @@ impl join_server::Join for JoinService {
             }
         }
         let client = client.map_or_else(|| "unknown".to_owned(), |c| c.to_string());
+        let session = request.extensions().get::<PeerIdentity>().and_then(|p| p.session);
         let request = request.into_inner();
+        if !request.secret.is_empty() {
+            return Err(Status::failed_precondition(
+                "the joining node sent its join token itself, as roost versions before this one did: run this cluster's roost version on the new node",
+            ));
+        }
+        let Some(session) = session else {
+            return Err(Status::unauthenticated("a join needs a TLS 1.3 session to prove the token on"));
+        };
         // A wrong secret is refused from local state, before it costs the
         // leader a round trip; names are checked against the latest state.
-        let local = self.consensus.state().read(|s| s.cluster.is_some().then(|| join_role(s, &request.secret)));
+        let local = self
+            .consensus
+            .state()
+            .read(|s| s.cluster.is_some().then(|| join_role_by_digest_proof(s, &request.digest_proof, &session)));
         if local == Some(None) {
             tracing::warn!(%client, "join refused: wrong secret");
             return Err(wrong_secret());
@@ -232,7 +268,7 @@ impl join_server::Join for JoinService {
             .read(|s| s.cluster.clone())
             .ok_or_else(|| rejection_status(Rejection::NotBootstrapped))?;
         // The token decides the role: a worker token makes a worker.
-        let Some(role) = self.consensus.state().read(|s| join_role(s, &request.secret)) else {
+        let Some((role, secret)) = open_join_by_proof(&cluster, secrets_key, &request.proof, &session) else {
             tracing::warn!(%client, "join refused: wrong secret");
             return Err(wrong_secret());
         };
@@ -276,7 +312,9 @@ impl join_server::Join for JoinService {
             wireguard,
             role,
         };
-        let grant = roost_raft::Grant::Join { secret: request.secret.clone() };
+        // Between voters, which both hold the secrets key: the leader checks
+        // the secret again against its own state.
+        let grant = roost_raft::Grant::Join { secret: secret.clone() };
         let response = self
             .consensus
             .propose_granted(Command::AddNode { node }, Some(grant), Instant::now() + API_DEADLINE)
@@ -297,6 +335,7 @@ impl join_server::Join for JoinService {
             // Only a node that may vote holds the keys.
             secrets_key: if role == NodeRole::Voter { secrets_key_hex.clone() } else { String::new() },
             worker: role == NodeRole::Worker,
+            seed_proof: join_proof(&secret, &session, JoinProof::Seed),
         }))
     }
 }

@@ -15,6 +15,7 @@ use futures::future::BoxFuture;
 use roost_deploy::agent::SecretOpener;
 use roost_deploy::secrets::{SecretsError, SecretsKey};
 use roost_network::pki::{self, constant_time_eq, secret_digest, ClusterCa};
+use roost_network::token::{join_proof, JoinProof};
 use roost_proto::cluster::keys_client::KeysClient;
 use roost_proto::cluster::keys_server;
 use roost_proto::cluster::{
@@ -121,21 +122,51 @@ pub fn open_join_secret(cluster: &ClusterInfo, role: NodeRole, key: &SecretsKey)
 /// secret, [`NodeRole::Worker`] for the worker one; `None` for neither.
 /// Checked against digests, so any member can check it.
 pub fn join_role(state: &State, secret: &str) -> Option<NodeRole> {
-    let cluster = state.cluster.as_ref()?;
     let digest = secret_digest(secret);
-    let matches = |sealed: &Option<JoinSecret>, legacy: &str| {
+    role_whose_digest(state, |known| constant_time_eq(known.as_bytes(), digest.as_bytes()))
+}
+
+/// The role whose join secret a joining node proved with `digest_proof` on
+/// the TLS session `session` ([`JoinProof::JoinerDigest`]): a pre-check any
+/// member can make. Only [`open_join_by_proof`] admits a node.
+pub fn join_role_by_digest_proof(state: &State, digest_proof: &[u8], session: &[u8]) -> Option<NodeRole> {
+    role_whose_digest(state, |known| {
+        constant_time_eq(&join_proof(known, session, JoinProof::JoinerDigest), digest_proof)
+    })
+}
+
+/// The first role (voter, then worker) whose join secret's digest `matches`.
+fn role_whose_digest(state: &State, matches: impl Fn(&str) -> bool) -> Option<NodeRole> {
+    let cluster = state.cluster.as_ref()?;
+    let digest_of = |sealed: &Option<JoinSecret>, legacy: &str| {
         if !legacy.is_empty() {
-            return constant_time_eq(secret.as_bytes(), legacy.as_bytes());
+            Some(secret_digest(legacy))
+        } else {
+            sealed.as_ref().map(|join| join.sha256.clone())
         }
-        sealed.as_ref().is_some_and(|join| constant_time_eq(digest.as_bytes(), join.sha256.as_bytes()))
     };
-    if matches(&cluster.voter_join, &cluster.join_secret) {
+    if digest_of(&cluster.voter_join, &cluster.join_secret).is_some_and(|d| matches(&d)) {
         Some(NodeRole::Voter)
-    } else if matches(&cluster.worker_join, &cluster.worker_join_secret) {
+    } else if digest_of(&cluster.worker_join, &cluster.worker_join_secret).is_some_and(|d| matches(&d)) {
         Some(NodeRole::Worker)
     } else {
         None
     }
+}
+
+/// The role and the join secret a joining node proved with `proof` on the
+/// TLS session `session` ([`JoinProof::Joiner`]), opened with the secrets
+/// key: what admits a node.
+pub fn open_join_by_proof(
+    cluster: &ClusterInfo,
+    key: &SecretsKey,
+    proof: &[u8],
+    session: &[u8],
+) -> Option<(NodeRole, String)> {
+    [NodeRole::Voter, NodeRole::Worker].into_iter().find_map(|role| {
+        let secret = open_join_secret(cluster, role, key).ok()?;
+        constant_time_eq(&join_proof(&secret, session, JoinProof::Joiner), proof).then_some((role, secret))
+    })
 }
 
 /// The error a worker gives for what only a voter can do, naming the voters.

@@ -490,6 +490,9 @@ impl Node {
                 auth::report_token_uses(consensus.clone(), token_uses, TOKEN_USES_EVERY, stop.clone())
                     .in_current_span(),
             );
+            tasks.spawn(
+                tokens::key_legacy_admin_token(consensus.clone(), dir.admin_token(), stop.clone()).in_current_span(),
+            );
             if let Some(key) = &secrets_key {
                 let keep = identity::keep_join_token(
                     dir.clone(),
@@ -661,6 +664,7 @@ fn create_cluster(
         join_secret: String::new(),
         worker_join_secret: String::new(),
         admin_secret_sha256: secret_digest(&tokens.admin.secret),
+        admin_public_key: tokens.admin.key().public_key(),
         mesh_range: settings.mesh_range,
         domain: settings.domain,
         acme: Some(settings.acme),

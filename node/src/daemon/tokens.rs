@@ -2,7 +2,8 @@
 //! rotated through the log.
 //!
 //! The node that takes a create or rotate call draws the secret, proposes
-//! only its digest, and answers the secret once; no node keeps it. Every
+//! only its digest and the public key of its key pair (which signed calls
+//! are checked against), and answers the secret once; no node keeps it. Every
 //! call here needs an admin token.
 
 use roost_network::pki::secret_digest;
@@ -56,6 +57,7 @@ impl ControlService {
             name: name.clone(),
             scope: scope.clone(),
             secret_sha256: secret_digest(&secret.secret),
+            public_key: secret.key().public_key(),
             created_at: now,
             expires_at,
             last_used: None,
@@ -87,9 +89,65 @@ impl ControlService {
         // The initial admin token keeps its kind, so it still reads as one.
         let kind = if view.id == INITIAL_ADMIN { TokenKind::Admin } else { TokenKind::Api };
         let secret = Token::generate(kind, self.ca_digest);
-        self.propose(Command::RotateToken { token: view.id.clone(), secret_sha256: secret_digest(&secret.secret) })
-            .await?;
+        self.propose(Command::RotateToken {
+            token: view.id.clone(),
+            secret_sha256: secret_digest(&secret.secret),
+            public_key: secret.key().public_key(),
+        })
+        .await?;
         tracing::info!(token = %view.name, id = %view.id, "API token rotated");
         Ok(CreatedToken { token: Some(token_to_wire(&view)), secret: secret.to_string() })
+    }
+}
+
+/// Gives the initial admin token of a cluster made before calls were signed
+/// its public key: the node that holds `admin.token` proposes it with
+/// the token itself as the grant (what any holder of the token could do by
+/// rotating it). Until then the CLI's signed calls with that token are
+/// refused as unknown; calls that send the token itself still work.
+pub async fn key_legacy_admin_token(
+    consensus: std::sync::Arc<roost_raft::Consensus>,
+    path: std::path::PathBuf,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let Ok(text) = std::fs::read_to_string(&path) else { return };
+    let Ok(token) = Token::parse(&text) else { return };
+    let digest = secret_digest(&token.secret);
+    let public_key = token.key().public_key();
+    let mut changes = consensus.state().changes();
+    let mut retry = std::time::Duration::from_secs(1);
+    loop {
+        // Rotated since, or keyed already: nothing to do unless that changes.
+        let needed = consensus.state().read(|s| {
+            s.cluster.as_ref().is_some_and(|c| c.admin_secret_sha256 == digest && c.admin_public_key.is_empty())
+        });
+        match needed {
+            false => {}
+            true => {
+                let command = Command::RotateToken {
+                    token: INITIAL_ADMIN.into(),
+                    secret_sha256: digest.clone(),
+                    public_key: public_key.clone(),
+                };
+                let grant = roost_raft::Grant::Token { token: token.to_string() };
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+                match consensus.propose_granted(command, Some(grant), deadline).await {
+                    Ok(_) => tracing::info!("the admin token has its public key now: the CLI signs its calls with it"),
+                    Err(error) => {
+                        tracing::debug!(%error, "could not record the admin token's public key yet");
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(retry) => {}
+                        }
+                        retry = (retry * 2).min(std::time::Duration::from_secs(60));
+                        continue;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
     }
 }

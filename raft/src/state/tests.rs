@@ -15,6 +15,7 @@ fn cluster() -> ClusterInfo {
         join_secret: "s".into(),
         worker_join_secret: "w".into(),
         admin_secret_sha256: "h".into(),
+        admin_public_key: String::new(),
         mesh_range: default_mesh_range(),
         domain: "localhost".into(),
         acme: None,
@@ -837,6 +838,7 @@ mod tokens {
             name: name.into(),
             scope,
             secret_sha256: digest.into(),
+            public_key: format!("key-{digest}"),
             created_at: 5,
             expires_at: None,
             last_used: Some(99),
@@ -884,15 +886,23 @@ mod tokens {
         apply(&mut state, Command::CreateToken { token: token("aa", "ci", Scope::Read, "d1") });
         apply(&mut state, Command::CreateToken { token: token("bb", "ro", Scope::Read, "d2") });
 
-        assert_eq!(
-            apply(&mut state, Command::RotateToken { token: "ci".into(), secret_sha256: "d9".into() }),
-            Response::Done
-        );
+        let by_key = |state: &State, key: &str| state.token_by_key(key).map(|m| m.id);
+        assert_eq!(by_key(&state, "key-d1"), Some("aa".to_owned()));
+        let rotate = |token: &str, digest: &str| Command::RotateToken {
+            token: token.into(),
+            secret_sha256: digest.into(),
+            public_key: format!("key-{digest}"),
+        };
+        assert_eq!(apply(&mut state, rotate("ci", "d9")), Response::Done);
         assert_eq!(find(&state, "d1"), None, "the old secret is refused");
+        assert_eq!(by_key(&state, "key-d1"), None, "and so is its key");
         assert_eq!(find(&state, "d9").map(|m| m.id), Some("aa".to_owned()));
-        apply(&mut state, Command::RotateToken { token: INITIAL_ADMIN.into(), secret_sha256: "h2".into() });
+        assert_eq!(by_key(&state, "key-d9"), Some("aa".to_owned()));
+        assert_eq!(by_key(&state, ""), None, "no token of an older cluster is found by its missing key");
+        apply(&mut state, rotate(INITIAL_ADMIN, "h2"));
         assert_eq!(find(&state, "h"), None);
         assert_eq!(find(&state, "h2").map(|m| m.scope), Some(Scope::Admin));
+        assert_eq!(by_key(&state, "key-h2"), Some(INITIAL_ADMIN.to_owned()));
 
         assert_eq!(apply(&mut state, Command::RevokeToken { token: "bb".into() }), Response::Done);
         assert_eq!(apply(&mut state, Command::RevokeToken { token: "ci".into() }), Response::Done);

@@ -115,6 +115,10 @@ pub struct ApiToken {
     pub scope: Scope,
     /// SHA-256 (hex) of the token's secret.
     pub secret_sha256: String,
+    /// The public key (hex) of the secret's key pair, which signed calls are
+    /// checked against; empty for a token made before calls were signed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub public_key: String,
     pub created_at: UnixMillis,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<UnixMillis>,
@@ -199,6 +203,28 @@ impl State {
         found
     }
 
+    /// The token whose key pair has this public key (hex). Public keys are
+    /// not secret, so no constant-time comparison is needed.
+    pub fn token_by_key(&self, public_key: &str) -> Option<TokenMatch> {
+        if public_key.is_empty() {
+            return None;
+        }
+        if self.cluster.as_ref().is_some_and(|c| c.admin_public_key == public_key) {
+            return Some(TokenMatch {
+                id: INITIAL_ADMIN.into(),
+                scope: Scope::Admin,
+                expires_at: None,
+                last_used: self.admin_last_used,
+            });
+        }
+        self.api_tokens.values().find(|t| t.public_key == public_key).map(|token| TokenMatch {
+            id: token.id.clone(),
+            scope: token.scope.clone(),
+            expires_at: token.expires_at,
+            last_used: token.last_used,
+        })
+    }
+
     /// The token with this id or name.
     pub fn find_token(&self, id_or_name: &str) -> Option<TokenView> {
         let id = self.token_id(id_or_name)?;
@@ -244,11 +270,12 @@ impl State {
         }
     }
 
-    pub(super) fn rotate_token(&mut self, id_or_name: &str, secret_sha256: &str) -> Response {
+    pub(super) fn rotate_token(&mut self, id_or_name: &str, secret_sha256: &str, public_key: &str) -> Response {
         match self.token_id(id_or_name) {
             Some(id) if id == INITIAL_ADMIN => match self.cluster.as_mut() {
                 Some(cluster) => {
                     cluster.admin_secret_sha256 = secret_sha256.to_owned();
+                    cluster.admin_public_key = public_key.to_owned();
                     Response::Done
                 }
                 None => Response::Rejected(Rejection::NotBootstrapped),
@@ -256,6 +283,7 @@ impl State {
             Some(id) => match self.api_tokens.get_mut(&id) {
                 Some(token) => {
                     token.secret_sha256 = secret_sha256.to_owned();
+                    token.public_key = public_key.to_owned();
                     Response::Done
                 }
                 None => Response::Rejected(Rejection::TokenNotFound { token: id_or_name.to_owned() }),

@@ -578,6 +578,7 @@ async fn scheduler_bench(batch: usize) -> Result<()> {
         join_secret: String::new(),
         worker_join_secret: String::new(),
         admin_secret_sha256: String::new(),
+        admin_public_key: String::new(),
         // Room for a /24 per simulated node.
         mesh_range: "10.0.0.0/8".parse()?,
         domain: "localhost".into(),
