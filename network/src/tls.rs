@@ -448,17 +448,26 @@ impl ClientTls {
     }
 }
 
-/// The exporter value ([`session_binding`]) of the TLS session a channel
-/// has open, set by the connector on every connection it opens.
+/// A client's view of a TLS session: its exporter value
+/// ([`session_binding`]) and the fingerprint of the certificate the server
+/// presented.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub exporter: [u8; 32],
+    pub server: String,
+}
+
+/// The [`Session`] a channel has open, set by the connector on every
+/// connection it opens.
 #[derive(Clone, Debug, Default)]
-pub struct SessionSlot(Arc<std::sync::Mutex<Option<[u8; 32]>>>);
+pub struct SessionSlot(Arc<std::sync::Mutex<Option<Session>>>);
 
 impl SessionSlot {
-    pub fn get(&self) -> Option<[u8; 32]> {
-        self.0.lock().ok().and_then(|session| *session)
+    pub fn get(&self) -> Option<Session> {
+        self.0.lock().ok().and_then(|session| session.clone())
     }
 
-    fn set(&self, session: Option<[u8; 32]>) {
+    fn set(&self, session: Option<Session>) {
         if let Ok(mut slot) = self.0.lock() {
             *slot = session;
         }
@@ -500,7 +509,10 @@ impl tower::Service<Uri> for TlsConnectorService {
                 ServerName::try_from(NODE_SERVER_NAME).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             let stream = tls.connect(name, tcp).await?;
             if let Some(slot) = slot {
-                slot.set(session_binding(stream.get_ref().1));
+                let connection = stream.get_ref().1;
+                let server = connection.peer_certificates().and_then(|certs| certs.first()).map(|c| fingerprint(c));
+                let exporter = session_binding(connection);
+                slot.set(exporter.zip(server).map(|(exporter, server)| Session { exporter, server }));
             }
             Ok(TokioIo::new(stream))
         })

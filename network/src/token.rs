@@ -11,8 +11,8 @@
 //!
 //! An API token never travels to a node. The CLI derives an Ed25519 key pair
 //! from its secret ([`Token::key`]) and signs the TLS session it talks over
-//! ([`TokenKey::sign`]: the session's exporter value and the time); the
-//! state records only the public key. A server that is not what it claims
+//! ([`TokenKey::sign`]: the session's exporter value, the server's
+//! certificate and the time); the state records only the public key. A server that is not what it claims
 //! (a removed node's data directory, say) sees a signature that is good for
 //! its own session alone, and nothing it could present elsewhere.
 
@@ -146,18 +146,22 @@ impl TokenKey {
         hex(self.0.public_key().as_ref())
     }
 
-    /// Signs the TLS session whose exporter value is `session`, at
-    /// `timestamp_ms` (milliseconds since the Unix epoch, the signer's clock).
-    pub fn sign(&self, session: &[u8], timestamp_ms: i64) -> TokenSignature {
-        let signature = self.0.sign(&signed_message(session, timestamp_ms));
+    /// Signs the TLS session whose exporter value is `session`, with the
+    /// server that presented the certificate whose fingerprint is `server`,
+    /// at `timestamp_ms` (milliseconds since the Unix epoch, the signer's
+    /// clock).
+    pub fn sign(&self, session: &[u8], server: &str, timestamp_ms: i64) -> TokenSignature {
+        let signature = self.0.sign(&signed_message(session, server, timestamp_ms));
         TokenSignature { public_key: self.public_key(), timestamp_ms, signature: hex(signature.as_ref()) }
     }
 }
 
-fn signed_message(session: &[u8], timestamp_ms: i64) -> Vec<u8> {
-    let mut message = Vec::with_capacity(SIGNED_LABEL.len() + session.len() + 8);
+fn signed_message(session: &[u8], server: &str, timestamp_ms: i64) -> Vec<u8> {
+    let mut message = Vec::with_capacity(SIGNED_LABEL.len() + session.len() + server.len() + 9);
     message.extend_from_slice(SIGNED_LABEL);
     message.extend_from_slice(session);
+    message.extend_from_slice(server.as_bytes());
+    message.push(0);
     message.extend_from_slice(&timestamp_ms.to_be_bytes());
     message
 }
@@ -205,15 +209,15 @@ impl TokenSignature {
     }
 
     /// Checks the signature over the TLS session whose exporter value is
-    /// `session` (the receiving side's own view of it) and the timestamp.
-    /// Which token the key is, and whether the time is recent, is the
-    /// caller's to check.
-    pub fn verify(&self, session: &[u8]) -> Result<(), SignatureError> {
+    /// `session` (the receiving side's own view of it), the fingerprint of
+    /// the server's certificate and the timestamp. Which token the key is,
+    /// and whether the time is recent, is the caller's to check.
+    pub fn verify(&self, session: &[u8], server: &str) -> Result<(), SignatureError> {
         let (Some(key), Some(signature)) = (unhex(&self.public_key), unhex(&self.signature)) else {
             return Err(SignatureError::Malformed);
         };
         UnparsedPublicKey::new(&signature::ED25519, key)
-            .verify(&signed_message(session, self.timestamp_ms), &signature)
+            .verify(&signed_message(session, server, self.timestamp_ms), &signature)
             .map_err(|_| SignatureError::Mismatch)
     }
 }
@@ -289,17 +293,18 @@ mod tests {
         assert_eq!(key.public_key(), token.key().public_key(), "the key follows from the secret alone");
         assert_ne!(key.public_key(), Token::generate(TokenKind::Api, digest()).key().public_key());
         let session = [7u8; 32];
-        let signed = key.sign(&session, 1_000);
+        let signed = key.sign(&session, "server-a", 1_000);
         let parsed = TokenSignature::parse(signed.header().strip_prefix(SIGNED_SCHEME).unwrap_or_default());
         assert_eq!(parsed.as_ref(), Ok(&signed));
-        assert_eq!(signed.verify(&session), Ok(()));
-        // Another session, another time, another key: refused.
-        assert_eq!(signed.verify(&[8u8; 32]), Err(SignatureError::Mismatch));
+        assert_eq!(signed.verify(&session, "server-a"), Ok(()));
+        // Another session, server, time or key: refused.
+        assert_eq!(signed.verify(&[8u8; 32], "server-a"), Err(SignatureError::Mismatch));
+        assert_eq!(signed.verify(&session, "server-b"), Err(SignatureError::Mismatch));
         let moved = TokenSignature { timestamp_ms: 1_001, ..signed.clone() };
-        assert_eq!(moved.verify(&session), Err(SignatureError::Mismatch));
+        assert_eq!(moved.verify(&session, "server-a"), Err(SignatureError::Mismatch));
         let other = Token::generate(TokenKind::Api, digest()).key();
         let swapped = TokenSignature { public_key: other.public_key(), ..signed.clone() };
-        assert_eq!(swapped.verify(&session), Err(SignatureError::Mismatch));
+        assert_eq!(swapped.verify(&session, "server-a"), Err(SignatureError::Mismatch));
         // Nothing of the secret is in what travels.
         assert!(!signed.header().contains(&token.secret));
     }

@@ -30,11 +30,13 @@ pub enum Grant {
     #[serde(alias = "admin")]
     Token { token: String },
     /// A signed API call: the token's public key, the caller's timestamp
-    /// and its signature over them and the TLS session it was made on
-    /// (`session`, the exporter value the node that took the call saw), all
-    /// hex but the time. The leader checks the signature, that the key is a
-    /// current token's, and that the time is recent.
-    Signed { public_key: String, timestamp_ms: i64, session: String, signature: String },
+    /// and its signature over them, the TLS session it was made on
+    /// (`session`, the exporter value the node that took the call saw) and
+    /// that node's certificate (`server`, its fingerprint), all hex but the
+    /// time. The leader checks the signature, that `server` is the node that
+    /// forwards the grant, that the key is a current token's, and that the
+    /// time is recent.
+    Signed { public_key: String, timestamp_ms: i64, session: String, server: String, signature: String },
     /// The join secret a joining node presented to its seed.
     Join { secret: String },
 }
@@ -87,8 +89,10 @@ impl Command {
             | Command::SetAcmeChallenge { .. }
             | Command::CertificateIssued { .. }
             | Command::CertificateFailed { .. }
-            | Command::SetAcmeAccount { .. } => true,
+            | Command::SetAcmeAccount { .. }
+            | Command::RotateJoinSecrets { .. } => true,
             Command::Bootstrap { .. }
+            | Command::KeyAdminToken { .. }
             | Command::AddNode { .. }
             | Command::RemoveNode { .. }
             | Command::UpdateNode { .. }
@@ -148,6 +152,8 @@ impl Command {
             | Command::RevokeToken { .. }
             | Command::RotateToken { .. }
             | Command::TokensUsed { .. }
+            | Command::RotateJoinSecrets { .. }
+            | Command::KeyAdminToken { .. }
             | Command::Batch { .. } => Access::Admin,
         }
     }
@@ -179,8 +185,10 @@ pub enum Command {
     AddNode {
         node: NewNode,
     },
-    /// Removes a node and, when given, replaces the join secrets, so the
-    /// removed node (which holds the old ones) cannot simply join again.
+    /// Removes a node. Its join secrets are replaced by a later
+    /// [`Command::RotateJoinSecrets`], once the node is out of Raft's
+    /// membership and so never receives the new ones; entries of older
+    /// versions carry the new secrets here (`rotate`), and are still applied.
     RemoveNode {
         id: NodeId,
         /// Plain new secrets, as entries made before join secrets were
@@ -191,6 +199,20 @@ pub enum Command {
         new_worker_secret: Option<Secret>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rotate: Option<RotatedJoinSecrets>,
+    },
+    /// New join secrets for both roles, sealed, once every removed node is
+    /// out of Raft's membership (`ClusterInfo::join_rotation_due`): the
+    /// leader's decision, so a removed voter, which holds the secrets key,
+    /// never receives them.
+    RotateJoinSecrets {
+        rotate: RotatedJoinSecrets,
+    },
+    /// Records the public key of the initial admin token of a cluster made
+    /// before calls were signed, if the token is still the one whose digest
+    /// is given and has no key yet; a rotation since wins.
+    KeyAdminToken {
+        secret_sha256: String,
+        public_key: String,
     },
     /// A node describes itself after it starts: its address (which changes
     /// when its machine moves) and its WireGuard endpoint.
@@ -477,6 +499,8 @@ impl fmt::Display for Command {
             Command::Bootstrap { cluster, .. } => write!(f, "bootstrap cluster {}", cluster.id),
             Command::AddNode { node } => write!(f, "add node {}", node.name),
             Command::RemoveNode { id, .. } => write!(f, "remove node {id}"),
+            Command::RotateJoinSecrets { .. } => f.write_str("rotate the join secrets"),
+            Command::KeyAdminToken { .. } => f.write_str("record the admin token's public key"),
             Command::UpdateNode { id, address, .. } => write!(f, "node {id} is at {address}"),
             Command::CreateApp { name } => write!(f, "create app {name}"),
             Command::AddCertificate { domain, app } => write!(f, "add certificate {domain} to {app}"),

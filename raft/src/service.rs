@@ -51,9 +51,10 @@ pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
 pub struct Caller(pub Option<NodeId>);
 
 /// Checks the grant of a forwarded proposal that a node may not make on its
-/// own authority (see [`Command::is_node_command`]); the node supplies it,
-/// since what makes a token good is the node's business.
-pub type Authorize = Arc<dyn Fn(&Command, Option<&Grant>) -> Result<(), String> + Send + Sync>;
+/// own authority (see [`Command::is_node_command`]), given the node that
+/// forwards it (`None`: one the state does not name yet); the node supplies
+/// it, since what makes a token good is the node's business.
+pub type Authorize = Arc<dyn Fn(&Command, Option<&Grant>, Option<NodeId>) -> Result<(), String> + Send + Sync>;
 
 #[derive(Clone)]
 pub struct RaftService {
@@ -179,7 +180,7 @@ impl raft_server::Raft for RaftService {
         }
         let own = caller.is_some_and(|caller| command.is_node_command(caller));
         if !own {
-            (self.authorize)(&forward.proposal.command, forward.grant.as_ref()).map_err(|reason| {
+            (self.authorize)(&forward.proposal.command, forward.grant.as_ref(), caller).map_err(|reason| {
                 Status::permission_denied(format!(
                     "node {} may not propose {} on its own authority: {reason}",
                     caller.map_or_else(|| "?".to_owned(), |id| id.to_string()),

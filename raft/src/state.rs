@@ -128,6 +128,11 @@ pub struct ClusterInfo {
     /// were signed, until its admin token is rotated.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub admin_public_key: String,
+    /// A node was removed and the join secrets are still the ones it knew:
+    /// the leader replaces them ([`Command::RotateJoinSecrets`]) once no
+    /// removed node is in Raft's membership.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub join_rotation_due: bool,
     /// The private range the mesh gives out, a /24 per node
     /// (`node init --mesh-range`).
     #[serde(default = "default_mesh_range")]
@@ -139,6 +144,17 @@ pub struct ClusterInfo {
     /// `--acme-ca`); `None`: custom domains cannot get certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acme: Option<AcmeSettings>,
+}
+
+impl ClusterInfo {
+    fn rotate_join_secrets(&mut self, rotate: &RotatedJoinSecrets) {
+        self.voter_join = Some(rotate.voter.clone());
+        self.worker_join = Some(rotate.worker.clone());
+        // A digest now decides: the old plain secrets admit no one.
+        self.join_secret.clear();
+        self.worker_join_secret.clear();
+        self.join_rotation_due = false;
+    }
 }
 
 impl std::fmt::Debug for ClusterInfo {
@@ -317,6 +333,14 @@ impl State {
             Command::RotateToken { token, secret_sha256, public_key } => {
                 self.rotate_token(token, secret_sha256, public_key)
             }
+            Command::KeyAdminToken { secret_sha256, public_key } => self.key_admin_token(secret_sha256, public_key),
+            Command::RotateJoinSecrets { rotate } => match self.cluster.as_mut() {
+                Some(cluster) => {
+                    cluster.rotate_join_secrets(rotate);
+                    Response::Done
+                }
+                None => Response::Rejected(Rejection::NotBootstrapped),
+            },
             Command::TokensUsed { used } => self.tokens_used(used, at),
             Command::Batch { proposals } => {
                 Response::Batch { responses: proposals.iter().map(|p| self.apply(p)).collect() }
@@ -389,12 +413,9 @@ impl State {
         self.revoked_certs.insert(node.cert_fingerprint);
         self.removed_nodes.insert(id, RemovedNode { name: node.name, removed_at: at });
         if let Some(cluster) = self.cluster.as_mut() {
-            if let Some(rotate) = rotate {
-                cluster.voter_join = Some(rotate.voter.clone());
-                cluster.worker_join = Some(rotate.worker.clone());
-                // A digest now decides: the old plain secrets admit no one.
-                cluster.join_secret.clear();
-                cluster.worker_join_secret.clear();
+            match rotate {
+                Some(rotate) => cluster.rotate_join_secrets(rotate),
+                None => cluster.join_rotation_due = true,
             }
             // Entries written before join secrets were sealed.
             if let Some(secret) = legacy.0 {

@@ -48,6 +48,7 @@ pub fn cluster(count: usize, labels: impl Fn(usize) -> Vec<(&'static str, &'stat
         worker_join_secret: String::new(),
         admin_secret_sha256: String::new(),
         admin_public_key: String::new(),
+        join_rotation_due: false,
         mesh_range: default_mesh_range(),
         domain: "localhost".into(),
         acme: None,

@@ -20,6 +20,20 @@ fn join_config(dir: &std::path::Path, name: &str, seed: &str, token: &str) -> No
     NodeConfig { join_wait: std::time::Duration::from_secs(1), ..config }
 }
 
+/// The join token once it differs from `before`: a removal rotates it when
+/// the removed node is out of Raft's membership.
+async fn rotated_join_token(cluster: &Cluster, node: usize, before: &str) -> Result<String> {
+    let current = || async {
+        let mut client = cluster.client(node).await?;
+        anyhow::Ok(client.get_join_token(GetJoinTokenRequest::default()).await?.into_inner().token)
+    };
+    roost_tests::wait_until("the join token to rotate", Duration::from_secs(15), || async {
+        Ok(current().await? != before)
+    })
+    .await?;
+    current().await
+}
+
 async fn node_count(cluster: &Cluster) -> Result<usize> {
     Ok(cluster.client(0).await?.list_nodes(ListNodesRequest::default()).await?.into_inner().nodes.len())
 }
@@ -151,9 +165,7 @@ async fn certificates_of_removed_or_unknown_nodes_and_members_posing_as_others_a
     let token_before =
         cluster.client(leader).await?.get_join_token(GetJoinTokenRequest::default()).await?.into_inner().token;
     cluster.client(leader).await?.remove_node(RemoveNodeRequest { node: victim_name }).await?;
-    let token_after =
-        cluster.client(leader).await?.get_join_token(GetJoinTokenRequest::default()).await?.into_inner().token;
-    assert_ne!(token_before, token_after, "removing a node rotates the join token");
+    let token_after = rotated_join_token(&cluster, leader, &token_before).await?;
     // The first node's join.token file follows the rotation.
     let token_file = cluster.slots[0].dir.path().join("join.token");
     roost_tests::wait_until("join.token to hold the rotated token", Duration::from_secs(15), || async {
@@ -347,7 +359,8 @@ async fn a_cli_call_to_a_removed_node_gives_it_nothing_a_member_accepts() -> Res
     {
         let (channel, session) = ClientTls::anonymous(admin.ca_digest)?.connect_bound(&member).await?;
         let session = session.get().ok_or_else(|| anyhow::anyhow!("no session"))?;
-        let signed = admin.key().sign(&session, roost_raft::consensus::now_millis() + offset_ms);
+        let at = roost_raft::consensus::now_millis() + offset_ms;
+        let signed = admin.key().sign(&session.exporter, &session.server, at);
         let mut skewed = ControlClient::with_interceptor(channel, ApiAuth::Header(signed.header().parse()?));
         let status = skewed.list_apps(ListAppsRequest::default()).await.expect_err("a skewed signature");
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
@@ -401,9 +414,37 @@ async fn a_join_through_a_removed_node_is_refused_by_the_joiner_and_leaks_no_tok
         Ok(cluster.slots[victim].running.as_ref().is_some_and(|n| n.is_stopping()))
     })
     .await?;
-    // The token a user prints now: rotated by the removal.
-    let token = cluster.client(leader).await?.get_join_token(GetJoinTokenRequest::default()).await?.into_inner().token;
-    assert_ne!(token, cluster.tokens.join.to_string(), "the removal rotated the join token");
+    // The token a user prints now: rotated after the removal, in an entry
+    // the removed node never received, though it holds the secrets key
+    // that seals it: its directory holds the old sealed secret, not the new.
+    let token = rotated_join_token(&cluster, leader, &cluster.tokens.join.to_string()).await?;
+    let sealed_voter_join = |i: usize| {
+        cluster.node(i).map(|n| {
+            n.consensus
+                .state()
+                .read(|s| s.cluster.as_ref().and_then(|c| c.voter_join.as_ref()).map(|j| j.sealed.sealed.clone()))
+        })
+    };
+    let new_sealed = sealed_voter_join(leader)?.ok_or_else(|| anyhow::anyhow!("no sealed voter join secret"))?;
+    let victim_state = cluster.slots[victim].running.as_ref().map(|n| {
+        n.consensus
+            .state()
+            .read(|s| s.cluster.as_ref().and_then(|c| c.voter_join.as_ref()).map(|j| j.sealed.sealed.clone()))
+    });
+    let old_sealed =
+        victim_state.flatten().ok_or_else(|| anyhow::anyhow!("the removed node's state has no join secret"))?;
+    assert_ne!(old_sealed, new_sealed, "the removed node applied the rotation");
+    let mut found = (false, false);
+    for file in roost_tests::files_under(cluster.slots[victim].dir.path())? {
+        let bytes = std::fs::read(&file)?;
+        let has = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+        found = (found.0 || has(&old_sealed), found.1 || has(&new_sealed));
+    }
+    assert!(
+        found.0,
+        "the removed node's log holds the old sealed secret in plain bytes (else this check proves nothing)"
+    );
+    assert!(!found.1, "the removed node's directory holds the new sealed join secret");
 
     let read = |file: &str| std::fs::read_to_string(cluster.slots[victim].dir.path().join("tls").join(file));
     let config = roost_network::tls::server_config(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?;
@@ -753,26 +794,36 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
         issued_at: 1,
     };
     let admin_grant = Grant::Token { token: cluster.tokens.admin.to_string() };
-    // A signed call's grant: good when fresh, refused once older than the
-    // leader allows (a node cannot keep a user's signature to use later).
-    let signed = |age_ms: i64| {
+    // A signed call's grant: good when fresh and made to the node that
+    // forwards it; refused once older than the leader allows (a node cannot
+    // keep a user's signature to use later), and when made to another node.
+    let fingerprint_of = |i: usize| {
+        let id = cluster.node(i).map(|n| n.id).unwrap_or_default();
+        cluster.node(leader).map(|n| n.consensus.state().read(|s| s.nodes[&id].cert_fingerprint.clone()))
+    };
+    let (member_fp, leader_fp) = (fingerprint_of(member)?, fingerprint_of(leader)?);
+    let signed_by = |token: &Token, server: &str, age_ms: i64| {
         let session = [9u8; 32];
         let now = roost_raft::consensus::now_millis();
-        let signature = cluster.tokens.admin.key().sign(&session, now - age_ms);
+        let signature = token.key().sign(&session, server, now - age_ms);
         Grant::Signed {
             public_key: signature.public_key,
             timestamp_ms: signature.timestamp_ms,
             session: roost_network::pki::hex(&session),
+            server: server.to_owned(),
             signature: signature.signature,
         }
     };
+    let signed = |age_ms: i64| signed_by(&cluster.tokens.admin, &member_fp, age_ms);
     let stale = signed(roost_node::daemon::auth::SIGNED_GRANT_AGE_MS + 60_000);
-    let other_key = Token::generate(TokenKind::Api, cluster.tokens.admin.ca_digest).key().sign(&[9u8; 32], 1);
-    let unknown_key = Grant::Signed {
-        public_key: other_key.public_key,
-        timestamp_ms: roost_raft::consensus::now_millis(),
-        session: roost_network::pki::hex(&[9u8; 32]),
-        signature: other_key.signature,
+    let to_another_node = signed_by(&cluster.tokens.admin, &leader_fp, 0);
+    let stranger = Token::generate(TokenKind::Api, cluster.tokens.admin.ca_digest);
+    let unknown_key = signed_by(&stranger, &member_fp, 0);
+    let forged_signature = match signed(0) {
+        Grant::Signed { public_key, timestamp_ms, session, server, .. } => {
+            Grant::Signed { public_key, timestamp_ms, session, server, signature: "00".repeat(64) }
+        }
+        other => other,
     };
     let plain = || Some(roost_raft::command::Secret("known-to-the-proposer".into()));
     let plain_rotation =
@@ -791,7 +842,9 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
         ("secrets without a grant", propose(set_secrets(), None)),
         ("secrets with a wrong admin token", propose(set_secrets(), Some(Grant::Token { token: forged }))),
         ("secrets with a signature older than allowed", propose(set_secrets(), Some(stale))),
-        ("secrets with a signature that does not verify", propose(set_secrets(), Some(unknown_key))),
+        ("secrets with a signature of an unknown token", propose(set_secrets(), Some(unknown_key))),
+        ("secrets with a signature that does not verify", propose(set_secrets(), Some(forged_signature))),
+        ("secrets with a signature made to another node", propose(set_secrets(), Some(to_another_node))),
         ("a destroy", propose(Command::DestroyApp { name: "target".into() }, None)),
         (
             "a node removal",

@@ -225,3 +225,48 @@ async fn an_admin_token_from_before_signed_calls_gets_its_key_from_the_node_hold
     cluster.shutdown().await;
     Ok(())
 }
+
+/// A new or rotated token is drawn by the client: the node is sent its
+/// digest and public key, answers no secret, and refuses to draw one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_never_sees_a_token_it_makes_or_rotates() -> Result<()> {
+    use roost_proto::api::{CreateTokenRequest, RotateTokenRequest};
+    let cluster = Cluster::start(1).await?;
+    let mut client = cluster.client(0).await?;
+    let drawn = roost_network::Token::generate(roost_network::TokenKind::Api, cluster.tokens.admin.ca_digest);
+    let request = CreateTokenRequest {
+        name: "drawn".into(),
+        scope: "read".into(),
+        expires_in_ms: None,
+        secret_sha256: roost_network::pki::secret_digest(&drawn.secret),
+        public_key: drawn.key().public_key(),
+    };
+    let created = client.create_token(request.clone()).await?.into_inner();
+    assert!(created.secret.is_empty(), "the node answered a secret");
+    // The client's own token works at once, signed.
+    let mut own = roost_node::cli::connect_api(&cluster.node(0)?.address, &drawn).await?;
+    own.list_apps(roost_proto::api::ListAppsRequest::default()).await?;
+
+    let refused = client
+        .create_token(CreateTokenRequest {
+            name: "undrawn".into(),
+            secret_sha256: String::new(),
+            public_key: String::new(),
+            ..request
+        })
+        .await
+        .expect_err("a node asked to draw a token");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("update the roost CLI"), "{}", refused.message());
+    let refused = client
+        .rotate_token(RotateTokenRequest {
+            token: "drawn".into(),
+            secret_sha256: "xyz".into(),
+            public_key: String::new(),
+        })
+        .await
+        .expect_err("a malformed digest");
+    assert!(refused.message().contains("64 lowercase hex"), "{}", refused.message());
+    cluster.shutdown().await;
+    Ok(())
+}

@@ -31,6 +31,7 @@ fn state_with(nodes: &[(&str, bool)]) -> State {
         worker_join_secret: String::new(),
         admin_secret_sha256: String::new(),
         admin_public_key: String::new(),
+        join_rotation_due: false,
         mesh_range: default_mesh_range(),
         domain: "localhost".into(),
         acme: None,

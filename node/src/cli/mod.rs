@@ -22,7 +22,7 @@ use roost_network::token::TokenKey;
 use roost_network::{Token, TokenKind};
 use roost_proto::api::control_client::ControlClient;
 use roost_proto::api::{
-    AddCertificateRequest, CreateAppRequest, CreateTokenRequest, DestroyAppRequest, GetAppRequest,
+    AddCertificateRequest, CreateAppRequest, CreateTokenRequest, CreatedToken, DestroyAppRequest, GetAppRequest,
     GetCertificateRequest, GetJoinTokenRequest, GetNodeRequest, ListAppsRequest, ListCertificatesRequest,
     ListNodesRequest, ListTokensRequest, ReadOptions, RemoveCertificateRequest, RemoveNodeRequest, RevokeTokenRequest,
     RotateTokenRequest, VersionRequest,
@@ -36,7 +36,7 @@ use roost_deploy::controller::ControllerConfig;
 use roost_raft::workload::Resources;
 
 use crate::daemon::{ClusterSettings, EdgeListen, LivenessConfig, MeshSettings, NodeConfig, Start};
-use roost_raft::state::AcmeSettings;
+use roost_raft::state::{AcmeSettings, INITIAL_ADMIN};
 
 #[derive(Debug, Parser)]
 #[command(name = "roost", version = crate::VERSION, about = "Run apps on machines you own, the fly.io way.")]
@@ -528,7 +528,7 @@ impl tonic::service::Interceptor for ApiAuth {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-                MetadataValue::try_from(key.sign(&session, now).header())
+                MetadataValue::try_from(key.sign(&session.exporter, &session.server, now).header())
                     .map_err(|_| tonic::Status::internal("a signature that a header cannot carry"))?
             }
         };
@@ -812,9 +812,18 @@ async fn tokens(command: TokensCommand, out: &mut dyn Write) -> Result<(), CliEr
     match command {
         TokensCommand::Create { scope, name, expires, json, client } => {
             let expires_in_ms = expires.as_deref().map(parse_expiry).transpose()?.map(|d| d.as_millis() as i64);
-            let request = CreateTokenRequest { name: name.unwrap_or_default(), scope, expires_in_ms };
+            let (_, caller) = client.parts()?;
+            // Drawn here: the node gets its digest and public key alone.
+            let token = Token::generate(TokenKind::Api, caller.ca_digest);
+            let request = CreateTokenRequest {
+                name: name.unwrap_or_default(),
+                scope,
+                expires_in_ms,
+                secret_sha256: roost_network::pki::secret_digest(&token.secret),
+                public_key: token.key().public_key(),
+            };
             let created = client.connect().await?.create_token(request).await?.into_inner();
-            output::created_token(out, &created, json).map_err(io)
+            output::created_token(out, &CreatedToken { secret: token.to_string(), ..created }, json).map_err(io)
         }
         TokensCommand::List { json, client } => {
             let request = ListTokensRequest { read: None };
@@ -826,8 +835,17 @@ async fn tokens(command: TokensCommand, out: &mut dyn Write) -> Result<(), CliEr
             writeln!(out, "Revoked token {name}; every node refuses it from now on.").map_err(io)
         }
         TokensCommand::Rotate { name, json, client } => {
-            let rotated = client.connect().await?.rotate_token(RotateTokenRequest { token: name }).await?.into_inner();
-            output::created_token(out, &rotated, json).map_err(io)
+            let (_, caller) = client.parts()?;
+            // The initial admin token keeps its kind, so it still reads as one.
+            let kind = if name == INITIAL_ADMIN { TokenKind::Admin } else { TokenKind::Api };
+            let token = Token::generate(kind, caller.ca_digest);
+            let request = RotateTokenRequest {
+                token: name,
+                secret_sha256: roost_network::pki::secret_digest(&token.secret),
+                public_key: token.key().public_key(),
+            };
+            let rotated = client.connect().await?.rotate_token(request).await?.into_inner();
+            output::created_token(out, &CreatedToken { secret: token.to_string(), ..rotated }, json).map_err(io)
         }
     }
 }

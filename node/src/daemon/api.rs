@@ -27,7 +27,7 @@ use roost_proto::api::{
 };
 use roost_proto::cluster::peer_client::PeerClient;
 use roost_proto::cluster::{MeshStatusRequest, MeshStatusResponse};
-use roost_raft::state::{validate_name, Access, App, NodeRecord, NodeRole, RotatedJoinSecrets};
+use roost_raft::state::{validate_name, Access, App, NodeRecord, NodeRole};
 use roost_raft::{Command, Consensus, ConsensusError, Grant, NodeId, Rejection, Response};
 use tokio::time::Instant;
 use tonic::{Request, Status, Streaming};
@@ -319,16 +319,11 @@ impl Control for ControlService {
             .state()
             .read(|s| s.find_node(&wanted).cloned())
             .ok_or_else(|| rejection_status(Rejection::NodeNotFound { node: wanted.clone() }))?;
-        // New join secrets, so the removed node cannot rejoin with the ones
-        // it holds; `roost node token` prints the new tokens.
-        let key = self.secrets_key()?;
-        let rotate = |role| {
-            let secret = Token::generate(TokenKind::Join, self.ca_digest).secret;
-            keys::seal_join_secret(key, role, &secret).map_err(|e| Status::internal(e.to_string()))
-        };
-        let rotate = RotatedJoinSecrets { voter: rotate(NodeRole::Voter)?, worker: rotate(NodeRole::Worker)? };
-        let remove =
-            Command::RemoveNode { id: node.id, new_join_secret: None, new_worker_secret: None, rotate: Some(rotate) };
+        // Only a node holding the keys removes one: the leader then rotates
+        // the join secrets (`membership::rotate_join_secrets`) once the node
+        // is out of Raft's membership, so it never receives the new ones.
+        self.secrets_key()?;
+        let remove = Command::RemoveNode { id: node.id, new_join_secret: None, new_worker_secret: None, rotate: None };
         self.propose(remove).await?;
         tracing::info!(node = %node.name, id = node.id, "node removed from the cluster");
         let role = self.roles()(node.id);

@@ -134,15 +134,18 @@ pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
 /// the bearer token itself: [`grant_of`]), and puts the caller's
 /// [`Principal`] into the request for the handler to check against what the
 /// call needs.
+/// `server` is the fingerprint of this node's certificate, which a signed
+/// call must have signed.
 pub fn authenticate(
     state: StateReader,
     ca_digest: CaDigest,
     uses: Arc<TokenUses>,
     clock: Arc<ClusterClock>,
+    server: Arc<str>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |request: Request<()>| {
         let header = request.metadata().get(roost_proto::AUTHORIZATION).map(|h| h.to_str().unwrap_or_default());
-        let grant = grant_of(header, request.extensions().get::<PeerIdentity>())?;
+        let grant = grant_of(header, request.extensions().get::<PeerIdentity>(), &server)?;
         let principal = resolve_grant(&state, &ca_digest, &grant, Some(&uses), &clock, SIGNED_CALL_SKEW_MS)?;
         let mut request = request;
         request.extensions_mut().insert(principal);
@@ -160,9 +163,10 @@ pub const SIGNED_CALL_SKEW_MS: UnixMillis = 15 * 60_000;
 pub const SIGNED_GRANT_AGE_MS: UnixMillis = 2 * 3_600_000;
 
 /// The grant an API call's `authorization` header carries:
-/// `Signed PUBLIC_KEY.TIME.SIGNATURE` over the TLS session `peer` is on, or
-/// `Bearer TOKEN`. Only the form is checked here.
-pub fn grant_of(header: Option<&str>, peer: Option<&PeerIdentity>) -> Result<Grant, Status> {
+/// `Signed PUBLIC_KEY.TIME.SIGNATURE` over the TLS session `peer` is on and
+/// this node's certificate (fingerprint `server`), or `Bearer TOKEN`. Only
+/// the form is checked here.
+pub fn grant_of(header: Option<&str>, peer: Option<&PeerIdentity>, server: &str) -> Result<Grant, Status> {
     let header = header.ok_or_else(|| Status::unauthenticated("no API token: pass --token or set ROOST_TOKEN"))?;
     if let Some(token) = header.strip_prefix("Bearer ") {
         return Ok(Grant::Token { token: token.to_owned() });
@@ -180,6 +184,7 @@ pub fn grant_of(header: Option<&str>, peer: Option<&PeerIdentity>) -> Result<Gra
         public_key: signed.public_key,
         timestamp_ms: signed.timestamp_ms,
         session: hex(&session),
+        server: server.to_owned(),
         signature: signed.signature,
     })
 }
@@ -198,24 +203,39 @@ pub fn resolve_grant(
 ) -> Result<Principal, Status> {
     match grant {
         Grant::Token { token } => resolve(state, ca_digest, token, uses, clock),
-        Grant::Signed { public_key, timestamp_ms, session, signature } => {
-            let signed = TokenSignature {
-                public_key: public_key.clone(),
-                timestamp_ms: *timestamp_ms,
-                signature: signature.clone(),
-            };
-            let session = unhex(session).ok_or_else(|| Status::unauthenticated("the signed session is not hex"))?;
-            signed.verify(&session).map_err(|e| Status::unauthenticated(e.to_string()))?;
-            let now = clock.now();
-            if *timestamp_ms > now.saturating_add(SIGNED_CALL_SKEW_MS) || *timestamp_ms < now.saturating_sub(max_age_ms)
-            {
-                return Err(Status::unauthenticated(signed_time_refusal(*timestamp_ms, now, max_age_ms)));
-            }
+        Grant::Signed { public_key, timestamp_ms, .. } => {
+            // The cheap checks first: the time, then the key.
+            check_signed_time(*timestamp_ms, clock.now(), max_age_ms)?;
             let (bootstrapped, found) = state.read(|s| (s.cluster.is_some(), s.token_by_key(public_key)));
+            if found.is_some() {
+                verify_signed(grant)?;
+            }
             current(bootstrapped, found, uses, clock, "signed with a token that is not one of the cluster's current tokens: it was revoked or rotated, is mistyped, or was made before calls were signed (then rotate it: `roost tokens rotate NAME`)")
         }
         Grant::Join { .. } => Err(Status::unauthenticated("a join secret is no API token")),
     }
+}
+
+/// Checks a signed grant's signature over its session, server and time.
+fn verify_signed(grant: &Grant) -> Result<(), Status> {
+    let Grant::Signed { public_key, timestamp_ms, session, server, signature } = grant else {
+        return Err(Status::unauthenticated("not a signed call"));
+    };
+    let session = unhex(session)
+        .filter(|s| s.len() == 32)
+        .ok_or_else(|| Status::unauthenticated("the signed session must be 32 bytes in hex"))?;
+    let signed =
+        TokenSignature { public_key: public_key.clone(), timestamp_ms: *timestamp_ms, signature: signature.clone() };
+    signed.verify(&session, server).map_err(|e| Status::unauthenticated(e.to_string()))
+}
+
+/// Refuses a signed call's time more than [`SIGNED_CALL_SKEW_MS`] ahead of
+/// `now` or more than `max_age_ms` behind it.
+fn check_signed_time(at: UnixMillis, now: UnixMillis, max_age_ms: UnixMillis) -> Result<(), Status> {
+    if at > now.saturating_add(SIGNED_CALL_SKEW_MS) || at < now.saturating_sub(max_age_ms) {
+        return Err(Status::unauthenticated(signed_time_refusal(at, now, max_age_ms)));
+    }
+    Ok(())
 }
 
 fn signed_time_refusal(at: UnixMillis, now: UnixMillis, max_age_ms: UnixMillis) -> String {
@@ -403,12 +423,14 @@ pub struct WithGrant<S> {
     pub state: StateReader,
     pub me: NodeId,
     pub ca_digest: CaDigest,
+    /// This node's certificate fingerprint, which signed calls sign.
+    pub server: Arc<str>,
     pub held: Arc<tokio::sync::Semaphore>,
 }
 
 impl<S> WithGrant<S> {
-    pub fn new(inner: S, state: StateReader, me: NodeId, ca_digest: CaDigest) -> Self {
-        Self { inner, state, me, ca_digest, held: Arc::new(tokio::sync::Semaphore::new(MAX_HELD)) }
+    pub fn new(inner: S, state: StateReader, me: NodeId, ca_digest: CaDigest, server: Arc<str>) -> Self {
+        Self { inner, state, me, ca_digest, server, held: Arc::new(tokio::sync::Semaphore::new(MAX_HELD)) }
     }
 }
 
@@ -432,10 +454,15 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let header = request.headers().get(roost_proto::AUTHORIZATION).and_then(|h| h.to_str().ok());
-        let grant = grant_of(header, request.extensions().get::<PeerIdentity>()).ok();
+        let grant = grant_of(header, request.extensions().get::<PeerIdentity>(), &self.server).ok();
+        // What can be told without the state: a well-formed token of this
+        // cluster, or a signature that verifies at a time near enough.
         let well_formed = match &grant {
             Some(Grant::Token { token }) => api_token(token, &self.ca_digest).is_ok(),
-            Some(Grant::Signed { .. }) => true,
+            Some(signed @ Grant::Signed { timestamp_ms, .. }) => {
+                check_signed_time(*timestamp_ms, roost_raft::consensus::now_millis(), SIGNED_CALL_SKEW_MS).is_ok()
+                    && verify_signed(signed).is_ok()
+            }
             _ => false,
         };
         let hold = match well_formed && !caught_up(&self.state, self.me) {
@@ -473,11 +500,12 @@ pub fn admit(state: &State, secret: &str, role: NodeRole) -> Result<(), String> 
 }
 
 /// What the leader accepts as a grant for a forwarded proposal that a node
-/// may not make on its own: an API token or a call signed with one (no
-/// older than [`SIGNED_GRANT_AGE_MS`]) whose scope allows the command
-/// (`Command::access`), or the join secret for a new node.
+/// may not make on its own: an API token, or a call signed with one to the
+/// forwarding node (no older than [`SIGNED_GRANT_AGE_MS`]), whose scope
+/// allows the command (`Command::access`); or the join secret for a new
+/// node.
 pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, clock: Arc<ClusterClock>) -> Authorize {
-    Arc::new(move |command: &Command, grant: Option<&Grant>| match (command, grant) {
+    Arc::new(move |command: &Command, grant: Option<&Grant>, caller: Option<NodeId>| match (command, grant) {
         (Command::AddNode { node }, Some(Grant::Join { secret })) => state.read(|s| admit(s, secret, node.role)),
         (Command::Bootstrap { .. } | Command::Batch { .. }, _) => Err("it is never forwarded".into()),
         // Only entries of older clusters carry join secrets in plain text.
@@ -485,6 +513,14 @@ pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, 
             if new_join_secret.is_some() || new_worker_secret.is_some() =>
         {
             Err("join secrets are written only sealed, never in plain text".into())
+        }
+        // A signed call is the forwarder's own: its signature names the
+        // server it was made to, which must be the node forwarding it.
+        (_, Some(Grant::Signed { server, .. }))
+            if !caller
+                .is_some_and(|id| state.read(|s| s.nodes.get(&id).is_some_and(|n| n.cert_fingerprint == *server))) =>
+        {
+            Err("the call was signed for another node than the one forwarding it".into())
         }
         (_, Some(grant @ (Grant::Token { .. } | Grant::Signed { .. }))) => {
             let principal = resolve_grant(&state, &ca_digest, grant, Some(&uses), &clock, SIGNED_GRANT_AGE_MS)

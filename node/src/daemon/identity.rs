@@ -306,12 +306,25 @@ pub async fn keep_join_token(
         return;
     }
     let mut changes = state.changes();
+    // Said once per distinct failure, not on every change of the state.
+    let mut failing: Option<String> = None;
     loop {
         let cluster = state.read(|s| s.cluster.clone());
         let secret = cluster.and_then(|cluster| {
-            super::keys::open_join_secret(&cluster, roost_raft::state::NodeRole::Voter, &key)
-                .map_err(|error| tracing::warn!(error = %error_chain(&error), "cannot read the join token"))
-                .ok()
+            match super::keys::open_join_secret(&cluster, roost_raft::state::NodeRole::Voter, &key) {
+                Ok(secret) => {
+                    failing = None;
+                    Some(secret)
+                }
+                Err(error) => {
+                    let error = error_chain(&error);
+                    if failing.as_ref() != Some(&error) {
+                        tracing::warn!(%error, "cannot read the join token");
+                        failing = Some(error);
+                    }
+                    None
+                }
+            }
         });
         if let Some(secret) = secret {
             let current = roost_network::Token { kind: roost_network::TokenKind::Join, ca_digest, secret };

@@ -161,7 +161,8 @@ async fn try_join(
         code: status.code(),
         message: status.message().to_owned(),
     };
-    let session = session.get().ok_or_else(|| refused(Status::unavailable("the TLS session closed")))?;
+    let session =
+        session.get().map(|s| s.exporter).ok_or_else(|| refused(Status::unavailable("the TLS session closed")))?;
     request.proof = join_proof(secret, &session, JoinProof::Joiner);
     request.digest_proof = join_proof(&pki::secret_digest(secret), &session, JoinProof::JoinerDigest);
     let reply = JoinClient::new(channel).join(request).await.map_err(refused)?.into_inner();

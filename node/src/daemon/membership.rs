@@ -20,7 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::ChangeMembers;
-use roost_raft::{Consensus, NodeId, RaftNode};
+use roost_deploy::secrets::SecretsKey;
+use roost_network::pki::CaDigest;
+use roost_network::{Token, TokenKind};
+use roost_raft::state::{NodeRole, RotatedJoinSecrets};
+use roost_raft::{Command, Consensus, NodeId, RaftNode};
 use tokio_util::sync::CancellationToken;
 
 use super::liveness::{Liveness, Seen};
@@ -118,10 +122,13 @@ pub fn plan(view: &MembershipView, promote_after: Duration) -> Option<Membership
 
 /// On the leader, compares Raft's membership with the state every `every`
 /// and carries out what [`plan`] says.
+/// `keys` (the secrets key and the CA digest, which a voter holds) seal the
+/// new join secrets after a removal.
 pub async fn run_controller(
     consensus: Arc<Consensus>,
     liveness: Arc<Liveness>,
     every: Duration,
+    keys: Option<(Arc<SecretsKey>, CaDigest)>,
     shutdown: CancellationToken,
 ) {
     let promote_after = liveness.config().promote_after;
@@ -131,7 +138,12 @@ pub async fn run_controller(
             _ = tokio::time::sleep(every) => {}
         }
         let Some(view) = observe(&consensus, &liveness) else { continue };
-        let Some(action) = plan(&view, promote_after) else { continue };
+        let Some(action) = plan(&view, promote_after) else {
+            if let Some((key, ca_digest)) = &keys {
+                rotate_join_secrets(&consensus, &view, key, *ca_digest).await;
+            }
+            continue;
+        };
         tracing::info!(?action, "changing Raft membership");
         let raft = consensus.raft();
         let result = match action.clone() {
@@ -146,6 +158,34 @@ pub async fn run_controller(
         if let Err(error) = result {
             tracing::warn!(?action, %error, "membership change did not complete; will retry");
         }
+    }
+}
+
+/// Replaces both join secrets after a removal (`ClusterInfo::join_rotation_due`)
+/// once Raft's membership holds no node the state does not: a removed node
+/// then receives no entry, so never the new secrets, though it may hold the
+/// secrets key that seals them. Until then the old tokens still admit; the
+/// wait is a membership change or two, seconds.
+async fn rotate_join_secrets(consensus: &Consensus, view: &MembershipView, key: &SecretsKey, ca_digest: CaDigest) {
+    let due = consensus.state().read(|s| s.cluster.as_ref().is_some_and(|c| c.join_rotation_due));
+    if !due || !view.members.keys().all(|id| view.wanted.contains_key(id)) {
+        return;
+    }
+    let seal = |role| {
+        let secret = Token::generate(TokenKind::Join, ca_digest).secret;
+        super::keys::seal_join_secret(key, role, &secret)
+    };
+    let rotate = match (seal(NodeRole::Voter), seal(NodeRole::Worker)) {
+        (Ok(voter), Ok(worker)) => RotatedJoinSecrets { voter, worker },
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::error!(%error, "cannot seal new join secrets");
+            return;
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    match consensus.propose_as_leader(Command::RotateJoinSecrets { rotate }, deadline).await {
+        Ok(_) => tracing::info!("join secrets rotated: the removed node's tokens admit no one"),
+        Err(error) => tracing::warn!(%error, "could not rotate the join secrets; will retry"),
     }
 }
 

@@ -317,6 +317,11 @@ impl Node {
             let stop = shutdown.child_token();
             let ca_digest = identity.ca_digest()?;
             let server_tls = tls::server_config(&identity.ca_cert_pem, &identity.cert_pem, &identity.key_pem)?;
+            // What a signed API call names as the server it was made to.
+            let own_fingerprint: Arc<str> = roost_network::pki::fingerprint(
+                &roost_network::pki::cert_der_from_pem(&identity.cert_pem).map_err(tls::TlsError::from)?,
+            )
+            .into();
             // The state the peer check reads exists once Raft has started.
             let known = Arc::new(std::sync::OnceLock::new());
             let channels = Arc::new(NodeChannels::new(ClientTls::node_accepting(
@@ -389,11 +394,18 @@ impl Node {
                             builds: Arc::new(tokio::sync::Semaphore::new(1)),
                             max_upload: config.max_upload,
                         }),
-                        auth::authenticate(state.clone(), ca_digest, token_uses.clone(), clock.clone()),
+                        auth::authenticate(
+                            state.clone(),
+                            ca_digest,
+                            token_uses.clone(),
+                            clock.clone(),
+                            own_fingerprint.clone(),
+                        ),
                     ),
                     state,
                     stored.node_id,
                     ca_digest,
+                    own_fingerprint,
                 ));
             let incoming = tls::incoming(listener, server_tls, config.connection_limits.clone(), stop.clone());
             let server_stop = stop.clone();
@@ -442,6 +454,16 @@ impl Node {
             wait_caught_up(&consensus, Instant::now() + CATCH_UP_WAIT).await;
             let removed = Arc::new(AtomicBool::new(false));
             spawn_background(&consensus, &liveness, &channels, &clock, &stop, &removed, &tasks);
+            tasks.spawn(
+                membership::run_controller(
+                    consensus.clone(),
+                    liveness.clone(),
+                    Duration::from_millis(500),
+                    secrets_key.clone().map(|key| (key, ca_digest)),
+                    stop.clone(),
+                )
+                .in_current_span(),
+            );
             let (directory, directory_rx) = tokio::sync::watch::channel(Arc::default());
             let mesh = tasks.spawn(
                 mesh::run(
@@ -665,6 +687,7 @@ fn create_cluster(
         worker_join_secret: String::new(),
         admin_secret_sha256: secret_digest(&tokens.admin.secret),
         admin_public_key: tokens.admin.key().public_key(),
+        join_rotation_due: false,
         mesh_range: settings.mesh_range,
         domain: settings.domain,
         acme: Some(settings.acme),
@@ -750,11 +773,6 @@ fn spawn_background(
             }
         }
         .in_current_span(),
-    );
-
-    tasks.spawn(
-        membership::run_controller(consensus.clone(), liveness.clone(), Duration::from_millis(500), stop.clone())
-            .in_current_span(),
     );
 
     // The state says so as soon as the removal is applied here.

@@ -1,18 +1,18 @@
 //! `roost tokens`: API tokens with scopes, made, listed, revoked and
 //! rotated through the log.
 //!
-//! The node that takes a create or rotate call draws the secret, proposes
-//! only its digest and the public key of its key pair (which signed calls
-//! are checked against), and answers the secret once; no node keeps it. Every
+//! The CLI draws a new token's secret and sends only its digest and the
+//! public key of its key pair (which signed calls are checked against): no
+//! node ever sees a token. Every
 //! call here needs an admin token.
 
 use roost_network::pki::secret_digest;
-use roost_network::{Token, TokenKind};
+use roost_network::Token;
 use roost_proto::api::{
     ApiToken as WireToken, CreateTokenRequest, CreatedToken, ListTokensRequest, ListTokensResponse, RevokeTokenRequest,
     RotateTokenRequest,
 };
-use roost_raft::state::{validate_name, ApiToken, Scope, TokenView, INITIAL_ADMIN};
+use roost_raft::state::{validate_name, ApiToken, Scope, TokenView};
 use roost_raft::{Command, Rejection};
 use tonic::Status;
 
@@ -51,13 +51,13 @@ impl ControlService {
         if let Err(reason) = validate_name(&name) {
             return Err(rejection_status(Rejection::InvalidTokenName { name, reason }));
         }
-        let secret = Token::generate(TokenKind::Api, self.ca_digest);
+        let (secret_sha256, public_key) = drawn_by_client(&request.secret_sha256, &request.public_key)?;
         let token = ApiToken {
             id: id.clone(),
             name: name.clone(),
             scope: scope.clone(),
-            secret_sha256: secret_digest(&secret.secret),
-            public_key: secret.key().public_key(),
+            secret_sha256,
+            public_key,
             created_at: now,
             expires_at,
             last_used: None,
@@ -65,7 +65,7 @@ impl ControlService {
         self.propose(Command::CreateToken { token }).await?;
         tracing::info!(token = %name, %id, %scope, "API token created");
         let view = TokenView { id, name, scope, created_at: now, expires_at, last_used: None };
-        Ok(CreatedToken { token: Some(token_to_wire(&view)), secret: secret.to_string() })
+        Ok(CreatedToken { token: Some(token_to_wire(&view)), secret: String::new() })
     }
 
     pub(super) async fn list_tokens(&self, request: ListTokensRequest) -> Result<ListTokensResponse, Status> {
@@ -86,24 +86,34 @@ impl ControlService {
         let Some(view) = found else {
             return Err(rejection_status(Rejection::TokenNotFound { token: request.token }));
         };
-        // The initial admin token keeps its kind, so it still reads as one.
-        let kind = if view.id == INITIAL_ADMIN { TokenKind::Admin } else { TokenKind::Api };
-        let secret = Token::generate(kind, self.ca_digest);
-        self.propose(Command::RotateToken {
-            token: view.id.clone(),
-            secret_sha256: secret_digest(&secret.secret),
-            public_key: secret.key().public_key(),
-        })
-        .await?;
+        let (secret_sha256, public_key) = drawn_by_client(&request.secret_sha256, &request.public_key)?;
+        self.propose(Command::RotateToken { token: view.id.clone(), secret_sha256, public_key }).await?;
         tracing::info!(token = %view.name, id = %view.id, "API token rotated");
-        Ok(CreatedToken { token: Some(token_to_wire(&view)), secret: secret.to_string() })
+        Ok(CreatedToken { token: Some(token_to_wire(&view)), secret: String::new() })
     }
+}
+
+/// The digest and public key of a token the client drew, checked for form:
+/// 32 bytes each, hex.
+fn drawn_by_client(secret_sha256: &str, public_key: &str) -> Result<(String, String), Status> {
+    let is_hex_32 = |text: &str| text.len() == 64 && roost_network::pki::unhex(text).is_some();
+    if secret_sha256.is_empty() && public_key.is_empty() {
+        return Err(Status::invalid_argument(
+            "this CLI asked the node to draw the token; a node never sees a token now: update the roost CLI to this cluster's version",
+        ));
+    }
+    if !is_hex_32(secret_sha256) || !is_hex_32(public_key) {
+        return Err(Status::invalid_argument(
+            "a new token's digest and public key must be 64 lowercase hex characters each",
+        ));
+    }
+    Ok((secret_sha256.to_owned(), public_key.to_owned()))
 }
 
 /// Gives the initial admin token of a cluster made before calls were signed
 /// its public key: the node that holds `admin.token` proposes it with
-/// the token itself as the grant (what any holder of the token could do by
-/// rotating it). Until then the CLI's signed calls with that token are
+/// the token itself as the grant ([`Command::KeyAdminToken`], applied only
+/// while the token is still that one and has no key). Until then the CLI's signed calls with that token are
 /// refused as unknown; calls that send the token itself still work.
 pub async fn key_legacy_admin_token(
     consensus: std::sync::Arc<roost_raft::Consensus>,
@@ -124,15 +134,15 @@ pub async fn key_legacy_admin_token(
         match needed {
             false => {}
             true => {
-                let command = Command::RotateToken {
-                    token: INITIAL_ADMIN.into(),
-                    secret_sha256: digest.clone(),
-                    public_key: public_key.clone(),
-                };
+                let command = Command::KeyAdminToken { secret_sha256: digest.clone(), public_key: public_key.clone() };
                 let grant = roost_raft::Grant::Token { token: token.to_string() };
                 let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
                 match consensus.propose_granted(command, Some(grant), deadline).await {
-                    Ok(_) => tracing::info!("the admin token has its public key now: the CLI signs its calls with it"),
+                    Ok(roost_raft::Response::Done) => {
+                        tracing::info!("the admin token has its public key now: the CLI signs its calls with it")
+                    }
+                    // Rotated meanwhile: the new secret came with its key.
+                    Ok(other) => tracing::debug!(?other, "the admin token was not keyed"),
                     Err(error) => {
                         tracing::debug!(%error, "could not record the admin token's public key yet");
                         tokio::select! {

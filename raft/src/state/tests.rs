@@ -16,6 +16,7 @@ fn cluster() -> ClusterInfo {
         worker_join_secret: "w".into(),
         admin_secret_sha256: "h".into(),
         admin_public_key: String::new(),
+        join_rotation_due: false,
         mesh_range: default_mesh_range(),
         domain: "localhost".into(),
         acme: None,
@@ -240,6 +241,49 @@ fn removing_a_node_can_rotate_both_join_secrets() {
     };
     assert!(matches!(apply(&mut state, again), Response::Rejected(_)));
     assert_eq!(secrets(&state), rotated);
+}
+
+#[test]
+fn a_removal_leaves_the_join_secrets_due_for_a_rotation_that_comes_in_its_own_entry() {
+    let mut state = bootstrapped();
+    apply(&mut state, Command::AddNode { node: node("n2", "f2") });
+    let before = state.cluster.as_ref().map(|c| c.voter_join.clone());
+    let remove = Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None, rotate: None };
+    assert_eq!(apply(&mut state, remove), Response::Done);
+    let cluster = state.cluster.as_ref().expect("bootstrapped");
+    assert!(cluster.join_rotation_due, "the removed node still knows the join secrets");
+    assert_eq!(Some(cluster.voter_join.clone()), before, "the removal itself carries no new secret");
+
+    let join = |digest: &str| JoinSecret {
+        sha256: digest.into(),
+        sealed: SealedSecret { sealed: format!("sealed-{digest}"), digest: String::new(), updated_at: 1 },
+    };
+    let rotate = Command::RotateJoinSecrets { rotate: RotatedJoinSecrets { voter: join("v2"), worker: join("w2") } };
+    assert!(rotate.is_leader_decision(), "only the leader writes it, once the node is out of Raft");
+    assert_eq!(apply(&mut state, rotate), Response::Done);
+    let cluster = state.cluster.as_ref().expect("bootstrapped");
+    assert!(!cluster.join_rotation_due);
+    assert_eq!((cluster.voter_join.clone(), cluster.worker_join.clone()), (Some(join("v2")), Some(join("w2"))));
+}
+
+#[test]
+fn the_admin_token_is_keyed_only_while_it_has_that_digest_and_no_key() {
+    let mut state = bootstrapped();
+    let digest = state.cluster.as_ref().map(|c| c.admin_secret_sha256.clone()).unwrap_or_default();
+    let key = |secret_sha256: &str, public_key: &str| Command::KeyAdminToken {
+        secret_sha256: secret_sha256.into(),
+        public_key: public_key.into(),
+    };
+    assert!(matches!(apply(&mut state, key("other", "k1")), Response::Rejected(_)), "another digest");
+    assert_eq!(apply(&mut state, key(&digest, "k1")), Response::Done);
+    assert_eq!(state.token_by_key("k1").map(|m| m.id), Some(INITIAL_ADMIN.to_owned()));
+    assert!(matches!(apply(&mut state, key(&digest, "k2")), Response::Rejected(_)), "keyed already");
+    // A rotation applied before a keying proposed earlier wins.
+    let rotate =
+        Command::RotateToken { token: INITIAL_ADMIN.into(), secret_sha256: "new".into(), public_key: "k3".into() };
+    apply(&mut state, rotate);
+    assert!(matches!(apply(&mut state, key(&digest, "k1")), Response::Rejected(_)));
+    assert_eq!(state.token_by_key("k3").map(|m| m.id), Some(INITIAL_ADMIN.to_owned()));
 }
 
 #[test]

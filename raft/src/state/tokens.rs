@@ -292,6 +292,19 @@ impl State {
         }
     }
 
+    /// Gives the initial admin token its public key, only if it still has
+    /// this digest and no key: a rotation applied first wins.
+    pub(super) fn key_admin_token(&mut self, secret_sha256: &str, public_key: &str) -> Response {
+        match self.cluster.as_mut() {
+            Some(cluster) if cluster.admin_secret_sha256 == secret_sha256 && cluster.admin_public_key.is_empty() => {
+                cluster.admin_public_key = public_key.to_owned();
+                Response::Done
+            }
+            Some(_) => Response::Rejected(Rejection::TokenNotFound { token: INITIAL_ADMIN.to_owned() }),
+            None => Response::Rejected(Rejection::NotBootstrapped),
+        }
+    }
+
     /// Records uses; a time never goes back, none is later than the proposal
     /// (give or take a minute of clock skew), and unknown ids (revoked since)
     /// are ignored.

@@ -511,7 +511,7 @@ async fn three_voters(dir: &std::path::Path, stop: &CancellationToken) -> Result
         let consensus =
             Consensus::start(id, &dir.join(format!("n{id}")), &Timings::default(), Arc::new(Loopback), stop.clone())
                 .await?;
-        let authorize: roost_raft::service::Authorize = Arc::new(|_, _| Ok(()));
+        let authorize: roost_raft::service::Authorize = Arc::new(|_, _, _| Ok(()));
         let service = roost_raft::service::RaftService::new(consensus.clone(), authorize).into_server();
         // The nodes learn a caller from its certificate; here every caller is a voter.
         let caller = tonic::service::InterceptorLayer::new(|mut request: tonic::Request<()>| {
@@ -579,6 +579,7 @@ async fn scheduler_bench(batch: usize) -> Result<()> {
         worker_join_secret: String::new(),
         admin_secret_sha256: String::new(),
         admin_public_key: String::new(),
+        join_rotation_due: false,
         // Room for a /24 per simulated node.
         mesh_range: "10.0.0.0/8".parse()?,
         domain: "localhost".into(),
