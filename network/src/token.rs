@@ -12,7 +12,8 @@
 //! An API token never travels to a node. The CLI derives an Ed25519 key pair
 //! from its secret ([`Token::key`]) and signs the TLS session it talks over
 //! ([`TokenKey::sign`]: the session's exporter value, the server's
-//! certificate and the time); the state records only the public key. A server that is not what it claims
+//! certificate, the method called and the time); the state records only the
+//! public key. A server that is not what it claims
 //! (a removed node's data directory, say) sees a signature that is good for
 //! its own session alone, and nothing it could present elsewhere.
 
@@ -146,22 +147,34 @@ impl TokenKey {
         hex(self.0.public_key().as_ref())
     }
 
-    /// Signs the TLS session whose exporter value is `session`, with the
-    /// server that presented the certificate whose fingerprint is `server`,
-    /// at `timestamp_ms` (milliseconds since the Unix epoch, the signer's
-    /// clock).
-    pub fn sign(&self, session: &[u8], server: &str, timestamp_ms: i64) -> TokenSignature {
-        let signature = self.0.sign(&signed_message(session, server, timestamp_ms));
+    /// Signs a call of the gRPC method `method` (its name, `CreateApp`) on
+    /// the TLS session whose exporter value is `session`, with the server
+    /// that presented the certificate whose fingerprint is `server`, at
+    /// `timestamp_ms` (milliseconds since the Unix epoch, the signer's clock).
+    pub fn sign(&self, call: &SignedCall<'_>, timestamp_ms: i64) -> TokenSignature {
+        let signature = self.0.sign(&signed_message(call, timestamp_ms));
         TokenSignature { public_key: self.public_key(), timestamp_ms, signature: hex(signature.as_ref()) }
     }
 }
 
-fn signed_message(session: &[u8], server: &str, timestamp_ms: i64) -> Vec<u8> {
-    let mut message = Vec::with_capacity(SIGNED_LABEL.len() + session.len() + server.len() + 9);
+/// What a signature covers besides the time.
+#[derive(Clone, Copy, Debug)]
+pub struct SignedCall<'a> {
+    /// The TLS session's exporter value.
+    pub session: &'a [u8],
+    /// The fingerprint of the server's certificate.
+    pub server: &'a str,
+    /// The gRPC method's name.
+    pub method: &'a str,
+}
+
+fn signed_message(call: &SignedCall<'_>, timestamp_ms: i64) -> Vec<u8> {
+    let mut message = Vec::with_capacity(SIGNED_LABEL.len() + 64 + call.server.len() + call.method.len() + 16);
     message.extend_from_slice(SIGNED_LABEL);
-    message.extend_from_slice(session);
-    message.extend_from_slice(server.as_bytes());
-    message.push(0);
+    for part in [call.session, call.server.as_bytes(), call.method.as_bytes()] {
+        message.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        message.extend_from_slice(part);
+    }
     message.extend_from_slice(&timestamp_ms.to_be_bytes());
     message
 }
@@ -208,16 +221,16 @@ impl TokenSignature {
         })
     }
 
-    /// Checks the signature over the TLS session whose exporter value is
-    /// `session` (the receiving side's own view of it), the fingerprint of
-    /// the server's certificate and the timestamp. Which token the key is,
-    /// and whether the time is recent, is the caller's to check.
-    pub fn verify(&self, session: &[u8], server: &str) -> Result<(), SignatureError> {
+    /// Checks the signature over `call` (the receiving side's own view of
+    /// the session, its own certificate, the method called) and the
+    /// timestamp. Which token the key is, and whether the time is recent, is
+    /// the caller's to check.
+    pub fn verify(&self, call: &SignedCall<'_>) -> Result<(), SignatureError> {
         let (Some(key), Some(signature)) = (unhex(&self.public_key), unhex(&self.signature)) else {
             return Err(SignatureError::Malformed);
         };
         UnparsedPublicKey::new(&signature::ED25519, key)
-            .verify(&signed_message(session, server, self.timestamp_ms), &signature)
+            .verify(&signed_message(call, self.timestamp_ms), &signature)
             .map_err(|_| SignatureError::Mismatch)
     }
 }
@@ -293,18 +306,24 @@ mod tests {
         assert_eq!(key.public_key(), token.key().public_key(), "the key follows from the secret alone");
         assert_ne!(key.public_key(), Token::generate(TokenKind::Api, digest()).key().public_key());
         let session = [7u8; 32];
-        let signed = key.sign(&session, "server-a", 1_000);
+        let call = SignedCall { session: &session, server: "server-a", method: "CreateApp" };
+        let signed = key.sign(&call, 1_000);
         let parsed = TokenSignature::parse(signed.header().strip_prefix(SIGNED_SCHEME).unwrap_or_default());
         assert_eq!(parsed.as_ref(), Ok(&signed));
-        assert_eq!(signed.verify(&session, "server-a"), Ok(()));
-        // Another session, server, time or key: refused.
-        assert_eq!(signed.verify(&[8u8; 32], "server-a"), Err(SignatureError::Mismatch));
-        assert_eq!(signed.verify(&session, "server-b"), Err(SignatureError::Mismatch));
+        assert_eq!(signed.verify(&call), Ok(()));
+        // Another session, server, method, time or key: refused.
+        for other in [
+            SignedCall { session: &[8u8; 32], ..call },
+            SignedCall { server: "server-b", ..call },
+            SignedCall { method: "DestroyApp", ..call },
+        ] {
+            assert_eq!(signed.verify(&other), Err(SignatureError::Mismatch), "{other:?}");
+        }
         let moved = TokenSignature { timestamp_ms: 1_001, ..signed.clone() };
-        assert_eq!(moved.verify(&session, "server-a"), Err(SignatureError::Mismatch));
+        assert_eq!(moved.verify(&call), Err(SignatureError::Mismatch));
         let other = Token::generate(TokenKind::Api, digest()).key();
         let swapped = TokenSignature { public_key: other.public_key(), ..signed.clone() };
-        assert_eq!(swapped.verify(&session, "server-a"), Err(SignatureError::Mismatch));
+        assert_eq!(swapped.verify(&call), Err(SignatureError::Mismatch));
         // Nothing of the secret is in what travels.
         assert!(!signed.header().contains(&token.secret));
     }

@@ -31,12 +31,13 @@ pub enum Grant {
     Token { token: String },
     /// A signed API call: the token's public key, the caller's timestamp
     /// and its signature over them, the TLS session it was made on
-    /// (`session`, the exporter value the node that took the call saw) and
-    /// that node's certificate (`server`, its fingerprint), all hex but the
-    /// time. The leader checks the signature, that `server` is the node that
-    /// forwards the grant, that the key is a current token's, and that the
-    /// time is recent.
-    Signed { public_key: String, timestamp_ms: i64, session: String, server: String, signature: String },
+    /// (`session`, the exporter value the node that took the call saw), that
+    /// node's certificate (`server`, its fingerprint) and the gRPC method
+    /// called (`method`), all hex but the time and method. The leader checks
+    /// the signature, that `server` is the node that forwards the grant, that
+    /// the method proposes this command, that the key is a current token's,
+    /// and that the time is recent.
+    Signed { public_key: String, timestamp_ms: i64, session: String, server: String, method: String, signature: String },
     /// The join secret a joining node presented to its seed.
     Join { secret: String },
 }
@@ -487,6 +488,8 @@ pub enum Rejection {
     TooManyTokens { max: usize },
     #[error("no token '{token}' (see `roost tokens list`)")]
     TokenNotFound { token: String },
+    #[error("another token has this secret or key; draw a new token and try again")]
+    TokenSecretTaken,
     #[error("the initial admin token cannot be revoked, so that the cluster always has an admin; rotate it with `roost tokens rotate admin`")]
     InitialAdminToken,
     #[error("this log entry has format version {version}, newer than this binary understands; upgrade roost")]

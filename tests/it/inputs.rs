@@ -360,7 +360,12 @@ async fn a_cli_call_to_a_removed_node_gives_it_nothing_a_member_accepts() -> Res
         let (channel, session) = ClientTls::anonymous(admin.ca_digest)?.connect_bound(&member).await?;
         let session = session.get().ok_or_else(|| anyhow::anyhow!("no session"))?;
         let at = roost_raft::consensus::now_millis() + offset_ms;
-        let signed = admin.key().sign(&session.exporter, &session.server, at);
+        let call = roost_network::token::SignedCall {
+            session: &session.exporter,
+            server: &session.server,
+            method: "ListApps",
+        };
+        let signed = admin.key().sign(&call, at);
         let mut skewed = ControlClient::with_interceptor(channel, ApiAuth::Header(signed.header().parse()?));
         let status = skewed.list_apps(ListAppsRequest::default()).await.expect_err("a skewed signature");
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
@@ -802,26 +807,29 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
         cluster.node(leader).map(|n| n.consensus.state().read(|s| s.nodes[&id].cert_fingerprint.clone()))
     };
     let (member_fp, leader_fp) = (fingerprint_of(member)?, fingerprint_of(leader)?);
-    let signed_by = |token: &Token, server: &str, age_ms: i64| {
+    let signed_by = |token: &Token, server: &str, method: &str, age_ms: i64| {
         let session = [9u8; 32];
         let now = roost_raft::consensus::now_millis();
-        let signature = token.key().sign(&session, server, now - age_ms);
+        let call = roost_network::token::SignedCall { session: &session, server, method };
+        let signature = token.key().sign(&call, now - age_ms);
         Grant::Signed {
             public_key: signature.public_key,
             timestamp_ms: signature.timestamp_ms,
             session: roost_network::pki::hex(&session),
             server: server.to_owned(),
+            method: method.to_owned(),
             signature: signature.signature,
         }
     };
-    let signed = |age_ms: i64| signed_by(&cluster.tokens.admin, &member_fp, age_ms);
+    let signed = |age_ms: i64| signed_by(&cluster.tokens.admin, &member_fp, "SetSecrets", age_ms);
     let stale = signed(roost_node::daemon::auth::SIGNED_GRANT_AGE_MS + 60_000);
-    let to_another_node = signed_by(&cluster.tokens.admin, &leader_fp, 0);
+    let to_another_node = signed_by(&cluster.tokens.admin, &leader_fp, "SetSecrets", 0);
+    let for_another_method = signed_by(&cluster.tokens.admin, &member_fp, "ListApps", 0);
     let stranger = Token::generate(TokenKind::Api, cluster.tokens.admin.ca_digest);
-    let unknown_key = signed_by(&stranger, &member_fp, 0);
+    let unknown_key = signed_by(&stranger, &member_fp, "SetSecrets", 0);
     let forged_signature = match signed(0) {
-        Grant::Signed { public_key, timestamp_ms, session, server, .. } => {
-            Grant::Signed { public_key, timestamp_ms, session, server, signature: "00".repeat(64) }
+        Grant::Signed { public_key, timestamp_ms, session, server, method, .. } => {
+            Grant::Signed { public_key, timestamp_ms, session, server, method, signature: "00".repeat(64) }
         }
         other => other,
     };
@@ -845,6 +853,7 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
         ("secrets with a signature of an unknown token", propose(set_secrets(), Some(unknown_key))),
         ("secrets with a signature that does not verify", propose(set_secrets(), Some(forged_signature))),
         ("secrets with a signature made to another node", propose(set_secrets(), Some(to_another_node))),
+        ("secrets with a signature of a call that changes nothing", propose(set_secrets(), Some(for_another_method))),
         ("a destroy", propose(Command::DestroyApp { name: "target".into() }, None)),
         (
             "a node removal",

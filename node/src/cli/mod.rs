@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use roost_network::tls::{ClientTls, SessionSlot};
-use roost_network::token::TokenKey;
+use roost_network::tls::{ClientTls, Session, SessionSlot};
+use roost_network::token::{SignedCall, TokenKey};
 use roost_network::{Token, TokenKind};
 use roost_proto::api::control_client::ControlClient;
 use roost_proto::api::{
@@ -511,25 +511,63 @@ pub enum ApiAuth {
     /// Signs the TLS session the call goes over, and the time, with the
     /// token's key pair: the token itself never leaves this machine, and a
     /// signature is good on that session alone. What the CLI does.
-    Signed { key: Arc<TokenKey>, session: SessionSlot },
+    Signed {
+        key: Arc<TokenKey>,
+        session: SessionSlot,
+        /// The signature in use for each method.
+        signed: Arc<std::sync::Mutex<std::collections::HashMap<String, SignedSession>>>,
+    },
     /// Sends this `authorization` value as it is: `Bearer TOKEN`, the token
     /// itself, as tools that cannot sign do.
     Header(MetadataValue<tonic::metadata::Ascii>),
 }
 
+/// The signature a client sends on every call of one method on one TLS
+/// session, until it is [`RESIGN_AFTER_MS`] old: a signature is good on its
+/// session alone, so such calls may share it, and a node that has checked
+/// it once need not check it again (`auth::verify_signed` remembers).
+#[derive(Clone, Debug)]
+pub struct SignedSession {
+    session: Session,
+    at: i64,
+    header: MetadataValue<tonic::metadata::Ascii>,
+}
+
+/// How long a client uses one signature on a session before it signs
+/// afresh, well inside the time a node allows a signed call
+/// (`auth::SIGNED_CALL_SKEW_MS`, and `SIGNED_GRANT_AGE_MS` for grants).
+const RESIGN_AFTER_MS: i64 = 60_000;
+
 impl tonic::service::Interceptor for ApiAuth {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         let value = match self {
             ApiAuth::Header(value) => value.clone(),
-            ApiAuth::Signed { key, session } => {
+            ApiAuth::Signed { key, session, signed } => {
                 let session = session
                     .get()
                     .ok_or_else(|| tonic::Status::unavailable("no TLS session with the node is open to sign"))?;
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-                MetadataValue::try_from(key.sign(&session.exporter, &session.server, now).header())
-                    .map_err(|_| tonic::Status::internal("a signature that a header cannot carry"))?
+                let method = request
+                    .extensions()
+                    .get::<tonic::GrpcMethod<'static>>()
+                    .map(|m| m.method().to_owned())
+                    .ok_or_else(|| tonic::Status::internal("a call without its method name cannot be signed"))?;
+                let mut signed = signed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let reusable = signed
+                    .get(&method)
+                    .filter(|last| last.session == session && now.saturating_sub(last.at) < RESIGN_AFTER_MS);
+                match reusable {
+                    Some(last) => last.header.clone(),
+                    None => {
+                        let call = SignedCall { session: &session.exporter, server: &session.server, method: &method };
+                        let header = MetadataValue::try_from(key.sign(&call, now).header())
+                            .map_err(|_| tonic::Status::internal("a signature that a header cannot carry"))?;
+                        signed.insert(method, SignedSession { session, at: now, header: header.clone() });
+                        header
+                    }
+                }
             }
         };
         request.metadata_mut().insert(roost_proto::AUTHORIZATION, value);
@@ -545,7 +583,7 @@ pub async fn connect_api(endpoint: &str, token: &Token) -> Result<Control, CliEr
         roost_network::tls::TlsError::Address { .. } => CliError::Usage(format!("invalid --endpoint: {e}")),
         _ => CliError::Unreachable(format!("{e} (is a roost node running there? check --endpoint / ROOST_ENDPOINT)")),
     })?;
-    let auth = ApiAuth::Signed { key: Arc::new(token.key()), session };
+    let auth = ApiAuth::Signed { key: Arc::new(token.key()), session, signed: Arc::default() };
     Ok(ControlClient::with_interceptor(channel, auth))
 }
 

@@ -85,7 +85,7 @@ pub fn rejection_status(rejection: Rejection) -> Status {
             Status::already_exists(message)
         }
         Rejection::TokenNotFound { .. } => Status::not_found(message),
-        Rejection::InvalidTokenName { .. } => Status::invalid_argument(message),
+        Rejection::InvalidTokenName { .. } | Rejection::TokenSecretTaken => Status::invalid_argument(message),
         Rejection::TooManyTokens { .. } | Rejection::InitialAdminToken => Status::failed_precondition(message),
         Rejection::AppNotFound { .. } | Rejection::NodeNotFound { .. } | Rejection::CertificateNotFound { .. } => {
             Status::not_found(message)
@@ -343,6 +343,10 @@ impl Control for ControlService {
             }
         };
         self.barrier(None).await?;
+        // Never the secrets a node just removed knows.
+        if self.consensus.state().read(super::join::rotation_due) {
+            return Err(super::join::rotation_pending());
+        }
         let cluster = self
             .consensus
             .state()

@@ -14,8 +14,9 @@
 
 use roost_network::pki::{constant_time_eq, hex, secret_digest, unhex, CaDigest};
 use roost_network::tls::PeerIdentity;
-use roost_network::token::{TokenSignature, SIGNED_SCHEME};
+use roost_network::token::{SignedCall, TokenSignature, SIGNED_SCHEME};
 use roost_network::{Token, TokenKind};
+use sha2::Digest;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -145,7 +146,8 @@ pub fn authenticate(
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |request: Request<()>| {
         let header = request.metadata().get(roost_proto::AUTHORIZATION).map(|h| h.to_str().unwrap_or_default());
-        let grant = grant_of(header, request.extensions().get::<PeerIdentity>(), &server)?;
+        let method = request.extensions().get::<CalledMethod>().map_or("", |m| m.0.as_str());
+        let grant = grant_of(header, request.extensions().get::<PeerIdentity>(), &server, method)?;
         let principal = resolve_grant(&state, &ca_digest, &grant, Some(&uses), &clock, SIGNED_CALL_SKEW_MS)?;
         let mut request = request;
         request.extensions_mut().insert(principal);
@@ -162,11 +164,21 @@ pub const SIGNED_CALL_SKEW_MS: UnixMillis = 15 * 60_000;
 /// on its behalf: a grant a node kept cannot be used for longer.
 pub const SIGNED_GRANT_AGE_MS: UnixMillis = 2 * 3_600_000;
 
+/// The name of the gRPC method an API call is for (`CreateApp`), which
+/// [`WithGrant`] reads off the request's path for [`authenticate`].
+#[derive(Clone, Debug)]
+pub struct CalledMethod(pub String);
+
 /// The grant an API call's `authorization` header carries:
-/// `Signed PUBLIC_KEY.TIME.SIGNATURE` over the TLS session `peer` is on and
-/// this node's certificate (fingerprint `server`), or `Bearer TOKEN`. Only
-/// the form is checked here.
-pub fn grant_of(header: Option<&str>, peer: Option<&PeerIdentity>, server: &str) -> Result<Grant, Status> {
+/// `Signed PUBLIC_KEY.TIME.SIGNATURE` over the TLS session `peer` is on,
+/// this node's certificate (fingerprint `server`) and the `method` called,
+/// or `Bearer TOKEN`. Only the form is checked here.
+pub fn grant_of(
+    header: Option<&str>,
+    peer: Option<&PeerIdentity>,
+    server: &str,
+    method: &str,
+) -> Result<Grant, Status> {
     let header = header.ok_or_else(|| Status::unauthenticated("no API token: pass --token or set ROOST_TOKEN"))?;
     if let Some(token) = header.strip_prefix("Bearer ") {
         return Ok(Grant::Token { token: token.to_owned() });
@@ -185,6 +197,7 @@ pub fn grant_of(header: Option<&str>, peer: Option<&PeerIdentity>, server: &str)
         timestamp_ms: signed.timestamp_ms,
         session: hex(&session),
         server: server.to_owned(),
+        method: method.to_owned(),
         signature: signed.signature,
     })
 }
@@ -217,17 +230,52 @@ pub fn resolve_grant(
 }
 
 /// Checks a signed grant's signature over its session, server and time.
+/// Whether a signature verifies depends on nothing else, so signatures
+/// that did are remembered ([`VERIFIED`]): a client sends one signature
+/// with every call of a session, and it costs one Ed25519 check.
 fn verify_signed(grant: &Grant) -> Result<(), Status> {
-    let Grant::Signed { public_key, timestamp_ms, session, server, signature } = grant else {
+    let Grant::Signed { public_key, timestamp_ms, session, server, method, signature } = grant else {
         return Err(Status::unauthenticated("not a signed call"));
     };
+    let mut digest = sha2::Sha256::new();
+    for part in [
+        public_key.as_bytes(),
+        &timestamp_ms.to_be_bytes(),
+        session.as_bytes(),
+        server.as_bytes(),
+        method.as_bytes(),
+        signature.as_bytes(),
+    ] {
+        digest.update((part.len() as u64).to_be_bytes());
+        digest.update(part);
+    }
+    let seen: [u8; 32] = digest.finalize().into();
+    if VERIFIED.lock().is_ok_and(|verified| verified.contains(&seen)) {
+        return Ok(());
+    }
     let session = unhex(session)
         .filter(|s| s.len() == 32)
         .ok_or_else(|| Status::unauthenticated("the signed session must be 32 bytes in hex"))?;
     let signed =
         TokenSignature { public_key: public_key.clone(), timestamp_ms: *timestamp_ms, signature: signature.clone() };
-    signed.verify(&session, server).map_err(|e| Status::unauthenticated(e.to_string()))
+    signed
+        .verify(&SignedCall { session: &session, server, method })
+        .map_err(|e| Status::unauthenticated(e.to_string()))?;
+    if let Ok(mut verified) = VERIFIED.lock() {
+        if verified.len() >= MAX_VERIFIED {
+            verified.clear();
+        }
+        verified.insert(seen);
+    }
+    Ok(())
 }
+
+/// Digests of signed grants that verified (see [`verify_signed`]); cleared
+/// whole when it holds [`MAX_VERIFIED`], which costs each live session one
+/// more check.
+static VERIFIED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>> =
+    std::sync::LazyLock::new(Default::default);
+const MAX_VERIFIED: usize = 16_384;
 
 /// Refuses a signed call's time more than [`SIGNED_CALL_SKEW_MS`] ahead of
 /// `now` or more than `max_age_ms` behind it.
@@ -453,21 +501,22 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // `/roost.api.v1.Control/CreateApp` is a call of `CreateApp`.
+        let method = request.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
         let header = request.headers().get(roost_proto::AUTHORIZATION).and_then(|h| h.to_str().ok());
-        let grant = grant_of(header, request.extensions().get::<PeerIdentity>(), &self.server).ok();
-        // What can be told without the state: a well-formed token of this
-        // cluster, or a signature that verifies at a time near enough.
-        let well_formed = match &grant {
-            Some(Grant::Token { token }) => api_token(token, &self.ca_digest).is_ok(),
-            Some(signed @ Grant::Signed { timestamp_ms, .. }) => {
-                check_signed_time(*timestamp_ms, roost_raft::consensus::now_millis(), SIGNED_CALL_SKEW_MS).is_ok()
-                    && verify_signed(signed).is_ok()
+        let grant = grant_of(header, request.extensions().get::<PeerIdentity>(), &self.server, &method).ok();
+        let mut request = request;
+        request.extensions_mut().insert(CalledMethod(method));
+        // Held only while this node does not know the cluster, and only a
+        // call whose credentials look like this cluster's, up to MAX_HELD.
+        let hold = if caught_up(&self.state, self.me) {
+            None
+        } else {
+            match &grant {
+                Some(Grant::Token { token }) if api_token(token, &self.ca_digest).is_err() => None,
+                Some(Grant::Token { .. } | Grant::Signed { .. }) => self.held.clone().try_acquire_owned().ok(),
+                _ => None,
             }
-            _ => false,
-        };
-        let hold = match well_formed && !caught_up(&self.state, self.me) {
-            true => self.held.clone().try_acquire_owned().ok(),
-            false => None,
         };
         let Some(permit) = hold else {
             return Box::pin(with_grant(grant, self.inner.call(request)));
@@ -522,6 +571,10 @@ pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, 
         {
             Err("the call was signed for another node than the one forwarding it".into())
         }
+        // And the method called, which must be one that proposes this.
+        (_, Some(Grant::Signed { method, .. })) if !proposed_by(method, command) => {
+            Err(format!("the call was signed for {method}, which does not make this change"))
+        }
         (_, Some(grant @ (Grant::Token { .. } | Grant::Signed { .. }))) => {
             let principal = resolve_grant(&state, &ca_digest, grant, Some(&uses), &clock, SIGNED_GRANT_AGE_MS)
                 .map_err(|status| status.message().to_owned())?;
@@ -529,6 +582,31 @@ pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, 
         }
         (_, _) => Err("it needs the API token of the user who asked for it".into()),
     })
+}
+
+/// Whether a call of the API `method` proposes `command` (on the node
+/// that took it, which may forward it): what a signed call's grant may be
+/// used for. Calls that only read propose nothing.
+pub fn proposed_by(method: &str, command: &Command) -> bool {
+    matches!(
+        (method, command),
+        ("RemoveNode", Command::RemoveNode { .. })
+            | ("CreateApp", Command::CreateApp { .. })
+            | ("DestroyApp", Command::DestroyApp { .. })
+            | ("SuspendApp", Command::SuspendApp { .. })
+            | ("ResumeApp", Command::ResumeApp { .. })
+            | ("RestartApp", Command::Restart { .. })
+            | ("Deploy", Command::Deploy { .. })
+            | ("Rollback", Command::Rollback { .. })
+            | ("Scale", Command::Scale { .. })
+            | ("ScaleVm", Command::ScaleVm { .. })
+            | ("SetSecrets" | "UnsetSecrets", Command::SetSecrets { .. })
+            | ("AddCertificate", Command::AddCertificate { .. })
+            | ("RemoveCertificate", Command::RemoveCertificate { .. })
+            | ("CreateToken", Command::CreateToken { .. })
+            | ("RevokeToken", Command::RevokeToken { .. })
+            | ("RotateToken", Command::RotateToken { .. })
+    )
 }
 
 #[cfg(test)]

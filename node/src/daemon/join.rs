@@ -172,6 +172,18 @@ async fn try_join(
     Ok(reply)
 }
 
+/// Whether the join secrets are due to be replaced after a removal: until
+/// they are, no join token admits anyone, nor is one printed.
+pub fn rotation_due(state: &roost_raft::State) -> bool {
+    state.cluster.as_ref().is_some_and(|c| c.join_rotation_due)
+}
+
+pub fn rotation_pending() -> Status {
+    Status::unavailable(
+        "a node was just removed and the join tokens are being replaced, which takes a few seconds; then print the new token with `roost node token`",
+    )
+}
+
 fn wrong_secret() -> Status {
     Status::unauthenticated("wrong join token for this cluster: print the current one with `roost node token`")
 }
@@ -244,6 +256,9 @@ impl join_server::Join for JoinService {
         let Some(session) = session else {
             return Err(Status::unauthenticated("a join needs a TLS 1.3 session to prove the token on"));
         };
+        if self.consensus.state().read(rotation_due) {
+            return Err(rotation_pending());
+        }
         // A wrong secret is refused from local state, before it costs the
         // leader a round trip; names are checked against the latest state.
         let local = self
@@ -268,6 +283,9 @@ impl join_server::Join for JoinService {
             .state()
             .read(|s| s.cluster.clone())
             .ok_or_else(|| rejection_status(Rejection::NotBootstrapped))?;
+        if cluster.join_rotation_due {
+            return Err(rotation_pending());
+        }
         // The token decides the role: a worker token makes a worker.
         let Some((role, secret)) = open_join_by_proof(&cluster, secrets_key, &request.proof, &session) else {
             tracing::warn!(%client, "join refused: wrong secret");

@@ -135,9 +135,11 @@ pub fn join_role_by_digest_proof(state: &State, digest_proof: &[u8], session: &[
     })
 }
 
-/// The first role (voter, then worker) whose join secret's digest `matches`.
+/// The first role (voter, then worker) whose join secret's digest `matches`;
+/// none while the join secrets are due to be replaced after a removal (the
+/// removed node knows them).
 fn role_whose_digest(state: &State, matches: impl Fn(&str) -> bool) -> Option<NodeRole> {
-    let cluster = state.cluster.as_ref()?;
+    let cluster = state.cluster.as_ref().filter(|c| !c.join_rotation_due)?;
     let digest_of = |sealed: &Option<JoinSecret>, legacy: &str| {
         if !legacy.is_empty() {
             Some(secret_digest(legacy))
@@ -163,6 +165,9 @@ pub fn open_join_by_proof(
     proof: &[u8],
     session: &[u8],
 ) -> Option<(NodeRole, String)> {
+    if cluster.join_rotation_due {
+        return None;
+    }
     [NodeRole::Voter, NodeRole::Worker].into_iter().find_map(|role| {
         let secret = open_join_secret(cluster, role, key).ok()?;
         constant_time_eq(&join_proof(&secret, session, JoinProof::Joiner), proof).then_some((role, secret))

@@ -138,12 +138,15 @@ pub async fn run_controller(
             _ = tokio::time::sleep(every) => {}
         }
         let Some(view) = observe(&consensus, &liveness) else { continue };
-        let Some(action) = plan(&view, promote_after) else {
-            if let Some((key, ca_digest)) = &keys {
-                rotate_join_secrets(&consensus, &view, key, *ca_digest).await;
+        // Whatever else membership is doing: until the rotation, no join
+        // token admits anyone.
+        if let Some((key, ca_digest)) = &keys {
+            let due = consensus.state().read(super::join::rotation_due);
+            if due && no_removed_member(&view) {
+                rotate_join_secrets(&consensus, key, *ca_digest).await;
             }
-            continue;
-        };
+        }
+        let Some(action) = plan(&view, promote_after) else { continue };
         tracing::info!(?action, "changing Raft membership");
         let raft = consensus.raft();
         let result = match action.clone() {
@@ -166,11 +169,7 @@ pub async fn run_controller(
 /// then receives no entry, so never the new secrets, though it may hold the
 /// secrets key that seals them. Until then the old tokens still admit; the
 /// wait is a membership change or two, seconds.
-async fn rotate_join_secrets(consensus: &Consensus, view: &MembershipView, key: &SecretsKey, ca_digest: CaDigest) {
-    let due = consensus.state().read(|s| s.cluster.as_ref().is_some_and(|c| c.join_rotation_due));
-    if !due || !view.members.keys().all(|id| view.wanted.contains_key(id)) {
-        return;
-    }
+async fn rotate_join_secrets(consensus: &Consensus, key: &SecretsKey, ca_digest: CaDigest) {
     let seal = |role| {
         let secret = Token::generate(TokenKind::Join, ca_digest).secret;
         super::keys::seal_join_secret(key, role, &secret)
@@ -187,6 +186,12 @@ async fn rotate_join_secrets(consensus: &Consensus, view: &MembershipView, key: 
         Ok(_) => tracing::info!("join secrets rotated: the removed node's tokens admit no one"),
         Err(error) => tracing::warn!(%error, "could not rotate the join secrets; will retry"),
     }
+}
+
+/// Whether Raft's membership (voters and learners) holds only nodes the
+/// state still has: then no removed node receives another entry.
+fn no_removed_member(view: &MembershipView) -> bool {
+    view.members.keys().all(|id| view.wanted.contains_key(id))
 }
 
 fn observe(consensus: &Consensus, liveness: &Liveness) -> Option<MembershipView> {
@@ -353,6 +358,18 @@ mod tests {
         assert_eq!(plan(&v, AFTER), Some(MembershipAction::SetVoters(set(&[1, 3, 4]))));
         v.voters = set(&[1, 3, 4]);
         assert_eq!(plan(&v, AFTER), Some(MembershipAction::RemoveMembers(set(&[2]))));
+    }
+
+    #[test]
+    fn join_secrets_rotate_only_once_no_removed_node_is_a_voter_or_learner() {
+        // n3 removed from the state, still a voter, then a learner, then gone.
+        let mut v = view(&[1, 2, 4], &[1, 2, 3]);
+        v.members = [1, 2, 3, 4].into_iter().map(|id| (id, node(id))).collect();
+        assert!(!no_removed_member(&v), "a removed voter still receives entries");
+        v.voters = set(&[1, 2, 4]);
+        assert!(!no_removed_member(&v), "a removed learner still receives entries");
+        v.members.remove(&3);
+        assert!(no_removed_member(&v));
     }
 
     #[test]

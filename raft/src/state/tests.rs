@@ -915,6 +915,24 @@ mod tokens {
                 Response::Rejected(Rejection::TokenExists { name })
             );
         }
+        // Another token's secret or key: refused, whatever the name.
+        let mut twin = token("4", "twin", Scope::Admin, "d1");
+        assert_eq!(
+            apply(&mut state, Command::CreateToken { token: twin.clone() }),
+            Response::Rejected(Rejection::TokenSecretTaken)
+        );
+        twin.secret_sha256 = "d4".into();
+        twin.public_key = "key-d1".into();
+        assert_eq!(
+            apply(&mut state, Command::CreateToken { token: twin }),
+            Response::Rejected(Rejection::TokenSecretTaken)
+        );
+        let rotate_onto = Command::RotateToken {
+            token: INITIAL_ADMIN.into(),
+            secret_sha256: "d5".into(),
+            public_key: "key-d1".into(),
+        };
+        assert_eq!(apply(&mut state, rotate_onto), Response::Rejected(Rejection::TokenSecretTaken));
         let bad = token("3", "Bad Name", Scope::Read, "d3");
         assert!(matches!(
             apply(&mut state, Command::CreateToken { token: bad }),

@@ -255,6 +255,9 @@ impl State {
         if self.api_tokens.len() >= MAX_TOKENS {
             return Response::Rejected(Rejection::TooManyTokens { max: MAX_TOKENS });
         }
+        if self.secret_taken(&token.secret_sha256, &token.public_key, None) {
+            return Response::Rejected(Rejection::TokenSecretTaken);
+        }
         self.api_tokens.insert(token.id.clone(), ApiToken { last_used: None, ..token.clone() });
         Response::Done
     }
@@ -271,7 +274,11 @@ impl State {
     }
 
     pub(super) fn rotate_token(&mut self, id_or_name: &str, secret_sha256: &str, public_key: &str) -> Response {
-        match self.token_id(id_or_name) {
+        let id = self.token_id(id_or_name);
+        if self.secret_taken(secret_sha256, public_key, id.as_deref()) {
+            return Response::Rejected(Rejection::TokenSecretTaken);
+        }
+        match id {
             Some(id) if id == INITIAL_ADMIN => match self.cluster.as_mut() {
                 Some(cluster) => {
                     cluster.admin_secret_sha256 = secret_sha256.to_owned();
@@ -290,6 +297,18 @@ impl State {
             },
             None => Response::Rejected(Rejection::TokenNotFound { token: id_or_name.to_owned() }),
         }
+    }
+
+    /// Whether a token other than `except` (by id) has this digest or public
+    /// key: each token's must be its own, or one token's signatures would
+    /// resolve to another's scope. Empty keys (tokens of older clusters)
+    /// collide with nothing.
+    fn secret_taken(&self, secret_sha256: &str, public_key: &str, except: Option<&str>) -> bool {
+        let same = |digest: &str, key: &str| digest == secret_sha256 || (!public_key.is_empty() && key == public_key);
+        let admin = except != Some(INITIAL_ADMIN)
+            && self.cluster.as_ref().is_some_and(|c| same(&c.admin_secret_sha256, &c.admin_public_key));
+        admin
+            || self.api_tokens.values().any(|t| Some(t.id.as_str()) != except && same(&t.secret_sha256, &t.public_key))
     }
 
     /// Gives the initial admin token its public key, only if it still has
