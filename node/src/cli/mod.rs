@@ -772,7 +772,7 @@ pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), Cli
             let reply = client.connect().await?.remove_node(RemoveNodeRequest { node }).await?.into_inner();
             let name = reply.removed.map(|n| format!("{} (id {})", n.name, n.id)).unwrap_or_default();
             writeln!(out, "Removed node {name}; its certificate is now refused.").map_err(io)?;
-            writeln!(out, "The join tokens were rotated: `roost node token [--role worker]` prints the new ones.")
+            writeln!(out, "The join tokens are replaced in a few seconds, once it is out of Raft: `roost node token [--role worker]` then prints the new ones.")
                 .map_err(io)
         }
         Command::Apps(AppsCommand::Create { name, client }) => {
