@@ -365,13 +365,16 @@ impl Agent {
         let mut changes = self.worker.consensus.state().changes();
         let mut network = self.network.clone();
         let wake = self.worker.wake.clone();
+        // Not paced by its passes, which mostly wait on the engine: a
+        // deploy waits on the agent's reaction.
+        let pace = roost_raft::store::Pace::default();
         loop {
             if let Err(error) = self.pass().await {
                 tracing::warn!(error = %error.chain(), "reconciling containers failed; retrying");
             }
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                _ = roost_raft::store::settled(&mut changes) => {}
+                _ = pace.settled(&mut changes) => {}
                 _ = network.changed() => {}
                 () = wake.notified() => {}
                 () = tokio::time::sleep(PASS_EVERY) => {}

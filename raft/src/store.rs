@@ -317,20 +317,48 @@ struct Applied {
     snapshot_index: u64,
 }
 
-/// How long a reconciler lets changes settle once one arrives. Under load the
-/// state changes hundreds of times a second, and every pass of a reconciler
-/// (the edge's routes, the mesh, the agent, the controller) reads the whole
-/// state under the lock that applying an entry needs: one pass per burst
-/// instead of one per entry keeps writes fast as the state grows.
+/// How long a reconciler lets changes settle once one arrives, at least.
+/// Under load the state changes hundreds of times a second, and every pass
+/// of a reconciler (the edge's routes, the mesh, the agent, the controller)
+/// reads the whole state under the lock that applying an entry needs: one
+/// pass per burst instead of one per entry keeps writes fast.
 pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(25);
+/// How many times as long as its last pass a reconciler waits after a
+/// change: its passes then take at most a tenth of a core.
+pub const PACE_FACTOR: u32 = 9;
+/// The longest a reconciler waits after a change, however slow its passes.
+pub const MAX_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Waits for the next change to the state, then for [`SETTLE`].
-pub async fn settled(
-    changes: &mut tokio::sync::watch::Receiver<u64>,
-) -> Result<(), tokio::sync::watch::error::RecvError> {
-    changes.changed().await?;
-    tokio::time::sleep(SETTLE).await;
-    Ok(())
+/// Paces a reconciler's passes to what they cost. A pass reads the whole
+/// state, so it grows with the state (tens of thousands of apps); after a
+/// change a reconciler waits [`SETTLE`], or [`PACE_FACTOR`] times as long as
+/// its last pass took if that is longer (at most [`MAX_SETTLE`]), so under a
+/// stream of writes it never takes the CPU that applying them needs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pace {
+    last_pass: std::time::Duration,
+}
+
+impl Pace {
+    /// Records a pass that began at `started`.
+    pub fn passed(&mut self, started: std::time::Instant) {
+        self.last_pass = started.elapsed();
+    }
+
+    /// How long to let changes settle before the next pass.
+    pub fn settle(&self) -> std::time::Duration {
+        (self.last_pass * PACE_FACTOR).clamp(SETTLE, MAX_SETTLE)
+    }
+
+    /// Waits for the next change to the state, then for [`Pace::settle`].
+    pub async fn settled(
+        &self,
+        changes: &mut tokio::sync::watch::Receiver<u64>,
+    ) -> Result<(), tokio::sync::watch::error::RecvError> {
+        changes.changed().await?;
+        tokio::time::sleep(self.settle()).await;
+        Ok(())
+    }
 }
 
 /// A read-only view of the replicated state, shared with the rest of the node.
@@ -509,4 +537,21 @@ fn apply_proposal(state: &mut State, proposal: &Proposal) -> Response {
     let response = state.apply(proposal);
     tracing::debug!(command = %proposal.command, ?response, "applied");
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reconciler_waits_longer_the_longer_its_passes_take_within_bounds() {
+        let pace = |ms: u64| Pace { last_pass: std::time::Duration::from_millis(ms) }.settle();
+        assert_eq!(pace(0), SETTLE, "a quick pass waits the least");
+        assert_eq!(pace(5), SETTLE);
+        assert_eq!(pace(10), std::time::Duration::from_millis(90), "nine times a slow pass");
+        assert_eq!(pace(2_000), MAX_SETTLE, "never more than the most");
+        let mut measured = Pace::default();
+        measured.passed(std::time::Instant::now() - std::time::Duration::from_millis(50));
+        assert!(measured.settle() >= std::time::Duration::from_millis(450));
+    }
 }

@@ -58,12 +58,15 @@ pub async fn run(context: EdgeContext, stop: CancellationToken) {
     let mut directory = context.directory.clone();
     let mut served: HashMap<String, i64> = HashMap::new();
     let mut has_ca = false;
+    let mut pace = roost_raft::store::Pace::default();
     loop {
         let version = *changes.borrow_and_update();
+        let started = std::time::Instant::now();
         let (routes, issued, cluster) = context.consensus.state().read(|state| {
             let routes = Routes::new(state, &directory.borrow_and_update());
             (routes, issued_certificates(state), state.cluster.clone())
         });
+        pace.passed(started);
         context.edge.update(routes).await;
         if let EdgeKeys::Voter(key) = &context.keys {
             if let (false, Some(cluster)) = (has_ca, cluster) {
@@ -87,7 +90,7 @@ pub async fn run(context: EdgeContext, stop: CancellationToken) {
         context.built.send_replace(version);
         tokio::select! {
             () = stop.cancelled() => return,
-            changed = roost_raft::store::settled(&mut changes) => if changed.is_err() { return },
+            changed = pace.settled(&mut changes) => if changed.is_err() { return },
             changed = directory.changed() => if changed.is_err() { return },
         }
     }
@@ -115,8 +118,10 @@ pub async fn worker_certificates(
     let mut refreshed: Option<Instant> = None;
     let mut retry = Duration::from_secs(1);
     let mut next_try = Instant::now();
+    let mut pace = roost_raft::store::Pace::default();
     loop {
         changes.borrow_and_update();
+        let started = std::time::Instant::now();
         let (issued, names) = consensus.state().read(|s| {
             let issued: HashMap<String, i64> =
                 issued_certificates(s).into_iter().map(|(d, i)| (d, i.issued_at)).collect();
@@ -125,6 +130,7 @@ pub async fn worker_certificates(
                 domain.map(|d| s.apps.keys().map(|app| format!("{app}.{d}")).collect()).unwrap_or_default();
             (issued, names)
         });
+        pace.passed(started);
         let due = refreshed.is_none_or(|at| at.elapsed() >= WORKER_REFRESH);
         let missing: Vec<String> = names.iter().filter(|n| due || !held.contains(*n)).cloned().collect();
         let mut wait = WORKER_REFRESH;
@@ -155,7 +161,7 @@ pub async fn worker_certificates(
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
-            changed = roost_raft::store::settled(&mut changes) => if changed.is_err() { return },
+            changed = pace.settled(&mut changes) => if changed.is_err() { return },
         }
     }
 }

@@ -90,11 +90,14 @@ pub async fn run(context: MeshContext, stop: CancellationToken) {
     let mut last_described: Option<Instant> = None;
     let mut failures = 0u32;
     let mut device_ended: Option<watch::Receiver<bool>> = None;
+    let mut pace = roost_raft::store::Pace::default();
     loop {
+        let started = std::time::Instant::now();
         let (directory, plan, cluster) = context.consensus.state().read(|state| {
             let cluster = state.cluster.as_ref().map(|c| c.id.clone());
             (Directory::from_state(state), mesh::plan(state, me), cluster)
         });
+        pace.passed(started);
         context.directory.send_if_modified(|current| {
             let changed = **current != directory;
             if changed {
@@ -152,7 +155,7 @@ pub async fn run(context: MeshContext, stop: CancellationToken) {
         };
         tokio::select! {
             () = stop.cancelled() => break,
-            changed = roost_raft::store::settled(&mut changes) => if changed.is_err() { break },
+            changed = pace.settled(&mut changes) => if changed.is_err() { break },
             () = tokio::time::sleep_until(next_check) => {}
             () = ended => {
                 // boringtun stops its device on SIGINT or SIGTERM, which it

@@ -25,6 +25,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
+use roost_raft::store::Pace;
+
 use super::channels::NodeChannels;
 use super::liveness::Liveness;
 
@@ -39,10 +41,11 @@ pub async fn run_controller(
     shutdown: CancellationToken,
 ) {
     let mut changes = consensus.state().changes();
+    let mut pace = Pace::default();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = roost_raft::store::settled(&mut changes) => {}
+            _ = pace.settled(&mut changes) => {}
             () = tokio::time::sleep(CONTROL_EVERY) => {}
         }
         if !consensus.is_leader() {
@@ -50,11 +53,13 @@ pub async fn run_controller(
         }
         let now = Instant::now();
         liveness.set_leading(true, now);
+        let started = std::time::Instant::now();
         let commands = consensus.state().read(|state| {
             let seen = liveness.view(state.nodes.keys().copied(), now);
             let view = NodeView { down: seen.into_iter().filter(|(_, s)| !s.up).map(|(id, s)| (id, s.ago)).collect() };
             decide(state, &view, &config, now_millis())
         });
+        pace.passed(started);
         for command in commands {
             log_decision(&command);
             let deadline = Instant::now() + Duration::from_secs(5);
