@@ -34,6 +34,20 @@ async fn rotated_join_token(cluster: &Cluster, node: usize, before: &str) -> Res
     current().await
 }
 
+/// Removes a follower of a 3-node cluster and waits for it to stop:
+/// (the leader, the removed node), by slot.
+async fn remove_a_follower(cluster: &Cluster) -> Result<(usize, usize)> {
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let victim = (leader + 1) % 3;
+    let victim_name = cluster.slots[victim].name.clone();
+    cluster.client(leader).await?.remove_node(RemoveNodeRequest { node: victim_name }).await?;
+    roost_tests::wait_until("the removed node to stop", Duration::from_secs(15), || async {
+        Ok(cluster.slots[victim].running.as_ref().is_some_and(|n| n.is_stopping()))
+    })
+    .await?;
+    Ok((leader, victim))
+}
+
 async fn node_count(cluster: &Cluster) -> Result<usize> {
     Ok(cluster.client(0).await?.list_nodes(ListNodesRequest::default()).await?.into_inner().nodes.len())
 }
@@ -281,14 +295,7 @@ async fn a_cli_call_to_a_removed_node_gives_it_nothing_a_member_accepts() -> Res
     use std::sync::{Arc, Mutex};
 
     let cluster = Cluster::start(3).await?;
-    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
-    let victim = (leader + 1) % 3;
-    let victim_name = cluster.slots[victim].name.clone();
-    cluster.client(leader).await?.remove_node(RemoveNodeRequest { node: victim_name }).await?;
-    roost_tests::wait_until("the removed node to stop", Duration::from_secs(15), || async {
-        Ok(cluster.slots[victim].running.as_ref().is_some_and(|n| n.is_stopping()))
-    })
-    .await?;
+    let (leader, victim) = remove_a_follower(&cluster).await?;
 
     // The removed node's directory, serving gRPC over HTTP/2 with its
     // certificate, answering every call "unimplemented" and keeping the
@@ -411,14 +418,7 @@ async fn a_join_through_a_removed_node_is_refused_by_the_joiner_and_leaks_no_tok
     use std::sync::{Arc, Mutex};
 
     let cluster = Cluster::start(3).await?;
-    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
-    let victim = (leader + 1) % 3;
-    let victim_name = cluster.slots[victim].name.clone();
-    cluster.client(leader).await?.remove_node(RemoveNodeRequest { node: victim_name }).await?;
-    roost_tests::wait_until("the removed node to stop", Duration::from_secs(15), || async {
-        Ok(cluster.slots[victim].running.as_ref().is_some_and(|n| n.is_stopping()))
-    })
-    .await?;
+    let (leader, victim) = remove_a_follower(&cluster).await?;
     // The token a user prints now: rotated after the removal, in an entry
     // the removed node never received, though it holds the secrets key
     // that seals it: its directory holds the old sealed secret, not the new.

@@ -229,7 +229,7 @@ pub fn resolve_grant(
     }
 }
 
-/// Checks a signed grant's signature over its session, server and time.
+/// Checks a signed grant's signature over its session, server, method and time.
 /// Whether a signature verifies depends on nothing else, so signatures
 /// that did are remembered ([`VERIFIED`]): a client sends one signature
 /// with every call of a session, and it costs one Ed25519 check.
