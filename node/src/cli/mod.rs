@@ -850,16 +850,9 @@ async fn tokens(command: TokensCommand, out: &mut dyn Write) -> Result<(), CliEr
     match command {
         TokensCommand::Create { scope, name, expires, json, client } => {
             let expires_in_ms = expires.as_deref().map(parse_expiry).transpose()?.map(|d| d.as_millis() as i64);
-            let (_, caller) = client.parts()?;
-            // Drawn here: the node gets its digest and public key alone.
-            let token = Token::generate(TokenKind::Api, caller.ca_digest);
-            let request = CreateTokenRequest {
-                name: name.unwrap_or_default(),
-                scope,
-                expires_in_ms,
-                secret_sha256: roost_network::pki::secret_digest(&token.secret),
-                public_key: token.key().public_key(),
-            };
+            let (token, secret_sha256, public_key) = draw_token(&client, TokenKind::Api)?;
+            let request =
+                CreateTokenRequest { name: name.unwrap_or_default(), scope, expires_in_ms, secret_sha256, public_key };
             let created = client.connect().await?.create_token(request).await?.into_inner();
             output::created_token(out, &CreatedToken { secret: token.to_string(), ..created }, json).map_err(io)
         }
@@ -873,19 +866,23 @@ async fn tokens(command: TokensCommand, out: &mut dyn Write) -> Result<(), CliEr
             writeln!(out, "Revoked token {name}; every node refuses it from now on.").map_err(io)
         }
         TokensCommand::Rotate { name, json, client } => {
-            let (_, caller) = client.parts()?;
             // The initial admin token keeps its kind, so it still reads as one.
             let kind = if name == INITIAL_ADMIN { TokenKind::Admin } else { TokenKind::Api };
-            let token = Token::generate(kind, caller.ca_digest);
-            let request = RotateTokenRequest {
-                token: name,
-                secret_sha256: roost_network::pki::secret_digest(&token.secret),
-                public_key: token.key().public_key(),
-            };
+            let (token, secret_sha256, public_key) = draw_token(&client, kind)?;
+            let request = RotateTokenRequest { token: name, secret_sha256, public_key };
             let rotated = client.connect().await?.rotate_token(request).await?.into_inner();
             output::created_token(out, &CreatedToken { secret: token.to_string(), ..rotated }, json).map_err(io)
         }
     }
+}
+
+/// A new token of this cluster, drawn here: the node is sent only its
+/// digest and public key (the second and third values).
+fn draw_token(client: &ClientArgs, kind: TokenKind) -> Result<(Token, String, String), CliError> {
+    let (_, caller) = client.parts()?;
+    let token = Token::generate(kind, caller.ca_digest);
+    let (digest, public_key) = (roost_network::pki::secret_digest(&token.secret), token.key().public_key());
+    Ok((token, digest, public_key))
 }
 
 /// Asks the person at the terminal to type the app's name.

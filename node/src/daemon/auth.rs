@@ -134,20 +134,19 @@ pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
 /// Requires an API token of this cluster in `authorization` (signed, or
 /// the bearer token itself: [`grant_of`]), and puts the caller's
 /// [`Principal`] into the request for the handler to check against what the
-/// call needs.
-/// `server` is the fingerprint of this node's certificate, which a signed
-/// call must have signed.
+/// call needs. The header was read once, by [`WithGrant`] ([`CallGrant`]).
 pub fn authenticate(
     state: StateReader,
     ca_digest: CaDigest,
     uses: Arc<TokenUses>,
     clock: Arc<ClusterClock>,
-    server: Arc<str>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |request: Request<()>| {
-        let header = request.metadata().get(roost_proto::AUTHORIZATION).map(|h| h.to_str().unwrap_or_default());
-        let method = request.extensions().get::<CalledMethod>().map_or("", |m| m.0.as_str());
-        let grant = grant_of(header, request.extensions().get::<PeerIdentity>(), &server, method)?;
+        let grant = match request.extensions().get::<CallGrant>() {
+            Some(CallGrant(Ok(grant))) => grant.clone(),
+            Some(CallGrant(Err(message))) => return Err(Status::unauthenticated(message.clone())),
+            None => return Err(Status::unauthenticated("no API token: pass --token or set ROOST_TOKEN")),
+        };
         let principal = resolve_grant(&state, &ca_digest, &grant, Some(&uses), &clock, SIGNED_CALL_SKEW_MS)?;
         let mut request = request;
         request.extensions_mut().insert(principal);
@@ -164,10 +163,10 @@ pub const SIGNED_CALL_SKEW_MS: UnixMillis = 15 * 60_000;
 /// on its behalf: a grant a node kept cannot be used for longer.
 pub const SIGNED_GRANT_AGE_MS: UnixMillis = 2 * 3_600_000;
 
-/// The name of the gRPC method an API call is for (`CreateApp`), which
-/// [`WithGrant`] reads off the request's path for [`authenticate`].
+/// The grant [`WithGrant`] read off an API call's `authorization` header
+/// ([`grant_of`]), or why there is none, for [`authenticate`].
 #[derive(Clone, Debug)]
-pub struct CalledMethod(pub String);
+pub struct CallGrant(pub Result<Grant, String>);
 
 /// The grant an API call's `authorization` header carries:
 /// `Signed PUBLIC_KEY.TIME.SIGNATURE` over the TLS session `peer` is on,
@@ -503,10 +502,12 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         // `/roost.api.v1.Control/CreateApp` is a call of `CreateApp`.
         let method = request.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
-        let header = request.headers().get(roost_proto::AUTHORIZATION).and_then(|h| h.to_str().ok());
-        let grant = grant_of(header, request.extensions().get::<PeerIdentity>(), &self.server, &method).ok();
+        let header = request.headers().get(roost_proto::AUTHORIZATION).map(|h| h.to_str().unwrap_or_default());
+        let parsed = grant_of(header, request.extensions().get::<PeerIdentity>(), &self.server, &method)
+            .map_err(|status| status.message().to_owned());
+        let grant = parsed.clone().ok();
         let mut request = request;
-        request.extensions_mut().insert(CalledMethod(method));
+        request.extensions_mut().insert(CallGrant(parsed));
         // Held only while this node does not know the cluster, and only a
         // call whose credentials look like this cluster's, up to MAX_HELD.
         let hold = if caught_up(&self.state, self.me) {

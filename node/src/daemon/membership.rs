@@ -167,8 +167,8 @@ pub async fn run_controller(
 /// Replaces both join secrets after a removal (`ClusterInfo::join_rotation_due`)
 /// once Raft's membership holds no node the state does not: a removed node
 /// then receives no entry, so never the new secrets, though it may hold the
-/// secrets key that seals them. Until then the old tokens still admit; the
-/// wait is a membership change or two, seconds.
+/// secrets key that seals them. Until then no join token admits anyone
+/// (`join::rotation_due`); the wait is a membership change or two, seconds.
 async fn rotate_join_secrets(consensus: &Consensus, key: &SecretsKey, ca_digest: CaDigest) {
     let seal = |role| {
         let secret = Token::generate(TokenKind::Join, ca_digest).secret;

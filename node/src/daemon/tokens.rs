@@ -113,8 +113,9 @@ fn drawn_by_client(secret_sha256: &str, public_key: &str) -> Result<(String, Str
 /// Gives the initial admin token of a cluster made before calls were signed
 /// its public key: the node that holds `admin.token` proposes it with
 /// the token itself as the grant ([`Command::KeyAdminToken`], applied only
-/// while the token is still that one and has no key). Until then the CLI's signed calls with that token are
-/// refused as unknown; calls that send the token itself still work.
+/// while the token is still that one and has no key). Until then the CLI's
+/// signed calls with that token are refused as unknown; calls that send the
+/// token itself still work.
 pub async fn key_legacy_admin_token(
     consensus: std::sync::Arc<roost_raft::Consensus>,
     path: std::path::PathBuf,
@@ -131,27 +132,24 @@ pub async fn key_legacy_admin_token(
         let needed = consensus.state().read(|s| {
             s.cluster.as_ref().is_some_and(|c| c.admin_secret_sha256 == digest && c.admin_public_key.is_empty())
         });
-        match needed {
-            false => {}
-            true => {
-                let command = Command::KeyAdminToken { secret_sha256: digest.clone(), public_key: public_key.clone() };
-                let grant = roost_raft::Grant::Token { token: token.to_string() };
-                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-                match consensus.propose_granted(command, Some(grant), deadline).await {
-                    Ok(roost_raft::Response::Done) => {
-                        tracing::info!("the admin token has its public key now: the CLI signs its calls with it")
+        if needed {
+            let command = Command::KeyAdminToken { secret_sha256: digest.clone(), public_key: public_key.clone() };
+            let grant = roost_raft::Grant::Token { token: token.to_string() };
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            match consensus.propose_granted(command, Some(grant), deadline).await {
+                Ok(roost_raft::Response::Done) => {
+                    tracing::info!("the admin token has its public key now: the CLI signs its calls with it")
+                }
+                // Rotated meanwhile: the new secret came with its key.
+                Ok(other) => tracing::debug!(?other, "the admin token was not keyed"),
+                Err(error) => {
+                    tracing::debug!(%error, "could not record the admin token's public key yet");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(retry) => {}
                     }
-                    // Rotated meanwhile: the new secret came with its key.
-                    Ok(other) => tracing::debug!(?other, "the admin token was not keyed"),
-                    Err(error) => {
-                        tracing::debug!(%error, "could not record the admin token's public key yet");
-                        tokio::select! {
-                            () = stop.cancelled() => return,
-                            () = tokio::time::sleep(retry) => {}
-                        }
-                        retry = (retry * 2).min(std::time::Duration::from_secs(60));
-                        continue;
-                    }
+                    retry = (retry * 2).min(std::time::Duration::from_secs(60));
+                    continue;
                 }
             }
         }

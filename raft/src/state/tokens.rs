@@ -148,6 +148,17 @@ pub struct TokenMatch {
     pub last_used: Option<UnixMillis>,
 }
 
+impl From<&ApiToken> for TokenMatch {
+    fn from(token: &ApiToken) -> Self {
+        TokenMatch {
+            id: token.id.clone(),
+            scope: token.scope.clone(),
+            expires_at: token.expires_at,
+            last_used: token.last_used,
+        }
+    }
+}
+
 impl State {
     /// Every token, the initial admin first, then by name.
     pub fn tokens(&self) -> Vec<TokenView> {
@@ -182,22 +193,12 @@ impl State {
         let mut found = None;
         if let Some(cluster) = &self.cluster {
             if eq(cluster.admin_secret_sha256.as_bytes(), digest.as_bytes()) {
-                found = Some(TokenMatch {
-                    id: INITIAL_ADMIN.into(),
-                    scope: Scope::Admin,
-                    expires_at: None,
-                    last_used: self.admin_last_used,
-                });
+                found = Some(self.initial_admin());
             }
         }
         for token in self.api_tokens.values() {
             if eq(token.secret_sha256.as_bytes(), digest.as_bytes()) {
-                found = Some(TokenMatch {
-                    id: token.id.clone(),
-                    scope: token.scope.clone(),
-                    expires_at: token.expires_at,
-                    last_used: token.last_used,
-                });
+                found = Some(TokenMatch::from(token));
             }
         }
         found
@@ -210,19 +211,13 @@ impl State {
             return None;
         }
         if self.cluster.as_ref().is_some_and(|c| c.admin_public_key == public_key) {
-            return Some(TokenMatch {
-                id: INITIAL_ADMIN.into(),
-                scope: Scope::Admin,
-                expires_at: None,
-                last_used: self.admin_last_used,
-            });
+            return Some(self.initial_admin());
         }
-        self.api_tokens.values().find(|t| t.public_key == public_key).map(|token| TokenMatch {
-            id: token.id.clone(),
-            scope: token.scope.clone(),
-            expires_at: token.expires_at,
-            last_used: token.last_used,
-        })
+        self.api_tokens.values().find(|t| t.public_key == public_key).map(TokenMatch::from)
+    }
+
+    fn initial_admin(&self) -> TokenMatch {
+        TokenMatch { id: INITIAL_ADMIN.into(), scope: Scope::Admin, expires_at: None, last_used: self.admin_last_used }
     }
 
     /// The token with this id or name.
