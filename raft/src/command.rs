@@ -96,6 +96,7 @@ impl Command {
             | Command::KeyAdminToken { .. }
             | Command::AddNode { .. }
             | Command::RemoveNode { .. }
+            | Command::LabelNode { .. }
             | Command::UpdateNode { .. }
             | Command::ReportInstances { .. }
             | Command::TokensUsed { .. }
@@ -134,6 +135,7 @@ impl Command {
             Command::Bootstrap { .. }
             | Command::AddNode { .. }
             | Command::RemoveNode { .. }
+            | Command::LabelNode { .. }
             | Command::UpdateNode { .. }
             | Command::CreateApp { .. }
             | Command::DestroyApp { .. }
@@ -207,6 +209,16 @@ pub enum Command {
     /// never receives them.
     RotateJoinSecrets {
         rotate: RotatedJoinSecrets,
+    },
+    /// Sets labels of a node (added, or replacing a value) and removes
+    /// others: an admin's change (`roost node label`), the only way a
+    /// worker's labels are set.
+    LabelNode {
+        id: NodeId,
+        #[serde(default)]
+        set: BTreeMap<String, String>,
+        #[serde(default)]
+        remove: Vec<String>,
     },
     /// Records the public key of the initial admin token of a cluster made
     /// before calls were signed, if the token is still the one whose digest
@@ -430,6 +442,10 @@ pub enum Rejection {
     InvalidNodeName { name: String, reason: String },
     #[error("node '{node}' not found (see `roost node list`)")]
     NodeNotFound { node: String },
+    #[error("invalid label '{label}': {reason}")]
+    InvalidLabel { label: String, reason: String },
+    #[error("a node may carry at most {max} labels; remove some first (`roost node label NODE --remove KEY`)")]
+    TooManyLabels { max: usize },
     #[error("'{name}' is the cluster's only node and cannot be removed")]
     LastNode { name: String },
     #[error("this node's certificate was revoked when it was removed; wipe its data directory and join again")]
@@ -502,6 +518,7 @@ impl fmt::Display for Command {
             Command::Bootstrap { cluster, .. } => write!(f, "bootstrap cluster {}", cluster.id),
             Command::AddNode { node } => write!(f, "add node {}", node.name),
             Command::RemoveNode { id, .. } => write!(f, "remove node {id}"),
+            Command::LabelNode { id, .. } => write!(f, "label node {id}"),
             Command::RotateJoinSecrets { .. } => f.write_str("rotate the join secrets"),
             Command::KeyAdminToken { .. } => f.write_str("record the admin token's public key"),
             Command::UpdateNode { id, address, .. } => write!(f, "node {id} is at {address}"),

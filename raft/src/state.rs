@@ -298,6 +298,7 @@ impl State {
             Command::RemoveNode { id, new_join_secret, new_worker_secret, rotate } => {
                 self.remove_node(*id, (new_join_secret.as_ref(), new_worker_secret.as_ref()), rotate.as_ref(), at)
             }
+            Command::LabelNode { id, set, remove } => self.label_node(*id, set, remove),
             Command::UpdateNode { id, address, wireguard } => self.update_node(*id, address, wireguard.as_ref()),
             Command::AddCertificate { domain, app } => self.add_certificate(domain, app, at),
             Command::RemoveCertificate { domain } => self.remove_certificate(domain),
@@ -392,6 +393,27 @@ impl State {
         self.next_node_id += 1;
         self.nodes.insert(id, node.record(id, at, Some(subnet)));
         Response::NodeAdded { id }
+    }
+
+    fn label_node(&mut self, id: NodeId, set: &BTreeMap<String, String>, remove: &[String]) -> Response {
+        for (key, value) in set {
+            if let Err(reason) = validate_label(key, value) {
+                return Response::Rejected(Rejection::InvalidLabel { label: key.chars().take(80).collect(), reason });
+            }
+        }
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return Response::Rejected(Rejection::NodeNotFound { node: id.to_string() });
+        };
+        let mut labels = node.labels.clone();
+        for key in remove {
+            labels.remove(key);
+        }
+        labels.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if labels.len() > MAX_LABELS {
+            return Response::Rejected(Rejection::TooManyLabels { max: MAX_LABELS });
+        }
+        node.labels = labels;
+        Response::Done
     }
 
     fn remove_node(
@@ -500,6 +522,37 @@ impl NewNode {
             role: self.role,
         }
     }
+}
+
+/// How many labels a node may carry.
+pub const MAX_LABELS: usize = 64;
+
+/// The rule node labels follow.
+pub const LABEL_RULE: &str = "a label's key is 1 to 63 letters, digits, '-', '_', '.' or '/', and its value at most 255 characters without control characters";
+
+/// Checks a node label against [`LABEL_RULE`].
+pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
+    let key_ok =
+        !key.is_empty() && key.len() <= 63 && key.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    let value_ok = value.len() <= 255 && !value.chars().any(char::is_control);
+    match (key_ok, value_ok) {
+        (true, true) => Ok(()),
+        (false, _) => Err(format!("its key is not allowed; {LABEL_RULE}")),
+        (true, false) => Err(format!("its value is not allowed; {LABEL_RULE}")),
+    }
+}
+
+/// Checks labels a node declares or an admin sets: each by [`validate_label`],
+/// at most [`MAX_LABELS`].
+pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), Rejection> {
+    for (key, value) in labels {
+        validate_label(key, value)
+            .map_err(|reason| Rejection::InvalidLabel { label: key.chars().take(80).collect(), reason })?;
+    }
+    if labels.len() > MAX_LABELS {
+        return Err(Rejection::TooManyLabels { max: MAX_LABELS });
+    }
+    Ok(())
 }
 
 /// The rule app and node names follow, since both become DNS labels.

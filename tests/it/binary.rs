@@ -355,11 +355,12 @@ async fn nodes_joined_with_the_worker_token_never_vote() -> Result<()> {
 /// secret. It still runs an instance with its secrets (opened by a voter for
 /// that instance only) and serves APP.DOMAIN over TLS with a certificate a
 /// voter made for it; what needs the keys (setting secrets, printing a join
-/// token, admitting a node) it refuses, naming the voters to use instead.
+/// token, admitting a node) it refuses, naming the voters to use instead;
+/// and a voter answers its requests for edge certificates at a bounded rate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_holds_no_cluster_keys_yet_runs_secrets_and_serves_tls() -> Result<()> {
     use roost_proto::cluster::keys_client::KeysClient;
-    use roost_proto::cluster::InstanceSecretsRequest;
+    use roost_proto::cluster::{EdgeCertificatesRequest, InstanceSecretsRequest};
 
     let root = tempfile::Builder::new().prefix("roost-keys-").tempdir()?;
     let n1 = NodeProcess::init(root.path(), "n1")?;
@@ -423,6 +424,25 @@ async fn a_worker_holds_no_cluster_keys_yet_runs_secrets_and_serves_tls() -> Res
         out.stderr
     );
 
+    // A worker declares no labels, which would attract instances and their
+    // secrets; an admin sets them.
+    let join = ["node", "join", &n1.address, "--token", &worker_token, "--data-dir", &dir, "--name", "x"];
+    let out = roost(&[&join[..], &flags[..], &["--label", "region=eu"]].concat(), None, None).await?;
+    assert_ne!(out.code, 0, "a worker declaring labels: {}", out.stdout);
+    assert!(out.stderr.contains("worker declares no labels"), "{}", out.stderr);
+    let out = roost(&["node", "label", "w1", "region=eu", "tier=web"], Some(&n1.address), Some(&admin)).await?;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("region=eu,tier=web"), "{}", out.stdout);
+    let out = roost(&["node", "label", "w1", "--remove", "tier"], Some(&w1.address), Some(&admin)).await?;
+    assert_eq!(out.code, 0, "labelling through the worker itself: {}", out.stderr);
+    let listed = roost(&["node", "list", "--json"], Some(&n1.address), Some(&admin)).await?;
+    let listed: Value = serde_json::from_str(&listed.stdout)?;
+    let w1_labels =
+        listed.as_array().and_then(|nodes| nodes.iter().find(|n| n["name"] == "w1")).map(|n| n["labels"].clone());
+    assert_eq!(w1_labels, Some(serde_json::json!({"region": "eu"})), "{listed}");
+    let out = roost(&["node", "label", "w1", "bad key=1"], Some(&n1.address), Some(&admin)).await?;
+    assert_eq!(out.code, 2, "a bad label is a usage error: {}", out.stderr);
+
     // An instance on the worker gets its secret, from a voter.
     for args in [&["apps", "create", "keys"][..], &["secrets", "set", "GREETING=opened-by-a-voter", "-a", "keys"]] {
         let out = roost(args, Some(&n1.address), Some(&admin)).await?;
@@ -477,6 +497,22 @@ async fn a_worker_holds_no_cluster_keys_yet_runs_secrets_and_serves_tls() -> Res
     assert_eq!(own.secrets.get("GREETING").map(String::as_str), Some("opened-by-a-voter"));
     let status = ask(on_n1).await?.expect_err("another node's instance");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    // A node that asks for edge certificates in a loop is slowed down: a
+    // burst of EDGE_BURST units, each call of 256 names costing 264.
+    let channel = tls.connect(&n1.address).await?;
+    let mut keys = KeysClient::new(channel);
+    let names: Vec<String> = (0..256).map(|i| format!("no-such-app-{i}.localhost")).collect();
+    let mut answered = 0;
+    let refused = loop {
+        match keys.edge_certificates(EdgeCertificatesRequest { names: names.clone() }).await {
+            Ok(_) => answered += 1,
+            Err(status) => break status,
+        }
+        assert!(answered <= 4, "a burst of 1024 units allows at most 4 calls of 264");
+    };
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("try again in"), "{}", refused.message());
     // The nodes stop before their containers are cleaned up.
     drop((w1, n1));
     Ok(())

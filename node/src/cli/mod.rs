@@ -23,9 +23,9 @@ use roost_network::{Token, TokenKind};
 use roost_proto::api::control_client::ControlClient;
 use roost_proto::api::{
     AddCertificateRequest, CreateAppRequest, CreateTokenRequest, CreatedToken, DestroyAppRequest, GetAppRequest,
-    GetCertificateRequest, GetJoinTokenRequest, GetNodeRequest, ListAppsRequest, ListCertificatesRequest,
-    ListNodesRequest, ListTokensRequest, ReadOptions, RemoveCertificateRequest, RemoveNodeRequest, RevokeTokenRequest,
-    RotateTokenRequest, VersionRequest,
+    GetCertificateRequest, GetJoinTokenRequest, GetNodeRequest, LabelNodeRequest, ListAppsRequest,
+    ListCertificatesRequest, ListNodesRequest, ListTokensRequest, ReadOptions, RemoveCertificateRequest,
+    RemoveNodeRequest, RevokeTokenRequest, RotateTokenRequest, VersionRequest,
 };
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -148,10 +148,25 @@ pub enum NodeCommand {
         client: ClientArgs,
     },
     /// Print the join token other nodes need: `voter` for a node that may vote (the default),
-    /// `worker` for one that runs apps but never votes (it still receives the cluster's keys today).
+    /// `worker` for one that runs apps but never votes and holds none of the cluster's keys.
     Token {
         #[arg(long, value_enum, default_value_t = JoinRole::Voter)]
         role: JoinRole,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Set or remove a node's labels, which `[placement] constraints` match.
+    /// The only way to label a worker: labels attract instances, and a worker
+    /// declares none at its join.
+    Label {
+        /// The node's name or id.
+        node: String,
+        /// Labels to set, KEY=VALUE (a key already set takes the new value).
+        #[arg(value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// A label to remove (repeatable).
+        #[arg(long, value_name = "KEY")]
+        remove: Vec<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -617,21 +632,24 @@ impl ClientArgs {
 
 /// Parses repeated `--label KEY=VALUE` flags.
 pub fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>, CliError> {
+    parse_labels_named(labels, "--label")
+}
+
+/// [`parse_labels`], naming the argument `what` in its errors.
+fn parse_labels_named(labels: &[String], what: &str) -> Result<BTreeMap<String, String>, CliError> {
     let mut parsed = BTreeMap::new();
     for label in labels {
-        let (key, value) = label
-            .split_once('=')
-            .ok_or_else(|| CliError::Usage(format!("--label expects KEY=VALUE, got '{label}'")))?;
-        let key_ok =
-            !key.is_empty() && key.len() <= 63 && key.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
-        if !key_ok {
-            return Err(CliError::Usage(format!(
-                "--label key '{key}' must be 1 to 63 characters of letters, digits, '-', '_', '.' or '/'"
-            )));
+        let (key, value) =
+            label.split_once('=').ok_or_else(|| CliError::Usage(format!("{what} expects KEY=VALUE, got '{label}'")))?;
+        if let Err(reason) = roost_raft::state::validate_label(key, value) {
+            return Err(CliError::Usage(format!("{what} '{key}': {reason}")));
         }
         if parsed.insert(key.to_owned(), value.to_owned()).is_some() {
-            return Err(CliError::Usage(format!("--label {key} is given twice")));
+            return Err(CliError::Usage(format!("{what} {key} is given twice")));
         }
+    }
+    if parsed.len() > roost_raft::state::MAX_LABELS {
+        return Err(CliError::Usage(format!("at most {} labels", roost_raft::state::MAX_LABELS)));
     }
     Ok(parsed)
 }
@@ -767,6 +785,22 @@ pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), Cli
             let request = GetJoinTokenRequest { role: role.into() };
             let reply = client.connect().await?.get_join_token(request).await?.into_inner();
             writeln!(out, "{}", reply.token).map_err(io)
+        }
+        Command::Node(NodeCommand::Label { node, set, remove, client }) => {
+            if set.is_empty() && remove.is_empty() {
+                return Err(CliError::Usage(
+                    "nothing to change: give labels to set (KEY=VALUE) and/or --remove KEY".into(),
+                ));
+            }
+            let set = parse_labels_named(&set, "a label")?;
+            if let Some(key) = remove.iter().find(|key| set.contains_key(*key)) {
+                return Err(CliError::Usage(format!("label {key} is both set and removed; pick one")));
+            }
+            let request = LabelNodeRequest { node, set: set.into_iter().collect(), remove };
+            let node = client.connect().await?.label_node(request).await?.into_inner();
+            let labels = output::node_labels(&node);
+            let labels = if labels.is_empty() { "none".to_owned() } else { labels };
+            writeln!(out, "Node {} now has labels: {labels}", node.name).map_err(io)
         }
         Command::Node(NodeCommand::Remove { node, client }) => {
             let reply = client.connect().await?.remove_node(RemoveNodeRequest { node }).await?.into_inner();

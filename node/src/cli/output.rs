@@ -29,7 +29,7 @@ fn table(out: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> io::Resu
     Ok(())
 }
 
-fn labels(node: &Node) -> String {
+pub fn node_labels(node: &Node) -> String {
     let mut labels: Vec<String> = node.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     labels.sort();
     labels.join(",")
@@ -67,7 +67,7 @@ pub fn nodes(out: &mut dyn Write, nodes: &[Node], as_json: bool) -> io::Result<(
                 n.role.clone(),
                 n.state.clone(),
                 dash(&n.subnet),
-                labels(n),
+                node_labels(n),
             ]
         })
         .collect();
@@ -146,7 +146,7 @@ pub fn node_details(out: &mut dyn Write, details: &NodeDetails, as_json: bool) -
     writeln!(out, "Node:       {} (id {}), {}, {}", node.name, node.id, node.role, node.state)?;
     writeln!(out, "Address:    {}", node.address)?;
     if !node.labels.is_empty() {
-        writeln!(out, "Labels:     {}", labels(&node))?;
+        writeln!(out, "Labels:     {}", node_labels(&node))?;
     }
     writeln!(out, "Mesh:       {} (subnet {})", dash(&details.mesh_address), dash(&node.subnet))?;
     if !details.peers_error.is_empty() {

@@ -5,7 +5,7 @@
 //! leader; reads first pass [`Consensus::read_barrier`] unless the caller
 //! asked for `stale`. Conversions between wire and domain types live here.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,12 +18,12 @@ use roost_proto::api::{
     AddCertificateRequest, App as WireApp, AppRequest, AppStatus, Certificate as WireCertificate, ChangeResponse,
     CreateAppRequest, CreateTokenRequest, CreatedToken, DeployRequest, DestroyAppRequest, DestroyAppResponse,
     GetAppRequest, GetCertificateRequest, GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, GetStatusRequest,
-    ListAppsRequest, ListAppsResponse, ListCertificatesRequest, ListCertificatesResponse, ListNodesRequest,
-    ListNodesResponse, ListReleasesRequest, ListReleasesResponse, ListSecretsResponse, ListTokensRequest,
-    ListTokensResponse, LogsRequest, MeshPeer, Node as WireNode, NodeDetails, ReadOptions, RemoveCertificateRequest,
-    RemoveCertificateResponse, RemoveNodeRequest, RemoveNodeResponse, RevokeTokenRequest, RevokeTokenResponse,
-    RollbackRequest, RotateTokenRequest, ScaleRequest, ScaleVmRequest, SetSecretsRequest, UnsetSecretsRequest,
-    VersionRequest, VersionResponse,
+    LabelNodeRequest, ListAppsRequest, ListAppsResponse, ListCertificatesRequest, ListCertificatesResponse,
+    ListNodesRequest, ListNodesResponse, ListReleasesRequest, ListReleasesResponse, ListSecretsResponse,
+    ListTokensRequest, ListTokensResponse, LogsRequest, MeshPeer, Node as WireNode, NodeDetails, ReadOptions,
+    RemoveCertificateRequest, RemoveCertificateResponse, RemoveNodeRequest, RemoveNodeResponse, RevokeTokenRequest,
+    RevokeTokenResponse, RollbackRequest, RotateTokenRequest, ScaleRequest, ScaleVmRequest, SetSecretsRequest,
+    UnsetSecretsRequest, VersionRequest, VersionResponse,
 };
 use roost_proto::cluster::peer_client::PeerClient;
 use roost_proto::cluster::{MeshStatusRequest, MeshStatusResponse};
@@ -93,6 +93,7 @@ pub fn rejection_status(rejection: Rejection) -> Status {
         Rejection::CertificateExists { .. } => Status::already_exists(message),
         Rejection::InvalidDomain { .. } => Status::invalid_argument(message),
         Rejection::InvalidAppName { .. } | Rejection::InvalidNodeName { .. } => Status::invalid_argument(message),
+        Rejection::InvalidLabel { .. } | Rejection::TooManyLabels { .. } => Status::invalid_argument(message),
         Rejection::RevokedCertificate => Status::permission_denied(message),
         Rejection::NotBootstrapped => Status::unavailable(message),
         Rejection::ReleaseNotFound { .. } | Rejection::SecretNotFound { .. } | Rejection::UnknownGroup { .. } => {
@@ -328,6 +329,34 @@ impl Control for ControlService {
         tracing::info!(node = %node.name, id = node.id, "node removed from the cluster");
         let role = self.roles()(node.id);
         Ok(tonic::Response::new(RemoveNodeResponse { removed: Some(node_to_wire(&node, role, None)) }))
+    }
+
+    async fn label_node(&self, request: Request<LabelNodeRequest>) -> Result<tonic::Response<WireNode>, Status> {
+        principal(&request)?.allow(Access::Admin)?;
+        let LabelNodeRequest { node: wanted, set, remove } = request.into_inner();
+        let set: BTreeMap<String, String> = set.into_iter().collect();
+        if let Some(key) = remove.iter().find(|key| set.contains_key(*key)) {
+            return Err(Status::invalid_argument(format!("label {key} is both set and removed; pick one")));
+        }
+        if remove.len() > roost_raft::state::MAX_LABELS {
+            return Err(rejection_status(Rejection::TooManyLabels { max: roost_raft::state::MAX_LABELS }));
+        }
+        roost_raft::state::validate_labels(&set).map_err(rejection_status)?;
+        self.barrier(None).await?;
+        let id = self
+            .consensus
+            .state()
+            .read(|s| s.find_node(&wanted).map(|n| n.id))
+            .ok_or_else(|| rejection_status(Rejection::NodeNotFound { node: wanted.clone() }))?;
+        self.propose(Command::LabelNode { id, set, remove }).await?;
+        let node = self
+            .consensus
+            .state()
+            .read(|s| s.nodes.get(&id).cloned())
+            .ok_or_else(|| rejection_status(Rejection::NodeNotFound { node: wanted }))?;
+        tracing::info!(node = %node.name, id, labels = ?node.labels, "node labels changed");
+        let seen = cluster_liveness(&self.consensus, &self.liveness, &self.channels).await.unwrap_or_default();
+        Ok(tonic::Response::new(node_to_wire(&node, self.roles()(id), seen.get(&id))))
     }
 
     async fn get_join_token(

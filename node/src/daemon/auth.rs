@@ -549,6 +549,17 @@ pub fn admit(state: &State, secret: &str, role: NodeRole) -> Result<(), String> 
     }
 }
 
+/// Whether a joining node of `role` may declare `labels`: a voter may
+/// (within [`roost_raft::state::validate_labels`]), a worker may not, since
+/// labels attract instances, and with them their secrets; an admin sets a
+/// worker's (`roost node label`).
+pub fn join_labels(role: NodeRole, labels: &BTreeMap<String, String>) -> Result<(), String> {
+    if role == NodeRole::Worker && !labels.is_empty() {
+        return Err("a worker declares no labels at its join (they would attract instances and their secrets); join without --label, then have an admin set them with `roost node label NODE KEY=VALUE`".into());
+    }
+    roost_raft::state::validate_labels(labels).map_err(|rejection| rejection.to_string())
+}
+
 /// What the leader accepts as a grant for a forwarded proposal that a node
 /// may not make on its own: an API token, or a call signed with one to the
 /// forwarding node (no older than [`SIGNED_GRANT_AGE_MS`]), whose scope
@@ -556,7 +567,10 @@ pub fn admit(state: &State, secret: &str, role: NodeRole) -> Result<(), String> 
 /// node.
 pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, clock: Arc<ClusterClock>) -> Authorize {
     Arc::new(move |command: &Command, grant: Option<&Grant>, caller: Option<NodeId>| match (command, grant) {
-        (Command::AddNode { node }, Some(Grant::Join { secret })) => state.read(|s| admit(s, secret, node.role)),
+        (Command::AddNode { node }, Some(Grant::Join { secret })) => {
+            state.read(|s| admit(s, secret, node.role))?;
+            join_labels(node.role, &node.labels)
+        }
         (Command::Bootstrap { .. } | Command::Batch { .. }, _) => Err("it is never forwarded".into()),
         // Only entries of older clusters carry join secrets in plain text.
         (Command::RemoveNode { new_join_secret, new_worker_secret, .. }, _)
@@ -592,6 +606,7 @@ pub fn proposed_by(method: &str, command: &Command) -> bool {
     matches!(
         (method, command),
         ("RemoveNode", Command::RemoveNode { .. })
+            | ("LabelNode", Command::LabelNode { .. })
             | ("CreateApp", Command::CreateApp { .. })
             | ("DestroyApp", Command::DestroyApp { .. })
             | ("SuspendApp", Command::SuspendApp { .. })
@@ -616,6 +631,18 @@ mod tests {
     use roost_raft::testkit::cluster;
 
     use super::*;
+
+    #[test]
+    fn a_worker_joins_without_labels_and_a_voter_within_the_label_rules() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        assert!(join_labels(Worker, &labels(&[])).is_ok());
+        let refused = join_labels(Worker, &labels(&[("trusted", "yes")])).expect_err("a worker with a label");
+        assert!(refused.contains("roost node label"), "{refused}");
+        assert!(join_labels(Voter, &labels(&[("region", "eu")])).is_ok());
+        assert!(join_labels(Voter, &labels(&[("region", &"x".repeat(300))])).is_err(), "a value too long");
+    }
 
     #[test]
     fn the_voter_secret_admits_any_node_and_the_worker_secret_only_workers() {

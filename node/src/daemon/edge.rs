@@ -131,22 +131,27 @@ pub async fn worker_certificates(
             (issued, names)
         });
         pace.passed(started);
-        let due = refreshed.is_none_or(|at| at.elapsed() >= WORKER_REFRESH);
-        let missing: Vec<String> = names.iter().filter(|n| due || !held.contains(*n)).cloned().collect();
+        if refreshed.is_none_or(|at| at.elapsed() >= WORKER_REFRESH) {
+            // Every name is asked for again (what the edge holds is served
+            // until it is replaced), in as many tries as the voters allow.
+            held.clear();
+            refreshed = Some(Instant::now());
+        }
+        let missing: Vec<String> = names.iter().filter(|n| !held.contains(*n)).cloned().collect();
         let mut wait = WORKER_REFRESH;
-        if served.as_ref() != Some(&issued) || !missing.is_empty() || due {
+        if served.as_ref() != Some(&issued) || !missing.is_empty() {
             let now = Instant::now();
             if now < next_try {
                 wait = next_try - now;
             } else {
-                match fetch_certificates(&keys, &edge, &missing).await {
-                    Ok(made) => {
+                let (made, fetched) = fetch_certificates(&keys, &edge, &missing).await;
+                // A name the voter did not know yet is asked again; what
+                // came back before a failure (a voter's rate limit, say) is
+                // kept, so the next try asks only for the rest.
+                held.extend(made);
+                match fetched {
+                    Ok(()) => {
                         served = Some(issued);
-                        // A name the voter did not know yet is asked again.
-                        held.extend(made);
-                        if due {
-                            refreshed = Some(Instant::now());
-                        }
                         retry = Duration::from_secs(1);
                     }
                     Err(error) => {
@@ -168,15 +173,19 @@ pub async fn worker_certificates(
 
 /// Fetches the ACME certificates and certificates for `names`, a call per
 /// [`MAX_EDGE_NAMES`], and hands them to the edge.
-/// Returns the names a certificate came back for.
-async fn fetch_certificates(keys: &VoterKeys, edge: &Edge, names: &[String]) -> Result<Vec<String>, String> {
+/// Returns the names a certificate came back for, and whether every call
+/// succeeded.
+async fn fetch_certificates(keys: &VoterKeys, edge: &Edge, names: &[String]) -> (Vec<String>, Result<(), String>) {
     let mut batches: Vec<Vec<String>> = names.chunks(MAX_EDGE_NAMES).map(<[String]>::to_vec).collect();
     if batches.is_empty() {
         batches.push(Vec::new());
     }
     let mut made_for = Vec::new();
     for batch in batches {
-        let reply = keys.edge_certificates(batch).await?;
+        let reply = match keys.edge_certificates(batch).await {
+            Ok(reply) => reply,
+            Err(error) => return (made_for, Err(error)),
+        };
         let mut issued = HashMap::new();
         for certificate in reply.issued {
             match certified_key(&certificate.domain, &certificate.chain_pem, &certificate.key_pem) {
@@ -199,7 +208,7 @@ async fn fetch_certificates(keys: &VoterKeys, edge: &Edge, names: &[String]) -> 
             }
         }
     }
-    Ok(made_for)
+    (made_for, Ok(()))
 }
 
 /// The issued certificates, keys opened, ready to serve.

@@ -39,6 +39,7 @@ use tonic::{Request, Status};
 use super::api::{consensus_status, rejection_status, API_DEADLINE};
 use super::identity::{DataDir, Identity, IdentityError, StoredIdentity};
 use super::keys::{join_role_by_digest_proof, open_ca, open_join_by_proof};
+use super::limit::Buckets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -197,38 +198,15 @@ pub struct JoinService {
     pub limiter: JoinLimiter,
 }
 
-/// A token bucket per client address: a burst of [`JoinLimiter::BURST`]
-/// joins, then one every [`JoinLimiter::EVERY`]. A join signs a certificate
-/// and writes to Raft; nobody needs more, and a guesser gets no further.
-#[derive(Default)]
-pub struct JoinLimiter {
-    buckets: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
-}
+/// A token bucket per client address: a burst of [`JOIN_BURST`] joins, then
+/// one every [`JOIN_EVERY`]. A join signs a certificate and writes to Raft;
+/// nobody needs more, and a guesser gets no further.
+pub type JoinLimiter = Buckets<std::net::IpAddr>;
+pub const JOIN_BURST: u32 = 10;
+pub const JOIN_EVERY: Duration = Duration::from_secs(2);
 
-impl JoinLimiter {
-    pub const BURST: f64 = 10.0;
-    pub const EVERY: Duration = Duration::from_secs(2);
-    /// Addresses remembered at once; past it, full buckets are forgotten.
-    const REMEMBERED: usize = 4096;
-
-    /// Takes a join from `client` at `now`, or says how long to wait.
-    pub fn admit(&self, client: std::net::IpAddr, now: std::time::Instant) -> Result<(), Duration> {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let refill = |(tokens, at): (f64, std::time::Instant)| {
-            (Self::BURST).min(tokens + now.saturating_duration_since(at).as_secs_f64() / Self::EVERY.as_secs_f64())
-        };
-        if buckets.len() >= Self::REMEMBERED {
-            buckets.retain(|_, bucket| refill(*bucket) < Self::BURST);
-        }
-        let bucket = buckets.entry(client).or_insert((Self::BURST, now));
-        let tokens = refill(*bucket);
-        if tokens >= 1.0 {
-            *bucket = (tokens - 1.0, now);
-            Ok(())
-        } else {
-            Err(Self::EVERY.mul_f64(1.0 - tokens))
-        }
-    }
+pub fn join_limiter() -> JoinLimiter {
+    Buckets::new(JOIN_BURST, JOIN_EVERY)
 }
 
 #[tonic::async_trait]
@@ -236,7 +214,7 @@ impl join_server::Join for JoinService {
     async fn join(&self, request: Request<JoinRequest>) -> Result<tonic::Response<JoinResponse>, Status> {
         let client = request.extensions().get::<PeerIdentity>().and_then(|p| p.remote_addr);
         if let Some(client) = client {
-            if let Err(wait) = self.limiter.admit(client.ip(), std::time::Instant::now()) {
+            if let Err(wait) = self.limiter.take(client.ip(), 1, std::time::Instant::now()) {
                 tracing::debug!(%client, "join refused: rate limit");
                 return Err(Status::resource_exhausted(format!(
                     "too many join attempts from {}; try again in {} s",
@@ -294,6 +272,8 @@ impl join_server::Join for JoinService {
         if let Err(reason) = validate_name(&request.name) {
             return Err(rejection_status(Rejection::InvalidNodeName { name: request.name, reason }));
         }
+        let labels: BTreeMap<String, String> = request.labels.clone().into_iter().collect();
+        super::auth::join_labels(role, &labels).map_err(Status::invalid_argument)?;
         if let Err(message) = super::check_address(&request.address) {
             return Err(Status::invalid_argument(message));
         }
@@ -324,7 +304,7 @@ impl join_server::Join for JoinService {
         let node = NewNode {
             name: request.name.clone(),
             address: request.address.clone(),
-            labels: request.labels.into_iter().collect(),
+            labels,
             cert_serial: serial.clone(),
             cert_fingerprint: fingerprint,
             resources: Resources { cpu_millis: request.cpu_millis, memory_bytes: request.memory_bytes },
@@ -356,26 +336,5 @@ impl join_server::Join for JoinService {
             worker: role == NodeRole::Worker,
             seed_proof: join_proof(&secret, &session, JoinProof::Seed),
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_join_limiter_allows_a_burst_then_one_per_interval_per_client() {
-        let limiter = JoinLimiter::default();
-        let start = std::time::Instant::now();
-        let a: std::net::IpAddr = [10, 0, 0, 1].into();
-        let b: std::net::IpAddr = [10, 0, 0, 2].into();
-        for _ in 0..JoinLimiter::BURST as usize {
-            assert!(limiter.admit(a, start).is_ok());
-        }
-        let wait = limiter.admit(a, start).expect_err("the burst is spent");
-        assert!(wait > Duration::ZERO && wait <= JoinLimiter::EVERY, "{wait:?}");
-        assert!(limiter.admit(b, start).is_ok(), "another client has its own bucket");
-        assert!(limiter.admit(a, start + JoinLimiter::EVERY).is_ok(), "one more after the interval");
-        assert!(limiter.admit(a, start + JoinLimiter::EVERY).is_err());
     }
 }

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use roost_deploy::agent::SecretOpener;
@@ -32,12 +33,26 @@ use tonic::{Request, Status};
 use super::api::{consensus_status, API_DEADLINE};
 use super::channels::NodeChannels;
 use super::edge::{issued_certificates, open_issued};
+use super::limit::Buckets;
 
 /// The "app" the cluster's own keys are sealed under; no app can be named so.
 pub const CLUSTER_KEYS: &str = "roost:cluster";
 const CA_KEY: &str = "ca-key";
 /// APP.DOMAIN names a node may ask certificates for in one call.
 pub const MAX_EDGE_NAMES: usize = 256;
+/// What a node may ask of a voter's edge certificates ([`edge_limiter`]):
+/// a call costs [`EDGE_CALL_COST`] units (it opens every ACME certificate's
+/// key) and one more per certificate made; a node has a burst of
+/// [`EDGE_BURST`] units, then one every [`EDGE_EVERY`]. A new worker in a
+/// cluster of a thousand apps gets them all at once; a node that loops on
+/// the call gets about 6 calls, or 50 certificates, a second.
+pub const EDGE_BURST: u32 = 1024;
+pub const EDGE_EVERY: Duration = Duration::from_millis(20);
+pub const EDGE_CALL_COST: u32 = 8;
+
+pub fn edge_limiter() -> Buckets<roost_raft::NodeId> {
+    Buckets::new(EDGE_BURST, EDGE_EVERY)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
@@ -199,6 +214,8 @@ pub struct KeysService {
     pub consensus: Arc<Consensus>,
     /// `None` on a worker, which serves nothing here.
     pub key: Option<Arc<SecretsKey>>,
+    /// Edge certificates each node may ask for ([`edge_limiter`]).
+    pub edge_limit: Buckets<roost_raft::NodeId>,
 }
 
 impl KeysService {
@@ -256,6 +273,14 @@ impl keys_server::Keys for KeysService {
         let names = request.into_inner().names;
         if names.len() > MAX_EDGE_NAMES {
             return Err(Status::invalid_argument(format!("at most {MAX_EDGE_NAMES} names per call")));
+        }
+        let cost = EDGE_CALL_COST + names.len() as u32;
+        if let Err(wait) = self.edge_limit.take(caller, cost, std::time::Instant::now()) {
+            tracing::debug!(node = caller, names = names.len(), "edge certificates refused: rate limit");
+            return Err(Status::resource_exhausted(format!(
+                "node {caller} asked for more edge certificates than a node needs; try again in {} ms",
+                wait.as_millis().max(1)
+            )));
         }
         // Apps and certificates the caller saw are known here after this.
         self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;

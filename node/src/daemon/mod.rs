@@ -18,6 +18,7 @@ pub mod edge;
 pub mod identity;
 pub mod join;
 pub mod keys;
+pub mod limit;
 pub mod liveness;
 pub mod membership;
 pub mod mesh;
@@ -370,13 +371,17 @@ impl Node {
                     auth::require_node(state.clone(), stored.node_id),
                 ))
                 .add_service(InterceptedService::new(
-                    KeysServer::new(keys::KeysService { consensus: consensus.clone(), key: secrets_key.clone() }),
+                    KeysServer::new(keys::KeysService {
+                        consensus: consensus.clone(),
+                        key: secrets_key.clone(),
+                        edge_limit: keys::edge_limiter(),
+                    }),
                     auth::require_node(state.clone(), stored.node_id),
                 ))
                 .add_service(JoinServer::new(join::JoinService {
                     consensus: consensus.clone(),
                     secrets_key: secrets_key.clone().zip(identity.secrets_key.clone()),
-                    limiter: Default::default(),
+                    limiter: join::join_limiter(),
                 }))
                 .add_service(auth::WithGrant::new(
                     InterceptedService::new(

@@ -101,6 +101,39 @@ fn removed_nodes_are_revoked_and_their_ids_never_reused() {
 }
 
 #[test]
+fn an_admin_sets_and_removes_labels_and_a_bad_label_changes_nothing() {
+    let mut state = bootstrapped();
+    let label = |set: &[(&str, &str)], remove: &[&str]| Command::LabelNode {
+        id: FIRST_NODE_ID,
+        set: set.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        remove: remove.iter().map(|k| k.to_string()).collect(),
+    };
+    assert_eq!(apply(&mut state, label(&[("region", "eu"), ("disk", "ssd")], &[])), Response::Done);
+    assert_eq!(apply(&mut state, label(&[("region", "us")], &["disk", "absent"])), Response::Done);
+    let labels = |state: &State| state.nodes[&FIRST_NODE_ID].labels.clone();
+    assert_eq!(labels(&state), BTreeMap::from([("region".to_owned(), "us".to_owned())]));
+
+    // Each bad label is refused, and the others in the same command are not applied.
+    for (key, value) in [("", "x"), ("has space", "x"), ("ok", "line\nbreak")] {
+        let r = apply(&mut state, label(&[("fine", "yes"), (key, value)], &["region"]));
+        assert!(matches!(r, Response::Rejected(Rejection::InvalidLabel { .. })), "{key:?}={value:?}: {r:?}");
+        assert_eq!(labels(&state), BTreeMap::from([("region".to_owned(), "us".to_owned())]));
+    }
+    let r = apply(&mut state, label(&[("ok", &"v".repeat(256))], &[]));
+    assert!(matches!(r, Response::Rejected(Rejection::InvalidLabel { .. })), "{r:?}");
+    let many: Vec<(String, String)> = (0..MAX_LABELS).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(
+        apply(&mut state, label(&many, &[])),
+        Response::Rejected(Rejection::TooManyLabels { max: MAX_LABELS }),
+        "64 more beside region"
+    );
+    assert_eq!(apply(&mut state, label(&many, &["region"])), Response::Done, "64 once region is removed");
+    let r = apply(&mut state, Command::LabelNode { id: 9, set: BTreeMap::new(), remove: Vec::new() });
+    assert_eq!(r, Response::Rejected(Rejection::NodeNotFound { node: "9".into() }));
+}
+
+#[test]
 fn the_last_node_cannot_be_removed() {
     let mut state = bootstrapped();
     assert_eq!(
