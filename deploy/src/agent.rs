@@ -368,16 +368,29 @@ impl Agent {
         // Not paced by its passes, which mostly wait on the engine: a
         // deploy waits on the agent's reaction.
         let pace = roost_raft::store::Pace::default();
+        // A pass runs every PASS_EVERY whatever the state does (restarts,
+        // health), and on what wakes it; one the state alone wakes is
+        // skipped while the workload revision is the one last passed on
+        // (tokens, an app created without a release).
+        let mut tick = tokio::time::Instant::now() + PASS_EVERY;
+        let mut passed_at: Option<u64> = None;
+        let mut state_only = false;
         loop {
-            if let Err(error) = self.pass().await {
-                tracing::warn!(error = %error.chain(), "reconciling containers failed; retrying");
+            let revision = self.worker.consensus.state().workload_revision();
+            if !(state_only && passed_at == Some(revision)) {
+                if let Err(error) = self.pass().await {
+                    tracing::warn!(error = %error.chain(), "reconciling containers failed; retrying");
+                }
+                // Read before the pass: a change during it runs another.
+                passed_at = Some(revision);
             }
+            state_only = false;
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                _ = pace.settled(&mut changes) => {}
+                _ = pace.settled(&mut changes) => state_only = true,
                 _ = network.changed() => {}
                 () = wake.notified() => {}
-                () = tokio::time::sleep(PASS_EVERY) => {}
+                () = tokio::time::sleep_until(tick) => tick = tokio::time::Instant::now() + PASS_EVERY,
             }
         }
         self.jobs.abort_all().await;

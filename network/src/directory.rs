@@ -56,7 +56,9 @@ impl Directory {
         let mut apps: BTreeMap<String, AppEntry> = state
             .apps
             .iter()
-            .filter(|(_, app)| !app.suspended)
+            // An app never deployed has no name yet: creating one changes
+            // nothing the directory holds.
+            .filter(|(_, app)| !app.suspended && app.has_release())
             .map(|(name, app)| {
                 let groups = [app.current(), app.deploying()]
                     .into_iter()
@@ -195,6 +197,52 @@ mod tests {
         report(&mut state, &ids[0], Health::Failing, 2);
         let directory = Directory::from_state(&state);
         assert_eq!(directory.resolve("shop"), Answer::Addresses(vec![Ipv4Addr::new(10, 210, 1, 3)]));
+    }
+
+    /// What lets reconcilers skip a pass for entries that do not touch
+    /// workloads (`Command::touches_workloads`): an app created without a
+    /// release, or tokens used, changes no name, route or mesh plan.
+    #[test]
+    fn creating_an_app_or_using_tokens_changes_no_name_route_or_plan() {
+        let (mut state, ids) = deployed("shop");
+        report(&mut state, &ids[0], Health::Passing, 2);
+        let built = |state: &State| {
+            let directory = Directory::from_state(state);
+            let routes = crate::edge::routes::Routes::new(state, &directory);
+            (directory, routes, crate::mesh::plan(state, 1))
+        };
+        let before = built(&state);
+        let quiet = [
+            Command::CreateApp { name: "fresh".into() },
+            Command::TokensUsed { used: [("admin".to_owned(), 5)].into() },
+            Command::Batch {
+                proposals: vec![roost_raft::Proposal::new(Command::CreateApp { name: "batched".into() }, 1)],
+            },
+        ];
+        for command in quiet {
+            assert!(!command.touches_workloads(), "{command}");
+            apply(&mut state, command);
+            assert_eq!(built(&state), before);
+        }
+        assert_eq!(Directory::from_state(&state).resolve("fresh"), Answer::NoSuchName);
+        assert_eq!(
+            crate::edge::routes::Routes::new(&state, &before.0).host("fresh.localhost"),
+            crate::edge::routes::HostMatch::Unknown
+        );
+
+        // Its first deploy touches them, and it has a name from then on.
+        let deploy =
+            Command::Deploy { app: "fresh".into(), spec: spec(&["web"], small(), true), description: "d".into() };
+        assert!(deploy.touches_workloads());
+        apply(&mut state, deploy);
+        assert_eq!(Directory::from_state(&state).resolve("fresh"), Answer::Addresses(vec![]));
+        let batch = Command::Batch {
+            proposals: vec![
+                roost_raft::Proposal::new(Command::CreateApp { name: "other".into() }, 1),
+                roost_raft::Proposal::new(Command::SuspendApp { name: "fresh".into() }, 1),
+            ],
+        };
+        assert!(batch.touches_workloads(), "a batch touches them if one of its commands does");
     }
 
     #[test]

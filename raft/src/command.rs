@@ -78,6 +78,26 @@ impl Command {
         }
     }
 
+    /// Whether applying this may change what the node's reconcilers build
+    /// from the state (routes, `.internal` names, the mesh, containers, the
+    /// controller's decisions). What only records an app with no release
+    /// yet, or tokens, does not: the reconcilers see nothing of either, so
+    /// they skip a pass that such entries alone wake
+    /// ([`crate::store::StateReader::workload_revision`]). Anything else
+    /// does, including commands added later unless listed here.
+    pub fn touches_workloads(&self) -> bool {
+        match self {
+            Command::CreateApp { .. }
+            | Command::TokensUsed { .. }
+            | Command::CreateToken { .. }
+            | Command::RevokeToken { .. }
+            | Command::RotateToken { .. }
+            | Command::KeyAdminToken { .. } => false,
+            Command::Batch { proposals } => proposals.iter().any(|p| p.command.touches_workloads()),
+            _ => true,
+        }
+    }
+
     /// Whether this is a decision of the leader's own loops (controller,
     /// ACME), which only the leader proposes, and only while it leads.
     pub fn is_leader_decision(&self) -> bool {

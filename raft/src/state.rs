@@ -280,6 +280,13 @@ impl App {
         self.releases.values().rev().find(|r| r.status == ReleaseStatus::Active)
     }
 
+    /// Whether the app was ever deployed: until then no reconciler (routes,
+    /// `.internal` names, certificates) knows it, so creating it costs them
+    /// no pass ([`Command::touches_workloads`]).
+    pub fn has_release(&self) -> bool {
+        !self.releases.is_empty()
+    }
+
     /// The release being deployed, if a deploy is under way.
     pub fn deploying(&self) -> Option<&Release> {
         self.releases.values().rev().find(|r| r.status == ReleaseStatus::Deploying)

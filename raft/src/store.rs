@@ -315,6 +315,9 @@ struct Applied {
     last_membership: StoredMembership<NodeId, RaftNode>,
     state: State,
     snapshot_index: u64,
+    /// Bumped by every apply that may change what reconcilers build
+    /// ([`crate::Command::touches_workloads`], membership, snapshots).
+    workload_revision: u64,
 }
 
 /// How long a reconciler lets changes settle once one arrives, at least.
@@ -379,6 +382,22 @@ impl StateReader {
     pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         let guard = self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&guard.state)
+    }
+
+    /// [`StateReader::read`], with the workload revision of the state `f`
+    /// saw: a reconciler that built from revision `r` need not build again
+    /// while [`StateReader::workload_revision`] is still `r`.
+    pub fn read_at_revision<T>(&self, f: impl FnOnce(&State) -> T) -> (T, u64) {
+        let guard = self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        (f(&guard.state), guard.workload_revision)
+    }
+
+    /// A number that changes whenever an applied entry may have changed what
+    /// the node's reconcilers build from the state; entries that only
+    /// record tokens or an app without a release leave it
+    /// ([`crate::Command::touches_workloads`]).
+    pub fn workload_revision(&self) -> u64 {
+        self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner()).workload_revision
     }
 
     /// A receiver that sees a new value after every change to the state.
@@ -483,9 +502,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // openraft needs exactly one response per entry, whatever its kind.
             let response = match entry.payload {
                 EntryPayload::Blank => Response::Done,
-                EntryPayload::Normal(ref proposal) => apply_proposal(&mut applied.state, proposal),
+                EntryPayload::Normal(ref proposal) => {
+                    if proposal.command.touches_workloads() {
+                        applied.workload_revision += 1;
+                    }
+                    apply_proposal(&mut applied.state, proposal)
+                }
                 EntryPayload::Membership(membership) => {
                     applied.last_membership = StoredMembership::new(Some(entry.log_id), membership);
+                    applied.workload_revision += 1;
                     Response::Done
                 }
             };
@@ -518,6 +543,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         applied.last_applied = meta.last_log_id;
         applied.last_membership = meta.last_membership.clone();
         applied.state = data.state;
+        applied.workload_revision += 1;
         drop(applied);
         self.changes.send_modify(|n| *n += 1);
         Ok(())

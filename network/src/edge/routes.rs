@@ -3,7 +3,7 @@
 //! replicated state (and the [`Directory`] derived from it), rebuilt on
 //! every change; the proxy only reads it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -50,8 +50,8 @@ pub struct Routes {
     domain: String,
     /// Apps with an `[http_service]`, by name.
     http: HashMap<String, AppRoute>,
-    /// Every app's name, to tell "no such app" from "no HTTP service".
-    apps: Vec<String>,
+    /// Every deployed app's name, to tell "no such app" from "no HTTP service".
+    apps: HashSet<String>,
     /// Custom domains (with a certificate record), and their app.
     domains: HashMap<String, String>,
     tcp: BTreeMap<u16, TcpRoute>,
@@ -130,7 +130,10 @@ impl Routes {
             .filter_map(|c| c.challenge.as_ref())
             .map(|c| (c.token.clone(), c.key_authorization.clone()))
             .collect();
-        Routes { domain, http, apps: state.apps.keys().cloned().collect(), domains, tcp, challenges }
+        // An app never deployed is unknown here, as it is to the directory:
+        // creating one changes nothing the edge builds.
+        let apps = state.apps.iter().filter(|(_, app)| app.has_release()).map(|(name, _)| name.clone()).collect();
+        Routes { domain, http, apps, domains, tcp, challenges }
     }
 
     /// The cluster domain (`APP.DOMAIN`).
@@ -142,7 +145,7 @@ impl Routes {
     pub fn cluster_app(&self, name: &str) -> Option<&str> {
         let app = name.strip_suffix(self.domain.as_str())?.strip_suffix('.')?;
         (!app.contains('.')).then_some(())?;
-        self.apps.iter().find(|a| *a == app).map(String::as_str)
+        self.apps.get(app).map(String::as_str)
     }
 
     /// The app a `Host` (lowercase, without port) leads to.
@@ -151,7 +154,7 @@ impl Routes {
         let Some(app) = app else { return HostMatch::Unknown };
         match self.http.get(app) {
             Some(route) => HostMatch::App(route),
-            None => match self.apps.iter().find(|a| *a == app) {
+            None => match self.apps.get(app) {
                 Some(name) => HostMatch::NotHttp(name),
                 None => HostMatch::Unknown,
             },

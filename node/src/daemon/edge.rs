@@ -59,41 +59,66 @@ pub async fn run(context: EdgeContext, stop: CancellationToken) {
     let mut served: HashMap<String, i64> = HashMap::new();
     let mut has_ca = false;
     let mut pace = roost_raft::store::Pace::default();
+    // The workload revision the routes were built at, and whether the
+    // directory changed since: entries that change neither (tokens, an app
+    // without a release) cost no pass.
+    let mut built_at: Option<u64> = None;
+    let mut directory_changed = true;
     loop {
         let version = *changes.borrow_and_update();
-        let started = std::time::Instant::now();
-        let (routes, issued, cluster) = context.consensus.state().read(|state| {
-            let routes = Routes::new(state, &directory.borrow_and_update());
-            (routes, issued_certificates(state), state.cluster.clone())
-        });
-        pace.passed(started);
-        context.edge.update(routes).await;
-        if let EdgeKeys::Voter(key) = &context.keys {
-            if let (false, Some(cluster)) = (has_ca, cluster) {
-                match super::keys::open_ca(&cluster, key) {
-                    Ok(ca) => {
-                        context.edge.certificates().set_ca(Arc::new(ca));
-                        has_ca = true;
-                    }
-                    Err(error) => tracing::error!(
-                        error = %super::identity::error_chain(&error),
-                        "the cluster CA is unusable; APP.DOMAIN has no certificate"
-                    ),
-                }
-            }
-            let now: HashMap<String, i64> = issued.iter().map(|(d, i)| (d.clone(), i.issued_at)).collect();
-            if now != served {
-                context.edge.certificates().set_issued(open_certificates(key, &issued));
-                served = now;
-            }
+        if directory_changed || built_at != Some(context.consensus.state().workload_revision()) {
+            directory_changed = false;
+            built_at = Some(build(&context, &mut directory, &mut served, &mut has_ca, &mut pace).await);
         }
         context.built.send_replace(version);
         tokio::select! {
             () = stop.cancelled() => return,
             changed = pace.settled(&mut changes) => if changed.is_err() { return },
-            changed = directory.changed() => if changed.is_err() { return },
+            changed = directory.changed() => {
+                if changed.is_err() { return }
+                directory_changed = true;
+            }
         }
     }
+}
+
+/// One pass of [`run`]: routes from the state and the directory, and on a
+/// voter the CA and the ACME certificates. Returns the workload revision
+/// the pass read.
+async fn build(
+    context: &EdgeContext,
+    directory: &mut watch::Receiver<Arc<Directory>>,
+    served: &mut HashMap<String, i64>,
+    has_ca: &mut bool,
+    pace: &mut roost_raft::store::Pace,
+) -> u64 {
+    let started = std::time::Instant::now();
+    let ((routes, issued, cluster), revision) = context.consensus.state().read_at_revision(|state| {
+        let routes = Routes::new(state, &directory.borrow_and_update());
+        (routes, issued_certificates(state), state.cluster.clone())
+    });
+    pace.passed(started);
+    context.edge.update(routes).await;
+    if let EdgeKeys::Voter(key) = &context.keys {
+        if let (false, Some(cluster)) = (*has_ca, cluster) {
+            match super::keys::open_ca(&cluster, key) {
+                Ok(ca) => {
+                    context.edge.certificates().set_ca(Arc::new(ca));
+                    *has_ca = true;
+                }
+                Err(error) => tracing::error!(
+                    error = %super::identity::error_chain(&error),
+                    "the cluster CA is unusable; APP.DOMAIN has no certificate"
+                ),
+            }
+        }
+        let now: HashMap<String, i64> = issued.iter().map(|(d, i)| (d.clone(), i.issued_at)).collect();
+        if now != *served {
+            context.edge.certificates().set_issued(open_certificates(key, &issued));
+            *served = now;
+        }
+    }
+    revision
 }
 
 /// The ACME certificates the state holds, by domain.
@@ -102,7 +127,7 @@ pub(super) fn issued_certificates(state: &roost_raft::State) -> Vec<(String, Iss
 }
 
 /// A worker's edge certificates, from a voter: at start, whenever an ACME
-/// certificate is issued or renewed or an app is created, and all again
+/// certificate is issued or renewed or an app is first deployed, and all again
 /// every [`WORKER_REFRESH`]; retried until a voter answers.
 pub async fn worker_certificates(
     consensus: Arc<Consensus>,
@@ -119,18 +144,33 @@ pub async fn worker_certificates(
     let mut retry = Duration::from_secs(1);
     let mut next_try = Instant::now();
     let mut pace = roost_raft::store::Pace::default();
+    // What the state asks for, read again only when the workload revision
+    // moved (apps without a release get no certificate before their first
+    // deploy, which moves it).
+    let mut wanted: Option<(u64, HashMap<String, i64>, BTreeSet<String>)> = None;
     loop {
         changes.borrow_and_update();
-        let started = std::time::Instant::now();
-        let (issued, names) = consensus.state().read(|s| {
-            let issued: HashMap<String, i64> =
-                issued_certificates(s).into_iter().map(|(d, i)| (d, i.issued_at)).collect();
-            let domain = s.cluster.as_ref().map(|c| c.domain.clone());
-            let names: BTreeSet<String> =
-                domain.map(|d| s.apps.keys().map(|app| format!("{app}.{d}")).collect()).unwrap_or_default();
-            (issued, names)
-        });
-        pace.passed(started);
+        if wanted.as_ref().is_none_or(|(read_at, ..)| *read_at != consensus.state().workload_revision()) {
+            let started = std::time::Instant::now();
+            let ((issued, names), revision) = consensus.state().read_at_revision(|s| {
+                let issued: HashMap<String, i64> =
+                    issued_certificates(s).into_iter().map(|(d, i)| (d, i.issued_at)).collect();
+                let domain = s.cluster.as_ref().map(|c| c.domain.clone());
+                let names: BTreeSet<String> = domain
+                    .map(|d| {
+                        s.apps
+                            .iter()
+                            .filter(|(_, app)| app.has_release())
+                            .map(|(app, _)| format!("{app}.{d}"))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (issued, names)
+            });
+            pace.passed(started);
+            wanted = Some((revision, issued, names));
+        }
+        let Some((_, issued, names)) = &wanted else { continue };
         if refreshed.is_none_or(|at| at.elapsed() >= WORKER_REFRESH) {
             // Every name is asked for again (what the edge holds is served
             // until it is replaced), in as many tries as the voters allow.
@@ -139,7 +179,7 @@ pub async fn worker_certificates(
         }
         let missing: Vec<String> = names.iter().filter(|n| !held.contains(*n)).cloned().collect();
         let mut wait = WORKER_REFRESH;
-        if served.as_ref() != Some(&issued) || !missing.is_empty() {
+        if served.as_ref() != Some(issued) || !missing.is_empty() {
             let now = Instant::now();
             if now < next_try {
                 wait = next_try - now;
@@ -151,7 +191,7 @@ pub async fn worker_certificates(
                 held.extend(made);
                 match fetched {
                     Ok(()) => {
-                        served = Some(issued);
+                        served = Some(issued.clone());
                         retry = Duration::from_secs(1);
                     }
                     Err(error) => {

@@ -91,20 +91,29 @@ pub async fn run(context: MeshContext, stop: CancellationToken) {
     let mut failures = 0u32;
     let mut device_ended: Option<watch::Receiver<bool>> = None;
     let mut pace = roost_raft::store::Pace::default();
+    // The plan and cluster as of a workload revision: entries that do not
+    // move it (tokens, an app without a release) change neither, nor the
+    // directory, and cost no pass.
+    let mut read: Option<(u64, Option<MeshPlan>, Option<String>)> = None;
     loop {
-        let started = std::time::Instant::now();
-        let (directory, plan, cluster) = context.consensus.state().read(|state| {
-            let cluster = state.cluster.as_ref().map(|c| c.id.clone());
-            (Directory::from_state(state), mesh::plan(state, me), cluster)
-        });
-        pace.passed(started);
-        context.directory.send_if_modified(|current| {
-            let changed = **current != directory;
-            if changed {
-                *current = Arc::new(directory);
-            }
-            changed
-        });
+        if read.as_ref().is_none_or(|(at, ..)| *at != context.consensus.state().workload_revision()) {
+            let started = std::time::Instant::now();
+            let ((directory, plan, cluster), revision) = context.consensus.state().read_at_revision(|state| {
+                let cluster = state.cluster.as_ref().map(|c| c.id.clone());
+                (Directory::from_state(state), mesh::plan(state, me), cluster)
+            });
+            pace.passed(started);
+            context.directory.send_if_modified(|current| {
+                let changed = **current != directory;
+                if changed {
+                    *current = Arc::new(directory);
+                }
+                changed
+            });
+            read = Some((revision, plan, cluster));
+        }
+        let (plan, cluster) =
+            read.as_ref().map(|(_, plan, cluster)| (plan.clone(), cluster.clone())).unwrap_or_default();
         if last_described.is_none_or(|at| at.elapsed() >= DESCRIBE_EVERY)
             && describe(&context.consensus, &context.address, wanted.as_ref()).await
         {

@@ -42,24 +42,37 @@ pub async fn run_controller(
 ) {
     let mut changes = consensus.state().changes();
     let mut pace = Pace::default();
+    // Decisions also follow time (nodes going down, backoffs), so a pass
+    // runs every CONTROL_EVERY whatever the state does; one a change wakes
+    // is skipped while the workload revision is the one last decided on.
+    let mut tick = Instant::now() + CONTROL_EVERY;
+    let mut decided_at: Option<u64> = None;
     loop {
-        tokio::select! {
+        let changed = tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = pace.settled(&mut changes) => {}
-            () = tokio::time::sleep(CONTROL_EVERY) => {}
+            _ = pace.settled(&mut changes) => true,
+            () = tokio::time::sleep_until(tick) => false,
+        };
+        if !changed {
+            tick = Instant::now() + CONTROL_EVERY;
         }
         if !consensus.is_leader() {
+            decided_at = None;
+            continue;
+        }
+        if changed && decided_at == Some(consensus.state().workload_revision()) {
             continue;
         }
         let now = Instant::now();
         liveness.set_leading(true, now);
         let started = std::time::Instant::now();
-        let commands = consensus.state().read(|state| {
+        let (commands, revision) = consensus.state().read_at_revision(|state| {
             let seen = liveness.view(state.nodes.keys().copied(), now);
             let view = NodeView { down: seen.into_iter().filter(|(_, s)| !s.up).map(|(id, s)| (id, s.ago)).collect() };
             decide(state, &view, &config, now_millis())
         });
         pace.passed(started);
+        decided_at = Some(revision);
         for command in commands {
             log_decision(&command);
             let deadline = Instant::now() + Duration::from_secs(5);

@@ -21,7 +21,6 @@ fn shop() -> State {
     }
     spec.services = vec![TcpServiceSpec { internal_port: 6379, ports: vec![16379], groups: vec!["worker".into()] }];
     apply(&mut state, Command::Deploy { app: "shop".into(), spec, description: "d".into() });
-    apply(&mut state, Command::CreateApp { name: "plain".into() });
     let ids: Vec<String> = state.instances.keys().cloned().collect();
     let placements =
         ids.iter().enumerate().map(|(i, id)| Placement::Place { instance: id.clone(), node: i as u64 + 1 }).collect();
@@ -39,6 +38,12 @@ fn shop() -> State {
         };
         apply(&mut state, Command::ReportInstances { node: i as u64 + 1, reports: vec![report] });
     }
+    // `plain` deployed without [http_service] (its instance not placed);
+    // `fresh` created, never deployed.
+    let mut plain = roost_raft::testkit::spec(&["job"], small(), false);
+    plain.http = None;
+    apply(&mut state, Command::Deploy { app: "plain".into(), spec: plain, description: "d".into() });
+    apply(&mut state, Command::CreateApp { name: "fresh".into() });
     state
 }
 
@@ -61,7 +66,8 @@ fn app_names_under_the_cluster_domain_lead_to_the_serving_instances() {
     assert_eq!(addrs, [web_addr(&state)], "only the group that serves HTTP, at its port");
     assert_eq!(route.probe_every, Duration::from_secs(1), "the app's check interval");
     assert_eq!(routes.host("plain.localhost"), HostMatch::NotHttp("plain"));
-    for unknown in ["nope.localhost", "shop.localhost.evil", "a.shop.localhost", "localhost", "shop"] {
+    for unknown in ["fresh.localhost", "nope.localhost", "shop.localhost.evil", "a.shop.localhost", "localhost", "shop"]
+    {
         assert_eq!(routes.host(unknown), HostMatch::Unknown, "{unknown}");
     }
 }
