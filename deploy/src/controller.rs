@@ -2,7 +2,7 @@
 //!
 //! [`decide`] returns the commands that move the cluster toward what its
 //! state asks for: take instances off nodes that have been down past the
-//! grace period, place waiting instances (through [`crate::scheduler`]), and
+//! grace period, were removed, or lost a label their constraints ask for, place waiting instances (through [`crate::scheduler`]), and
 //! end deploys, as a success once every new instance runs and passes its
 //! checks, or as a failure (rolled back: the previous release keeps serving)
 //! as soon as one cannot be placed, fails, fails a check, or the deploy
@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use roost_raft::state::{State, UnixMillis};
-use roost_raft::workload::{Health, Instance, InstanceState, Outcome, ReleaseStatus, Strategy};
+use roost_raft::workload::{Constraint, Health, Instance, InstanceState, Outcome, ReleaseStatus, Strategy};
 use roost_raft::{Command, NodeId};
 
 use crate::scheduler;
@@ -41,24 +41,53 @@ pub struct NodeView {
     pub down: BTreeMap<NodeId, Duration>,
 }
 
+/// Why an instance leaves its node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Why {
+    Removed,
+    Down,
+    Labels,
+}
+
+/// Whether `labels` meet every placement constraint of `instance`'s
+/// release (constraints that do not parse were refused at deploy, and are
+/// taken as met here).
+fn meets_constraints(state: &State, instance: &Instance, labels: &BTreeMap<String, String>) -> bool {
+    let Some(release) = state.apps.get(&instance.app).and_then(|app| app.releases.get(&instance.release)) else {
+        return true;
+    };
+    release
+        .spec
+        .placement
+        .constraints
+        .iter()
+        .filter_map(|text| Constraint::parse(text).ok())
+        .all(|constraint| constraint.holds(labels))
+}
+
 pub fn decide(state: &State, view: &NodeView, config: &ControllerConfig, now: UnixMillis) -> Vec<Command> {
     let mut commands = Vec::new();
 
-    let mut moved: BTreeMap<NodeId, Vec<String>> = BTreeMap::new();
+    // Instances move off a node that is gone, down too long, or whose
+    // labels no longer meet their release's constraints (an admin took a
+    // label away: what a constraint kept off a node must leave it).
+    let mut moved: BTreeMap<(NodeId, Why), Vec<String>> = BTreeMap::new();
     for instance in state.instances.values() {
         let Some(node) = instance.node else { continue };
-        let gone = !state.nodes.contains_key(&node);
-        let down_long = view.down.get(&node).is_some_and(|d| *d >= config.reschedule_after);
-        if gone || down_long {
-            moved.entry(node).or_default().push(instance.id.clone());
-        }
+        let why = match state.nodes.get(&node) {
+            None => Why::Removed,
+            Some(_) if view.down.get(&node).is_some_and(|d| *d >= config.reschedule_after) => Why::Down,
+            Some(record) if !meets_constraints(state, instance, &record.labels) => Why::Labels,
+            Some(_) => continue,
+        };
+        moved.entry((node, why)).or_default().push(instance.id.clone());
     }
-    for (node, instances) in moved {
+    for ((node, why), instances) in moved {
         let name = state.nodes.get(&node).map_or_else(|| format!("node {node}"), |n| n.name.clone());
-        let reason = if state.nodes.contains_key(&node) {
-            format!("{name} was down for more than {}s", config.reschedule_after.as_secs())
-        } else {
-            format!("{name} was removed")
+        let reason = match why {
+            Why::Down => format!("{name} was down for more than {}s", config.reschedule_after.as_secs()),
+            Why::Removed => format!("{name} was removed"),
+            Why::Labels => format!("{name} no longer has the labels the app's placement constraints ask for"),
         };
         commands.push(Command::Reschedule { instances, reason });
     }

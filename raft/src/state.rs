@@ -535,7 +535,7 @@ impl NewNode {
 pub const MAX_LABELS: usize = 64;
 
 /// The rule node labels follow.
-pub const LABEL_RULE: &str = "a label's key is 1 to 63 letters, digits, '-', '_', '.' or '/', and its value at most 255 characters without control characters";
+pub const LABEL_RULE: &str = "a label's key is 1 to 63 ASCII letters, digits, '-', '_', '.' or '/', and its value at most 255 bytes of UTF-8 without control characters";
 
 /// Checks a node label against [`LABEL_RULE`].
 pub fn validate_label(key: &str, value: &str) -> Result<(), String> {

@@ -221,3 +221,21 @@ fn a_failed_rolling_deploy_restores_the_old_release_to_full_strength() {
     assert_eq!(state.instances.values().filter(|i| i.release == 1).count(), 3, "back to three");
     assert!(state.instances.values().all(|i| i.release == 1));
 }
+
+#[test]
+fn instances_leave_a_node_that_loses_a_label_their_constraints_ask_for() {
+    let mut state = cluster(2, |i| if i == 1 { vec![("trusted", "yes")] } else { vec![] });
+    let mut spec = spec(&["app"], small(), false);
+    spec.placement.constraints = vec!["trusted == yes".into()];
+    apply(&mut state, Command::Deploy { app: "a".into(), spec, description: "deploy".into() });
+    run(&mut state, &NodeView::default(), 1_000);
+    assert!(state.instances.values().all(|i| i.node == Some(1)), "placed on the trusted node only");
+    let commands = run(&mut state, &NodeView::default(), 1_000);
+    assert!(!commands.iter().any(|c| matches!(c, Command::Reschedule { .. })), "{commands:?}");
+
+    apply(&mut state, Command::LabelNode { id: 1, set: Default::default(), remove: vec!["trusted".into()] });
+    let commands = run(&mut state, &NodeView::default(), 1_000);
+    let Some(Command::Reschedule { reason, .. }) = commands.first() else { panic!("{commands:?}") };
+    assert!(reason.contains("no longer has the labels"), "{reason}");
+    assert!(state.instances.values().all(|i| i.node.is_none()), "no node meets the constraint now");
+}

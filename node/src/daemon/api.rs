@@ -335,11 +335,24 @@ impl Control for ControlService {
         principal(&request)?.allow(Access::Admin)?;
         let LabelNodeRequest { node: wanted, set, remove } = request.into_inner();
         let set: BTreeMap<String, String> = set.into_iter().collect();
+        if set.is_empty() && remove.is_empty() {
+            return Err(Status::invalid_argument("nothing to change: give labels to set and/or keys to remove"));
+        }
         if let Some(key) = remove.iter().find(|key| set.contains_key(*key)) {
             return Err(Status::invalid_argument(format!("label {key} is both set and removed; pick one")));
         }
         if remove.len() > roost_raft::state::MAX_LABELS {
-            return Err(rejection_status(Rejection::TooManyLabels { max: roost_raft::state::MAX_LABELS }));
+            return Err(Status::invalid_argument(format!(
+                "at most {} labels can be removed at once (a node has no more)",
+                roost_raft::state::MAX_LABELS
+            )));
+        }
+        if let Some(key) = remove.iter().find(|key| roost_raft::state::validate_label(key, "").is_err()) {
+            let key: String = key.chars().take(80).collect();
+            return Err(Status::invalid_argument(format!(
+                "cannot remove label '{key}': {}",
+                roost_raft::state::LABEL_RULE
+            )));
         }
         roost_raft::state::validate_labels(&set).map_err(rejection_status)?;
         self.barrier(None).await?;
@@ -349,6 +362,8 @@ impl Control for ControlService {
             .read(|s| s.find_node(&wanted).map(|n| n.id))
             .ok_or_else(|| rejection_status(Rejection::NodeNotFound { node: wanted.clone() }))?;
         self.propose(Command::LabelNode { id, set, remove }).await?;
+        // The leader applied it; this node may not have yet.
+        self.barrier(None).await?;
         let node = self
             .consensus
             .state()

@@ -188,7 +188,12 @@ pub async fn worker_certificates(
                 // A name the voter did not know yet is asked again; what
                 // came back before a failure (a voter's rate limit, say) is
                 // kept, so the next try asks only for the rest.
+                let progressed = !made.is_empty();
                 held.extend(made);
+                if progressed {
+                    // Slowed, not failing: come back soon for the rest.
+                    retry = Duration::from_secs(1);
+                }
                 match fetched {
                     Ok(()) => {
                         served = Some(issued.clone());

@@ -44,8 +44,10 @@ pub const MAX_EDGE_NAMES: usize = 256;
 /// a call costs [`EDGE_CALL_COST`] units (it opens every ACME certificate's
 /// key) and one more per certificate made; a node has a burst of
 /// [`EDGE_BURST`] units, then one every [`EDGE_EVERY`]. A new worker in a
-/// cluster of a thousand apps gets them all at once; a node that loops on
-/// the call gets about 6 calls, or 50 certificates, a second.
+/// cluster of a thousand apps gets them within about two seconds; a node
+/// that loops on the call gets about 6 calls, or 50 certificates, a second
+/// from each voter (a refused call is tried at the next voter, which has
+/// its own bucket).
 pub const EDGE_BURST: u32 = 1024;
 pub const EDGE_EVERY: Duration = Duration::from_millis(20);
 pub const EDGE_CALL_COST: u32 = 8;
