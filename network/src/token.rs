@@ -194,7 +194,7 @@ pub struct TokenSignature {
 pub enum SignatureError {
     #[error("a signed authorization is `Signed PUBLIC_KEY.TIMESTAMP_MS.SIGNATURE`, with the key and signature in hex")]
     Malformed,
-    #[error("the token's signature does not match this TLS session (a signature is good for the session it was made on only)")]
+    #[error("the token's signature does not match this TLS session (a signature is good for the session it was made on only; if the connection to the node was just reopened, run the command again)")]
     Mismatch,
 }
 
