@@ -403,10 +403,8 @@ impl State {
     }
 
     fn label_node(&mut self, id: NodeId, set: &BTreeMap<String, String>, remove: &[String]) -> Response {
-        for (key, value) in set {
-            if let Err(reason) = validate_label(key, value) {
-                return Response::Rejected(Rejection::InvalidLabel { label: key.chars().take(80).collect(), reason });
-            }
+        if let Err(rejection) = validate_labels(set) {
+            return Response::Rejected(rejection);
         }
         let Some(node) = self.nodes.get_mut(&id) else {
             return Response::Rejected(Rejection::NodeNotFound { node: id.to_string() });
@@ -560,6 +558,26 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), Rejectio
         return Err(Rejection::TooManyLabels { max: MAX_LABELS });
     }
     Ok(())
+}
+
+/// Checks a change of a node's labels (`roost node label`): it changes
+/// something, sets labels by [`validate_labels`], removes keys that follow
+/// the key rule, and sets no key it removes.
+pub fn validate_label_change(set: &BTreeMap<String, String>, remove: &[String]) -> Result<(), String> {
+    if set.is_empty() && remove.is_empty() {
+        return Err("nothing to change: give labels to set (KEY=VALUE) and/or keys to remove (--remove KEY)".into());
+    }
+    if let Some(key) = remove.iter().find(|key| set.contains_key(*key)) {
+        return Err(format!("label {key} is both set and removed; pick one"));
+    }
+    if remove.len() > MAX_LABELS {
+        return Err(format!("at most {MAX_LABELS} labels can be removed at once (a node has no more)"));
+    }
+    if let Some(key) = remove.iter().find(|key| validate_label(key, "").is_err()) {
+        let key: String = key.chars().take(80).collect();
+        return Err(format!("cannot remove label '{key}': {LABEL_RULE}"));
+    }
+    validate_labels(set).map_err(|rejection| rejection.to_string())
 }
 
 /// The rule app and node names follow, since both become DNS labels.

@@ -384,12 +384,17 @@ impl StateReader {
         f(&guard.state)
     }
 
-    /// [`StateReader::read`], with the workload revision of the state `f`
-    /// saw: a reconciler that built from revision `r` need not build again
-    /// while [`StateReader::workload_revision`] is still `r`.
-    pub fn read_at_revision<T>(&self, f: impl FnOnce(&State) -> T) -> (T, u64) {
+    /// Runs `f` on the current state unless its workload revision is still
+    /// `*seen` (what the caller last built from), and records the revision
+    /// `f` saw; one lock for both. `None`: nothing a reconciler builds can
+    /// have changed since.
+    pub fn read_if_moved<T>(&self, seen: &mut Option<u64>, f: impl FnOnce(&State) -> T) -> Option<T> {
         let guard = self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        (f(&guard.state), guard.workload_revision)
+        if *seen == Some(guard.workload_revision) {
+            return None;
+        }
+        *seen = Some(guard.workload_revision);
+        Some(f(&guard.state))
     }
 
     /// A number that changes whenever an applied entry may have changed what

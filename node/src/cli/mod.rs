@@ -787,15 +787,8 @@ pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), Cli
             writeln!(out, "{}", reply.token).map_err(io)
         }
         Command::Node(NodeCommand::Label { node, set, remove, client }) => {
-            if set.is_empty() && remove.is_empty() {
-                return Err(CliError::Usage(
-                    "nothing to change: give labels to set (KEY=VALUE) and/or --remove KEY".into(),
-                ));
-            }
             let set = parse_labels_named(&set, "a label")?;
-            if let Some(key) = remove.iter().find(|key| set.contains_key(*key)) {
-                return Err(CliError::Usage(format!("label {key} is both set and removed; pick one")));
-            }
+            roost_raft::state::validate_label_change(&set, &remove).map_err(CliError::Usage)?;
             let request = LabelNodeRequest { node, set: set.into_iter().collect(), remove };
             let node = client.connect().await?.label_node(request).await?.into_inner();
             let labels = output::node_labels(&node);

@@ -335,26 +335,7 @@ impl Control for ControlService {
         principal(&request)?.allow(Access::Admin)?;
         let LabelNodeRequest { node: wanted, set, remove } = request.into_inner();
         let set: BTreeMap<String, String> = set.into_iter().collect();
-        if set.is_empty() && remove.is_empty() {
-            return Err(Status::invalid_argument("nothing to change: give labels to set and/or keys to remove"));
-        }
-        if let Some(key) = remove.iter().find(|key| set.contains_key(*key)) {
-            return Err(Status::invalid_argument(format!("label {key} is both set and removed; pick one")));
-        }
-        if remove.len() > roost_raft::state::MAX_LABELS {
-            return Err(Status::invalid_argument(format!(
-                "at most {} labels can be removed at once (a node has no more)",
-                roost_raft::state::MAX_LABELS
-            )));
-        }
-        if let Some(key) = remove.iter().find(|key| roost_raft::state::validate_label(key, "").is_err()) {
-            let key: String = key.chars().take(80).collect();
-            return Err(Status::invalid_argument(format!(
-                "cannot remove label '{key}': {}",
-                roost_raft::state::LABEL_RULE
-            )));
-        }
-        roost_raft::state::validate_labels(&set).map_err(rejection_status)?;
+        roost_raft::state::validate_label_change(&set, &remove).map_err(Status::invalid_argument)?;
         self.barrier(None).await?;
         let id = self
             .consensus

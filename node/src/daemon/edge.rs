@@ -66,10 +66,10 @@ pub async fn run(context: EdgeContext, stop: CancellationToken) {
     let mut directory_changed = true;
     loop {
         let version = *changes.borrow_and_update();
-        if directory_changed || built_at != Some(context.consensus.state().workload_revision()) {
-            directory_changed = false;
-            built_at = Some(build(&context, &mut directory, &mut served, &mut has_ca, &mut pace).await);
+        if std::mem::take(&mut directory_changed) {
+            built_at = None;
         }
+        build(&context, &mut directory, &mut built_at, &mut served, &mut has_ca, &mut pace).await;
         context.built.send_replace(version);
         tokio::select! {
             () = stop.cancelled() => return,
@@ -82,21 +82,23 @@ pub async fn run(context: EdgeContext, stop: CancellationToken) {
     }
 }
 
-/// One pass of [`run`]: routes from the state and the directory, and on a
-/// voter the CA and the ACME certificates. Returns the workload revision
-/// the pass read.
+/// One pass of [`run`], unless the workload revision is still `built_at`:
+/// routes from the state and the directory, and on a voter the CA and the
+/// ACME certificates.
 async fn build(
     context: &EdgeContext,
     directory: &mut watch::Receiver<Arc<Directory>>,
+    built_at: &mut Option<u64>,
     served: &mut HashMap<String, i64>,
     has_ca: &mut bool,
     pace: &mut roost_raft::store::Pace,
-) -> u64 {
+) {
     let started = std::time::Instant::now();
-    let ((routes, issued, cluster), revision) = context.consensus.state().read_at_revision(|state| {
+    let read = context.consensus.state().read_if_moved(built_at, |state| {
         let routes = Routes::new(state, &directory.borrow_and_update());
         (routes, issued_certificates(state), state.cluster.clone())
     });
+    let Some((routes, issued, cluster)) = read else { return };
     pace.passed(started);
     context.edge.update(routes).await;
     if let EdgeKeys::Voter(key) = &context.keys {
@@ -118,7 +120,6 @@ async fn build(
             *served = now;
         }
     }
-    revision
 }
 
 /// The ACME certificates the state holds, by domain.
@@ -147,30 +148,26 @@ pub async fn worker_certificates(
     // What the state asks for, read again only when the workload revision
     // moved (apps without a release get no certificate before their first
     // deploy, which moves it).
-    let mut wanted: Option<(u64, HashMap<String, i64>, BTreeSet<String>)> = None;
+    let mut read_at: Option<u64> = None;
+    let (mut issued, mut names): (HashMap<String, i64>, BTreeSet<String>) = Default::default();
     loop {
         changes.borrow_and_update();
-        if wanted.as_ref().is_none_or(|(read_at, ..)| *read_at != consensus.state().workload_revision()) {
-            let started = std::time::Instant::now();
-            let ((issued, names), revision) = consensus.state().read_at_revision(|s| {
-                let issued: HashMap<String, i64> =
-                    issued_certificates(s).into_iter().map(|(d, i)| (d, i.issued_at)).collect();
-                let domain = s.cluster.as_ref().map(|c| c.domain.clone());
-                let names: BTreeSet<String> = domain
-                    .map(|d| {
-                        s.apps
-                            .iter()
-                            .filter(|(_, app)| app.has_release())
-                            .map(|(app, _)| format!("{app}.{d}"))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                (issued, names)
-            });
+        let started = std::time::Instant::now();
+        let read = consensus.state().read_if_moved(&mut read_at, |s| {
+            let issued: HashMap<String, i64> =
+                issued_certificates(s).into_iter().map(|(d, i)| (d, i.issued_at)).collect();
+            let domain = s.cluster.as_ref().map(|c| c.domain.clone());
+            let names: BTreeSet<String> = domain
+                .map(|d| {
+                    s.apps.iter().filter(|(_, app)| app.has_release()).map(|(app, _)| format!("{app}.{d}")).collect()
+                })
+                .unwrap_or_default();
+            (issued, names)
+        });
+        if let Some(read) = read {
             pace.passed(started);
-            wanted = Some((revision, issued, names));
+            (issued, names) = read;
         }
-        let Some((_, issued, names)) = &wanted else { continue };
         if refreshed.is_none_or(|at| at.elapsed() >= WORKER_REFRESH) {
             // Every name is asked for again (what the edge holds is served
             // until it is replaced), in as many tries as the voters allow.
@@ -179,7 +176,7 @@ pub async fn worker_certificates(
         }
         let missing: Vec<String> = names.iter().filter(|n| !held.contains(*n)).cloned().collect();
         let mut wait = WORKER_REFRESH;
-        if served.as_ref() != Some(issued) || !missing.is_empty() {
+        if served.as_ref() != Some(&issued) || !missing.is_empty() {
             let now = Instant::now();
             if now < next_try {
                 wait = next_try - now;

@@ -91,17 +91,18 @@ pub async fn run(context: MeshContext, stop: CancellationToken) {
     let mut failures = 0u32;
     let mut device_ended: Option<watch::Receiver<bool>> = None;
     let mut pace = roost_raft::store::Pace::default();
-    // The plan and cluster as of a workload revision: entries that do not
-    // move it (tokens, an app without a release) change neither, nor the
-    // directory, and cost no pass.
-    let mut read: Option<(u64, Option<MeshPlan>, Option<String>)> = None;
+    // The plan and cluster as of the workload revision last read: entries
+    // that do not move it (tokens, an app without a release) change
+    // neither, nor the directory, and cost no pass.
+    let mut read_at: Option<u64> = None;
+    let (mut plan, mut cluster): (Option<MeshPlan>, Option<String>) = (None, None);
     loop {
-        if read.as_ref().is_none_or(|(at, ..)| *at != context.consensus.state().workload_revision()) {
-            let started = std::time::Instant::now();
-            let ((directory, plan, cluster), revision) = context.consensus.state().read_at_revision(|state| {
-                let cluster = state.cluster.as_ref().map(|c| c.id.clone());
-                (Directory::from_state(state), mesh::plan(state, me), cluster)
-            });
+        let started = std::time::Instant::now();
+        let read = context.consensus.state().read_if_moved(&mut read_at, |state| {
+            let cluster = state.cluster.as_ref().map(|c| c.id.clone());
+            (Directory::from_state(state), mesh::plan(state, me), cluster)
+        });
+        if let Some((directory, new_plan, new_cluster)) = read {
             pace.passed(started);
             context.directory.send_if_modified(|current| {
                 let changed = **current != directory;
@@ -110,26 +111,24 @@ pub async fn run(context: MeshContext, stop: CancellationToken) {
                 }
                 changed
             });
-            read = Some((revision, plan, cluster));
+            (plan, cluster) = (new_plan, new_cluster);
         }
-        let (plan, cluster) =
-            read.as_ref().map(|(_, plan, cluster)| (plan.clone(), cluster.clone())).unwrap_or_default();
         if last_described.is_none_or(|at| at.elapsed() >= DESCRIBE_EVERY)
             && describe(&context.consensus, &context.address, wanted.as_ref()).await
         {
             last_described = Some(Instant::now());
         }
-        if let (Some(plan), Some(cluster)) = (plan, cluster) {
-            if applied.as_ref() != Some(&plan) || Instant::now() >= next_check {
-                match converge(&context, &cluster, &plan, &mut dns).await {
+        if let (Some(plan), Some(cluster)) = (&plan, &cluster) {
+            if applied.as_ref() != Some(plan) || Instant::now() >= next_check {
+                match converge(&context, cluster, plan, &mut dns).await {
                     Ok(()) => {
                         if device_ended.is_none() {
                             device_ended = context.plane.lock().await.as_ref().and_then(DataPlane::wireguard_ended);
                         }
-                        if applied.as_ref() != Some(&plan) {
+                        if applied.as_ref() != Some(plan) {
                             tracing::info!(subnet = %plan.subnet, address = %plan.address(), peers = plan.peers.len(), "mesh is up");
+                            applied = Some(plan.clone());
                         }
-                        applied = Some(plan);
                         failures = 0;
                         next_check = Instant::now() + RECHECK_EVERY;
                     }

@@ -55,24 +55,22 @@ pub async fn run_controller(
         };
         if !changed {
             tick = Instant::now() + CONTROL_EVERY;
+            decided_at = None;
         }
         if !consensus.is_leader() {
             decided_at = None;
             continue;
         }
-        if changed && decided_at == Some(consensus.state().workload_revision()) {
-            continue;
-        }
         let now = Instant::now();
-        liveness.set_leading(true, now);
         let started = std::time::Instant::now();
-        let (commands, revision) = consensus.state().read_at_revision(|state| {
+        let decided = consensus.state().read_if_moved(&mut decided_at, |state| {
+            liveness.set_leading(true, now);
             let seen = liveness.view(state.nodes.keys().copied(), now);
             let view = NodeView { down: seen.into_iter().filter(|(_, s)| !s.up).map(|(id, s)| (id, s.ago)).collect() };
             decide(state, &view, &config, now_millis())
         });
+        let Some(commands) = decided else { continue };
         pace.passed(started);
-        decided_at = Some(revision);
         for command in commands {
             log_decision(&command);
             let deadline = Instant::now() + Duration::from_secs(5);
