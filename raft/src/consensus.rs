@@ -29,7 +29,7 @@ use tonic::transport::Channel;
 
 use crate::command::{Command, Forward, Grant, Proposal, Response};
 use crate::network::{Channels, ElectionHints, Network};
-use crate::service::NOT_LEADER;
+use crate::service::is_not_leader;
 use crate::state::UnixMillis;
 use crate::store::{self, StateReader};
 use crate::{NodeId, Raft, RaftNode};
@@ -614,7 +614,7 @@ enum Forwarded {
 /// have been applied, so it is reported as unconfirmed instead.
 fn is_retryable(status: &tonic::Status) -> bool {
     match status.code() {
-        tonic::Code::FailedPrecondition => status.message() == NOT_LEADER,
+        tonic::Code::FailedPrecondition => is_not_leader(status),
         tonic::Code::Unavailable => never_connected(status),
         _ => false,
     }

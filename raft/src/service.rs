@@ -41,6 +41,24 @@ use crate::{NodeId, Raft};
 /// Status message of a forwarded call that reached a node that no longer leads.
 pub const NOT_LEADER: &str = "not the leader";
 
+/// The metadata key that marks a refusal from a node that does not lead
+/// ([`not_leader`]): nothing was done, so the caller may try the leader.
+/// Callers test for it ([`is_not_leader`]), never for the message's text.
+pub const NOT_LEADER_KEY: &str = "roost-not-leader";
+
+/// The refusal of a call that only the leader serves, made by a node that
+/// does not lead.
+pub fn not_leader() -> Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(NOT_LEADER_KEY, tonic::metadata::MetadataValue::from_static("1"));
+    Status::with_metadata(tonic::Code::FailedPrecondition, NOT_LEADER, metadata)
+}
+
+/// Whether a call was refused by [`not_leader`].
+pub fn is_not_leader(status: &Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition && status.metadata().contains_key(NOT_LEADER_KEY)
+}
+
 /// The largest snapshot a node accepts (the state of a cluster is a few MiB).
 pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
 
@@ -134,10 +152,6 @@ fn accept_chunk(receiving: &mut Option<(String, u64)>, snapshot_id: &str, offset
     Ok(())
 }
 
-fn not_leader() -> Status {
-    Status::failed_precondition(NOT_LEADER)
-}
-
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
     async fn append_entries(&self, request: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
@@ -220,6 +234,21 @@ impl raft_server::Raft for RaftService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_not_leader_refusal_is_told_by_its_marker_on_the_wire_not_by_its_text() {
+        // As the caller receives it: the status travels as HTTP headers.
+        let received = |status: Status| {
+            let response = status.into_http::<()>();
+            Status::from_header_map(response.headers()).expect("a status in the headers")
+        };
+        assert!(is_not_leader(&received(not_leader())));
+        // The same words without the marker are some other refusal.
+        assert!(!is_not_leader(&received(Status::failed_precondition(NOT_LEADER))));
+        let mut marked = tonic::metadata::MetadataMap::new();
+        marked.insert(NOT_LEADER_KEY, tonic::metadata::MetadataValue::from_static("1"));
+        assert!(!is_not_leader(&received(Status::with_metadata(tonic::Code::Internal, "boom", marked))));
+    }
 
     #[test]
     fn a_snapshot_chunk_may_not_start_past_what_has_arrived() {

@@ -18,7 +18,7 @@ use roost_proto::cluster::{
     NodeLiveness,
 };
 use roost_raft::consensus::now_millis;
-use roost_raft::service::NOT_LEADER;
+use roost_raft::service::not_leader;
 use roost_raft::{Consensus, NodeId};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -125,7 +125,7 @@ pub struct PeerService {
 impl peer_server::Peer for PeerService {
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         if !self.consensus.is_leader() {
-            return Err(Status::failed_precondition(NOT_LEADER));
+            return Err(not_leader());
         }
         // The certificate says who is beating, not the request's claim.
         let fingerprint = request.extensions().get::<PeerIdentity>().and_then(|p| p.node_fingerprint.clone());
@@ -139,7 +139,7 @@ impl peer_server::Peer for PeerService {
 
     async fn liveness(&self, _request: Request<LivenessRequest>) -> Result<Response<LivenessResponse>, Status> {
         if !self.consensus.is_leader() {
-            return Err(Status::failed_precondition(NOT_LEADER));
+            return Err(not_leader());
         }
         let ids: Vec<NodeId> = self.consensus.state().read(|s| s.nodes.keys().copied().collect());
         let nodes = self
