@@ -1,14 +1,20 @@
 //! Placing instances on nodes: a pure function of the replicated state.
 //!
 //! [`schedule`] looks at the instances waiting for a node and returns
-//! [`Placement`]s, which the leader proposes as one `Command::Place`. Apply
-//! re-checks nothing but existence, so the function must only emit decisions
-//! that fit: a node that is up, whose labels meet the release's constraints,
-//! that runs fewer than `max_per_node` of the release's instances, and whose free
-//! CPU and memory (what it offers minus what placed instances reserve) hold
-//! the instance. Among those it spreads: fewest instances of the same
-//! release first, then most free memory. An instance that fits nowhere gets a reason
-//! that says what would let it ("needs 512 MiB; most free is 256 MiB on n2").
+//! [`Placement`]s, which the leader proposes as one `Command::Place`. It
+//! emits only decisions that fit: a node that is up, whose labels meet the
+//! release's constraints, that runs fewer than `max_per_node` of the
+//! release's instances, and whose free CPU and memory (what it offers minus
+//! what placed instances reserve) hold the instance. (Apply checks the same
+//! again, against the state it applies to, and refuses a placement that no
+//! longer holds.) Among those it spreads, as Swarm does: fewest instances of
+//! the same release first, then fewest instances of any app, then most free
+//! memory. Counting instances before memory matters because a node declares
+//! its own resources at join: one that overstates them would otherwise win
+//! every tie, and with it the first instance (and its secrets) of every app
+//! without a constraint; by count it gets an even share. An instance that
+//! fits nowhere gets a reason that says what would let it ("needs 512 MiB;
+//! most free is 256 MiB on n2").
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -59,6 +65,14 @@ pub fn schedule(state: &State, unavailable: &BTreeSet<NodeId>) -> Vec<Placement>
         }
     }
 
+    // Instances of any app per node slot.
+    let mut totals: Vec<u32> = vec![0; nodes.len()];
+    for node in state.instances.values().filter_map(|i| i.node) {
+        if let Some(&i) = slot.get(&node) {
+            totals[i] += 1;
+        }
+    }
+
     let mut budget = rollout_budgets(state);
     let mut placements = Vec::with_capacity(pending.len());
     for run in pending.chunk_by(|a, b| (&a.app, a.release, &a.group) == (&b.app, b.release, &b.group)) {
@@ -91,7 +105,7 @@ pub fn schedule(state: &State, unavailable: &BTreeSet<NodeId>) -> Vec<Placement>
                     let best = candidates
                         .iter()
                         .filter(|i| under_max(i) && need.fits_in(free[**i]))
-                        .min_by_key(|&&i| (counts[i], std::cmp::Reverse(free[i].memory_bytes), nodes[i].id));
+                        .min_by_key(|&&i| (counts[i], totals[i], std::cmp::Reverse(free[i].memory_bytes), nodes[i].id));
                     match best {
                         Some(&i) => Ok(i),
                         None => {
@@ -116,6 +130,7 @@ pub fn schedule(state: &State, unavailable: &BTreeSet<NodeId>) -> Vec<Placement>
                 Ok(i) => {
                     free[i] = free[i].saturating_sub(need);
                     counts[i] += 1;
+                    totals[i] += 1;
                     if let Some(left) = budget.as_deref_mut() {
                         *left -= 1;
                     }

@@ -31,6 +31,26 @@ fn instances_spread_one_per_node() {
 }
 
 #[test]
+fn a_node_that_overstates_its_resources_gets_an_even_share_of_apps_not_all() {
+    // Node 3 claims a hundred times what the others offer.
+    let mut state = cluster(3, |_| vec![]);
+    if let Some(node) = state.nodes.get_mut(&3) {
+        node.resources = Resources { cpu_millis: 400_000, memory_bytes: 100 * 1024 * GIB };
+    }
+    for app in ["a", "b", "c", "d", "e", "f"] {
+        apply(
+            &mut state,
+            Command::Deploy { app: app.into(), spec: spec(&["app"], small(), false), description: "deploy".into() },
+        );
+        let placements = schedule(&state, &BTreeSet::new());
+        assert_eq!(placed(&placements).len(), 1, "{app}: {placements:?}");
+        apply(&mut state, Command::Place { placements });
+    }
+    let on = |id: u64| state.instances.values().filter(|i| i.node == Some(id)).count();
+    assert_eq!([on(1), on(2), on(3)], [2, 2, 2], "one app's first instance each, in turn");
+}
+
+#[test]
 fn down_nodes_constraints_and_max_per_node_are_respected() {
     let mut state = cluster(3, |i| if i == 3 { vec![("region", "us")] } else { vec![("region", "eu")] });
     let mut s = spec(&["app"], small(), false);
