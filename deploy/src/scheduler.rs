@@ -5,16 +5,21 @@
 //! emits only decisions that fit: a node that is up, whose labels meet the
 //! release's constraints, that runs fewer than `max_per_node` of the
 //! release's instances, and whose free CPU and memory (what it offers minus
-//! what placed instances reserve) hold the instance. (Apply checks the same
-//! again, against the state it applies to, and refuses a placement that no
-//! longer holds.) Among those it spreads, as Swarm does: fewest instances of
-//! the same release first, then fewest instances of any app, then most free
-//! memory. Counting instances before memory matters because a node declares
-//! its own resources at join: one that overstates them would otherwise win
-//! every tie, and with it the first instance (and its secrets) of every app
-//! without a constraint; by count it gets an even share. An instance that
-//! fits nowhere gets a reason that says what would let it ("needs 512 MiB;
-//! most free is 256 MiB on n2").
+//! what placed instances reserve) hold the instance. (Apply checks the
+//! room, the constraints and `max_per_node` again, against the state it
+//! applies to, and refuses a placement that no longer holds them.) Among
+//! those it spreads: fewest instances of the same release first, then the
+//! smallest share of memory already reserved, then most free memory. The
+//! share is of what a node declares, but of at most twice the median node's
+//! memory ([`MEMORY_SHARE_CAP`]): nodes declare their own resources at join,
+//! and one that overstated them would otherwise win every tie, and with it
+//! the first instance (and its secrets) of every app without a constraint.
+//! So honest nodes of different sizes fill in proportion to their memory,
+//! and a node that claims more than twice the median fills as if it had
+//! twice the median: at most about twice an average node's share of such
+//! instances, however much it claims (and, while it is emptier than the
+//! rest, until it catches up). An instance that fits nowhere gets a reason
+//! that says what would let it ("needs 512 MiB; most free is 256 MiB on n2").
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -65,13 +70,15 @@ pub fn schedule(state: &State, unavailable: &BTreeSet<NodeId>) -> Vec<Placement>
         }
     }
 
-    // Instances of any app per node slot.
-    let mut totals: Vec<u32> = vec![0; nodes.len()];
-    for node in state.instances.values().filter_map(|i| i.node) {
-        if let Some(&i) = slot.get(&node) {
-            totals[i] += 1;
+    let share_of = memory_share_bases(&nodes);
+    // The share of each node's memory reserved, in millionths of its base.
+    let share = |i: usize, free: &[Resources]| -> u64 {
+        let reserved = nodes[i].resources.memory_bytes.saturating_sub(free[i].memory_bytes);
+        match share_of[i] {
+            0 => u64::MAX,
+            base => (u128::from(reserved) * 1_000_000 / u128::from(base)).min(u128::from(u64::MAX)) as u64,
         }
-    }
+    };
 
     let mut budget = rollout_budgets(state);
     let mut placements = Vec::with_capacity(pending.len());
@@ -102,10 +109,10 @@ pub fn schedule(state: &State, unavailable: &BTreeSet<NodeId>) -> Vec<Placement>
                 Err(reason) => Err(reason.clone()),
                 Ok(candidates) => {
                     let under_max = |i: &usize| placement.max_per_node.is_none_or(|max| counts[*i] < max);
-                    let best = candidates
-                        .iter()
-                        .filter(|i| under_max(i) && need.fits_in(free[**i]))
-                        .min_by_key(|&&i| (counts[i], totals[i], std::cmp::Reverse(free[i].memory_bytes), nodes[i].id));
+                    let best =
+                        candidates.iter().filter(|i| under_max(i) && need.fits_in(free[**i])).min_by_key(|&&i| {
+                            (counts[i], share(i, &free), std::cmp::Reverse(free[i].memory_bytes), nodes[i].id)
+                        });
                     match best {
                         Some(&i) => Ok(i),
                         None => {
@@ -130,7 +137,6 @@ pub fn schedule(state: &State, unavailable: &BTreeSet<NodeId>) -> Vec<Placement>
                 Ok(i) => {
                     free[i] = free[i].saturating_sub(need);
                     counts[i] += 1;
-                    totals[i] += 1;
                     if let Some(left) = budget.as_deref_mut() {
                         *left -= 1;
                     }
@@ -169,6 +175,19 @@ fn rollout_budgets(state: &State) -> HashMap<(&str, u64), usize> {
         }
     }
     budgets
+}
+
+/// The most memory a node counts as when the scheduler compares how full
+/// nodes are, as a multiple of the median node's.
+pub const MEMORY_SHARE_CAP: u64 = 2;
+
+/// What each node's reserved memory is a share of: what it declares, but at
+/// most [`MEMORY_SHARE_CAP`] times the median of what the nodes declare.
+fn memory_share_bases(nodes: &[&NodeRecord]) -> Vec<u64> {
+    let mut declared: Vec<u64> = nodes.iter().map(|n| n.resources.memory_bytes).collect();
+    declared.sort_unstable();
+    let median = declared.get(declared.len().saturating_sub(1) / 2).copied().unwrap_or(0);
+    nodes.iter().map(|n| n.resources.memory_bytes.min(median.saturating_mul(MEMORY_SHARE_CAP))).collect()
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -397,8 +397,16 @@ async fn a_certificate_from_pebble_is_served_by_every_node_and_renewed() -> Resu
             }
             Ok(verbose.lines().find(|l| l.contains("expire date:")).unwrap_or_default().to_owned())
         };
-        let first: Vec<String> = topology.machines.iter().map(|m| served(&m.ip)).collect::<Result<_>>()?;
-        assert!(first.iter().all(|e| !e.is_empty()), "{first:?}");
+        // The state says issued; each edge loads it on its next (paced) pass.
+        let first = std::sync::Mutex::new(Vec::<String>::new());
+        wait_until("every node serving the issued certificate", Duration::from_secs(10), || async {
+            let now: Vec<String> = topology.machines.iter().map(|m| served(&m.ip)).collect::<Result<_>>()?;
+            let all = now.iter().all(|e| !e.is_empty());
+            *first.lock().unwrap_or_else(|p| p.into_inner()) = now;
+            Ok(all)
+        })
+        .await?;
+        let first = first.into_inner().unwrap_or_else(|p| p.into_inner());
         // The certificate's key is sealed wherever it is kept, and so is the
         // cluster CA's: no private key is in plain text in the Raft log.
         for i in 0..2 {

@@ -30,24 +30,44 @@ fn instances_spread_one_per_node() {
     assert_eq!(nodes, [1, 2, 3]);
 }
 
+/// Deploys `apps` single-instance apps, one after the other, and counts
+/// the instances each of the state's nodes received.
+fn place_one_instance_apps(state: &mut roost_raft::State, apps: usize) -> Vec<usize> {
+    for n in 0..apps {
+        let app = format!("app{n}");
+        apply(
+            state,
+            Command::Deploy { app: app.clone(), spec: spec(&["app"], small(), false), description: "deploy".into() },
+        );
+        let placements = schedule(state, &BTreeSet::new());
+        assert_eq!(placed(&placements).len(), 1, "{app}: {placements:?}");
+        apply(state, Command::Place { placements });
+    }
+    let ids: Vec<u64> = state.nodes.keys().copied().collect();
+    ids.iter().map(|id| state.instances.values().filter(|i| i.node == Some(*id)).count()).collect()
+}
+
 #[test]
-fn a_node_that_overstates_its_resources_gets_an_even_share_of_apps_not_all() {
+fn a_node_that_overstates_its_memory_gets_at_most_about_twice_a_nodes_share_not_every_app() {
     // Node 3 claims a hundred times what the others offer.
     let mut state = cluster(3, |_| vec![]);
     if let Some(node) = state.nodes.get_mut(&3) {
-        node.resources = Resources { cpu_millis: 400_000, memory_bytes: 100 * 1024 * GIB };
+        node.resources = Resources { cpu_millis: 400_000, memory_bytes: 100 * GIB };
     }
-    for app in ["a", "b", "c", "d", "e", "f"] {
-        apply(
-            &mut state,
-            Command::Deploy { app: app.into(), spec: spec(&["app"], small(), false), description: "deploy".into() },
-        );
-        let placements = schedule(&state, &BTreeSet::new());
-        assert_eq!(placed(&placements).len(), 1, "{app}: {placements:?}");
-        apply(&mut state, Command::Place { placements });
+    let on = place_one_instance_apps(&mut state, 12);
+    assert_eq!(on, [3, 3, 6], "as if it had twice the median's memory");
+}
+
+#[test]
+fn honest_nodes_of_different_sizes_fill_in_proportion_to_their_memory() {
+    let mut state = cluster(2, |_| vec![]);
+    if let Some(node) = state.nodes.get_mut(&2) {
+        node.resources = Resources { cpu_millis: 2000, memory_bytes: 2 * GIB };
     }
-    let on = |id: u64| state.instances.values().filter(|i| i.node == Some(id)).count();
-    assert_eq!([on(1), on(2), on(3)], [2, 2, 2], "one app's first instance each, in turn");
+    // Twelve 128 MiB instances: a third on the 1 GiB node, two thirds on
+    // the 2 GiB one (by count of instances alone it would be six each).
+    let on = place_one_instance_apps(&mut state, 12);
+    assert_eq!(on, [4, 8]);
 }
 
 #[test]
