@@ -433,8 +433,20 @@ async fn a_worker_holds_no_cluster_keys_yet_runs_secrets_and_serves_tls() -> Res
     let out = roost(&["node", "label", "w1", "region=eu", "tier=web"], Some(&n1.address), Some(&admin)).await?;
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stdout.contains("region=eu,tier=web"), "{}", out.stdout);
-    let out = roost(&["node", "label", "w1", "--remove", "tier"], Some(&w1.address), Some(&admin)).await?;
-    assert_eq!(out.code, 0, "labelling through the worker itself: {}", out.stderr);
+    // A worker takes changes to apps only: what it could otherwise do with
+    // an admin's grant (label itself, create or remove things) it refuses,
+    // naming the voters, and the leader refuses from it.
+    for args in [&["node", "label", "w1", "--remove", "tier"][..], &["apps", "create", "through-a-worker"]] {
+        let out = roost(args, Some(&w1.address), Some(&admin)).await?;
+        assert_ne!(out.code, 0, "{args:?} through the worker: {}", out.stdout);
+        assert!(
+            out.stderr.contains("this node is a worker") && out.stderr.contains(&format!("n1 ({})", n1.address)),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    let out = roost(&["node", "label", "w1", "--remove", "tier"], Some(&n1.address), Some(&admin)).await?;
+    assert_eq!(out.code, 0, "{}", out.stderr);
     let listed = roost(&["node", "list", "--json"], Some(&n1.address), Some(&admin)).await?;
     let listed: Value = serde_json::from_str(&listed.stdout)?;
     let w1_labels =

@@ -149,6 +149,18 @@ impl ControlService {
         if let Some(caller) = self.caller_now()? {
             caller.allow(command.access())?;
         }
+        // A worker takes changes to one app only (the leader would refuse
+        // the rest from it anyway): say so, and name the voters.
+        if !super::auth::worker_may_propose(&command) {
+            let state = self.consensus.state();
+            if state.read(|s| s.is_worker(self.consensus.id())) {
+                return Err(Status::failed_precondition(format!(
+                    "this node is a worker: it takes changes to apps (deploy, scale, restart, rollback), not {}; run this against a voter instead (--endpoint){}",
+                    command.access(),
+                    state.read(super::keys::voters_named)
+                )));
+            }
+        }
         let grant = super::auth::current_grant();
         let response = self
             .consensus

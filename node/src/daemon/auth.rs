@@ -578,6 +578,14 @@ pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, 
         {
             Err("join secrets are written only sealed, never in plain text".into())
         }
+        // A worker takes changes to one app only: a user's grant it holds
+        // (a signed call's, for up to `SIGNED_GRANT_AGE_MS`) must not let it
+        // mint a token, label itself or remove a node.
+        (_, Some(Grant::Token { .. } | Grant::Signed { .. }))
+            if !worker_may_propose(command) && caller.is_some_and(|id| state.read(|s| s.is_worker(id))) =>
+        {
+            Err(format!("a worker forwards changes to one app only, not {}", command.access()))
+        }
         // A signed call is the forwarder's own: its signature names the
         // server it was made to, which must be the node forwarding it.
         (_, Some(Grant::Signed { server, .. }))
@@ -597,6 +605,15 @@ pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, 
         }
         (_, _) => Err("it needs the API token of the user who asked for it".into()),
     })
+}
+
+/// Whether a worker may make `command` on a user's behalf: a change to one
+/// app (what it builds, deploys, scales, restarts), never tokens, nodes,
+/// apps coming and going or domains, which a worker refuses and the leader
+/// refuses from it (see [`authorize`]), as a Swarm worker takes no
+/// management command.
+pub fn worker_may_propose(command: &Command) -> bool {
+    matches!(command.access(), Access::WriteApp(_))
 }
 
 /// Whether a call of the API `method` proposes `command` (on the node
@@ -642,6 +659,21 @@ mod tests {
         assert!(refused.contains("roost node label"), "{refused}");
         assert!(join_labels(Voter, &labels(&[("region", "eu")])).is_ok());
         assert!(join_labels(Voter, &labels(&[("region", &"x".repeat(300))])).is_err(), "a value too long");
+    }
+
+    #[test]
+    fn a_worker_may_propose_changes_to_one_app_and_nothing_else() {
+        let app = || "web".to_owned();
+        assert!(worker_may_propose(&Command::Restart { app: app() }));
+        assert!(worker_may_propose(&Command::SuspendApp { name: app() }));
+        for command in [
+            Command::CreateApp { name: app() },
+            Command::DestroyApp { name: app() },
+            Command::LabelNode { id: 2, set: BTreeMap::new(), remove: vec!["trusted".into()] },
+            Command::RevokeToken { token: "t".into() },
+        ] {
+            assert!(!worker_may_propose(&command), "{command:?}");
+        }
     }
 
     #[test]
