@@ -898,6 +898,75 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
     Ok(())
 }
 
+/// A worker's certificate forwards a user's grant only for a change to one
+/// app: with the admin's grant (a token, or a signed call made to the worker,
+/// as it would hold one for 2 h after serving it) it can neither label
+/// itself nor create a token, while a change to an app goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_forwarding_an_admins_grant_may_change_an_app_but_not_label_itself() -> Result<()> {
+    use roost_raft::command::Forward;
+    use roost_raft::{Command, Grant, Proposal};
+    let mut cluster = Cluster::start(1).await?;
+    let mut admin = cluster.client(0).await?;
+    admin.create_app(CreateAppRequest { name: "target".into() }).await?;
+    let worker_token =
+        admin.get_join_token(roost_proto::api::GetJoinTokenRequest { role: "worker".into() }).await?.into_inner().token;
+    let worker = cluster.add_node_with_token(&worker_token).await?;
+    cluster.wait_for_members(2).await?;
+    let worker_id = cluster.node(worker)?.id;
+    let leader = cluster.node(0)?;
+    let worker_fp = leader.consensus.state().read(|s| s.nodes.get(&worker_id).map(|n| n.cert_fingerprint.clone()));
+    let worker_fp = worker_fp.ok_or_else(|| anyhow::anyhow!("the worker is in the leader's state"))?;
+    let tls = roost_tests::node_tls(cluster.slots[worker].dir.path())?;
+    let mut raft = roost_proto::cluster::raft_client::RaftClient::new(tls.connect(&leader.address).await?);
+    let propose = |command: Command, grant: Grant| {
+        let forward = Forward { proposal: Proposal::new(command, 1), grant: Some(grant) };
+        roost_proto::cluster::RaftPayload { json: serde_json::to_vec(&forward).expect("encodes") }
+    };
+    let signed = |method: &str| {
+        let session = [7u8; 32];
+        let call = roost_network::token::SignedCall { session: &session, server: &worker_fp, method };
+        let signature = cluster.tokens.admin.key().sign(&call, roost_raft::consensus::now_millis());
+        Grant::Signed {
+            public_key: signature.public_key,
+            timestamp_ms: signature.timestamp_ms,
+            session: roost_network::pki::hex(&session),
+            server: worker_fp.clone(),
+            method: method.to_owned(),
+            signature: signature.signature,
+        }
+    };
+    let label_itself = || Command::LabelNode {
+        id: worker_id,
+        set: [("trusted".to_owned(), "yes".to_owned())].into(),
+        remove: Vec::new(),
+    };
+    let token = Grant::Token { token: cluster.tokens.admin.to_string() };
+    for (case, payload) in [
+        ("a label, with a signed call's grant", propose(label_itself(), signed("LabelNode"))),
+        ("a label, with the admin token", propose(label_itself(), token.clone())),
+        (
+            "an app created, with a signed call's grant",
+            propose(Command::CreateApp { name: "x".into() }, signed("CreateApp")),
+        ),
+    ] {
+        let status = raft.propose(payload).await.expect_err(case);
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{case}: {status:?}");
+        assert!(status.message().contains("a worker forwards changes to one app only"), "{case}: {}", status.message());
+    }
+    let unchanged = leader
+        .consensus
+        .state()
+        .read(|s| s.nodes.get(&worker_id).is_some_and(|n| n.labels.is_empty()) && !s.apps.contains_key("x"));
+    assert!(unchanged, "nothing was written");
+    // A change to one app, with the same kind of grant, is the worker's to
+    // forward (a deploy built on it, say).
+    raft.propose(propose(Command::SuspendApp { name: "target".into() }, signed("SuspendApp"))).await?;
+    assert!(leader.consensus.state().read(|s| s.apps.get("target").is_some_and(|a| a.suspended)));
+    cluster.shutdown().await;
+    Ok(())
+}
+
 /// A deploy whose upload stops sending (the client neither sends nor ends
 /// the stream) is given up after 60 s with a message that says so, not
 /// before, and creates nothing.
