@@ -344,6 +344,7 @@ impl Consensus {
             Ok(LocalWrite::Done(response)) => Ok(response),
             Ok(LocalWrite::NotLeader) => Err(ConsensusError::NotLeader),
             Ok(LocalWrite::Failed(e)) => Err(ConsensusError::Protocol(e)),
+            Ok(LocalWrite::TooLarge { bytes }) => Err(ConsensusError::TooLarge { bytes }),
             Ok(LocalWrite::Stopped) => Err(ConsensusError::Stopped),
         }
     }
@@ -353,7 +354,7 @@ impl Consensus {
     pub async fn write_local(&self, proposal: Proposal) -> LocalWrite {
         let bytes = encoded_len(&proposal);
         if bytes > MAX_COMMAND_BYTES {
-            return LocalWrite::Failed(ConsensusError::TooLarge { bytes }.to_string());
+            return LocalWrite::TooLarge { bytes };
         }
         self.write_sized(proposal, bytes).await
     }
@@ -506,6 +507,11 @@ pub enum LocalWrite {
     Done(Response),
     /// This node does not lead (any more); nothing was written.
     NotLeader,
+    /// The proposal is larger than a command may be; nothing was written.
+    TooLarge {
+        bytes: usize,
+    },
+    /// Raft failed the write; it may or may not be in the log.
     Failed(String),
     Stopped,
 }

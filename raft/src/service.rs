@@ -205,6 +205,10 @@ impl raft_server::Raft for RaftService {
         match self.consensus.write_local(forward.proposal).await {
             LocalWrite::Done(response) => encode(&response),
             LocalWrite::NotLeader => Err(not_leader()),
+            // Refused before writing: the forwarder says so, not "unconfirmed".
+            LocalWrite::TooLarge { bytes } => {
+                Err(Status::invalid_argument(crate::consensus::ConsensusError::TooLarge { bytes }.to_string()))
+            }
             LocalWrite::Failed(e) => Err(Status::failed_precondition(e)),
             // Not Unavailable: the entry may already be in the log, so the
             // forwarder must not retry it elsewhere.

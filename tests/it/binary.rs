@@ -317,9 +317,15 @@ async fn nodes_joined_with_the_worker_token_never_vote() -> Result<()> {
     let mut workers = names(&listed, "role", "worker");
     workers.sort();
     assert_eq!(workers, ["w1", "w2"], "{listed:?}");
-    // A worker serves the CLI like any node.
+    // A worker serves the CLI's reads and changes to apps; creating an app
+    // is an admin's change, which it leaves to the voters, naming them.
     let out = roost(&["apps", "create", "via-worker"], Some(&w2.address), Some(&admin)).await?;
+    assert_ne!(out.code, 0, "an app created through a worker: {}", out.stdout);
+    assert!(out.stderr.contains("this node is a worker"), "{}", out.stderr);
+    let out = roost(&["apps", "create", "via-worker"], Some(&n1.address), Some(&admin)).await?;
     assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = roost(&["apps", "list"], Some(&w2.address), Some(&admin)).await?;
+    assert!(out.code == 0 && out.stdout.contains("via-worker"), "{}{}", out.stdout, out.stderr);
 
     let w2_id = listed.iter().find(|n| n["name"] == "w2").and_then(|n| n["id"].as_u64()).context("w2's id")?;
     let identity: Value = serde_json::from_str(&std::fs::read_to_string(n1.data_dir.join("node.json"))?)?;
