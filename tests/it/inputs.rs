@@ -855,6 +855,8 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
         ("secrets with a signature made to another node", propose(set_secrets(), Some(to_another_node))),
         ("secrets with a signature of a call that changes nothing", propose(set_secrets(), Some(for_another_method))),
         ("a destroy", propose(Command::DestroyApp { name: "target".into() }, None)),
+        ("a rollback (a release)", propose(Command::Rollback { app: "target".into(), version: None }, None)),
+        ("a scale", propose(Command::Scale { app: "target".into(), group: "app".into(), count: 9 }, None)),
         (
             "a node removal",
             propose(
