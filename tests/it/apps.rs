@@ -326,7 +326,7 @@ async fn a_dead_nodes_instances_are_replaced_within_the_grace_period() -> Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn instances_run_least_privileged_and_only_the_clusters_images_leave_a_node() -> Result<()> {
+async fn instances_run_least_privileged_and_only_the_clusters_images_run_or_leave_a_node() -> Result<()> {
     require_docker()?;
     let cluster = Cluster::start(1).await?;
     let dir = hello_app(&hello_toml("locked", ""))?;
@@ -373,6 +373,32 @@ async fn instances_run_least_privileged_and_only_the_clusters_images_leave_a_nod
     let mut stream = agent.pull_image(roost_proto::cluster::PullImageRequest { image }).await?.into_inner();
     assert!(stream.message().await?.is_some(), "the cluster's image is exported");
     drop(stream);
+
+    // Nor is it run, even when a release names it (as a forged deploy
+    // would): the agent refuses it, and the deploy fails saying why.
+    let out = std::process::Command::new("docker").args(["inspect", "--format", "{{.Id}}", &foreign]).output()?;
+    let foreign_id = String::from_utf8(out.stdout)?.trim().to_owned();
+    let node = cluster.node(0)?;
+    let mut spec = node
+        .consensus
+        .state()
+        .read(|s| s.apps.get("locked").and_then(|a| a.releases.values().last()).map(|r| r.spec.clone()))
+        .context("the app's release")?;
+    spec.image = foreign_id.clone();
+    spec.image_ref = foreign.clone();
+    let deploy = roost_raft::Command::Deploy { app: "locked".into(), spec, description: "deploy".into() };
+    node.consensus.propose(deploy, tokio::time::Instant::now() + Duration::from_secs(10)).await?;
+    roost_tests::wait_until("the foreign release to fail", Duration::from_secs(60), || async {
+        let reason = node.consensus.state().read(|s| {
+            s.apps.get("locked").and_then(|a| a.releases.values().find(|r| r.spec.image == foreign_id)?.reason.clone())
+        });
+        Ok(reason.is_some_and(|r| r.contains("was not built or uploaded through this cluster")))
+    })
+    .await?;
+    let running = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("ancestor={foreign}")])
+        .output()?;
+    assert!(String::from_utf8(running.stdout)?.trim().is_empty(), "a container of the foreign image exists");
     let _ = std::process::Command::new("docker").args(["rmi", "-f", &foreign]).output();
     cluster.shutdown().await;
     Ok(())
