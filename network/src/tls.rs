@@ -654,3 +654,104 @@ pub fn verify_chain(pin: &CaDigest, ca: &CertificateDer<'_>, leaf: &CertificateD
         .verify_server_cert(leaf, std::slice::from_ref(ca), &name, &[], UnixTime::now())
         .map(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    /// A node port on loopback with `limits`, whose server reads every
+    /// connection until it ends (as hyper does) and echoes nothing; and a
+    /// client config that trusts it.
+    async fn node_port(limits: ConnectionLimits) -> (SocketAddr, Arc<rustls::ClientConfig>, CancellationToken) {
+        let ca = pki::ClusterCa::generate("test").expect("a CA");
+        let node = ca.issue_node("n1").expect("a node certificate");
+        let config = server_config(ca.cert_pem(), &node.cert_pem, &node.key_pem).expect("a server config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let address = listener.local_addr().expect("an address");
+        let stop = CancellationToken::new();
+        let mut connections = incoming(listener, config, limits, stop.clone());
+        tokio::spawn(async move {
+            while let Some(Ok(mut connection)) = connections.next().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while matches!(connection.read(&mut buf).await, Ok(n) if n > 0) {}
+                });
+            }
+        });
+        let client = ClientTls::anonymous(ca.digest()).expect("a client");
+        (address, client.config, stop)
+    }
+
+    async fn connect(
+        address: SocketAddr,
+        config: &Arc<rustls::ClientConfig>,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(address).await?;
+        let name =
+            ServerName::try_from(NODE_SERVER_NAME).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut stream = TlsConnector::from(config.clone()).connect(name, tcp).await?;
+        // TLS 1.3 servers send their session tickets after the handshake;
+        // a refused connection shows here at the latest.
+        stream.write_all(b"x").await?;
+        stream.flush().await?;
+        Ok(stream)
+    }
+
+    /// Whether the server closes `stream` within `within`.
+    async fn closed_within(stream: &mut tokio_rustls::client::TlsStream<TcpStream>, within: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_that_passes_no_byte_for_the_idle_timeout_is_closed_and_an_active_one_is_not() {
+        let limits = ConnectionLimits { idle_timeout: Duration::from_millis(600), ..ConnectionLimits::default() };
+        let (address, client, stop) = node_port(limits).await;
+        let mut quiet = connect(address, &client).await.expect("a connection");
+        let mut busy = connect(address, &client).await.expect("another");
+        // The busy one sends a byte every 100 ms for 1.8 s, three idle
+        // timeouts, and is still open; the quiet one is closed meanwhile.
+        for _ in 0..18 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            busy.write_all(b"x").await.expect("the busy connection is open");
+            busy.flush().await.expect("flushed");
+        }
+        assert!(closed_within(&mut quiet, Duration::from_secs(10)).await, "the quiet connection was closed");
+        assert!(!closed_within(&mut busy, Duration::from_millis(100)).await, "the busy connection is open");
+        assert!(closed_within(&mut busy, Duration::from_secs(10)).await, "and closed once it is quiet too");
+        stop.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_past_the_total_cap_are_refused_until_one_closes() {
+        let limits = ConnectionLimits { max_connections: 2, per_client: 2, ..ConnectionLimits::default() };
+        let (address, client, stop) = node_port(limits).await;
+        let first = connect(address, &client).await.expect("a first connection");
+        let _second = connect(address, &client).await.expect("a second connection");
+        let refused = connect(address, &client).await;
+        assert!(refused.is_err(), "a third connection over a cap of 2 was served");
+        drop(first);
+        // The server lets the slot go once it sees the first one end.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match connect(address, &client).await {
+                Ok(_) => break,
+                Err(error) => {
+                    assert!(tokio::time::Instant::now() < deadline, "no connection after one closed: {error}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        stop.cancel();
+    }
+}
