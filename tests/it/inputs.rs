@@ -500,6 +500,35 @@ async fn a_join_through_a_removed_node_is_refused_by_the_joiner_and_leaks_no_tok
     Ok(())
 }
 
+/// Joins are limited per client address: a burst of `JOIN_BURST`
+/// attempts, then one per `JOIN_EVERY`; past that a join is refused with
+/// `ResourceExhausted` before anything else is looked at, until the bucket
+/// refills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_attempts_past_the_burst_from_one_address_are_refused_until_the_bucket_refills() -> Result<()> {
+    use roost_node::daemon::join::{JOIN_BURST, JOIN_EVERY};
+    let cluster = Cluster::start(1).await?;
+    let address = cluster.node(0)?.address.clone();
+    let channel = ClientTls::anonymous(cluster.tokens.admin.ca_digest)?.connect(&address).await?;
+    let mut join = roost_proto::cluster::join_client::JoinClient::new(channel);
+    let attempt = || roost_proto::cluster::JoinRequest { name: "guess".into(), ..Default::default() };
+    for i in 0..JOIN_BURST {
+        let status = join.join(attempt()).await.expect_err("a join without a proof");
+        assert_ne!(status.code(), tonic::Code::ResourceExhausted, "attempt {i} within the burst: {status:?}");
+    }
+    let status = join.join(attempt()).await.expect_err("a join past the burst");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("too many join attempts"), "{}", status.message());
+    // One more is allowed once the bucket has refilled by one.
+    roost_tests::wait_until("the join bucket to refill", JOIN_EVERY * 5, || async {
+        let status = join.clone().join(attempt()).await.expect_err("a join without a proof");
+        Ok(status.code() != tonic::Code::ResourceExhausted)
+    })
+    .await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
 /// A worker (a node that joined with the worker token) may neither campaign
 /// nor pose as a leader: its Vote and its AppendEntries, sent with its own
 /// certificate in its own name and a log as long as the leader's, are
