@@ -75,6 +75,8 @@ async fn joins_with_bad_tokens_or_names_are_refused_and_change_nothing() -> Resu
             .unwrap_or_else(|| panic!("{case}: join should fail"));
         let message = format!("{:#}", anyhow::Error::new(error));
         assert!(message.contains(expected), "{case}: {message}");
+        let parts: Vec<&str> = message.split(": ").collect();
+        assert!(parts.windows(2).all(|w| w[0] != w[1]), "{case}: a reason said twice: {message}");
         assert!(!dir.path().join("node.json").exists(), "{case}: a refused join must not leave an identity");
     }
     // A taken name, and a name that is not a DNS label.

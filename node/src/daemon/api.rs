@@ -155,7 +155,7 @@ impl ControlService {
             let state = self.consensus.state();
             if state.read(|s| s.is_worker(self.consensus.id())) {
                 return Err(Status::failed_precondition(format!(
-                    "this node is a worker: it takes changes to apps (deploy, scale, restart, rollback), not {}; run this against a voter instead (--endpoint){}",
+                    "this node is a worker: it takes reads and changes to apps (deploy, scale, restart, rollback); this needs {}, so run it against a voter instead (--endpoint){}",
                     command.access(),
                     state.read(super::keys::voters_named)
                 )));

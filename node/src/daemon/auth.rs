@@ -584,7 +584,7 @@ pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, 
         (_, Some(Grant::Token { .. } | Grant::Signed { .. }))
             if !worker_may_propose(command) && caller.is_some_and(|id| state.read(|s| s.is_worker(id))) =>
         {
-            Err(format!("a worker forwards changes to one app only, not {}", command.access()))
+            Err(format!("a worker forwards changes to one app only; this needs {}", command.access()))
         }
         // A signed call is the forwarder's own: its signature names the
         // server it was made to, which must be the node forwarding it.

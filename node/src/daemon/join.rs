@@ -43,7 +43,7 @@ use super::limit::Buckets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
-    #[error("invalid join token: {0}")]
+    #[error("invalid join token")]
     Token(#[source] roost_network::token::TokenError),
     #[error("that is an admin token; `roost node join` needs the join token (print it with `roost node token`)")]
     AdminToken,

@@ -170,7 +170,7 @@ pub enum StartError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Join(#[from] join::JoinError),
-    #[error("invalid join token: {0}")]
+    #[error("invalid join token")]
     Token(#[from] roost_network::token::TokenError),
     #[error("the certificates in the data directory are unusable")]
     Tls(#[from] tls::TlsError),
