@@ -531,6 +531,11 @@ async fn a_worker_holds_no_cluster_keys_yet_runs_secrets_and_serves_tls() -> Res
     };
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("try again in"), "{}", refused.message());
+
+    // A change to an app is the worker's to take (and forward with the
+    // caller's signed grant): a restart through it goes through.
+    let out = roost(&["restart", "-a", "keys"], Some(&w1.address), Some(&admin)).await?;
+    assert_eq!(out.code, 0, "a restart through the worker: {}{}", out.stdout, out.stderr);
     // The nodes stop before their containers are cleaned up.
     drop((w1, n1));
     Ok(())

@@ -140,11 +140,16 @@ fn raw_http(ip: &str, port: u16, path: &str) -> Result<String> {
 async fn every_node_routes_http_https_websockets_and_tcp_to_healthy_instances_anywhere() -> Result<()> {
     let topology = Topology::start(&format!("roost-it-{}-edge", std::process::id()), 3).await?;
     let admin = start(&topology, 3, "", &[]).await?;
-    let result = routing(&topology, &admin).await;
-    if let Err(error) = result {
-        bail!("{error:#}\n{}", topology.logs());
+    // A failed assertion prints the nodes' logs too.
+    let result = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(routing(&topology, &admin))).await;
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => bail!("{error:#}\n{}", topology.logs()),
+        Err(panic) => {
+            eprintln!("{}", topology.logs());
+            std::panic::resume_unwind(panic)
+        }
     }
-    Ok(())
 }
 
 async fn routing(topology: &Topology, admin: &Admin) -> Result<()> {
@@ -155,7 +160,10 @@ async fn routing(topology: &Topology, admin: &Admin) -> Result<()> {
     let mut seen = BTreeSet::new();
     for ip in &ips {
         let (code, body) = get(ip, "web.localhost", "")?;
-        assert_eq!(code, 200, "through {ip}: {body}");
+        // An error, not a panic, so that the nodes' logs are printed.
+        if code != 200 {
+            bail!("through {ip}: {code} {body}");
+        }
         seen.extend(instance_of(&body));
     }
     assert_eq!(seen.len(), 1, "one instance answers through every node: {seen:?}");
