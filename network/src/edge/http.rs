@@ -160,6 +160,10 @@ fn redirect(request: &Request<Incoming>, host: &str, https_port: Option<u16>) ->
     response
 }
 
+/// How long a request whose every instance failed waits before it tries
+/// them all once more ([`proxy`]).
+const SECOND_ROUND_PAUSE: Duration = Duration::from_millis(250);
+
 /// Why an attempt on one instance did not give an answer.
 enum Attempt {
     /// The request's body went with it: no retry is possible.
@@ -185,6 +189,7 @@ async fn proxy(
     let mut body = Some(body.boxed());
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_error = String::new();
+    let mut second_round = false;
     loop {
         let lease = match shared.balancer.acquire(&route.backends, &route.concurrency, &tried, shared.queue).await {
             Ok(lease) => lease,
@@ -193,6 +198,16 @@ async fn proxy(
                 let mut response = text(StatusCode::SERVICE_UNAVAILABLE, message);
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 return log.local(response);
+            }
+            // Every instance failed. A healthy one can be out of reach for
+            // a moment (this node has just joined and its mesh is still
+            // being set up, or a first WireGuard handshake is under way):
+            // a request that can be sent again gets one more round.
+            Err(Unavailable::NoInstance) if replayable && !second_round && !tried.is_empty() => {
+                second_round = true;
+                tried.clear();
+                tokio::time::sleep(SECOND_ROUND_PAUSE).await;
+                continue;
             }
             Err(Unavailable::NoInstance) => {
                 let message = format!("no instance of {} could be reached: {last_error}\n", route.app);
