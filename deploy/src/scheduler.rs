@@ -10,7 +10,7 @@
 //! applies to, and refuses a placement that no longer holds them.) Among
 //! those it spreads: fewest instances of the same release first, then the
 //! smallest share of memory already reserved, then most free memory. The
-//! share is of what a node declares, but of at most twice the median node's
+//! share is of what a node declares, but of at most twice the median voter's
 //! memory ([`MEMORY_SHARE_CAP`]): nodes declare their own resources at join,
 //! and one that overstated them would otherwise win every tie, and with it
 //! the first instance (and its secrets) of every app without a constraint.
@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use roost_raft::state::{NodeRecord, State};
+use roost_raft::state::{NodeRecord, NodeRole, State};
 use roost_raft::workload::{format_bytes, format_cpus, Instance, MaxUnavailable, Placement, Resources, Strategy};
 use roost_raft::NodeId;
 
@@ -182,9 +182,13 @@ fn rollout_budgets(state: &State) -> HashMap<(&str, u64), usize> {
 pub const MEMORY_SHARE_CAP: u64 = 2;
 
 /// What each node's reserved memory is a share of: what it declares, but at
-/// most [`MEMORY_SHARE_CAP`] times the median of what the nodes declare.
+/// most [`MEMORY_SHARE_CAP`] times the median of what the voters declare
+/// (of every node's, if none of these is a voter): anyone with the worker
+/// token can join workers, so workers do not get to move the median.
 fn memory_share_bases(nodes: &[&NodeRecord]) -> Vec<u64> {
-    let mut declared: Vec<u64> = nodes.iter().map(|n| n.resources.memory_bytes).collect();
+    let voters: Vec<&&NodeRecord> = nodes.iter().filter(|n| n.role != NodeRole::Worker).collect();
+    let reference: Vec<&&NodeRecord> = if voters.is_empty() { nodes.iter().collect() } else { voters };
+    let mut declared: Vec<u64> = reference.iter().map(|n| n.resources.memory_bytes).collect();
     declared.sort_unstable();
     let median = declared.get(declared.len().saturating_sub(1) / 2).copied().unwrap_or(0);
     nodes.iter().map(|n| n.resources.memory_bytes.min(median.saturating_mul(MEMORY_SHARE_CAP))).collect()

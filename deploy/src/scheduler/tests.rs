@@ -59,6 +59,21 @@ fn a_node_that_overstates_its_memory_gets_at_most_about_twice_a_nodes_share_not_
 }
 
 #[test]
+fn workers_that_overstate_their_memory_together_do_not_move_the_median() {
+    // Two voters of 1 GiB, and three workers that each claim 100 GiB: the
+    // median is the voters', so each worker counts as 2 GiB.
+    let mut state = cluster(5, |_| vec![]);
+    for id in 3..=5 {
+        if let Some(node) = state.nodes.get_mut(&id) {
+            node.role = roost_raft::state::NodeRole::Worker;
+            node.resources = Resources { cpu_millis: 400_000, memory_bytes: 100 * GIB };
+        }
+    }
+    let on = place_one_instance_apps(&mut state, 16);
+    assert_eq!(on, [2, 2, 4, 4, 4], "a worker gets twice a voter's share, not everything");
+}
+
+#[test]
 fn honest_nodes_of_different_sizes_fill_in_proportion_to_their_memory() {
     let mut state = cluster(2, |_| vec![]);
     if let Some(node) = state.nodes.get_mut(&2) {

@@ -190,6 +190,9 @@ async fn proxy(
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_error = String::new();
     let mut second_round = false;
+    // Whether an attempt sent the request (which the instance may have
+    // taken): then a second round would send it to each instance again.
+    let mut reached = false;
     loop {
         let lease = match shared.balancer.acquire(&route.backends, &route.concurrency, &tried, shared.queue).await {
             Ok(lease) => lease,
@@ -199,11 +202,11 @@ async fn proxy(
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 return log.local(response);
             }
-            // Every instance failed. A healthy one can be out of reach for
+            // No instance could be connected to. A healthy one can be out of reach for
             // a moment (this node has just joined and its mesh is still
             // being set up, or a first WireGuard handshake is under way):
             // a request that can be sent again gets one more round.
-            Err(Unavailable::NoInstance) if replayable && !second_round && !tried.is_empty() => {
+            Err(Unavailable::NoInstance) if replayable && !second_round && !reached && !tried.is_empty() => {
                 second_round = true;
                 tried.clear();
                 tokio::time::sleep(SECOND_ROUND_PAUSE).await;
@@ -250,7 +253,10 @@ async fn proxy(
         };
         match sent {
             Ok(response) => return answer(shared, response, sender, lease, client_upgrade, log),
-            Err(Attempt::Retry(error)) => last_error = error,
+            Err(Attempt::Retry(error)) => {
+                reached = true;
+                last_error = error;
+            }
             Err(Attempt::Failed(error)) => {
                 return log.local(text(StatusCode::BAD_GATEWAY, format!("the instance failed: {error}\n")));
             }
