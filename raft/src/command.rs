@@ -32,12 +32,23 @@ pub enum Grant {
     /// A signed API call: the token's public key, the caller's timestamp
     /// and its signature over them, the TLS session it was made on
     /// (`session`, the exporter value the node that took the call saw), that
-    /// node's certificate (`server`, its fingerprint) and the gRPC method
-    /// called (`method`), all hex but the time and method. The leader checks
-    /// the signature, that `server` is the node that forwards the grant, that
-    /// the method proposes this command, that the key is a current token's,
-    /// and that the time is recent.
-    Signed { public_key: String, timestamp_ms: i64, session: String, server: String, method: String, signature: String },
+    /// node's certificate (`server`, its fingerprint), the gRPC method
+    /// called (`method`) and the app it acts on (`app`, empty when the
+    /// client named none), all hex but the time, method and app. The leader
+    /// checks the signature, that `server` is the node that forwards the
+    /// grant, that the method proposes this command, that the command is
+    /// for `app` if one is named, that the key is a current token's, and
+    /// that the time is recent.
+    Signed {
+        public_key: String,
+        timestamp_ms: i64,
+        session: String,
+        server: String,
+        method: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        app: String,
+        signature: String,
+    },
     /// The join secret a joining node presented to its seed.
     Join { secret: String },
 }
@@ -143,6 +154,16 @@ impl Command {
     /// their behalf. Node commands ([`Command::is_node_command`]) need an
     /// admin, should one ever ask; the leader's decisions and the bootstrap
     /// are refused whatever the grant.
+    /// The app this command creates, changes or removes, if it is about one.
+    pub fn app(&self) -> Option<&str> {
+        match (self, self.access()) {
+            (_, Access::WriteApp(app)) => Some(app),
+            (Command::CreateApp { name } | Command::DestroyApp { name }, _) => Some(name),
+            (Command::AddCertificate { app, .. }, _) => Some(app),
+            _ => None,
+        }
+    }
+
     pub fn access(&self) -> Access<'_> {
         match self {
             Command::Deploy { app, .. }

@@ -373,6 +373,7 @@ async fn a_cli_call_to_a_removed_node_gives_it_nothing_a_member_accepts() -> Res
             session: &session.exporter,
             server: &session.server,
             method: "ListApps",
+            app: "",
         };
         let signed = admin.key().sign(&call, at);
         let mut skewed = ControlClient::with_interceptor(channel, ApiAuth::Header(signed.header().parse()?));
@@ -804,6 +805,7 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
     let cluster = Cluster::start(3).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
     cluster.client(0).await?.create_app(CreateAppRequest { name: "target".into() }).await?;
+    cluster.client(0).await?.create_app(CreateAppRequest { name: "bystander".into() }).await?;
     let member = (leader + 1) % 3;
     let member_id = cluster.node(member)?.id;
     let tls = roost_tests::node_tls(cluster.slots[member].dir.path())?;
@@ -814,12 +816,13 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
         roost_proto::cluster::RaftPayload { json: serde_json::to_vec(&forward).expect("encodes") }
     };
     let sealed = roost_raft::workload::SealedSecret { sealed: "00".into(), digest: "d".into(), updated_at: 1 };
-    let set_secrets = || Command::SetSecrets {
-        app: "target".into(),
+    let set_secrets_of = |app: &str| Command::SetSecrets {
+        app: app.into(),
         set: [("K".to_owned(), sealed.clone())].into(),
         unset: Vec::new(),
         stage: true,
     };
+    let set_secrets = || set_secrets_of("target");
     let forged = Token { secret: "0".repeat(32), ..cluster.tokens.admin.clone() }.to_string();
     let other = cluster.node(leader)?.id;
     let here = roost_raft::workload::Placement::Place { instance: "target-app-0".into(), node: member_id };
@@ -832,16 +835,17 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
     let admin_grant = Grant::Token { token: cluster.tokens.admin.to_string() };
     // A signed call's grant: good when fresh and made to the node that
     // forwards it; refused once older than the leader allows (a node cannot
-    // keep a user's signature to use later), and when made to another node.
+    // keep a user's signature to use later), when made to another node, and
+    // for a change to another app than the one the call was signed for.
     let fingerprint_of = |i: usize| {
         let id = cluster.node(i).map(|n| n.id).unwrap_or_default();
         cluster.node(leader).map(|n| n.consensus.state().read(|s| s.nodes[&id].cert_fingerprint.clone()))
     };
     let (member_fp, leader_fp) = (fingerprint_of(member)?, fingerprint_of(leader)?);
-    let signed_by = |token: &Token, server: &str, method: &str, age_ms: i64| {
+    let signed_for = |token: &Token, server: &str, method: &str, app: &str, age_ms: i64| {
         let session = [9u8; 32];
         let now = roost_raft::consensus::now_millis();
-        let call = roost_network::token::SignedCall { session: &session, server, method };
+        let call = roost_network::token::SignedCall { session: &session, server, method, app };
         let signature = token.key().sign(&call, now - age_ms);
         Grant::Signed {
             public_key: signature.public_key,
@@ -849,9 +853,12 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
             session: roost_network::pki::hex(&session),
             server: server.to_owned(),
             method: method.to_owned(),
+            app: app.to_owned(),
             signature: signature.signature,
         }
     };
+    let signed_by =
+        |token: &Token, server: &str, method: &str, age_ms: i64| signed_for(token, server, method, "target", age_ms);
     let signed = |age_ms: i64| signed_by(&cluster.tokens.admin, &member_fp, "SetSecrets", age_ms);
     let stale = signed(roost_node::daemon::auth::SIGNED_GRANT_AGE_MS + 60_000);
     let to_another_node = signed_by(&cluster.tokens.admin, &leader_fp, "SetSecrets", 0);
@@ -859,8 +866,8 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
     let stranger = Token::generate(TokenKind::Api, cluster.tokens.admin.ca_digest);
     let unknown_key = signed_by(&stranger, &member_fp, "SetSecrets", 0);
     let forged_signature = match signed(0) {
-        Grant::Signed { public_key, timestamp_ms, session, server, method, .. } => {
-            Grant::Signed { public_key, timestamp_ms, session, server, method, signature: "00".repeat(64) }
+        Grant::Signed { public_key, timestamp_ms, session, server, method, app, .. } => {
+            Grant::Signed { public_key, timestamp_ms, session, server, method, app, signature: "00".repeat(64) }
         }
         other => other,
     };
@@ -885,6 +892,14 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
         ("secrets with a signature that does not verify", propose(set_secrets(), Some(forged_signature))),
         ("secrets with a signature made to another node", propose(set_secrets(), Some(to_another_node))),
         ("secrets with a signature of a call that changes nothing", propose(set_secrets(), Some(for_another_method))),
+        ("another app's secrets with a signature for target", propose(set_secrets_of("bystander"), Some(signed(0)))),
+        (
+            "a node removal with a signature of a removal about app target",
+            propose(
+                Command::RemoveNode { id: other, new_join_secret: None, new_worker_secret: None, rotate: None },
+                Some(signed_by(&cluster.tokens.admin, &member_fp, "RemoveNode", 0)),
+            ),
+        ),
         ("a destroy", propose(Command::DestroyApp { name: "target".into() }, None)),
         ("a rollback (a release)", propose(Command::Rollback { app: "target".into(), version: None }, None)),
         ("a scale", propose(Command::Scale { app: "target".into(), group: "app".into(), count: 9 }, None)),
@@ -911,6 +926,7 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
     }
     let state = |f: fn(&roost_raft::State) -> bool| cluster.node(leader).map(|n| n.consensus.state().read(f));
     assert!(state(|s| s.apps.get("target").is_some_and(|a| a.secrets.is_empty()))?, "nothing was written");
+    assert!(state(|s| s.apps.get("bystander").is_some_and(|a| a.secrets.is_empty()))?);
     assert!(state(|s| s.nodes.values().all(|n| n.address != "127.0.0.1:1"))?);
     assert!(state(|s| s.nodes.len() == 3 && s.cluster.as_ref().is_some_and(|c| c.join_secret.is_empty()))?);
 
@@ -958,7 +974,7 @@ async fn a_worker_forwarding_an_admins_grant_may_change_an_app_but_not_label_its
     };
     let signed = |method: &str| {
         let session = [7u8; 32];
-        let call = roost_network::token::SignedCall { session: &session, server: &worker_fp, method };
+        let call = roost_network::token::SignedCall { session: &session, server: &worker_fp, method, app: "" };
         let signature = cluster.tokens.admin.key().sign(&call, roost_raft::consensus::now_millis());
         Grant::Signed {
             public_key: signature.public_key,
@@ -966,6 +982,7 @@ async fn a_worker_forwarding_an_admins_grant_may_change_an_app_but_not_label_its
             session: roost_network::pki::hex(&session),
             server: worker_fp.clone(),
             method: method.to_owned(),
+            app: String::new(),
             signature: signature.signature,
         }
     };

@@ -26,6 +26,12 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// How long a connection or a request that could reach none of its
+/// instances waits before it tries them all once more. A healthy instance
+/// can be out of reach for a moment: this node has just joined and its mesh
+/// is still being set up, or a first WireGuard handshake is under way.
+pub const SECOND_ROUND_PAUSE: Duration = Duration::from_millis(250);
+
 use super::routes::Backend;
 
 /// What the edge knows of one instance.

@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::balance::{Balancer, Lease, Unavailable};
+use super::balance::{Balancer, Lease, Unavailable, SECOND_ROUND_PAUSE};
 use super::pool::{Pool, UpstreamBody};
 use super::routes::{AppRoute, HostMatch, Routes};
 
@@ -117,6 +117,12 @@ async fn route(shared: &Arc<Shared>, client: Client, request: Request<Incoming>,
             let message = format!("no app is served at {}\n", log.host);
             return log.local(text(StatusCode::NOT_FOUND, message));
         }
+        HostMatch::Starting => {
+            let message = "this node is still catching up with the cluster; try again shortly\n";
+            let mut response = text(StatusCode::SERVICE_UNAVAILABLE, message.to_owned());
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return log.local(response);
+        }
     };
     let log = log.app(&route.app);
     if !client.tls && route.force_https {
@@ -160,10 +166,6 @@ fn redirect(request: &Request<Incoming>, host: &str, https_port: Option<u16>) ->
     response
 }
 
-/// How long a request whose every instance failed waits before it tries
-/// them all once more ([`proxy`]).
-const SECOND_ROUND_PAUSE: Duration = Duration::from_millis(250);
-
 /// Why an attempt on one instance did not give an answer.
 enum Attempt {
     /// The request's body went with it: no retry is possible.
@@ -202,10 +204,8 @@ async fn proxy(
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 return log.local(response);
             }
-            // No instance could be connected to. A healthy one can be out of reach for
-            // a moment (this node has just joined and its mesh is still
-            // being set up, or a first WireGuard handshake is under way):
-            // a request that can be sent again gets one more round.
+            // No instance could be connected to: a request that can be
+            // sent again gets one more round (see `SECOND_ROUND_PAUSE`).
             Err(Unavailable::NoInstance) if replayable && !second_round && !reached && !tried.is_empty() => {
                 second_round = true;
                 tried.clear();

@@ -57,6 +57,11 @@ pub struct Routes {
     tcp: BTreeMap<u16, TcpRoute>,
     /// ACME HTTP-01 tokens and their key authorizations.
     challenges: HashMap<String, String>,
+    /// Whether these routes come from a state that has caught up with the
+    /// cluster. Until then a host the edge does not know may well be an app
+    /// this node has not heard of yet: it is [`HostMatch::Starting`], not
+    /// [`HostMatch::Unknown`]. The default (before any state) has not.
+    caught_up: bool,
 }
 
 /// Where a host name leads.
@@ -66,6 +71,9 @@ pub enum HostMatch<'a> {
     /// An app without `[http_service]`.
     NotHttp(&'a str),
     Unknown,
+    /// No route, and this node has not caught up with the cluster yet (it
+    /// has just started or joined): the app may exist all the same.
+    Starting,
 }
 
 impl Routes {
@@ -133,7 +141,14 @@ impl Routes {
         // An app never deployed is unknown here, as it is to the directory:
         // creating one changes nothing the edge builds.
         let apps = state.apps.iter().filter(|(_, app)| app.has_release()).map(|(name, _)| name.clone()).collect();
-        Routes { domain, http, apps, domains, tcp, challenges }
+        Routes { domain, http, apps, domains, tcp, challenges, caught_up: true }
+    }
+
+    /// These routes come from a state that has not caught up with the
+    /// cluster yet: hosts they do not know are [`HostMatch::Starting`].
+    pub fn catching_up(mut self) -> Routes {
+        self.caught_up = false;
+        self
     }
 
     /// The cluster domain (`APP.DOMAIN`).
@@ -151,12 +166,13 @@ impl Routes {
     /// The app a `Host` (lowercase, without port) leads to.
     pub fn host(&self, host: &str) -> HostMatch<'_> {
         let app = self.cluster_app(host).or_else(|| self.domains.get(host).map(String::as_str));
-        let Some(app) = app else { return HostMatch::Unknown };
+        let unknown = if self.caught_up { HostMatch::Unknown } else { HostMatch::Starting };
+        let Some(app) = app else { return unknown };
         match self.http.get(app) {
             Some(route) => HostMatch::App(route),
             None => match self.apps.get(app) {
                 Some(name) => HostMatch::NotHttp(name),
-                None => HostMatch::Unknown,
+                None => unknown,
             },
         }
     }

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::balance::Balancer;
+use super::balance::{Balancer, SECOND_ROUND_PAUSE};
 use super::routes::Routes;
 
 /// The listeners of the public TCP ports, following the routes.
@@ -87,11 +87,22 @@ async fn forward(
     balancer: Arc<Balancer>,
     connect_timeout: Duration,
 ) {
-    let Some(route) = routes.borrow().tcp(port).cloned() else { return };
+    let Some(mut route) = routes.borrow().tcp(port).cloned() else { return };
     let unlimited = Concurrency::default();
     let mut tried = Vec::new();
+    let mut second_round = false;
     loop {
         let Ok(lease) = balancer.acquire(&route.backends, &unlimited, &tried, Duration::ZERO).await else {
+            // Nothing of the client's has gone anywhere yet: one more round
+            // (see `SECOND_ROUND_PAUSE`).
+            if !second_round && !tried.is_empty() {
+                second_round = true;
+                tried.clear();
+                tokio::time::sleep(SECOND_ROUND_PAUSE).await;
+                let Some(now) = routes.borrow().tcp(port).cloned() else { return };
+                route = now;
+                continue;
+            }
             tracing::warn!(app = %route.app, port, client = %from, "no instance could take a TCP connection");
             return;
         };

@@ -21,7 +21,7 @@ use roost_proto::api::{
 };
 use tokio::time::Instant;
 
-use super::{output, CliError, ClientArgs, Control};
+use super::{about_app, output, CliError, ClientArgs, Control};
 
 /// Chunks of a build context or image on the wire.
 const CHUNK: usize = 1 << 20;
@@ -286,10 +286,11 @@ async fn send_deploy(
     body: Vec<Vec<u8>>,
     out: &mut dyn Write,
 ) -> Result<u64, Sent> {
+    let app = start.app.clone();
     let first = DeployRequest { part: Some(deploy_request::Part::Start(start)) };
     let rest = body.into_iter().map(|chunk| DeployRequest { part: Some(deploy_request::Part::Chunk(chunk)) });
     let requests = futures::stream::iter(std::iter::once(first).chain(rest));
-    let mut events = client.deploy(requests).await?.into_inner();
+    let mut events = client.deploy(about_app(&app, requests)).await?.into_inner();
     while let Some(event) = events.message().await? {
         match event.event {
             Some(deploy_event::Event::BuildOutput(line)) => writeln!(out, "    {line}").map_err(io)?,
@@ -431,7 +432,7 @@ pub async fn rollback(
 ) -> Result<(), CliError> {
     let app = app.resolve()?;
     let mut control = client.connect().await?;
-    let reply = control.rollback(RollbackRequest { app: app.clone(), version }).await?.into_inner();
+    let reply = control.rollback(about_app(&app, RollbackRequest { app: app.clone(), version })).await?.into_inner();
     after_change(&mut control, &app, reply.release, detach, "Rolling back", out).await
 }
 
@@ -441,7 +442,7 @@ pub async fn scale(command: ScaleCommand, out: &mut dyn Write) -> Result<(), Cli
             let app = app.resolve()?;
             let mut control = client.connect().await?;
             let request = ScaleRequest { app: app.clone(), process_group: process_group.clone(), count };
-            control.scale(request).await?;
+            control.scale(about_app(&app, request)).await?;
             writeln!(out, "Scaling {app} {process_group} to {count} instance(s)").map_err(io)?;
             wait_for_scale(&mut control, &app, &process_group, count, out).await
         }
@@ -454,7 +455,7 @@ pub async fn scale(command: ScaleCommand, out: &mut dyn Write) -> Result<(), Cli
                 cpus,
                 memory: memory.clone(),
             };
-            let reply = control.scale_vm(request).await?.into_inner();
+            let reply = control.scale_vm(about_app(&app, request)).await?.into_inner();
             after_change(&mut control, &app, reply.release, detach, &format!("Resizing to {cpus} CPU, {memory}"), out)
                 .await
         }
@@ -498,7 +499,7 @@ async fn wait_for_scale(
 
 pub async fn restart(app: &AppArg, client: &ClientArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let app = app.resolve()?;
-    client.connect().await?.restart_app(AppRequest { app: app.clone() }).await?;
+    client.connect().await?.restart_app(about_app(&app, AppRequest { app: app.clone() })).await?;
     writeln!(out, "Restarting every instance of {app}, a wave at a time ([deploy] max_unavailable); `roost status -a {app}` follows it").map_err(io)
 }
 
@@ -516,7 +517,10 @@ pub async fn secrets(command: SecretsCommand, out: &mut dyn Write) -> Result<(),
             }
             let names: Vec<String> = secrets.keys().cloned().collect();
             let mut control = client.connect().await?;
-            let reply = control.set_secrets(SetSecretsRequest { app: app.clone(), secrets, stage }).await?.into_inner();
+            let reply = control
+                .set_secrets(about_app(&app, SetSecretsRequest { app: app.clone(), secrets, stage }))
+                .await?
+                .into_inner();
             let done = format!("Set {}", names.join(", "));
             after_change(&mut control, &app, reply.release, detach, &done, out).await
         }
@@ -524,7 +528,7 @@ pub async fn secrets(command: SecretsCommand, out: &mut dyn Write) -> Result<(),
             let app = app.resolve()?;
             let mut control = client.connect().await?;
             let request = UnsetSecretsRequest { app: app.clone(), names: names.clone(), stage };
-            let reply = control.unset_secrets(request).await?.into_inner();
+            let reply = control.unset_secrets(about_app(&app, request)).await?.into_inner();
             let done = format!("Unset {}", names.join(", "));
             after_change(&mut control, &app, reply.release, detach, &done, out).await
         }
@@ -572,10 +576,10 @@ pub async fn set_suspended(
 ) -> Result<(), CliError> {
     let mut control = client.connect().await?;
     if suspend {
-        control.suspend_app(AppRequest { app: name.clone() }).await?;
+        control.suspend_app(about_app(&name, AppRequest { app: name.clone() })).await?;
         writeln!(out, "Suspended {name}: its instances stop; `roost apps resume {name}` brings them back").map_err(io)
     } else {
-        control.resume_app(AppRequest { app: name.clone() }).await?;
+        control.resume_app(about_app(&name, AppRequest { app: name.clone() })).await?;
         writeln!(out, "Resumed {name}").map_err(io)
     }
 }

@@ -529,8 +529,8 @@ pub enum ApiAuth {
     Signed {
         key: Arc<TokenKey>,
         session: SessionSlot,
-        /// The signature in use for each method.
-        signed: Arc<std::sync::Mutex<std::collections::HashMap<String, SignedSession>>>,
+        /// The signature in use for each method and app.
+        signed: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), SignedSession>>>,
     },
     /// Sends this `authorization` value as it is: `Bearer TOKEN`, the token
     /// itself, as tools that cannot sign do.
@@ -569,17 +569,20 @@ impl tonic::service::Interceptor for ApiAuth {
                     .get::<tonic::GrpcMethod<'static>>()
                     .map(|m| m.method().to_owned())
                     .ok_or_else(|| tonic::Status::internal("a call without its method name cannot be signed"))?;
+                let app = request.metadata().get(roost_proto::APP).and_then(|v| v.to_str().ok()).unwrap_or_default();
                 let mut signed = signed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let slot = (method, app.to_owned());
                 let reusable = signed
-                    .get(&method)
+                    .get(&slot)
                     .filter(|last| last.session == session && now.saturating_sub(last.at) < RESIGN_AFTER_MS);
                 match reusable {
                     Some(last) => last.header.clone(),
                     None => {
-                        let call = SignedCall { session: &session.exporter, server: &session.server, method: &method };
+                        let call =
+                            SignedCall { session: &session.exporter, server: &session.server, method: &slot.0, app };
                         let header = MetadataValue::try_from(key.sign(&call, now).header())
                             .map_err(|_| tonic::Status::internal("a signature that a header cannot carry"))?;
-                        signed.insert(method, SignedSession { session, at: now, header: header.clone() });
+                        signed.insert(slot, SignedSession { session, at: now, header: header.clone() });
                         header
                     }
                 }
@@ -588,6 +591,18 @@ impl tonic::service::Interceptor for ApiAuth {
         request.metadata_mut().insert(roost_proto::AUTHORIZATION, value);
         Ok(request)
     }
+}
+
+/// A request about `app`: the `roost-app` metadata names it, and a signed
+/// call signs it ([`ApiAuth::Signed`]), so the grant the node receives is
+/// good for that app alone.
+pub fn about_app<T>(app: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    // App names are ASCII; one that is not is refused by the node anyway.
+    if let Ok(value) = MetadataValue::try_from(app) {
+        request.metadata_mut().insert(roost_proto::APP, value);
+    }
+    request
 }
 
 /// Connects to the node at `endpoint`, trusting only the CA `token` pins,
@@ -803,7 +818,8 @@ pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), Cli
                 .map_err(io)
         }
         Command::Apps(AppsCommand::Create { name, client }) => {
-            let app = client.connect().await?.create_app(CreateAppRequest { name }).await?.into_inner();
+            let request = about_app(&name, CreateAppRequest { name: name.clone() });
+            let app = client.connect().await?.create_app(request).await?.into_inner();
             writeln!(out, "Created app {}", app.name).map_err(io)
         }
         Command::Apps(AppsCommand::List { json, stale, client }) => {
@@ -832,7 +848,7 @@ pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), Cli
             if !yes {
                 confirm_destroy(&name)?;
             }
-            client.connect().await?.destroy_app(DestroyAppRequest { name: name.clone() }).await?;
+            client.connect().await?.destroy_app(about_app(&name, DestroyAppRequest { name: name.clone() })).await?;
             writeln!(out, "Destroyed app {name}").map_err(io)
         }
     }
@@ -843,7 +859,7 @@ async fn certs(command: CertsCommand, out: &mut dyn Write) -> Result<(), CliErro
     match command {
         CertsCommand::Add { domain, app, client } => {
             let app = app.resolve()?;
-            let request = AddCertificateRequest { domain, app };
+            let request = about_app(&app, AddCertificateRequest { domain, app: app.clone() });
             let certificate = client.connect().await?.add_certificate(request).await?.into_inner();
             writeln!(out, "Added {} to app {}; its certificate is being ordered.", certificate.domain, certificate.app)
                 .map_err(io)?;

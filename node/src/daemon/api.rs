@@ -27,6 +27,7 @@ use roost_proto::api::{
 };
 use roost_proto::cluster::peer_client::PeerClient;
 use roost_proto::cluster::{MeshStatusRequest, MeshStatusResponse};
+use roost_raft::consensus::now_millis;
 use roost_raft::state::{validate_name, Access, App, NodeRecord, NodeRole};
 use roost_raft::{Command, Consensus, ConsensusError, Grant, NodeId, Rejection, Response};
 use tokio::time::Instant;
@@ -149,6 +150,8 @@ impl ControlService {
         if let Some(caller) = self.caller_now()? {
             caller.allow(command.access())?;
         }
+        let grant = super::auth::current_grant();
+        super::auth::bound_app_allows(grant.as_ref(), &command).map_err(Status::permission_denied)?;
         // A worker takes changes to one app only (the leader would refuse
         // the rest from it anyway): say so, and name the voters.
         if !super::auth::worker_may_propose(&command) {
@@ -161,7 +164,6 @@ impl ControlService {
                 )));
             }
         }
-        let grant = super::auth::current_grant();
         let response = self
             .consensus
             .propose_granted(command, grant, Instant::now() + API_DEADLINE)
@@ -226,9 +228,18 @@ impl ControlService {
     }
 }
 
+/// How long a node that joined and has never reported is shown `starting`
+/// before it is shown `down`.
+const STARTING_FOR_AT_MOST_MS: i64 = 60_000;
+
 fn node_to_wire(node: &NodeRecord, role: &str, seen: Option<&Seen>) -> WireNode {
     let state = match seen {
         Some(seen) if seen.up => "up",
+        // Joined under this leader and never reported: it reports once it
+        // has caught up with the cluster and can serve.
+        Some(seen) if seen.ago == Duration::MAX && now_millis() - node.joined_at < STARTING_FOR_AT_MOST_MS => {
+            "starting"
+        }
         Some(_) => "down",
         None => "unknown",
     };

@@ -170,13 +170,15 @@ pub struct CallGrant(pub Result<Grant, String>);
 
 /// The grant an API call's `authorization` header carries:
 /// `Signed PUBLIC_KEY.TIME.SIGNATURE` over the TLS session `peer` is on,
-/// this node's certificate (fingerprint `server`) and the `method` called,
-/// or `Bearer TOKEN`. Only the form is checked here.
+/// this node's certificate (fingerprint `server`), the `method` called and
+/// the `app` the call names (`roost-app`, or empty), or `Bearer TOKEN`.
+/// Only the form is checked here.
 pub fn grant_of(
     header: Option<&str>,
     peer: Option<&PeerIdentity>,
     server: &str,
     method: &str,
+    app: &str,
 ) -> Result<Grant, Status> {
     let header = header.ok_or_else(|| Status::unauthenticated("no API token: pass --token or set ROOST_TOKEN"))?;
     if let Some(token) = header.strip_prefix("Bearer ") {
@@ -197,7 +199,23 @@ pub fn grant_of(
         session: hex(&session),
         server: server.to_owned(),
         method: method.to_owned(),
+        app: app.to_owned(),
         signature: signed.signature,
+    })
+}
+
+/// Whether `grant` may be used for `command` as far as the app goes: a call
+/// signed for one app (the CLI names the app of every call about one)
+/// changes that app alone, so a node that took it cannot use the grant on
+/// another. Other grants are not bound to an app.
+pub fn bound_app_allows(grant: Option<&Grant>, command: &Command) -> Result<(), String> {
+    let Some(Grant::Signed { app, method, .. }) = grant else { return Ok(()) };
+    if app.is_empty() || command.app() == Some(app.as_str()) {
+        return Ok(());
+    }
+    Err(match command.app() {
+        Some(other) => format!("the call ({method}) was signed for app {app}; it cannot change app {other}"),
+        None => format!("the call ({method}) was signed for app {app}; it cannot make a change that is not to an app"),
     })
 }
 
@@ -233,7 +251,7 @@ pub fn resolve_grant(
 /// that did are remembered ([`VERIFIED`]): a client sends one signature
 /// with every call of a session, and it costs one Ed25519 check.
 fn verify_signed(grant: &Grant) -> Result<(), Status> {
-    let Grant::Signed { public_key, timestamp_ms, session, server, method, signature } = grant else {
+    let Grant::Signed { public_key, timestamp_ms, session, server, method, app, signature } = grant else {
         return Err(Status::unauthenticated("not a signed call"));
     };
     let mut digest = sha2::Sha256::new();
@@ -243,6 +261,7 @@ fn verify_signed(grant: &Grant) -> Result<(), Status> {
         session.as_bytes(),
         server.as_bytes(),
         method.as_bytes(),
+        app.as_bytes(),
         signature.as_bytes(),
     ] {
         digest.update((part.len() as u64).to_be_bytes());
@@ -258,7 +277,7 @@ fn verify_signed(grant: &Grant) -> Result<(), Status> {
     let signed =
         TokenSignature { public_key: public_key.clone(), timestamp_ms: *timestamp_ms, signature: signature.clone() };
     signed
-        .verify(&SignedCall { session: &session, server, method })
+        .verify(&SignedCall { session: &session, server, method, app })
         .map_err(|e| Status::unauthenticated(e.to_string()))?;
     if let Ok(mut verified) = VERIFIED.lock() {
         if verified.len() >= MAX_VERIFIED {
@@ -433,7 +452,12 @@ pub async fn with_grant<F: Future>(grant: Option<Grant>, future: F) -> F::Output
 /// Whether this node's state holds the cluster and its own record: enough to
 /// check an API token and to answer reads after a read barrier.
 pub fn caught_up(state: &StateReader, me: NodeId) -> bool {
-    state.read(|s| s.cluster.is_some() && s.nodes.contains_key(&me))
+    state.read(|s| caught_up_with(s, me))
+}
+
+/// [`caught_up`], given the state.
+pub fn caught_up_with(state: &roost_raft::State, me: NodeId) -> bool {
+    state.cluster.is_some() && state.nodes.contains_key(&me)
 }
 
 /// Waits until [`caught_up`] or `deadline`; whether it caught up.
@@ -503,7 +527,8 @@ where
         // `/roost.api.v1.Control/CreateApp` is a call of `CreateApp`.
         let method = request.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
         let header = request.headers().get(roost_proto::AUTHORIZATION).map(|h| h.to_str().unwrap_or_default());
-        let parsed = grant_of(header, request.extensions().get::<PeerIdentity>(), &self.server, &method)
+        let app = request.headers().get(roost_proto::APP).map_or("", |h| h.to_str().unwrap_or_default());
+        let parsed = grant_of(header, request.extensions().get::<PeerIdentity>(), &self.server, &method, app)
             .map_err(|status| status.message().to_owned());
         let grant = parsed.clone().ok();
         let mut request = request;
@@ -599,6 +624,8 @@ pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, 
             Err(format!("the call was signed for {method}, which does not make this change"))
         }
         (_, Some(grant @ (Grant::Token { .. } | Grant::Signed { .. }))) => {
+            // And the app it names, if it names one.
+            bound_app_allows(Some(grant), command)?;
             let principal = resolve_grant(&state, &ca_digest, grant, Some(&uses), &clock, SIGNED_GRANT_AGE_MS)
                 .map_err(|status| status.message().to_owned())?;
             principal.allow(command.access()).map_err(|status| status.message().to_owned())
@@ -648,6 +675,31 @@ mod tests {
     use roost_raft::testkit::cluster;
 
     use super::*;
+
+    #[test]
+    fn a_grant_signed_for_one_app_allows_changes_to_that_app_alone() {
+        let signed = |app: &str| Grant::Signed {
+            public_key: String::new(),
+            timestamp_ms: 0,
+            session: String::new(),
+            server: String::new(),
+            method: "Scale".into(),
+            app: app.into(),
+            signature: String::new(),
+        };
+        let scale = |app: &str| Command::Scale { app: app.into(), group: "app".into(), count: 1 };
+        assert_eq!(bound_app_allows(Some(&signed("web")), &scale("web")), Ok(()));
+        let refused = bound_app_allows(Some(&signed("web")), &scale("db")).expect_err("another app");
+        assert_eq!(refused, "the call (Scale) was signed for app web; it cannot change app db");
+        let create = Command::CreateApp { name: "db".into() };
+        assert!(bound_app_allows(Some(&signed("web")), &create).is_err(), "creating another app");
+        let removal = Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None, rotate: None };
+        assert!(bound_app_allows(Some(&signed("web")), &removal).is_err(), "a change to no app");
+        // A call that names no app, and a token, are bound to none.
+        assert_eq!(bound_app_allows(Some(&signed("")), &scale("db")), Ok(()));
+        assert_eq!(bound_app_allows(Some(&Grant::Token { token: "t".into() }), &scale("db")), Ok(()));
+        assert_eq!(bound_app_allows(None, &scale("db")), Ok(()));
+    }
 
     #[test]
     fn a_worker_joins_without_labels_and_a_voter_within_the_label_rules() {

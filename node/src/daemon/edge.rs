@@ -96,6 +96,10 @@ async fn build(
     let started = std::time::Instant::now();
     let read = context.consensus.state().read_if_moved(built_at, |state| {
         let routes = Routes::new(state, &directory.borrow_and_update());
+        // A node that has just joined answers 503 (try again), not 404, for
+        // an app it has not heard of yet.
+        let routes =
+            if super::auth::caught_up_with(state, context.consensus.id()) { routes } else { routes.catching_up() };
         (routes, issued_certificates(state), state.cluster.clone())
     });
     let Some((routes, issued, cluster)) = read else { return };

@@ -4,7 +4,9 @@
 //! Heartbeats never touch the Raft log: a beat is an RPC and a map update. A
 //! node is `down` once the leader has not heard from it for `down_after`.
 //! A new leader has heard from nobody yet, so it counts from the moment it
-//! took over rather than declaring everyone down at once.
+//! took over rather than declaring everyone down at once; a node that joined
+//! after that is not up until it has been heard (its first heartbeat comes
+//! once it has caught up with the cluster and can serve).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -19,6 +21,7 @@ use roost_proto::cluster::{
 };
 use roost_raft::consensus::now_millis;
 use roost_raft::service::not_leader;
+use roost_raft::state::UnixMillis;
 use roost_raft::{Consensus, NodeId};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -65,6 +68,8 @@ pub struct Liveness {
 struct Heard {
     last: HashMap<NodeId, Instant>,
     leading_since: Option<Instant>,
+    /// `leading_since` on the wall clock, to compare with when nodes joined.
+    leading_since_ms: UnixMillis,
 }
 
 impl Liveness {
@@ -89,21 +94,30 @@ impl Liveness {
     pub fn set_leading(&self, leading: bool, now: Instant) {
         let mut heard = self.heard();
         match (leading, heard.leading_since) {
-            (true, None) => heard.leading_since = Some(now),
+            (true, None) => {
+                heard.leading_since = Some(now);
+                heard.leading_since_ms = now_millis();
+            }
             (false, Some(_)) => heard.leading_since = None,
             _ => {}
         }
     }
 
-    /// The leader's view of `ids` at `now`.
-    pub fn view(&self, ids: impl IntoIterator<Item = NodeId>, now: Instant) -> BTreeMap<NodeId, Seen> {
+    /// The leader's view at `now` of `nodes`: each node's id and when it
+    /// joined ([`joined`]).
+    pub fn view(&self, nodes: impl IntoIterator<Item = (NodeId, UnixMillis)>, now: Instant) -> BTreeMap<NodeId, Seen> {
         let heard = self.heard();
-        ids.into_iter()
-            .map(|id| {
+        nodes
+            .into_iter()
+            .map(|(id, joined_at)| {
                 if id == self.self_id {
                     return (id, Seen { up: true, ago: Duration::ZERO });
                 }
-                let last = match (heard.last.get(&id), heard.leading_since) {
+                // The grace of a new leader is for nodes that were there
+                // when it took over, not for one that joined since and has
+                // never reported.
+                let since = heard.leading_since.filter(|_| joined_at <= heard.leading_since_ms);
+                let last = match (heard.last.get(&id), since) {
                     (Some(t), Some(since)) => Some((*t).max(since)),
                     (t, since) => t.copied().or(since),
                 };
@@ -112,6 +126,11 @@ impl Liveness {
             })
             .collect()
     }
+}
+
+/// Every node of `state` with when it joined, for [`Liveness::view`].
+pub fn joined(state: &roost_raft::State) -> Vec<(NodeId, UnixMillis)> {
+    state.nodes.values().map(|n| (n.id, n.joined_at)).collect()
 }
 
 /// The Peer service: heartbeats in, liveness out. Leader only.
@@ -141,10 +160,9 @@ impl peer_server::Peer for PeerService {
         if !self.consensus.is_leader() {
             return Err(not_leader());
         }
-        let ids: Vec<NodeId> = self.consensus.state().read(|s| s.nodes.keys().copied().collect());
         let nodes = self
             .liveness
-            .view(ids, Instant::now())
+            .view(self.consensus.state().read(joined), Instant::now())
             .into_iter()
             .map(|(node_id, seen)| NodeLiveness {
                 node_id,
@@ -237,11 +255,13 @@ impl ClusterEvents {
         if !leading {
             return;
         }
-        let names: BTreeMap<NodeId, String> =
-            consensus.state().read(|s| s.nodes.values().map(|n| (n.id, n.name.clone())).collect());
-        let seen = liveness.view(names.keys().copied(), Instant::now());
+        let (names, nodes): (BTreeMap<NodeId, String>, _) =
+            consensus.state().read(|s| (s.nodes.values().map(|n| (n.id, n.name.clone())).collect(), joined(s)));
+        let seen = liveness.view(nodes, Instant::now());
         for (id, name) in names {
-            let up = seen.get(&id).is_some_and(|s| s.up);
+            // A node that joined and has not reported yet is starting, not down.
+            let starting = seen.get(&id).is_some_and(|s| s.ago == Duration::MAX) && !self.down.contains_key(&id);
+            let up = starting || seen.get(&id).is_some_and(|s| s.up);
             match (up, self.down.contains_key(&id)) {
                 (false, false) => {
                     tracing::warn!(node = %name, "node is down: no heartbeat for {:?}", liveness.config().down_after);
@@ -265,8 +285,7 @@ pub async fn cluster_liveness(
 ) -> Option<BTreeMap<NodeId, Seen>> {
     let (leader_id, leader) = consensus.leader()?;
     if leader_id == consensus.id() && consensus.is_leader() {
-        let ids: Vec<NodeId> = consensus.state().read(|s| s.nodes.keys().copied().collect());
-        return Some(liveness.view(ids, Instant::now()));
+        return Some(liveness.view(consensus.state().read(joined), Instant::now()));
     }
     let channel = channels.get(&leader.address).ok()?;
     let mut request = Request::new(LivenessRequest {});
@@ -295,11 +314,11 @@ mod tests {
         let liveness = Liveness::new(config(), 1);
         liveness.set_leading(true, t0);
         liveness.record(2, t0);
-        assert!(liveness.view([2], t0)[&2].up);
+        assert!(liveness.view([(2, 0)], t0)[&2].up);
         let later = t0 + Duration::from_secs(4);
-        assert!(!liveness.view([2], later)[&2].up);
+        assert!(!liveness.view([(2, 0)], later)[&2].up);
         liveness.record(2, later);
-        assert!(liveness.view([2], later)[&2].up);
+        assert!(liveness.view([(2, 0)], later)[&2].up);
     }
 
     #[test]
@@ -308,13 +327,25 @@ mod tests {
         let liveness = Liveness::new(config(), 1);
         let took_over = t0 + Duration::from_secs(10);
         liveness.set_leading(true, took_over);
-        assert!(liveness.view([3], took_over)[&3].up, "nobody is down the moment a leader takes over");
-        assert!(!liveness.view([3], took_over + Duration::from_secs(4))[&3].up);
+        assert!(liveness.view([(3, 0)], took_over)[&3].up, "nobody is down the moment a leader takes over");
+        assert!(!liveness.view([(3, 0)], took_over + Duration::from_secs(4))[&3].up);
+    }
+
+    #[test]
+    fn a_node_that_joined_under_this_leader_is_not_up_until_it_is_heard() {
+        let t0 = Instant::now();
+        let liveness = Liveness::new(config(), 1);
+        liveness.set_leading(true, t0);
+        let joined_after = now_millis() + 1;
+        let seen = liveness.view([(4, joined_after)], t0)[&4];
+        assert_eq!(seen, Seen { up: false, ago: Duration::MAX }, "no grace: it has never reported");
+        liveness.record(4, t0);
+        assert!(liveness.view([(4, joined_after)], t0)[&4].up);
     }
 
     #[test]
     fn the_node_itself_is_always_up() {
         let liveness = Liveness::new(config(), 1);
-        assert_eq!(liveness.view([1], Instant::now())[&1], Seen { up: true, ago: Duration::ZERO });
+        assert_eq!(liveness.view([(1, 0)], Instant::now())[&1], Seen { up: true, ago: Duration::ZERO });
     }
 }

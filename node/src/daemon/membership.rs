@@ -29,6 +29,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::liveness::{Liveness, Seen};
 
+/// How many membership changes the controller makes in a row, each as soon
+/// as the one before completes, before it waits for its tick again.
+const MAX_IN_A_ROW: u32 = 4;
+
 /// A learner this far behind the leader's log is not promoted yet.
 const MAX_PROMOTION_LAG: u64 = 100;
 
@@ -132,10 +136,37 @@ pub async fn run_controller(
     shutdown: CancellationToken,
 ) {
     let promote_after = liveness.config().promote_after;
+    let mut changes = consensus.state().changes();
+    let node_ids = || consensus.state().read(|s| s.nodes.keys().copied().collect::<Vec<NodeId>>());
+    let mut known = node_ids();
+    // Changes made in a row without waiting for the tick: a node that joins
+    // becomes a learner at once, and so does the next one.
+    let mut in_a_row = 0;
+    let mut again = false;
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+        if std::mem::take(&mut again) && in_a_row < MAX_IN_A_ROW {
+            in_a_row += 1;
+        } else {
+            in_a_row = 0;
+            let tick = tokio::time::sleep(every);
+            tokio::pin!(tick);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = &mut tick => break,
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        // A node joined or left: look now.
+                        let now = node_ids();
+                        if now != known {
+                            known = now;
+                            break;
+                        }
+                    }
+                }
+            }
         }
         let Some(view) = observe(&consensus, &liveness) else { continue };
         // Whatever else membership is doing: until the rotation, no join
@@ -158,8 +189,9 @@ pub async fn run_controller(
                 raft.change_membership(ChangeMembers::RemoveNodes(ids), false).await.map(|_| ())
             }
         };
-        if let Err(error) = result {
-            tracing::warn!(?action, %error, "membership change did not complete; will retry");
+        match result {
+            Ok(()) => again = true,
+            Err(error) => tracing::warn!(?action, %error, "membership change did not complete; will retry"),
         }
     }
 }
@@ -215,12 +247,12 @@ fn observe(consensus: &Consensus, liveness: &Liveness) -> Option<MembershipView>
                 .collect()
         })
         .unwrap_or_default();
-    let (wanted, workers) = consensus.state().read(|s| {
+    let (wanted, workers, joined) = consensus.state().read(|s| {
         let wanted: BTreeMap<NodeId, RaftNode> =
             s.nodes.values().map(|n| (n.id, RaftNode { name: n.name.clone(), address: n.address.clone() })).collect();
-        (wanted, s.workers())
+        (wanted, s.workers(), super::liveness::joined(s))
     });
-    let seen = liveness.view(wanted.keys().copied(), tokio::time::Instant::now());
+    let seen = liveness.view(joined, tokio::time::Instant::now());
     Some(MembershipView {
         leader: metrics.id,
         members: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),

@@ -73,6 +73,15 @@ fn app_names_under_the_cluster_domain_lead_to_the_serving_instances() {
 }
 
 #[test]
+fn a_node_that_has_not_caught_up_calls_hosts_it_does_not_know_starting_not_unknown() {
+    let state = shop();
+    let routes = routes(&state).catching_up();
+    assert!(matches!(routes.host("shop.localhost"), HostMatch::App(_)), "what it knows it serves");
+    assert_eq!(routes.host("nope.localhost"), HostMatch::Starting);
+    assert_eq!(Routes::default().host("shop.localhost"), HostMatch::Starting, "before any state");
+}
+
+#[test]
 fn tcp_ports_lead_to_their_group_at_the_internal_port() {
     let state = shop();
     let routes = routes(&state);
