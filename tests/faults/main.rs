@@ -377,7 +377,8 @@ async fn client(
         };
         if rng.below(2) == 0 {
             let element = recorder.next.fetch_add(1, Ordering::SeqCst);
-            let request = CreateAppRequest { name: format!("f{element}") };
+            let name = format!("f{element}");
+            let request = roost_node::cli::about_app(&name, CreateAppRequest { name: name.clone() });
             let call = recorder.now();
             let answer = tokio::time::timeout(OP_TIMEOUT, client.create_app(request)).await;
             let ret = recorder.now();

@@ -11,7 +11,11 @@ use roost_raft::Timings;
 use roost_tests::{wait_until, Cluster};
 
 async fn create_app(cluster: &Cluster, via: usize, name: &str) -> Result<()> {
-    cluster.client(via).await?.create_app(CreateAppRequest { name: name.into() }).await?;
+    cluster
+        .client(via)
+        .await?
+        .create_app(roost_node::cli::about_app(name, CreateAppRequest { name: name.into() }))
+        .await?;
     Ok(())
 }
 
@@ -185,7 +189,8 @@ async fn a_node_serves_the_cli_as_soon_as_its_join_returns() -> Result<()> {
         let node = Node::start(config, tokio_util::sync::CancellationToken::new()).await?;
         // No waiting: the first call after the join returns is served.
         let mut client = roost_tests::admin_client(&node.address, &cluster.tokens).await?;
-        client.create_app(CreateAppRequest { name: format!("via-{name}") }).await?;
+        let app = format!("via-{name}");
+        client.create_app(roost_node::cli::about_app(&app, CreateAppRequest { name: app.clone() })).await?;
         let nodes = client.list_nodes(ListNodesRequest::default()).await?.into_inner().nodes;
         assert!(nodes.iter().any(|n| n.name == name), "{nodes:?}");
         joined.push((dir, node));

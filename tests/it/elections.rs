@@ -27,7 +27,7 @@ async fn the_leader_killed_twenty_times_is_replaced_every_time() -> Result<()> {
             let cluster = &cluster;
             async move {
                 let mut client = cluster.client(survivor).await?;
-                match client.create_app(CreateAppRequest { name }).await {
+                match client.create_app(roost_node::cli::about_app(&name.clone(), CreateAppRequest { name })).await {
                     Ok(_) => Ok(true),
                     Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(true),
                     Err(status) => Err(status.into()),

@@ -150,15 +150,24 @@ async fn app_names_and_duplicates_are_checked() -> Result<()> {
     let cluster = Cluster::start(1).await?;
     let mut client = cluster.client(0).await?;
     for bad in ["", "Web", "9lives", "web_app", "web-", &"a".repeat(64)] {
-        let status = client.create_app(CreateAppRequest { name: bad.into() }).await.expect_err(bad);
+        let status = client
+            .create_app(roost_node::cli::about_app(bad, CreateAppRequest { name: bad.into() }))
+            .await
+            .expect_err(bad);
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad:?}: {status:?}");
         assert!(status.message().contains("lowercase letters"), "{}", status.message());
     }
-    client.create_app(CreateAppRequest { name: "web".into() }).await?;
-    let status = client.create_app(CreateAppRequest { name: "web".into() }).await.expect_err("duplicate");
+    client.create_app(roost_node::cli::about_app("web", CreateAppRequest { name: "web".into() })).await?;
+    let status = client
+        .create_app(roost_node::cli::about_app("web", CreateAppRequest { name: "web".into() }))
+        .await
+        .expect_err("duplicate");
     assert_eq!(status.code(), tonic::Code::AlreadyExists);
     assert!(status.message().contains("already exists"));
-    let status = client.destroy_app(DestroyAppRequest { name: "nope".into() }).await.expect_err("missing");
+    let status = client
+        .destroy_app(roost_node::cli::about_app("nope", DestroyAppRequest { name: "nope".into() }))
+        .await
+        .expect_err("missing");
     assert_eq!(status.code(), tonic::Code::NotFound);
     let status = client.remove_node(RemoveNodeRequest { node: "n9".into() }).await.expect_err("missing node");
     assert_eq!(status.code(), tonic::Code::NotFound);
@@ -717,7 +726,11 @@ async fn a_flood_of_300_idle_connections_is_capped_and_the_cli_and_raft_keep_wor
     // Raft work as before.
     let listed = cluster.cli(0, &["node", "list"]).await?;
     assert!(listed.contains("n1") && listed.contains("n3"), "{listed}");
-    cluster.client(0).await?.create_app(CreateAppRequest { name: "flooded".into() }).await?;
+    cluster
+        .client(0)
+        .await?
+        .create_app(roost_node::cli::about_app("flooded", CreateAppRequest { name: "flooded".into() }))
+        .await?;
     let apps = cluster.client(2).await?.list_apps(ListAppsRequest::default()).await?.into_inner().apps;
     assert!(apps.iter().any(|a| a.name == "flooded"), "{apps:?}");
     // Connections that never handshake are closed after the timeout.
@@ -739,7 +752,11 @@ async fn oversized_and_concurrent_large_writes_are_refused_or_committed_without_
     let term_before = term(leader)?;
     let apps: Vec<String> = (0..25).map(|i| format!("big{i}")).collect();
     for app in &apps {
-        cluster.client(0).await?.create_app(CreateAppRequest { name: app.clone() }).await?;
+        cluster
+            .client(0)
+            .await?
+            .create_app(roost_node::cli::about_app(app, CreateAppRequest { name: app.clone() }))
+            .await?;
     }
 
     // 25 concurrent 1.5 MB values, through every node: each refused, clearly.
@@ -749,6 +766,7 @@ async fn oversized_and_concurrent_large_writes_are_refused_or_committed_without_
         let mut client = cluster.client(i % 3).await?;
         let request =
             SetSecretsRequest { app: app.clone(), secrets: [("BLOB".to_owned(), huge.clone())].into(), stage: false };
+        let request = roost_node::cli::about_app(app, request);
         calls.push(tokio::spawn(async move { client.set_secrets(request).await }));
     }
     for call in calls {
@@ -764,7 +782,7 @@ async fn oversized_and_concurrent_large_writes_are_refused_or_committed_without_
     for (i, app) in apps.iter().enumerate() {
         let mut client = cluster.client(i % 3).await?;
         let secrets = (0..7).map(|k| (format!("PART{k}"), value.clone())).collect();
-        let request = SetSecretsRequest { app: app.clone(), secrets, stage: false };
+        let request = roost_node::cli::about_app(app, SetSecretsRequest { app: app.clone(), secrets, stage: false });
         calls.push(tokio::spawn(async move { client.set_secrets(request).await }));
     }
     for call in calls {
@@ -793,7 +811,11 @@ async fn oversized_and_concurrent_large_writes_are_refused_or_committed_without_
 
     assert_eq!(cluster.leader(), Some(leader), "the leader must not change");
     assert_eq!(term(leader)?, term_before, "no election may happen");
-    cluster.client(2).await?.create_app(CreateAppRequest { name: "after".into() }).await?;
+    cluster
+        .client(2)
+        .await?
+        .create_app(roost_node::cli::about_app("after", CreateAppRequest { name: "after".into() }))
+        .await?;
     cluster.shutdown().await;
     Ok(())
 }
@@ -804,8 +826,16 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
     use roost_raft::{Command, Grant, Proposal};
     let cluster = Cluster::start(3).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
-    cluster.client(0).await?.create_app(CreateAppRequest { name: "target".into() }).await?;
-    cluster.client(0).await?.create_app(CreateAppRequest { name: "bystander".into() }).await?;
+    cluster
+        .client(0)
+        .await?
+        .create_app(roost_node::cli::about_app("target", CreateAppRequest { name: "target".into() }))
+        .await?;
+    cluster
+        .client(0)
+        .await?
+        .create_app(roost_node::cli::about_app("bystander", CreateAppRequest { name: "bystander".into() }))
+        .await?;
     let member = (leader + 1) % 3;
     let member_id = cluster.node(member)?.id;
     let tls = roost_tests::node_tls(cluster.slots[member].dir.path())?;
@@ -957,7 +987,7 @@ async fn a_worker_forwarding_an_admins_grant_may_change_an_app_but_not_label_its
     use roost_raft::{Command, Grant, Proposal};
     let mut cluster = Cluster::start(1).await?;
     let mut admin = cluster.client(0).await?;
-    admin.create_app(CreateAppRequest { name: "target".into() }).await?;
+    admin.create_app(roost_node::cli::about_app("target", CreateAppRequest { name: "target".into() })).await?;
     let worker_token =
         admin.get_join_token(roost_proto::api::GetJoinTokenRequest { role: "worker".into() }).await?.into_inner().token;
     let worker = cluster.add_node_with_token(&worker_token).await?;
@@ -972,9 +1002,9 @@ async fn a_worker_forwarding_an_admins_grant_may_change_an_app_but_not_label_its
         let forward = Forward { proposal: Proposal::new(command, 1), grant: Some(grant) };
         roost_proto::cluster::RaftPayload { json: serde_json::to_vec(&forward).expect("encodes") }
     };
-    let signed = |method: &str| {
+    let signed = |method: &str, app: &str| {
         let session = [7u8; 32];
-        let call = roost_network::token::SignedCall { session: &session, server: &worker_fp, method, app: "" };
+        let call = roost_network::token::SignedCall { session: &session, server: &worker_fp, method, app };
         let signature = cluster.tokens.admin.key().sign(&call, roost_raft::consensus::now_millis());
         Grant::Signed {
             public_key: signature.public_key,
@@ -982,7 +1012,7 @@ async fn a_worker_forwarding_an_admins_grant_may_change_an_app_but_not_label_its
             session: roost_network::pki::hex(&session),
             server: worker_fp.clone(),
             method: method.to_owned(),
-            app: String::new(),
+            app: app.to_owned(),
             signature: signature.signature,
         }
     };
@@ -993,11 +1023,11 @@ async fn a_worker_forwarding_an_admins_grant_may_change_an_app_but_not_label_its
     };
     let token = Grant::Token { token: cluster.tokens.admin.to_string() };
     for (case, payload) in [
-        ("a label, with a signed call's grant", propose(label_itself(), signed("LabelNode"))),
+        ("a label, with a signed call's grant", propose(label_itself(), signed("LabelNode", ""))),
         ("a label, with the admin token", propose(label_itself(), token.clone())),
         (
             "an app created, with a signed call's grant",
-            propose(Command::CreateApp { name: "x".into() }, signed("CreateApp")),
+            propose(Command::CreateApp { name: "x".into() }, signed("CreateApp", "x")),
         ),
     ] {
         let status = raft.propose(payload).await.expect_err(case);
@@ -1011,7 +1041,7 @@ async fn a_worker_forwarding_an_admins_grant_may_change_an_app_but_not_label_its
     assert!(unchanged, "nothing was written");
     // A change to one app, with the same kind of grant, is the worker's to
     // forward (a deploy built on it, say).
-    raft.propose(propose(Command::SuspendApp { name: "target".into() }, signed("SuspendApp"))).await?;
+    raft.propose(propose(Command::SuspendApp { name: "target".into() }, signed("SuspendApp", "target"))).await?;
     assert!(leader.consensus.state().read(|s| s.apps.get("target").is_some_and(|a| a.suspended)));
     cluster.shutdown().await;
     Ok(())
@@ -1033,7 +1063,7 @@ async fn an_upload_that_sends_nothing_for_60_s_is_given_up_and_creates_nothing()
     tx.send(DeployRequest { part: Some(deploy_request::Part::Chunk(vec![0; 2048])) }).await?;
     let requests = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let started = tokio::time::Instant::now();
-    let mut events = client.deploy(requests).await?.into_inner();
+    let mut events = client.deploy(roost_node::cli::about_app("stall", requests)).await?.into_inner();
     // `tx` stays open: the upload neither goes on nor ends.
     let given_up = tokio::time::timeout(Duration::from_secs(120), async {
         loop {

@@ -27,7 +27,6 @@ use roost_proto::api::{
 };
 use roost_proto::cluster::peer_client::PeerClient;
 use roost_proto::cluster::{MeshStatusRequest, MeshStatusResponse};
-use roost_raft::consensus::now_millis;
 use roost_raft::state::{validate_name, Access, App, NodeRecord, NodeRole};
 use roost_raft::{Command, Consensus, ConsensusError, Grant, NodeId, Rejection, Response};
 use tokio::time::Instant;
@@ -228,18 +227,12 @@ impl ControlService {
     }
 }
 
-/// How long a node that joined and has never reported is shown `starting`
-/// before it is shown `down`.
-const STARTING_FOR_AT_MOST_MS: i64 = 60_000;
-
 fn node_to_wire(node: &NodeRecord, role: &str, seen: Option<&Seen>) -> WireNode {
     let state = match seen {
         Some(seen) if seen.up => "up",
         // Joined under this leader and never reported: it reports once it
         // has caught up with the cluster and can serve.
-        Some(seen) if seen.ago == Duration::MAX && now_millis() - node.joined_at < STARTING_FOR_AT_MOST_MS => {
-            "starting"
-        }
+        Some(seen) if seen.starting => "starting",
         Some(_) => "down",
         None => "unknown",
     };

@@ -204,19 +204,23 @@ pub fn grant_of(
     })
 }
 
-/// Whether `grant` may be used for `command` as far as the app goes: a call
-/// signed for one app (the CLI names the app of every call about one)
-/// changes that app alone, so a node that took it cannot use the grant on
-/// another. Other grants are not bound to an app.
+/// Whether `grant` may be used for `command` as far as the app goes: a
+/// signed call changes the app it was signed for (the CLI names the app of
+/// every call about one, `roost-app`) and no other, and a call signed for
+/// no app changes none, so a node that took it cannot use the grant on
+/// another app. A token (`Bearer`) is not bound.
 pub fn bound_app_allows(grant: Option<&Grant>, command: &Command) -> Result<(), String> {
     let Some(Grant::Signed { app, method, .. }) = grant else { return Ok(()) };
-    if app.is_empty() || command.app() == Some(app.as_str()) {
-        return Ok(());
+    match command.app() {
+        Some(other) if other == app => Ok(()),
+        None if app.is_empty() => Ok(()),
+        Some(other) if app.is_empty() => Err(format!(
+            "the call ({method}) was signed for no app, so it cannot change app {other}: name the app in the `{}` metadata, as the roost CLI does",
+            roost_proto::APP
+        )),
+        Some(other) => Err(format!("the call ({method}) was signed for app {app}; it cannot change app {other}")),
+        None => Err(format!("the call ({method}) was signed for app {app}; it cannot make a change that is not to an app")),
     }
-    Err(match command.app() {
-        Some(other) => format!("the call ({method}) was signed for app {app}; it cannot change app {other}"),
-        None => format!("the call ({method}) was signed for app {app}; it cannot make a change that is not to an app"),
-    })
 }
 
 /// The caller a grant stands for, by the state and clock as they are now:
@@ -695,8 +699,9 @@ mod tests {
         assert!(bound_app_allows(Some(&signed("web")), &create).is_err(), "creating another app");
         let removal = Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None, rotate: None };
         assert!(bound_app_allows(Some(&signed("web")), &removal).is_err(), "a change to no app");
-        // A call that names no app, and a token, are bound to none.
-        assert_eq!(bound_app_allows(Some(&signed("")), &scale("db")), Ok(()));
+        // A call signed for no app changes none; a token is not bound.
+        assert!(bound_app_allows(Some(&signed("")), &scale("db")).is_err(), "signed for no app");
+        assert_eq!(bound_app_allows(Some(&signed("")), &removal), Ok(()));
         assert_eq!(bound_app_allows(Some(&Grant::Token { token: "t".into() }), &scale("db")), Ok(()));
         assert_eq!(bound_app_allows(None, &scale("db")), Ok(()));
     }

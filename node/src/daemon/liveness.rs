@@ -21,7 +21,6 @@ use roost_proto::cluster::{
 };
 use roost_raft::consensus::now_millis;
 use roost_raft::service::not_leader;
-use roost_raft::state::UnixMillis;
 use roost_raft::{Consensus, NodeId};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -54,8 +53,18 @@ impl Default for LivenessConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Seen {
     pub up: bool,
+    /// Since the leader last heard from it (or took over, or first saw it);
+    /// `Duration::MAX` when none of those is known.
     pub ago: Duration,
+    /// It joined after this leader took over and has not reported yet (it
+    /// reports once it has caught up with the cluster), for no longer than
+    /// [`STARTING_AT_MOST`]. Not up.
+    pub starting: bool,
 }
+
+/// How long a node that joined and has never reported is `starting`
+/// before it is `down`.
+pub const STARTING_AT_MOST: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 pub struct Liveness {
@@ -68,8 +77,16 @@ pub struct Liveness {
 struct Heard {
     last: HashMap<NodeId, Instant>,
     leading_since: Option<Instant>,
-    /// `leading_since` on the wall clock, to compare with when nodes joined.
-    leading_since_ms: UnixMillis,
+    /// The nodes this leader has seen in its state, and since when; whether
+    /// each was there when it took over (those of its first look are) or
+    /// joined since. Only this leader's own clock is involved.
+    appeared: HashMap<NodeId, (Instant, Arrival)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arrival {
+    AtTakeover,
+    Since,
 }
 
 impl Liveness {
@@ -96,41 +113,54 @@ impl Liveness {
         match (leading, heard.leading_since) {
             (true, None) => {
                 heard.leading_since = Some(now);
-                heard.leading_since_ms = now_millis();
+                heard.appeared.clear();
             }
             (false, Some(_)) => heard.leading_since = None,
             _ => {}
         }
     }
 
-    /// The leader's view at `now` of `nodes`: each node's id and when it
-    /// joined ([`joined`]).
-    pub fn view(&self, nodes: impl IntoIterator<Item = (NodeId, UnixMillis)>, now: Instant) -> BTreeMap<NodeId, Seen> {
-        let heard = self.heard();
-        nodes
-            .into_iter()
-            .map(|(id, joined_at)| {
+    /// The leader's view of `ids` (the state's nodes) at `now`. The grace
+    /// of a new leader (silence counts from when it took over) is for the
+    /// nodes that were there then; a node that joined since is `starting`
+    /// until it is first heard.
+    pub fn view(&self, ids: impl IntoIterator<Item = NodeId>, now: Instant) -> BTreeMap<NodeId, Seen> {
+        let mut heard = self.heard();
+        let heard = &mut *heard;
+        let first_look = heard.appeared.is_empty();
+        ids.into_iter()
+            .map(|id| {
+                // Every node is recorded, this one too, so that a look with
+                // this node alone is the first look.
+                let appeared = heard.leading_since.map(|since| {
+                    *heard.appeared.entry(id).or_insert(if first_look {
+                        (since, Arrival::AtTakeover)
+                    } else {
+                        (now, Arrival::Since)
+                    })
+                });
                 if id == self.self_id {
-                    return (id, Seen { up: true, ago: Duration::ZERO });
+                    return (id, Seen { up: true, ago: Duration::ZERO, starting: false });
                 }
-                // The grace of a new leader is for nodes that were there
-                // when it took over, not for one that joined since and has
-                // never reported.
-                let since = heard.leading_since.filter(|_| joined_at <= heard.leading_since_ms);
-                let last = match (heard.last.get(&id), since) {
-                    (Some(t), Some(since)) => Some((*t).max(since)),
-                    (t, since) => t.copied().or(since),
+                let last = heard.last.get(&id).copied();
+                let since_appeared = |at: Instant| now.saturating_duration_since(at);
+                let seen = match (last, appeared) {
+                    (None, Some((at, Arrival::Since))) if since_appeared(at) < STARTING_AT_MOST => {
+                        Seen { up: false, ago: since_appeared(at), starting: true }
+                    }
+                    (last, appeared) => {
+                        let last = match (last, appeared) {
+                            (Some(t), Some((at, _))) => Some(t.max(at)),
+                            (t, at) => t.or(at.map(|(at, _)| at)),
+                        };
+                        let ago = last.map_or(Duration::MAX, since_appeared);
+                        Seen { up: ago < self.config.down_after, ago, starting: false }
+                    }
                 };
-                let ago = last.map_or(Duration::MAX, |t| now.saturating_duration_since(t));
-                (id, Seen { up: ago < self.config.down_after, ago })
+                (id, seen)
             })
             .collect()
     }
-}
-
-/// Every node of `state` with when it joined, for [`Liveness::view`].
-pub fn joined(state: &roost_raft::State) -> Vec<(NodeId, UnixMillis)> {
-    state.nodes.values().map(|n| (n.id, n.joined_at)).collect()
 }
 
 /// The Peer service: heartbeats in, liveness out. Leader only.
@@ -162,12 +192,13 @@ impl peer_server::Peer for PeerService {
         }
         let nodes = self
             .liveness
-            .view(self.consensus.state().read(joined), Instant::now())
+            .view(self.consensus.state().read(|s| s.nodes.keys().copied().collect::<Vec<_>>()), Instant::now())
             .into_iter()
             .map(|(node_id, seen)| NodeLiveness {
                 node_id,
                 up: seen.up,
                 last_seen_ms_ago: seen.ago.as_millis().min(u64::MAX as u128) as u64,
+                starting: seen.starting,
             })
             .collect();
         Ok(Response::new(LivenessResponse { nodes, leader_id: self.consensus.id() }))
@@ -255,13 +286,12 @@ impl ClusterEvents {
         if !leading {
             return;
         }
-        let (names, nodes): (BTreeMap<NodeId, String>, _) =
-            consensus.state().read(|s| (s.nodes.values().map(|n| (n.id, n.name.clone())).collect(), joined(s)));
-        let seen = liveness.view(nodes, Instant::now());
+        let names: BTreeMap<NodeId, String> =
+            consensus.state().read(|s| s.nodes.values().map(|n| (n.id, n.name.clone())).collect());
+        let seen = liveness.view(names.keys().copied(), Instant::now());
         for (id, name) in names {
             // A node that joined and has not reported yet is starting, not down.
-            let starting = seen.get(&id).is_some_and(|s| s.ago == Duration::MAX) && !self.down.contains_key(&id);
-            let up = starting || seen.get(&id).is_some_and(|s| s.up);
+            let up = seen.get(&id).is_some_and(|s| s.up || s.starting);
             match (up, self.down.contains_key(&id)) {
                 (false, false) => {
                     tracing::warn!(node = %name, "node is down: no heartbeat for {:?}", liveness.config().down_after);
@@ -285,7 +315,8 @@ pub async fn cluster_liveness(
 ) -> Option<BTreeMap<NodeId, Seen>> {
     let (leader_id, leader) = consensus.leader()?;
     if leader_id == consensus.id() && consensus.is_leader() {
-        return Some(liveness.view(consensus.state().read(joined), Instant::now()));
+        let ids: Vec<NodeId> = consensus.state().read(|s| s.nodes.keys().copied().collect());
+        return Some(liveness.view(ids, Instant::now()));
     }
     let channel = channels.get(&leader.address).ok()?;
     let mut request = Request::new(LivenessRequest {});
@@ -295,7 +326,13 @@ pub async fn cluster_liveness(
         reply
             .nodes
             .into_iter()
-            .map(|n| (n.node_id, Seen { up: n.up, ago: Duration::from_millis(n.last_seen_ms_ago) }))
+            .map(|n| {
+                let ago = match n.last_seen_ms_ago {
+                    u64::MAX => Duration::MAX,
+                    ms => Duration::from_millis(ms),
+                };
+                (n.node_id, Seen { up: n.up, ago, starting: n.starting })
+            })
             .collect(),
     )
 }
@@ -314,11 +351,11 @@ mod tests {
         let liveness = Liveness::new(config(), 1);
         liveness.set_leading(true, t0);
         liveness.record(2, t0);
-        assert!(liveness.view([(2, 0)], t0)[&2].up);
+        assert!(liveness.view([2], t0)[&2].up);
         let later = t0 + Duration::from_secs(4);
-        assert!(!liveness.view([(2, 0)], later)[&2].up);
+        assert!(!liveness.view([2], later)[&2].up);
         liveness.record(2, later);
-        assert!(liveness.view([(2, 0)], later)[&2].up);
+        assert!(liveness.view([2], later)[&2].up);
     }
 
     #[test]
@@ -327,25 +364,42 @@ mod tests {
         let liveness = Liveness::new(config(), 1);
         let took_over = t0 + Duration::from_secs(10);
         liveness.set_leading(true, took_over);
-        assert!(liveness.view([(3, 0)], took_over)[&3].up, "nobody is down the moment a leader takes over");
-        assert!(!liveness.view([(3, 0)], took_over + Duration::from_secs(4))[&3].up);
+        assert!(liveness.view([3], took_over)[&3].up, "nobody is down the moment a leader takes over");
+        assert!(!liveness.view([3], took_over + Duration::from_secs(4))[&3].up);
     }
 
     #[test]
-    fn a_node_that_joined_under_this_leader_is_not_up_until_it_is_heard() {
+    fn a_node_that_joined_under_this_leader_is_starting_until_it_is_heard() {
         let t0 = Instant::now();
         let liveness = Liveness::new(config(), 1);
         liveness.set_leading(true, t0);
-        let joined_after = now_millis() + 1;
-        let seen = liveness.view([(4, joined_after)], t0)[&4];
-        assert_eq!(seen, Seen { up: false, ago: Duration::MAX }, "no grace: it has never reported");
-        liveness.record(4, t0);
-        assert!(liveness.view([(4, joined_after)], t0)[&4].up);
+        // The first look, with this node alone (a cluster just made);
+        // then node 2 was there when this node took over.
+        assert!(liveness.view([1], t0)[&1].up);
+        liveness.record(2, t0);
+        assert!(liveness.view([1, 2], t0)[&2].up);
+        // Node 4 joins later: starting, not up, and not down either.
+        let later = t0 + Duration::from_secs(1);
+        let seen = liveness.view([1, 2, 4], later)[&4];
+        assert_eq!(seen, Seen { up: false, ago: Duration::ZERO, starting: true }, "no grace: it has never reported");
+        liveness.record(4, later + Duration::from_secs(2));
+        let seen = liveness.view([1, 2, 4], later + Duration::from_secs(2))[&4];
+        assert!(seen.up && !seen.starting, "{seen:?}");
+        // One that never reports is down once it has been starting too long.
+        let silent = liveness.view([1, 2, 4, 5], later)[&5];
+        assert!(silent.starting);
+        let seen = liveness.view([5], later + STARTING_AT_MOST)[&5];
+        assert_eq!(seen, Seen { up: false, ago: STARTING_AT_MOST, starting: false });
+        // A new term: the nodes of its first look are there at takeover.
+        liveness.set_leading(false, later);
+        let again = later + Duration::from_secs(100);
+        liveness.set_leading(true, again);
+        assert!(liveness.view([1, 2, 4, 5], again)[&5].up, "a new leader's grace covers every node it finds");
     }
 
     #[test]
     fn the_node_itself_is_always_up() {
         let liveness = Liveness::new(config(), 1);
-        assert_eq!(liveness.view([(1, 0)], Instant::now())[&1], Seen { up: true, ago: Duration::ZERO });
+        assert_eq!(liveness.view([1], Instant::now())[&1], Seen { up: true, ago: Duration::ZERO, starting: false });
     }
 }

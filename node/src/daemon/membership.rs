@@ -247,12 +247,12 @@ fn observe(consensus: &Consensus, liveness: &Liveness) -> Option<MembershipView>
                 .collect()
         })
         .unwrap_or_default();
-    let (wanted, workers, joined) = consensus.state().read(|s| {
+    let (wanted, workers) = consensus.state().read(|s| {
         let wanted: BTreeMap<NodeId, RaftNode> =
             s.nodes.values().map(|n| (n.id, RaftNode { name: n.name.clone(), address: n.address.clone() })).collect();
-        (wanted, s.workers(), super::liveness::joined(s))
+        (wanted, s.workers())
     });
-    let seen = liveness.view(joined, tokio::time::Instant::now());
+    let seen = liveness.view(wanted.keys().copied(), tokio::time::Instant::now());
     Some(MembershipView {
         leader: metrics.id,
         members: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
@@ -275,11 +275,11 @@ mod tests {
     }
 
     fn up() -> Seen {
-        Seen { up: true, ago: Duration::ZERO }
+        Seen { up: true, ago: Duration::ZERO, starting: false }
     }
 
     fn down_for(secs: u64) -> Seen {
-        Seen { up: false, ago: Duration::from_secs(secs) }
+        Seen { up: false, ago: Duration::from_secs(secs), starting: false }
     }
 
     /// A view where nodes `wanted` are all members, `voters` vote, all are up

@@ -65,7 +65,7 @@ pub async fn run_controller(
         let started = std::time::Instant::now();
         let decided = consensus.state().read_if_moved(&mut decided_at, |state| {
             liveness.set_leading(true, now);
-            let seen = liveness.view(super::liveness::joined(state), now);
+            let seen = liveness.view(state.nodes.keys().copied(), now);
             let view = NodeView { down: seen.into_iter().filter(|(_, s)| !s.up).map(|(id, s)| (id, s.ago)).collect() };
             decide(state, &view, &config, now_millis())
         });

@@ -281,7 +281,7 @@ async fn main() -> Result<()> {
             let mut connection = connections[client].clone();
             async move {
                 let name = format!("b{clients}-{client}-{seq}");
-                connection.create_app(CreateAppRequest { name }).await?;
+                connection.create_app(roost_node::cli::about_app(&name.clone(), CreateAppRequest { name })).await?;
                 Ok(())
             }
         })
