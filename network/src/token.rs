@@ -166,15 +166,15 @@ pub struct SignedCall<'a> {
     pub server: &'a str,
     /// The gRPC method's name.
     pub method: &'a str,
-    /// The app the call acts on (the `roost-app` metadata), or
-    /// empty: a grant for one app cannot be used to change another.
-    pub app: &'a str,
+    /// What the call changes (the `roost-target` metadata, `KIND:NAME`),
+    /// or empty: a grant for one app cannot be used to change another.
+    pub target: &'a str,
 }
 
 fn signed_message(call: &SignedCall<'_>, timestamp_ms: i64) -> Vec<u8> {
     let mut message = Vec::with_capacity(SIGNED_LABEL.len() + 64 + call.server.len() + call.method.len() + 16);
     message.extend_from_slice(SIGNED_LABEL);
-    for part in [call.session, call.server.as_bytes(), call.method.as_bytes(), call.app.as_bytes()] {
+    for part in [call.session, call.server.as_bytes(), call.method.as_bytes(), call.target.as_bytes()] {
         message.extend_from_slice(&(part.len() as u64).to_be_bytes());
         message.extend_from_slice(part);
     }
@@ -309,18 +309,18 @@ mod tests {
         assert_eq!(key.public_key(), token.key().public_key(), "the key follows from the secret alone");
         assert_ne!(key.public_key(), Token::generate(TokenKind::Api, digest()).key().public_key());
         let session = [7u8; 32];
-        let call = SignedCall { session: &session, server: "server-a", method: "CreateApp", app: "web" };
+        let call = SignedCall { session: &session, server: "server-a", method: "CreateApp", target: "app:web" };
         let signed = key.sign(&call, 1_000);
         let parsed = TokenSignature::parse(signed.header().strip_prefix(SIGNED_SCHEME).unwrap_or_default());
         assert_eq!(parsed.as_ref(), Ok(&signed));
         assert_eq!(signed.verify(&call), Ok(()));
-        // Another session, server, method, app, time or key: refused.
+        // Another session, server, method, target, time or key: refused.
         for other in [
             SignedCall { session: &[8u8; 32], ..call },
             SignedCall { server: "server-b", ..call },
             SignedCall { method: "DestroyApp", ..call },
-            SignedCall { app: "db", ..call },
-            SignedCall { app: "", ..call },
+            SignedCall { target: "app:db", ..call },
+            SignedCall { target: "", ..call },
         ] {
             assert_eq!(signed.verify(&other), Err(SignatureError::Mismatch), "{other:?}");
         }

@@ -23,9 +23,10 @@ pub mod api {
 /// The metadata key that carries the admin token on public API calls.
 pub const AUTHORIZATION: &str = "authorization";
 
-/// The metadata key that names the app an API call acts on. A signed call
-/// signs it too, so the grant is good for that app alone.
-pub const APP: &str = "roost-app";
+/// The metadata key that names what an API call changes, `KIND:NAME`
+/// (`app:web`, `node:n2`, `domain:shop.example.com`, `token:ci`). A signed
+/// call signs it too, so its grant is good for that alone.
+pub const TARGET: &str = "roost-target";
 
 /// Metadata a node sets on a deploy it refuses because its Docker engine
 /// lacks the image: the CLI can upload the image from its own engine.

@@ -33,12 +33,12 @@ pub enum Grant {
     /// and its signature over them, the TLS session it was made on
     /// (`session`, the exporter value the node that took the call saw), that
     /// node's certificate (`server`, its fingerprint), the gRPC method
-    /// called (`method`) and the app it acts on (`app`, empty when the
-    /// client named none), all hex but the time, method and app. The leader
-    /// checks the signature, that `server` is the node that forwards the
-    /// grant, that the method proposes this command, that the command is
-    /// for `app` if one is named, that the key is a current token's, and
-    /// that the time is recent.
+    /// called (`method`) and what it changes (`target`, `KIND:NAME`, empty
+    /// when the client named nothing), all hex but the time, method and
+    /// target. The leader checks the signature, that `server` is the node
+    /// that forwards the grant, that the method proposes this command, that
+    /// the command changes `target` and nothing else, that the key is a
+    /// current token's, and that the time is recent.
     Signed {
         public_key: String,
         timestamp_ms: i64,
@@ -46,7 +46,7 @@ pub enum Grant {
         server: String,
         method: String,
         #[serde(default, skip_serializing_if = "String::is_empty")]
-        app: String,
+        target: String,
         signature: String,
     },
     /// The join secret a joining node presented to its seed.

@@ -119,7 +119,14 @@ async fn a_fourth_node_learns_and_is_promoted_when_a_voter_is_removed() -> Resul
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
     let voter = (0..3).find(|i| *i != leader).expect("a non-leader voter");
     let voter_name = cluster.slots[voter].name.clone();
-    cluster.client(leader).await?.remove_node(RemoveNodeRequest { node: voter_name.clone() }).await?;
+    cluster
+        .client(leader)
+        .await?
+        .remove_node(roost_node::cli::about(
+            &format!("node:{voter_name}"),
+            RemoveNodeRequest { node: voter_name.clone() },
+        ))
+        .await?;
 
     wait_until("n4 to be promoted in place of the removed voter", Duration::from_secs(20), || async {
         let nodes = cluster.client(leader).await?.list_nodes(ListNodesRequest::default()).await?.into_inner().nodes;

@@ -40,7 +40,14 @@ async fn remove_a_follower(cluster: &Cluster) -> Result<(usize, usize)> {
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
     let victim = (leader + 1) % 3;
     let victim_name = cluster.slots[victim].name.clone();
-    cluster.client(leader).await?.remove_node(RemoveNodeRequest { node: victim_name }).await?;
+    cluster
+        .client(leader)
+        .await?
+        .remove_node(roost_node::cli::about(
+            &format!("node:{victim_name}"),
+            RemoveNodeRequest { node: victim_name.clone() },
+        ))
+        .await?;
     roost_tests::wait_until("the removed node to stop", Duration::from_secs(15), || async {
         Ok(cluster.slots[victim].running.as_ref().is_some_and(|n| n.is_stopping()))
     })
@@ -169,9 +176,15 @@ async fn app_names_and_duplicates_are_checked() -> Result<()> {
         .await
         .expect_err("missing");
     assert_eq!(status.code(), tonic::Code::NotFound);
-    let status = client.remove_node(RemoveNodeRequest { node: "n9".into() }).await.expect_err("missing node");
+    let status = client
+        .remove_node(roost_node::cli::about("node:n9", RemoveNodeRequest { node: "n9".into() }))
+        .await
+        .expect_err("missing node");
     assert_eq!(status.code(), tonic::Code::NotFound);
-    let status = client.remove_node(RemoveNodeRequest { node: "n1".into() }).await.expect_err("last node");
+    let status = client
+        .remove_node(roost_node::cli::about("node:n1", RemoveNodeRequest { node: "n1".into() }))
+        .await
+        .expect_err("last node");
     assert!(status.message().contains("only node"), "{}", status.message());
     let apps = client.list_apps(ListAppsRequest::default()).await?.into_inner().apps;
     assert_eq!(apps.len(), 1);
@@ -189,7 +202,14 @@ async fn certificates_of_removed_or_unknown_nodes_and_members_posing_as_others_a
     let victim_dir = cluster.slots[victim].dir.path().to_owned();
     let token_before =
         cluster.client(leader).await?.get_join_token(GetJoinTokenRequest::default()).await?.into_inner().token;
-    cluster.client(leader).await?.remove_node(RemoveNodeRequest { node: victim_name }).await?;
+    cluster
+        .client(leader)
+        .await?
+        .remove_node(roost_node::cli::about(
+            &format!("node:{victim_name}"),
+            RemoveNodeRequest { node: victim_name.clone() },
+        ))
+        .await?;
     let token_after = rotated_join_token(&cluster, leader, &token_before).await?;
     // The first node's join.token file follows the rotation.
     let token_file = cluster.slots[0].dir.path().join("join.token");
@@ -261,7 +281,14 @@ async fn a_removed_nodes_certificate_at_a_members_address_is_refused_by_the_lead
     let mut followers = (0..3).filter(|i| *i != leader);
     let (victim, member) = (followers.next().expect("a follower"), followers.next().expect("another"));
     let victim_name = cluster.slots[victim].name.clone();
-    cluster.client(leader).await?.remove_node(RemoveNodeRequest { node: victim_name }).await?;
+    cluster
+        .client(leader)
+        .await?
+        .remove_node(roost_node::cli::about(
+            &format!("node:{victim_name}"),
+            RemoveNodeRequest { node: victim_name.clone() },
+        ))
+        .await?;
     roost_tests::wait_until("the removed node to stop", Duration::from_secs(15), || async {
         Ok(cluster.slots[victim].running.as_ref().is_some_and(|n| n.is_stopping()))
     })
@@ -382,7 +409,7 @@ async fn a_cli_call_to_a_removed_node_gives_it_nothing_a_member_accepts() -> Res
             session: &session.exporter,
             server: &session.server,
             method: "ListApps",
-            app: "",
+            target: "",
         };
         let signed = admin.key().sign(&call, at);
         let mut skewed = ControlClient::with_interceptor(channel, ApiAuth::Header(signed.header().parse()?));
@@ -872,10 +899,10 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
         cluster.node(leader).map(|n| n.consensus.state().read(|s| s.nodes[&id].cert_fingerprint.clone()))
     };
     let (member_fp, leader_fp) = (fingerprint_of(member)?, fingerprint_of(leader)?);
-    let signed_for = |token: &Token, server: &str, method: &str, app: &str, age_ms: i64| {
+    let signed_for = |token: &Token, server: &str, method: &str, target: &str, age_ms: i64| {
         let session = [9u8; 32];
         let now = roost_raft::consensus::now_millis();
-        let call = roost_network::token::SignedCall { session: &session, server, method, app };
+        let call = roost_network::token::SignedCall { session: &session, server, method, target };
         let signature = token.key().sign(&call, now - age_ms);
         Grant::Signed {
             public_key: signature.public_key,
@@ -883,12 +910,13 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
             session: roost_network::pki::hex(&session),
             server: server.to_owned(),
             method: method.to_owned(),
-            app: app.to_owned(),
+            target: target.to_owned(),
             signature: signature.signature,
         }
     };
-    let signed_by =
-        |token: &Token, server: &str, method: &str, age_ms: i64| signed_for(token, server, method, "target", age_ms);
+    let signed_by = |token: &Token, server: &str, method: &str, age_ms: i64| {
+        signed_for(token, server, method, "app:target", age_ms)
+    };
     let signed = |age_ms: i64| signed_by(&cluster.tokens.admin, &member_fp, "SetSecrets", age_ms);
     let stale = signed(roost_node::daemon::auth::SIGNED_GRANT_AGE_MS + 60_000);
     let to_another_node = signed_by(&cluster.tokens.admin, &leader_fp, "SetSecrets", 0);
@@ -896,8 +924,8 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
     let stranger = Token::generate(TokenKind::Api, cluster.tokens.admin.ca_digest);
     let unknown_key = signed_by(&stranger, &member_fp, "SetSecrets", 0);
     let forged_signature = match signed(0) {
-        Grant::Signed { public_key, timestamp_ms, session, server, method, app, .. } => {
-            Grant::Signed { public_key, timestamp_ms, session, server, method, app, signature: "00".repeat(64) }
+        Grant::Signed { public_key, timestamp_ms, session, server, method, target, .. } => {
+            Grant::Signed { public_key, timestamp_ms, session, server, method, target, signature: "00".repeat(64) }
         }
         other => other,
     };
@@ -924,7 +952,7 @@ async fn a_member_certificate_may_propose_only_what_a_node_needs() -> Result<()>
         ("secrets with a signature of a call that changes nothing", propose(set_secrets(), Some(for_another_method))),
         ("another app's secrets with a signature for target", propose(set_secrets_of("bystander"), Some(signed(0)))),
         (
-            "a node removal with a signature of a removal about app target",
+            "a node removal with a signature of a removal signed for app target",
             propose(
                 Command::RemoveNode { id: other, new_join_secret: None, new_worker_secret: None, rotate: None },
                 Some(signed_by(&cluster.tokens.admin, &member_fp, "RemoveNode", 0)),
@@ -1002,9 +1030,9 @@ async fn a_worker_forwarding_an_admins_grant_may_change_an_app_but_not_label_its
         let forward = Forward { proposal: Proposal::new(command, 1), grant: Some(grant) };
         roost_proto::cluster::RaftPayload { json: serde_json::to_vec(&forward).expect("encodes") }
     };
-    let signed = |method: &str, app: &str| {
+    let signed = |method: &str, target: &str| {
         let session = [7u8; 32];
-        let call = roost_network::token::SignedCall { session: &session, server: &worker_fp, method, app };
+        let call = roost_network::token::SignedCall { session: &session, server: &worker_fp, method, target };
         let signature = cluster.tokens.admin.key().sign(&call, roost_raft::consensus::now_millis());
         Grant::Signed {
             public_key: signature.public_key,
@@ -1012,7 +1040,7 @@ async fn a_worker_forwarding_an_admins_grant_may_change_an_app_but_not_label_its
             session: roost_network::pki::hex(&session),
             server: worker_fp.clone(),
             method: method.to_owned(),
-            app: app.to_owned(),
+            target: target.to_owned(),
             signature: signature.signature,
         }
     };
@@ -1023,11 +1051,14 @@ async fn a_worker_forwarding_an_admins_grant_may_change_an_app_but_not_label_its
     };
     let token = Grant::Token { token: cluster.tokens.admin.to_string() };
     for (case, payload) in [
-        ("a label, with a signed call's grant", propose(label_itself(), signed("LabelNode", ""))),
+        (
+            "a label, with a signed call's grant",
+            propose(label_itself(), signed("LabelNode", &format!("node:{worker_id}"))),
+        ),
         ("a label, with the admin token", propose(label_itself(), token.clone())),
         (
             "an app created, with a signed call's grant",
-            propose(Command::CreateApp { name: "x".into() }, signed("CreateApp", "x")),
+            propose(Command::CreateApp { name: "x".into() }, signed("CreateApp", "app:x")),
         ),
     ] {
         let status = raft.propose(payload).await.expect_err(case);
@@ -1041,7 +1072,7 @@ async fn a_worker_forwarding_an_admins_grant_may_change_an_app_but_not_label_its
     assert!(unchanged, "nothing was written");
     // A change to one app, with the same kind of grant, is the worker's to
     // forward (a deploy built on it, say).
-    raft.propose(propose(Command::SuspendApp { name: "target".into() }, signed("SuspendApp", "target"))).await?;
+    raft.propose(propose(Command::SuspendApp { name: "target".into() }, signed("SuspendApp", "app:target"))).await?;
     assert!(leader.consensus.state().read(|s| s.apps.get("target").is_some_and(|a| a.suspended)));
     cluster.shutdown().await;
     Ok(())

@@ -241,7 +241,8 @@ async fn a_node_never_sees_a_token_it_makes_or_rotates() -> Result<()> {
         secret_sha256: roost_network::pki::secret_digest(&drawn.secret),
         public_key: drawn.key().public_key(),
     };
-    let created = client.create_token(request.clone()).await?.into_inner();
+    let target = format!("key:{}.{}", request.public_key, request.secret_sha256);
+    let created = client.create_token(roost_node::cli::about(&target, request.clone())).await?.into_inner();
     assert!(created.secret.is_empty(), "the node answered a secret");
     // The client's own token works at once, signed.
     let mut own = roost_node::cli::connect_api(&cluster.node(0)?.address, &drawn).await?;

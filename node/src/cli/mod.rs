@@ -529,7 +529,7 @@ pub enum ApiAuth {
     Signed {
         key: Arc<TokenKey>,
         session: SessionSlot,
-        /// The signature in use for each method and app.
+        /// The signature in use for each method and target.
         signed: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), SignedSession>>>,
     },
     /// Sends this `authorization` value as it is: `Bearer TOKEN`, the token
@@ -569,9 +569,10 @@ impl tonic::service::Interceptor for ApiAuth {
                     .get::<tonic::GrpcMethod<'static>>()
                     .map(|m| m.method().to_owned())
                     .ok_or_else(|| tonic::Status::internal("a call without its method name cannot be signed"))?;
-                let app = request.metadata().get(roost_proto::APP).and_then(|v| v.to_str().ok()).unwrap_or_default();
+                let target =
+                    request.metadata().get(roost_proto::TARGET).and_then(|v| v.to_str().ok()).unwrap_or_default();
                 let mut signed = signed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                let slot = (method, app.to_owned());
+                let slot = (method, target.to_owned());
                 let reusable = signed
                     .get(&slot)
                     .filter(|last| last.session == session && now.saturating_sub(last.at) < RESIGN_AFTER_MS);
@@ -579,7 +580,7 @@ impl tonic::service::Interceptor for ApiAuth {
                     Some(last) => last.header.clone(),
                     None => {
                         let call =
-                            SignedCall { session: &session.exporter, server: &session.server, method: &slot.0, app };
+                            SignedCall { session: &session.exporter, server: &session.server, method: &slot.0, target };
                         let header = MetadataValue::try_from(key.sign(&call, now).header())
                             .map_err(|_| tonic::Status::internal("a signature that a header cannot carry"))?;
                         signed.insert(slot, SignedSession { session, at: now, header: header.clone() });
@@ -593,16 +594,21 @@ impl tonic::service::Interceptor for ApiAuth {
     }
 }
 
-/// A request about `app`: the `roost-app` metadata names it, and a signed
-/// call signs it ([`ApiAuth::Signed`]), so the grant the node receives is
-/// good for that app alone.
-pub fn about_app<T>(app: &str, message: T) -> tonic::Request<T> {
+/// A request that changes `target` (`KIND:NAME`): the `roost-target`
+/// metadata names it, and a signed call signs it ([`ApiAuth::Signed`]), so
+/// the grant the node receives is good for that alone.
+pub fn about<T>(target: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    // App names are ASCII; one that is not is refused by the node anyway.
-    if let Ok(value) = MetadataValue::try_from(app) {
-        request.metadata_mut().insert(roost_proto::APP, value);
+    // Names are ASCII; one that is not is refused by the node anyway.
+    if let Ok(value) = MetadataValue::try_from(target) {
+        request.metadata_mut().insert(roost_proto::TARGET, value);
     }
     request
+}
+
+/// [`about`] the app `app`.
+pub fn about_app<T>(app: &str, message: T) -> tonic::Request<T> {
+    about(&format!("app:{app}"), message)
 }
 
 /// Connects to the node at `endpoint`, trusting only the CA `token` pins,
@@ -804,14 +810,16 @@ pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), Cli
         Command::Node(NodeCommand::Label { node, set, remove, client }) => {
             let set = parse_labels_named(&set, "a label")?;
             roost_raft::state::validate_label_change(&set, &remove).map_err(CliError::Usage)?;
-            let request = LabelNodeRequest { node, set: set.into_iter().collect(), remove };
+            let request =
+                about(&format!("node:{node}"), LabelNodeRequest { node, set: set.into_iter().collect(), remove });
             let node = client.connect().await?.label_node(request).await?.into_inner();
             let labels = output::node_labels(&node);
             let labels = if labels.is_empty() { "none".to_owned() } else { labels };
             writeln!(out, "Node {} now has labels: {labels}", node.name).map_err(io)
         }
         Command::Node(NodeCommand::Remove { node, client }) => {
-            let reply = client.connect().await?.remove_node(RemoveNodeRequest { node }).await?.into_inner();
+            let request = about(&format!("node:{node}"), RemoveNodeRequest { node });
+            let reply = client.connect().await?.remove_node(request).await?.into_inner();
             let name = reply.removed.map(|n| format!("{} (id {})", n.name, n.id)).unwrap_or_default();
             writeln!(out, "Removed node {name}; its certificate is now refused.").map_err(io)?;
             writeln!(out, "The join tokens are replaced in a few seconds, once it is out of Raft: `roost node token [--role worker]` then prints the new ones.")
@@ -859,7 +867,8 @@ async fn certs(command: CertsCommand, out: &mut dyn Write) -> Result<(), CliErro
     match command {
         CertsCommand::Add { domain, app, client } => {
             let app = app.resolve()?;
-            let request = about_app(&app, AddCertificateRequest { domain, app: app.clone() });
+            let request =
+                about(&format!("app:{app},domain:{domain}"), AddCertificateRequest { domain, app: app.clone() });
             let certificate = client.connect().await?.add_certificate(request).await?.into_inner();
             writeln!(out, "Added {} to app {}; its certificate is being ordered.", certificate.domain, certificate.app)
                 .map_err(io)?;
@@ -882,7 +891,8 @@ async fn certs(command: CertsCommand, out: &mut dyn Write) -> Result<(), CliErro
             output::certificate(out, &certificate, json).map_err(io)
         }
         CertsCommand::Remove { domain, client } => {
-            client.connect().await?.remove_certificate(RemoveCertificateRequest { domain: domain.clone() }).await?;
+            let request = about(&format!("domain:{domain}"), RemoveCertificateRequest { domain: domain.clone() });
+            client.connect().await?.remove_certificate(request).await?;
             writeln!(out, "Removed {domain}; no node serves it from now on.").map_err(io)
         }
     }
@@ -894,8 +904,12 @@ async fn tokens(command: TokensCommand, out: &mut dyn Write) -> Result<(), CliEr
         TokensCommand::Create { scope, name, expires, json, client } => {
             let expires_in_ms = expires.as_deref().map(parse_expiry).transpose()?.map(|d| d.as_millis() as i64);
             let (token, secret_sha256, public_key) = draw_token(&client, TokenKind::Api)?;
-            let request =
-                CreateTokenRequest { name: name.unwrap_or_default(), scope, expires_in_ms, secret_sha256, public_key };
+            // The key pair drawn here is what the call may create.
+            let target = format!("key:{public_key}.{secret_sha256}");
+            let request = about(
+                &target,
+                CreateTokenRequest { name: name.unwrap_or_default(), scope, expires_in_ms, secret_sha256, public_key },
+            );
             let created = client.connect().await?.create_token(request).await?.into_inner();
             output::created_token(out, &CreatedToken { secret: token.to_string(), ..created }, json).map_err(io)
         }
@@ -905,14 +919,16 @@ async fn tokens(command: TokensCommand, out: &mut dyn Write) -> Result<(), CliEr
             output::tokens(out, &tokens, json).map_err(io)
         }
         TokensCommand::Revoke { name, client } => {
-            client.connect().await?.revoke_token(RevokeTokenRequest { token: name.clone() }).await?;
+            let request = about(&format!("token:{name}"), RevokeTokenRequest { token: name.clone() });
+            client.connect().await?.revoke_token(request).await?;
             writeln!(out, "Revoked token {name}; every node refuses it from now on.").map_err(io)
         }
         TokensCommand::Rotate { name, json, client } => {
             // The initial admin token keeps its kind, so it still reads as one.
             let kind = if name == INITIAL_ADMIN { TokenKind::Admin } else { TokenKind::Api };
             let (token, secret_sha256, public_key) = draw_token(&client, kind)?;
-            let request = RotateTokenRequest { token: name, secret_sha256, public_key };
+            let target = format!("token:{name},key:{public_key}.{secret_sha256}");
+            let request = about(&target, RotateTokenRequest { token: name, secret_sha256, public_key });
             let rotated = client.connect().await?.rotate_token(request).await?.into_inner();
             output::created_token(out, &CreatedToken { secret: token.to_string(), ..rotated }, json).map_err(io)
         }

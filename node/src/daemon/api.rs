@@ -150,7 +150,10 @@ impl ControlService {
             caller.allow(command.access())?;
         }
         let grant = super::auth::current_grant();
-        super::auth::bound_app_allows(grant.as_ref(), &command).map_err(Status::permission_denied)?;
+        self.consensus
+            .state()
+            .read(|s| super::auth::bound_target_allows(grant.as_ref(), &command, s))
+            .map_err(Status::permission_denied)?;
         // A worker takes changes to one app only (the leader would refuse
         // the rest from it anyway): say so, and name the voters.
         if !super::auth::worker_may_propose(&command) {

@@ -171,14 +171,14 @@ pub struct CallGrant(pub Result<Grant, String>);
 /// The grant an API call's `authorization` header carries:
 /// `Signed PUBLIC_KEY.TIME.SIGNATURE` over the TLS session `peer` is on,
 /// this node's certificate (fingerprint `server`), the `method` called and
-/// the `app` the call names (`roost-app`, or empty), or `Bearer TOKEN`.
+/// the `target` the call names (`roost-target`, or empty), or `Bearer TOKEN`.
 /// Only the form is checked here.
 pub fn grant_of(
     header: Option<&str>,
     peer: Option<&PeerIdentity>,
     server: &str,
     method: &str,
-    app: &str,
+    target: &str,
 ) -> Result<Grant, Status> {
     let header = header.ok_or_else(|| Status::unauthenticated("no API token: pass --token or set ROOST_TOKEN"))?;
     if let Some(token) = header.strip_prefix("Bearer ") {
@@ -199,28 +199,72 @@ pub fn grant_of(
         session: hex(&session),
         server: server.to_owned(),
         method: method.to_owned(),
-        app: app.to_owned(),
+        target: target.to_owned(),
         signature: signed.signature,
     })
 }
 
-/// Whether `grant` may be used for `command` as far as the app goes: a
-/// signed call changes the app it was signed for (the CLI names the app of
-/// every call about one, `roost-app`) and no other, and a call signed for
-/// no app changes none, so a node that took it cannot use the grant on
-/// another app. A token (`Bearer`) is not bound.
-pub fn bound_app_allows(grant: Option<&Grant>, command: &Command) -> Result<(), String> {
-    let Some(Grant::Signed { app, method, .. }) = grant else { return Ok(()) };
-    match command.app() {
-        Some(other) if other == app => Ok(()),
-        None if app.is_empty() => Ok(()),
-        Some(other) if app.is_empty() => Err(format!(
-            "the call ({method}) was signed for no app, so it cannot change app {other}: name the app in the `{}` metadata, as the roost CLI does",
-            roost_proto::APP
+/// Whether `grant` may be used for `command` as far as its target goes: a
+/// signed call changes what it was signed for (the CLI names it on every
+/// call that changes something, `roost-target`: `app:web`, `node:n2`,
+/// `domain:shop.example.com`, `token:ci`) and nothing else, and a call
+/// signed for nothing changes nothing that has a name, so a node that took
+/// it cannot turn it on another app, node, domain or token. Names are
+/// resolved in `state` (a node or a token by name or id). A token
+/// (`Bearer`) is not bound.
+pub fn bound_target_allows(grant: Option<&Grant>, command: &Command, state: &State) -> Result<(), String> {
+    let Some(Grant::Signed { target, method, .. }) = grant else { return Ok(()) };
+    let changes = command_target(command, state);
+    let signed = (!target.is_empty()).then(|| resolve_target(target, state));
+    match (changes, signed) {
+        (None, None) => Ok(()),
+        (Some(changes), Some(signed)) if changes == signed => Ok(()),
+        (Some(changes), None) => Err(format!(
+            "the call ({method}) was signed for nothing in particular, so it cannot change {changes}: name it in the `{}` metadata, as the roost CLI does",
+            roost_proto::TARGET
         )),
-        Some(other) => Err(format!("the call ({method}) was signed for app {app}; it cannot change app {other}")),
-        None => Err(format!("the call ({method}) was signed for app {app}; it cannot make a change that is not to an app")),
+        (Some(changes), Some(_)) => {
+            Err(format!("the call ({method}) was signed for {target}; it cannot change {changes}"))
+        }
+        (None, Some(_)) => Err(format!("the call ({method}) was signed for {target}; it cannot make this change")),
     }
+}
+
+/// What `command` changes, as `KIND:NAME` parts joined by `,` (nodes and
+/// tokens by id, domains in lower case without a final dot); a token's new
+/// key pair is `key:PUBLIC_KEY.SECRET_SHA256`, so a node that took the call
+/// cannot put in a key of its own.
+fn command_target(command: &Command, state: &State) -> Option<String> {
+    let token_id = |token: &str| state.find_token(token).map_or_else(|| token.to_owned(), |t| t.id);
+    let key = |public_key: &str, secret_sha256: &str| format!("key:{public_key}.{secret_sha256}");
+    Some(match command {
+        Command::AddCertificate { domain, app } => format!("app:{app},domain:{}", normal_domain(domain)),
+        Command::RemoveCertificate { domain } => format!("domain:{}", normal_domain(domain)),
+        Command::RemoveNode { id, .. } | Command::LabelNode { id, .. } => format!("node:{id}"),
+        Command::RevokeToken { token } => format!("token:{}", token_id(token)),
+        Command::RotateToken { token, secret_sha256, public_key } => {
+            format!("token:{},{}", token_id(token), key(public_key, secret_sha256))
+        }
+        Command::CreateToken { token } => key(&token.public_key, &token.secret_sha256),
+        command => format!("app:{}", command.app()?),
+    })
+}
+
+fn normal_domain(domain: &str) -> String {
+    domain.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// A signed target in [`command_target`]'s terms.
+fn resolve_target(target: &str, state: &State) -> String {
+    let part = |part: &str| match part.split_once(':') {
+        Some(("node", node)) => state.find_node(node).map_or_else(|| part.to_owned(), |n| format!("node:{}", n.id)),
+        Some(("token", token)) => {
+            state.find_token(token).map_or_else(|| part.to_owned(), |t| format!("token:{}", t.id))
+        }
+        Some(("domain", domain)) => format!("domain:{}", normal_domain(domain)),
+        _ => part.to_owned(),
+    };
+    target.split(',').map(part).collect::<Vec<_>>().join(",")
 }
 
 /// The caller a grant stands for, by the state and clock as they are now:
@@ -255,7 +299,7 @@ pub fn resolve_grant(
 /// that did are remembered ([`VERIFIED`]): a client sends one signature
 /// with every call of a session, and it costs one Ed25519 check.
 fn verify_signed(grant: &Grant) -> Result<(), Status> {
-    let Grant::Signed { public_key, timestamp_ms, session, server, method, app, signature } = grant else {
+    let Grant::Signed { public_key, timestamp_ms, session, server, method, target, signature } = grant else {
         return Err(Status::unauthenticated("not a signed call"));
     };
     let mut digest = sha2::Sha256::new();
@@ -265,7 +309,7 @@ fn verify_signed(grant: &Grant) -> Result<(), Status> {
         session.as_bytes(),
         server.as_bytes(),
         method.as_bytes(),
-        app.as_bytes(),
+        target.as_bytes(),
         signature.as_bytes(),
     ] {
         digest.update((part.len() as u64).to_be_bytes());
@@ -281,7 +325,7 @@ fn verify_signed(grant: &Grant) -> Result<(), Status> {
     let signed =
         TokenSignature { public_key: public_key.clone(), timestamp_ms: *timestamp_ms, signature: signature.clone() };
     signed
-        .verify(&SignedCall { session: &session, server, method, app })
+        .verify(&SignedCall { session: &session, server, method, target })
         .map_err(|e| Status::unauthenticated(e.to_string()))?;
     if let Ok(mut verified) = VERIFIED.lock() {
         if verified.len() >= MAX_VERIFIED {
@@ -531,8 +575,8 @@ where
         // `/roost.api.v1.Control/CreateApp` is a call of `CreateApp`.
         let method = request.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
         let header = request.headers().get(roost_proto::AUTHORIZATION).map(|h| h.to_str().unwrap_or_default());
-        let app = request.headers().get(roost_proto::APP).map_or("", |h| h.to_str().unwrap_or_default());
-        let parsed = grant_of(header, request.extensions().get::<PeerIdentity>(), &self.server, &method, app)
+        let target = request.headers().get(roost_proto::TARGET).map_or("", |h| h.to_str().unwrap_or_default());
+        let parsed = grant_of(header, request.extensions().get::<PeerIdentity>(), &self.server, &method, target)
             .map_err(|status| status.message().to_owned());
         let grant = parsed.clone().ok();
         let mut request = request;
@@ -628,8 +672,8 @@ pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, 
             Err(format!("the call was signed for {method}, which does not make this change"))
         }
         (_, Some(grant @ (Grant::Token { .. } | Grant::Signed { .. }))) => {
-            // And the app it names, if it names one.
-            bound_app_allows(Some(grant), command)?;
+            // And what it names, and nothing else.
+            state.read(|s| bound_target_allows(Some(grant), command, s))?;
             let principal = resolve_grant(&state, &ca_digest, grant, Some(&uses), &clock, SIGNED_GRANT_AGE_MS)
                 .map_err(|status| status.message().to_owned())?;
             principal.allow(command.access()).map_err(|status| status.message().to_owned())
@@ -681,29 +725,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_grant_signed_for_one_app_allows_changes_to_that_app_alone() {
-        let signed = |app: &str| Grant::Signed {
+    fn a_signed_grant_changes_what_it_was_signed_for_alone() {
+        let signed = |target: &str| Grant::Signed {
             public_key: String::new(),
             timestamp_ms: 0,
             session: String::new(),
             server: String::new(),
             method: "Scale".into(),
-            app: app.into(),
+            target: target.into(),
             signature: String::new(),
         };
+        let state = cluster(2, |_| Vec::new());
+        let allows = |target: &str, command: &Command| bound_target_allows(Some(&signed(target)), command, &state);
         let scale = |app: &str| Command::Scale { app: app.into(), group: "app".into(), count: 1 };
-        assert_eq!(bound_app_allows(Some(&signed("web")), &scale("web")), Ok(()));
-        let refused = bound_app_allows(Some(&signed("web")), &scale("db")).expect_err("another app");
-        assert_eq!(refused, "the call (Scale) was signed for app web; it cannot change app db");
-        let create = Command::CreateApp { name: "db".into() };
-        assert!(bound_app_allows(Some(&signed("web")), &create).is_err(), "creating another app");
-        let removal = Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None, rotate: None };
-        assert!(bound_app_allows(Some(&signed("web")), &removal).is_err(), "a change to no app");
-        // A call signed for no app changes none; a token is not bound.
-        assert!(bound_app_allows(Some(&signed("")), &scale("db")).is_err(), "signed for no app");
-        assert_eq!(bound_app_allows(Some(&signed("")), &removal), Ok(()));
-        assert_eq!(bound_app_allows(Some(&Grant::Token { token: "t".into() }), &scale("db")), Ok(()));
-        assert_eq!(bound_app_allows(None, &scale("db")), Ok(()));
+        assert_eq!(allows("app:web", &scale("web")), Ok(()));
+        let refused = allows("app:web", &scale("db")).expect_err("another app");
+        assert_eq!(refused, "the call (Scale) was signed for app:web; it cannot change app:db");
+        assert!(allows("app:web", &Command::CreateApp { name: "db".into() }).is_err(), "creating another app");
+        // Nodes by name or id.
+        let removal = |id| Command::RemoveNode { id, new_join_secret: None, new_worker_secret: None, rotate: None };
+        let (n1, n2) = (state.node_by_name("n1").map(|n| n.id), state.node_by_name("n2").map(|n| n.id));
+        let (Some(n1), Some(n2)) = (n1, n2) else { panic!("the test cluster has n1 and n2") };
+        assert_eq!(allows("node:n2", &removal(n2)), Ok(()));
+        assert_eq!(allows(&format!("node:{n2}"), &removal(n2)), Ok(()));
+        assert!(allows("node:n2", &removal(n1)).is_err(), "another node");
+        assert!(allows("app:web", &removal(n2)).is_err(), "an app's grant on a node");
+        let domain = |d: &str| Command::RemoveCertificate { domain: d.into() };
+        assert_eq!(allows("domain:Shop.example.com", &domain("shop.example.com")), Ok(()));
+        assert!(allows("domain:shop.example.com", &domain("bank.example.com")).is_err());
+        assert_eq!(allows("domain:shop.example.com.", &domain("shop.example.com")), Ok(()));
+        let add = |d: &str, app: &str| Command::AddCertificate { domain: d.into(), app: app.into() };
+        assert_eq!(allows("app:web,domain:shop.example.com", &add("shop.example.com", "web")), Ok(()));
+        assert!(allows("app:web,domain:shop.example.com", &add("other.example.com", "web")).is_err());
+        // A token's new key pair is the one the client drew.
+        let rotate = |public_key: &str| Command::RotateToken {
+            token: "admin".into(),
+            secret_sha256: "d1".into(),
+            public_key: public_key.into(),
+        };
+        let admin_id = state.find_token("admin").map(|t| t.id).unwrap_or_else(|| "admin".into());
+        assert_eq!(allows(&format!("token:{admin_id},key:k1.d1"), &rotate("k1")), Ok(()));
+        assert_eq!(allows("token:admin,key:k1.d1", &rotate("k1")), Ok(()));
+        assert!(allows("token:admin,key:k1.d1", &rotate("theirs")).is_err(), "a key of the node's own");
+        // Signed for nothing: changes nothing with a name; a token is not bound.
+        assert!(allows("", &scale("db")).is_err(), "signed for nothing");
+        assert!(allows("", &removal(n2)).is_err(), "signed for nothing");
+        let unnamed = Command::UpdateNode { id: n1, address: "127.0.0.1:1".into(), wireguard: None };
+        assert_eq!(allows("", &unnamed), Ok(()));
+        let token = Grant::Token { token: "t".into() };
+        assert_eq!(bound_target_allows(Some(&token), &scale("db"), &state), Ok(()));
+        assert_eq!(bound_target_allows(None, &scale("db"), &state), Ok(()));
     }
 
     #[test]
