@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use roost_node::daemon::LivenessConfig;
-use roost_proto::api::{
-    CreateAppRequest, GetAppRequest, ListAppsRequest, ListNodesRequest, ReadOptions, RemoveNodeRequest,
-};
+use roost_proto::api::{CreateAppRequest, GetAppRequest, ListAppsRequest, ListNodesRequest, ReadOptions};
 use roost_raft::Timings;
 use roost_tests::{wait_until, Cluster};
 
@@ -119,14 +117,7 @@ async fn a_fourth_node_learns_and_is_promoted_when_a_voter_is_removed() -> Resul
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
     let voter = (0..3).find(|i| *i != leader).expect("a non-leader voter");
     let voter_name = cluster.slots[voter].name.clone();
-    cluster
-        .client(leader)
-        .await?
-        .remove_node(roost_node::cli::about(
-            &format!("node:{voter_name}"),
-            RemoveNodeRequest { node: voter_name.clone() },
-        ))
-        .await?;
+    cluster.remove_node(leader, &voter_name).await?;
 
     wait_until("n4 to be promoted in place of the removed voter", Duration::from_secs(20), || async {
         let nodes = cluster.client(leader).await?.list_nodes(ListNodesRequest::default()).await?.into_inner().nodes;

@@ -40,14 +40,7 @@ async fn remove_a_follower(cluster: &Cluster) -> Result<(usize, usize)> {
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
     let victim = (leader + 1) % 3;
     let victim_name = cluster.slots[victim].name.clone();
-    cluster
-        .client(leader)
-        .await?
-        .remove_node(roost_node::cli::about(
-            &format!("node:{victim_name}"),
-            RemoveNodeRequest { node: victim_name.clone() },
-        ))
-        .await?;
+    cluster.remove_node(leader, &victim_name).await?;
     roost_tests::wait_until("the removed node to stop", Duration::from_secs(15), || async {
         Ok(cluster.slots[victim].running.as_ref().is_some_and(|n| n.is_stopping()))
     })
@@ -202,14 +195,7 @@ async fn certificates_of_removed_or_unknown_nodes_and_members_posing_as_others_a
     let victim_dir = cluster.slots[victim].dir.path().to_owned();
     let token_before =
         cluster.client(leader).await?.get_join_token(GetJoinTokenRequest::default()).await?.into_inner().token;
-    cluster
-        .client(leader)
-        .await?
-        .remove_node(roost_node::cli::about(
-            &format!("node:{victim_name}"),
-            RemoveNodeRequest { node: victim_name.clone() },
-        ))
-        .await?;
+    cluster.remove_node(leader, &victim_name).await?;
     let token_after = rotated_join_token(&cluster, leader, &token_before).await?;
     // The first node's join.token file follows the rotation.
     let token_file = cluster.slots[0].dir.path().join("join.token");
@@ -281,14 +267,7 @@ async fn a_removed_nodes_certificate_at_a_members_address_is_refused_by_the_lead
     let mut followers = (0..3).filter(|i| *i != leader);
     let (victim, member) = (followers.next().expect("a follower"), followers.next().expect("another"));
     let victim_name = cluster.slots[victim].name.clone();
-    cluster
-        .client(leader)
-        .await?
-        .remove_node(roost_node::cli::about(
-            &format!("node:{victim_name}"),
-            RemoveNodeRequest { node: victim_name.clone() },
-        ))
-        .await?;
+    cluster.remove_node(leader, &victim_name).await?;
     roost_tests::wait_until("the removed node to stop", Duration::from_secs(15), || async {
         Ok(cluster.slots[victim].running.as_ref().is_some_and(|n| n.is_stopping()))
     })

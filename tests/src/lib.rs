@@ -220,6 +220,14 @@ impl Cluster {
         admin_client(&self.node(index)?.address, &self.tokens).await
     }
 
+    /// `roost node remove NAME` through the node in slot `via`, as the CLI
+    /// signs it.
+    pub async fn remove_node(&self, via: usize, name: &str) -> Result<()> {
+        let request = roost_proto::api::RemoveNodeRequest { node: name.to_owned() };
+        self.client(via).await?.remove_node(roost_node::cli::about(&format!("node:{name}"), request)).await?;
+        Ok(())
+    }
+
     pub async fn shutdown(mut self) {
         for slot in &mut self.slots {
             if let Some(node) = slot.running.take() {
