@@ -214,8 +214,8 @@ pub fn grant_of(
 /// (`Bearer`) is not bound.
 pub fn bound_target_allows(grant: Option<&Grant>, command: &Command, state: &State) -> Result<(), String> {
     let Some(Grant::Signed { target, method, .. }) = grant else { return Ok(()) };
-    let changes = command_target(command, state);
-    let signed = (!target.is_empty()).then(|| resolve_target(target, state));
+    let changes = command_target(command).map(|changes| canonical_target(&changes, state));
+    let signed = (!target.is_empty()).then(|| canonical_target(target, state));
     match (changes, signed) {
         (None, None) => Ok(()),
         (Some(changes), Some(signed)) if changes == signed => Ok(()),
@@ -230,20 +230,18 @@ pub fn bound_target_allows(grant: Option<&Grant>, command: &Command, state: &Sta
     }
 }
 
-/// What `command` changes, as `KIND:NAME` parts joined by `,` (nodes and
-/// tokens by id, domains in lower case without a final dot); a token's new
-/// key pair is `key:PUBLIC_KEY.SECRET_SHA256`, so a node that took the call
-/// cannot put in a key of its own.
-fn command_target(command: &Command, state: &State) -> Option<String> {
-    let token_id = |token: &str| state.find_token(token).map_or_else(|| token.to_owned(), |t| t.id);
+/// What `command` changes, as `KIND:NAME` parts joined by `,`; a token's
+/// new key pair is `key:PUBLIC_KEY.SECRET_SHA256`, so a node that took the
+/// call cannot put in a key of its own.
+fn command_target(command: &Command) -> Option<String> {
     let key = |public_key: &str, secret_sha256: &str| format!("key:{public_key}.{secret_sha256}");
     Some(match command {
-        Command::AddCertificate { domain, app } => format!("app:{app},domain:{}", normal_domain(domain)),
-        Command::RemoveCertificate { domain } => format!("domain:{}", normal_domain(domain)),
+        Command::AddCertificate { domain, app } => format!("app:{app},domain:{domain}"),
+        Command::RemoveCertificate { domain } => format!("domain:{domain}"),
         Command::RemoveNode { id, .. } | Command::LabelNode { id, .. } => format!("node:{id}"),
-        Command::RevokeToken { token } => format!("token:{}", token_id(token)),
+        Command::RevokeToken { token } => format!("token:{token}"),
         Command::RotateToken { token, secret_sha256, public_key } => {
-            format!("token:{},{}", token_id(token), key(public_key, secret_sha256))
+            format!("token:{token},{}", key(public_key, secret_sha256))
         }
         Command::CreateToken { token } => key(&token.public_key, &token.secret_sha256),
         command => format!("app:{}", command.app()?),
@@ -254,8 +252,11 @@ fn normal_domain(domain: &str) -> String {
     domain.trim_end_matches('.').to_ascii_lowercase()
 }
 
-/// A signed target in [`command_target`]'s terms.
-fn resolve_target(target: &str, state: &State) -> String {
+/// A target as [`bound_target_allows`] compares it, whether the client
+/// signed it or [`command_target`] read it off a command: nodes and tokens
+/// by id (either may be named by name or id), domains in lower case without
+/// a final dot.
+fn canonical_target(target: &str, state: &State) -> String {
     let part = |part: &str| match part.split_once(':') {
         Some(("node", node)) => state.find_node(node).map_or_else(|| part.to_owned(), |n| format!("node:{}", n.id)),
         Some(("token", token)) => {

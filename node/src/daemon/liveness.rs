@@ -190,9 +190,10 @@ impl peer_server::Peer for PeerService {
         if !self.consensus.is_leader() {
             return Err(not_leader());
         }
+        let ids: Vec<NodeId> = self.consensus.state().read(|s| s.nodes.keys().copied().collect());
         let nodes = self
             .liveness
-            .view(self.consensus.state().read(|s| s.nodes.keys().copied().collect::<Vec<_>>()), Instant::now())
+            .view(ids, Instant::now())
             .into_iter()
             .map(|(node_id, seen)| NodeLiveness {
                 node_id,

@@ -136,9 +136,14 @@ pub async fn run_controller(
     shutdown: CancellationToken,
 ) {
     let promote_after = liveness.config().promote_after;
+    // State changes are followed as the other reconcilers follow them: a
+    // pass per burst (`Pace`), and the node set read only when an entry
+    // that may change it was applied (`read_if_moved`).
     let mut changes = consensus.state().changes();
-    let node_ids = || consensus.state().read(|s| s.nodes.keys().copied().collect::<Vec<NodeId>>());
-    let mut known = node_ids();
+    let pace = roost_raft::store::Pace::default();
+    let mut revision = None;
+    let node_ids = |s: &roost_raft::State| s.nodes.keys().copied().collect::<Vec<NodeId>>();
+    let mut known = consensus.state().read_if_moved(&mut revision, node_ids).unwrap_or_default();
     // Changes made in a row without waiting for the tick: a node that joins
     // becomes a learner at once, and so does the next one.
     let mut in_a_row = 0;
@@ -154,15 +159,17 @@ pub async fn run_controller(
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = &mut tick => break,
-                    changed = changes.changed() => {
+                    changed = pace.settled(&mut changes) => {
                         if changed.is_err() {
                             return;
                         }
                         // A node joined or left: look now.
-                        let now = node_ids();
-                        if now != known {
-                            known = now;
-                            break;
+                        match consensus.state().read_if_moved(&mut revision, node_ids) {
+                            Some(now) if now != known => {
+                                known = now;
+                                break;
+                            }
+                            _ => {}
                         }
                     }
                 }
