@@ -21,6 +21,7 @@ pub mod filter;
 pub mod routes;
 pub mod wireguard;
 
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -98,6 +99,32 @@ impl MeshPlan {
     /// The node's own mesh address: the first of its /24, its bridge's gateway.
     pub fn address(&self) -> Ipv4Addr {
         gateway(self.subnet)
+    }
+}
+
+/// Which nodes' instances this node can reach now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Every node's: this node runs without WireGuard, and shares a machine
+    /// (and its routes) with the others.
+    All,
+    /// Only these nodes': this one and the peers whose WireGuard peer and
+    /// route the data plane has in place ([`Reach::of_plan`]). A node that
+    /// has just joined is reachable only once this node has set it up.
+    Only(BTreeSet<NodeId>),
+}
+
+impl Reach {
+    /// What a data plane that applied `plan` reaches.
+    pub fn of_plan(plan: &MeshPlan, me: NodeId) -> Reach {
+        Reach::Only(plan.peers.iter().map(|peer| peer.node).chain([me]).collect())
+    }
+
+    pub fn allows(&self, node: NodeId) -> bool {
+        match self {
+            Reach::All => true,
+            Reach::Only(nodes) => nodes.contains(&node),
+        }
     }
 }
 

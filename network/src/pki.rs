@@ -128,6 +128,12 @@ impl NodeKey {
     pub fn key_pem(&self) -> String {
         self.key.serialize_pem()
     }
+
+    /// A node's key as its data directory holds it.
+    pub fn from_pem(pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(pem).map_err(|source| PkiError::Key { what: "node key", source })?;
+        Ok(Self { key })
+    }
 }
 
 /// A public key received from a joining node.

@@ -143,6 +143,8 @@ pub enum TlsError {
     Verifier(#[source] rustls::server::VerifierBuilderError),
     #[error("`{addr}` is not a HOST:PORT address")]
     Address { addr: String },
+    #[error("{addr}: {wrong}")]
+    WrongCa { addr: String, wrong: WrongCa },
     #[error("cannot reach a roost node at {addr}: {reason}")]
     Connect {
         addr: String,
@@ -160,29 +162,141 @@ fn provider() -> Arc<CryptoProvider> {
 /// The node port speaks TLS 1.3 only: every client is Roost's own.
 const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
-fn roots(ca: &CertificateDer<'static>) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.clone()).map_err(TlsError::Config)?;
-    Ok(roots)
-}
-
 /// What a node presents and trusts when it serves.
 pub fn server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let ca = pki::cert_der_from_pem(ca_pem)?;
-    let cert = pki::cert_der_from_pem(cert_pem)?;
-    let key = pki::key_der_from_pem(key_pem)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&ca)?), provider())
-        .allow_unauthenticated()
-        .build()
-        .map_err(TlsError::Verifier)?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(VERSIONS)
-        .map_err(TlsError::Config)?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![cert, ca], key)
-        .map_err(TlsError::Config)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    let certs = NodeCerts { trusted: &[ca_pem], ca_pem, cert_pem, key_pem };
+    Ok(NodeTlsConfig::build(&certs, None)?.server)
+}
+
+/// A node's certificate material, PEM: the CAs it trusts, its certificate
+/// and the CA that signed it, and its key.
+#[derive(Clone, Copy)]
+pub struct NodeCerts<'a> {
+    /// Every CA whose certificates the node accepts from peers: the
+    /// cluster's, and during and after a CA rotation the other one too.
+    pub trusted: &'a [&'a str],
+    pub ca_pem: &'a str,
+    pub cert_pem: &'a str,
+    pub key_pem: &'a str,
+}
+
+/// What a node presents and trusts, swapped whole at a CA rotation
+/// ([`NodeTls::update`]): each connection it serves or opens takes the one
+/// current at its handshake; connections already open keep theirs.
+pub struct NodeTls {
+    current: std::sync::RwLock<Arc<NodeTlsConfig>>,
+    accept: Option<AcceptServer>,
+}
+
+/// One state of a [`NodeTls`].
+pub struct NodeTlsConfig {
+    pub server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    /// The fingerprint of the certificate the node presents.
+    pub fingerprint: Arc<str>,
+    /// The digest of the CA that signed it: what a client that reaches the
+    /// node pins, and so what an API token for it names.
+    pub ca_digest: CaDigest,
+    /// The digests of every CA the node trusts.
+    pub trusted: Vec<CaDigest>,
+}
+
+impl NodeTlsConfig {
+    fn build(certs: &NodeCerts<'_>, accept: Option<AcceptServer>) -> Result<NodeTlsConfig, TlsError> {
+        let ca = pki::cert_der_from_pem(certs.ca_pem)?;
+        let cert = pki::cert_der_from_pem(certs.cert_pem)?;
+        let key: PrivateKeyDer<'static> = pki::key_der_from_pem(certs.key_pem)?;
+        let mut roots = RootCertStore::empty();
+        let mut digests = Vec::new();
+        for pem in certs.trusted.iter().copied().chain([certs.ca_pem]) {
+            let der = pki::cert_der_from_pem(pem)?;
+            digests.push(CaDigest::of(&der));
+            roots.add(der).map_err(TlsError::Config)?;
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(TlsError::Verifier)?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)
+            .map_err(TlsError::Config)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![cert.clone(), ca.clone()], key.clone_key())
+            .map_err(TlsError::Config)?;
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        let verifier = PinnedCaVerifier { digests: digests.clone(), provider: provider(), accept };
+        let mut client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)
+            .map_err(TlsError::Config)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(vec![cert.clone(), ca.clone()], key)
+            .map_err(TlsError::Config)?;
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(NodeTlsConfig {
+            server: Arc::new(server),
+            client: Arc::new(client),
+            fingerprint: fingerprint(&cert).into(),
+            ca_digest: CaDigest::of(&ca),
+            trusted: digests,
+        })
+    }
+}
+
+impl NodeTls {
+    /// A node's TLS; its own calls accept a server only if `accept` (given
+    /// the server certificate's fingerprint) does: a node checks a peer
+    /// against the current members, so a removed node's certificate, though
+    /// a trusted CA signed it, opens no connection from the cluster.
+    pub fn new(certs: &NodeCerts<'_>, accept: Option<AcceptServer>) -> Result<Arc<NodeTls>, TlsError> {
+        let current = NodeTlsConfig::build(certs, accept.clone())?;
+        Ok(Arc::new(NodeTls { current: std::sync::RwLock::new(Arc::new(current)), accept }))
+    }
+
+    /// Presents and trusts `certs` from the next handshake on.
+    pub fn update(&self, certs: &NodeCerts<'_>) -> Result<(), TlsError> {
+        let next = Arc::new(NodeTlsConfig::build(certs, self.accept.clone())?);
+        *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = next;
+        Ok(())
+    }
+
+    pub fn current(&self) -> Arc<NodeTlsConfig> {
+        self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+}
+
+/// Where [`incoming`] takes each handshake's configuration from.
+#[derive(Clone)]
+pub enum ServerTls {
+    Fixed(Arc<rustls::ServerConfig>),
+    /// A node's, as it is at the handshake.
+    Node(Arc<NodeTls>),
+}
+
+impl From<Arc<rustls::ServerConfig>> for ServerTls {
+    fn from(config: Arc<rustls::ServerConfig>) -> Self {
+        ServerTls::Fixed(config)
+    }
+}
+
+impl From<Arc<NodeTls>> for ServerTls {
+    fn from(tls: Arc<NodeTls>) -> Self {
+        ServerTls::Node(tls)
+    }
+}
+
+impl ServerTls {
+    /// The configuration for a handshake now, and the fingerprint of the
+    /// certificate it presents (for a node's).
+    fn now(&self) -> (Arc<rustls::ServerConfig>, Option<Arc<str>>) {
+        match self {
+            ServerTls::Fixed(config) => (config.clone(), None),
+            ServerTls::Node(tls) => {
+                let current = tls.current();
+                (current.server.clone(), Some(current.fingerprint.clone()))
+            }
+        }
+    }
 }
 
 /// Who is on the other end of a connection, as far as TLS could tell.
@@ -194,6 +308,10 @@ pub struct PeerIdentity {
     /// The TLS session's exporter value ([`session_binding`]): what a signed
     /// API call signs, so its signature is good on this connection alone.
     pub session: Option<[u8; 32]>,
+    /// The fingerprint of the certificate this node presented on the
+    /// connection, which a signed call names (the node's own may have
+    /// changed since, at a CA rotation).
+    pub server_fingerprint: Option<Arc<str>>,
 }
 
 /// The label of the exporter value both ends of a TLS session derive
@@ -289,12 +407,12 @@ impl AsyncWrite for TlsConnection {
 /// on its own task so that a slow or hostile peer cannot stall the others.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    tls: impl Into<ServerTls>,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> ReceiverStream<io::Result<TlsConnection>> {
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
+    let tls: ServerTls = tls.into();
     let admission = Arc::new(Admission { limits, open: Default::default() });
     tokio::spawn(async move {
         loop {
@@ -313,7 +431,8 @@ pub fn incoming(
             // Dropping the socket closes it: the client learns at once.
             let Some(admitted) = admission.admit(remote.ip()) else { continue };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let (config, server_fingerprint) = tls.now();
+            let acceptor = TlsAcceptor::from(config);
             let tx = tx.clone();
             let limits = admission.limits.clone();
             tokio::spawn(async move {
@@ -335,7 +454,8 @@ pub fn incoming(
                     .and_then(|certs| certs.first())
                     .map(|cert| fingerprint(cert));
                 let session = session_binding(stream.get_ref().1);
-                let identity = PeerIdentity { remote_addr: Some(remote), node_fingerprint, session };
+                let identity =
+                    PeerIdentity { remote_addr: Some(remote), node_fingerprint, session, server_fingerprint };
                 let idle = Box::pin(tokio::time::sleep(limits.idle_timeout));
                 let connection =
                     TlsConnection { stream, identity, _admitted: admitted, idle_timeout: limits.idle_timeout, idle };
@@ -349,7 +469,24 @@ pub fn incoming(
 /// How a client reaches nodes: the CA it pins and, for nodes, its own identity.
 #[derive(Clone)]
 pub struct ClientTls {
-    config: Arc<rustls::ClientConfig>,
+    source: ClientSource,
+}
+
+/// Where a client's configuration comes from at each connection it opens.
+#[derive(Clone)]
+enum ClientSource {
+    Fixed(Arc<rustls::ClientConfig>),
+    /// A node's, which a CA rotation changes.
+    Node(Arc<NodeTls>),
+}
+
+impl ClientSource {
+    fn config(&self) -> Arc<rustls::ClientConfig> {
+        match self {
+            ClientSource::Fixed(config) => config.clone(),
+            ClientSource::Node(tls) => tls.current().client.clone(),
+        }
+    }
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -367,36 +504,21 @@ impl ClientTls {
             .map_err(TlsError::Config)?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier::new(ca_digest)));
-        Ok(Self::finish(builder.with_no_client_auth()))
+        let mut config = builder.with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self { source: ClientSource::Fixed(Arc::new(config)) })
     }
 
     /// A client that presents a node certificate.
     pub fn node(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
-        Self::node_accepting(ca_pem, cert_pem, key_pem, None)
+        let certs = NodeCerts { trusted: &[ca_pem], ca_pem, cert_pem, key_pem };
+        Ok(Self { source: ClientSource::Fixed(NodeTlsConfig::build(&certs, None)?.client) })
     }
 
-    /// [`ClientTls::node`] that also refuses a server whose certificate
-    /// `accept` (given its fingerprint) refuses: a node checks a peer against
-    /// the current members, so a removed node's certificate, though the CA
-    /// signed it, opens no connection from the cluster.
-    pub fn node_accepting(
-        ca_pem: &str,
-        cert_pem: &str,
-        key_pem: &str,
-        accept: Option<AcceptServer>,
-    ) -> Result<Self, TlsError> {
-        let ca = pki::cert_der_from_pem(ca_pem)?;
-        let cert = pki::cert_der_from_pem(cert_pem)?;
-        let key: PrivateKeyDer<'static> = pki::key_der_from_pem(key_pem)?;
-        let mut verifier = PinnedCaVerifier::new(CaDigest::of(&ca));
-        verifier.accept = accept;
-        let builder = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(VERSIONS)
-            .map_err(TlsError::Config)?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier));
-        let config = builder.with_client_auth_cert(vec![cert, ca], key).map_err(TlsError::Config)?;
-        Ok(Self::finish(config))
+    /// A node's client: it presents what `tls` holds at each connection it
+    /// opens, and trusts what `tls` trusts then.
+    pub fn of_node(tls: Arc<NodeTls>) -> Self {
+        Self { source: ClientSource::Node(tls) }
     }
 
     /// Connects to `addr` now, so that an unreachable node or a node of
@@ -416,10 +538,9 @@ impl ClientTls {
 
     async fn connect_with(&self, addr: &str, connector: TlsConnectorService) -> Result<Channel, TlsError> {
         let endpoint = self.endpoint(addr)?;
-        endpoint.connect_with_connector(connector).await.map_err(|e| TlsError::Connect {
-            addr: addr.to_owned(),
-            reason: innermost(&e),
-            transient: is_transient(&e),
+        endpoint.connect_with_connector(connector).await.map_err(|e| match wrong_ca(&e) {
+            Some(wrong) => TlsError::WrongCa { addr: addr.to_owned(), wrong },
+            None => TlsError::Connect { addr: addr.to_owned(), reason: innermost(&e), transient: is_transient(&e) },
         })
     }
 
@@ -433,12 +554,7 @@ impl ClientTls {
     }
 
     fn connector(&self) -> TlsConnectorService {
-        TlsConnectorService { tls: TlsConnector::from(self.config.clone()), session: None }
-    }
-
-    fn finish(mut config: rustls::ClientConfig) -> Self {
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Self { config: Arc::new(config) }
+        TlsConnectorService { source: self.source.clone(), session: None }
     }
 
     /// A channel to `addr` (HOST:PORT) that connects on first use and
@@ -477,7 +593,7 @@ impl SessionSlot {
 /// The tower service tonic calls to open a connection: TCP, then TLS.
 #[derive(Clone)]
 struct TlsConnectorService {
-    tls: TlsConnector,
+    source: ClientSource,
     /// Where to put each new session's exporter value, when asked.
     session: Option<SessionSlot>,
 }
@@ -495,7 +611,7 @@ impl tower::Service<Uri> for TlsConnectorService {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let tls = self.tls.clone();
+        let tls = TlsConnector::from(self.source.config());
         let slot = self.session.clone();
         Box::pin(async move {
             let authority = uri
@@ -523,23 +639,50 @@ impl tower::Service<Uri> for TlsConnectorService {
 /// ([`pki::fingerprint`]).
 pub type AcceptServer = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
-/// Trusts a server whose chain includes the CA with the pinned digest and
+/// A server refused for the CA it presented: not one the client pins.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the node presented CA {presented}, not the cluster CA this token pins ({pinned}): it belongs to another cluster, or the cluster's CA was rotated (`roost cluster rotate-ca`; the token then keeps its secret, and an admin can give it to you with the new CA's digest)")]
+pub struct WrongCa {
+    /// Short digests.
+    pub presented: String,
+    pub pinned: String,
+}
+
+/// The [`WrongCa`] in an error chain, if the handshake failed for it.
+fn wrong_ca(error: &(dyn std::error::Error + 'static)) -> Option<WrongCa> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        let io_inner = e.downcast_ref::<io::Error>().and_then(|io| io.get_ref());
+        for candidate in [Some(e), io_inner.map(|i| i as &(dyn std::error::Error + 'static))].into_iter().flatten() {
+            if let Some(rustls::Error::Other(other)) = candidate.downcast_ref::<rustls::Error>() {
+                if let Some(wrong) = other.0.downcast_ref::<WrongCa>() {
+                    return Some(wrong.clone());
+                }
+            }
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// Trusts a server whose chain includes a CA with a pinned digest and
 /// whose certificate that CA signed (and, when set, that `accept` accepts).
 struct PinnedCaVerifier {
-    digest: CaDigest,
+    digests: Vec<CaDigest>,
     provider: Arc<CryptoProvider>,
     accept: Option<AcceptServer>,
 }
 
 impl std::fmt::Debug for PinnedCaVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PinnedCaVerifier").field("digest", &short(&self.digest)).finish_non_exhaustive()
+        let digests: Vec<String> = self.digests.iter().map(short).collect();
+        f.debug_struct("PinnedCaVerifier").field("digests", &digests).finish_non_exhaustive()
     }
 }
 
 impl PinnedCaVerifier {
     fn new(digest: CaDigest) -> Self {
-        Self { digest, provider: provider(), accept: None }
+        Self { digests: vec![digest], provider: provider(), accept: None }
     }
 }
 
@@ -552,11 +695,10 @@ impl ServerCertVerifier for PinnedCaVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates.iter().find(|c| CaDigest::of(c) == self.digest).ok_or_else(|| {
-            rustls::Error::General(format!(
-                "the node did not present the cluster CA this token pins ({}): it belongs to another cluster",
-                short(&self.digest)
-            ))
+        let ca = intermediates.iter().find(|c| self.digests.contains(&CaDigest::of(c))).ok_or_else(|| {
+            let presented = intermediates.first().map_or_else(|| "none".to_owned(), |c| short(&CaDigest::of(c)));
+            let pinned = self.digests.iter().map(short).collect::<Vec<_>>().join(" or ");
+            rustls::Error::Other(rustls::OtherError(Arc::new(WrongCa { presented, pinned })))
         })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
@@ -646,6 +788,14 @@ fn short(digest: &CaDigest) -> String {
     digest.to_hex()[..12].to_owned()
 }
 
+/// Whether the CA `ca_pem` signed the node certificate `cert_pem`.
+pub fn signed_by(ca_pem: &str, cert_pem: &str) -> bool {
+    let (Ok(ca), Ok(cert)) = (pki::cert_der_from_pem(ca_pem), pki::cert_der_from_pem(cert_pem)) else {
+        return false;
+    };
+    verify_chain(&CaDigest::of(&ca), &ca, &cert).is_ok()
+}
+
 /// Checks that `leaf` chains to the CA `ca` and that `ca` has the digest
 /// `pin`: the same test a client applies during the handshake.
 pub fn verify_chain(pin: &CaDigest, ca: &CertificateDer<'_>, leaf: &CertificateDer<'_>) -> Result<(), rustls::Error> {
@@ -682,7 +832,7 @@ mod tests {
             }
         });
         let client = ClientTls::anonymous(ca.digest()).expect("a client");
-        (address, client.config, stop)
+        (address, client.source.config(), stop)
     }
 
     async fn connect(

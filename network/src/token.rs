@@ -75,8 +75,7 @@ pub enum TokenError {
 impl Token {
     /// Makes a token with a fresh random secret.
     pub fn generate(kind: TokenKind, ca_digest: CaDigest) -> Self {
-        let secret: [u8; SECRET_LEN / 2] = rand::random();
-        Self { kind, ca_digest, secret: hex(&secret) }
+        Self { kind, ca_digest, secret: random_secret() }
     }
 
     pub fn parse(text: &str) -> Result<Self, TokenError> {
@@ -108,6 +107,12 @@ impl fmt::Display for Token {
         };
         write!(f, "{prefix}{}-{}", self.ca_digest.to_hex(), self.secret)
     }
+}
+
+/// A fresh random secret, as a token carries it.
+pub fn random_secret() -> String {
+    let secret: [u8; SECRET_LEN / 2] = rand::random();
+    hex(&secret)
 }
 
 /// The `authorization` scheme of a signed API call:

@@ -84,6 +84,7 @@ impl Command {
         match self {
             Command::UpdateNode { id, .. } => *id == caller,
             Command::ReportInstances { node, .. } => *node == caller,
+            Command::RenewNodeCertificate { node, .. } => *node == caller,
             Command::TokensUsed { .. } => true,
             _ => false,
         }
@@ -103,7 +104,9 @@ impl Command {
             | Command::CreateToken { .. }
             | Command::RevokeToken { .. }
             | Command::RotateToken { .. }
-            | Command::KeyAdminToken { .. } => false,
+            | Command::KeyAdminToken { .. }
+            | Command::StartCaRotation { .. }
+            | Command::RenewNodeCertificate { .. } => false,
             Command::Batch { proposals } => proposals.iter().any(|p| p.command.touches_workloads()),
             _ => true,
         }
@@ -122,8 +125,11 @@ impl Command {
             | Command::CertificateIssued { .. }
             | Command::CertificateFailed { .. }
             | Command::SetAcmeAccount { .. }
-            | Command::RotateJoinSecrets { .. } => true,
+            | Command::RotateJoinSecrets { .. }
+            | Command::FinishCaRotation { .. } => true,
             Command::Bootstrap { .. }
+            | Command::StartCaRotation { .. }
+            | Command::RenewNodeCertificate { .. }
             | Command::KeyAdminToken { .. }
             | Command::AddNode { .. }
             | Command::RemoveNode { .. }
@@ -198,6 +204,9 @@ impl Command {
             | Command::TokensUsed { .. }
             | Command::RotateJoinSecrets { .. }
             | Command::KeyAdminToken { .. }
+            | Command::StartCaRotation { .. }
+            | Command::RenewNodeCertificate { .. }
+            | Command::FinishCaRotation { .. }
             | Command::Batch { .. } => Access::Admin,
         }
     }
@@ -408,6 +417,23 @@ pub enum Command {
     TokensUsed {
         used: BTreeMap<String, UnixMillis>,
     },
+    /// Starts a rotation of the cluster CA (`roost cluster rotate-ca`; see
+    /// `state::ca`): the new CA's certificate and its key, sealed.
+    StartCaRotation {
+        ca_cert_pem: String,
+        ca_key: SealedSecret,
+    },
+    /// A node's certificate from the CA being rotated to, by fingerprint:
+    /// the node's own report.
+    RenewNodeCertificate {
+        node: NodeId,
+        fingerprint: String,
+    },
+    /// Every current node has a certificate from the new CA: it becomes the
+    /// cluster's CA. The leader's decision.
+    FinishCaRotation {
+        ca_cert_pem: String,
+    },
     /// Proposals that arrived together, committed as one entry and applied
     /// in order. The leader batches concurrent writes this way because
     /// openraft 0.9 syncs each entry before it takes the next (see
@@ -547,6 +573,16 @@ pub enum Rejection {
     TokenNotFound { token: String },
     #[error("another token has this secret or key; draw a new token and try again")]
     TokenSecretTaken,
+    #[error("a rotation of the cluster CA is under way; wait for it to finish (`roost cluster rotate-ca` shows it) and try again")]
+    CaRotationInProgress,
+    #[error("no rotation of the cluster CA is under way")]
+    NoCaRotation,
+    #[error("the CA is the cluster's current or previous one; a rotation needs a new CA")]
+    CaNotNew,
+    #[error("nodes {pending} have no certificate from the new CA yet")]
+    CaRotationIncomplete { pending: String },
+    #[error("another node has this certificate")]
+    CertificateTaken,
     #[error("the initial admin token cannot be revoked, so that the cluster always has an admin; rotate it with `roost tokens rotate admin`")]
     InitialAdminToken,
     #[error("this log entry has format version {version}, newer than this binary understands; upgrade roost")]
@@ -591,6 +627,9 @@ impl fmt::Display for Command {
             Command::RevokeToken { token } => write!(f, "revoke token {token}"),
             Command::RotateToken { token, .. } => write!(f, "rotate token {token}"),
             Command::TokensUsed { used } => write!(f, "{} tokens used", used.len()),
+            Command::StartCaRotation { .. } => f.write_str("start a CA rotation"),
+            Command::RenewNodeCertificate { node, .. } => write!(f, "node {node} has a certificate from the new CA"),
+            Command::FinishCaRotation { .. } => f.write_str("finish the CA rotation"),
             Command::Batch { proposals } => write!(f, "batch of {}", proposals.len()),
         }
     }

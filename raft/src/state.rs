@@ -19,11 +19,13 @@ use crate::workload::{Instance, Release, ReleaseStatus, Resources, SealedSecret}
 use crate::NodeId;
 
 mod apps;
+mod ca;
 mod certs;
 mod mesh;
 mod tokens;
 
 pub use apps::{MAX_INSTANCES_PER_GROUP, MAX_RELEASE_HISTORY, RELEASE_HISTORY};
+pub use ca::CaRotation;
 pub use certs::{validate_domain, AcmeChallenge, Certificate, CertificateStatus, IssuedCertificate};
 pub use mesh::{default_mesh_range, validate_mesh_range, WireguardPeer, NODE_SUBNET_PREFIX};
 pub use tokens::{Access, ApiToken, Scope, TokenMatch, TokenView, INITIAL_ADMIN, MAX_TOKENS};
@@ -144,6 +146,13 @@ pub struct ClusterInfo {
     /// `--acme-ca`); `None`: custom domains cannot get certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acme: Option<AcmeSettings>,
+    /// A rotation of the CA under way (`roost cluster rotate-ca`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_rotation: Option<CaRotation>,
+    /// The CA before the last rotation: it signed the certificates that
+    /// connections opened before then may still use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_ca_cert_pem: Option<String>,
 }
 
 impl ClusterInfo {
@@ -209,6 +218,24 @@ pub struct NodeRecord {
     /// Whether it may vote: set by the join token it came with.
     #[serde(default)]
     pub role: NodeRole,
+    /// During a CA rotation, the fingerprint of the node's certificate from
+    /// the new CA ([`Command::RenewNodeCertificate`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cert_fingerprint: Option<String>,
+    /// The certificate the node had before the last CA rotation: still the
+    /// node's, for connections opened before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub former_cert_fingerprint: Option<String>,
+}
+
+impl NodeRecord {
+    /// Whether the certificate with this fingerprint is this node's: its
+    /// current one, the one from a CA being rotated to, or its former one.
+    pub fn has_certificate(&self, fingerprint: &str) -> bool {
+        self.cert_fingerprint == fingerprint
+            || self.next_cert_fingerprint.as_deref() == Some(fingerprint)
+            || self.former_cert_fingerprint.as_deref() == Some(fingerprint)
+    }
 }
 
 /// What a node may be in Raft, fixed by the join token it joined with.
@@ -350,6 +377,9 @@ impl State {
                 None => Response::Rejected(Rejection::NotBootstrapped),
             },
             Command::TokensUsed { used } => self.tokens_used(used, at),
+            Command::StartCaRotation { ca_cert_pem, ca_key } => self.start_ca_rotation(ca_cert_pem, ca_key, at),
+            Command::RenewNodeCertificate { node, fingerprint } => self.renew_node_certificate(*node, fingerprint),
+            Command::FinishCaRotation { ca_cert_pem } => self.finish_ca_rotation(ca_cert_pem),
             Command::Batch { proposals } => {
                 Response::Batch { responses: proposals.iter().map(|p| self.apply(p)).collect() }
             }
@@ -392,6 +422,11 @@ impl State {
             } else {
                 Response::Rejected(Rejection::NodeNameTaken { name: node.name.clone() })
             };
+        }
+        // A new node's certificate would be from the CA being replaced: it would need one
+        // from the new CA too, and the rotation would wait for it.
+        if cluster.ca_rotation.is_some() {
+            return Response::Rejected(Rejection::CaRotationInProgress);
         }
         let Some(subnet) = self.free_subnet() else {
             return Response::Rejected(Rejection::MeshFull { range: cluster.mesh_range.to_string() });
@@ -438,6 +473,8 @@ impl State {
             return Response::Rejected(Rejection::NodeNotFound { node: id.to_string() });
         };
         self.revoked_certs.insert(node.cert_fingerprint);
+        self.revoked_certs.extend(node.next_cert_fingerprint);
+        self.revoked_certs.extend(node.former_cert_fingerprint);
         self.removed_nodes.insert(id, RemovedNode { name: node.name, removed_at: at });
         if let Some(cluster) = self.cluster.as_mut() {
             match rotate {
@@ -496,9 +533,10 @@ impl State {
         self.nodes.values().filter(|n| n.role == NodeRole::Worker).map(|n| n.id).collect()
     }
 
-    /// The current node whose certificate has this fingerprint.
+    /// The current node whose certificate has this fingerprint
+    /// ([`NodeRecord::has_certificate`]).
     pub fn node_by_fingerprint(&self, fingerprint: &str) -> Option<&NodeRecord> {
-        self.nodes.values().find(|n| n.cert_fingerprint == fingerprint)
+        self.nodes.values().find(|n| n.has_certificate(fingerprint))
     }
 
     /// Finds a node by name, or by id when the text is a number.
@@ -525,6 +563,8 @@ impl NewNode {
             subnet,
             wireguard: self.wireguard.clone(),
             role: self.role,
+            next_cert_fingerprint: None,
+            former_cert_fingerprint: None,
         }
     }
 }

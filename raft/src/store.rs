@@ -27,6 +27,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -300,6 +301,8 @@ pub struct StateMachine {
     inner: Arc<RwLock<Applied>>,
     /// Bumped after every apply, so tasks can wait for the state to change.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// See [`StateReader::synced`].
+    synced: Arc<AtomicBool>,
 }
 
 impl Debug for StateMachine {
@@ -369,6 +372,7 @@ impl Pace {
 pub struct StateReader {
     inner: Arc<RwLock<Applied>>,
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    synced: Arc<AtomicBool>,
 }
 
 impl Debug for StateReader {
@@ -409,6 +413,27 @@ impl StateReader {
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
     }
+
+    /// Whether, since this process started, the state has once included
+    /// every entry the cluster had committed when this node asked (a read
+    /// barrier passed: [`StateReader::mark_synced`]). Until then a node that
+    /// restarted holds only what it had, and an app made while it was down
+    /// is not in it yet.
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
+    }
+
+    /// Records that a read barrier passed ([`StateReader::synced`]). It moves
+    /// the workload revision, so a reconciler that built from the state
+    /// while it was not synced builds again; the flag is set first, so a
+    /// pass that read it unset always sees the revision move after it.
+    pub fn mark_synced(&self) {
+        if self.synced.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner()).workload_revision += 1;
+        self.changes.send_modify(|n| *n += 1);
+    }
 }
 
 impl StateMachine {
@@ -432,11 +457,16 @@ impl StateMachine {
             }
         }
         let (changes, _) = tokio::sync::watch::channel(0);
-        Ok(Self { db, inner: Arc::new(RwLock::new(applied)), changes: Arc::new(changes) })
+        Ok(Self {
+            db,
+            inner: Arc::new(RwLock::new(applied)),
+            changes: Arc::new(changes),
+            synced: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     pub fn reader(&self) -> StateReader {
-        StateReader { inner: self.inner.clone(), changes: self.changes.clone() }
+        StateReader { inner: self.inner.clone(), changes: self.changes.clone(), synced: self.synced.clone() }
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {

@@ -52,6 +52,8 @@ pub fn cluster(count: usize, labels: impl Fn(usize) -> Vec<(&'static str, &'stat
         mesh_range: default_mesh_range(),
         domain: "localhost".into(),
         acme: None,
+        ca_rotation: None,
+        previous_ca_cert_pem: None,
     };
     apply(&mut state, Command::Bootstrap { cluster: Box::new(cluster), node: node("n1", &labels(1), size) });
     for i in 2..=count {

@@ -540,3 +540,60 @@ async fn a_worker_holds_no_cluster_keys_yet_runs_secrets_and_serves_tls() -> Res
     drop((w1, n1));
     Ok(())
 }
+
+/// A node that restarts holds only what it had: until it has caught up with
+/// the cluster (a read barrier), its edge must call an app made while it was
+/// down "starting" (503, try again), never "no such app" (404); and it
+/// reports itself up only then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_answers_503_not_404_for_an_app_made_while_it_was_down() -> Result<()> {
+    roost_tests::apps::require_docker()?;
+    let root = tempfile::Builder::new().prefix("roost-restart-edge-").tempdir()?;
+    let n1 = NodeProcess::init(root.path(), "n1")?;
+    let admin = n1.read_token_when_ready("admin.token").await?;
+    let join = n1.read_token_when_ready("join.token").await?;
+    let identity: Value = serde_json::from_str(&std::fs::read_to_string(n1.data_dir.join("node.json"))?)?;
+    let _cleanup =
+        roost_tests::apps::DockerCleanup { cluster: identity["cluster_id"].as_str().context("cluster id")?.to_owned() };
+    let n2 = NodeProcess::join(root.path(), "n2", &n1.address, &join)?;
+    let mut n3 = NodeProcess::join(root.path(), "n3", &n1.address, &join)?;
+    wait_for_nodes(&n1.address, &admin, Duration::from_secs(60), "three nodes up", |n| {
+        names(n, "state", "up").len() == 3
+    })
+    .await?;
+
+    n3.kill()?;
+    wait_for_nodes(&n1.address, &admin, Duration::from_secs(30), "n3 shown down", |n| {
+        names(n, "state", "down") == ["n3"]
+    })
+    .await?;
+    let app = hello_app(&hello_toml("late", ""))?;
+    let out = roost(&["deploy", &app.path().to_string_lossy()], Some(&n2.address), Some(&admin)).await?;
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+
+    // From the moment n3 starts again, ask its edge for the new app as fast
+    // as it answers, until the app answers.
+    n3.start()?;
+    let edge = n3.http.to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut answers = std::collections::BTreeMap::<u16, usize>::new();
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "n3's edge never served late.localhost: {answers:?}");
+        let Ok((status, body)) = roost_tests::apps::http_get_host(&edge, "late.localhost", "/").await else {
+            // Not listening yet.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        };
+        *answers.entry(status).or_default() += 1;
+        assert_ne!(status, 404, "n3 called an app made while it was down unknown: {body} (answers so far {answers:?})");
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+    }
+    eprintln!("n3's edge answered {answers:?} until the app answered");
+    wait_for_nodes(&n1.address, &admin, Duration::from_secs(30), "n3 up again", |n| names(n, "state", "up").len() == 3)
+        .await?;
+    drop(n2);
+    Ok(())
+}

@@ -17,9 +17,11 @@
 //! - `tokens`: scoped API tokens at each boundary, on every node; revoked,
 //!   rotated and expired tokens refused.
 //! - `binary`: the built `roost` binary driven as a user drives it.
+//! - `ca`: `roost cluster rotate-ca` on real processes, while an app answers.
 
 mod apps;
 mod binary;
+mod ca;
 mod cluster;
 mod edge;
 mod elections;

@@ -179,9 +179,14 @@ pub async fn cli(address: &str, token: &str, args: &[&str]) -> std::result::Resu
 
 /// `GET path` on `address` (IP:PORT); returns the status and body.
 pub async fn http_get(address: &str, path: &str) -> Result<(u16, String)> {
+    http_get_host(address, address, path).await
+}
+
+/// [`http_get`] with `host` in the `Host` header: an app through an edge.
+pub async fn http_get_host(address: &str, host: &str, path: &str) -> Result<(u16, String)> {
     let attempt = async {
         let mut stream = tokio::net::TcpStream::connect(address).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
         let mut response = String::new();
         stream.read_to_string(&mut response).await?;

@@ -11,6 +11,7 @@ use roost_raft::workload::Concurrency;
 use roost_raft::{NodeId, State};
 
 use crate::directory::Directory;
+use crate::mesh::Reach;
 
 /// How often the edge probes a backend when its app's checks say nothing.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -148,6 +149,19 @@ impl Routes {
     /// cluster yet: hosts they do not know are [`HostMatch::Starting`].
     pub fn catching_up(mut self) -> Routes {
         self.caught_up = false;
+        self
+    }
+
+    /// Keeps only the backends on nodes this node's mesh reaches now: an
+    /// instance on a node that has just joined gets traffic from here once
+    /// its WireGuard peer is in place, not before.
+    pub fn reachable(mut self, reach: &Reach) -> Routes {
+        for route in self.http.values_mut() {
+            route.backends.retain(|b| reach.allows(b.node));
+        }
+        for route in self.tcp.values_mut() {
+            route.backends.retain(|b| reach.allows(b.node));
+        }
         self
     }
 

@@ -80,9 +80,15 @@ impl Certificates {
         }
     }
 
-    /// The CA that signs certificates of apps under the cluster domain.
+    /// The CA that signs certificates of apps under the cluster domain. A
+    /// new one (after a CA rotation) replaces the certificates made so far.
     pub fn set_ca(&self, ca: Arc<ClusterCa>) {
-        *self.ca.write().unwrap_or_else(|p| p.into_inner()) = Some(ca);
+        let mut current = self.ca.write().unwrap_or_else(|p| p.into_inner());
+        let replaced = current.as_ref().is_some_and(|old| old.digest() != ca.digest());
+        *current = Some(ca);
+        if replaced {
+            self.made.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
     }
 
     /// A certificate for an app under the cluster domain that another node

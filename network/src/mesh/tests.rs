@@ -35,6 +35,8 @@ fn state_with(nodes: &[(&str, bool)]) -> State {
         mesh_range: default_mesh_range(),
         domain: "localhost".into(),
         acme: None,
+        ca_rotation: None,
+        previous_ca_cert_pem: None,
     };
     let (first, rest) = nodes.split_first().expect("a node");
     state.apply(&Proposal::new(Command::Bootstrap { cluster: Box::new(cluster), node: new_node(first.0, first.1) }, 1));

@@ -6,6 +6,7 @@
 //! (see [`CliError::exit_code`]).
 
 mod apps;
+mod cluster;
 mod output;
 
 pub use apps::{AppArg, DeployArgs, LogsArgs, ScaleCommand, SecretsCommand};
@@ -105,6 +106,9 @@ pub enum Command {
     /// API tokens with a scope: admin, read, or deploy:APP (one app only).
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// The cluster's CA: show it, rotate it.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Print the CLI's version, and the node's when an endpoint is set.
     Version(MaybeClient),
 }
@@ -617,6 +621,8 @@ pub async fn connect_api(endpoint: &str, token: &Token) -> Result<Control, CliEr
     let tls = ClientTls::anonymous(token.ca_digest).map_err(|e| CliError::Other(e.to_string()))?;
     let (channel, session) = tls.connect_bound(endpoint).await.map_err(|e| match e {
         roost_network::tls::TlsError::Address { .. } => CliError::Usage(format!("invalid --endpoint: {e}")),
+        // A node answered, with another CA than the token pins.
+        roost_network::tls::TlsError::WrongCa { .. } => CliError::Auth(e.to_string()),
         _ => CliError::Unreachable(format!("{e} (is a roost node running there? check --endpoint / ROOST_ENDPOINT)")),
     })?;
     let auth = ApiAuth::Signed { key: Arc::new(token.key()), session, signed: Arc::default() };
@@ -852,6 +858,7 @@ pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), Cli
         Command::Secrets(command) => apps::secrets(command, out).await,
         Command::Certs(command) => certs(command, out).await,
         Command::Tokens(command) => tokens(command, out).await,
+        Command::Cluster(command) => cluster::run(command, out).await,
         Command::Apps(AppsCommand::Destroy { name, yes, client }) => {
             if !yes {
                 confirm_destroy(&name)?;

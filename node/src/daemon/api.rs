@@ -11,19 +11,18 @@ use std::time::Duration;
 
 use roost_deploy::engine::Engine;
 use roost_deploy::secrets::SecretsKey;
-use roost_network::pki::CaDigest;
 use roost_network::{Token, TokenKind};
 use roost_proto::api::control_server::Control;
 use roost_proto::api::{
-    AddCertificateRequest, App as WireApp, AppRequest, AppStatus, Certificate as WireCertificate, ChangeResponse,
-    CreateAppRequest, CreateTokenRequest, CreatedToken, DeployRequest, DestroyAppRequest, DestroyAppResponse,
-    GetAppRequest, GetCertificateRequest, GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, GetStatusRequest,
-    LabelNodeRequest, ListAppsRequest, ListAppsResponse, ListCertificatesRequest, ListCertificatesResponse,
-    ListNodesRequest, ListNodesResponse, ListReleasesRequest, ListReleasesResponse, ListSecretsResponse,
-    ListTokensRequest, ListTokensResponse, LogsRequest, MeshPeer, Node as WireNode, NodeDetails, ReadOptions,
-    RemoveCertificateRequest, RemoveCertificateResponse, RemoveNodeRequest, RemoveNodeResponse, RevokeTokenRequest,
-    RevokeTokenResponse, RollbackRequest, RotateTokenRequest, ScaleRequest, ScaleVmRequest, SetSecretsRequest,
-    UnsetSecretsRequest, VersionRequest, VersionResponse,
+    AddCertificateRequest, App as WireApp, AppRequest, AppStatus, CaRotationStatus, Certificate as WireCertificate,
+    ChangeResponse, CreateAppRequest, CreateTokenRequest, CreatedToken, DeployRequest, DestroyAppRequest,
+    DestroyAppResponse, GetAppRequest, GetCaRotationRequest, GetCertificateRequest, GetJoinTokenRequest,
+    GetJoinTokenResponse, GetNodeRequest, GetStatusRequest, LabelNodeRequest, ListAppsRequest, ListAppsResponse,
+    ListCertificatesRequest, ListCertificatesResponse, ListNodesRequest, ListNodesResponse, ListReleasesRequest,
+    ListReleasesResponse, ListSecretsResponse, ListTokensRequest, ListTokensResponse, LogsRequest, MeshPeer,
+    Node as WireNode, NodeDetails, ReadOptions, RemoveCertificateRequest, RemoveCertificateResponse, RemoveNodeRequest,
+    RemoveNodeResponse, RevokeTokenRequest, RevokeTokenResponse, RollbackRequest, RotateCaRequest, RotateTokenRequest,
+    ScaleRequest, ScaleVmRequest, SetSecretsRequest, UnsetSecretsRequest, VersionRequest, VersionResponse,
 };
 use roost_proto::cluster::peer_client::PeerClient;
 use roost_proto::cluster::{MeshStatusRequest, MeshStatusResponse};
@@ -48,7 +47,8 @@ pub struct ControlService {
     pub consensus: Arc<Consensus>,
     pub liveness: Arc<Liveness>,
     pub channels: Arc<NodeChannels>,
-    pub ca_digest: CaDigest,
+    /// What the node presents and trusts (the CAs an API token may pin).
+    pub tls: Arc<roost_network::tls::NodeTls>,
     /// What token expiry is judged by.
     pub clock: Arc<super::clock::ClusterClock>,
     pub node_name: String,
@@ -115,7 +115,12 @@ pub fn rejection_status(rejection: Rejection) -> Status {
         | Rejection::AppSuspended { .. }
         | Rejection::AlreadyInState { .. }
         | Rejection::MeshFull { .. }
-        | Rejection::PortTaken { .. } => Status::failed_precondition(message),
+        | Rejection::PortTaken { .. }
+        | Rejection::CaRotationInProgress
+        | Rejection::NoCaRotation
+        | Rejection::CaNotNew
+        | Rejection::CaRotationIncomplete { .. }
+        | Rejection::CertificateTaken => Status::failed_precondition(message),
     }
 }
 
@@ -198,7 +203,7 @@ impl ControlService {
         match super::auth::current_grant() {
             Some(grant @ (Grant::Token { .. } | Grant::Signed { .. })) => super::auth::resolve_grant(
                 self.consensus.state(),
-                &self.ca_digest,
+                &self.tls.current().trusted,
                 &grant,
                 None,
                 &self.clock,
@@ -404,7 +409,9 @@ impl Control for ControlService {
             }
             other => other?,
         };
-        let token = Token { kind: TokenKind::Join, ca_digest: self.ca_digest, secret };
+        // The CA the cluster has now, which a joining node pins.
+        let ca_digest = keys::ca_digest(&cluster.ca_cert_pem)?;
+        let token = Token { kind: TokenKind::Join, ca_digest, secret };
         Ok(tonic::Response::new(GetJoinTokenResponse { token: token.to_string() }))
     }
 
@@ -625,6 +632,19 @@ impl Control for ControlService {
     ) -> Result<tonic::Response<CreatedToken>, Status> {
         principal(&request)?.allow(Access::Admin)?;
         ControlService::rotate_token(self, request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn rotate_ca(&self, request: Request<RotateCaRequest>) -> Result<tonic::Response<CaRotationStatus>, Status> {
+        principal(&request)?.allow(Access::Admin)?;
+        ControlService::rotate_ca(self).await.map(tonic::Response::new)
+    }
+
+    async fn get_ca_rotation(
+        &self,
+        request: Request<GetCaRotationRequest>,
+    ) -> Result<tonic::Response<CaRotationStatus>, Status> {
+        principal(&request)?.allow(Access::Admin)?;
+        ControlService::ca_rotation_status(self, true).await.map(tonic::Response::new)
     }
 
     type LogsStream = LogLineStream;

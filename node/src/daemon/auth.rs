@@ -13,7 +13,7 @@
 //! service checks its secret itself.
 
 use roost_network::pki::{constant_time_eq, hex, secret_digest, unhex, CaDigest};
-use roost_network::tls::PeerIdentity;
+use roost_network::tls::{NodeTls, PeerIdentity};
 use roost_network::token::{SignedCall, TokenSignature, SIGNED_SCHEME};
 use roost_network::{Token, TokenKind};
 use sha2::Digest;
@@ -137,7 +137,7 @@ pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
 /// call needs. The header was read once, by [`WithGrant`] ([`CallGrant`]).
 pub fn authenticate(
     state: StateReader,
-    ca_digest: CaDigest,
+    tls: Arc<NodeTls>,
     uses: Arc<TokenUses>,
     clock: Arc<ClusterClock>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
@@ -147,7 +147,8 @@ pub fn authenticate(
             Some(CallGrant(Err(message))) => return Err(Status::unauthenticated(message.clone())),
             None => return Err(Status::unauthenticated("no API token: pass --token or set ROOST_TOKEN")),
         };
-        let principal = resolve_grant(&state, &ca_digest, &grant, Some(&uses), &clock, SIGNED_CALL_SKEW_MS)?;
+        let pins = &tls.current().trusted;
+        let principal = resolve_grant(&state, pins, &grant, Some(&uses), &clock, SIGNED_CALL_SKEW_MS)?;
         let mut request = request;
         request.extensions_mut().insert(principal);
         Ok(request)
@@ -274,14 +275,14 @@ fn canonical_target(target: &str, state: &State) -> String {
 /// cluster's clock by more than [`SIGNED_CALL_SKEW_MS`].
 pub fn resolve_grant(
     state: &StateReader,
-    ca_digest: &CaDigest,
+    pins: &[CaDigest],
     grant: &Grant,
     uses: Option<&TokenUses>,
     clock: &ClusterClock,
     max_age_ms: UnixMillis,
 ) -> Result<Principal, Status> {
     match grant {
-        Grant::Token { token } => resolve(state, ca_digest, token, uses, clock),
+        Grant::Token { token } => resolve(state, pins, token, uses, clock),
         Grant::Signed { public_key, timestamp_ms, .. } => {
             // The cheap checks first: the time, then the key.
             check_signed_time(*timestamp_ms, clock.now(), max_age_ms)?;
@@ -419,16 +420,16 @@ pub async fn report_token_uses(
     }
 }
 
-/// `text` as an API token of this cluster, by its form alone: not yet
-/// looked up in the state.
-fn api_token(text: &str, ca_digest: &CaDigest) -> Result<Token, Status> {
+/// `text` as an API token of this cluster (pinning one of the CAs this node
+/// trusts, `pins`), by its form alone: not yet looked up in the state.
+fn api_token(text: &str, pins: &[CaDigest]) -> Result<Token, Status> {
     let token = Token::parse(text).map_err(|e| Status::unauthenticated(format!("malformed API token: {e}")))?;
     if token.kind == TokenKind::Join {
         return Err(Status::unauthenticated(
             "that is a join token; the CLI needs an API token (admin.token in the first node's data directory, or one `roost tokens create` made)",
         ));
     }
-    if token.ca_digest != *ca_digest {
+    if !pins.contains(&token.ca_digest) {
         return Err(Status::unauthenticated("the API token belongs to another cluster"));
     }
     Ok(token)
@@ -439,12 +440,12 @@ fn api_token(text: &str, ca_digest: &CaDigest) -> Result<Token, Status> {
 /// leader's: [`ClusterClock`]).
 pub fn resolve(
     state: &StateReader,
-    ca_digest: &CaDigest,
+    pins: &[CaDigest],
     text: &str,
     uses: Option<&TokenUses>,
     clock: &ClusterClock,
 ) -> Result<Principal, Status> {
-    let token = api_token(text, ca_digest)?;
+    let token = api_token(text, pins)?;
     let digest = secret_digest(&token.secret);
     let (bootstrapped, found) = state.read(|s| (s.cluster.is_some(), s.token_by_digest(&digest, constant_time_eq)));
     current(bootstrapped, found, uses, clock, "this token is not one of the cluster's current tokens: it was revoked or rotated, or is mistyped (`roost tokens list` shows the tokens)")
@@ -499,24 +500,35 @@ pub async fn with_grant<F: Future>(grant: Option<Grant>, future: F) -> F::Output
 }
 
 /// Whether this node's state holds the cluster and its own record: enough to
-/// check an API token and to answer reads after a read barrier.
-pub fn caught_up(state: &StateReader, me: NodeId) -> bool {
-    state.read(|s| caught_up_with(s, me))
+/// check an API token and to answer reads after a read barrier. A node that
+/// restarted knows the cluster at once, from its own copy.
+pub fn knows_cluster(state: &StateReader, me: NodeId) -> bool {
+    state.read(|s| knows_cluster_in(s, me))
 }
 
-/// [`caught_up`], given the state.
-pub fn caught_up_with(state: &roost_raft::State, me: NodeId) -> bool {
+/// [`knows_cluster`], given the state.
+pub fn knows_cluster_in(state: &roost_raft::State, me: NodeId) -> bool {
     state.cluster.is_some() && state.nodes.contains_key(&me)
 }
 
-/// Waits until [`caught_up`] or `deadline`; whether it caught up.
-pub async fn wait_caught_up(state: &StateReader, me: NodeId, deadline: tokio::time::Instant) -> bool {
+/// Whether this node has caught up with the cluster: it [`knows_cluster`]
+/// and, since it started, a read barrier has passed
+/// ([`StateReader::synced`]), so its state holds every entry committed
+/// before then, an app created while it was down included. Only then does
+/// it report itself up (heartbeats), and its edge call a host it does not
+/// know unknown (404) rather than starting (503).
+pub fn caught_up(state: &StateReader, me: NodeId) -> bool {
+    state.synced() && knows_cluster(state, me)
+}
+
+/// Waits until [`knows_cluster`] or `deadline`; whether it does.
+pub async fn wait_knows_cluster(state: &StateReader, me: NodeId, deadline: tokio::time::Instant) -> bool {
     let mut changes = state.changes();
-    while !caught_up(state, me) {
+    while !knows_cluster(state, me) {
         match tokio::time::timeout_at(deadline, changes.changed()).await {
             Ok(Ok(())) => {}
             // Raft stopped, or the deadline passed.
-            Ok(Err(_)) | Err(_) => return caught_up(state, me),
+            Ok(Err(_)) | Err(_) => return knows_cluster(state, me),
         }
     }
     true
@@ -542,15 +554,15 @@ pub struct WithGrant<S> {
     pub inner: S,
     pub state: StateReader,
     pub me: NodeId,
-    pub ca_digest: CaDigest,
-    /// This node's certificate fingerprint, which signed calls sign.
-    pub server: Arc<str>,
+    /// What the node presents and trusts: the CAs a token may pin, and the
+    /// certificate a signed call names (when the connection does not say).
+    pub tls: Arc<NodeTls>,
     pub held: Arc<tokio::sync::Semaphore>,
 }
 
 impl<S> WithGrant<S> {
-    pub fn new(inner: S, state: StateReader, me: NodeId, ca_digest: CaDigest, server: Arc<str>) -> Self {
-        Self { inner, state, me, ca_digest, server, held: Arc::new(tokio::sync::Semaphore::new(MAX_HELD)) }
+    pub fn new(inner: S, state: StateReader, me: NodeId, tls: Arc<NodeTls>) -> Self {
+        Self { inner, state, me, tls, held: Arc::new(tokio::sync::Semaphore::new(MAX_HELD)) }
     }
 }
 
@@ -577,18 +589,22 @@ where
         let method = request.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
         let header = request.headers().get(roost_proto::AUTHORIZATION).map(|h| h.to_str().unwrap_or_default());
         let target = request.headers().get(roost_proto::TARGET).map_or("", |h| h.to_str().unwrap_or_default());
-        let parsed = grant_of(header, request.extensions().get::<PeerIdentity>(), &self.server, &method, target)
-            .map_err(|status| status.message().to_owned());
+        let peer = request.extensions().get::<PeerIdentity>();
+        // The certificate this node presented on the call's connection:
+        // what the client saw, and signed.
+        let server =
+            peer.and_then(|p| p.server_fingerprint.clone()).unwrap_or_else(|| self.tls.current().fingerprint.clone());
+        let parsed = grant_of(header, peer, &server, &method, target).map_err(|status| status.message().to_owned());
         let grant = parsed.clone().ok();
         let mut request = request;
         request.extensions_mut().insert(CallGrant(parsed));
         // Held only while this node does not know the cluster, and only a
         // call whose credentials look like this cluster's, up to MAX_HELD.
-        let hold = if caught_up(&self.state, self.me) {
+        let hold = if knows_cluster(&self.state, self.me) {
             None
         } else {
             match &grant {
-                Some(Grant::Token { token }) if api_token(token, &self.ca_digest).is_err() => None,
+                Some(Grant::Token { token }) if api_token(token, &self.tls.current().trusted).is_err() => None,
                 Some(Grant::Token { .. } | Grant::Signed { .. }) => self.held.clone().try_acquire_owned().ok(),
                 _ => None,
             }
@@ -605,7 +621,7 @@ where
         Box::pin(async move {
             // Not caught up by the deadline: the call goes on, and is
             // refused or answered with what this node knows.
-            wait_caught_up(&state, me, tokio::time::Instant::now() + HOLD_UNTIL_CAUGHT_UP).await;
+            wait_knows_cluster(&state, me, tokio::time::Instant::now() + HOLD_UNTIL_CAUGHT_UP).await;
             drop(permit);
             with_grant(grant, ready.call(request)).await
         })
@@ -639,7 +655,7 @@ pub fn join_labels(role: NodeRole, labels: &BTreeMap<String, String>) -> Result<
 /// forwarding node (no older than [`SIGNED_GRANT_AGE_MS`]), whose scope
 /// allows the command (`Command::access`); or the join secret for a new
 /// node.
-pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, clock: Arc<ClusterClock>) -> Authorize {
+pub fn authorize(state: StateReader, tls: Arc<NodeTls>, uses: Arc<TokenUses>, clock: Arc<ClusterClock>) -> Authorize {
     Arc::new(move |command: &Command, grant: Option<&Grant>, caller: Option<NodeId>| match (command, grant) {
         (Command::AddNode { node }, Some(Grant::Join { secret })) => {
             state.read(|s| admit(s, secret, node.role))?;
@@ -675,8 +691,9 @@ pub fn authorize(state: StateReader, ca_digest: CaDigest, uses: Arc<TokenUses>, 
         (_, Some(grant @ (Grant::Token { .. } | Grant::Signed { .. }))) => {
             // And what it names, and nothing else.
             state.read(|s| bound_target_allows(Some(grant), command, s))?;
-            let principal = resolve_grant(&state, &ca_digest, grant, Some(&uses), &clock, SIGNED_GRANT_AGE_MS)
-                .map_err(|status| status.message().to_owned())?;
+            let principal =
+                resolve_grant(&state, &tls.current().trusted, grant, Some(&uses), &clock, SIGNED_GRANT_AGE_MS)
+                    .map_err(|status| status.message().to_owned())?;
             principal.allow(command.access()).map_err(|status| status.message().to_owned())
         }
         (_, _) => Err("it needs the API token of the user who asked for it".into()),
@@ -715,6 +732,7 @@ pub fn proposed_by(method: &str, command: &Command) -> bool {
             | ("CreateToken", Command::CreateToken { .. })
             | ("RevokeToken", Command::RevokeToken { .. })
             | ("RotateToken", Command::RotateToken { .. })
+            | ("RotateCa", Command::StartCaRotation { .. })
     )
 }
 

@@ -29,6 +29,13 @@ impl NodeChannels {
         cache.insert(address.to_owned(), channel.clone());
         Ok(channel)
     }
+
+    /// Forgets every channel, so that calls from now on open new
+    /// connections (with the certificate the node presents now); calls on
+    /// the old ones finish.
+    pub fn reset(&self) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
 }
 
 impl roost_raft::network::Channels for NodeChannels {

@@ -18,6 +18,7 @@ use roost_network::edge::http::Hooks;
 use roost_network::edge::routes::Routes;
 use roost_network::edge::tls::certified_key;
 use roost_network::edge::Edge;
+use roost_network::mesh::Reach;
 use roost_raft::state::IssuedCertificate;
 use roost_raft::Consensus;
 use tokio::sync::watch;
@@ -34,6 +35,8 @@ pub struct EdgeContext {
     pub consensus: Arc<Consensus>,
     pub edge: Arc<Edge>,
     pub directory: watch::Receiver<Arc<Directory>>,
+    /// Which nodes' instances the mesh reaches now (`mesh::run`).
+    pub reach: watch::Receiver<Reach>,
     pub keys: EdgeKeys,
     /// The state version the routes were last built from.
     pub built: watch::Sender<u64>,
@@ -56,12 +59,14 @@ const WORKER_REFRESH: Duration = Duration::from_secs(7 * 24 * 3600);
 pub async fn run(context: EdgeContext, stop: CancellationToken) {
     let mut changes = context.consensus.state().changes();
     let mut directory = context.directory.clone();
+    let mut reach = context.reach.clone();
     let mut served: HashMap<String, i64> = HashMap::new();
-    let mut has_ca = false;
+    // The CA certificate the edge makes APP.DOMAIN certificates with.
+    let mut has_ca: Option<String> = None;
     let mut pace = roost_raft::store::Pace::default();
     // The workload revision the routes were built at, and whether the
-    // directory changed since: entries that change neither (tokens, an app
-    // without a release) cost no pass.
+    // directory or the mesh's reach changed since: entries that change
+    // neither (tokens, an app without a release) cost no pass.
     let mut built_at: Option<u64> = None;
     let mut directory_changed = true;
     loop {
@@ -69,12 +74,16 @@ pub async fn run(context: EdgeContext, stop: CancellationToken) {
         if std::mem::take(&mut directory_changed) {
             built_at = None;
         }
-        build(&context, &mut directory, &mut built_at, &mut served, &mut has_ca, &mut pace).await;
+        build(&context, &mut directory, &mut reach, &mut built_at, &mut served, &mut has_ca, &mut pace).await;
         context.built.send_replace(version);
         tokio::select! {
             () = stop.cancelled() => return,
             changed = pace.settled(&mut changes) => if changed.is_err() { return },
             changed = directory.changed() => {
+                if changed.is_err() { return }
+                directory_changed = true;
+            }
+            changed = reach.changed() => {
                 if changed.is_err() { return }
                 directory_changed = true;
             }
@@ -88,29 +97,33 @@ pub async fn run(context: EdgeContext, stop: CancellationToken) {
 async fn build(
     context: &EdgeContext,
     directory: &mut watch::Receiver<Arc<Directory>>,
+    reach: &mut watch::Receiver<Reach>,
     built_at: &mut Option<u64>,
     served: &mut HashMap<String, i64>,
-    has_ca: &mut bool,
+    has_ca: &mut Option<String>,
     pace: &mut roost_raft::store::Pace,
 ) {
     let started = std::time::Instant::now();
-    let read = context.consensus.state().read_if_moved(built_at, |state| {
-        let routes = Routes::new(state, &directory.borrow_and_update());
-        // A node that has just joined answers 503 (try again), not 404, for
-        // an app it has not heard of yet.
-        let routes =
-            if super::auth::caught_up_with(state, context.consensus.id()) { routes } else { routes.catching_up() };
+    let reader = context.consensus.state();
+    let read = reader.read_if_moved(built_at, |state| {
+        let routes = Routes::new(state, &directory.borrow_and_update()).reachable(&reach.borrow_and_update());
+        // A node that has just joined or restarted answers 503 (try again),
+        // not 404, for an app it has not heard of yet. `synced` moves the
+        // revision once it is set, so these routes are built again then.
+        let caught_up = reader.synced() && super::auth::knows_cluster_in(state, context.consensus.id());
+        let routes = if caught_up { routes } else { routes.catching_up() };
         (routes, issued_certificates(state), state.cluster.clone())
     });
     let Some((routes, issued, cluster)) = read else { return };
     pace.passed(started);
     context.edge.update(routes).await;
     if let EdgeKeys::Voter(key) = &context.keys {
-        if let (false, Some(cluster)) = (*has_ca, cluster) {
+        // Again after a CA rotation.
+        if let Some(cluster) = cluster.filter(|c| has_ca.as_ref() != Some(&c.ca_cert_pem)) {
             match super::keys::open_ca(&cluster, key) {
                 Ok(ca) => {
                     context.edge.certificates().set_ca(Arc::new(ca));
-                    *has_ca = true;
+                    *has_ca = Some(cluster.ca_cert_pem.clone());
                 }
                 Err(error) => tracing::error!(
                     error = %super::identity::error_chain(&error),
@@ -154,6 +167,7 @@ pub async fn worker_certificates(
     // deploy, which moves it).
     let mut read_at: Option<u64> = None;
     let (mut issued, mut names): (HashMap<String, i64>, BTreeSet<String>) = Default::default();
+    let mut ca: Option<String> = None;
     loop {
         changes.borrow_and_update();
         let started = std::time::Instant::now();
@@ -166,11 +180,16 @@ pub async fn worker_certificates(
                     s.apps.iter().filter(|(_, app)| app.has_release()).map(|(app, _)| format!("{app}.{d}")).collect()
                 })
                 .unwrap_or_default();
-            (issued, names)
+            (issued, names, s.cluster.as_ref().map(|c| c.ca_cert_pem.clone()))
         });
-        if let Some(read) = read {
+        if let Some((new_issued, new_names, new_ca)) = read {
             pace.passed(started);
-            (issued, names) = read;
+            (issued, names) = (new_issued, new_names);
+            // After a CA rotation every name is asked for again.
+            if new_ca != ca {
+                held.clear();
+                ca = new_ca;
+            }
         }
         if refreshed.is_none_or(|at| at.elapsed() >= WORKER_REFRESH) {
             // Every name is asked for again (what the edge holds is served

@@ -75,6 +75,11 @@ pub struct StoredIdentity {
     /// secrets key.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub worker: bool,
+    /// Digests (hex) of the CAs the cluster had before its CA rotations: a
+    /// restart with the join token it was first started with still names
+    /// this cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub former_ca_digests: Vec<String>,
 }
 
 /// A node's identity with its credentials loaded.
@@ -151,6 +156,27 @@ impl DataDir {
         self.root.join("tls").join(file)
     }
 
+    /// The cluster CA's certificate, as the node last knew it.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.tls("ca.pem")
+    }
+
+    /// The node's certificate.
+    pub fn node_cert(&self) -> PathBuf {
+        self.tls("node.pem")
+    }
+
+    /// During a CA rotation, the new CA's certificate and the node's
+    /// certificate from it; they replace `ca.pem` and `node.pem` once the
+    /// rotation finishes.
+    pub fn next_ca_cert(&self) -> PathBuf {
+        self.tls("next-ca.pem")
+    }
+
+    pub fn next_node_cert(&self) -> PathBuf {
+        self.tls("next.pem")
+    }
+
     /// Refuses a directory that holds what an earlier node left: keys,
     /// tokens or Raft data. Called before a new node writes anything.
     pub fn check_fresh(&self) -> Result<(), IdentityError> {
@@ -158,6 +184,8 @@ impl DataDir {
             self.tls("ca.pem"),
             self.tls("node.pem"),
             self.tls("node.key"),
+            self.next_ca_cert(),
+            self.next_node_cert(),
             self.secrets_key(),
             self.wireguard_key(),
             self.join_token(),
@@ -235,6 +263,20 @@ impl DataDir {
     }
 
     /// Rewrites `node.json` (atomically), as when the node moved.
+    /// Records in `node.json` that the cluster's CA had `digest` before a
+    /// rotation.
+    pub fn add_former_ca(&self, digest: &CaDigest) -> Result<(), IdentityError> {
+        let path = self.identity();
+        let mut stored: StoredIdentity = serde_json::from_str(&read(&path)?)
+            .map_err(|source| IdentityError::Corrupt { path: path.clone(), source })?;
+        let digest = digest.to_hex();
+        if !stored.former_ca_digests.contains(&digest) {
+            stored.former_ca_digests.push(digest);
+            self.save_stored(&stored)?;
+        }
+        Ok(())
+    }
+
     pub fn save_stored(&self, stored: &StoredIdentity) -> Result<(), IdentityError> {
         let json = serde_json::to_string_pretty(stored)
             .map_err(|source| IdentityError::Corrupt { path: self.identity(), source })?;
@@ -293,12 +335,12 @@ pub fn check_resume(
 }
 
 /// Keeps `join.token`, where this node holds one, equal to the cluster's
-/// current join token: the secret rotates when a node is removed.
+/// current join token: the secret rotates when a node is removed, and the
+/// CA's digest when the CA is rotated.
 pub async fn keep_join_token(
     dir: DataDir,
     state: roost_raft::StateReader,
     key: std::sync::Arc<roost_deploy::secrets::SecretsKey>,
-    ca_digest: CaDigest,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let path = dir.join_token();
@@ -310,8 +352,11 @@ pub async fn keep_join_token(
     let mut failing: Option<String> = None;
     loop {
         let cluster = state.read(|s| s.cluster.clone());
+        // The token pins the cluster's CA, which a CA rotation changes.
         let secret = cluster.and_then(|cluster| {
-            match super::keys::open_join_secret(&cluster, roost_raft::state::NodeRole::Voter, &key) {
+            let opened = super::keys::open_join_secret(&cluster, roost_raft::state::NodeRole::Voter, &key)
+                .and_then(|secret| Ok((secret, super::keys::ca_digest(&cluster.ca_cert_pem)?)));
+            match opened {
                 Ok(secret) => {
                     failing = None;
                     Some(secret)
@@ -326,7 +371,7 @@ pub async fn keep_join_token(
                 }
             }
         });
-        if let Some(secret) = secret {
+        if let Some((secret, ca_digest)) = secret {
             let current = roost_network::Token { kind: roost_network::TokenKind::Join, ca_digest, secret };
             let text = format!("{current}\n");
             if fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
@@ -361,6 +406,11 @@ pub fn generate_wireguard_key() -> Key {
 
 fn io(action: &'static str, path: &Path, source: std::io::Error) -> IdentityError {
     IdentityError::Io { action, path: path.to_owned(), source }
+}
+
+/// An I/O error on a file of the data directory.
+pub(super) fn io_error(action: &'static str, path: &Path, source: std::io::Error) -> IdentityError {
+    io(action, path, source)
 }
 
 fn read(path: &Path) -> Result<String, IdentityError> {

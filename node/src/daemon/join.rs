@@ -137,6 +137,7 @@ pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Ident
             address: params.address.to_owned(),
             labels: params.labels.clone(),
             worker: reply.worker,
+            former_ca_digests: Vec::new(),
         },
         ca_cert_pem: reply.ca_cert_pem,
         cert_pem: reply.node_cert_pem,

@@ -20,7 +20,8 @@ use roost_network::token::{join_proof, JoinProof};
 use roost_proto::cluster::keys_client::KeysClient;
 use roost_proto::cluster::keys_server;
 use roost_proto::cluster::{
-    EdgeCertificate, EdgeCertificatesRequest, EdgeCertificatesResponse, InstanceSecretsRequest, InstanceSecretsResponse,
+    EdgeCertificate, EdgeCertificatesRequest, EdgeCertificatesResponse, InstanceSecretsRequest,
+    InstanceSecretsResponse, RenewCertificateRequest, RenewCertificateResponse,
 };
 use roost_raft::consensus::now_millis;
 use roost_raft::service::Caller;
@@ -111,6 +112,20 @@ pub fn open_ca(cluster: &ClusterInfo, key: &SecretsKey) -> Result<ClusterCa, Key
         None => return Err(KeysError::Missing { what: "CA key" }),
     };
     ClusterCa::load(&cluster.id, &cluster.ca_cert_pem, &key_pem).map_err(KeysError::Ca)
+}
+
+/// The CA a rotation under way moves to, key included; `None` without one.
+pub fn open_rotation_ca(cluster: &ClusterInfo, key: &SecretsKey) -> Result<Option<ClusterCa>, KeysError> {
+    let Some(rotation) = &cluster.ca_rotation else { return Ok(None) };
+    let key_pem = key
+        .open(CLUSTER_KEYS, CA_KEY, &rotation.ca_key)
+        .map_err(|source| KeysError::Open { what: "new CA key", source })?;
+    ClusterCa::load(&cluster.id, &rotation.ca_cert_pem, &key_pem).map(Some).map_err(KeysError::Ca)
+}
+
+/// The digest of a CA certificate (PEM): what tokens for it pin.
+pub fn ca_digest(ca_cert_pem: &str) -> Result<pki::CaDigest, KeysError> {
+    Ok(pki::CaDigest::of(&pki::cert_der_from_pem(ca_cert_pem).map_err(KeysError::Ca)?))
 }
 
 /// The join secret of `role`, as `roost node token` prints it.
@@ -316,6 +331,29 @@ impl keys_server::Keys for KeysService {
         tracing::debug!(node = caller, issued = opened.len(), made = made.len(), "handed a node its edge certificates");
         Ok(tonic::Response::new(EdgeCertificatesResponse { issued: opened, cluster: made }))
     }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<RenewCertificateRequest>,
+    ) -> Result<tonic::Response<RenewCertificateResponse>, Status> {
+        let caller = Self::caller(&request)?;
+        let key = self.key()?;
+        let public_key = request.into_inner().public_key;
+        // The rotation the caller saw has started here too after this.
+        self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
+        let (name, cluster) =
+            self.consensus.state().read(|s| (s.nodes.get(&caller).map(|n| n.name.clone()), s.cluster.clone()));
+        let Some(name) = name else {
+            return Err(Status::permission_denied("the calling node is no longer a member"));
+        };
+        let cluster = cluster.ok_or_else(|| Status::unavailable("this node does not know the cluster yet"))?;
+        let ca = open_rotation_ca(&cluster, key)?
+            .ok_or_else(|| Status::failed_precondition("no rotation of the cluster CA is under way"))?;
+        let (cert_pem, _serial, _fingerprint) =
+            ca.issue_for_public_key(&name, &public_key).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(node = caller, "issued a node its certificate from the new CA");
+        Ok(tonic::Response::new(RenewCertificateResponse { cert_pem, ca_cert_pem: ca.cert_pem().to_owned() }))
+    }
 }
 
 /// A worker's way to the keys: it asks the voters, the leader first.
@@ -358,6 +396,15 @@ impl VoterKeys {
             }
         }
         Err(last)
+    }
+
+    /// A certificate from the CA being rotated to for this node's key.
+    pub async fn renew_certificate(&self, public_key: Vec<u8>) -> Result<RenewCertificateResponse, String> {
+        self.ask("a certificate from the new CA", |mut client| {
+            let public_key = public_key.clone();
+            async move { client.renew_certificate(RenewCertificateRequest { public_key }).await }
+        })
+        .await
     }
 
     /// The ACME certificates, and certificates for `names` (APP.DOMAIN).

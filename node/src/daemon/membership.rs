@@ -21,8 +21,6 @@ use std::time::Duration;
 
 use openraft::ChangeMembers;
 use roost_deploy::secrets::SecretsKey;
-use roost_network::pki::CaDigest;
-use roost_network::{Token, TokenKind};
 use roost_raft::state::{NodeRole, RotatedJoinSecrets};
 use roost_raft::{Command, Consensus, NodeId, RaftNode};
 use tokio_util::sync::CancellationToken;
@@ -126,13 +124,13 @@ pub fn plan(view: &MembershipView, promote_after: Duration) -> Option<Membership
 
 /// On the leader, compares Raft's membership with the state every `every`
 /// and carries out what [`plan`] says.
-/// `keys` (the secrets key and the CA digest, which a voter holds) seal the
-/// new join secrets after a removal.
+/// `key` (the secrets key, which a voter holds) seals the new join secrets
+/// after a removal.
 pub async fn run_controller(
     consensus: Arc<Consensus>,
     liveness: Arc<Liveness>,
     every: Duration,
-    keys: Option<(Arc<SecretsKey>, CaDigest)>,
+    key: Option<Arc<SecretsKey>>,
     shutdown: CancellationToken,
 ) {
     let promote_after = liveness.config().promote_after;
@@ -178,10 +176,10 @@ pub async fn run_controller(
         let Some(view) = observe(&consensus, &liveness) else { continue };
         // Whatever else membership is doing: until the rotation, no join
         // token admits anyone.
-        if let Some((key, ca_digest)) = &keys {
+        if let Some(key) = &key {
             let due = consensus.state().read(super::join::rotation_due);
             if due && no_removed_member(&view) {
-                rotate_join_secrets(&consensus, key, *ca_digest).await;
+                rotate_join_secrets(&consensus, key).await;
             }
         }
         let Some(action) = plan(&view, promote_after) else { continue };
@@ -208,9 +206,9 @@ pub async fn run_controller(
 /// then receives no entry, so never the new secrets, though it may hold the
 /// secrets key that seals them. Until then no join token admits anyone
 /// (`join::rotation_due`); the wait is a membership change or two, seconds.
-async fn rotate_join_secrets(consensus: &Consensus, key: &SecretsKey, ca_digest: CaDigest) {
+async fn rotate_join_secrets(consensus: &Consensus, key: &SecretsKey) {
     let seal = |role| {
-        let secret = Token::generate(TokenKind::Join, ca_digest).secret;
+        let secret = roost_network::token::random_secret();
         super::keys::seal_join_secret(key, role, &secret)
     };
     let rotate = match (seal(NodeRole::Voter), seal(NodeRole::Worker)) {

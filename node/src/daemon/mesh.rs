@@ -25,7 +25,7 @@ use roost_deploy::agent::{InstanceNetwork, NetworkStatus};
 use roost_deploy::engine::{BridgeNetwork, Engine, EngineError, LABEL_CLUSTER, LABEL_NODE};
 use roost_network::directory::Directory;
 use roost_network::dns::{DnsError, DnsServer, Handler};
-use roost_network::mesh::{self, DataPlane, Key, MeshError, MeshPlan, WireguardConfig, MESH_MTU};
+use roost_network::mesh::{self, DataPlane, Key, MeshError, MeshPlan, Reach, WireguardConfig, MESH_MTU};
 use roost_proto::cluster::{MeshStatusResponse, WireguardPeerStatus};
 use roost_raft::state::WireguardPeer;
 use roost_raft::{Command, Consensus, Response};
@@ -74,6 +74,9 @@ pub struct MeshContext {
     pub wireguard_key: Key,
     pub network: watch::Sender<NetworkStatus>,
     pub directory: watch::Sender<Arc<Directory>>,
+    /// Which nodes' instances this node reaches: every node's without
+    /// WireGuard, else those whose peers the last applied plan has.
+    pub reach: watch::Sender<Reach>,
     pub plane: SharedPlane,
 }
 
@@ -124,6 +127,14 @@ pub async fn run(context: MeshContext, stop: CancellationToken) {
                     Ok(()) => {
                         if device_ended.is_none() {
                             device_ended = context.plane.lock().await.as_ref().and_then(DataPlane::wireguard_ended);
+                        }
+                        if wanted.is_some() {
+                            context.reach.send_if_modified(|reach| {
+                                let now = Reach::of_plan(plan, me);
+                                let changed = *reach != now;
+                                *reach = now;
+                                changed
+                            });
                         }
                         if applied.as_ref() != Some(plan) {
                             tracing::info!(subnet = %plan.subnet, address = %plan.address(), peers = plan.peers.len(), "mesh is up");

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod ca;
 pub mod certs;
 pub mod channels;
 pub mod clock;
@@ -316,21 +317,10 @@ impl Node {
         let span = tracing::info_span!("node", node = %stored.name, id = stored.node_id);
         async move {
             let stop = shutdown.child_token();
-            let ca_digest = identity.ca_digest()?;
-            let server_tls = tls::server_config(&identity.ca_cert_pem, &identity.cert_pem, &identity.key_pem)?;
-            // What a signed API call names as the server it was made to.
-            let own_fingerprint: Arc<str> = roost_network::pki::fingerprint(
-                &roost_network::pki::cert_der_from_pem(&identity.cert_pem).map_err(tls::TlsError::from)?,
-            )
-            .into();
             // The state the peer check reads exists once Raft has started.
             let known = Arc::new(std::sync::OnceLock::new());
-            let channels = Arc::new(NodeChannels::new(ClientTls::node_accepting(
-                &identity.ca_cert_pem,
-                &identity.cert_pem,
-                &identity.key_pem,
-                Some(auth::accept_server(known.clone(), stored.node_id)),
-            )?));
+            let node_tls = start_tls(&dir, &identity, auth::accept_server(known.clone(), stored.node_id))?;
+            let channels = Arc::new(NodeChannels::new(ClientTls::of_node(node_tls.clone())));
             let consensus =
                 Consensus::start(stored.node_id, &dir.raft(), &config.timings, channels.clone(), stop.clone()).await?;
             let _ = known.set(consensus.state().clone());
@@ -353,7 +343,7 @@ impl Node {
                 .add_service(InterceptedService::new(
                     RaftService::new(
                         consensus.clone(),
-                        auth::authorize(state.clone(), ca_digest, token_uses.clone(), clock.clone()),
+                        auth::authorize(state.clone(), node_tls.clone(), token_uses.clone(), clock.clone()),
                     )
                     .into_server(),
                     auth::require_node(state.clone(), stored.node_id),
@@ -389,7 +379,7 @@ impl Node {
                             consensus: consensus.clone(),
                             liveness: liveness.clone(),
                             channels: channels.clone(),
-                            ca_digest,
+                            tls: node_tls.clone(),
                             clock: clock.clone(),
                             node_name: stored.name.clone(),
                             engine: engine.clone(),
@@ -399,14 +389,13 @@ impl Node {
                             builds: Arc::new(tokio::sync::Semaphore::new(1)),
                             max_upload: config.max_upload,
                         }),
-                        auth::authenticate(state.clone(), ca_digest, token_uses.clone(), clock.clone()),
+                        auth::authenticate(state.clone(), node_tls.clone(), token_uses.clone(), clock.clone()),
                     ),
                     state,
                     stored.node_id,
-                    ca_digest,
-                    own_fingerprint,
+                    node_tls.clone(),
                 ));
-            let incoming = tls::incoming(listener, server_tls, config.connection_limits.clone(), stop.clone());
+            let incoming = tls::incoming(listener, node_tls.clone(), config.connection_limits.clone(), stop.clone());
             let server_stop = stop.clone();
             // Every task the node starts from here on is tracked, and
             // `drain` waits for all of them.
@@ -448,9 +437,10 @@ impl Node {
             };
 
             // A node answers the CLI only once it knows the cluster and
-            // itself: `node join` returns, and the node reports itself up
-            // (heartbeats), only then.
-            wait_caught_up(&consensus, Instant::now() + CATCH_UP_WAIT).await;
+            // itself: `node join` returns only then. It reports itself up
+            // (heartbeats) once it has caught up: a read barrier passed.
+            tasks.spawn(sync_with_cluster(consensus.clone(), stop.clone()).in_current_span());
+            wait_knows_cluster(&consensus, Instant::now() + CATCH_UP_WAIT).await;
             let removed = Arc::new(AtomicBool::new(false));
             spawn_background(&consensus, &liveness, &channels, &clock, &stop, &removed, &tasks);
             tasks.spawn(
@@ -458,12 +448,18 @@ impl Node {
                     consensus.clone(),
                     liveness.clone(),
                     Duration::from_millis(500),
-                    secrets_key.clone().map(|key| (key, ca_digest)),
+                    secrets_key.clone(),
                     stop.clone(),
                 )
                 .in_current_span(),
             );
             let (directory, directory_rx) = tokio::sync::watch::channel(Arc::default());
+            // With WireGuard, another node's instances are reachable once
+            // the mesh has set up its peer; without, through this machine.
+            let (reach, reach_rx) = tokio::sync::watch::channel(match config.mesh.wireguard_port {
+                Some(_) => roost_network::mesh::Reach::Only([stored.node_id].into()),
+                None => roost_network::mesh::Reach::All,
+            });
             let mesh = tasks.spawn(
                 mesh::run(
                     MeshContext {
@@ -474,6 +470,7 @@ impl Node {
                         wireguard_key: identity.wireguard_key.clone(),
                         network: network_tx,
                         directory,
+                        reach,
                         plane,
                     },
                     stop.clone(),
@@ -493,6 +490,7 @@ impl Node {
                         consensus: consensus.clone(),
                         edge: proxy,
                         directory: directory_rx,
+                        reach: reach_rx,
                         keys: match &secrets_key {
                             Some(key) => edge::EdgeKeys::Voter(key.clone()),
                             None => edge::EdgeKeys::Worker,
@@ -515,15 +513,24 @@ impl Node {
                 tokens::key_legacy_admin_token(consensus.clone(), dir.admin_token(), stop.clone()).in_current_span(),
             );
             if let Some(key) = &secrets_key {
-                let keep = identity::keep_join_token(
-                    dir.clone(),
-                    consensus.state().clone(),
-                    key.clone(),
-                    ca_digest,
-                    stop.clone(),
-                );
+                let keep = identity::keep_join_token(dir.clone(), consensus.state().clone(), key.clone(), stop.clone());
                 tasks.spawn(keep.in_current_span());
             }
+            tasks.spawn(
+                ca::run(
+                    ca::CaContext {
+                        consensus: consensus.clone(),
+                        dir: dir.clone(),
+                        tls: node_tls.clone(),
+                        channels: channels.clone(),
+                        key_pem: identity.key_pem.clone(),
+                        secrets_key: secrets_key.clone(),
+                        voter_keys: voter_keys.clone(),
+                    },
+                    stop.clone(),
+                )
+                .in_current_span(),
+            );
             let fetcher = Arc::new(workloads::PeerImages { consensus: consensus.clone(), channels: channels.clone() });
             let secrets: Arc<dyn SecretOpener> = match secrets_key {
                 Some(key) => key,
@@ -565,16 +572,58 @@ const TOKEN_USES_EVERY: Duration = Duration::from_secs(15);
 /// How long a starting node waits to learn the cluster before it serves anyway.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 
-/// Whether this node's state holds the cluster and its own record
-/// ([`auth::caught_up`]).
+/// The node's TLS as its data directory holds it: it trusts its CA and,
+/// part way through a CA rotation, the new one (`tls/next-ca.pem`), and
+/// presents its certificate with whichever of them signed it. The CA loop
+/// (`ca::run`) follows the state from there.
+fn start_tls(dir: &DataDir, identity: &Identity, accept: tls::AcceptServer) -> Result<Arc<tls::NodeTls>, StartError> {
+    let next_ca = std::fs::read_to_string(dir.next_ca_cert()).ok();
+    let mut trusted = vec![identity.ca_cert_pem.as_str()];
+    trusted.extend(next_ca.as_deref());
+    let ca_pem =
+        trusted.iter().copied().find(|ca| tls::signed_by(ca, &identity.cert_pem)).unwrap_or(&identity.ca_cert_pem);
+    let certs = tls::NodeCerts { trusted: &trusted, ca_pem, cert_pem: &identity.cert_pem, key_pem: &identity.key_pem };
+    Ok(tls::NodeTls::new(&certs, Some(accept))?)
+}
+
+/// Whether this node has caught up with the cluster ([`auth::caught_up`]).
 pub fn caught_up(consensus: &Consensus) -> bool {
     auth::caught_up(consensus.state(), consensus.id())
 }
 
-/// Waits until [`caught_up`] or `deadline`.
-async fn wait_caught_up(consensus: &Consensus, deadline: Instant) {
-    if !auth::wait_caught_up(consensus.state(), consensus.id(), deadline).await && Instant::now() >= deadline {
+/// Waits until this node knows the cluster and itself
+/// ([`auth::knows_cluster`]) or `deadline`.
+async fn wait_knows_cluster(consensus: &Consensus, deadline: Instant) {
+    if !auth::wait_knows_cluster(consensus.state(), consensus.id(), deadline).await && Instant::now() >= deadline {
         tracing::warn!("this node has not caught up with the cluster after {CATCH_UP_WAIT:?}; serving anyway");
+    }
+}
+
+/// How long one read barrier of [`sync_with_cluster`] may take before it
+/// asks again.
+const SYNC_ATTEMPT: Duration = Duration::from_secs(5);
+
+/// Passes one read barrier and marks the state synced
+/// ([`roost_raft::store::StateReader::synced`]): a node that joined then
+/// holds its own record, and one that restarted what it missed while down.
+/// Retried until a leader answers; without one the node stays not synced,
+/// which is the truth.
+async fn sync_with_cluster(consensus: Arc<Consensus>, stop: CancellationToken) {
+    let started = Instant::now();
+    loop {
+        let barrier = tokio::select! {
+            () = stop.cancelled() => return,
+            barrier = consensus.read_barrier(Instant::now() + SYNC_ATTEMPT) => barrier,
+        };
+        match barrier {
+            Ok(()) => {
+                consensus.state().mark_synced();
+                tracing::debug!(after = ?started.elapsed(), "caught up with the cluster");
+                return;
+            }
+            Err(roost_raft::consensus::ConsensusError::Stopped) => return,
+            Err(error) => tracing::debug!(%error, "not caught up with the cluster yet"),
+        }
     }
 }
 
@@ -589,7 +638,8 @@ async fn resolve_identity(
         if let Start::Join { token, .. } = &config.start {
             let token = Token::parse(token)?;
             let digest = identity.ca_digest()?;
-            if token.ca_digest != digest {
+            let former = identity.stored.former_ca_digests.contains(&token.ca_digest.to_hex());
+            if token.ca_digest != digest && !former {
                 return Err(IdentityError::OtherCluster {
                     dir: dir.root().to_owned(),
                     stored: identity.stored.cluster_id.clone(),
@@ -690,6 +740,8 @@ fn create_cluster(
         mesh_range: settings.mesh_range,
         domain: settings.domain,
         acme: Some(settings.acme),
+        ca_rotation: None,
+        previous_ca_cert_pem: None,
     };
     let wireguard_key = identity::generate_wireguard_key();
     let first = NewNode {
@@ -713,6 +765,7 @@ fn create_cluster(
             address: address.to_owned(),
             labels: labels.clone(),
             worker: false,
+            former_ca_digests: Vec::new(),
         },
         ca_cert_pem: ca.cert_pem().to_owned(),
         cert_pem: node.cert_pem,

@@ -20,6 +20,8 @@ fn cluster() -> ClusterInfo {
         mesh_range: default_mesh_range(),
         domain: "localhost".into(),
         acme: None,
+        ca_rotation: None,
+        previous_ca_cert_pem: None,
     }
 }
 
@@ -98,6 +100,58 @@ fn removed_nodes_are_revoked_and_their_ids_never_reused() {
     );
     // The name is free again for a new certificate, under a new id.
     assert_eq!(apply(&mut state, Command::AddNode { node: node("n2", "f2b") }), Response::NodeAdded { id: 3 });
+}
+
+#[test]
+fn a_ca_rotation_finishes_once_every_node_has_a_certificate_from_the_new_ca() {
+    let mut state = bootstrapped();
+    apply(&mut state, Command::AddNode { node: node("n2", "f2") });
+    apply(&mut state, Command::AddNode { node: node("n3", "f3") });
+    let sealed = crate::workload::SealedSecret { sealed: "k".into(), digest: "d".into(), updated_at: 0 };
+    let start = |pem: &str| Command::StartCaRotation { ca_cert_pem: pem.into(), ca_key: sealed.clone() };
+    let renew = |node: NodeId, fp: &str| Command::RenewNodeCertificate { node, fingerprint: fp.into() };
+    let finish = |pem: &str| Command::FinishCaRotation { ca_cert_pem: pem.into() };
+
+    assert_eq!(apply(&mut state, renew(2, "g2")), Response::Rejected(Rejection::NoCaRotation));
+    assert_eq!(apply(&mut state, start("cert")), Response::Rejected(Rejection::CaNotNew));
+    assert_eq!(apply(&mut state, start("cert2")), Response::Done);
+    assert_eq!(apply(&mut state, start("cert3")), Response::Rejected(Rejection::CaRotationInProgress));
+    assert_eq!(state.trusted_cas(), ["cert", "cert2"]);
+    assert_eq!(
+        apply(&mut state, Command::AddNode { node: node("n4", "f4") }),
+        Response::Rejected(Rejection::CaRotationInProgress),
+        "no join during a rotation"
+    );
+
+    assert_eq!(apply(&mut state, renew(2, "g2")), Response::Done);
+    assert_eq!(state.node_by_fingerprint("g2").map(|n| n.id), Some(2), "known by its new certificate");
+    assert_eq!(state.node_by_fingerprint("f2").map(|n| n.id), Some(2), "and its old one");
+    assert_eq!(apply(&mut state, renew(3, "g2")), Response::Rejected(Rejection::CertificateTaken));
+    assert_eq!(apply(&mut state, renew(3, "f2")), Response::Rejected(Rejection::CertificateTaken));
+    assert_eq!(apply(&mut state, renew(3, "g3")), Response::Done);
+    assert_eq!(state.ca_rotation_pending(), ["n1"]);
+    assert_eq!(
+        apply(&mut state, finish("cert2")),
+        Response::Rejected(Rejection::CaRotationIncomplete { pending: "n1".into() })
+    );
+    assert_eq!(apply(&mut state, renew(1, "g1")), Response::Done);
+    assert_eq!(apply(&mut state, finish("cert3")), Response::Rejected(Rejection::NoCaRotation), "another CA");
+    assert_eq!(apply(&mut state, finish("cert2")), Response::Done);
+
+    let cluster = state.cluster.as_ref().expect("cluster");
+    assert_eq!(cluster.ca_cert_pem, "cert2");
+    assert_eq!(cluster.ca_key.as_ref(), Some(&sealed));
+    assert!(cluster.ca_key_pem.is_empty(), "the old plain key is gone");
+    assert!(cluster.ca_rotation.is_none());
+    assert_eq!(state.trusted_cas(), ["cert2", "cert"]);
+    let n2 = &state.nodes[&2];
+    assert_eq!((n2.cert_fingerprint.as_str(), n2.former_cert_fingerprint.as_deref()), ("g2", Some("f2")));
+    assert_eq!(state.node_by_fingerprint("f2").map(|n| n.id), Some(2), "open connections keep working");
+
+    // A removed node's every certificate is revoked.
+    apply(&mut state, Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None, rotate: None });
+    assert!(state.is_revoked("g2") && state.is_revoked("f2"));
+    assert_eq!(state.node_by_fingerprint("f2"), None);
 }
 
 #[test]

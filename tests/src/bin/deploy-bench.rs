@@ -584,6 +584,8 @@ async fn scheduler_bench(batch: usize) -> Result<()> {
         mesh_range: "10.0.0.0/8".parse()?,
         domain: "localhost".into(),
         acme: None,
+        ca_rotation: None,
+        previous_ca_cert_pem: None,
     };
     propose(Command::Bootstrap { cluster: Box::new(cluster), node: node(0) }).await?;
     for i in 1..NODES {

@@ -82,6 +82,30 @@ fn a_node_that_has_not_caught_up_calls_hosts_it_does_not_know_starting_not_unkno
 }
 
 #[test]
+fn backends_on_a_node_the_mesh_does_not_reach_yet_get_no_traffic() {
+    let state = shop();
+    let web = state.instances.values().find(|i| i.group == "web").and_then(|i| i.node).expect("web placed");
+    let worker = state.instances.values().find(|i| i.group == "worker").and_then(|i| i.node).expect("worker placed");
+    assert_ne!(web, worker);
+    let http_backends = |routes: &Routes| match routes.host("shop.localhost") {
+        HostMatch::App(route) => route.backends.len(),
+        other => panic!("shop is served: {other:?}"),
+    };
+    let tcp_backends = |routes: &Routes| routes.tcp(16379).map(|r| r.backends.len());
+
+    // On the worker's node, before its peer for the web instance's node is in place.
+    let only_here = routes(&state).reachable(&Reach::Only([worker].into()));
+    assert_eq!(http_backends(&only_here), 0, "the web instance's node is not reachable yet");
+    assert_eq!(tcp_backends(&only_here), Some(1), "its own instance is");
+    assert!(!only_here.probes().contains_key(&web_addr(&state)), "nor probed");
+
+    let both = routes(&state).reachable(&Reach::Only([worker, web].into()));
+    assert_eq!((http_backends(&both), tcp_backends(&both)), (1, Some(1)));
+    let all = routes(&state).reachable(&Reach::All);
+    assert_eq!((http_backends(&all), tcp_backends(&all)), (1, Some(1)), "without WireGuard nothing is held back");
+}
+
+#[test]
 fn tcp_ports_lead_to_their_group_at_the_internal_port() {
     let state = shop();
     let routes = routes(&state);
