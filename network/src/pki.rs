@@ -278,6 +278,18 @@ impl ClusterCa {
     }
 }
 
+/// Whether the certificate `cert_der` certifies the P-256 key `public_key`
+/// (an uncompressed point): its SubjectPublicKeyInfo, a DER element of its
+/// own, is that key's. Certificates here come from the cluster CA, which
+/// writes no other copy of a key into one.
+pub fn certifies_key(cert_der: &[u8], public_key: &[u8]) -> bool {
+    if public_key.len() != 65 {
+        return false;
+    }
+    let spki = RawP256PublicKey(public_key.to_vec()).subject_public_key_info();
+    cert_der.windows(spki.len()).any(|window| window == spki.as_slice())
+}
+
 /// Parses the first certificate of a PEM text into DER.
 pub fn cert_der_from_pem(pem: &str) -> Result<CertificateDer<'static>, PkiError> {
     CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|source| PkiError::Pem { what: "certificate", source })
@@ -361,6 +373,10 @@ mod tests {
         let again = ClusterCa::load("c1", ca.cert_pem(), ca.key_pem()).expect("load");
         assert_eq!(ca.digest(), again.digest());
         let node = again.issue_node("n").expect("issue");
+        let der = cert_der_from_pem(&node.cert_pem).expect("der");
+        let key = NodeKey::from_pem(&node.key_pem).expect("key");
+        assert!(certifies_key(&der, &key.public_key()), "a node's certificate certifies its key");
+        assert!(!certifies_key(&der, &NodeKey::generate().expect("key").public_key()), "and no other");
         crate::tls::verify_chain(
             &ca.digest(),
             &cert_der_from_pem(ca.cert_pem()).expect("ca der"),

@@ -308,6 +308,8 @@ pub struct PeerIdentity {
     /// The TLS session's exporter value ([`session_binding`]): what a signed
     /// API call signs, so its signature is good on this connection alone.
     pub session: Option<[u8; 32]>,
+    /// The client's certificate (DER), present when the peer is a node.
+    pub node_certificate: Option<Arc<[u8]>>,
     /// The fingerprint of the certificate this node presented on the
     /// connection, which a signed call names (the node's own may have
     /// changed since, at a CA rotation).
@@ -447,15 +449,17 @@ pub fn incoming(
                         return;
                     }
                 };
-                let node_fingerprint = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|certs| certs.first())
-                    .map(|cert| fingerprint(cert));
+                let node_certificate = stream.get_ref().1.peer_certificates().and_then(|certs| certs.first());
+                let node_fingerprint = node_certificate.map(|cert| fingerprint(cert));
+                let node_certificate = node_certificate.map(|cert| Arc::from(cert.as_ref()));
                 let session = session_binding(stream.get_ref().1);
-                let identity =
-                    PeerIdentity { remote_addr: Some(remote), node_fingerprint, session, server_fingerprint };
+                let identity = PeerIdentity {
+                    remote_addr: Some(remote),
+                    node_fingerprint,
+                    node_certificate,
+                    session,
+                    server_fingerprint,
+                };
                 let idle = Box::pin(tokio::time::sleep(limits.idle_timeout));
                 let connection =
                     TlsConnection { stream, identity, _admitted: admitted, idle_timeout: limits.idle_timeout, idle };

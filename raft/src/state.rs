@@ -476,6 +476,7 @@ impl State {
         self.revoked_certs.extend(node.next_cert_fingerprint);
         self.revoked_certs.extend(node.former_cert_fingerprint);
         self.removed_nodes.insert(id, RemovedNode { name: node.name, removed_at: at });
+        self.cancel_ca_rotation();
         if let Some(cluster) = self.cluster.as_mut() {
             match rotate {
                 Some(rotate) => cluster.rotate_join_secrets(rotate),

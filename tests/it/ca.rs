@@ -172,3 +172,59 @@ async fn a_ca_rotation_gives_every_node_a_certificate_from_the_new_ca_without_do
     drop(w1);
     Ok(())
 }
+
+/// A node removed while a rotation waits for it cancels the rotation: it
+/// may hold the new CA's key (a voter opens it) or a certificate from it.
+/// The certificates from that CA are dropped, and a new rotation finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_node_during_a_ca_rotation_cancels_it_and_a_new_one_finishes() -> Result<()> {
+    let root = tempfile::Builder::new().prefix("roost-ca-cancel-").tempdir()?;
+    let n1 = NodeProcess::init(root.path(), "n1")?;
+    let admin = n1.read_token_when_ready("admin.token").await?;
+    let join = n1.read_token_when_ready("join.token").await?;
+    let n2 = NodeProcess::join(root.path(), "n2", &n1.address, &join)?;
+    let mut n3 = NodeProcess::join(root.path(), "n3", &n1.address, &join)?;
+    wait_for_nodes(&n1.address, &admin, Duration::from_secs(60), "three nodes up", |n| n.len() == 3 && up(n) == 3)
+        .await?;
+    let old_digest = digest_of(&std::fs::read_to_string(n1.data_dir.join("tls/ca.pem"))?)?.to_hex();
+
+    // n3 is down: the rotation waits for it.
+    n3.kill()?;
+    let out = roost(&["cluster", "rotate-ca", "--detach"], Some(&n1.address), Some(&admin)).await?;
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let status = |endpoint: String, token: String| async move {
+        let out = roost(&["cluster", "ca", "--json"], Some(&endpoint), Some(&token)).await?;
+        anyhow::ensure!(out.code == 0, "cluster ca: {}", out.stderr);
+        Ok::<Value, anyhow::Error>(serde_json::from_str(&out.stdout)?)
+    };
+    roost_tests::wait_until("n1 and n2 renewed, n3 pending", Duration::from_secs(30), || async {
+        let s = status(n1.address.clone(), admin.clone()).await?;
+        Ok(s["pending"] == serde_json::json!(["n3"]) && s["renewed"].as_array().is_some_and(|r| r.len() == 2))
+    })
+    .await?;
+    assert!(n2.data_dir.join("tls/next.pem").exists(), "n2 holds its certificate from the new CA");
+
+    let out = roost(&["node", "remove", "n3"], Some(&n1.address), Some(&admin)).await?;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("rotate-ca"), "removal says to rotate the CA: {}", out.stdout);
+    let s = status(n1.address.clone(), admin.clone()).await?;
+    assert_eq!(s["rotating_to"], Value::Null, "the rotation is cancelled: {s}");
+    assert_eq!(s["ca_digest"], old_digest.as_str(), "and the CA unchanged");
+    for node in [&n1, &n2] {
+        let next = node.data_dir.join("tls/next.pem");
+        roost_tests::wait_until(
+            &format!("{} to drop its certificate from the cancelled CA", node.name),
+            Duration::from_secs(30),
+            || async { Ok(!next.exists()) },
+        )
+        .await?;
+    }
+
+    // A new rotation finishes with the nodes that are left.
+    let out = roost(&["cluster", "rotate-ca"], Some(&n2.address), Some(&admin)).await?;
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let new_digest = digest_of(&std::fs::read_to_string(n2.data_dir.join("tls/ca.pem"))?)?.to_hex();
+    assert_ne!(new_digest, old_digest);
+    assert!(out.stdout.contains(&format!("The cluster's CA is now {new_digest}")), "{}", out.stdout);
+    Ok(())
+}

@@ -92,9 +92,9 @@ async fn rotate(client: &ClientArgs, detach: bool, out: &mut dyn Write) -> Resul
             // Nodes present their new certificates once the rotation has
             // finished: a new connection may need the new pin.
             Err(_) => {
-                api = match connect_api(&endpoint, &token).await {
+                api = match connect_api(&endpoint, &repinned).await {
                     Ok(api) => api,
-                    Err(_) => connect_api(&endpoint, &repinned).await?,
+                    Err(_) => connect_api(&endpoint, &token).await?,
                 };
                 poll(&mut api).await?
             }
@@ -102,8 +102,10 @@ async fn rotate(client: &ClientArgs, detach: bool, out: &mut dyn Write) -> Resul
         if status.next_ca_digest.is_empty() {
             if status.ca_digest != new_digest {
                 return Err(CliError::Other(format!(
-                    "the cluster's CA is {}, not the one this rotation started ({}): another rotation ran meanwhile",
-                    status.ca_digest, new_digest
+                    "the rotation to {} was cancelled (a node was removed during it, and may hold the new CA's key); \
+                     the cluster's CA is still {}: run `roost cluster rotate-ca` again",
+                    short(&new_digest),
+                    short(&status.ca_digest)
                 )));
             }
             break;
@@ -122,8 +124,9 @@ async fn rotate(client: &ClientArgs, detach: bool, out: &mut dyn Write) -> Resul
         } else if !hinted && since.elapsed() >= STALLED {
             writeln!(
                 out,
-                "  still waiting for {}: is it down? The rotation finishes once every node has a certificate from the new CA, \
-                 or once the missing ones are removed (`roost node remove NODE`); stopping this command leaves it running.",
+                "  still waiting for {}: is it down? The rotation finishes once every node has a certificate from the new CA. \
+                 Stopping this command leaves it running. Removing a node cancels it (the node may hold the new CA's key): \
+                 remove nodes that are gone for good, then run `roost cluster rotate-ca` again.",
                 status.pending.join(", ")
             )
             .map_err(io)?;

@@ -829,6 +829,8 @@ pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), Cli
             let name = reply.removed.map(|n| format!("{} (id {})", n.name, n.id)).unwrap_or_default();
             writeln!(out, "Removed node {name}; its certificate is now refused.").map_err(io)?;
             writeln!(out, "The join tokens are replaced in a few seconds, once it is out of Raft: `roost node token [--role worker]` then prints the new ones.")
+                .map_err(io)?;
+            writeln!(out, "Its data directory still holds a certificate from the cluster CA (a voter's, the CA's key too), which a CLI pinning the CA would trust: run `roost cluster rotate-ca` to take that away.")
                 .map_err(io)
         }
         Command::Apps(AppsCommand::Create { name, client }) => {

@@ -680,7 +680,7 @@ pub fn authorize(state: StateReader, tls: Arc<NodeTls>, uses: Arc<TokenUses>, cl
         // server it was made to, which must be the node forwarding it.
         (_, Some(Grant::Signed { server, .. }))
             if !caller
-                .is_some_and(|id| state.read(|s| s.nodes.get(&id).is_some_and(|n| n.cert_fingerprint == *server))) =>
+                .is_some_and(|id| state.read(|s| s.nodes.get(&id).is_some_and(|n| n.has_certificate(server)))) =>
         {
             Err("the call was signed for another node than the one forwarding it".into())
         }

@@ -73,26 +73,39 @@ enum CaError {
 pub async fn run(context: CaContext, stop: CancellationToken) {
     let mut changes = context.consensus.state().changes();
     let mut applied: Option<(Vec<String>, String)> = None;
+    // What the last step that succeeded saw: a change of anything else in
+    // the state (nearly every entry) needs no step.
+    let mut done: Option<View> = None;
     // Said once per distinct failure.
     let mut failing: Option<String> = None;
+    let mut pace = roost_raft::store::Pace::default();
     loop {
-        let retry = match step(&context, &mut applied).await {
-            Ok(()) => {
-                failing = None;
-                None
-            }
-            Err(error) => {
-                let error = error_chain(&error);
-                if failing.as_ref() != Some(&error) {
-                    tracing::warn!(%error, "CA rotation: this node's step failed; retrying");
-                    failing = Some(error);
+        let view = read_view(&context);
+        let retry = if view.is_some() && view == done {
+            None
+        } else {
+            let started = std::time::Instant::now();
+            let result = step(&context, &mut applied).await;
+            pace.passed(started);
+            match result {
+                Ok(()) => {
+                    failing = None;
+                    done = view;
+                    None
                 }
-                Some(Instant::now() + RETRY)
+                Err(error) => {
+                    let error = error_chain(&error);
+                    if failing.as_ref() != Some(&error) {
+                        tracing::warn!(%error, "CA rotation: this node's step failed; retrying");
+                        failing = Some(error);
+                    }
+                    Some(Instant::now() + RETRY)
+                }
             }
         };
         tokio::select! {
             () = stop.cancelled() => return,
-            changed = changes.changed() => if changed.is_err() { return },
+            changed = pace.settled(&mut changes) => if changed.is_err() { return },
             () = async {
                 match retry {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -104,10 +117,13 @@ pub async fn run(context: CaContext, stop: CancellationToken) {
 }
 
 /// What the state says of the CAs and of this node.
+#[derive(PartialEq)]
 struct View {
     cluster_id: String,
     name: String,
     ca_cert_pem: String,
+    /// This node's certificate as the state records it.
+    cert_fingerprint: String,
     trusted: Vec<String>,
     /// The new CA, during a rotation.
     rotating_to: Option<String>,
@@ -115,37 +131,51 @@ struct View {
     next_fingerprint: Option<String>,
     /// Nobody is left without a certificate from the new CA.
     complete: bool,
+    leading: bool,
 }
 
-async fn step(context: &CaContext, applied: &mut Option<(Vec<String>, String)>) -> Result<(), CaError> {
+fn read_view(context: &CaContext) -> Option<View> {
     let me = context.consensus.id();
-    let view = context.consensus.state().read(|s| {
+    let leading = context.consensus.is_leader();
+    context.consensus.state().read(|s| {
         let cluster = s.cluster.as_ref()?;
         let node = s.nodes.get(&me)?;
         Some(View {
             cluster_id: cluster.id.clone(),
             name: node.name.clone(),
             ca_cert_pem: cluster.ca_cert_pem.clone(),
+            cert_fingerprint: node.cert_fingerprint.clone(),
             trusted: s.trusted_cas().into_iter().map(str::to_owned).collect(),
             rotating_to: cluster.ca_rotation.as_ref().map(|r| r.ca_cert_pem.clone()),
             next_fingerprint: node.next_cert_fingerprint.clone(),
             complete: s.ca_rotation_pending().is_empty(),
+            leading,
         })
-    });
-    let Some(view) = view else { return Ok(()) };
+    })
+}
+
+async fn step(context: &CaContext, applied: &mut Option<(Vec<String>, String)>) -> Result<(), CaError> {
+    // A node that restarted may hold a state from before the rotation
+    // finished (or was cancelled): renew nothing on its word alone.
+    if read_view(context).is_some_and(|v| v.rotating_to.is_some()) {
+        context
+            .consensus
+            .read_barrier(Instant::now() + Duration::from_secs(5))
+            .await
+            .map_err(|e| CaError::Propose(e.to_string()))?;
+    }
+    let Some(view) = read_view(context) else { return Ok(()) };
     let dir = &context.dir;
     let files = |what| move |source| CaError::Files { what, source };
     let next_ca = read_optional(&dir.next_ca_cert()).map_err(files("tls/next-ca.pem"))?;
     let next_cert = read_optional(&dir.next_node_cert()).map_err(files("tls/next.pem"))?;
 
-    // The rotation finished: the new files become the node's.
     if let (Some(ca), Some(cert)) = (&next_ca, &next_cert) {
-        if *ca == view.ca_cert_pem {
-            // The join token the node was started with pins the old CA.
-            let old_ca = std::fs::read_to_string(dir.ca_cert()).map_err(|source| CaError::Files {
-                what: "tls/ca.pem",
-                source: super::identity::io_error("read", &dir.ca_cert(), source),
-            })?;
+        let recorded = pki::cert_der_from_pem(cert).is_ok_and(|der| pki::fingerprint(&der) == view.cert_fingerprint);
+        if *ca == view.ca_cert_pem && recorded {
+            // The rotation finished: the new files become the node's. The
+            // join token the node was started with pins the old CA.
+            let old_ca = read_required(&dir.ca_cert(), "tls/ca.pem")?;
             if old_ca != *ca {
                 dir.add_former_ca(&super::keys::ca_digest(&old_ca)?).map_err(files("node.json"))?;
             }
@@ -155,14 +185,42 @@ async fn step(context: &CaContext, applied: &mut Option<(Vec<String>, String)>) 
             write_private(&dir.ca_cert(), ca).map_err(files("tls/ca.pem"))?;
             remove(&dir.next_node_cert()).map_err(files("tls/next.pem"))?;
             remove(&dir.next_ca_cert()).map_err(files("tls/next-ca.pem"))?;
-            repin_admin_token(dir, ca)?;
             tracing::info!(cluster = %view.cluster_id, "the CA rotation finished; this node presents its certificate from the new CA");
+        } else if view.rotating_to.as_ref() != Some(ca) {
+            // From a rotation that was cancelled (a node was removed during
+            // it), or a certificate the cluster never recorded.
+            remove(&dir.next_node_cert()).map_err(files("tls/next.pem"))?;
+            remove(&dir.next_ca_cert()).map_err(files("tls/next-ca.pem"))?;
+            tracing::info!(cluster = %view.cluster_id, "dropped a certificate from a CA that is not the cluster's");
         }
+    }
+    // Also after a crash between the moves above and this.
+    let ca_file = read_required(&dir.ca_cert(), "tls/ca.pem")?;
+    if ca_file == view.ca_cert_pem {
+        repin_admin_token(dir, &ca_file)?;
+    }
+
+    // What the node presents and trusts, as its files and the state say:
+    // before renewing, so a node trusts the new CA however that goes.
+    let cert_pem = read_required(&dir.node_cert(), "tls/node.pem")?;
+    let wanted = (view.trusted.clone(), cert_pem.clone());
+    if applied.as_ref() != Some(&wanted) {
+        let trusted: Vec<&str> = view.trusted.iter().map(String::as_str).collect();
+        let certs = NodeCerts { trusted: &trusted, ca_pem: &ca_file, cert_pem: &cert_pem, key_pem: &context.key_pem };
+        let presented_before = context.tls.current().fingerprint.clone();
+        context.tls.update(&certs)?;
+        if context.tls.current().fingerprint != presented_before {
+            // New connections present the new certificate.
+            context.channels.reset();
+        }
+        *applied = Some(wanted);
     }
 
     if let Some(new_ca) = &view.rotating_to {
+        let next_ca = read_optional(&dir.next_ca_cert()).map_err(files("tls/next-ca.pem"))?;
+        let next_cert = read_optional(&dir.next_node_cert()).map_err(files("tls/next.pem"))?;
         renew(context, &view, new_ca, next_ca.as_deref(), next_cert.as_deref()).await?;
-        if view.complete && context.consensus.is_leader() {
+        if view.complete && view.leading {
             let command = Command::FinishCaRotation { ca_cert_pem: new_ca.clone() };
             match context.consensus.propose_as_leader(command, Instant::now() + Duration::from_secs(10)).await {
                 Ok(Response::Done) => {
@@ -173,29 +231,12 @@ async fn step(context: &CaContext, applied: &mut Option<(Vec<String>, String)>) 
             }
         }
     }
-
-    // What the node presents and trusts, as its files and the state say.
-    let cert_pem = std::fs::read_to_string(dir.node_cert()).map_err(|source| CaError::Files {
-        what: "tls/node.pem",
-        source: super::identity::io_error("read", &dir.node_cert(), source),
-    })?;
-    let ca_pem = std::fs::read_to_string(dir.ca_cert()).map_err(|source| CaError::Files {
-        what: "tls/ca.pem",
-        source: super::identity::io_error("read", &dir.ca_cert(), source),
-    })?;
-    let wanted = (view.trusted.clone(), cert_pem.clone());
-    if applied.as_ref() != Some(&wanted) {
-        let trusted: Vec<&str> = view.trusted.iter().map(String::as_str).collect();
-        let certs = NodeCerts { trusted: &trusted, ca_pem: &ca_pem, cert_pem: &cert_pem, key_pem: &context.key_pem };
-        let presented_before = context.tls.current().fingerprint.clone();
-        context.tls.update(&certs)?;
-        if context.tls.current().fingerprint != presented_before {
-            // New connections present the new certificate.
-            context.channels.reset();
-        }
-        *applied = Some(wanted);
-    }
     Ok(())
+}
+
+fn read_required(path: &std::path::Path, what: &'static str) -> Result<String, CaError> {
+    std::fs::read_to_string(path)
+        .map_err(|source| CaError::Files { what, source: super::identity::io_error("read", path, source) })
 }
 
 /// Gets this node a certificate from `new_ca` and records it, unless done.

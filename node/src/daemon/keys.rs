@@ -338,7 +338,16 @@ impl keys_server::Keys for KeysService {
     ) -> Result<tonic::Response<RenewCertificateResponse>, Status> {
         let caller = Self::caller(&request)?;
         let key = self.key()?;
+        // Only for the key the caller holds: the one its certificate on this
+        // connection certifies.
+        let presented =
+            request.extensions().get::<roost_network::tls::PeerIdentity>().and_then(|p| p.node_certificate.clone());
         let public_key = request.into_inner().public_key;
+        if !presented.is_some_and(|cert| pki::certifies_key(&cert, &public_key)) {
+            return Err(Status::permission_denied(
+                "a node gets a certificate only for the key of the certificate it calls with",
+            ));
+        }
         // The rotation the caller saw has started here too after this.
         self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
         let (name, cluster) =

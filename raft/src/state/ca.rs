@@ -108,6 +108,20 @@ impl State {
         Response::Done
     }
 
+    /// Drops a rotation under way, as a removal does: the removed node may
+    /// hold the new CA's key (a voter opens it) or a certificate from it, so
+    /// that CA must never become the cluster's. Certificates from it are
+    /// revoked; `roost cluster rotate-ca` starts afresh.
+    pub(super) fn cancel_ca_rotation(&mut self) {
+        let Some(cluster) = self.cluster.as_mut() else { return };
+        if cluster.ca_rotation.take().is_none() {
+            return;
+        }
+        for node in self.nodes.values_mut() {
+            self.revoked_certs.extend(node.next_cert_fingerprint.take());
+        }
+    }
+
     /// The names of the current nodes that have no certificate from the CA
     /// being rotated to yet; empty when no rotation is under way.
     pub fn ca_rotation_pending(&self) -> Vec<String> {

@@ -152,6 +152,17 @@ fn a_ca_rotation_finishes_once_every_node_has_a_certificate_from_the_new_ca() {
     apply(&mut state, Command::RemoveNode { id: 2, new_join_secret: None, new_worker_secret: None, rotate: None });
     assert!(state.is_revoked("g2") && state.is_revoked("f2"));
     assert_eq!(state.node_by_fingerprint("f2"), None);
+
+    // A removal cancels a rotation under way: the removed node may hold the
+    // new CA's key or a certificate from it.
+    assert_eq!(apply(&mut state, start("cert4")), Response::Done);
+    assert_eq!(apply(&mut state, renew(3, "h3")), Response::Done);
+    apply(&mut state, Command::RemoveNode { id: 1, new_join_secret: None, new_worker_secret: None, rotate: None });
+    assert!(state.cluster.as_ref().is_some_and(|c| c.ca_rotation.is_none()), "the rotation is cancelled");
+    assert!(state.is_revoked("h3"), "and certificates from its CA revoked");
+    assert_eq!(state.nodes[&3].next_cert_fingerprint, None);
+    assert_eq!(state.trusted_cas(), ["cert2", "cert"]);
+    assert_eq!(apply(&mut state, finish("cert4")), Response::Rejected(Rejection::NoCaRotation));
 }
 
 #[test]
