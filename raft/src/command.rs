@@ -428,6 +428,10 @@ pub enum Command {
     RenewNodeCertificate {
         node: NodeId,
         fingerprint: String,
+        /// The certificate itself (PEM), which the leader checks: the new
+        /// CA signed it and it has that fingerprint. Not kept in the state.
+        #[serde(default)]
+        cert_pem: String,
     },
     /// Every current node has a certificate from the new CA: it becomes the
     /// cluster's CA. The leader's decision.

@@ -68,10 +68,12 @@ pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Caller(pub Option<NodeId>);
 
-/// Checks the grant of a forwarded proposal that a node may not make on its
-/// own authority (see [`Command::is_node_command`]), given the node that
-/// forwards it (`None`: one the state does not name yet); the node supplies
-/// it, since what makes a token good is the node's business.
+/// Checks a forwarded proposal, given the node that forwards it (`None`:
+/// one the state does not name yet): the grant of one that a node may not
+/// make on its own authority (see [`Command::is_node_command`]), and a
+/// node's own report (with no grant) for what the state cannot check, such
+/// as a certificate. The node supplies it, since what makes a token or a
+/// certificate good is the node's business.
 pub type Authorize = Arc<dyn Fn(&Command, Option<&Grant>, Option<NodeId>) -> Result<(), String> + Send + Sync>;
 
 #[derive(Clone)]
@@ -192,9 +194,11 @@ impl raft_server::Raft for RaftService {
                 "{command} is the leader's own decision; no node may forward it"
             )));
         }
+        // A node's own report needs no grant, but is checked too.
         let own = caller.is_some_and(|caller| command.is_node_command(caller));
-        if !own {
-            (self.authorize)(&forward.proposal.command, forward.grant.as_ref(), caller).map_err(|reason| {
+        let grant = if own { None } else { forward.grant.as_ref() };
+        {
+            (self.authorize)(&forward.proposal.command, grant, caller).map_err(|reason| {
                 Status::permission_denied(format!(
                     "node {} may not propose {} on its own authority: {reason}",
                     caller.map_or_else(|| "?".to_owned(), |id| id.to_string()),

@@ -378,7 +378,7 @@ impl State {
             },
             Command::TokensUsed { used } => self.tokens_used(used, at),
             Command::StartCaRotation { ca_cert_pem, ca_key } => self.start_ca_rotation(ca_cert_pem, ca_key, at),
-            Command::RenewNodeCertificate { node, fingerprint } => self.renew_node_certificate(*node, fingerprint),
+            Command::RenewNodeCertificate { node, fingerprint, .. } => self.renew_node_certificate(*node, fingerprint),
             Command::FinishCaRotation { ca_cert_pem } => self.finish_ca_rotation(ca_cert_pem),
             Command::Batch { proposals } => {
                 Response::Batch { responses: proposals.iter().map(|p| self.apply(p)).collect() }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use roost_network::pki::{self, CaDigest};
 use roost_network::Token;
 use roost_tests::apps::{hello_app, hello_toml, http_get_host};
@@ -29,9 +29,7 @@ async fn a_ca_rotation_gives_every_node_a_certificate_from_the_new_ca_without_do
     let n1 = NodeProcess::init(root.path(), "n1")?;
     let admin = n1.read_token_when_ready("admin.token").await?;
     let join = n1.read_token_when_ready("join.token").await?;
-    let identity: Value = serde_json::from_str(&std::fs::read_to_string(n1.data_dir.join("node.json"))?)?;
-    let _cleanup =
-        roost_tests::apps::DockerCleanup { cluster: identity["cluster_id"].as_str().context("cluster id")?.to_owned() };
+    let _cleanup = n1.docker_cleanup()?;
     let out = roost(&["node", "token", "--role", "worker"], Some(&n1.address), Some(&admin)).await?;
     assert_eq!(out.code, 0, "{}", out.stderr);
     let worker_token = out.stdout.trim().to_owned();

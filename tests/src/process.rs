@@ -274,6 +274,15 @@ impl NodeProcess {
         Ok(self.exited()?.flatten())
     }
 
+    /// What removes the containers and images of this node's cluster when
+    /// dropped, read off its `node.json`.
+    pub fn docker_cleanup(&self) -> Result<crate::apps::DockerCleanup> {
+        let identity: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.data_dir.join("node.json"))?)?;
+        let cluster = identity["cluster_id"].as_str().context("node.json names no cluster")?.to_owned();
+        Ok(crate::apps::DockerCleanup { cluster })
+    }
+
     pub fn read_token(&self, file: &str) -> Result<String> {
         Ok(std::fs::read_to_string(self.data_dir.join(file))?.trim().to_owned())
     }

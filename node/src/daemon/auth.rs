@@ -657,6 +657,10 @@ pub fn join_labels(role: NodeRole, labels: &BTreeMap<String, String>) -> Result<
 /// node.
 pub fn authorize(state: StateReader, tls: Arc<NodeTls>, uses: Arc<TokenUses>, clock: Arc<ClusterClock>) -> Authorize {
     Arc::new(move |command: &Command, grant: Option<&Grant>, caller: Option<NodeId>| match (command, grant) {
+        // A node's report about itself.
+        (command, None) if caller.is_some_and(|id| command.is_node_command(id)) => {
+            state.read(|s| genuine_report(command, s))
+        }
         (Command::AddNode { node }, Some(Grant::Join { secret })) => {
             state.read(|s| admit(s, secret, node.role))?;
             join_labels(node.role, &node.labels)
@@ -698,6 +702,27 @@ pub fn authorize(state: StateReader, tls: Arc<NodeTls>, uses: Arc<TokenUses>, cl
         }
         (_, _) => Err("it needs the API token of the user who asked for it".into()),
     })
+}
+
+/// Checks a node's report about itself where the state cannot: a
+/// certificate it records from the CA being rotated to must be one that
+/// CA signed, with the fingerprint the report names, so a member cannot
+/// record a made-up fingerprint and keep its old certificate in use.
+fn genuine_report(command: &Command, state: &State) -> Result<(), String> {
+    let Command::RenewNodeCertificate { fingerprint, cert_pem, .. } = command else { return Ok(()) };
+    let Some(new_ca) = state.cluster.as_ref().and_then(|c| c.ca_rotation.as_ref()).map(|r| r.ca_cert_pem.as_str())
+    else {
+        return Err("no rotation of the cluster CA is under way".into());
+    };
+    let der =
+        roost_network::pki::cert_der_from_pem(cert_pem).map_err(|e| format!("the certificate is unreadable: {e}"))?;
+    if roost_network::pki::fingerprint(&der) != *fingerprint {
+        return Err("the certificate does not have the fingerprint the report names".into());
+    }
+    if !roost_network::tls::signed_by(new_ca, cert_pem) {
+        return Err("the certificate is not from the CA being rotated to".into());
+    }
+    Ok(())
 }
 
 /// Whether a worker may make `command` on a user's behalf: a change to one
@@ -742,6 +767,34 @@ mod tests {
     use roost_raft::testkit::cluster;
 
     use super::*;
+
+    #[test]
+    fn a_node_records_only_a_certificate_the_new_ca_signed_with_its_own_fingerprint() {
+        let mut state = cluster(2, |_| Vec::new());
+        let new_ca = roost_network::pki::ClusterCa::generate("c").expect("a CA");
+        let other_ca = roost_network::pki::ClusterCa::generate("c").expect("another CA");
+        let renew = |ca: &roost_network::pki::ClusterCa, fingerprint: Option<&str>| {
+            let key = roost_network::pki::NodeKey::generate().expect("a key");
+            let (cert_pem, _, real) = ca.issue_for_public_key("n2", &key.public_key()).expect("a certificate");
+            Command::RenewNodeCertificate { node: 2, fingerprint: fingerprint.unwrap_or(&real).to_owned(), cert_pem }
+        };
+        assert!(genuine_report(&renew(&new_ca, None), &state).is_err(), "no rotation under way");
+        if let Some(cluster) = state.cluster.as_mut() {
+            let sealed = roost_raft::workload::SealedSecret { sealed: "k".into(), digest: "d".into(), updated_at: 0 };
+            cluster.ca_rotation = Some(roost_raft::state::CaRotation {
+                ca_cert_pem: new_ca.cert_pem().to_owned(),
+                ca_key: sealed,
+                started_at: 0,
+            });
+        }
+        assert_eq!(genuine_report(&renew(&new_ca, None), &state), Ok(()));
+        let made_up = genuine_report(&renew(&new_ca, Some("00")), &state).expect_err("a made-up fingerprint");
+        assert!(made_up.contains("fingerprint"), "{made_up}");
+        let foreign = genuine_report(&renew(&other_ca, None), &state).expect_err("another CA");
+        assert!(foreign.contains("not from the CA"), "{foreign}");
+        let report = Command::ReportInstances { node: 2, reports: Vec::new() };
+        assert_eq!(genuine_report(&report, &state), Ok(()), "other reports pass");
+    }
 
     #[test]
     fn a_signed_grant_changes_what_it_was_signed_for_alone() {

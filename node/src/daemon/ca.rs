@@ -283,7 +283,7 @@ async fn renew(
     if view.next_fingerprint.as_deref() == Some(fingerprint.as_str()) {
         return Ok(());
     }
-    let command = Command::RenewNodeCertificate { node: context.consensus.id(), fingerprint };
+    let command = Command::RenewNodeCertificate { node: context.consensus.id(), fingerprint, cert_pem: cert };
     match context.consensus.propose(command, Instant::now() + Duration::from_secs(10)).await {
         Ok(Response::Done) => {
             tracing::info!(cluster = %view.cluster_id, "this node has its certificate from the new CA");

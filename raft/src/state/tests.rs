@@ -109,7 +109,11 @@ fn a_ca_rotation_finishes_once_every_node_has_a_certificate_from_the_new_ca() {
     apply(&mut state, Command::AddNode { node: node("n3", "f3") });
     let sealed = crate::workload::SealedSecret { sealed: "k".into(), digest: "d".into(), updated_at: 0 };
     let start = |pem: &str| Command::StartCaRotation { ca_cert_pem: pem.into(), ca_key: sealed.clone() };
-    let renew = |node: NodeId, fp: &str| Command::RenewNodeCertificate { node, fingerprint: fp.into() };
+    let renew = |node: NodeId, fp: &str| Command::RenewNodeCertificate {
+        node,
+        fingerprint: fp.into(),
+        cert_pem: String::new(),
+    };
     let finish = |pem: &str| Command::FinishCaRotation { ca_cert_pem: pem.into() };
 
     assert_eq!(apply(&mut state, renew(2, "g2")), Response::Rejected(Rejection::NoCaRotation));
