@@ -55,7 +55,7 @@ pub async fn run(command: ClusterCommand, out: &mut dyn Write) -> Result<(), Cli
             }
             writeln!(out, "CA digest: {}", status.ca_digest).map_err(io)?;
             if !status.next_ca_digest.is_empty() {
-                writeln!(out, "Rotating to: {} ({})", status.next_ca_digest, progress(&status)).map_err(io)?;
+                writeln!(out, "Rotating to: {}\n  {}", status.next_ca_digest, progress(&status)).map_err(io)?;
             }
             Ok(())
         }
