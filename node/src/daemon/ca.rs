@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::channels::NodeChannels;
-use super::identity::{error_chain, write_private, DataDir};
+use super::identity::{error_chain, read, write_private, DataDir};
 use super::keys::{open_rotation_ca, VoterKeys};
 
 /// How long after a failed step the loop tries again.
@@ -175,7 +175,7 @@ async fn step(context: &CaContext, applied: &mut Option<(Vec<String>, String)>) 
         if *ca == view.ca_cert_pem && recorded {
             // The rotation finished: the new files become the node's. The
             // join token the node was started with pins the old CA.
-            let old_ca = read_required(&dir.ca_cert(), "tls/ca.pem")?;
+            let old_ca = read(&dir.ca_cert()).map_err(files("tls/ca.pem"))?;
             if old_ca != *ca {
                 dir.add_former_ca(&super::keys::ca_digest(&old_ca)?).map_err(files("node.json"))?;
             }
@@ -195,14 +195,14 @@ async fn step(context: &CaContext, applied: &mut Option<(Vec<String>, String)>) 
         }
     }
     // Also after a crash between the moves above and this.
-    let ca_file = read_required(&dir.ca_cert(), "tls/ca.pem")?;
+    let ca_file = read(&dir.ca_cert()).map_err(files("tls/ca.pem"))?;
     if ca_file == view.ca_cert_pem {
         repin_admin_token(dir, &ca_file)?;
     }
 
     // What the node presents and trusts, as its files and the state say:
     // before renewing, so a node trusts the new CA however that goes.
-    let cert_pem = read_required(&dir.node_cert(), "tls/node.pem")?;
+    let cert_pem = read(&dir.node_cert()).map_err(files("tls/node.pem"))?;
     let wanted = (view.trusted.clone(), cert_pem.clone());
     if applied.as_ref() != Some(&wanted) {
         let trusted: Vec<&str> = view.trusted.iter().map(String::as_str).collect();
@@ -232,11 +232,6 @@ async fn step(context: &CaContext, applied: &mut Option<(Vec<String>, String)>) 
         }
     }
     Ok(())
-}
-
-fn read_required(path: &std::path::Path, what: &'static str) -> Result<String, CaError> {
-    std::fs::read_to_string(path)
-        .map_err(|source| CaError::Files { what, source: super::identity::io_error("read", path, source) })
 }
 
 /// Gets this node a certificate from `new_ca` and records it, unless done.

@@ -413,7 +413,8 @@ pub(super) fn io_error(action: &'static str, path: &Path, source: std::io::Error
     io(action, path, source)
 }
 
-fn read(path: &Path) -> Result<String, IdentityError> {
+/// Reads a file of the data directory.
+pub(super) fn read(path: &Path) -> Result<String, IdentityError> {
     fs::read_to_string(path).map_err(|source| io("read", path, source))
 }
 
