@@ -21,6 +21,17 @@ use sha2::{Digest, Sha256};
 /// The server name every node certificate carries and every client checks.
 pub const NODE_SERVER_NAME: &str = "node.roost.internal";
 
+/// The server name of a node's API certificate: the CLI asks for it and
+/// accepts no other. Unlike node certificates, API certificates are
+/// short-lived and only a current member gets a new one
+/// ([`ClusterCa::issue_api`]), so a removed node's data directory stops
+/// passing for a node with the CLI once its last one expires.
+pub const API_SERVER_NAME: &str = "api.node.roost.internal";
+
+/// How far before its issue an API certificate is valid from, for a CLI
+/// whose clock lags the cluster's.
+pub const API_CERT_BACKDATE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Node certificates are long-lived; rotation is a later feature and revocation
 /// (by fingerprint, through the replicated state) is what removal relies on.
 const NODE_CERT_DAYS: i64 = 3650;
@@ -49,8 +60,10 @@ pub enum PkiError {
     },
     #[error("the public key has {len} bytes; an uncompressed P-256 point has 65")]
     PublicKeyLength { len: usize },
-    #[error("{name} is the name every node certificate carries; no other certificate may")]
+    #[error("{name} is the name every node (or node API) certificate carries; no other certificate may")]
     ReservedName { name: String },
+    #[error("an API certificate must live between 1 second and 1 year, not {seconds} s")]
+    ApiLifetime { seconds: u64 },
 }
 
 /// SHA-256 of a certificate's DER bytes: how tokens pin the CA and how the
@@ -249,8 +262,8 @@ impl ClusterCa {
     /// app under the cluster domain, served by the edge until an ACME
     /// certificate replaces it). Returns the certificate and key, PEM.
     pub fn issue_server(&self, name: &str) -> Result<(String, String), PkiError> {
-        // That name is how clients know a node: no app may have it.
-        if name.eq_ignore_ascii_case(NODE_SERVER_NAME) {
+        // Those names are how clients know a node: no app may have them.
+        if name.eq_ignore_ascii_case(NODE_SERVER_NAME) || name.eq_ignore_ascii_case(API_SERVER_NAME) {
             return Err(PkiError::ReservedName { name: name.to_owned() });
         }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(PkiError::KeyGeneration)?;
@@ -267,6 +280,42 @@ impl ClusterCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let cert = params.signed_by(&key, &self.issuer).map_err(PkiError::Signing)?;
         Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Issues the API certificate of the node `node_name` for its key
+    /// (`public_key`), valid from [`API_CERT_BACKDATE`] ago until
+    /// `lifetime` from now: what the node presents to the CLI (which asks
+    /// for [`API_SERVER_NAME`]). It names the fingerprint of the node's
+    /// certificate for that key (`node_fingerprint`), which a signed call
+    /// names as its server ([`api_node_fingerprint`]). Returns the
+    /// certificate followed by this CA's, PEM.
+    pub fn issue_api(
+        &self,
+        node_name: &str,
+        public_key: &[u8],
+        node_fingerprint: &str,
+        lifetime: std::time::Duration,
+    ) -> Result<String, PkiError> {
+        if public_key.len() != 65 {
+            return Err(PkiError::PublicKeyLength { len: public_key.len() });
+        }
+        if lifetime < std::time::Duration::from_secs(1) || lifetime > std::time::Duration::from_secs(365 * 86_400) {
+            return Err(PkiError::ApiLifetime { seconds: lifetime.as_secs() });
+        }
+        let mut params = CertificateParams::new(vec![API_SERVER_NAME.to_owned()]).map_err(PkiError::Signing)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Roost");
+        dn.push(DnType::OrganizationalUnitName, node_fingerprint);
+        dn.push(DnType::CommonName, node_name);
+        params.distinguished_name = dn;
+        params.serial_number = Some(random_serial().0);
+        let now = time_now();
+        params.not_before = now - API_CERT_BACKDATE;
+        params.not_after = now + lifetime;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&RawP256PublicKey(public_key.to_vec()), &self.issuer).map_err(PkiError::Signing)?;
+        Ok(format!("{}{}", cert.pem(), self.cert_pem))
     }
 
     /// Generates a key and issues a certificate for it, for the node that
@@ -288,6 +337,23 @@ pub fn certifies_key(cert_der: &[u8], public_key: &[u8]) -> bool {
     }
     let spki = RawP256PublicKey(public_key.to_vec()).subject_public_key_info();
     cert_der.windows(spki.len()).any(|window| window == spki.as_slice())
+}
+
+/// The fingerprint of the node certificate that an API certificate (DER)
+/// names ([`ClusterCa::issue_api`]).
+pub fn api_node_fingerprint(der: &[u8]) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(der).ok()?;
+    let unit = parsed.subject().iter_organizational_unit().next()?.as_str().ok()?.to_owned();
+    Some(unit)
+}
+
+/// When the first certificate of `pem` becomes and stops being valid, in
+/// Unix milliseconds.
+pub fn validity(pem: &str) -> Option<(i64, i64)> {
+    let der = cert_der_from_pem(pem).ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let validity = parsed.validity();
+    Some((validity.not_before.timestamp().saturating_mul(1000), validity.not_after.timestamp().saturating_mul(1000)))
 }
 
 /// Parses the first certificate of a PEM text into DER.
@@ -354,6 +420,7 @@ mod tests {
         let ca = ClusterCa::generate("c1").expect("ca");
         assert!(matches!(ca.issue_server(NODE_SERVER_NAME), Err(PkiError::ReservedName { .. })));
         assert!(matches!(ca.issue_server("NODE.roost.internal"), Err(PkiError::ReservedName { .. })));
+        assert!(matches!(ca.issue_server(API_SERVER_NAME), Err(PkiError::ReservedName { .. })));
         assert!(ca.issue_server("web.roost.internal").is_ok());
     }
 

@@ -12,6 +12,12 @@
 //! certificate chaining to the cluster CA *pinned by digest*. The digest is
 //! all a token holder has, so every client (nodes, the CLI, a joining node)
 //! verifies the same way.
+//!
+//! A node presents one of two certificates, by the server name the client
+//! asks for: its node certificate ([`NODE_SERVER_NAME`]: nodes and joining
+//! nodes ask for it), or its short-lived API certificate
+//! ([`API_SERVER_NAME`]: the CLI asks for it, [`ClientTls::api`], and
+//! accepts nothing else).
 
 use std::future::Future;
 use std::io;
@@ -37,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::pki::{self, fingerprint, CaDigest, PkiError, NODE_SERVER_NAME};
+use crate::pki::{self, fingerprint, CaDigest, PkiError, API_SERVER_NAME, NODE_SERVER_NAME};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -145,6 +151,8 @@ pub enum TlsError {
     Address { addr: String },
     #[error("{addr}: {wrong}")]
     WrongCa { addr: String, wrong: WrongCa },
+    #[error("{addr}: {refusal}")]
+    NoApiCertificate { addr: String, refusal: NoApiCertificate },
     #[error("cannot reach a roost node at {addr}: {reason}")]
     Connect {
         addr: String,
@@ -165,7 +173,7 @@ const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13
 /// What a node presents and trusts when it serves.
 pub fn server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs = NodeCerts { trusted: &[ca_pem], ca_pem, cert_pem, key_pem };
-    Ok(NodeTlsConfig::build(&certs, None)?.server)
+    Ok(NodeTlsConfig::build(&certs, None, None)?.server)
 }
 
 /// A node's certificate material, PEM: the CAs it trusts, its certificate
@@ -181,11 +189,61 @@ pub struct NodeCerts<'a> {
 }
 
 /// What a node presents and trusts, swapped whole at a CA rotation
-/// ([`NodeTls::update`]): each connection it serves or opens takes the one
+/// ([`NodeTls::update`]) or when its API certificate is renewed
+/// ([`NodeTls::set_api`]): each connection it serves or opens takes the one
 /// current at its handshake; connections already open keep theirs.
 pub struct NodeTls {
     current: std::sync::RwLock<Arc<NodeTlsConfig>>,
     accept: Option<AcceptServer>,
+    /// What `current` was built from.
+    inputs: std::sync::Mutex<NodeTlsInputs>,
+}
+
+/// A [`NodeTls`]'s certificates, kept to rebuild it when one changes.
+#[derive(Clone)]
+struct NodeTlsInputs {
+    trusted: Vec<String>,
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+    /// The API certificate and its CA's, PEM.
+    api_chain_pem: Option<String>,
+}
+
+impl NodeTlsInputs {
+    fn of(certs: &NodeCerts<'_>, api_chain_pem: Option<String>) -> Self {
+        NodeTlsInputs {
+            trusted: certs.trusted.iter().map(|pem| (*pem).to_owned()).collect(),
+            ca_pem: certs.ca_pem.to_owned(),
+            cert_pem: certs.cert_pem.to_owned(),
+            key_pem: certs.key_pem.to_owned(),
+            api_chain_pem,
+        }
+    }
+
+    fn build(&self, accept: Option<AcceptServer>) -> Result<NodeTlsConfig, TlsError> {
+        let trusted: Vec<&str> = self.trusted.iter().map(String::as_str).collect();
+        let certs =
+            NodeCerts { trusted: &trusted, ca_pem: &self.ca_pem, cert_pem: &self.cert_pem, key_pem: &self.key_pem };
+        NodeTlsConfig::build(&certs, self.api_chain_pem.as_deref(), accept)
+    }
+}
+
+/// Presents the API certificate to a client that asks for
+/// [`API_SERVER_NAME`] (the CLI), and the node certificate to any other.
+#[derive(Debug)]
+struct NodeCertResolver {
+    node: Arc<rustls::sign::CertifiedKey>,
+    api: Option<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl rustls::server::ResolvesServerCert for NodeCertResolver {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        match (&self.api, hello.server_name()) {
+            (Some(api), Some(name)) if name.eq_ignore_ascii_case(API_SERVER_NAME) => Some(api.clone()),
+            _ => Some(self.node.clone()),
+        }
+    }
 }
 
 /// One state of a [`NodeTls`].
@@ -199,13 +257,42 @@ pub struct NodeTlsConfig {
     pub ca_digest: CaDigest,
     /// The digests of every CA the node trusts.
     pub trusted: Vec<CaDigest>,
+    /// The API certificate it presents to the CLI: `None` until it has one
+    /// from its CA.
+    pub api: Option<ApiPresented>,
+}
+
+/// A node's API certificate, as its [`NodeTls`] presents it.
+#[derive(Clone, Debug)]
+pub struct ApiPresented {
+    pub fingerprint: Arc<str>,
+    /// The node certificate it names: what a signed call names as its server.
+    pub node_fingerprint: Arc<str>,
+    /// When it expires, Unix ms.
+    pub not_after: i64,
 }
 
 impl NodeTlsConfig {
-    fn build(certs: &NodeCerts<'_>, accept: Option<AcceptServer>) -> Result<NodeTlsConfig, TlsError> {
+    /// `api_chain_pem` is left out unless the node's CA signed it for the
+    /// node's key: after a CA rotation the node presents none until it has
+    /// one from the new CA, which a CLI re-pinned to it would accept.
+    fn build(
+        certs: &NodeCerts<'_>,
+        api_chain_pem: Option<&str>,
+        accept: Option<AcceptServer>,
+    ) -> Result<NodeTlsConfig, TlsError> {
         let ca = pki::cert_der_from_pem(certs.ca_pem)?;
         let cert = pki::cert_der_from_pem(certs.cert_pem)?;
         let key: PrivateKeyDer<'static> = pki::key_der_from_pem(certs.key_pem)?;
+        let signing_key = provider().key_provider.load_private_key(key.clone_key()).map_err(TlsError::Config)?;
+        let api = match api_chain_pem {
+            Some(chain) if api_certificate_of(certs.ca_pem, certs.cert_pem, chain) => {
+                let leaf = pki::cert_der_from_pem(chain)?;
+                let not_after = pki::validity(chain).map_or(0, |(_, not_after)| not_after);
+                Some((leaf, not_after))
+            }
+            _ => None,
+        };
         let mut roots = RootCertStore::empty();
         let mut digests = Vec::new();
         for pem in certs.trusted.iter().copied().chain([certs.ca_pem]) {
@@ -217,12 +304,17 @@ impl NodeTlsConfig {
             .allow_unauthenticated()
             .build()
             .map_err(TlsError::Verifier)?;
+        let resolver = NodeCertResolver {
+            node: Arc::new(rustls::sign::CertifiedKey::new(vec![cert.clone(), ca.clone()], signing_key.clone())),
+            api: api.as_ref().map(|(leaf, _)| {
+                Arc::new(rustls::sign::CertifiedKey::new(vec![leaf.clone(), ca.clone()], signing_key))
+            }),
+        };
         let mut server = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(VERSIONS)
             .map_err(TlsError::Config)?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(vec![cert.clone(), ca.clone()], key.clone_key())
-            .map_err(TlsError::Config)?;
+            .with_cert_resolver(Arc::new(resolver));
         server.alpn_protocols = vec![b"h2".to_vec()];
         let verifier = PinnedCaVerifier { digests: digests.clone(), provider: provider(), accept };
         let mut client = rustls::ClientConfig::builder_with_provider(provider())
@@ -239,8 +331,37 @@ impl NodeTlsConfig {
             fingerprint: fingerprint(&cert).into(),
             ca_digest: CaDigest::of(&ca),
             trusted: digests,
+            api: api.map(|(leaf, not_after)| ApiPresented {
+                fingerprint: fingerprint(&leaf).into(),
+                node_fingerprint: fingerprint(&cert).into(),
+                not_after,
+            }),
         })
     }
+}
+
+/// Whether `chain_pem` is an API certificate (and its CA's) that the CA
+/// `ca_pem` signed for the key that `cert_pem` (the node's certificate)
+/// certifies, naming that certificate. Its validity is not checked: an
+/// expired one is presented, so that the CLI says it expired.
+fn api_certificate_of(ca_pem: &str, cert_pem: &str, chain_pem: &str) -> bool {
+    let (Ok(ca), Ok(cert), Ok(leaf)) =
+        (pki::cert_der_from_pem(ca_pem), pki::cert_der_from_pem(cert_pem), pki::cert_der_from_pem(chain_pem))
+    else {
+        return false;
+    };
+    let same_key = match (
+        x509_parser::parse_x509_certificate(cert.as_ref()),
+        x509_parser::parse_x509_certificate(leaf.as_ref()),
+    ) {
+        (Ok((_, cert)), Ok((_, leaf))) => cert.public_key().raw == leaf.public_key().raw,
+        _ => false,
+    };
+    let names_cert = pki::api_node_fingerprint(&leaf).is_some_and(|named| named == fingerprint(&cert));
+    // Checked at a time it was valid, since expiry does not matter here.
+    let Some((not_before, _)) = pki::validity(chain_pem) else { return false };
+    let at = UnixTime::since_unix_epoch(Duration::from_millis(u64::try_from(not_before).unwrap_or(0) + 1_000));
+    same_key && names_cert && verify_chain_for(&CaDigest::of(&ca), &ca, &leaf, API_SERVER_NAME, at).is_ok()
 }
 
 impl NodeTls {
@@ -248,15 +369,41 @@ impl NodeTls {
     /// the server certificate's fingerprint) does: a node checks a peer
     /// against the current members, so a removed node's certificate, though
     /// a trusted CA signed it, opens no connection from the cluster.
-    pub fn new(certs: &NodeCerts<'_>, accept: Option<AcceptServer>) -> Result<Arc<NodeTls>, TlsError> {
-        let current = NodeTlsConfig::build(certs, accept.clone())?;
-        Ok(Arc::new(NodeTls { current: std::sync::RwLock::new(Arc::new(current)), accept }))
+    pub fn new(
+        certs: &NodeCerts<'_>,
+        api_chain_pem: Option<String>,
+        accept: Option<AcceptServer>,
+    ) -> Result<Arc<NodeTls>, TlsError> {
+        let inputs = NodeTlsInputs::of(certs, api_chain_pem);
+        let current = inputs.build(accept.clone())?;
+        Ok(Arc::new(NodeTls {
+            current: std::sync::RwLock::new(Arc::new(current)),
+            accept,
+            inputs: std::sync::Mutex::new(inputs),
+        }))
     }
 
-    /// Presents and trusts `certs` from the next handshake on.
+    /// Presents and trusts `certs` from the next handshake on, and the API
+    /// certificate it has if their CA signed it.
     pub fn update(&self, certs: &NodeCerts<'_>) -> Result<(), TlsError> {
-        let next = Arc::new(NodeTlsConfig::build(certs, self.accept.clone())?);
-        *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = next;
+        let mut inputs = self.inputs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let next = NodeTlsInputs::of(certs, inputs.api_chain_pem.clone());
+        self.install(&mut inputs, next)
+    }
+
+    /// Presents `chain_pem` (an API certificate and its CA's) to the CLI
+    /// from the next handshake on, if the node's CA signed it for its key.
+    /// Whether it does: [`NodeTlsConfig::api`].
+    pub fn set_api(&self, chain_pem: String) -> Result<(), TlsError> {
+        let mut inputs = self.inputs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let next = NodeTlsInputs { api_chain_pem: Some(chain_pem), ..inputs.clone() };
+        self.install(&mut inputs, next)
+    }
+
+    fn install(&self, inputs: &mut NodeTlsInputs, next: NodeTlsInputs) -> Result<(), TlsError> {
+        let built = Arc::new(next.build(self.accept.clone())?);
+        *inputs = next;
+        *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = built;
         Ok(())
     }
 
@@ -285,15 +432,37 @@ impl From<Arc<NodeTls>> for ServerTls {
     }
 }
 
+/// The server a signed call to a node names, by the server name the client
+/// asked for: the fingerprint of its node certificate, which its API
+/// certificate names too ([`pki::api_node_fingerprint`]).
+#[derive(Clone, Default)]
+struct Presented {
+    node: Option<Arc<str>>,
+    api: Option<Arc<str>>,
+}
+
+impl Presented {
+    /// What the server presented to a client that asked for `server_name`.
+    fn to(&self, server_name: Option<&str>) -> Option<Arc<str>> {
+        match (&self.api, server_name) {
+            (Some(api), Some(name)) if name.eq_ignore_ascii_case(API_SERVER_NAME) => Some(api.clone()),
+            _ => self.node.clone(),
+        }
+    }
+}
+
 impl ServerTls {
-    /// The configuration for a handshake now, and the fingerprint of the
-    /// certificate it presents (for a node's).
-    fn now(&self) -> (Arc<rustls::ServerConfig>, Option<Arc<str>>) {
+    /// The configuration for a handshake now, and what it presents.
+    fn now(&self) -> (Arc<rustls::ServerConfig>, Presented) {
         match self {
-            ServerTls::Fixed(config) => (config.clone(), None),
+            ServerTls::Fixed(config) => (config.clone(), Presented::default()),
             ServerTls::Node(tls) => {
                 let current = tls.current();
-                (current.server.clone(), Some(current.fingerprint.clone()))
+                let presented = Presented {
+                    node: Some(current.fingerprint.clone()),
+                    api: current.api.as_ref().map(|api| api.node_fingerprint.clone()),
+                };
+                (current.server.clone(), presented)
             }
         }
     }
@@ -433,7 +602,7 @@ pub fn incoming(
             // Dropping the socket closes it: the client learns at once.
             let Some(admitted) = admission.admit(remote.ip()) else { continue };
             let _ = tcp.set_nodelay(true);
-            let (config, server_fingerprint) = tls.now();
+            let (config, presented) = tls.now();
             let acceptor = TlsAcceptor::from(config);
             let tx = tx.clone();
             let limits = admission.limits.clone();
@@ -453,6 +622,7 @@ pub fn incoming(
                 let node_fingerprint = node_certificate.map(|cert| fingerprint(cert));
                 let node_certificate = node_certificate.map(|cert| Arc::from(cert.as_ref()));
                 let session = session_binding(stream.get_ref().1);
+                let server_fingerprint = presented.to(stream.get_ref().1.server_name());
                 let identity = PeerIdentity {
                     remote_addr: Some(remote),
                     node_fingerprint,
@@ -474,6 +644,9 @@ pub fn incoming(
 #[derive(Clone)]
 pub struct ClientTls {
     source: ClientSource,
+    /// The name it asks the server for: [`NODE_SERVER_NAME`], or
+    /// [`API_SERVER_NAME`] for the CLI.
+    server_name: &'static str,
 }
 
 /// Where a client's configuration comes from at each connection it opens.
@@ -500,8 +673,18 @@ impl std::fmt::Debug for ClientTls {
 }
 
 impl ClientTls {
-    /// A client that trusts the cluster whose CA has this digest, and presents
-    /// no certificate: the CLI, or a node that has not joined yet.
+    /// A client that trusts the node API certificates ([`API_SERVER_NAME`])
+    /// of the cluster whose CA has this digest, while they are valid, and
+    /// presents no certificate: the CLI. A node certificate does not pass
+    /// for one, so a removed node's data directory serves a CLI only until
+    /// its last API certificate expires.
+    pub fn api(ca_digest: CaDigest) -> Result<Self, TlsError> {
+        Ok(Self { server_name: API_SERVER_NAME, ..Self::anonymous(ca_digest)? })
+    }
+
+    /// A client that trusts the node certificates of the cluster whose CA
+    /// has this digest, and presents no certificate: a node that has not
+    /// joined yet (the seed also proves it knows the join secret).
     pub fn anonymous(ca_digest: CaDigest) -> Result<Self, TlsError> {
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(VERSIONS)
@@ -510,19 +693,22 @@ impl ClientTls {
             .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier::new(ca_digest)));
         let mut config = builder.with_no_client_auth();
         config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Self { source: ClientSource::Fixed(Arc::new(config)) })
+        Ok(Self { source: ClientSource::Fixed(Arc::new(config)), server_name: NODE_SERVER_NAME })
     }
 
     /// A client that presents a node certificate.
     pub fn node(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let certs = NodeCerts { trusted: &[ca_pem], ca_pem, cert_pem, key_pem };
-        Ok(Self { source: ClientSource::Fixed(NodeTlsConfig::build(&certs, None)?.client) })
+        Ok(Self {
+            source: ClientSource::Fixed(NodeTlsConfig::build(&certs, None, None)?.client),
+            server_name: NODE_SERVER_NAME,
+        })
     }
 
     /// A node's client: it presents what `tls` holds at each connection it
     /// opens, and trusts what `tls` trusts then.
     pub fn of_node(tls: Arc<NodeTls>) -> Self {
-        Self { source: ClientSource::Node(tls) }
+        Self { source: ClientSource::Node(tls), server_name: NODE_SERVER_NAME }
     }
 
     /// Connects to `addr` now, so that an unreachable node or a node of
@@ -542,9 +728,14 @@ impl ClientTls {
 
     async fn connect_with(&self, addr: &str, connector: TlsConnectorService) -> Result<Channel, TlsError> {
         let endpoint = self.endpoint(addr)?;
-        endpoint.connect_with_connector(connector).await.map_err(|e| match wrong_ca(&e) {
-            Some(wrong) => TlsError::WrongCa { addr: addr.to_owned(), wrong },
-            None => TlsError::Connect { addr: addr.to_owned(), reason: innermost(&e), transient: is_transient(&e) },
+        endpoint.connect_with_connector(connector).await.map_err(|e| {
+            if let Some(wrong) = refusal::<WrongCa>(&e) {
+                TlsError::WrongCa { addr: addr.to_owned(), wrong }
+            } else if let Some(refusal) = refusal::<NoApiCertificate>(&e) {
+                TlsError::NoApiCertificate { addr: addr.to_owned(), refusal }
+            } else {
+                TlsError::Connect { addr: addr.to_owned(), reason: innermost(&e), transient: is_transient(&e) }
+            }
         })
     }
 
@@ -558,7 +749,7 @@ impl ClientTls {
     }
 
     fn connector(&self) -> TlsConnectorService {
-        TlsConnectorService { source: self.source.clone(), session: None }
+        TlsConnectorService { source: self.source.clone(), server_name: self.server_name, session: None }
     }
 
     /// A channel to `addr` (HOST:PORT) that connects on first use and
@@ -569,12 +760,16 @@ impl ClientTls {
 }
 
 /// A client's view of a TLS session: its exporter value
-/// ([`session_binding`]) and the fingerprint of the certificate the server
-/// presented.
+/// ([`session_binding`]), the server a signed call names, and the
+/// certificate the server presented.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Session {
     pub exporter: [u8; 32],
+    /// The fingerprint of the server's node certificate: the one it
+    /// presented, or the one its API certificate names.
     pub server: String,
+    /// The fingerprint of the certificate it presented.
+    pub presented: String,
 }
 
 /// The [`Session`] a channel has open, set by the connector on every
@@ -598,6 +793,7 @@ impl SessionSlot {
 #[derive(Clone)]
 struct TlsConnectorService {
     source: ClientSource,
+    server_name: &'static str,
     /// Where to put each new session's exporter value, when asked.
     session: Option<SessionSlot>,
 }
@@ -617,6 +813,7 @@ impl tower::Service<Uri> for TlsConnectorService {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let tls = TlsConnector::from(self.source.config());
         let slot = self.session.clone();
+        let server_name = self.server_name;
         Box::pin(async move {
             let authority = uri
                 .authority()
@@ -625,14 +822,20 @@ impl tower::Service<Uri> for TlsConnectorService {
                 .to_owned();
             let tcp = TcpStream::connect(authority).await?;
             tcp.set_nodelay(true)?;
-            let name =
-                ServerName::try_from(NODE_SERVER_NAME).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let name = ServerName::try_from(server_name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             let stream = tls.connect(name, tcp).await?;
             if let Some(slot) = slot {
                 let connection = stream.get_ref().1;
-                let server = connection.peer_certificates().and_then(|certs| certs.first()).map(|c| fingerprint(c));
+                let leaf = connection.peer_certificates().and_then(|certs| certs.first());
                 let exporter = session_binding(connection);
-                slot.set(exporter.zip(server).map(|(exporter, server)| Session { exporter, server }));
+                let session = leaf.zip(exporter).and_then(|(leaf, exporter)| {
+                    let server = match server_name {
+                        API_SERVER_NAME => pki::api_node_fingerprint(leaf)?,
+                        _ => fingerprint(leaf),
+                    };
+                    Some(Session { exporter, server, presented: fingerprint(leaf) })
+                });
+                slot.set(session);
             }
             Ok(TokioIo::new(stream))
         })
@@ -652,14 +855,26 @@ pub struct WrongCa {
     pub pinned: String,
 }
 
-/// The [`WrongCa`] in an error chain, if the handshake failed for it.
-fn wrong_ca(error: &(dyn std::error::Error + 'static)) -> Option<WrongCa> {
+/// A server refused by a client that asked for its API certificate
+/// ([`ClientTls::api`]): it presented none, or one that is not valid now.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoApiCertificate {
+    #[error("the node presents no API certificate: it is not a current member of the cluster (it was removed?), or it has just started or joined and is getting one (try again in a few seconds), or it is an older roost")]
+    Missing,
+    #[error("the node's API certificate expired: it was removed from the cluster, or it has been cut off from the cluster's voters for longer than an API certificate lives (or this machine's clock is wrong)")]
+    Expired,
+    #[error("the node's API certificate is not valid yet: this machine's clock is behind the cluster's")]
+    NotYetValid,
+}
+
+/// The typed refusal `T` in an error chain, if the handshake failed for it.
+fn refusal<T: std::error::Error + Clone + 'static>(error: &(dyn std::error::Error + 'static)) -> Option<T> {
     let mut current = Some(error);
     while let Some(e) = current {
         let io_inner = e.downcast_ref::<io::Error>().and_then(|io| io.get_ref());
         for candidate in [Some(e), io_inner.map(|i| i as &(dyn std::error::Error + 'static))].into_iter().flatten() {
             if let Some(rustls::Error::Other(other)) = candidate.downcast_ref::<rustls::Error>() {
-                if let Some(wrong) = other.0.downcast_ref::<WrongCa>() {
+                if let Some(wrong) = other.0.downcast_ref::<T>() {
                     return Some(wrong.clone());
                 }
             }
@@ -709,7 +924,26 @@ impl ServerCertVerifier for PinnedCaVerifier {
         let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
             .build()
             .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let verified = verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)?;
+        let api = matches!(server_name, ServerName::DnsName(name) if name.as_ref() == API_SERVER_NAME);
+        let verified =
+            verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now).map_err(|error| {
+                use rustls::CertificateError::*;
+                let refusal = match &error {
+                    rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. }) => {
+                        NoApiCertificate::Missing
+                    }
+                    rustls::Error::InvalidCertificate(Expired | ExpiredContext { .. }) => NoApiCertificate::Expired,
+                    rustls::Error::InvalidCertificate(NotValidYet | NotValidYetContext { .. }) => {
+                        NoApiCertificate::NotYetValid
+                    }
+                    _ => return error,
+                };
+                if api {
+                    rustls::Error::Other(rustls::OtherError(Arc::new(refusal)))
+                } else {
+                    error
+                }
+            })?;
         if let Some(accept) = &self.accept {
             if !accept(&pki::fingerprint(end_entity)) {
                 return Err(rustls::Error::General(
@@ -803,10 +1037,28 @@ pub fn signed_by(ca_pem: &str, cert_pem: &str) -> bool {
 /// Checks that `leaf` chains to the CA `ca` and that `ca` has the digest
 /// `pin`: the same test a client applies during the handshake.
 pub fn verify_chain(pin: &CaDigest, ca: &CertificateDer<'_>, leaf: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-    let name = ServerName::try_from(NODE_SERVER_NAME).map_err(|e| rustls::Error::General(e.to_string()))?;
-    PinnedCaVerifier::new(*pin)
-        .verify_server_cert(leaf, std::slice::from_ref(ca), &name, &[], UnixTime::now())
-        .map(|_| ())
+    verify_chain_for(pin, ca, leaf, NODE_SERVER_NAME, UnixTime::now())
+}
+
+/// [`verify_chain`] for the server name `name`, at `now`.
+fn verify_chain_for(
+    pin: &CaDigest,
+    ca: &CertificateDer<'_>,
+    leaf: &CertificateDer<'_>,
+    name: &str,
+    now: UnixTime,
+) -> Result<(), rustls::Error> {
+    let name = ServerName::try_from(name).map_err(|e| rustls::Error::General(e.to_string()))?;
+    PinnedCaVerifier::new(*pin).verify_server_cert(leaf, std::slice::from_ref(ca), &name, &[], now).map(|_| ())
+}
+
+/// Whether `chain_pem` is an API certificate that the CA `ca_pem` signed
+/// and that is valid now: what a CLI that pins that CA accepts.
+pub fn api_certificate_valid(ca_pem: &str, chain_pem: &str) -> bool {
+    let (Ok(ca), Ok(leaf)) = (pki::cert_der_from_pem(ca_pem), pki::cert_der_from_pem(chain_pem)) else {
+        return false;
+    };
+    verify_chain_for(&CaDigest::of(&ca), &ca, &leaf, API_SERVER_NAME, UnixTime::now()).is_ok()
 }
 
 #[cfg(test)]
@@ -864,6 +1116,77 @@ mod tests {
                 Ok(Ok(0)) | Ok(Err(_)) => return true,
                 Ok(Ok(_)) => {}
             }
+        }
+    }
+
+    /// A node's port presenting `api` (if any) to the CLI, on loopback.
+    async fn api_port(ca: &pki::ClusterCa, node: &pki::NodeCredentials, api: Option<String>) -> (String, Arc<NodeTls>) {
+        let certs = NodeCerts {
+            trusted: &[ca.cert_pem()],
+            ca_pem: ca.cert_pem(),
+            cert_pem: &node.cert_pem,
+            key_pem: &node.key_pem,
+        };
+        let tls = NodeTls::new(&certs, api, None).expect("a node's TLS");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let address = listener.local_addr().expect("an address").to_string();
+        let mut connections = incoming(listener, tls.clone(), ConnectionLimits::default(), CancellationToken::new());
+        tokio::spawn(async move { while connections.next().await.is_some() {} });
+        (address, tls)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_cli_takes_a_current_api_certificate_and_no_node_certificate_nor_an_expired_one() {
+        let ca = pki::ClusterCa::generate("test").expect("a CA");
+        let node = ca.issue_node("n1").expect("a node certificate");
+        let key = pki::NodeKey::from_pem(&node.key_pem).expect("its key").public_key();
+        let api = ca.issue_api("n1", &key, &node.fingerprint, Duration::from_secs(3600)).expect("an API certificate");
+        let api_fingerprint = fingerprint(&pki::cert_der_from_pem(&api).expect("pem"));
+
+        // With one: the CLI gets it, and a node its node certificate.
+        let (address, tls) = api_port(&ca, &node, Some(api.clone())).await;
+        assert_eq!(tls.current().api.as_ref().map(|api| api.fingerprint.to_string()), Some(api_fingerprint.clone()));
+        let (_channel, session) =
+            ClientTls::api(ca.digest()).expect("a CLI client").connect_bound(&address).await.expect("the CLI connects");
+        let session = session.get().expect("a session");
+        assert_eq!(session.presented, api_fingerprint, "the CLI saw the API certificate");
+        assert_eq!(session.server, node.fingerprint, "which names the node certificate, as a signed call does");
+        let (_channel, session) = ClientTls::anonymous(ca.digest())
+            .expect("a client")
+            .connect_bound(&address)
+            .await
+            .expect("a node connects");
+        let session = session.get().expect("a session");
+        assert_eq!((session.presented, session.server), (node.fingerprint.clone(), node.fingerprint.clone()));
+
+        // Without one (a removed node's node certificate): refused.
+        let (address, _) = api_port(&ca, &node, None).await;
+        let refused = ClientTls::api(ca.digest()).expect("a CLI client").connect(&address).await;
+        assert!(
+            matches!(refused, Err(TlsError::NoApiCertificate { refusal: NoApiCertificate::Missing, .. })),
+            "{refused:?}"
+        );
+
+        // One for another node's key, or naming another certificate, is not
+        // presented.
+        let other = pki::NodeKey::generate().expect("a key").public_key();
+        let foreign = ca.issue_api("n2", &other, &node.fingerprint, Duration::from_secs(3600)).expect("another's");
+        let (_, tls) = api_port(&ca, &node, Some(foreign)).await;
+        assert!(tls.current().api.is_none(), "an API certificate for another key was taken");
+        let misnamed = ca.issue_api("n1", &key, &"0".repeat(64), Duration::from_secs(3600)).expect("misnamed");
+        let (_, tls) = api_port(&ca, &node, Some(misnamed)).await;
+        assert!(tls.current().api.is_none(), "an API certificate naming another certificate was taken");
+
+        // Past its end, or before its start: refused, and says which.
+        let ca_der = pki::cert_der_from_pem(ca.cert_pem()).expect("der");
+        let leaf = pki::cert_der_from_pem(&api).expect("der");
+        let (not_before, not_after) = pki::validity(&api).expect("a validity");
+        for (at_ms, expected) in
+            [(not_after + 1_000, NoApiCertificate::Expired), (not_before - 1_000, NoApiCertificate::NotYetValid)]
+        {
+            let at = UnixTime::since_unix_epoch(Duration::from_millis(u64::try_from(at_ms).expect("after 1970")));
+            let error = verify_chain_for(&ca.digest(), &ca_der, &leaf, API_SERVER_NAME, at).expect_err("refused");
+            assert_eq!(refusal::<NoApiCertificate>(&error), Some(expected), "{error}");
         }
     }
 

@@ -303,10 +303,13 @@ async fn a_removed_nodes_certificate_at_a_members_address_is_refused_by_the_lead
 }
 
 /// A server that is not a current member (here, a removed node's data
-/// directory serving its certificate, which the CA signed) learns nothing
-/// from a CLI call that would let it act as the admin elsewhere: the CLI
-/// sends a signature of its own TLS session, never the token, and that
-/// signature replayed to a member on another session is refused.
+/// directory) is refused by the CLI when it presents its node certificate,
+/// which the CA signed, for want of an API certificate; with the API
+/// certificate it still holds (until that expires: `api_cert.rs`), it
+/// learns nothing from a CLI call that would let it act as the admin
+/// elsewhere: the CLI sends a signature of its own TLS session, never the
+/// token, and that signature replayed to a member on another session is
+/// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cli_call_to_a_removed_node_gives_it_nothing_a_member_accepts() -> Result<()> {
     use std::sync::{Arc, Mutex};
@@ -318,7 +321,25 @@ async fn a_cli_call_to_a_removed_node_gives_it_nothing_a_member_accepts() -> Res
     // certificate, answering every call "unimplemented" and keeping the
     // authorization header of each.
     let read = |file: &str| std::fs::read_to_string(cluster.slots[victim].dir.path().join("tls").join(file));
-    let config = roost_network::tls::server_config(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?;
+    let admin = cluster.tokens.admin.clone();
+    let (ca, cert, key) = (read("ca.pem")?, read("node.pem")?, read("node.key")?);
+
+    // Its node certificate alone: the CLI refuses it, and says why.
+    let node_only = roost_network::tls::server_config(&ca, &cert, &key)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let node_only_address = listener.local_addr()?.to_string();
+    let stop_node_only = tokio_util::sync::CancellationToken::new();
+    let _incoming = roost_network::tls::incoming(listener, node_only, Default::default(), stop_node_only.clone());
+    let Err(refused) = roost_node::cli::connect_api(&node_only_address, &admin).await else {
+        anyhow::bail!("the CLI took a node certificate for an API certificate");
+    };
+    assert_eq!(refused.exit_code(), 4, "{refused}");
+    assert!(refused.to_string().contains("presents no API certificate"), "{refused}");
+    stop_node_only.cancel();
+
+    // Its API certificate, as the node itself presents it.
+    let certs = roost_network::tls::NodeCerts { trusted: &[ca.as_str()], ca_pem: &ca, cert_pem: &cert, key_pem: &key };
+    let config = roost_network::tls::NodeTls::new(&certs, Some(read("api.pem")?), None)?.current().server.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let impostor_address = listener.local_addr()?.to_string();
     let captured = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -349,7 +370,6 @@ async fn a_cli_call_to_a_removed_node_gives_it_nothing_a_member_accepts() -> Res
     };
 
     // The CLI's own client, as `roost apps list --endpoint IMPOSTOR` makes it.
-    let admin = cluster.tokens.admin.clone();
     let mut cli = roost_node::cli::connect_api(&impostor_address, &admin).await?;
     let status = cli.list_apps(ListAppsRequest::default()).await.expect_err("the impostor serves nothing");
     assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");

@@ -18,7 +18,10 @@
 //!   rotated and expired tokens refused.
 //! - `binary`: the built `roost` binary driven as a user drives it.
 //! - `ca`: `roost cluster rotate-ca` on real processes, while an app answers.
+//! - `api_cert`: nodes' short-lived API certificates renewed, and a removed
+//!   worker's last one expiring, on real processes.
 
+mod api_cert;
 mod apps;
 mod binary;
 mod ca;

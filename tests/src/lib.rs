@@ -294,6 +294,7 @@ pub fn node_config(
         edge: EdgeListen { http: "127.0.0.1:0".into(), https: "127.0.0.1:0".into(), workers: 1 },
         connection_limits: Default::default(),
         max_upload: roost_node::daemon::DEFAULT_MAX_UPLOAD,
+        api_cert_lifetime: roost_node::daemon::DEFAULT_API_CERT_LIFETIME,
     }
 }
 

@@ -269,6 +269,12 @@ pub struct NodeArgs {
     /// How long `join` keeps trying a seed that is not up yet.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub join_timeout: Duration,
+    /// How long the API certificates this node signs (as a voter) live.
+    /// Each node renews its own once a third of it has passed; a removed
+    /// node passes for a node with the CLI until its last one expires
+    /// (`roost cluster rotate-ca` cuts it off at once).
+    #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
+    pub api_cert_lifetime: Duration,
     /// CPUs this node offers to instances [default: all of the machine's].
     #[arg(long)]
     pub cpus: Option<f64>,
@@ -618,16 +624,34 @@ pub fn about_app<T>(app: &str, message: T) -> tonic::Request<T> {
 /// Connects to the node at `endpoint`, trusting only the CA `token` pins,
 /// with calls signed by the token ([`ApiAuth::Signed`]).
 pub async fn connect_api(endpoint: &str, token: &Token) -> Result<Control, CliError> {
-    let tls = ClientTls::anonymous(token.ca_digest).map_err(|e| CliError::Other(e.to_string()))?;
-    let (channel, session) = tls.connect_bound(endpoint).await.map_err(|e| match e {
-        roost_network::tls::TlsError::Address { .. } => CliError::Usage(format!("invalid --endpoint: {e}")),
-        // A node answered, with another CA than the token pins.
-        roost_network::tls::TlsError::WrongCa { .. } => CliError::Auth(e.to_string()),
+    use roost_network::tls::{NoApiCertificate, TlsError};
+    let tls = ClientTls::api(token.ca_digest).map_err(|e| CliError::Other(e.to_string()))?;
+    // A node that has just started after a long stop, or whose CA was just
+    // rotated, gets its API certificate within moments.
+    let deadline = tokio::time::Instant::now() + API_CERTIFICATE_WAIT;
+    let connected = loop {
+        match tls.connect_bound(endpoint).await {
+            Err(TlsError::NoApiCertificate { refusal: NoApiCertificate::Missing, .. })
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => break other,
+        }
+    };
+    let (channel, session) = connected.map_err(|e| match e {
+        TlsError::Address { .. } => CliError::Usage(format!("invalid --endpoint: {e}")),
+        // A node answered, with another CA than the token pins, or without
+        // a current API certificate from it.
+        TlsError::WrongCa { .. } | TlsError::NoApiCertificate { .. } => CliError::Auth(e.to_string()),
         _ => CliError::Unreachable(format!("{e} (is a roost node running there? check --endpoint / ROOST_ENDPOINT)")),
     })?;
     let auth = ApiAuth::Signed { key: Arc::new(token.key()), session, signed: Arc::default() };
     Ok(ControlClient::with_interceptor(channel, auth))
 }
+
+/// How long the CLI waits for a node that presents no API certificate.
+const API_CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
 
 impl ClientArgs {
     fn parts(&self) -> Result<(String, Token), CliError> {
@@ -732,7 +756,19 @@ pub fn node_config(
         },
         connection_limits: Default::default(),
         max_upload: max_upload(args.max_upload.as_deref())?,
+        api_cert_lifetime: api_cert_lifetime(args.api_cert_lifetime)?,
     })
+}
+
+/// `--api-cert-lifetime`: between a minute and a year.
+fn api_cert_lifetime(lifetime: Duration) -> Result<Duration, CliError> {
+    if lifetime < Duration::from_secs(60) || lifetime > Duration::from_secs(365 * 86_400) {
+        return Err(CliError::Usage(format!(
+            "invalid --api-cert-lifetime {}: give a duration between 1m and 365d, such as 6h",
+            humantime::format_duration(lifetime)
+        )));
+    }
+    Ok(lifetime)
 }
 
 /// `--max-upload`: a size of at least 1mb, or the default 2 GiB.
@@ -826,12 +862,18 @@ pub async fn run_client(command: Command, out: &mut dyn Write) -> Result<(), Cli
         Command::Node(NodeCommand::Remove { node, client }) => {
             let request = about(&format!("node:{node}"), RemoveNodeRequest { node });
             let reply = client.connect().await?.remove_node(request).await?.into_inner();
+            let worker = reply.removed.as_ref().is_some_and(|n| n.role == "worker");
             let name = reply.removed.map(|n| format!("{} (id {})", n.name, n.id)).unwrap_or_default();
-            writeln!(out, "Removed node {name}; its certificate is now refused.").map_err(io)?;
+            writeln!(out, "Removed node {name}; its certificate is now refused by the cluster.").map_err(io)?;
             writeln!(out, "The join tokens are replaced in a few seconds, once it is out of Raft: `roost node token [--role worker]` then prints the new ones.")
                 .map_err(io)?;
-            writeln!(out, "Its data directory still holds a certificate from the cluster CA (a voter's, the CA's key too), which a CLI pinning the CA would trust: run `roost cluster rotate-ca` to take that away.")
-                .map_err(io)
+            if worker {
+                writeln!(out, "Its data directory still holds an API certificate, which a CLI trusts until it expires (at most --api-cert-lifetime, 6h by default, from its last renewal): run `roost cluster rotate-ca` to cut it off at once.")
+                    .map_err(io)
+            } else {
+                writeln!(out, "Its data directory still holds the cluster CA's key, with which it could pass for a node with a CLI: run `roost cluster rotate-ca` to take that away.")
+                    .map_err(io)
+            }
         }
         Command::Apps(AppsCommand::Create { name, client }) => {
             let request = about_app(&name, CreateAppRequest { name: name.clone() });

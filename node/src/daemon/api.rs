@@ -348,10 +348,11 @@ impl Control for ControlService {
         // the join secrets (`membership::rotate_join_secrets`) once the node
         // is out of Raft's membership, so it never receives the new ones.
         self.secrets_key()?;
+        // What it was: once it is out, it is none.
+        let role = self.roles()(node.id);
         let remove = Command::RemoveNode { id: node.id, new_join_secret: None, new_worker_secret: None, rotate: None };
         self.propose(remove).await?;
         tracing::info!(node = %node.name, id = node.id, "node removed from the cluster");
-        let role = self.roles()(node.id);
         Ok(tonic::Response::new(RemoveNodeResponse { removed: Some(node_to_wire(&node, role, None)) }))
     }
 

@@ -177,6 +177,12 @@ impl DataDir {
         self.tls("next.pem")
     }
 
+    /// The node's API certificate and its CA's: short-lived, renewed by
+    /// `api_cert::run`, presented to the CLI.
+    pub fn api_cert(&self) -> PathBuf {
+        self.tls("api.pem")
+    }
+
     /// Refuses a directory that holds what an earlier node left: keys,
     /// tokens or Raft data. Called before a new node writes anything.
     pub fn check_fresh(&self) -> Result<(), IdentityError> {

@@ -146,6 +146,15 @@ pub async fn join_cluster(dir: &DataDir, params: JoinParams<'_>) -> Result<Ident
         wireguard_key,
     };
     dir.save(&identity)?;
+    // Kept if the cluster's CA signed it (an older seed sends none);
+    // otherwise, or if it cannot be written, the node asks for one once it
+    // runs (`api_cert::run`), and serves the CLI from then on.
+    let api_chain = &reply.api_cert_pem;
+    if !api_chain.is_empty() && roost_network::tls::api_certificate_valid(&identity.ca_cert_pem, api_chain) {
+        if let Err(error) = super::identity::write_private(&dir.api_cert(), api_chain) {
+            tracing::warn!(error = %super::identity::error_chain(&error), "could not keep the API certificate the seed gave");
+        }
+    }
     Ok(identity)
 }
 
@@ -197,6 +206,8 @@ pub struct JoinService {
     /// `None` on a worker, which admits no one.
     pub secrets_key: Option<(Arc<SecretsKey>, String)>,
     pub limiter: JoinLimiter,
+    /// How long the API certificate a new node gets lives.
+    pub api_cert_lifetime: Duration,
 }
 
 /// A token bucket per client address: a burst of [`JOIN_BURST`] joins, then
@@ -302,6 +313,9 @@ impl join_server::Join for JoinService {
         let (cert_pem, serial, fingerprint) = ca
             .issue_for_public_key(&request.name, &request.public_key)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let api_cert_pem = ca
+            .issue_api(&request.name, &request.public_key, &fingerprint, self.api_cert_lifetime)
+            .map_err(|e| Status::internal(format!("could not issue the node's API certificate: {e}")))?;
         let node = NewNode {
             name: request.name.clone(),
             address: request.address.clone(),
@@ -336,6 +350,7 @@ impl join_server::Join for JoinService {
             secrets_key: if role == NodeRole::Voter { secrets_key_hex.clone() } else { String::new() },
             worker: role == NodeRole::Worker,
             seed_proof: join_proof(&secret, &session, JoinProof::Seed),
+            api_cert_pem,
         }))
     }
 }

@@ -20,8 +20,8 @@ use roost_network::token::{join_proof, JoinProof};
 use roost_proto::cluster::keys_client::KeysClient;
 use roost_proto::cluster::keys_server;
 use roost_proto::cluster::{
-    EdgeCertificate, EdgeCertificatesRequest, EdgeCertificatesResponse, InstanceSecretsRequest,
-    InstanceSecretsResponse, RenewCertificateRequest, RenewCertificateResponse,
+    ApiCertificateRequest, ApiCertificateResponse, EdgeCertificate, EdgeCertificatesRequest, EdgeCertificatesResponse,
+    InstanceSecretsRequest, InstanceSecretsResponse, RenewCertificateRequest, RenewCertificateResponse,
 };
 use roost_raft::consensus::now_millis;
 use roost_raft::service::Caller;
@@ -231,8 +231,11 @@ pub struct KeysService {
     pub consensus: Arc<Consensus>,
     /// `None` on a worker, which serves nothing here.
     pub key: Option<Arc<SecretsKey>>,
-    /// Edge certificates each node may ask for ([`edge_limiter`]).
+    /// Edge certificates each node may ask for ([`edge_limiter`]); API
+    /// certificates count against the same budget.
     pub edge_limit: Buckets<roost_raft::NodeId>,
+    /// How long the API certificates this voter signs live.
+    pub api_cert_lifetime: std::time::Duration,
 }
 
 impl KeysService {
@@ -363,6 +366,45 @@ impl keys_server::Keys for KeysService {
         tracing::info!(node = caller, "issued a node its certificate from the new CA");
         Ok(tonic::Response::new(RenewCertificateResponse { cert_pem, ca_cert_pem: ca.cert_pem().to_owned() }))
     }
+
+    async fn api_certificate(
+        &self,
+        request: Request<ApiCertificateRequest>,
+    ) -> Result<tonic::Response<ApiCertificateResponse>, Status> {
+        let caller = Self::caller(&request)?;
+        let key = self.key()?;
+        if let Err(wait) = self.edge_limit.take(caller, EDGE_CALL_COST, std::time::Instant::now()) {
+            return Err(Status::resource_exhausted(format!(
+                "node {caller} asked for more API certificates than a node needs; try again in {} ms",
+                wait.as_millis().max(1)
+            )));
+        }
+        // Only for the key the caller holds: the one its certificate on this
+        // connection certifies.
+        let presented =
+            request.extensions().get::<roost_network::tls::PeerIdentity>().and_then(|p| p.node_certificate.clone());
+        let public_key = request.into_inner().public_key;
+        let Some(node_fingerprint) =
+            presented.filter(|cert| pki::certifies_key(cert, &public_key)).map(|cert| pki::fingerprint(&cert))
+        else {
+            return Err(Status::permission_denied(
+                "a node gets an API certificate only for the key of the certificate it calls with",
+            ));
+        };
+        // A removal the caller has not seen yet is known here after this.
+        self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
+        let (name, cluster) =
+            self.consensus.state().read(|s| (s.nodes.get(&caller).map(|n| n.name.clone()), s.cluster.clone()));
+        let Some(name) = name else {
+            return Err(Status::permission_denied("the calling node is no longer a member"));
+        };
+        let cluster = cluster.ok_or_else(|| Status::unavailable("this node does not know the cluster yet"))?;
+        let chain_pem = open_ca(&cluster, key)?
+            .issue_api(&name, &public_key, &node_fingerprint, self.api_cert_lifetime)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::debug!(node = caller, "issued a node its API certificate");
+        Ok(tonic::Response::new(ApiCertificateResponse { chain_pem }))
+    }
 }
 
 /// A worker's way to the keys: it asks the voters, the leader first.
@@ -412,6 +454,15 @@ impl VoterKeys {
         self.ask("a certificate from the new CA", |mut client| {
             let public_key = public_key.clone();
             async move { client.renew_certificate(RenewCertificateRequest { public_key }).await }
+        })
+        .await
+    }
+
+    /// An API certificate from the cluster CA for this node's key.
+    pub async fn api_certificate(&self, public_key: Vec<u8>) -> Result<ApiCertificateResponse, String> {
+        self.ask("an API certificate", |mut client| {
+            let public_key = public_key.clone();
+            async move { client.api_certificate(ApiCertificateRequest { public_key }).await }
         })
         .await
     }

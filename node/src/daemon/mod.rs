@@ -9,6 +9,7 @@
 //! fires or when the node learns it was removed, after draining.
 
 pub mod api;
+pub mod api_cert;
 pub mod auth;
 pub mod ca;
 pub mod certs;
@@ -109,7 +110,15 @@ pub struct NodeConfig {
     pub connection_limits: tls::ConnectionLimits,
     /// The largest build context or image a deploy may upload to this node.
     pub max_upload: u64,
+    /// How long the API certificates this node signs live (a voter's
+    /// setting: `--api-cert-lifetime`).
+    pub api_cert_lifetime: Duration,
 }
+
+/// How long a node's API certificate lives by default: a node renews its
+/// own once a third of it has passed, and a removed node's data directory
+/// passes for a node with the CLI until its last one expires.
+pub const DEFAULT_API_CERT_LIFETIME: Duration = Duration::from_secs(6 * 3600);
 
 /// The cluster-wide settings `node init` fixes.
 #[derive(Clone, Debug)]
@@ -365,6 +374,7 @@ impl Node {
                         consensus: consensus.clone(),
                         key: secrets_key.clone(),
                         edge_limit: keys::edge_limiter(),
+                        api_cert_lifetime: config.api_cert_lifetime,
                     }),
                     auth::require_node(state.clone(), stored.node_id),
                 ))
@@ -372,6 +382,7 @@ impl Node {
                     consensus: consensus.clone(),
                     secrets_key: secrets_key.clone().zip(identity.secrets_key.clone()),
                     limiter: join::join_limiter(),
+                    api_cert_lifetime: config.api_cert_lifetime,
                 }))
                 .add_service(auth::WithGrant::new(
                     InterceptedService::new(
@@ -531,6 +542,21 @@ impl Node {
                 )
                 .in_current_span(),
             );
+            tasks.spawn(
+                api_cert::run(
+                    api_cert::ApiCertContext {
+                        consensus: consensus.clone(),
+                        dir: dir.clone(),
+                        tls: node_tls.clone(),
+                        key_pem: identity.key_pem.clone(),
+                        secrets_key: secrets_key.clone(),
+                        voter_keys: voter_keys.clone(),
+                        lifetime: config.api_cert_lifetime,
+                    },
+                    stop.clone(),
+                )
+                .in_current_span(),
+            );
             let fetcher = Arc::new(workloads::PeerImages { consensus: consensus.clone(), channels: channels.clone() });
             let secrets: Arc<dyn SecretOpener> = match secrets_key {
                 Some(key) => key,
@@ -574,8 +600,10 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 
 /// The node's TLS as its data directory holds it: it trusts its CA and,
 /// part way through a CA rotation, the new one (`tls/next-ca.pem`), and
-/// presents its certificate with whichever of them signed it. The CA loop
-/// (`ca::run`) follows the state from there.
+/// presents its certificate with whichever of them signed it, and to the
+/// CLI its API certificate (`tls/api.pem`) if that CA signed it. The CA
+/// loop (`ca::run`) and the API certificate loop (`api_cert::run`) follow
+/// the state from there.
 fn start_tls(dir: &DataDir, identity: &Identity, accept: tls::AcceptServer) -> Result<Arc<tls::NodeTls>, StartError> {
     let next_ca = std::fs::read_to_string(dir.next_ca_cert()).ok();
     let mut trusted = vec![identity.ca_cert_pem.as_str()];
@@ -583,7 +611,8 @@ fn start_tls(dir: &DataDir, identity: &Identity, accept: tls::AcceptServer) -> R
     let ca_pem =
         trusted.iter().copied().find(|ca| tls::signed_by(ca, &identity.cert_pem)).unwrap_or(&identity.ca_cert_pem);
     let certs = tls::NodeCerts { trusted: &trusted, ca_pem, cert_pem: &identity.cert_pem, key_pem: &identity.key_pem };
-    Ok(tls::NodeTls::new(&certs, Some(accept))?)
+    let api_chain = std::fs::read_to_string(dir.api_cert()).ok();
+    Ok(tls::NodeTls::new(&certs, api_chain, Some(accept))?)
 }
 
 /// Whether this node has caught up with the cluster ([`auth::caught_up`]).
@@ -676,7 +705,7 @@ async fn resolve_identity(
                 resources: config.resources,
                 settings: settings.clone(),
             };
-            let (identity, tokens) = create_cluster(dir, new, config.mesh.wireguard_port)?;
+            let (identity, tokens) = create_cluster(dir, new, config.mesh.wireguard_port, config.api_cert_lifetime)?;
             Ok((identity, Some(tokens)))
         }
         Start::Join { seed, token } => {
@@ -712,11 +741,14 @@ fn create_cluster(
     dir: &DataDir,
     new: NewCluster<'_>,
     wireguard_port: Option<u16>,
+    api_cert_lifetime: Duration,
 ) -> Result<(Identity, InitTokens), StartError> {
     let NewCluster { name, address, labels, resources, settings } = new;
     let cluster_id = pki::hex(&rand::random::<[u8; 8]>());
     let ca = ClusterCa::generate(&cluster_id)?;
     let node = ca.issue_node(name)?;
+    let public_key = pki::NodeKey::from_pem(&node.key_pem)?.public_key();
+    let api_chain = ca.issue_api(name, &public_key, &node.fingerprint, api_cert_lifetime)?;
     let tokens = InitTokens {
         join: Token::generate(TokenKind::Join, ca.digest()),
         admin: Token::generate(TokenKind::Admin, ca.digest()),
@@ -774,6 +806,7 @@ fn create_cluster(
         wireguard_key,
     };
     dir.save(&identity)?;
+    identity::write_private(&dir.api_cert(), &api_chain)?;
     tracing::info!(cluster = %identity.stored.cluster_id, "created a new cluster");
     Ok((identity, tokens))
 }
