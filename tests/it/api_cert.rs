@@ -61,6 +61,18 @@ async fn api_certificates_are_renewed_and_a_removed_workers_last_one_expires() -
         assert_eq!(out.code, 0, "the CLI through {} after a renewal: {}", node.name, out.stderr);
     }
 
+    // A member gets one only for the key of the certificate it calls with.
+    let read_n1 = |file: &str| std::fs::read_to_string(n1.data_dir.join("tls").join(file));
+    let n1_key = pki::NodeKey::from_pem(&read_n1("node.key")?)?.public_key();
+    let w1_tls = |file: &str| std::fs::read_to_string(w1.data_dir.join("tls").join(file));
+    let channel =
+        ClientTls::node(&w1_tls("ca.pem")?, &w1_tls("node.pem")?, &w1_tls("node.key")?)?.connect(&n1.address).await?;
+    let status = KeysClient::new(channel)
+        .api_certificate(ApiCertificateRequest { public_key: n1_key })
+        .await
+        .expect_err("a worker got an API certificate for a voter's key");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
     // What the worker's data directory holds when it is removed.
     let read = |file: &str| std::fs::read_to_string(w1.data_dir.join("tls").join(file));
     let (ca, cert, key) = (read("ca.pem")?, read("node.pem")?, read("node.key")?);
@@ -89,7 +101,8 @@ async fn api_certificates_are_renewed_and_a_removed_workers_last_one_expires() -
         let address = listener.local_addr()?.to_string();
         let stop = tokio_util::sync::CancellationToken::new();
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        drop(roost_network::tls::incoming(listener, tls, Default::default(), stop.clone()));
+        let mut connections = roost_network::tls::incoming(listener, tls, Default::default(), stop.clone());
+        tokio::spawn(async move { while futures::StreamExt::next(&mut connections).await.is_some() {} });
         Ok((address, stop))
     };
     let (impostor, stop) = serve(None)?;

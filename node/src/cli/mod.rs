@@ -626,14 +626,14 @@ pub fn about_app<T>(app: &str, message: T) -> tonic::Request<T> {
 pub async fn connect_api(endpoint: &str, token: &Token) -> Result<Control, CliError> {
     use roost_network::tls::{NoApiCertificate, TlsError};
     let tls = ClientTls::api(token.ca_digest).map_err(|e| CliError::Other(e.to_string()))?;
-    // A node that has just started after a long stop, or whose CA was just
-    // rotated, gets its API certificate within moments.
+    // A node that has just started after a long stop (its API certificate
+    // expired), or whose CA was just rotated, gets a new one within moments.
     let deadline = tokio::time::Instant::now() + API_CERTIFICATE_WAIT;
     let connected = loop {
         match tls.connect_bound(endpoint).await {
-            Err(TlsError::NoApiCertificate { refusal: NoApiCertificate::Missing, .. })
-                if tokio::time::Instant::now() < deadline =>
-            {
+            Err(TlsError::NoApiCertificate {
+                refusal: NoApiCertificate::Missing | NoApiCertificate::Expired, ..
+            }) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             other => break other,

@@ -58,8 +58,10 @@ enum ApiCertError {
     Tls(#[from] tls::TlsError),
     #[error("no voter gave this node an API certificate: {0}")]
     Voter(String),
-    #[error("the API certificate a voter gave is not from the cluster's CA for this node's key")]
+    #[error("the API certificate a voter gave is not for this node's key")]
     Foreign,
+    #[error("the cluster's CA or this node's certificate changed meanwhile")]
+    Moved,
 }
 
 pub async fn run(context: ApiCertContext, stop: CancellationToken) {
@@ -110,79 +112,98 @@ pub async fn run(context: ApiCertContext, stop: CancellationToken) {
     }
 }
 
-/// What the state says that a step depends on: the cluster's CA, and this
-/// node's name (`None`: it is not a member).
+/// What the state says that a step depends on (`None`: this node is not a
+/// member): the cluster's CA, and this node's name and certificate, which
+/// its API certificate names. All three change when a CA rotation ends.
 #[derive(PartialEq)]
 struct View {
     ca_pem: String,
     name: String,
+    cert_fingerprint: String,
 }
 
 fn read_view(context: &ApiCertContext) -> Option<View> {
     let me = context.consensus.id();
-    context
-        .consensus
-        .state()
-        .read(|s| Some(View { ca_pem: s.cluster.as_ref()?.ca_cert_pem.clone(), name: s.nodes.get(&me)?.name.clone() }))
+    context.consensus.state().read(|s| {
+        let node = s.nodes.get(&me)?;
+        Some(View {
+            ca_pem: s.cluster.as_ref()?.ca_cert_pem.clone(),
+            name: node.name.clone(),
+            cert_fingerprint: node.cert_fingerprint.clone(),
+        })
+    })
 }
 
 /// Renews the certificate if it is due, presents it, and says when it is
 /// due next (`None`: when the state changes).
 async fn step(context: &ApiCertContext) -> Result<Option<Instant>, ApiCertError> {
-    let me = context.consensus.id();
-    let Some((ca_pem, name, cluster)) = context.consensus.state().read(|s| {
-        let cluster = s.cluster.as_ref()?;
-        let node = s.nodes.get(&me)?;
-        Some((cluster.ca_cert_pem.clone(), node.name.clone(), cluster.clone()))
-    }) else {
+    let Some(view) = read_view(context) else {
         // Not a member (yet, or any more): nothing to renew.
         return Ok(None);
     };
     let now_ms = roost_raft::consensus::now_millis();
     let held = std::fs::read_to_string(context.dir.api_cert()).ok();
-    let chain = match held.as_deref().and_then(|chain| Some((chain, renew_at(&ca_pem, chain)?))) {
+    let chain = match held.as_deref().and_then(|chain| Some((chain, renew_at(&view, chain)?))) {
         Some((chain, at)) if at > now_ms => chain.to_owned(),
         _ => {
-            let public_key = NodeKey::from_pem(&context.key_pem)?.public_key();
-            let chain = match &context.secrets_key {
-                Some(key) => {
-                    let node_fingerprint = context.tls.current().fingerprint.clone();
-                    open_ca(&cluster, key)?.issue_api(&name, &public_key, &node_fingerprint, context.lifetime)?
-                }
-                None => {
-                    let answer =
-                        context.voter_keys.api_certificate(public_key.clone()).await.map_err(ApiCertError::Voter)?;
-                    let leaf = pki::cert_der_from_pem(&answer.chain_pem)?;
-                    if !tls::api_certificate_valid(&ca_pem, &answer.chain_pem)
-                        || !pki::certifies_key(&leaf, &public_key)
-                    {
-                        return Err(ApiCertError::Foreign);
-                    }
-                    answer.chain_pem
-                }
-            };
+            let chain = issue(context, &view).await?;
             write_private(&context.dir.api_cert(), &chain).map_err(ApiCertError::Write)?;
             tracing::debug!("renewed this node's API certificate");
             chain
         }
     };
-    let presented = context.tls.current().api.as_ref().map(|api| api.fingerprint.clone());
     let fingerprint = pki::fingerprint(&pki::cert_der_from_pem(&chain)?);
-    if presented.as_deref() != Some(fingerprint.as_str()) {
-        // Presented once the node's own CA is the one that signed it: right
-        // after a CA rotation, when the CA loop has moved to it.
+    let presented = |tls: &NodeTls| tls.current().api.as_ref().is_some_and(|api| *api.fingerprint == *fingerprint);
+    if !presented(&context.tls) {
         context.tls.set_api(chain.clone())?;
     }
-    let at = renew_at(&ca_pem, &chain).unwrap_or(now_ms);
+    if !presented(&context.tls) {
+        // It names the certificate the state records for this node, which
+        // the node presents once its CA loop has moved to it (right after a
+        // CA rotation): look again shortly.
+        return Ok(Some(Instant::now() + RETRY));
+    }
+    let at = renew_at(&view, &chain).unwrap_or(now_ms);
     let wait = Duration::from_millis(u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0));
     Ok(Some(Instant::now() + wait))
 }
 
+/// A new API certificate for this node's key, from the cluster's CA,
+/// naming the node certificate the state records.
+async fn issue(context: &ApiCertContext, view: &View) -> Result<String, ApiCertError> {
+    let public_key = NodeKey::from_pem(&context.key_pem)?.public_key();
+    match &context.secrets_key {
+        Some(key) => {
+            let cluster = context.consensus.state().read(|s| s.cluster.clone());
+            let ca = cluster.as_ref().map(|cluster| open_ca(cluster, key)).transpose()?;
+            let ca = ca.filter(|ca| ca.cert_pem() == view.ca_pem).ok_or(ApiCertError::Moved)?;
+            Ok(ca.issue_api(&view.name, &public_key, &view.cert_fingerprint, context.lifetime)?)
+        }
+        None => {
+            let answer = context.voter_keys.api_certificate(public_key.clone()).await.map_err(ApiCertError::Voter)?;
+            let leaf = pki::cert_der_from_pem(&answer.chain_pem)?;
+            if !pki::certifies_key(&leaf, &public_key) {
+                return Err(ApiCertError::Foreign);
+            }
+            // The voter may know more of the cluster than this node yet.
+            if renew_at(view, &answer.chain_pem).is_none() {
+                return Err(ApiCertError::Moved);
+            }
+            Ok(answer.chain_pem)
+        }
+    }
+}
+
 /// When the API certificate `chain_pem` is due for renewal (Unix ms): once
-/// a third of its life has passed; `None` (now) if `ca_pem` did not sign it
-/// or it is not valid now.
-fn renew_at(ca_pem: &str, chain_pem: &str) -> Option<i64> {
-    if !tls::api_certificate_valid(ca_pem, chain_pem) {
+/// a third of its life has passed; `None` (now) if it is not valid now, not
+/// from the cluster's CA, or names another certificate than the one the
+/// state records for this node.
+fn renew_at(view: &View, chain_pem: &str) -> Option<i64> {
+    if !tls::api_certificate_valid(&view.ca_pem, chain_pem) {
+        return None;
+    }
+    let leaf = pki::cert_der_from_pem(chain_pem).ok()?;
+    if pki::api_node_fingerprint(&leaf)? != view.cert_fingerprint {
         return None;
     }
     let (not_before, not_after) = pki::validity(chain_pem)?;
@@ -195,16 +216,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_api_certificate_is_due_a_third_into_its_life_or_at_once_from_another_ca() {
+    fn an_api_certificate_is_due_a_third_into_its_life_or_at_once_after_a_ca_rotation() {
         let ca = pki::ClusterCa::generate("c1").expect("a CA");
         let key = NodeKey::generate().expect("a key").public_key();
         let lifetime = Duration::from_secs(6 * 3600);
-        let chain = ca.issue_api("n1", &key, &"0".repeat(64), lifetime).expect("an API certificate");
+        let view = View { ca_pem: ca.cert_pem().to_owned(), name: "n1".into(), cert_fingerprint: "a".repeat(64) };
+        let chain = ca.issue_api("n1", &key, &view.cert_fingerprint, lifetime).expect("an API certificate");
         let now = roost_raft::consensus::now_millis();
-        let due = renew_at(ca.cert_pem(), &chain).expect("due later");
+        let due = renew_at(&view, &chain).expect("due later");
         let third = i64::try_from(lifetime.as_millis() / 3).expect("fits");
         assert!((due - (now + third)).abs() < 5_000, "due {} ms from now, not a third of 6 h", due - now);
+        // A rotation gives the cluster a new CA and the node a new
+        // certificate: one that is not from the cluster's CA, or that names
+        // the node's former certificate, is due at once.
         let other = pki::ClusterCa::generate("c1").expect("another CA");
-        assert_eq!(renew_at(other.cert_pem(), &chain), None, "signed by a CA that is not the cluster's");
+        let rotated = View { ca_pem: other.cert_pem().to_owned(), ..view };
+        assert_eq!(renew_at(&rotated, &chain), None, "signed by a CA that is not the cluster's");
+        let stale = other.issue_api("n1", &key, &"a".repeat(64), lifetime).expect("naming the former certificate");
+        let renamed = View { cert_fingerprint: "b".repeat(64), ..rotated };
+        assert_eq!(renew_at(&renamed, &stale), None, "names a certificate the node no longer has");
+        let fresh = other.issue_api("n1", &key, &"b".repeat(64), lifetime).expect("naming the new one");
+        assert!(renew_at(&renamed, &fresh).is_some(), "a fresh one from the new CA naming the new certificate");
     }
 }

@@ -384,18 +384,20 @@ impl keys_server::Keys for KeysService {
         let presented =
             request.extensions().get::<roost_network::tls::PeerIdentity>().and_then(|p| p.node_certificate.clone());
         let public_key = request.into_inner().public_key;
-        let Some(node_fingerprint) =
-            presented.filter(|cert| pki::certifies_key(cert, &public_key)).map(|cert| pki::fingerprint(&cert))
-        else {
+        if !presented.is_some_and(|cert| pki::certifies_key(&cert, &public_key)) {
             return Err(Status::permission_denied(
                 "a node gets an API certificate only for the key of the certificate it calls with",
             ));
-        };
+        }
         // A removal the caller has not seen yet is known here after this.
         self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
-        let (name, cluster) =
-            self.consensus.state().read(|s| (s.nodes.get(&caller).map(|n| n.name.clone()), s.cluster.clone()));
-        let Some(name) = name else {
+        // It names the certificate the state records for the caller: after a
+        // CA rotation, its new one, which the caller may not present yet.
+        let (node, cluster) = self
+            .consensus
+            .state()
+            .read(|s| (s.nodes.get(&caller).map(|n| (n.name.clone(), n.cert_fingerprint.clone())), s.cluster.clone()));
+        let Some((name, node_fingerprint)) = node else {
             return Err(Status::permission_denied("the calling node is no longer a member"));
         };
         let cluster = cluster.ok_or_else(|| Status::unavailable("this node does not know the cluster yet"))?;

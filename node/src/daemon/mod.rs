@@ -806,7 +806,10 @@ fn create_cluster(
         wireguard_key,
     };
     dir.save(&identity)?;
-    identity::write_private(&dir.api_cert(), &api_chain)?;
+    // Without it the node makes another once it runs (`api_cert::run`).
+    if let Err(error) = identity::write_private(&dir.api_cert(), &api_chain) {
+        tracing::warn!(error = %identity::error_chain(&error), "could not write the node's API certificate");
+    }
     tracing::info!(cluster = %identity.stored.cluster_id, "created a new cluster");
     Ok((identity, tokens))
 }
