@@ -65,51 +65,15 @@ enum ApiCertError {
 }
 
 pub async fn run(context: ApiCertContext, stop: CancellationToken) {
-    let mut changes = context.consensus.state().changes();
-    let mut pace = roost_raft::store::Pace::default();
-    // Said once per distinct failure.
-    let mut failing: Option<String> = None;
-    // What the last step that succeeded saw, and when it is due again: a
-    // change of anything else in the state (nearly every entry) needs none.
-    let mut done: Option<(Option<View>, Option<Instant>)> = None;
-    loop {
-        let view = read_view(&context);
-        let next = match &done {
-            Some((seen, next)) if *seen == view && next.is_none_or(|at| Instant::now() < at) => *next,
-            _ => {
-                let started = std::time::Instant::now();
-                let result = step(&context).await;
-                pace.passed(started);
-                match result {
-                    Ok(next) => {
-                        failing = None;
-                        done = Some((view, next));
-                        next
-                    }
-                    Err(error) => {
-                        let error = error_chain(&error);
-                        if failing.as_ref() != Some(&error) {
-                            tracing::warn!(%error, "could not renew this node's API certificate; retrying");
-                            failing = Some(error);
-                        }
-                        done = None;
-                        Some(Instant::now() + RETRY)
-                    }
-                }
-            }
-        };
-        tokio::select! {
-            () = stop.cancelled() => return,
-            // The CA, or this node's membership, may have changed.
-            changed = pace.settled(&mut changes) => if changed.is_err() { return },
-            () = async {
-                match next {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            } => {}
-        }
-    }
+    super::follow::follow_state(
+        &context.consensus,
+        stop,
+        "could not renew this node's API certificate",
+        RETRY,
+        || read_view(&context),
+        || async { step(&context).await.map_err(|error| error_chain(&error)) },
+    )
+    .await;
 }
 
 /// What the state says that a step depends on (`None`: this node is not a

@@ -71,49 +71,20 @@ enum CaError {
 }
 
 pub async fn run(context: CaContext, stop: CancellationToken) {
-    let mut changes = context.consensus.state().changes();
-    let mut applied: Option<(Vec<String>, String)> = None;
-    // What the last step that succeeded saw: a change of anything else in
-    // the state (nearly every entry) needs no step.
-    let mut done: Option<View> = None;
-    // Said once per distinct failure.
-    let mut failing: Option<String> = None;
-    let mut pace = roost_raft::store::Pace::default();
-    loop {
-        let view = read_view(&context);
-        let retry = if view.is_some() && view == done {
-            None
-        } else {
-            let started = std::time::Instant::now();
-            let result = step(&context, &mut applied).await;
-            pace.passed(started);
-            match result {
-                Ok(()) => {
-                    failing = None;
-                    done = view;
-                    None
-                }
-                Err(error) => {
-                    let error = error_chain(&error);
-                    if failing.as_ref() != Some(&error) {
-                        tracing::warn!(%error, "CA rotation: this node's step failed; retrying");
-                        failing = Some(error);
-                    }
-                    Some(Instant::now() + RETRY)
-                }
-            }
-        };
-        tokio::select! {
-            () = stop.cancelled() => return,
-            changed = pace.settled(&mut changes) => if changed.is_err() { return },
-            () = async {
-                match retry {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            } => {}
-        }
-    }
+    // What the node presents and trusts, as the last step set it.
+    let applied: tokio::sync::Mutex<Option<(Vec<String>, String)>> = tokio::sync::Mutex::default();
+    super::follow::follow_state(
+        &context.consensus,
+        stop,
+        "CA rotation: this node's step failed",
+        RETRY,
+        || read_view(&context),
+        || async {
+            let mut applied = applied.lock().await;
+            step(&context, &mut applied).await.map(|()| None).map_err(|error| error_chain(&error))
+        },
+    )
+    .await;
 }
 
 /// What the state says of the CAs and of this node.

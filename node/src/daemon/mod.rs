@@ -17,6 +17,7 @@ pub mod channels;
 pub mod clock;
 pub mod deploys;
 pub mod edge;
+pub mod follow;
 pub mod identity;
 pub mod join;
 pub mod keys;
