@@ -235,13 +235,7 @@ async fn challenge_errors(order: &mut instant_acme::Order) -> String {
 
 /// The leaf's notAfter, in Unix milliseconds.
 pub fn not_after(chain_pem: &str) -> Result<i64, AcmeError> {
-    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-        .next()
-        .ok_or_else(|| AcmeError::Certificate("no certificate in the chain".into()))?
-        .map_err(|e| AcmeError::Certificate(e.to_string()))?;
-    let (_, parsed) =
-        x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| AcmeError::Certificate(e.to_string()))?;
-    Ok(parsed.validity().not_after.timestamp().saturating_mul(1000))
+    crate::pki::validity(chain_pem).map(|(_, not_after)| not_after).map_err(|e| AcmeError::Certificate(e.to_string()))
 }
 
 /// The leaf's issuer, as its common name (or the whole name when it has none).

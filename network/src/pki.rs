@@ -64,6 +64,8 @@ pub enum PkiError {
     ReservedName { name: String },
     #[error("an API certificate must live between 1 second and 1 year, not {seconds} s")]
     ApiLifetime { seconds: u64 },
+    #[error("the certificate cannot be read: {reason}")]
+    Unreadable { reason: String },
 }
 
 /// SHA-256 of a certificate's DER bytes: how tokens pin the CA and how the
@@ -347,13 +349,17 @@ pub fn api_node_fingerprint(der: &[u8]) -> Option<String> {
     Some(unit)
 }
 
-/// When the first certificate of `pem` becomes and stops being valid, in
-/// Unix milliseconds.
-pub fn validity(pem: &str) -> Option<(i64, i64)> {
-    let der = cert_der_from_pem(pem).ok()?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+/// When the first certificate of `pem` (a chain's leaf) becomes and stops
+/// being valid, in Unix milliseconds.
+pub fn validity(pem: &str) -> Result<(i64, i64), PkiError> {
+    let leaf = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .ok_or_else(|| PkiError::Unreadable { reason: "no certificate in the chain".into() })?
+        .map_err(|e| PkiError::Unreadable { reason: e.to_string() })?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| PkiError::Unreadable { reason: e.to_string() })?;
     let validity = parsed.validity();
-    Some((validity.not_before.timestamp().saturating_mul(1000), validity.not_after.timestamp().saturating_mul(1000)))
+    Ok((validity.not_before.timestamp().saturating_mul(1000), validity.not_after.timestamp().saturating_mul(1000)))
 }
 
 /// Parses the first certificate of a PEM text into DER.

@@ -257,19 +257,11 @@ pub struct NodeTlsConfig {
     pub ca_digest: CaDigest,
     /// The digests of every CA the node trusts.
     pub trusted: Vec<CaDigest>,
-    /// The API certificate it presents to the CLI: `None` until it has one
-    /// from its CA.
-    pub api: Option<ApiPresented>,
-}
-
-/// A node's API certificate, as its [`NodeTls`] presents it.
-#[derive(Clone, Debug)]
-pub struct ApiPresented {
-    pub fingerprint: Arc<str>,
-    /// The node certificate it names: what a signed call names as its server.
-    pub node_fingerprint: Arc<str>,
-    /// When it expires, Unix ms.
-    pub not_after: i64,
+    /// The fingerprint of the API certificate it presents to the CLI:
+    /// `None` until it has one from its CA. That certificate names the node
+    /// certificate ([`pki::api_node_fingerprint`]), so a signed call names
+    /// `fingerprint` as its server whichever of the two the client saw.
+    pub api_fingerprint: Option<Arc<str>>,
 }
 
 impl NodeTlsConfig {
@@ -287,9 +279,7 @@ impl NodeTlsConfig {
         let signing_key = provider().key_provider.load_private_key(key.clone_key()).map_err(TlsError::Config)?;
         let api = match api_chain_pem {
             Some(chain) if api_certificate_of(certs.ca_pem, certs.cert_pem, chain) => {
-                let leaf = pki::cert_der_from_pem(chain)?;
-                let not_after = pki::validity(chain).map_or(0, |(_, not_after)| not_after);
-                Some((leaf, not_after))
+                Some(pki::cert_der_from_pem(chain)?)
             }
             _ => None,
         };
@@ -306,9 +296,9 @@ impl NodeTlsConfig {
             .map_err(TlsError::Verifier)?;
         let resolver = NodeCertResolver {
             node: Arc::new(rustls::sign::CertifiedKey::new(vec![cert.clone(), ca.clone()], signing_key.clone())),
-            api: api.as_ref().map(|(leaf, _)| {
-                Arc::new(rustls::sign::CertifiedKey::new(vec![leaf.clone(), ca.clone()], signing_key))
-            }),
+            api: api
+                .as_ref()
+                .map(|leaf| Arc::new(rustls::sign::CertifiedKey::new(vec![leaf.clone(), ca.clone()], signing_key))),
         };
         let mut server = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(VERSIONS)
@@ -331,11 +321,7 @@ impl NodeTlsConfig {
             fingerprint: fingerprint(&cert).into(),
             ca_digest: CaDigest::of(&ca),
             trusted: digests,
-            api: api.map(|(leaf, not_after)| ApiPresented {
-                fingerprint: fingerprint(&leaf).into(),
-                node_fingerprint: fingerprint(&cert).into(),
-                not_after,
-            }),
+            api_fingerprint: api.map(|leaf| fingerprint(&leaf).into()),
         })
     }
 }
@@ -359,7 +345,7 @@ fn api_certificate_of(ca_pem: &str, cert_pem: &str, chain_pem: &str) -> bool {
     };
     let names_cert = pki::api_node_fingerprint(&leaf).is_some_and(|named| named == fingerprint(&cert));
     // Checked at a time it was valid, since expiry does not matter here.
-    let Some((not_before, _)) = pki::validity(chain_pem) else { return false };
+    let Ok((not_before, _)) = pki::validity(chain_pem) else { return false };
     let at = UnixTime::since_unix_epoch(Duration::from_millis(u64::try_from(not_before).unwrap_or(0) + 1_000));
     same_key && names_cert && verify_chain_for(&CaDigest::of(&ca), &ca, &leaf, API_SERVER_NAME, at).is_ok()
 }
@@ -432,37 +418,16 @@ impl From<Arc<NodeTls>> for ServerTls {
     }
 }
 
-/// The server a signed call to a node names, by the server name the client
-/// asked for: the fingerprint of its node certificate, which its API
-/// certificate names too ([`pki::api_node_fingerprint`]).
-#[derive(Clone, Default)]
-struct Presented {
-    node: Option<Arc<str>>,
-    api: Option<Arc<str>>,
-}
-
-impl Presented {
-    /// What the server presented to a client that asked for `server_name`.
-    fn to(&self, server_name: Option<&str>) -> Option<Arc<str>> {
-        match (&self.api, server_name) {
-            (Some(api), Some(name)) if name.eq_ignore_ascii_case(API_SERVER_NAME) => Some(api.clone()),
-            _ => self.node.clone(),
-        }
-    }
-}
-
 impl ServerTls {
-    /// The configuration for a handshake now, and what it presents.
-    fn now(&self) -> (Arc<rustls::ServerConfig>, Presented) {
+    /// The configuration for a handshake now, and the fingerprint of the
+    /// node certificate it presents, or that the API certificate it
+    /// presents names (for a node's).
+    fn now(&self) -> (Arc<rustls::ServerConfig>, Option<Arc<str>>) {
         match self {
-            ServerTls::Fixed(config) => (config.clone(), Presented::default()),
+            ServerTls::Fixed(config) => (config.clone(), None),
             ServerTls::Node(tls) => {
                 let current = tls.current();
-                let presented = Presented {
-                    node: Some(current.fingerprint.clone()),
-                    api: current.api.as_ref().map(|api| api.node_fingerprint.clone()),
-                };
-                (current.server.clone(), presented)
+                (current.server.clone(), Some(current.fingerprint.clone()))
             }
         }
     }
@@ -479,9 +444,10 @@ pub struct PeerIdentity {
     pub session: Option<[u8; 32]>,
     /// The client's certificate (DER), present when the peer is a node.
     pub node_certificate: Option<Arc<[u8]>>,
-    /// The fingerprint of the certificate this node presented on the
-    /// connection, which a signed call names (the node's own may have
-    /// changed since, at a CA rotation).
+    /// The fingerprint of the node certificate this node presented on the
+    /// connection, or that the API certificate it presented names: what a
+    /// signed call names (the node's own may have changed since, at a CA
+    /// rotation).
     pub server_fingerprint: Option<Arc<str>>,
 }
 
@@ -602,7 +568,7 @@ pub fn incoming(
             // Dropping the socket closes it: the client learns at once.
             let Some(admitted) = admission.admit(remote.ip()) else { continue };
             let _ = tcp.set_nodelay(true);
-            let (config, presented) = tls.now();
+            let (config, server_fingerprint) = tls.now();
             let acceptor = TlsAcceptor::from(config);
             let tx = tx.clone();
             let limits = admission.limits.clone();
@@ -622,7 +588,6 @@ pub fn incoming(
                 let node_fingerprint = node_certificate.map(|cert| fingerprint(cert));
                 let node_certificate = node_certificate.map(|cert| Arc::from(cert.as_ref()));
                 let session = session_binding(stream.get_ref().1);
-                let server_fingerprint = presented.to(stream.get_ref().1.server_name());
                 let identity = PeerIdentity {
                     remote_addr: Some(remote),
                     node_fingerprint,
@@ -1145,7 +1110,7 @@ mod tests {
 
         // With one: the CLI gets it, and a node its node certificate.
         let (address, tls) = api_port(&ca, &node, Some(api.clone())).await;
-        assert_eq!(tls.current().api.as_ref().map(|api| api.fingerprint.to_string()), Some(api_fingerprint.clone()));
+        assert_eq!(tls.current().api_fingerprint.as_deref(), Some(api_fingerprint.as_str()));
         let (_channel, session) =
             ClientTls::api(ca.digest()).expect("a CLI client").connect_bound(&address).await.expect("the CLI connects");
         let session = session.get().expect("a session");
@@ -1172,10 +1137,10 @@ mod tests {
         let other = pki::NodeKey::generate().expect("a key").public_key();
         let foreign = ca.issue_api("n2", &other, &node.fingerprint, Duration::from_secs(3600)).expect("another's");
         let (_, tls) = api_port(&ca, &node, Some(foreign)).await;
-        assert!(tls.current().api.is_none(), "an API certificate for another key was taken");
+        assert!(tls.current().api_fingerprint.is_none(), "an API certificate for another key was taken");
         let misnamed = ca.issue_api("n1", &key, &"0".repeat(64), Duration::from_secs(3600)).expect("misnamed");
         let (_, tls) = api_port(&ca, &node, Some(misnamed)).await;
-        assert!(tls.current().api.is_none(), "an API certificate naming another certificate was taken");
+        assert!(tls.current().api_fingerprint.is_none(), "an API certificate naming another certificate was taken");
 
         // Past its end, or before its start: refused, and says which.
         let ca_der = pki::cert_der_from_pem(ca.cert_pem()).expect("der");

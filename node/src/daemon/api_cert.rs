@@ -117,7 +117,7 @@ async fn step(context: &ApiCertContext) -> Result<Option<Instant>, ApiCertError>
         }
     };
     let fingerprint = pki::fingerprint(&pki::cert_der_from_pem(&chain)?);
-    let presented = |tls: &NodeTls| tls.current().api.as_ref().is_some_and(|api| *api.fingerprint == *fingerprint);
+    let presented = |tls: &NodeTls| tls.current().api_fingerprint.as_deref() == Some(fingerprint.as_str());
     if !presented(&context.tls) {
         context.tls.set_api(chain.clone())?;
     }
@@ -170,7 +170,7 @@ fn renew_at(view: &View, chain_pem: &str) -> Option<i64> {
     if pki::api_node_fingerprint(&leaf)? != view.cert_fingerprint {
         return None;
     }
-    let (not_before, not_after) = pki::validity(chain_pem)?;
+    let (not_before, not_after) = pki::validity(chain_pem).ok()?;
     let issued = not_before.saturating_add(i64::try_from(pki::API_CERT_BACKDATE.as_millis()).unwrap_or(0));
     Some(issued.saturating_add(not_after.saturating_sub(issued) / 3))
 }

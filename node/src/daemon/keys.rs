@@ -243,6 +243,30 @@ impl KeysService {
         super::auth::require_key(&self.key, self.consensus.state())
     }
 
+    /// The calling node's record and the cluster, for a certificate of
+    /// `what` kind for `public_key`: only the key the caller holds (the one
+    /// its certificate on this connection, `presented`, certifies), and
+    /// only while it is a member, after a read barrier (so a removal or a
+    /// CA rotation the caller saw is known here too).
+    async fn member_with_key(
+        &self,
+        caller: roost_raft::NodeId,
+        presented: Option<Arc<[u8]>>,
+        public_key: &[u8],
+        what: &str,
+    ) -> Result<(NodeRecord, ClusterInfo), Status> {
+        if !presented.is_some_and(|cert| pki::certifies_key(&cert, public_key)) {
+            return Err(Status::permission_denied(format!(
+                "a node gets {what} only for the key of the certificate it calls with"
+            )));
+        }
+        self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
+        let (node, cluster) = self.consensus.state().read(|s| (s.nodes.get(&caller).cloned(), s.cluster.clone()));
+        let node = node.ok_or_else(|| Status::permission_denied("the calling node is no longer a member"))?;
+        let cluster = cluster.ok_or_else(|| Status::unavailable("this node does not know the cluster yet"))?;
+        Ok((node, cluster))
+    }
+
     /// The caller's node id, known once this node has caught up.
     fn caller<T>(request: &Request<T>) -> Result<roost_raft::NodeId, Status> {
         match request.extensions().get::<Caller>() {
@@ -341,28 +365,13 @@ impl keys_server::Keys for KeysService {
     ) -> Result<tonic::Response<RenewCertificateResponse>, Status> {
         let caller = Self::caller(&request)?;
         let key = self.key()?;
-        // Only for the key the caller holds: the one its certificate on this
-        // connection certifies.
-        let presented =
-            request.extensions().get::<roost_network::tls::PeerIdentity>().and_then(|p| p.node_certificate.clone());
+        let presented = presented_certificate(&request);
         let public_key = request.into_inner().public_key;
-        if !presented.is_some_and(|cert| pki::certifies_key(&cert, &public_key)) {
-            return Err(Status::permission_denied(
-                "a node gets a certificate only for the key of the certificate it calls with",
-            ));
-        }
-        // The rotation the caller saw has started here too after this.
-        self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
-        let (name, cluster) =
-            self.consensus.state().read(|s| (s.nodes.get(&caller).map(|n| n.name.clone()), s.cluster.clone()));
-        let Some(name) = name else {
-            return Err(Status::permission_denied("the calling node is no longer a member"));
-        };
-        let cluster = cluster.ok_or_else(|| Status::unavailable("this node does not know the cluster yet"))?;
+        let (node, cluster) = self.member_with_key(caller, presented, &public_key, "a certificate").await?;
         let ca = open_rotation_ca(&cluster, key)?
             .ok_or_else(|| Status::failed_precondition("no rotation of the cluster CA is under way"))?;
         let (cert_pem, _serial, _fingerprint) =
-            ca.issue_for_public_key(&name, &public_key).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            ca.issue_for_public_key(&node.name, &public_key).map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::info!(node = caller, "issued a node its certificate from the new CA");
         Ok(tonic::Response::new(RenewCertificateResponse { cert_pem, ca_cert_pem: ca.cert_pem().to_owned() }))
     }
@@ -379,34 +388,22 @@ impl keys_server::Keys for KeysService {
                 wait.as_millis().max(1)
             )));
         }
-        // Only for the key the caller holds: the one its certificate on this
-        // connection certifies.
-        let presented =
-            request.extensions().get::<roost_network::tls::PeerIdentity>().and_then(|p| p.node_certificate.clone());
+        let presented = presented_certificate(&request);
         let public_key = request.into_inner().public_key;
-        if !presented.is_some_and(|cert| pki::certifies_key(&cert, &public_key)) {
-            return Err(Status::permission_denied(
-                "a node gets an API certificate only for the key of the certificate it calls with",
-            ));
-        }
-        // A removal the caller has not seen yet is known here after this.
-        self.consensus.read_barrier(Instant::now() + API_DEADLINE).await.map_err(consensus_status)?;
+        let (node, cluster) = self.member_with_key(caller, presented, &public_key, "an API certificate").await?;
         // It names the certificate the state records for the caller: after a
         // CA rotation, its new one, which the caller may not present yet.
-        let (node, cluster) = self
-            .consensus
-            .state()
-            .read(|s| (s.nodes.get(&caller).map(|n| (n.name.clone(), n.cert_fingerprint.clone())), s.cluster.clone()));
-        let Some((name, node_fingerprint)) = node else {
-            return Err(Status::permission_denied("the calling node is no longer a member"));
-        };
-        let cluster = cluster.ok_or_else(|| Status::unavailable("this node does not know the cluster yet"))?;
         let chain_pem = open_ca(&cluster, key)?
-            .issue_api(&name, &public_key, &node_fingerprint, self.api_cert_lifetime)
+            .issue_api(&node.name, &public_key, &node.cert_fingerprint, self.api_cert_lifetime)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::debug!(node = caller, "issued a node its API certificate");
         Ok(tonic::Response::new(ApiCertificateResponse { chain_pem }))
     }
+}
+
+/// The node certificate the caller presented on this connection.
+fn presented_certificate<T>(request: &Request<T>) -> Option<Arc<[u8]>> {
+    request.extensions().get::<roost_network::tls::PeerIdentity>().and_then(|p| p.node_certificate.clone())
 }
 
 /// A worker's way to the keys: it asks the voters, the leader first.
