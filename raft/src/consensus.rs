@@ -189,6 +189,8 @@ pub struct Consensus {
     db: std::sync::Mutex<Option<Arc<rocksdb::DB>>>,
     /// The election driver and the batcher, which shutdown waits for.
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    #[cfg(feature = "testkit")]
+    sync_hold: store::SyncHold,
 }
 
 /// A proposal waiting for the batcher, its encoded size and its caller.
@@ -218,12 +220,14 @@ impl Consensus {
         let config = Arc::new(timings.raft_config().validate().map_err(StartError::Config)?);
         // Opening RocksDB is blocking I/O (and may wait for a lock).
         let path = dir.to_owned();
-        let (log, sm) = tokio::task::spawn_blocking(move || store::open(&path))
+        let (log, sm) = tokio::task::spawn_blocking(move || store::open(&path, id))
             .await
             .map_err(|e| StartError::Store(store::OpenError::Task(std::io::Error::other(e))))?
             .map_err(StartError::Store)?;
         let state = sm.reader();
         let db = std::sync::Mutex::new(Some(log.database()));
+        #[cfg(feature = "testkit")]
+        let sync_hold = log.sync_hold();
         let hints = Arc::new(ElectionHints::default());
         let network = Network::new(channels.clone(), hints.clone(), state.clone());
         let raft = Raft::new(id, config, network, log, sm).await.map_err(StartError::Raft)?;
@@ -231,7 +235,17 @@ impl Consensus {
         let (batcher, pending) = mpsc::unbounded_channel();
         let batching = tokio::spawn(run_batcher(raft.clone(), pending, shutdown));
         let tasks = std::sync::Mutex::new(vec![elections, batching]);
-        Ok(Arc::new(Self { id, raft, state, channels, batcher, db, tasks }))
+        Ok(Arc::new(Self {
+            id,
+            raft,
+            state,
+            channels,
+            batcher,
+            db,
+            tasks,
+            #[cfg(feature = "testkit")]
+            sync_hold,
+        }))
     }
 
     /// Makes this node the sole voter of a new cluster. Does nothing when the
@@ -251,6 +265,13 @@ impl Consensus {
 
     pub fn id(&self) -> NodeId {
         self.id
+    }
+
+    /// Holds (and releases) the background syncs of the entries this node
+    /// appends as leader (`store::SyncHold`).
+    #[cfg(feature = "testkit")]
+    pub fn log_sync_hold(&self) -> store::SyncHold {
+        self.sync_hold.clone()
     }
 
     pub fn raft(&self) -> &Raft {

@@ -5,12 +5,18 @@
 //! big-endian index, so iteration is in log order) and `meta` (vote, committed
 //! id, last purged id, current snapshot).
 //!
-//! Durability: [`LogStore::append`] writes each batch with `sync = true`
-//! before it reports the entries durable, and the vote is written the same
-//! way: a vote or entry reported durable survives a power cut. (openraft 0.9's
-//! core waits for every append to be reported before it does anything else,
-//! so syncing on a separate thread would only add a hand-off; batching
-//! happens above, in `consensus::run_batcher`.)
+//! Durability: an entry or vote is reported durable only once RocksDB's
+//! write-ahead log holding it is synced, so what is reported survives a power
+//! cut. A follower's entries and every vote, truncation and purge are written
+//! with `sync = true` before the call returns: openraft waits for them before
+//! it answers the leader. The leader's own entries are written at once but
+//! synced on a thread of its own (`WalSyncer`), which reports them flushed in
+//! order: our patch of openraft (`vendor/openraft`, see ARCHITECTURE.md,
+//! Write path) replicates them meanwhile and counts the leader toward a
+//! quorum only once that report comes. The write itself is never deferred,
+//! only its sync, so the WAL keeps the order of every write: a committed id or
+//! truncation written later can never survive a crash that loses the entries
+//! before it. Batching happens above, in `consensus::run_batcher`.
 //!
 //! The state machine ([`StateMachine`]) lives in memory; its durable form is
 //! the latest snapshot plus the log after it. On start the snapshot is loaded
@@ -28,7 +34,7 @@ use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -59,11 +65,15 @@ pub enum OpenError {
     Rocks(#[from] rocksdb::Error),
     #[error("the task opening RocksDB failed")]
     Task(#[source] std::io::Error),
+    #[error("could not start the thread that syncs the Raft log")]
+    SyncThread(#[source] std::io::Error),
     #[error("the stored snapshot is unreadable and the log before it was purged: restore this node's data directory from a backup, or remove the node and join a fresh one")]
     Snapshot(#[source] serde_json::Error),
 }
 
-pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
+/// `own` is this node's id: entries it appended as leader are synced in the
+/// background (see the module's documentation).
+pub fn open(dir: &Path, own: NodeId) -> Result<(LogStore, StateMachine), OpenError> {
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
@@ -72,7 +82,8 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), OpenError> {
     options.set_max_write_buffer_number(2);
     options.set_max_background_jobs(2);
     let db = Arc::new(open_db(&options, dir)?);
-    let log = LogStore { db: db.clone(), recent: Arc::default() };
+    let syncer = Arc::new(WalSyncer::start(db.clone()).map_err(OpenError::SyncThread)?);
+    let log = LogStore { db: db.clone(), recent: Arc::default(), own, syncer };
     let sm = StateMachine::restore(db)?;
     Ok((log, sm))
 }
@@ -123,6 +134,99 @@ pub struct LogStore {
     /// (which re-reads what was just appended) does not go back to RocksDB
     /// and JSON for them.
     recent: Arc<Mutex<VecDeque<Entry<TypeConfig>>>>,
+    /// This node: entries whose leader it is are synced by `syncer`.
+    own: NodeId,
+    syncer: Arc<WalSyncer>,
+}
+
+/// Syncs RocksDB's write-ahead log on a thread of its own for the leader's
+/// appends, which were written (not synced) before they were queued here,
+/// and reports each flushed, in the order queued. One sync serves every
+/// append queued by the time it starts. Dropping it (with the last
+/// [`LogStore`]) ends the thread and waits for it, so the database is closed
+/// when the store is.
+struct WalSyncer {
+    queue: Mutex<Option<mpsc::Sender<LogFlushed<TypeConfig>>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    #[cfg(feature = "testkit")]
+    hold: SyncHold,
+}
+
+impl WalSyncer {
+    fn start(db: Arc<DB>) -> std::io::Result<Self> {
+        let (queue, due) = mpsc::channel::<LogFlushed<TypeConfig>>();
+        #[cfg(feature = "testkit")]
+        let hold = SyncHold::default();
+        #[cfg(feature = "testkit")]
+        let held = hold.clone();
+        let thread = std::thread::Builder::new().name("roost-log-sync".into()).spawn(move || {
+            while let Ok(first) = due.recv() {
+                #[cfg(feature = "testkit")]
+                held.wait_released();
+                let batch: Vec<_> = std::iter::once(first).chain(due.try_iter()).collect();
+                let result = db.flush_wal(true).map_err(|e| e.to_string());
+                for callback in batch {
+                    callback.log_io_completed(result.clone().map_err(std::io::Error::other));
+                }
+            }
+        })?;
+        Ok(Self {
+            queue: Mutex::new(Some(queue)),
+            thread: Mutex::new(Some(thread)),
+            #[cfg(feature = "testkit")]
+            hold,
+        })
+    }
+
+    /// Queues a sync for entries already written; the callback hears of it.
+    fn sync(&self, callback: LogFlushed<TypeConfig>) -> Result<(), std::io::Error> {
+        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = queue.as_ref().map(|queue| queue.send(callback));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            Some(Err(mpsc::SendError(callback))) => {
+                let error = || std::io::Error::other("the Raft log's sync thread has stopped");
+                callback.log_io_completed(Err(error()));
+                Err(error())
+            }
+            None => Err(std::io::Error::other("the Raft log is closed")),
+        }
+    }
+}
+
+impl Drop for WalSyncer {
+    fn drop(&mut self) {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            // It ends once it has reported what was queued.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Test control: while held, the background syncs of a leader's own entries
+/// wait, so a test can see what commits without the leader's copy.
+#[cfg(feature = "testkit")]
+#[derive(Clone, Default)]
+pub struct SyncHold(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+#[cfg(feature = "testkit")]
+impl SyncHold {
+    pub fn hold(&self) {
+        *self.0 .0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    }
+
+    pub fn release(&self) {
+        *self.0 .0.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        self.0 .1.notify_all();
+    }
+
+    fn wait_released(&self) {
+        let mut held = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        while *held {
+            held = self.0 .1.wait(held).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 /// How many of the newest entries [`LogStore`] keeps in memory.
@@ -138,6 +242,12 @@ impl LogStore {
     /// The database itself, so that shutdown can be the one to close it.
     pub(crate) fn database(&self) -> Arc<DB> {
         self.db.clone()
+    }
+
+    /// Holds and releases the background syncs of this node's own entries.
+    #[cfg(feature = "testkit")]
+    pub fn sync_hold(&self) -> SyncHold {
+        self.syncer.hold.clone()
     }
 }
 
@@ -246,7 +356,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let bytes = serde_json::to_vec(entry).map_err(write_err)?;
             batch.put_cf(cf, index_key(entry.log_id.index), bytes);
         }
-        if let Err(error) = self.db.write_opt(batch, &synced()) {
+        // Our own entries as leader: write now, sync in the background.
+        let ours = entries.last().is_some_and(|e| e.log_id.leader_id.node_id == self.own);
+        let options = if ours { WriteOptions::default() } else { synced() };
+        if let Err(error) = self.db.write_opt(batch, &options) {
             callback.log_io_completed(Err(std::io::Error::other(error.to_string())));
             return Err(write_err(error));
         }
@@ -262,6 +375,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             while recent.len() > RECENT_ENTRIES {
                 recent.pop_front();
             }
+        }
+        if ours {
+            return self.syncer.sync(callback).map_err(write_err);
         }
         callback.log_io_completed(Ok(()));
         Ok(())

@@ -218,3 +218,76 @@ async fn no_task_of_a_stopped_cluster_keeps_running() -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{e:#}: {} tasks left, {before} before the cluster started", tasks()))?;
     Ok(())
 }
+
+/// The leader's own log sync overlaps replication (our openraft patch, see
+/// ARCHITECTURE.md, Write path), and the leader's copy counts toward a quorum
+/// only once it is synced. With the leader's sync held, a write commits on
+/// the two followers' synced copies; with one follower stopped and the sync
+/// held again, a write the remaining follower has synced stays uncommitted
+/// until the leader's sync is let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_commits_on_followers_copies_while_the_leaders_sync_is_held_and_never_counts_its_unsynced_copy(
+) -> Result<()> {
+    let mut cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let leader_id = cluster.node(leader)?.id;
+    let hold = cluster.node(leader)?.consensus.log_sync_hold();
+    let metrics = |cluster: &Cluster| -> Result<openraft::RaftMetrics<u64, roost_raft::RaftNode>> {
+        Ok(cluster.node(leader)?.consensus.raft().metrics().borrow().clone())
+    };
+    let matching = |metrics: &openraft::RaftMetrics<u64, roost_raft::RaftNode>, node: u64| -> Option<u64> {
+        metrics.replication.as_ref().and_then(|r| r.get(&node).cloned().flatten()).map(|id| id.index)
+    };
+
+    hold.hold();
+    tokio::time::timeout(Duration::from_secs(10), create_app(&cluster, leader, "synced-by-followers"))
+        .await
+        .map_err(|_| anyhow::anyhow!("no commit while the leader's own sync was held: replication waits for it"))??;
+    let now = metrics(&cluster)?;
+    let applied = now.last_applied.map(|id| id.index);
+    assert!(
+        matching(&now, leader_id) < applied,
+        "the write was applied ({applied:?}) before the leader's own copy was synced ({:?})",
+        matching(&now, leader_id)
+    );
+    hold.release();
+    wait_until("the leader's own copy synced", Duration::from_secs(10), || async {
+        let now = metrics(&cluster)?;
+        Ok(matching(&now, leader_id) >= now.last_applied.map(|id| id.index))
+    })
+    .await?;
+
+    let stopped = (0..3).find(|i| *i != leader).ok_or_else(|| anyhow::anyhow!("a follower"))?;
+    let follower = (0..3).find(|i| *i != leader && *i != stopped).ok_or_else(|| anyhow::anyhow!("a follower"))?;
+    let follower_id = cluster.node(follower)?.id;
+    cluster.stop(stopped).await?;
+    hold.hold();
+    let client = cluster.client(leader).await?;
+    let write = tokio::spawn(async move {
+        let mut client = client;
+        let name = "needs-the-leaders-copy";
+        client.create_app(roost_node::cli::about_app(name, CreateAppRequest { name: name.into() })).await
+    });
+    // An entry the follower has synced, the leader has not, and the leader
+    // knows it: the follower's copy and the leader's unsynced one would make
+    // a majority if the leader counted itself early.
+    let pending = std::cell::Cell::new(0);
+    wait_until("an entry on the follower only", Duration::from_secs(10), || async {
+        let now = metrics(&cluster)?;
+        let last = now.last_log_index;
+        pending.set(last.unwrap_or(0));
+        Ok(matching(&now, follower_id) >= last && matching(&now, leader_id) < last)
+    })
+    .await?;
+    let pending = pending.get();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let applied = metrics(&cluster)?.last_applied.map(|id| id.index).unwrap_or(0);
+        assert!(applied < pending, "entry {pending} was applied before any two synced copies existed");
+        assert!(!write.is_finished(), "a write was acknowledged before any two synced copies existed");
+    }
+    hold.release();
+    tokio::time::timeout(Duration::from_secs(10), write).await???;
+    cluster.shutdown().await;
+    Ok(())
+}

@@ -7,9 +7,9 @@
 //!
 //! ```text
 //! roost clients=N writes_per_s=… p50_ms=… p99_ms=… acknowledged=… present=…
-//! etcd-peer-tls clients=N writes_per_s=… p50_ms=… p99_ms=… acknowledged=… present=…
+//! etcd-tls clients=N writes_per_s=… p50_ms=… p99_ms=… acknowledged=… present=…
 //! etcd clients=N writes_per_s=… p50_ms=… p99_ms=… acknowledged=… present=…
-//! ratio clients=N vs=etcd-peer-tls throughput=<roost/etcd> p50=<roost/etcd>
+//! ratio clients=N vs=etcd-tls throughput=<roost/etcd> p50=<roost/etcd>
 //! roost idle_rss_mib node=… rss=…
 //! ```
 //!
@@ -22,10 +22,11 @@
 //! client writes, not log entries. After each phase the bench reads back
 //! every key it wrote and fails unless each acknowledged write is there.
 //!
-//! Roost encrypts every hop (TLS 1.3). etcd runs twice: with its peers on
-//! TLS (`--peer-auto-tls`; clients plain, as etcd-client here has no TLS),
-//! which the headline ratio uses, and entirely plain. etcd runs with as many
-//! members as Roost has nodes (`--nodes`, 3 by default).
+//! Roost encrypts every hop (TLS 1.3). etcd runs twice: with TLS on every
+//! hop (`--peer-auto-tls` between members; on the client port a P-256
+//! certificate this bench makes, which its clients verify), which the
+//! headline ratio uses, and entirely plain. etcd runs with as many members as
+//! Roost has nodes (`--nodes`, 3 by default).
 //! Run with `cargo run --release -p roost-tests --bin raft-bench [-- --seconds S --nodes N]`.
 
 use std::process::{Child, Command, Stdio};
@@ -172,8 +173,35 @@ impl Drop for Etcd {
     }
 }
 
-fn start_etcd(root: &std::path::Path, size: usize, peer_tls: bool) -> Result<Etcd> {
+/// A CA and a certificate for `127.0.0.1` it signed, for etcd's client port
+/// (`--auto-tls` would make an ECDSA P-521 one, which rustls with ring
+/// cannot check): the CA's PEM, the certificate's and its key's.
+fn client_port_certificate() -> Result<(String, String, String)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])?.signed_by(&key, &issuer)?;
+    Ok((ca.pem(), cert.pem(), key.serialize_pem()))
+}
+
+/// A connection to etcd at `url`, verifying its certificate when it has TLS.
+async fn etcd_connect(url: &str, ca_pem: Option<&str>) -> Result<etcd_client::Client> {
+    let options = ca_pem.map(|pem| {
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(pem))
+            .domain_name("127.0.0.1");
+        etcd_client::ConnectOptions::new().with_tls(tls)
+    });
+    Ok(etcd_client::Client::connect([url.to_owned()], options).await?)
+}
+
+fn start_etcd(root: &std::path::Path, size: usize, tls: Option<&(String, String, String)>) -> Result<Etcd> {
     let ports: Vec<(u16, u16)> = (0..size).map(|_| Ok((free_port()?, free_port()?))).collect::<Result<_>>()?;
+    let peer_tls = tls.is_some();
     let scheme = if peer_tls { "https" } else { "http" };
     let initial: Vec<String> =
         ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}={scheme}://127.0.0.1:{peer}")).collect();
@@ -183,8 +211,12 @@ fn start_etcd(root: &std::path::Path, size: usize, peer_tls: bool) -> Result<Etc
         let dir = root.join(format!("etcd-{tag}{i}"));
         let log = std::fs::File::create(root.join(format!("etcd-{tag}{i}.log")))?;
         let mut command = Command::new("etcd");
-        if peer_tls {
+        if let Some((_, cert, key)) = tls {
+            std::fs::write(root.join("etcd-client.crt"), cert)?;
+            std::fs::write(root.join("etcd-client.key"), key)?;
             command.arg("--peer-auto-tls");
+            command.arg("--cert-file").arg(root.join("etcd-client.crt"));
+            command.arg("--key-file").arg(root.join("etcd-client.key"));
         }
         let child = command
             .args([
@@ -193,9 +225,9 @@ fn start_etcd(root: &std::path::Path, size: usize, peer_tls: bool) -> Result<Etc
                 "--data-dir",
                 &dir.display().to_string(),
                 "--listen-client-urls",
-                &format!("http://127.0.0.1:{client}"),
+                &format!("{scheme}://127.0.0.1:{client}"),
                 "--advertise-client-urls",
-                &format!("http://127.0.0.1:{client}"),
+                &format!("{scheme}://127.0.0.1:{client}"),
                 "--listen-peer-urls",
                 &format!("{scheme}://127.0.0.1:{peer}"),
                 "--initial-advertise-peer-urls",
@@ -212,16 +244,16 @@ fn start_etcd(root: &std::path::Path, size: usize, peer_tls: bool) -> Result<Etc
             .spawn()
             .context("starting etcd (apt-get install etcd-server)")?;
         etcd.children.push(child);
-        etcd.client_urls.push(format!("http://127.0.0.1:{client}"));
+        etcd.client_urls.push(format!("{scheme}://127.0.0.1:{client}"));
     }
     Ok(etcd)
 }
 
-async fn etcd_leader(etcd: &Etcd) -> Result<String> {
+async fn etcd_leader(etcd: &Etcd, ca_pem: Option<&str>) -> Result<String> {
     let found = std::sync::Mutex::new(None);
     wait_until("an etcd leader", Duration::from_secs(30), || async {
         for url in &etcd.client_urls {
-            let mut one = etcd_client::Client::connect([url.clone()], None).await?;
+            let mut one = etcd_connect(url, ca_pem).await?;
             let status = one.status().await?;
             if status.leader() != 0 && status.header().is_some_and(|h| h.member_id() == status.leader()) {
                 one.put("warmup", "x", None).await?;
@@ -296,15 +328,17 @@ async fn main() -> Result<()> {
     }
     drop(roost);
 
-    for peer_tls in [true, false] {
-        let system = if peer_tls { "etcd-peer-tls" } else { "etcd" };
-        let etcd = start_etcd(root.path(), size, peer_tls)?;
-        let leader = etcd_leader(&etcd).await?;
+    let certificate = client_port_certificate()?;
+    for tls in [Some(&certificate), None] {
+        let system = if tls.is_some() { "etcd-tls" } else { "etcd" };
+        let ca_pem = tls.map(|(ca, _, _)| ca.as_str());
+        let etcd = start_etcd(root.path(), size, tls)?;
+        let leader = etcd_leader(&etcd, ca_pem).await?;
         let value = "v".repeat(128);
         for (i, clients) in CLIENT_COUNTS.into_iter().enumerate() {
             let mut connections = Vec::new();
             for _ in 0..clients {
-                connections.push(etcd_client::Client::connect([leader.clone()], None).await?.kv_client());
+                connections.push(etcd_connect(&leader, ca_pem).await?.kv_client());
             }
             let connections = Arc::new(connections);
             let value = value.clone();
@@ -317,7 +351,7 @@ async fn main() -> Result<()> {
                 }
             })
             .await?;
-            let mut reader = etcd_client::Client::connect([leader.clone()], None).await?;
+            let mut reader = etcd_connect(&leader, ca_pem).await?;
             let options = etcd_client::GetOptions::new().with_prefix().with_count_only();
             let present = reader.get(format!("b{clients}-"), Some(options)).await?.count();
             print(system, clients, &figures, usize::try_from(present).unwrap_or(0))?;
