@@ -239,7 +239,7 @@ async fn a_write_commits_on_followers_copies_while_the_leaders_sync_is_held_and_
         metrics.replication.as_ref().and_then(|r| r.get(&node).cloned().flatten()).map(|id| id.index)
     };
 
-    hold.hold();
+    let held = hold.hold();
     tokio::time::timeout(Duration::from_secs(10), create_app(&cluster, leader, "synced-by-followers"))
         .await
         .map_err(|_| anyhow::anyhow!("no commit while the leader's own sync was held: replication waits for it"))??;
@@ -250,7 +250,7 @@ async fn a_write_commits_on_followers_copies_while_the_leaders_sync_is_held_and_
         "the write was applied ({applied:?}) before the leader's own copy was synced ({:?})",
         matching(&now, leader_id)
     );
-    hold.release();
+    drop(held);
     wait_until("the leader's own copy synced", Duration::from_secs(10), || async {
         let now = metrics(&cluster)?;
         Ok(matching(&now, leader_id) >= now.last_applied.map(|id| id.index))
@@ -261,7 +261,7 @@ async fn a_write_commits_on_followers_copies_while_the_leaders_sync_is_held_and_
     let follower = (0..3).find(|i| *i != leader && *i != stopped).ok_or_else(|| anyhow::anyhow!("a follower"))?;
     let follower_id = cluster.node(follower)?.id;
     cluster.stop(stopped).await?;
-    hold.hold();
+    let held = hold.hold();
     let client = cluster.client(leader).await?;
     let write = tokio::spawn(async move {
         let mut client = client;
@@ -286,7 +286,7 @@ async fn a_write_commits_on_followers_copies_while_the_leaders_sync_is_held_and_
         assert!(applied < pending, "entry {pending} was applied before any two synced copies existed");
         assert!(!write.is_finished(), "a write was acknowledged before any two synced copies existed");
     }
-    hold.release();
+    drop(held);
     tokio::time::timeout(Duration::from_secs(10), write).await???;
     cluster.shutdown().await;
     Ok(())

@@ -58,3 +58,29 @@ async fn vote_and_log_survive_reopening() -> anyhow::Result<()> {
     assert_eq!(sm.applied_state().await?.0, None);
     Ok(())
 }
+
+/// A node's own committed vote (it led) reads back uncommitted, so that after
+/// a restart it campaigns in a new term instead of leading again under the
+/// old vote: its entries as leader are synced after they are sent, and a
+/// power cut can lose some its followers committed, whose log ids it must not
+/// give to new entries. Another node's committed vote reads back as written.
+#[tokio::test]
+async fn a_nodes_own_committed_vote_reads_back_uncommitted_so_it_campaigns_again() -> anyhow::Result<()> {
+    use openraft::Vote;
+
+    let dir = tempfile::tempdir()?;
+    let own = Vote::new_committed(3, 7);
+    {
+        let (mut log, _sm) = store::open(dir.path(), 7)?;
+        log.save_vote(&own).await?;
+    }
+    let (mut log, sm) = store::open(dir.path(), 7)?;
+    let read = log.read_vote().await?.ok_or_else(|| anyhow::anyhow!("no vote read back"))?;
+    assert_eq!(read, Vote::new(3, 7), "read back {read}");
+    assert!(!read.is_committed());
+    drop((log, sm));
+
+    let (mut follower, _sm) = store::open(dir.path(), 8)?;
+    assert_eq!(follower.read_vote().await?, Some(own), "another node's committed vote reads back as written");
+    Ok(())
+}
