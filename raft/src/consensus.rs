@@ -663,13 +663,19 @@ fn never_connected(status: &tonic::Status) -> bool {
 /// Campaigns for leadership when a voter has not heard from a leader for the
 /// leader lease plus a random election timeout, drawn afresh each campaign.
 /// A node that a voter with a longer log refused waits longer, as openraft's
-/// own timer does, so the better candidate goes first. See the module
+/// own timer does, so the better candidate goes first. A node just started
+/// waits the lease too before its first campaign: a leader that restarts
+/// reads its own vote back uncommitted (`store::LogStore::read_vote`), and
+/// campaigning early it could depose, for nothing, the leader that replaced
+/// it before that leader's heartbeats reach it. The sole voter of a cluster
+/// campaigns at once: there is no one to depose or wait for. See the module
 /// documentation for why openraft's own timer is off.
 pub async fn drive_elections(raft: Raft, timings: Timings, hints: Arc<ElectionHints>, shutdown: CancellationToken) {
     let draw = || rand::thread_rng().gen_range(timings.election_min..timings.election_max);
     let lease = timings.election_max;
     let smaller_log_delay = timings.election_max * 2;
     let mut yield_to_longer_log = false;
+    let mut campaigned = false;
     let started = Instant::now();
     let mut timeout = draw();
     let tick = timings.heartbeat.min(timings.election_min / 4);
@@ -678,14 +684,15 @@ pub async fn drive_elections(raft: Raft, timings: Timings, hints: Arc<ElectionHi
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(tick) => {}
         }
-        let (is_leader, is_voter) = {
+        let (is_leader, is_voter, sole_voter) = {
             let metrics = raft.metrics();
             let metrics = metrics.borrow();
             if metrics.running_state.is_err() {
                 return;
             }
-            let voter = metrics.membership_config.membership().voter_ids().any(|id| id == metrics.id);
-            (metrics.state == ServerState::Leader, voter)
+            let membership = metrics.membership_config.membership();
+            let voter = membership.voter_ids().any(|id| id == metrics.id);
+            (metrics.state == ServerState::Leader, voter, voter && membership.voter_ids().count() == 1)
         };
         if is_leader || !is_voter {
             timeout = draw();
@@ -698,9 +705,12 @@ pub async fn drive_elections(raft: Raft, timings: Timings, hints: Arc<ElectionHi
         else {
             return;
         };
-        let mut wait = if committed { lease + timeout } else { timeout };
+        let mut wait = if committed || !campaigned { lease + timeout } else { timeout };
         if yield_to_longer_log {
             wait += smaller_log_delay;
+        }
+        if sole_voter {
+            wait = Duration::ZERO;
         }
         let last_heard = last_heard.unwrap_or(started);
         if Instant::now().saturating_duration_since(last_heard) >= wait {
@@ -708,6 +718,7 @@ pub async fn drive_elections(raft: Raft, timings: Timings, hints: Arc<ElectionHi
             if raft.trigger().elect().await.is_err() {
                 return;
             }
+            campaigned = true;
             timeout = draw();
             yield_to_longer_log = false;
         }
