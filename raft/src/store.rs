@@ -146,8 +146,9 @@ pub struct LogStore {
 /// [`LogStore`]) ends the thread and waits for it, so the database is closed
 /// when the store is.
 struct WalSyncer {
-    queue: Mutex<Option<mpsc::Sender<LogFlushed<TypeConfig>>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// `None` only while dropping: closing it ends the thread.
+    queue: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     #[cfg(feature = "testkit")]
     hold: SyncHold,
 }
@@ -171,8 +172,8 @@ impl WalSyncer {
             }
         })?;
         Ok(Self {
-            queue: Mutex::new(Some(queue)),
-            thread: Mutex::new(Some(thread)),
+            queue: Some(queue),
+            thread: Some(thread),
             #[cfg(feature = "testkit")]
             hold,
         })
@@ -180,9 +181,7 @@ impl WalSyncer {
 
     /// Queues a sync for entries already written; the callback hears of it.
     fn sync(&self, callback: LogFlushed<TypeConfig>) -> Result<(), std::io::Error> {
-        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let sent = queue.as_ref().map(|queue| queue.send(callback));
-        match sent {
+        match self.queue.as_ref().map(|queue| queue.send(callback)) {
             Some(Ok(())) => Ok(()),
             Some(Err(mpsc::SendError(callback))) => {
                 let error = || std::io::Error::other("the Raft log's sync thread has stopped");
@@ -196,8 +195,8 @@ impl WalSyncer {
 
 impl Drop for WalSyncer {
     fn drop(&mut self) {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
             // It ends once it has reported what was queued.
             let _ = thread.join();
         }

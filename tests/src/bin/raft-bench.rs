@@ -207,16 +207,19 @@ fn start_etcd(root: &std::path::Path, size: usize, tls: Option<&(String, String,
         ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}={scheme}://127.0.0.1:{peer}")).collect();
     let mut etcd = Etcd { children: Vec::new(), client_urls: Vec::new() };
     let tag = if peer_tls { "tls" } else { "plain" };
+    let (cert_file, key_file) = (root.join("etcd-client.crt"), root.join("etcd-client.key"));
+    if let Some((_, cert, key)) = tls {
+        std::fs::write(&cert_file, cert)?;
+        std::fs::write(&key_file, key)?;
+    }
     for (i, (client, peer)) in ports.iter().enumerate() {
         let dir = root.join(format!("etcd-{tag}{i}"));
         let log = std::fs::File::create(root.join(format!("etcd-{tag}{i}.log")))?;
         let mut command = Command::new("etcd");
-        if let Some((_, cert, key)) = tls {
-            std::fs::write(root.join("etcd-client.crt"), cert)?;
-            std::fs::write(root.join("etcd-client.key"), key)?;
+        if peer_tls {
             command.arg("--peer-auto-tls");
-            command.arg("--cert-file").arg(root.join("etcd-client.crt"));
-            command.arg("--key-file").arg(root.join("etcd-client.key"));
+            command.arg("--cert-file").arg(&cert_file);
+            command.arg("--key-file").arg(&key_file);
         }
         let child = command
             .args([
