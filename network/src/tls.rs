@@ -167,6 +167,10 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The ALPN protocol of a Raft stream (`roost_raft::stream`), which a node
+/// port prefers to `h2` when a client offers both: only nodes do.
+pub const RAFT_STREAM_ALPN: &[u8] = b"roost-raft/1";
+
 /// The node port speaks TLS 1.3 only: every client is Roost's own.
 const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
@@ -305,7 +309,7 @@ impl NodeTlsConfig {
             .map_err(TlsError::Config)?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(resolver));
-        server.alpn_protocols = vec![b"h2".to_vec()];
+        server.alpn_protocols = vec![RAFT_STREAM_ALPN.to_vec(), b"h2".to_vec()];
         let verifier = PinnedCaVerifier { digests: digests.clone(), provider: provider(), accept };
         let mut client = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(VERSIONS)
@@ -475,6 +479,13 @@ pub struct TlsConnection {
 impl TlsConnection {
     fn active(&mut self) {
         self.idle.as_mut().reset(tokio::time::Instant::now() + self.idle_timeout);
+    }
+}
+
+impl TlsConnection {
+    /// Whether the client asked for a Raft stream rather than gRPC.
+    pub fn is_raft_stream(&self) -> bool {
+        self.stream.get_ref().1.alpn_protocol() == Some(RAFT_STREAM_ALPN)
     }
 }
 
@@ -715,6 +726,37 @@ impl ClientTls {
 
     fn connector(&self) -> TlsConnectorService {
         TlsConnectorService { source: self.source.clone(), server_name: self.server_name, session: None }
+    }
+
+    /// Opens a Raft stream to `addr`: TCP, then TLS offering
+    /// [`RAFT_STREAM_ALPN`] before `h2`. `Ok(None)`: the node chose `h2`, as
+    /// one from before Raft streams does.
+    pub async fn connect_raft_stream(
+        &self,
+        addr: &str,
+    ) -> Result<Option<tokio_rustls::client::TlsStream<TcpStream>>, TlsError> {
+        let mut config = (*self.source.config()).clone();
+        config.alpn_protocols = vec![RAFT_STREAM_ALPN.to_vec(), b"h2".to_vec()];
+        let name = ServerName::try_from(self.server_name).map_err(|_| TlsError::Address { addr: addr.to_owned() })?;
+        let connect = async {
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            TlsConnector::from(Arc::new(config)).connect(name, tcp).await
+        };
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                return Err(TlsError::Connect {
+                    addr: addr.to_owned(),
+                    reason: innermost(&e),
+                    transient: is_transient(&e),
+                })
+            }
+            Err(_) => {
+                return Err(TlsError::Connect { addr: addr.to_owned(), reason: "timed out".into(), transient: true })
+            }
+        };
+        Ok((stream.get_ref().1.alpn_protocol() == Some(RAFT_STREAM_ALPN)).then_some(stream))
     }
 
     /// A channel to `addr` (HOST:PORT) that connects on first use and

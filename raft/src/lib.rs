@@ -24,6 +24,7 @@ pub mod network;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod stream;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod workload;

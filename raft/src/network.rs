@@ -4,10 +4,15 @@
 //! `RaftPayload`. The server answers `Result<Resp, RaftError>` as JSON, so a
 //! remote Raft error reaches openraft as a `RemoteError`, while a transport
 //! failure becomes `Unreachable` (openraft backs off) or `Network`.
+//! AppendEntries goes on a Raft stream ([`crate::stream`]) where the
+//! channels open them and the peer takes them, and on gRPC otherwise.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
@@ -25,12 +30,34 @@ use tonic::transport::Channel;
 
 use crate::consensus::{encoded_len, MAX_APPEND_BYTES};
 use crate::store::StateReader;
+use crate::stream::{RaftIo, StreamError};
 use crate::{NodeId, RaftNode, TypeConfig};
+
+/// A Raft stream being opened ([`Channels::connect_stream`]).
+pub type StreamConnect = Pin<Box<dyn Future<Output = Result<Option<Box<dyn RaftIo>>, String>> + Send>>;
 
 /// Opens channels to peers; the node supplies one that speaks mutual TLS.
 pub trait Channels: Send + Sync + 'static {
     fn channel(&self, address: &str) -> Result<Channel, String>;
+
+    /// Opens a Raft stream ([`crate::stream`]) to `address`, which answers
+    /// `Ok(None)` if the peer takes gRPC only; `None`: these channels open
+    /// no streams, so AppendEntries goes on gRPC.
+    fn connect_stream(&self, _address: &str) -> Option<StreamConnect> {
+        None
+    }
+
+    /// Moves on whenever connections opened before must not be used for new
+    /// calls (this node presents a new certificate): open streams are
+    /// dropped for new ones, as channels are.
+    fn generation(&self) -> u64 {
+        0
+    }
 }
+
+/// How long a peer that took gRPC only gets it before a stream is tried
+/// again (it may have been upgraded).
+const GRPC_ONLY_FOR: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 pub struct Network {
@@ -80,6 +107,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             channels: self.channels.clone(),
             state: self.state.clone(),
             hints: self.hints.clone(),
+            stream: None,
+            grpc_until: None,
         }
     }
 }
@@ -93,6 +122,16 @@ pub struct PeerConnection {
     channels: Arc<dyn Channels>,
     state: StateReader,
     hints: Arc<ElectionHints>,
+    /// The Raft stream AppendEntries goes on, once open.
+    stream: Option<OpenStream>,
+    /// Until when AppendEntries goes on gRPC: the peer took no stream.
+    grpc_until: Option<Instant>,
+}
+
+struct OpenStream {
+    address: String,
+    generation: u64,
+    io: Box<dyn RaftIo>,
 }
 
 #[derive(Debug)]
@@ -146,16 +185,85 @@ impl PeerConnection {
             RpcKind::Vote => client.vote(req).await,
             RpcKind::InstallSnapshot => client.install_snapshot(req).await,
         };
-        let reply = reply.map_err(|status| {
-            let error = TransportError(format!("{} ({}): {}", self.node, kind.name(), status.message()));
-            match status.code() {
-                tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&error)),
-                _ => RPCError::Network(NetworkError::new(&error)),
-            }
-        })?;
+        let reply = reply.map_err(|status| self.refused(kind, &status))?;
+        self.answer(&reply.into_inner().json)
+    }
+
+    /// A call's refusal, or a transport failure tonic reported as a status.
+    fn refused<E: std::error::Error>(&self, kind: RpcKind, status: &tonic::Status) -> RPCError<NodeId, RaftNode, E> {
+        let error = TransportError(format!("{} ({}): {}", self.node, kind.name(), status.message()));
+        match status.code() {
+            tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&error)),
+            _ => RPCError::Network(NetworkError::new(&error)),
+        }
+    }
+
+    /// What the peer's Raft answered.
+    // The error is openraft's, returned as the `RaftNetwork` calls return it.
+    #[allow(clippy::result_large_err)]
+    fn answer<Resp, E>(&self, json: &[u8]) -> RpcResult<Resp, RaftError<NodeId, E>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let result: Result<Resp, RaftError<NodeId, E>> =
-            serde_json::from_slice(&reply.into_inner().json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            serde_json::from_slice(json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)))
+    }
+
+    /// Sends an AppendEntries on the peer's Raft stream, opening it first if
+    /// need be; `None` if it must go on gRPC instead. A stream that failed
+    /// or timed out is dropped (an answer may still be on its way), and the
+    /// next call opens another.
+    async fn stream_call(
+        &mut self,
+        json: &[u8],
+        option: &RPCOption,
+    ) -> Option<RpcResult<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
+        if self.grpc_until.is_some_and(|until| Instant::now() < until) {
+            return None;
+        }
+        let deadline = tokio::time::Instant::now() + option.hard_ttl();
+        let address = current_address(&self.state, self.target, &self.node);
+        let generation = self.channels.generation();
+        let mut open = match self.stream.take() {
+            Some(open) if open.address == address && open.generation == generation => open,
+            _ => {
+                let connect = self.channels.connect_stream(&address)?;
+                let unreachable = |reason: String| {
+                    let error = TransportError(format!("{} (append entries stream): {reason}", self.node));
+                    Some(Err(RPCError::Unreachable(Unreachable::new(&error))))
+                };
+                match tokio::time::timeout_at(deadline, connect).await {
+                    Err(_) => return unreachable("connecting timed out".into()),
+                    Ok(Err(reason)) => return unreachable(reason),
+                    Ok(Ok(None)) => {
+                        tracing::debug!(target = self.target, %address, "the peer takes no Raft stream; using gRPC");
+                        self.grpc_until = Some(Instant::now() + GRPC_ONLY_FOR);
+                        return None;
+                    }
+                    Ok(Ok(Some(io))) => OpenStream { address, generation, io },
+                }
+            }
+        };
+        let reply = match tokio::time::timeout_at(deadline, crate::stream::call(&mut open.io, json)).await {
+            Ok(Ok(reply)) => reply,
+            // Refused after it was read in full: the stream is still good.
+            Ok(Err(StreamError::Refused(status))) => {
+                self.stream = Some(open);
+                return Some(Err(self.refused(RpcKind::AppendEntries, &status)));
+            }
+            Ok(Err(error)) => {
+                let error = TransportError(format!("{} (append entries stream): {error}", self.node));
+                return Some(Err(RPCError::Network(NetworkError::new(&error))));
+            }
+            Err(_) => {
+                let error = TransportError(format!("{} (append entries stream): timed out", self.node));
+                return Some(Err(RPCError::Network(NetworkError::new(&error))));
+            }
+        };
+        self.stream = Some(open);
+        Some(self.answer(&reply))
     }
 }
 
@@ -216,6 +324,9 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
                 "splitting append entries"
             );
             return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
+        }
+        if let Some(result) = self.stream_call(&json, &option).await {
+            return result;
         }
         self.send(RpcKind::AppendEntries, json, &option).await
     }

@@ -106,6 +106,32 @@ impl RaftService {
         Ok(())
     }
 
+    /// Serves AppendEntries on a Raft stream ([`crate::stream`]) until it
+    /// closes or `stop` fires, each request checked as the gRPC call is, for
+    /// the node `caller` names at that moment (a certificate revoked
+    /// meanwhile is refused from then on).
+    pub async fn serve_stream(
+        self,
+        io: impl crate::stream::RaftIo,
+        caller: impl Fn() -> Result<Caller, Status>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<(), crate::stream::StreamError> {
+        use raft_server::Raft as _;
+        let serve = crate::stream::serve(io, |payload| {
+            let caller = caller();
+            let service = &self;
+            async move {
+                let mut request = Request::new(payload);
+                request.extensions_mut().insert(caller?);
+                service.append_entries(request).await.map(tonic::Response::into_inner)
+            }
+        });
+        tokio::select! {
+            () = stop.cancelled() => Ok(()),
+            served = serve => served,
+        }
+    }
+
     pub fn into_server(self) -> raft_server::RaftServer<Self> {
         raft_server::RaftServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -22,6 +22,17 @@ fn join_config(dir: &std::path::Path, name: &str, seed: &str, token: &str) -> No
 
 /// The join token once it differs from `before`: a removal rotates it when
 /// the removed node is out of Raft's membership.
+/// Sends an AppendEntries (`json`) on a Raft stream opened with `tls`, as a
+/// leader's replication does, and returns the refusal it must meet.
+async fn refused_on_a_raft_stream(tls: &ClientTls, address: &str, json: &[u8]) -> Result<tonic::Status> {
+    use anyhow::Context as _;
+    let mut stream = tls.connect_raft_stream(address).await?.context("the node took no Raft stream")?;
+    match roost_raft::stream::call(&mut stream, json).await {
+        Err(roost_raft::stream::StreamError::Refused(status)) => Ok(status),
+        other => anyhow::bail!("expected a refusal on the Raft stream, got {other:?}"),
+    }
+}
+
 async fn rotated_join_token(cluster: &Cluster, node: usize, before: &str) -> Result<String> {
     let current = || async {
         let mut client = cluster.client(node).await?;
@@ -209,6 +220,16 @@ async fn certificates_of_removed_or_unknown_nodes_and_members_posing_as_others_a
     .await?;
     // Its certificate no longer opens the node services.
     let tls = roost_tests::node_tls(&victim_dir)?;
+    let heartbeat: openraft::raft::AppendEntriesRequest<roost_raft::TypeConfig> =
+        openraft::raft::AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(1, cluster.node(leader)?.id),
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        };
+    let status =
+        refused_on_a_raft_stream(&tls, &cluster.node(leader)?.address, &serde_json::to_vec(&heartbeat)?).await?;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "a removed node on a Raft stream: {status:?}");
     let channel = tls.connect(&cluster.node(leader)?.address).await?;
     let status = roost_proto::cluster::peer_client::PeerClient::new(channel)
         .heartbeat(roost_proto::cluster::HeartbeatRequest { node_id: 0 })
@@ -223,6 +244,9 @@ async fn certificates_of_removed_or_unknown_nodes_and_members_posing_as_others_a
     let ca = roost_node::daemon::keys::open_ca(&info, &roost_deploy::secrets::SecretsKey::from_hex(&key)?)?;
     let rogue = ca.issue_node("rogue")?;
     let tls = ClientTls::node(ca.cert_pem(), &rogue.cert_pem, &rogue.key_pem)?;
+    let status =
+        refused_on_a_raft_stream(&tls, &cluster.node(leader)?.address, &serde_json::to_vec(&heartbeat)?).await?;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "a rogue certificate on a Raft stream: {status:?}");
     let channel = tls.connect(&cluster.node(leader)?.address).await?;
     let status = roost_proto::cluster::raft_client::RaftClient::new(channel)
         .read_index(roost_proto::cluster::ReadIndexRequest {})
@@ -248,6 +272,38 @@ async fn certificates_of_removed_or_unknown_nodes_and_members_posing_as_others_a
         .expect_err("posing as the leader");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains(&format!("in the name of node {leader_id}")), "{status:?}");
+    // And the same on a Raft stream, where replication sends it.
+    let status = refused_on_a_raft_stream(&tls, &cluster.node(leader)?.address, &serde_json::to_vec(&forged)?).await?;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains(&format!("in the name of node {leader_id}")), "{status:?}");
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// A node takes Raft streams; a node that offers only `h2` (one from before
+/// them) is found out in the handshake, and its peers use gRPC with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_raft_stream_opens_to_a_node_and_a_node_that_speaks_only_grpc_is_told_apart() -> Result<()> {
+    let cluster = Cluster::start(1).await?;
+    cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let dir = cluster.slots[0].dir.path();
+    let tls = roost_tests::node_tls(dir)?;
+    assert!(tls.connect_raft_stream(&cluster.node(0)?.address).await?.is_some(), "a node takes Raft streams");
+
+    let read = |file: &str| std::fs::read_to_string(dir.join("tls").join(file));
+    let mut older =
+        (*roost_network::tls::server_config(&read("ca.pem")?, &read("node.pem")?, &read("node.key")?)?).clone();
+    older.alpn_protocols = vec![b"h2".to_vec()];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?.to_string();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(older));
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await?;
+        let stream = acceptor.accept(tcp).await?;
+        anyhow::Ok(stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec))
+    });
+    assert!(tls.connect_raft_stream(&address).await?.is_none(), "an h2-only node is told apart");
+    assert_eq!(server.await??, Some(b"h2".to_vec()), "the handshake settled on h2");
     cluster.shutdown().await;
     Ok(())
 }

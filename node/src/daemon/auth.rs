@@ -47,19 +47,21 @@ pub fn require_node(
     self_id: NodeId,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |request: Request<()>| {
-        let fingerprint = request.extensions().get::<PeerIdentity>().and_then(|p| p.node_fingerprint.clone());
-        let Some(fp) = fingerprint else {
-            return Err(Status::unauthenticated("this service is for cluster nodes only: present a node certificate"));
-        };
-        match state.read(|s| member(s, self_id, &fp)) {
-            Some(caller) => {
-                let mut request = request;
-                request.extensions_mut().insert(caller);
-                Ok(request)
-            }
-            None => Err(Status::permission_denied(REVOKED)),
-        }
+        let identity = request.extensions().get::<PeerIdentity>();
+        let caller = node_caller(&state, self_id, identity.and_then(|p| p.node_fingerprint.as_deref()))?;
+        let mut request = request;
+        request.extensions_mut().insert(caller);
+        Ok(request)
     }
+}
+
+/// The node whose certificate (its `fingerprint`) a call came with, as
+/// [`require_node`] finds it.
+pub fn node_caller(state: &StateReader, self_id: NodeId, fingerprint: Option<&str>) -> Result<Caller, Status> {
+    let Some(fp) = fingerprint else {
+        return Err(Status::unauthenticated("this service is for cluster nodes only: present a node certificate"));
+    };
+    state.read(|s| member(s, self_id, fp)).ok_or_else(|| Status::permission_denied(REVOKED))
 }
 
 /// Which servers this node's own calls accept ([`ClientTls::node_accepting`]):

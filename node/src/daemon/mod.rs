@@ -341,6 +341,10 @@ impl Node {
             let state = consensus.state().clone();
             let token_uses = Arc::new(auth::TokenUses::default());
             let clock = Arc::new(clock::ClusterClock::default());
+            let raft_service = RaftService::new(
+                consensus.clone(),
+                auth::authorize(state.clone(), node_tls.clone(), token_uses.clone(), clock.clone()),
+            );
             let router = tonic::transport::Server::builder()
                 // Pings keep every served connection's bytes flowing, so the
                 // idle timeout (`ConnectionLimits`) closes only dead ones,
@@ -351,11 +355,7 @@ impl Node {
                 // more calls than this at once.
                 .max_concurrent_streams(Some(200))
                 .add_service(InterceptedService::new(
-                    RaftService::new(
-                        consensus.clone(),
-                        auth::authorize(state.clone(), node_tls.clone(), token_uses.clone(), clock.clone()),
-                    )
-                    .into_server(),
+                    raft_service.clone().into_server(),
                     auth::require_node(state.clone(), stored.node_id),
                 ))
                 .add_service(InterceptedService::new(
@@ -403,15 +403,16 @@ impl Node {
                         }),
                         auth::authenticate(state.clone(), node_tls.clone(), token_uses.clone(), clock.clone()),
                     ),
-                    state,
+                    state.clone(),
                     stored.node_id,
                     node_tls.clone(),
                 ));
-            let incoming = tls::incoming(listener, node_tls.clone(), config.connection_limits.clone(), stop.clone());
-            let server_stop = stop.clone();
             // Every task the node starts from here on is tracked, and
             // `drain` waits for all of them.
             let tasks = TaskTracker::new();
+            let incoming = tls::incoming(listener, node_tls.clone(), config.connection_limits.clone(), stop.clone());
+            let incoming = divert_raft_streams(incoming, raft_service, state, stored.node_id, &tasks, &stop);
+            let server_stop = stop.clone();
             let server = tasks.spawn(
                 async move {
                     if let Err(error) = router.serve_with_incoming_shutdown(incoming, server_stop.cancelled()).await {
@@ -605,6 +606,40 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 /// CLI its API certificate (`tls/api.pem`) if that CA signed it. The CA
 /// loop (`ca::run`) and the API certificate loop (`api_cert::run`) follow
 /// the state from there.
+/// Takes the connections that ask for a Raft stream
+/// ([`roost_raft::stream`]) out of `incoming` and serves each on a task of
+/// its own until it closes or the node stops; the rest go on to the gRPC
+/// server.
+fn divert_raft_streams(
+    incoming: impl tokio_stream::Stream<Item = std::io::Result<tls::TlsConnection>>,
+    service: RaftService,
+    state: roost_raft::store::StateReader,
+    self_id: roost_raft::NodeId,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tls::TlsConnection>> {
+    use tonic::transport::server::Connected as _;
+    let (tasks, stop) = (tasks.clone(), stop.clone());
+    tokio_stream::StreamExt::filter_map(incoming, move |connection| match connection {
+        Ok(connection) if connection.is_raft_stream() => {
+            let identity = connection.connect_info();
+            let state = state.clone();
+            let caller = move || auth::node_caller(&state, self_id, identity.node_fingerprint.as_deref());
+            let served = service.clone().serve_stream(connection, caller, stop.clone());
+            tasks.spawn(
+                async move {
+                    if let Err(error) = served.await {
+                        tracing::debug!(%error, "a Raft stream ended");
+                    }
+                }
+                .in_current_span(),
+            );
+            None
+        }
+        other => Some(other),
+    })
+}
+
 fn start_tls(dir: &DataDir, identity: &Identity, accept: tls::AcceptServer) -> Result<Arc<tls::NodeTls>, StartError> {
     let next_ca = std::fs::read_to_string(dir.next_ca_cert()).ok();
     let mut trusted = vec![identity.ca_cert_pem.as_str()];
