@@ -108,6 +108,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             state: self.state.clone(),
             hints: self.hints.clone(),
             stream: None,
+            connecting: None,
             grpc_until: None,
         }
     }
@@ -124,6 +125,10 @@ pub struct PeerConnection {
     hints: Arc<ElectionHints>,
     /// The Raft stream AppendEntries goes on, once open.
     stream: Option<OpenStream>,
+    /// The Raft stream being opened, past the deadline of the call that
+    /// started it, as a gRPC channel goes on connecting: a handshake slower
+    /// than one call's deadline is not started over at each call.
+    connecting: Option<Connecting>,
     /// Until when AppendEntries goes on gRPC: the peer took no stream.
     grpc_until: Option<Instant>,
 }
@@ -132,6 +137,18 @@ struct OpenStream {
     address: String,
     generation: u64,
     io: Box<dyn RaftIo>,
+}
+
+struct Connecting {
+    address: String,
+    generation: u64,
+    task: tokio::task::JoinHandle<Result<Option<Box<dyn RaftIo>>, String>>,
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 #[derive(Debug)]
@@ -229,20 +246,34 @@ impl PeerConnection {
         let mut open = match self.stream.take() {
             Some(open) if open.address == address && open.generation == generation => open,
             _ => {
-                let connect = self.channels.connect_stream(&address)?;
+                // One still being opened to the same place is waited for
+                // again; one to another place (or certificate) is dropped.
+                let mut connecting = match self.connecting.take() {
+                    Some(connecting) if connecting.address == address && connecting.generation == generation => {
+                        connecting
+                    }
+                    _ => {
+                        let task = tokio::spawn(self.channels.connect_stream(&address)?);
+                        Connecting { address: address.clone(), generation, task }
+                    }
+                };
                 let unreachable = |reason: String| {
                     let error = TransportError(format!("{} (append entries stream): {reason}", self.node));
                     Some(Err(RPCError::Unreachable(Unreachable::new(&error))))
                 };
-                match tokio::time::timeout_at(deadline, connect).await {
-                    Err(_) => return unreachable("connecting timed out".into()),
-                    Ok(Err(reason)) => return unreachable(reason),
-                    Ok(Ok(None)) => {
+                match tokio::time::timeout_at(deadline, &mut connecting.task).await {
+                    Err(_) => {
+                        self.connecting = Some(connecting);
+                        return unreachable("still connecting".into());
+                    }
+                    Ok(Err(failed)) => return unreachable(failed.to_string()),
+                    Ok(Ok(Err(reason))) => return unreachable(reason),
+                    Ok(Ok(Ok(None))) => {
                         tracing::debug!(target = self.target, %address, "the peer takes no Raft stream; using gRPC");
                         self.grpc_until = Some(Instant::now() + GRPC_ONLY_FOR);
                         return None;
                     }
-                    Ok(Ok(Some(io))) => OpenStream { address, generation, io },
+                    Ok(Ok(Ok(Some(io)))) => OpenStream { address, generation, io },
                 }
             }
         };
@@ -252,6 +283,11 @@ impl PeerConnection {
             Ok(Err(StreamError::Refused(status))) => {
                 self.stream = Some(open);
                 return Some(Err(self.refused(RpcKind::AppendEntries, &status)));
+            }
+            // A broken connection, as gRPC reports one (`Unavailable`).
+            Ok(Err(error @ StreamError::Io(_))) => {
+                let error = TransportError(format!("{} (append entries stream): {error}", self.node));
+                return Some(Err(RPCError::Unreachable(Unreachable::new(&error))));
             }
             Ok(Err(error)) => {
                 let error = TransportError(format!("{} (append entries stream): {error}", self.node));

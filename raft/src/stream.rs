@@ -28,6 +28,10 @@ use crate::consensus::MAX_MESSAGE_BYTES;
 const OK: u8 = 0;
 const REFUSED: u8 = 1;
 
+/// How long the answer to a request may take to write: a peer that sends
+/// but never reads is dropped after it.
+const ANSWER_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A connection a Raft stream runs on.
 pub trait RaftIo: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {}
 
@@ -118,8 +122,14 @@ where
                 frame.extend_from_slice(status.message().as_bytes());
             }
         }
-        io.write_all(&frame).await?;
-        io.flush().await?;
+        let write = async {
+            io.write_all(&frame).await?;
+            io.flush().await
+        };
+        match tokio::time::timeout(ANSWER_WRITE_TIMEOUT, write).await {
+            Ok(written) => written?,
+            Err(_) => return Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
+        }
     }
     Ok(())
 }

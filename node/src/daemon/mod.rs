@@ -445,6 +445,9 @@ impl Node {
                     stop.cancel();
                     consensus.shutdown().await;
                     let _ = server.await;
+                    // Raft streams may have been served by now.
+                    tasks.close();
+                    tasks.wait().await;
                     return Err(error);
                 }
             };
@@ -600,16 +603,10 @@ const TOKEN_USES_EVERY: Duration = Duration::from_secs(15);
 /// How long a starting node waits to learn the cluster before it serves anyway.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 
-/// The node's TLS as its data directory holds it: it trusts its CA and,
-/// part way through a CA rotation, the new one (`tls/next-ca.pem`), and
-/// presents its certificate with whichever of them signed it, and to the
-/// CLI its API certificate (`tls/api.pem`) if that CA signed it. The CA
-/// loop (`ca::run`) and the API certificate loop (`api_cert::run`) follow
-/// the state from there.
 /// Takes the connections that ask for a Raft stream
-/// ([`roost_raft::stream`]) out of `incoming` and serves each on a task of
-/// its own until it closes or the node stops; the rest go on to the gRPC
-/// server.
+/// ([`roost_raft::stream`]) out of `incoming` and serves each from a member
+/// on a task of its own until it closes or the node stops (others are
+/// closed at once); the rest go on to the gRPC server.
 fn divert_raft_streams(
     incoming: impl tokio_stream::Stream<Item = std::io::Result<tls::TlsConnection>>,
     service: RaftService,
@@ -625,6 +622,12 @@ fn divert_raft_streams(
             let identity = connection.connect_info();
             let state = state.clone();
             let caller = move || auth::node_caller(&state, self_id, identity.node_fingerprint.as_deref());
+            // Only a member is read at all; it is checked again at each
+            // request, for it may be removed meanwhile.
+            if let Err(status) = caller() {
+                tracing::debug!(remote = ?identity.remote_addr, reason = status.message(), "a Raft stream refused");
+                return None;
+            }
             let served = service.clone().serve_stream(connection, caller, stop.clone());
             tasks.spawn(
                 async move {
@@ -640,6 +643,12 @@ fn divert_raft_streams(
     })
 }
 
+/// The node's TLS as its data directory holds it: it trusts its CA and,
+/// part way through a CA rotation, the new one (`tls/next-ca.pem`), and
+/// presents its certificate with whichever of them signed it, and to the
+/// CLI its API certificate (`tls/api.pem`) if that CA signed it. The CA
+/// loop (`ca::run`) and the API certificate loop (`api_cert::run`) follow
+/// the state from there.
 fn start_tls(dir: &DataDir, identity: &Identity, accept: tls::AcceptServer) -> Result<Arc<tls::NodeTls>, StartError> {
     let next_ca = std::fs::read_to_string(dir.next_ca_cert()).ok();
     let mut trusted = vec![identity.ca_cert_pem.as_str()];
