@@ -480,9 +480,7 @@ impl TlsConnection {
     fn active(&mut self) {
         self.idle.as_mut().reset(tokio::time::Instant::now() + self.idle_timeout);
     }
-}
 
-impl TlsConnection {
     /// Whether the client asked for a Raft stream rather than gRPC.
     pub fn is_raft_stream(&self) -> bool {
         self.stream.get_ref().1.alpn_protocol() == Some(RAFT_STREAM_ALPN)
@@ -704,15 +702,7 @@ impl ClientTls {
 
     async fn connect_with(&self, addr: &str, connector: TlsConnectorService) -> Result<Channel, TlsError> {
         let endpoint = self.endpoint(addr)?;
-        endpoint.connect_with_connector(connector).await.map_err(|e| {
-            if let Some(wrong) = refusal::<WrongCa>(&e) {
-                TlsError::WrongCa { addr: addr.to_owned(), wrong }
-            } else if let Some(refusal) = refusal::<NoApiCertificate>(&e) {
-                TlsError::NoApiCertificate { addr: addr.to_owned(), refusal }
-            } else {
-                TlsError::Connect { addr: addr.to_owned(), reason: innermost(&e), transient: is_transient(&e) }
-            }
-        })
+        endpoint.connect_with_connector(connector).await.map_err(|e| connect_error(addr, &e))
     }
 
     fn endpoint(&self, addr: &str) -> Result<Endpoint, TlsError> {
@@ -737,21 +727,10 @@ impl ClientTls {
     ) -> Result<Option<tokio_rustls::client::TlsStream<TcpStream>>, TlsError> {
         let mut config = (*self.source.config()).clone();
         config.alpn_protocols = vec![RAFT_STREAM_ALPN.to_vec(), b"h2".to_vec()];
-        let name = ServerName::try_from(self.server_name).map_err(|_| TlsError::Address { addr: addr.to_owned() })?;
-        let connect = async {
-            let tcp = TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            TlsConnector::from(Arc::new(config)).connect(name, tcp).await
-        };
+        let connect = tls_connect(Arc::new(config), self.server_name, addr);
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                return Err(TlsError::Connect {
-                    addr: addr.to_owned(),
-                    reason: innermost(&e),
-                    transient: is_transient(&e),
-                })
-            }
+            Ok(Err(e)) => return Err(connect_error(addr, &e)),
             Err(_) => {
                 return Err(TlsError::Connect { addr: addr.to_owned(), reason: "timed out".into(), transient: true })
             }
@@ -818,7 +797,7 @@ impl tower::Service<Uri> for TlsConnectorService {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let tls = TlsConnector::from(self.source.config());
+        let config = self.source.config();
         let slot = self.session.clone();
         let server_name = self.server_name;
         Box::pin(async move {
@@ -827,10 +806,7 @@ impl tower::Service<Uri> for TlsConnectorService {
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "address has no host:port"))?
                 .as_str()
                 .to_owned();
-            let tcp = TcpStream::connect(authority).await?;
-            tcp.set_nodelay(true)?;
-            let name = ServerName::try_from(server_name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-            let stream = tls.connect(name, tcp).await?;
+            let stream = tls_connect(config, server_name, &authority).await?;
             if let Some(slot) = slot {
                 let connection = stream.get_ref().1;
                 let leaf = connection.peer_certificates().and_then(|certs| certs.first());
@@ -846,6 +822,30 @@ impl tower::Service<Uri> for TlsConnectorService {
             }
             Ok(TokioIo::new(stream))
         })
+    }
+}
+
+/// TCP to `addr` (no delay), then TLS with `config`, asking for `server_name`.
+async fn tls_connect(
+    config: Arc<rustls::ClientConfig>,
+    server_name: &'static str,
+    addr: &str,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from(server_name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    TlsConnector::from(config).connect(name, tcp).await
+}
+
+/// What a failed connection to `addr` was: a server this client refused
+/// (another cluster's CA, no API certificate), or one it could not reach.
+fn connect_error(addr: &str, e: &(dyn std::error::Error + 'static)) -> TlsError {
+    if let Some(wrong) = refusal::<WrongCa>(e) {
+        TlsError::WrongCa { addr: addr.to_owned(), wrong }
+    } else if let Some(refusal) = refusal::<NoApiCertificate>(e) {
+        TlsError::NoApiCertificate { addr: addr.to_owned(), refusal }
+    } else {
+        TlsError::Connect { addr: addr.to_owned(), reason: innermost(e), transient: is_transient(e) }
     }
 }
 

@@ -257,17 +257,13 @@ impl PeerConnection {
                         Connecting { address: address.clone(), generation, task }
                     }
                 };
-                let unreachable = |reason: String| {
-                    let error = TransportError(format!("{} (append entries stream): {reason}", self.node));
-                    Some(Err(RPCError::Unreachable(Unreachable::new(&error))))
-                };
                 match tokio::time::timeout_at(deadline, &mut connecting.task).await {
                     Err(_) => {
                         self.connecting = Some(connecting);
-                        return unreachable("still connecting".into());
+                        return Some(Err(self.stream_failed("still connecting", true)));
                     }
-                    Ok(Err(failed)) => return unreachable(failed.to_string()),
-                    Ok(Ok(Err(reason))) => return unreachable(reason),
+                    Ok(Err(failed)) => return Some(Err(self.stream_failed(failed, true))),
+                    Ok(Ok(Err(reason))) => return Some(Err(self.stream_failed(reason, true))),
                     Ok(Ok(Ok(None))) => {
                         tracing::debug!(target = self.target, %address, "the peer takes no Raft stream; using gRPC");
                         self.grpc_until = Some(Instant::now() + GRPC_ONLY_FOR);
@@ -285,21 +281,27 @@ impl PeerConnection {
                 return Some(Err(self.refused(RpcKind::AppendEntries, &status)));
             }
             // A broken connection, as gRPC reports one (`Unavailable`).
-            Ok(Err(error @ StreamError::Io(_))) => {
-                let error = TransportError(format!("{} (append entries stream): {error}", self.node));
-                return Some(Err(RPCError::Unreachable(Unreachable::new(&error))));
-            }
-            Ok(Err(error)) => {
-                let error = TransportError(format!("{} (append entries stream): {error}", self.node));
-                return Some(Err(RPCError::Network(NetworkError::new(&error))));
-            }
-            Err(_) => {
-                let error = TransportError(format!("{} (append entries stream): timed out", self.node));
-                return Some(Err(RPCError::Network(NetworkError::new(&error))));
-            }
+            Ok(Err(error @ StreamError::Io(_))) => return Some(Err(self.stream_failed(error, true))),
+            Ok(Err(error)) => return Some(Err(self.stream_failed(error, false))),
+            Err(_) => return Some(Err(self.stream_failed("timed out", false))),
         };
         self.stream = Some(open);
         Some(self.answer(&reply))
+    }
+
+    /// A Raft stream that could not be opened or used: `Unreachable` (openraft
+    /// backs off) when the peer cannot be reached, else `Network`.
+    fn stream_failed<E: std::error::Error>(
+        &self,
+        reason: impl fmt::Display,
+        unreachable: bool,
+    ) -> RPCError<NodeId, RaftNode, E> {
+        let error = TransportError(format!("{} (append entries stream): {reason}", self.node));
+        if unreachable {
+            RPCError::Unreachable(Unreachable::new(&error))
+        } else {
+            RPCError::Network(NetworkError::new(&error))
+        }
     }
 }
 

@@ -51,13 +51,21 @@ pub enum StreamError {
     Refused(Status),
 }
 
+/// A frame: the length of `parts` together, then `parts`.
+fn frame(parts: &[&[u8]]) -> Result<Vec<u8>, StreamError> {
+    let len: usize = parts.iter().map(|part| part.len()).sum();
+    let len = u32::try_from(len).map_err(|_| StreamError::Malformed("frame too large"))?;
+    let mut frame = Vec::with_capacity(4 + len as usize);
+    frame.extend_from_slice(&len.to_be_bytes());
+    for part in parts {
+        frame.extend_from_slice(part);
+    }
+    Ok(frame)
+}
+
 /// Sends one request (`json`, an `AppendEntriesRequest`) and reads its answer.
 pub async fn call(io: &mut (impl AsyncRead + AsyncWrite + Unpin), json: &[u8]) -> Result<Vec<u8>, StreamError> {
-    let len = u32::try_from(json.len()).map_err(|_| StreamError::Malformed("request too large"))?;
-    let mut frame = Vec::with_capacity(4 + json.len());
-    frame.extend_from_slice(&len.to_be_bytes());
-    frame.extend_from_slice(json);
-    io.write_all(&frame).await?;
+    io.write_all(&frame(&[json])?).await?;
     io.flush().await?;
     let answer = read_frame(io).await?.ok_or(StreamError::Malformed("closed before answering"))?;
     match answer.split_first() {
@@ -93,9 +101,8 @@ async fn read_frame(io: &mut (impl AsyncRead + Unpin)) -> Result<Option<Vec<u8>>
     Ok(Some(frame))
 }
 
-/// Serves the requests of one connection in order until it closes, fails,
-/// or `handle` says to stop (`None`). `handle` answers a request's JSON as
-/// the gRPC call would.
+/// Serves the requests of one connection in order until it closes or
+/// fails. `handle` answers a request's JSON as the gRPC call would.
 pub async fn serve<IO, H, F>(mut io: IO, mut handle: H) -> Result<(), StreamError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
@@ -103,27 +110,12 @@ where
     F: Future<Output = Result<RaftPayload, Status>>,
 {
     while let Some(json) = read_frame(&mut io).await? {
-        let answer = handle(RaftPayload { json }).await;
-        let mut frame = Vec::new();
-        let body_len = match &answer {
-            Ok(payload) => 1 + payload.json.len(),
-            Err(status) => 1 + 4 + status.message().len(),
+        let answer = match handle(RaftPayload { json }).await {
+            Ok(payload) => frame(&[&[OK], &payload.json])?,
+            Err(status) => frame(&[&[REFUSED], &(status.code() as i32).to_be_bytes(), status.message().as_bytes()])?,
         };
-        let body_len = u32::try_from(body_len).map_err(|_| StreamError::Malformed("answer too large"))?;
-        frame.extend_from_slice(&body_len.to_be_bytes());
-        match answer {
-            Ok(payload) => {
-                frame.push(OK);
-                frame.extend_from_slice(&payload.json);
-            }
-            Err(status) => {
-                frame.push(REFUSED);
-                frame.extend_from_slice(&(status.code() as i32).to_be_bytes());
-                frame.extend_from_slice(status.message().as_bytes());
-            }
-        }
         let write = async {
-            io.write_all(&frame).await?;
+            io.write_all(&answer).await?;
             io.flush().await
         };
         match tokio::time::timeout(ANSWER_WRITE_TIMEOUT, write).await {

@@ -444,8 +444,7 @@ impl Node {
                 Err(error) => {
                     stop.cancel();
                     consensus.shutdown().await;
-                    let _ = server.await;
-                    // Raft streams may have been served by now.
+                    // The server, and any Raft streams it handed over.
                     tasks.close();
                     tasks.wait().await;
                     return Err(error);
