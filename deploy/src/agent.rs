@@ -362,7 +362,7 @@ impl Agent {
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut changes = self.worker.consensus.state().changes();
+        let mut changes = self.worker.consensus.state().workload_changes();
         let mut network = self.network.clone();
         let wake = self.worker.wake.clone();
         // Not paced by its passes, which mostly wait on the engine: a

@@ -294,9 +294,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => 0,
         };
         {
+            // The cache is one contiguous run, so `start` is found by its
+            // offset, not by a scan of up to RECENT_ENTRIES entries (every
+            // apply and every AppendEntries reads the log).
             let recent = self.recent();
-            if recent.front().is_some_and(|first| first.log_id.index <= start) {
-                return Ok(recent.iter().filter(|e| range.contains(&e.log_id.index)).cloned().collect());
+            let offset = recent.front().and_then(|first| start.checked_sub(first.log_id.index));
+            if let Some(offset) = offset.and_then(|o| usize::try_from(o).ok()).filter(|o| *o < recent.len()) {
+                return Ok(recent.range(offset..).take_while(|e| range.contains(&e.log_id.index)).cloned().collect());
             }
         }
         let cf = self.cf(CF_LOGS)?;
@@ -442,6 +446,8 @@ pub struct StateMachine {
     inner: Arc<RwLock<Applied>>,
     /// Bumped after every apply, so tasks can wait for the state to change.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The workload revision, sent whenever it moves.
+    workload_changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// See [`StateReader::synced`].
     synced: Arc<AtomicBool>,
 }
@@ -513,6 +519,7 @@ impl Pace {
 pub struct StateReader {
     inner: Arc<RwLock<Applied>>,
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    workload_changes: Arc<tokio::sync::watch::Sender<u64>>,
     synced: Arc<AtomicBool>,
 }
 
@@ -555,6 +562,14 @@ impl StateReader {
         self.changes.subscribe()
     }
 
+    /// A receiver of the workload revision ([`StateReader::workload_revision`]),
+    /// which sees a new value only when it moves: what reconcilers wait on,
+    /// so that the entries that cannot concern them (tokens, an app created
+    /// without a release: most of a write storm) do not wake them at all.
+    pub fn workload_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.workload_changes.subscribe()
+    }
+
     /// Whether, since this process started, the state has once included
     /// every entry the cluster had committed when this node asked (a read
     /// barrier passed: [`StateReader::mark_synced`]). Until then a node that
@@ -572,8 +587,13 @@ impl StateReader {
         if self.synced.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner()).workload_revision += 1;
+        let revision = {
+            let mut applied = self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+            applied.workload_revision += 1;
+            applied.workload_revision
+        };
         self.changes.send_modify(|n| *n += 1);
+        self.workload_changes.send_replace(revision);
     }
 }
 
@@ -598,16 +618,32 @@ impl StateMachine {
             }
         }
         let (changes, _) = tokio::sync::watch::channel(0);
+        let (workload_changes, _) = tokio::sync::watch::channel(applied.workload_revision);
         Ok(Self {
             db,
             inner: Arc::new(RwLock::new(applied)),
             changes: Arc::new(changes),
+            workload_changes: Arc::new(workload_changes),
             synced: Arc::new(AtomicBool::new(false)),
         })
     }
 
     pub fn reader(&self) -> StateReader {
-        StateReader { inner: self.inner.clone(), changes: self.changes.clone(), synced: self.synced.clone() }
+        StateReader {
+            inner: self.inner.clone(),
+            changes: self.changes.clone(),
+            workload_changes: self.workload_changes.clone(),
+            synced: self.synced.clone(),
+        }
+    }
+
+    /// Tells waiters that the state changed, and the workload revision too
+    /// if it moved from `before`.
+    fn announce(&self, before: u64, revision: u64) {
+        self.changes.send_modify(|n| *n += 1);
+        if revision != before {
+            self.workload_changes.send_replace(revision);
+        }
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
@@ -672,6 +708,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut applied = self.write();
+        let before = applied.workload_revision;
         let mut responses = Vec::new();
         for entry in entries {
             applied.last_applied = Some(entry.log_id);
@@ -692,8 +729,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             responses.push(response);
         }
+        let revision = applied.workload_revision;
         drop(applied);
-        self.changes.send_modify(|n| *n += 1);
+        self.announce(before, revision);
         Ok(responses)
     }
 
@@ -720,8 +758,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         applied.last_membership = meta.last_membership.clone();
         applied.state = data.state;
         applied.workload_revision += 1;
+        let revision = applied.workload_revision;
         drop(applied);
-        self.changes.send_modify(|n| *n += 1);
+        self.announce(revision - 1, revision);
         Ok(())
     }
 

@@ -60,7 +60,7 @@ fn retry_after(failures: u32) -> Duration {
 }
 
 pub async fn run(consensus: Arc<Consensus>, key: Arc<SecretsKey>, stop: CancellationToken) {
-    let mut changes = consensus.state().changes();
+    let mut changes = consensus.state().workload_changes();
     let mut client: Option<(AcmeSettings, AcmeClient)> = None;
     loop {
         tokio::select! {

@@ -38,7 +38,8 @@ pub struct EdgeContext {
     /// Which nodes' instances the mesh reaches now (`mesh::run`).
     pub reach: watch::Receiver<Reach>,
     pub keys: EdgeKeys,
-    /// The state version the routes were last built from.
+    /// The workload revision the routes were last built from
+    /// ([`roost_raft::StateReader::workload_changes`]).
     pub built: watch::Sender<u64>,
 }
 
@@ -57,7 +58,7 @@ pub enum EdgeKeys {
 const WORKER_REFRESH: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub async fn run(context: EdgeContext, stop: CancellationToken) {
-    let mut changes = context.consensus.state().changes();
+    let mut changes = context.consensus.state().workload_changes();
     let mut directory = context.directory.clone();
     let mut reach = context.reach.clone();
     let mut served: HashMap<String, i64> = HashMap::new();
@@ -153,7 +154,7 @@ pub async fn worker_certificates(
     keys: Arc<VoterKeys>,
     stop: CancellationToken,
 ) {
-    let mut changes = consensus.state().changes();
+    let mut changes = consensus.state().workload_changes();
     // The ACME certificates served, the names a certificate is held for,
     // and when all were last fetched.
     let mut served: Option<HashMap<String, i64>> = None;
@@ -320,7 +321,7 @@ impl Hooks for NodeHooks {
             if consensus.read_barrier(deadline).await.is_err() {
                 return;
             }
-            let target = *consensus.state().changes().borrow();
+            let target = *consensus.state().workload_changes().borrow();
             let _ = tokio::time::timeout_at(deadline, built.wait_for(|version| *version >= target)).await;
         })
     }

@@ -356,40 +356,67 @@ pub async fn keep_join_token(
     let mut changes = state.changes();
     // Said once per distinct failure, not on every change of the state.
     let mut failing: Option<String> = None;
+    // The cluster record the file was last made from: nearly every entry
+    // leaves it as it is, and opening the secret and reading the file on
+    // each would cost every write on every node.
+    let mut seen: Option<Option<roost_raft::state::ClusterInfo>> = None;
     loop {
-        let cluster = state.read(|s| s.cluster.clone());
-        // The token pins the cluster's CA, which a CA rotation changes.
-        let secret = cluster.and_then(|cluster| {
-            let opened = super::keys::open_join_secret(&cluster, roost_raft::state::NodeRole::Voter, &key)
-                .and_then(|secret| Ok((secret, super::keys::ca_digest(&cluster.ca_cert_pem)?)));
-            match opened {
-                Ok(secret) => {
-                    failing = None;
-                    Some(secret)
-                }
-                Err(error) => {
-                    let error = error_chain(&error);
-                    if failing.as_ref() != Some(&error) {
-                        tracing::warn!(%error, "cannot read the join token");
-                        failing = Some(error);
-                    }
-                    None
-                }
-            }
-        });
-        if let Some((secret, ca_digest)) = secret {
-            let current = roost_network::Token { kind: roost_network::TokenKind::Join, ca_digest, secret };
-            let text = format!("{current}\n");
-            if fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
-                match write_private(&path, &text) {
-                    Ok(()) => tracing::info!("the join token rotated; {} holds the new one", path.display()),
-                    Err(error) => tracing::warn!(error = %error_chain(&error), "could not update the join token file"),
-                }
+        let changed = state.read(|s| (seen.as_ref() != Some(&s.cluster)).then(|| s.cluster.clone()));
+        if let Some(cluster) = changed {
+            seen = Some(cluster.clone());
+            if !write_join_token(&path, cluster, &key, &mut failing) {
+                // Tried again on the next change.
+                seen = None;
             }
         }
         tokio::select! {
             () = stop.cancelled() => return,
             changed = changes.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Writes the join token of `cluster` to `path` unless it holds it already;
+/// false if writing failed (a secret that cannot be opened is said once).
+fn write_join_token(
+    path: &std::path::Path,
+    cluster: Option<roost_raft::state::ClusterInfo>,
+    key: &roost_deploy::secrets::SecretsKey,
+    failing: &mut Option<String>,
+) -> bool {
+    // The token pins the cluster's CA, which a CA rotation changes.
+    let secret = cluster.and_then(|cluster| {
+        let opened = super::keys::open_join_secret(&cluster, roost_raft::state::NodeRole::Voter, key)
+            .and_then(|secret| Ok((secret, super::keys::ca_digest(&cluster.ca_cert_pem)?)));
+        match opened {
+            Ok(secret) => {
+                *failing = None;
+                Some(secret)
+            }
+            Err(error) => {
+                let error = error_chain(&error);
+                if failing.as_ref() != Some(&error) {
+                    tracing::warn!(%error, "cannot read the join token");
+                    *failing = Some(error);
+                }
+                None
+            }
+        }
+    });
+    let Some((secret, ca_digest)) = secret else { return true };
+    let current = roost_network::Token { kind: roost_network::TokenKind::Join, ca_digest, secret };
+    let text = format!("{current}\n");
+    if fs::read_to_string(path).ok().as_deref() == Some(text.as_str()) {
+        return true;
+    }
+    match write_private(path, &text) {
+        Ok(()) => {
+            tracing::info!("the join token rotated; {} holds the new one", path.display());
+            true
+        }
+        Err(error) => {
+            tracing::warn!(error = %error_chain(&error), "could not update the join token file");
+            false
         }
     }
 }

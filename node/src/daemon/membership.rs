@@ -137,7 +137,7 @@ pub async fn run_controller(
     // State changes are followed as the other reconcilers follow them: a
     // pass per burst (`Pace`), and the node set read only when an entry
     // that may change it was applied (`read_if_moved`).
-    let mut changes = consensus.state().changes();
+    let mut changes = consensus.state().workload_changes();
     let pace = roost_raft::store::Pace::default();
     let mut revision = None;
     let node_ids = |s: &roost_raft::State| s.nodes.keys().copied().collect::<Vec<NodeId>>();

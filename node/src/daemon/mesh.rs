@@ -86,7 +86,7 @@ pub async fn run(context: MeshContext, stop: CancellationToken) {
         .settings
         .wireguard_port
         .map(|port| super::wireguard_peer(&context.wireguard_key, &context.address, port));
-    let mut changes = context.consensus.state().changes();
+    let mut changes = context.consensus.state().workload_changes();
     let mut applied: Option<MeshPlan> = None;
     let mut dns: Option<DnsServer> = None;
     let mut next_check = Instant::now();

@@ -40,7 +40,7 @@ pub async fn run_controller(
     config: ControllerConfig,
     shutdown: CancellationToken,
 ) {
-    let mut changes = consensus.state().changes();
+    let mut changes = consensus.state().workload_changes();
     let mut pace = Pace::default();
     // Decisions also follow time (nodes going down, backoffs), so a pass
     // runs every CONTROL_EVERY whatever the state does; one a change wakes

@@ -84,3 +84,76 @@ async fn a_nodes_own_committed_vote_reads_back_uncommitted_so_it_campaigns_again
     assert_eq!(follower.read_vote().await?, Some(own), "another node's committed vote reads back as written");
     Ok(())
 }
+
+/// Reads answer with exactly the entries of the range asked for, whether
+/// they come from the newest entries kept in memory or from RocksDB (after
+/// reopening, the memory holds none): every bound kind, ranges inside the
+/// log, past its end and empty ones.
+#[tokio::test]
+async fn log_reads_give_the_range_asked_for_from_memory_and_from_disk_alike() -> anyhow::Result<()> {
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftLogReader};
+    use std::ops::Bound::{self, Excluded, Included, Unbounded};
+    use std::ops::RangeBounds;
+
+    let dir = tempfile::tempdir()?;
+    let ranges: [(Bound<u64>, Bound<u64>); 8] = [
+        (Included(1), Excluded(11)),
+        (Included(3), Excluded(7)),
+        (Included(3), Included(7)),
+        (Excluded(3), Unbounded),
+        (Included(10), Unbounded),
+        (Included(11), Unbounded),
+        (Unbounded, Included(4)),
+        (Included(5), Excluded(5)),
+    ];
+    let indexes = |entries: Vec<Entry<TypeConfig>>| entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
+    let want = |range: &(Bound<u64>, Bound<u64>)| (1..=10).filter(|i| range.contains(i)).collect::<Vec<u64>>();
+    {
+        let (mut log, _sm) = store::open(dir.path(), 7)?;
+        let entries = (1..=10).map(|index| Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(3, 7), index),
+            payload: EntryPayload::Blank,
+        });
+        openraft::storage::RaftLogStorageExt::blocking_append(&mut log, entries).await?;
+        for range in &ranges {
+            assert_eq!(indexes(log.try_get_log_entries(*range).await?), want(range), "from memory: {range:?}");
+        }
+    }
+    let (mut log, _sm) = store::open(dir.path(), 7)?;
+    for range in &ranges {
+        assert_eq!(indexes(log.try_get_log_entries(*range).await?), want(range), "from disk: {range:?}");
+    }
+    Ok(())
+}
+
+/// Reconcilers wait on `workload_changes`, which moves only with the
+/// workload revision: an entry that creates an app (most of a write storm)
+/// wakes those that wait on every change and not them; one that destroys an
+/// app wakes both.
+#[tokio::test]
+async fn an_entry_that_leaves_the_workload_revision_wakes_no_reconciler() -> anyhow::Result<()> {
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    use roost_raft::{Command, Proposal};
+
+    let dir = tempfile::tempdir()?;
+    let (_log, mut sm) = store::open(dir.path(), 7)?;
+    let reader = sm.reader();
+    let (mut every, mut workloads) = (reader.changes(), reader.workload_changes());
+    let entry = |index, command| Entry::<TypeConfig> {
+        log_id: LogId::new(CommittedLeaderId::new(1, 7), index),
+        payload: EntryPayload::Normal(Proposal::new(command, 0)),
+    };
+
+    sm.apply([entry(1, Command::CreateApp { name: "web".into() })]).await?;
+    assert!(every.has_changed()?, "every change is announced");
+    assert!(!workloads.has_changed()?, "creating an app moved the workload revision");
+    every.mark_unchanged();
+
+    let before = reader.workload_revision();
+    sm.apply([entry(2, Command::DestroyApp { name: "web".into() })]).await?;
+    assert!(every.has_changed()?);
+    assert!(workloads.has_changed()?, "destroying an app did not wake reconcilers");
+    assert_eq!(*workloads.borrow_and_update(), reader.workload_revision());
+    assert!(reader.workload_revision() > before);
+    Ok(())
+}
