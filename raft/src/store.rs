@@ -593,8 +593,21 @@ impl StateReader {
             applied.workload_revision
         };
         self.changes.send_modify(|n| *n += 1);
-        self.workload_changes.send_replace(revision);
+        raise(&self.workload_changes, revision);
     }
+}
+
+/// Sends `revision` unless the watch holds a later one already: apply and
+/// [`StateReader::mark_synced`] send after releasing the state's lock, so
+/// their sends can come in the other order, and the watch must not go back.
+fn raise(watch: &tokio::sync::watch::Sender<u64>, revision: u64) {
+    watch.send_if_modified(|current| {
+        let later = revision > *current;
+        if later {
+            *current = revision;
+        }
+        later
+    });
 }
 
 impl StateMachine {
@@ -642,7 +655,7 @@ impl StateMachine {
     fn announce(&self, before: u64, revision: u64) {
         self.changes.send_modify(|n| *n += 1);
         if revision != before {
-            self.workload_changes.send_replace(revision);
+            raise(&self.workload_changes, revision);
         }
     }
 
@@ -794,5 +807,17 @@ mod tests {
         let mut measured = Pace::default();
         measured.passed(std::time::Instant::now() - std::time::Duration::from_millis(50));
         assert!(measured.settle() >= std::time::Duration::from_millis(450));
+    }
+
+    #[test]
+    fn the_workload_watch_never_goes_back_when_two_sends_come_out_of_order() {
+        let (watch, mut seen) = tokio::sync::watch::channel(0);
+        raise(&watch, 2);
+        assert_eq!(*seen.borrow_and_update(), 2);
+        raise(&watch, 1);
+        assert!(!seen.has_changed().unwrap_or(true), "an older revision woke waiters");
+        assert_eq!(*seen.borrow(), 2);
+        raise(&watch, 3);
+        assert_eq!(*seen.borrow_and_update(), 3);
     }
 }
