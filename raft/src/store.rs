@@ -651,12 +651,10 @@ impl StateMachine {
     }
 
     /// Tells waiters that the state changed, and the workload revision too
-    /// if it moved from `before`.
-    fn announce(&self, before: u64, revision: u64) {
+    /// if it moved ([`raise`] sends only a later one).
+    fn announce(&self, revision: u64) {
         self.changes.send_modify(|n| *n += 1);
-        if revision != before {
-            raise(&self.workload_changes, revision);
-        }
+        raise(&self.workload_changes, revision);
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
@@ -721,7 +719,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut applied = self.write();
-        let before = applied.workload_revision;
         let mut responses = Vec::new();
         for entry in entries {
             applied.last_applied = Some(entry.log_id);
@@ -744,7 +741,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let revision = applied.workload_revision;
         drop(applied);
-        self.announce(before, revision);
+        self.announce(revision);
         Ok(responses)
     }
 
@@ -773,7 +770,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         applied.workload_revision += 1;
         let revision = applied.workload_revision;
         drop(applied);
-        self.announce(revision - 1, revision);
+        self.announce(revision);
         Ok(())
     }
 
