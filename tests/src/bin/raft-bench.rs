@@ -9,7 +9,7 @@
 //! roost clients=N writes_per_s=… p50_ms=… p99_ms=… acknowledged=… present=…
 //! etcd-tls clients=N writes_per_s=… p50_ms=… p99_ms=… acknowledged=… present=…
 //! etcd clients=N writes_per_s=… p50_ms=… p99_ms=… acknowledged=… present=…
-//! ratio clients=N vs=etcd-tls throughput=<roost/etcd> p50=<roost/etcd>
+//! ratio clients=N of=roost vs=etcd-tls throughput=<roost/etcd> p50=<roost/etcd>
 //! roost idle_rss_mib node=… rss=…
 //! ```
 //!
@@ -27,7 +27,12 @@
 //! certificate this bench makes, which its clients verify), which the
 //! headline ratio uses, and entirely plain. etcd runs with as many members as
 //! Roost has nodes (`--nodes`, 3 by default).
-//! Run with `cargo run --release -p roost-tests --bin raft-bench [-- --seconds S --nodes N]`.
+//! With `--bearer`, Roost's clients send the admin token itself
+//! (`Bearer`, as tools that cannot sign do) instead of signing each call
+//! with its key (what the CLI does), and its rows read `roost-bearer`: the
+//! difference is what the CLI's per-call Ed25519 signature costs (etcd here
+//! runs without authentication).
+//! Run with `cargo run --release -p roost-tests --bin raft-bench [-- --seconds S --nodes N --bearer]`.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -157,6 +162,18 @@ async fn start_roost(root: &std::path::Path, size: usize) -> Result<RoostCluster
     }
     let tokens = InitTokens { join: roost_network::Token::parse(&join)?, admin: roost_network::Token::parse(&admin)? };
     Ok(RoostCluster { nodes, tokens, leader })
+}
+
+/// A client of the node at `address` that sends the admin token as
+/// `Bearer` on every call, over the same TLS as the CLI's.
+async fn bearer_client(address: &str, tokens: &InitTokens) -> Result<roost_node::cli::Control> {
+    let tls = roost_network::tls::ClientTls::api(tokens.admin.ca_digest)?;
+    let (channel, _session) = tls.connect_bound(address).await?;
+    let header = format!("Bearer {}", tokens.admin).parse()?;
+    Ok(roost_proto::api::control_client::ControlClient::with_interceptor(
+        channel,
+        roost_node::cli::ApiAuth::Header(header),
+    ))
 }
 
 struct Etcd {
@@ -296,6 +313,8 @@ async fn main() -> Result<()> {
     let root = tempfile::Builder::new().prefix("raft-bench-").tempdir()?;
     // `--nodes 1` measures a single node, which shows what replication costs.
     let size: usize = flag("--nodes")?.unwrap_or(3);
+    let bearer = std::env::args().any(|a| a == "--bearer");
+    let roost_label = if bearer { "roost-bearer" } else { "roost" };
     let roost = start_roost(root.path(), size).await?;
     // Idle footprint first, before any load.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -309,7 +328,11 @@ async fn main() -> Result<()> {
     for clients in CLIENT_COUNTS {
         let mut connections = Vec::new();
         for _ in 0..clients {
-            connections.push(admin_client(&roost.leader, &roost.tokens).await?);
+            connections.push(if bearer {
+                bearer_client(&roost.leader, &roost.tokens).await?
+            } else {
+                admin_client(&roost.leader, &roost.tokens).await?
+            });
         }
         let connections = Arc::new(connections);
         let figures = drive(clients, duration, move |client, seq| {
@@ -326,7 +349,7 @@ async fn main() -> Result<()> {
         let mut reader = admin_client(&roost.leader, &roost.tokens).await?.max_decoding_message_size(256 << 20);
         let apps = reader.list_apps(roost_proto::api::ListAppsRequest::default()).await?.into_inner().apps;
         let present = apps.iter().filter(|a| a.name.starts_with(&prefix)).count();
-        print("roost", clients, &figures, present)?;
+        print(roost_label, clients, &figures, present)?;
         results.push(figures);
     }
     drop(roost);
@@ -360,7 +383,7 @@ async fn main() -> Result<()> {
             print(system, clients, &figures, usize::try_from(present).unwrap_or(0))?;
             let ours = results[i];
             println!(
-                "ratio clients={clients} vs={system} throughput={:.2} p50={:.2}",
+                "ratio clients={clients} of={roost_label} vs={system} throughput={:.2} p50={:.2}",
                 ours.writes_per_s / figures.writes_per_s,
                 ours.p50_ms / figures.p50_ms
             );
