@@ -302,9 +302,25 @@ async fn main() -> Result<()> {
         std::env::args().skip_while(|a| a != "--seconds").nth(1).map(|s| s.parse()).transpose()?.unwrap_or(10);
     let duration = Duration::from_secs(seconds);
 
-    // Make sure the node binary matches this source tree.
+    // Make sure the node binary matches this source tree. `cargo run` gives
+    // this process the bench's own package variables (`CARGO_MANIFEST_DIR`,
+    // `CARGO_PKG_*`), and build scripts that watch them (ring's) would see
+    // them change between this build and the next `cargo run`, and rebuild
+    // ring and all that uses it every time: the inner build goes without them.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo).args(["build", "--release", "-p", "roost-node", "--bin", "roost"]).status()?;
+    let mut build = Command::new(cargo);
+    build.args(["build", "--release", "-p", "roost-node", "--bin", "roost"]);
+    for (name, _) in std::env::vars_os() {
+        let package_variable = name.to_str().is_some_and(|name| {
+            name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_MANIFEST_")
+                || ["CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE"].contains(&name)
+        });
+        if package_variable {
+            build.env_remove(name);
+        }
+    }
+    let status = build.status()?;
     if !status.success() {
         bail!("building the roost binary failed");
     }
