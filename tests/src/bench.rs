@@ -26,6 +26,11 @@ impl Flags {
         }
     }
 
+    /// Whether the switch `flag` (one without a value) was given.
+    pub fn has(&self, flag: &str) -> bool {
+        self.0.iter().any(|a| a == flag)
+    }
+
     /// Whether the part `name` runs: every part without `--only`.
     pub fn wants(&self, name: &str) -> bool {
         self.value("--only").is_none_or(|only| only == name)

@@ -39,7 +39,7 @@ async fn main() -> Result<()> {
     let idle = flags.number("--idle-seconds", 600)?;
     let root = tempfile::Builder::new().prefix("roost-failover-bench-").tempdir()?;
     let result = run(root.path(), &flags, kills, idle).await;
-    if result.is_err() || std::env::args().any(|a| a == "--keep") {
+    if result.is_err() || flags.has("--keep") {
         eprintln!("logs and data kept in {}", root.keep().display());
     }
     result

@@ -288,19 +288,14 @@ async fn etcd_leader(etcd: &Etcd, ca_pem: Option<&str>) -> Result<String> {
     leader.context("no etcd leader")
 }
 
-/// The value after `name` on the command line, parsed.
-fn flag<T: std::str::FromStr>(name: &str) -> Result<Option<T>>
-where
-    T::Err: std::error::Error + Send + Sync + 'static,
-{
-    Ok(std::env::args().skip_while(|a| a != name).nth(1).map(|s| s.parse()).transpose()?)
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
-    let seconds: u64 =
-        std::env::args().skip_while(|a| a != "--seconds").nth(1).map(|s| s.parse()).transpose()?.unwrap_or(10);
-    let duration = Duration::from_secs(seconds);
+    let flags = roost_tests::bench::Flags::from_command_line();
+    let duration = Duration::from_secs(flags.number("--seconds", 10)?);
+    // `--nodes 1` measures a single node, which shows what replication costs.
+    let size = usize::try_from(flags.number("--nodes", 3)?)?;
+    let bearer = flags.has("--bearer");
+    let roost_label = if bearer { "roost-bearer" } else { "roost" };
 
     // Make sure the node binary matches this source tree. `cargo run` gives
     // this process the bench's own package variables (`CARGO_MANIFEST_DIR`,
@@ -327,10 +322,6 @@ async fn main() -> Result<()> {
     eprintln!("using {}", roost_bin()?.display());
 
     let root = tempfile::Builder::new().prefix("raft-bench-").tempdir()?;
-    // `--nodes 1` measures a single node, which shows what replication costs.
-    let size: usize = flag("--nodes")?.unwrap_or(3);
-    let bearer = std::env::args().any(|a| a == "--bearer");
-    let roost_label = if bearer { "roost-bearer" } else { "roost" };
     let roost = start_roost(root.path(), size).await?;
     // Idle footprint first, before any load.
     tokio::time::sleep(Duration::from_secs(5)).await;
