@@ -380,7 +380,7 @@ async fn a_worker_holds_no_cluster_keys_yet_runs_secrets_and_serves_tls() -> Res
         names(n, "role", "worker") == ["w1"] && names(n, "state", "up").len() == 2
     })
     .await?;
-    let _cleanup = n1.docker_cleanup()?;
+    let _cleanup = n1.docker_cleanup().await?;
 
     // Nothing on the worker's disk opens anything. Raft's write-ahead log
     // holds every entry uncompressed, the bootstrap entry included.
@@ -550,7 +550,7 @@ async fn a_restarted_node_answers_503_not_404_for_an_app_made_while_it_was_down(
     let n1 = NodeProcess::init(root.path(), "n1")?;
     let admin = n1.read_token_when_ready("admin.token").await?;
     let join = n1.read_token_when_ready("join.token").await?;
-    let _cleanup = n1.docker_cleanup()?;
+    let _cleanup = n1.docker_cleanup().await?;
     let n2 = NodeProcess::join(root.path(), "n2", &n1.address, &join)?;
     let mut n3 = NodeProcess::join(root.path(), "n3", &n1.address, &join)?;
     wait_for_nodes(&n1.address, &admin, Duration::from_secs(60), "three nodes up", |n| {

@@ -29,7 +29,7 @@ async fn a_ca_rotation_gives_every_node_a_certificate_from_the_new_ca_without_do
     let n1 = NodeProcess::init(root.path(), "n1")?;
     let admin = n1.read_token_when_ready("admin.token").await?;
     let join = n1.read_token_when_ready("join.token").await?;
-    let _cleanup = n1.docker_cleanup()?;
+    let _cleanup = n1.docker_cleanup().await?;
     let out = roost(&["node", "token", "--role", "worker"], Some(&n1.address), Some(&admin)).await?;
     assert_eq!(out.code, 0, "{}", out.stderr);
     let worker_token = out.stdout.trim().to_owned();

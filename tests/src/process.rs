@@ -276,9 +276,17 @@ impl NodeProcess {
 
     /// What removes the containers and images of this node's cluster when
     /// dropped, read off its `node.json`.
-    pub fn docker_cleanup(&self) -> Result<crate::apps::DockerCleanup> {
-        let identity: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(self.data_dir.join("node.json"))?)?;
+    ///
+    /// `node init` writes the token files before `node.json` (which goes
+    /// last, so a crash part way can be retried), so a test that has read a
+    /// token may still be ahead of it: this waits for `node.json`.
+    pub async fn docker_cleanup(&self) -> Result<crate::apps::DockerCleanup> {
+        let path = self.data_dir.join("node.json");
+        wait_until(&format!("node.json of {}", self.name), Duration::from_secs(30), || async {
+            Ok(path.exists())
+        })
+        .await?;
+        let identity: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
         let cluster = identity["cluster_id"].as_str().context("node.json names no cluster")?.to_owned();
         Ok(crate::apps::DockerCleanup { cluster })
     }
