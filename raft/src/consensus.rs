@@ -14,6 +14,7 @@
 //! heard from a leader) with a *fresh* random timeout for every campaign.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -184,6 +185,8 @@ pub struct Consensus {
     state: StateReader,
     channels: Arc<dyn Channels>,
     batcher: mpsc::UnboundedSender<Pending>,
+    /// Proposals sent to the batcher that it has not taken yet.
+    queued: Arc<AtomicUsize>,
     /// The store, held so that shutdown closes it once every other holder
     /// is gone, and returns only when it is closed.
     db: std::sync::Mutex<Option<Arc<rocksdb::DB>>>,
@@ -233,7 +236,8 @@ impl Consensus {
         let raft = Raft::new(id, config, network, log, sm).await.map_err(StartError::Raft)?;
         let elections = tokio::spawn(drive_elections(raft.clone(), timings.clone(), hints, shutdown.clone()));
         let (batcher, pending) = mpsc::unbounded_channel();
-        let batching = tokio::spawn(run_batcher(raft.clone(), pending, shutdown));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let batching = tokio::spawn(run_batcher(raft.clone(), pending, queued.clone(), shutdown));
         let tasks = std::sync::Mutex::new(vec![elections, batching]);
         Ok(Arc::new(Self {
             id,
@@ -241,6 +245,7 @@ impl Consensus {
             state,
             channels,
             batcher,
+            queued,
             db,
             tasks,
             #[cfg(feature = "testkit")]
@@ -272,6 +277,11 @@ impl Consensus {
     #[cfg(feature = "testkit")]
     pub fn log_sync_hold(&self) -> store::SyncHold {
         self.sync_hold.clone()
+    }
+
+    /// How many proposals wait for the batcher, behind the write in flight.
+    pub fn queued_writes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 
     pub fn raft(&self) -> &Raft {
@@ -383,6 +393,7 @@ impl Consensus {
     /// [`Consensus::write_local`] of a proposal already measured.
     async fn write_sized(&self, proposal: Proposal, bytes: usize) -> LocalWrite {
         let (tx, rx) = oneshot::channel();
+        self.queued.fetch_add(1, Ordering::Relaxed);
         if self.batcher.send((proposal, bytes, tx)).is_err() {
             return LocalWrite::Stopped;
         }
@@ -554,7 +565,12 @@ const MAX_BATCH: usize = 512;
 ///
 /// A batch holds at most [`MAX_BATCH`] proposals and [`MAX_BATCH_BYTES`]
 /// bytes; a proposal that would overflow it opens the next one.
-async fn run_batcher(raft: Raft, mut pending: mpsc::UnboundedReceiver<Pending>, shutdown: CancellationToken) {
+async fn run_batcher(
+    raft: Raft,
+    mut pending: mpsc::UnboundedReceiver<Pending>,
+    queued: Arc<AtomicUsize>,
+    shutdown: CancellationToken,
+) {
     let mut carried: Option<Pending> = None;
     loop {
         let first = match carried.take() {
@@ -562,7 +578,10 @@ async fn run_batcher(raft: Raft, mut pending: mpsc::UnboundedReceiver<Pending>, 
             None => tokio::select! {
                 () = shutdown.cancelled() => return,
                 first = pending.recv() => match first {
-                    Some(first) => first,
+                    Some(first) => {
+                        queued.fetch_sub(1, Ordering::Relaxed);
+                        first
+                    }
                     None => return,
                 },
             },
@@ -570,17 +589,14 @@ async fn run_batcher(raft: Raft, mut pending: mpsc::UnboundedReceiver<Pending>, 
         let mut bytes = first.1;
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
-            match pending.try_recv() {
-                Ok(next) if bytes + next.1 > MAX_BATCH_BYTES => {
-                    carried = Some(next);
-                    break;
-                }
-                Ok(next) => {
-                    bytes += next.1;
-                    batch.push(next);
-                }
-                Err(_) => break,
+            let Ok(next) = pending.try_recv() else { break };
+            queued.fetch_sub(1, Ordering::Relaxed);
+            if bytes + next.1 > MAX_BATCH_BYTES {
+                carried = Some(next);
+                break;
             }
+            bytes += next.1;
+            batch.push(next);
         }
         // Callers that gave up (timed out) are not written for.
         batch.retain(|(_, _, waiter)| !waiter.is_closed());
@@ -598,8 +614,26 @@ async fn run_batcher(raft: Raft, mut pending: mpsc::UnboundedReceiver<Pending>, 
 }
 
 /// Writes one batch's entry and answers each of its waiters.
-async fn write_batch(raft: &Raft, entry: Proposal, waiters: Vec<oneshot::Sender<LocalWrite>>) {
-    let outcome = match raft.client_write(entry).await {
+///
+/// openraft 0.9 may never answer a write: one in flight when this node lost
+/// leadership and then installed a snapshot that reaches past it. So once
+/// every waiter has given up (their calls timed out: `Unconfirmed`), the
+/// write is no longer waited for, and the batches behind it go on. The entry
+/// stays in the log and may still commit, so after such a timeout two
+/// writes can be in flight for a while.
+async fn write_batch(raft: &Raft, entry: Proposal, mut waiters: Vec<oneshot::Sender<LocalWrite>>) {
+    let outcome = {
+        let all_gave_up = async {
+            for waiter in &mut waiters {
+                waiter.closed().await;
+            }
+        };
+        tokio::select! {
+            () = all_gave_up => return,
+            written = raft.client_write(entry) => written,
+        }
+    };
+    let outcome = match outcome {
         Ok(written) => Ok(written.data),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(LocalWrite::NotLeader),
         Err(RaftError::APIError(e)) => Err(LocalWrite::Failed(e.to_string())),

@@ -219,6 +219,65 @@ async fn no_task_of_a_stopped_cluster_keeps_running() -> Result<()> {
     Ok(())
 }
 
+/// A lone write goes out as an entry of its own; writes that arrive while it
+/// is in flight wait and go next as one batch entry; and a caller that gives
+/// up on its write in flight (its call timed out) strands none of the writes
+/// waiting behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_behind_one_in_flight_go_as_one_batch_even_when_its_caller_gives_up() -> Result<()> {
+    use roost_raft::{Command, Response};
+    let cluster = Cluster::start(1).await?;
+    cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let consensus = cluster.node(0)?.consensus.clone();
+    let last_index = || consensus.raft().metrics().borrow().last_log_index.unwrap_or(0);
+    let propose = |name: &str| {
+        let consensus = consensus.clone();
+        let command = Command::CreateApp { name: name.into() };
+        tokio::spawn(
+            async move { consensus.propose(command, tokio::time::Instant::now() + Duration::from_secs(30)).await },
+        )
+    };
+    let before = last_index();
+
+    // A lone node commits nothing while its own syncs are held.
+    let held = consensus.log_sync_hold().hold();
+    let first = propose("first");
+    wait_until("the first write in the log", Duration::from_secs(10), || async { Ok(last_index() == before + 1) })
+        .await?;
+    let behind = [propose("second"), propose("third")];
+    wait_until("two writes waiting behind the first", Duration::from_secs(10), || async {
+        Ok(consensus.queued_writes() == 2)
+    })
+    .await?;
+    assert_eq!(last_index(), before + 1, "a write went out while another was in flight");
+
+    // The first write's caller gives up; those behind it go on, as one
+    // entry, before the first is through.
+    first.abort();
+    assert!(first.await.is_err_and(|e| e.is_cancelled()), "the first write finished while its sync was held");
+    wait_until("the two writes behind the first in the log", Duration::from_secs(10), || async {
+        Ok(last_index() == before + 2)
+    })
+    .await?;
+    drop(held);
+    for write in behind {
+        let response = tokio::time::timeout(Duration::from_secs(10), write)
+            .await
+            .map_err(|_| anyhow::anyhow!("a write behind one whose caller gave up was never written"))???;
+        assert!(matches!(response, Response::AppCreated { .. }), "{response:?}");
+    }
+    assert_eq!(last_index(), before + 2, "the two writes behind the first did not go as one entry");
+    let names = app_names(&cluster, 0, false).await?;
+    assert_eq!(names, ["first", "second", "third"], "the given-up write is in the log all the same");
+
+    // And a lone write after them goes at once, alone.
+    let response = tokio::time::timeout(Duration::from_secs(10), propose("fourth")).await???;
+    assert!(matches!(response, Response::AppCreated { .. }), "{response:?}");
+    assert_eq!(last_index(), before + 3);
+    cluster.shutdown().await;
+    Ok(())
+}
+
 /// The leader's own log sync overlaps replication (our openraft patch, see
 /// ARCHITECTURE.md, Write path), and the leader's copy counts toward a quorum
 /// only once it is synced. With the leader's sync held, a write commits on
@@ -243,6 +302,12 @@ async fn a_write_commits_on_followers_copies_while_the_leaders_sync_is_held_and_
     tokio::time::timeout(Duration::from_secs(10), create_app(&cluster, leader, "synced-by-followers"))
         .await
         .map_err(|_| anyhow::anyhow!("no commit while the leader's own sync was held: replication waits for it"))??;
+    // openraft publishes its metrics after it answers the client.
+    let written = metrics(&cluster)?.last_log_index;
+    wait_until("the write applied in the leader's metrics", Duration::from_secs(10), || async {
+        Ok(metrics(&cluster)?.last_applied.map(|id| id.index) >= written)
+    })
+    .await?;
     let now = metrics(&cluster)?;
     let applied = now.last_applied.map(|id| id.index);
     assert!(

@@ -282,10 +282,8 @@ impl NodeProcess {
     /// token may still be ahead of it: this waits for `node.json`.
     pub async fn docker_cleanup(&self) -> Result<crate::apps::DockerCleanup> {
         let path = self.data_dir.join("node.json");
-        wait_until(&format!("node.json of {}", self.name), Duration::from_secs(30), || async {
-            Ok(path.exists())
-        })
-        .await?;
+        wait_until(&format!("node.json of {}", self.name), Duration::from_secs(30), || async { Ok(path.exists()) })
+            .await?;
         let identity: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
         let cluster = identity["cluster_id"].as_str().context("node.json names no cluster")?.to_owned();
         Ok(crate::apps::DockerCleanup { cluster })
