@@ -393,8 +393,10 @@ impl Consensus {
     /// [`Consensus::write_local`] of a proposal already measured.
     async fn write_sized(&self, proposal: Proposal, bytes: usize) -> LocalWrite {
         let (tx, rx) = oneshot::channel();
+        // Counted before it is sent, so the batcher never takes one uncounted.
         self.queued.fetch_add(1, Ordering::Relaxed);
         if self.batcher.send((proposal, bytes, tx)).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
             return LocalWrite::Stopped;
         }
         rx.await.unwrap_or(LocalWrite::Stopped)
