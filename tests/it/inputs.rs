@@ -490,6 +490,110 @@ async fn a_cli_call_to_a_removed_node_gives_it_nothing_a_member_accepts() -> Res
     Ok(())
 }
 
+/// The `authorization` header of a call of `method` that changes `target`
+/// (`roost-target`), signed with `token`'s key on `session`.
+fn signed_header(
+    token: &Token,
+    session: &roost_network::tls::Session,
+    method: &str,
+    target: &str,
+) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+    let call = roost_network::token::SignedCall { session: &session.exporter, server: &session.server, method, target };
+    Ok(token.key().sign(&call, roost_raft::consensus::now_millis()).header().parse()?)
+}
+
+/// `CreateApp` of `app` on `channel`'s session, sending `header` as it is.
+async fn create_with(
+    channel: &tonic::transport::Channel,
+    header: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    app: &str,
+) -> std::result::Result<(), tonic::Status> {
+    let mut client = ControlClient::with_interceptor(channel.clone(), ApiAuth::Header(header.clone()));
+    let request = roost_node::cli::about_app(app, CreateAppRequest { name: app.into() });
+    client.create_app(request).await.map(drop)
+}
+
+/// A signature that verified on a TLS session vouches, to the node serving
+/// that session, for the session's further calls signed with the same key
+/// (`auth::SessionProofs`), so that node checks one signature per client
+/// and minute, not one per call. It vouches for nothing else: not on
+/// another session, not for another key, not for a token revoked since,
+/// and not to the leader, which checks in full each signature another node
+/// forwards it as a grant. Here the further calls carry a signature made
+/// for another app, which only the session can vouch for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_proven_by_one_signature_vouches_to_its_own_node_alone() -> Result<()> {
+    let cluster = Cluster::start(3).await?;
+    cluster.wait_for_members(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let follower = (0..3).find(|i| *i != leader).expect("a follower");
+    let admin = cluster.tokens.admin.clone();
+    let printed = cluster
+        .cli(leader, &["tokens", "create", "--json", "--name", "second", "--scope", "admin"])
+        .await
+        .map_err(|e| anyhow::anyhow!("tokens create: {e}"))?;
+    let second: serde_json::Value = serde_json::from_str(&printed)?;
+    let second = Token::parse(second["token"].as_str().unwrap_or_default())?;
+    let exists = |app: &'static str| {
+        let cluster = &cluster;
+        async move {
+            let listed = cluster.client(leader).await?.list_apps(ListAppsRequest::default()).await?.into_inner();
+            anyhow::Ok(listed.apps.iter().any(|a| a.name == app))
+        }
+    };
+    let open = |index: usize| {
+        let address = cluster.node(index).map(|n| n.address.clone());
+        async move {
+            let (channel, session) = ClientTls::anonymous(admin.ca_digest)?.connect_bound(&address?).await?;
+            let session = session.get().ok_or_else(|| anyhow::anyhow!("no TLS session"))?;
+            anyhow::Ok((channel, session))
+        }
+    };
+
+    // The leader: one signature proves the session; a further call on it
+    // with the admin's key is served, whatever its signature.
+    let (channel, session) = open(leader).await?;
+    let proving = signed_header(&admin, &session, "CreateApp", "app:proven-on-leader")?;
+    create_with(&channel, &proving, "proven-on-leader").await?;
+    create_with(&channel, &proving, "vouched-on-leader").await?;
+    assert!(exists("vouched-on-leader").await?, "the leader's own session vouched for nothing");
+
+    // Another session of the same client: the signature proves nothing there.
+    let (other_channel, _) = open(leader).await?;
+    let status = create_with(&other_channel, &proving, "replayed-on-leader").await.expect_err("a replay");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("does not match this TLS session"), "{}", status.message());
+
+    // Another key on the proven session: its own signature is checked.
+    let posing = signed_header(&admin, &session, "CreateApp", "app:posing")?;
+    let posing = posing.to_str()?.replacen(&admin.key().public_key(), &second.key().public_key(), 1).parse()?;
+    let status = create_with(&channel, &posing, "posing").await.expect_err("another key's forged signature");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("does not match this TLS session"), "{}", status.message());
+
+    // A token revoked since its session was proven: refused at once.
+    let revoked = signed_header(&second, &session, "CreateApp", "app:before-revoking")?;
+    create_with(&channel, &revoked, "before-revoking").await?;
+    cluster.cli(leader, &["tokens", "revoke", "second"]).await.map_err(|e| anyhow::anyhow!("tokens revoke: {e}"))?;
+    let status = create_with(&channel, &revoked, "after-revoking").await.expect_err("a revoked token");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("not one of the cluster's current tokens"), "{}", status.message());
+
+    // A follower: its session is proven to it, but the grant it forwards
+    // to the leader carries a signature made for another app, which the
+    // leader checks, and refuses.
+    let (channel, session) = open(follower).await?;
+    let proving = signed_header(&admin, &session, "CreateApp", "app:proven-on-follower")?;
+    create_with(&channel, &proving, "proven-on-follower").await?;
+    let status = create_with(&channel, &proving, "forwarded").await.expect_err("a grant the leader must refuse");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("does not match this TLS session"), "{}", status.message());
+    assert!(!exists("forwarded").await?, "the leader took a grant whose signature it did not check");
+    assert!(!exists("replayed-on-leader").await? && !exists("posing").await? && !exists("after-revoking").await?);
+    cluster.shutdown().await;
+    Ok(())
+}
+
 /// What an impostor seed (a removed node's directory) keeps of each join
 /// and answers: the cluster's own CA, so only the missing proof of the
 /// current join secret gives it away.

@@ -562,6 +562,9 @@ pub struct SignedSession {
 /// afresh, well inside the time a node allows a signed call
 /// (`auth::SIGNED_CALL_SKEW_MS`, and `SIGNED_GRANT_AGE_MS` for grants).
 const RESIGN_AFTER_MS: i64 = 60_000;
+/// The most signatures a client keeps for reuse; it forgets them all when
+/// full, and signs afresh what it calls next.
+const MAX_SIGNED: usize = 1_024;
 
 impl tonic::service::Interceptor for ApiAuth {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
@@ -593,6 +596,12 @@ impl tonic::service::Interceptor for ApiAuth {
                             SignedCall { session: &session.exporter, server: &session.server, method: &slot.0, target };
                         let header = MetadataValue::try_from(key.sign(&call, now).header())
                             .map_err(|_| tonic::Status::internal("a signature that a header cannot carry"))?;
+                        // A client that names something new on every call
+                        // (a script creating apps) would otherwise keep a
+                        // signature for each for as long as it runs.
+                        if signed.len() >= MAX_SIGNED {
+                            signed.clear();
+                        }
                         signed.insert(slot, SignedSession { session, at: now, header: header.clone() });
                         header
                     }

@@ -51,6 +51,9 @@ pub struct ControlService {
     pub tls: Arc<roost_network::tls::NodeTls>,
     /// What token expiry is judged by.
     pub clock: Arc<super::clock::ClusterClock>,
+    /// The sessions of this node's API connections whose client proved its
+    /// token's key (`auth::authenticate` notes them).
+    pub proofs: Arc<super::auth::SessionProofs>,
     pub node_name: String,
     pub engine: Engine,
     /// `None` on a worker.
@@ -208,6 +211,7 @@ impl ControlService {
                 None,
                 &self.clock,
                 super::auth::SIGNED_GRANT_AGE_MS,
+                super::auth::Proofs::Serving(&self.proofs),
             )
             .map(Some),
             _ => Ok(None),

@@ -142,6 +142,7 @@ pub fn authenticate(
     tls: Arc<NodeTls>,
     uses: Arc<TokenUses>,
     clock: Arc<ClusterClock>,
+    proofs: Arc<SessionProofs>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |request: Request<()>| {
         let grant = match request.extensions().get::<CallGrant>() {
@@ -150,7 +151,8 @@ pub fn authenticate(
             None => return Err(Status::unauthenticated("no API token: pass --token or set ROOST_TOKEN")),
         };
         let pins = &tls.current().trusted;
-        let principal = resolve_grant(&state, pins, &grant, Some(&uses), &clock, SIGNED_CALL_SKEW_MS)?;
+        let proofs = Proofs::Taking(&proofs);
+        let principal = resolve_grant(&state, pins, &grant, Some(&uses), &clock, SIGNED_CALL_SKEW_MS, proofs)?;
         let mut request = request;
         request.extensions_mut().insert(principal);
         Ok(request)
@@ -272,9 +274,10 @@ fn canonical_target(target: &str, state: &State) -> String {
 }
 
 /// The caller a grant stands for, by the state and clock as they are now:
-/// the token must be current and not expired; a signed one must verify over
-/// its session, at a time no more than `max_age_ms` old and not ahead of the
-/// cluster's clock by more than [`SIGNED_CALL_SKEW_MS`].
+/// the token must be current and not expired; a signed one must be made at
+/// a time no more than `max_age_ms` old and not ahead of the cluster's clock
+/// by more than [`SIGNED_CALL_SKEW_MS`], and verify over its session unless
+/// `proofs` lets this node's proof of that session vouch for it.
 pub fn resolve_grant(
     state: &StateReader,
     pins: &[CaDigest],
@@ -282,6 +285,7 @@ pub fn resolve_grant(
     uses: Option<&TokenUses>,
     clock: &ClusterClock,
     max_age_ms: UnixMillis,
+    proofs: Proofs<'_>,
 ) -> Result<Principal, Status> {
     match grant {
         Grant::Token { token } => resolve(state, pins, token, uses, clock),
@@ -290,7 +294,7 @@ pub fn resolve_grant(
             check_signed_time(*timestamp_ms, clock.now(), max_age_ms)?;
             let (bootstrapped, found) = state.read(|s| (s.cluster.is_some(), s.token_by_key(public_key)));
             if found.is_some() {
-                verify_signed(grant)?;
+                verify_signed(grant, proofs)?;
             }
             current(bootstrapped, found, uses, clock, "signed with a token that is not one of the cluster's current tokens: it was revoked or rotated, is mistyped, or was made before calls were signed (then rotate it: `roost tokens rotate NAME`)")
         }
@@ -302,10 +306,24 @@ pub fn resolve_grant(
 /// Whether a signature verifies depends on nothing else, so signatures
 /// that did are remembered ([`VERIFIED`]): a client sends one signature
 /// with every call of a session, and it costs one Ed25519 check.
-fn verify_signed(grant: &Grant) -> Result<(), Status> {
+///
+/// On a session of this node's own ([`Proofs`]), a session whose client
+/// has proven the grant's key within [`SESSION_PROOF_TTL`] needs no check
+/// at all; and a signature that verifies on a call being taken proves it.
+fn verify_signed(grant: &Grant, proofs: Proofs<'_>) -> Result<(), Status> {
     let Grant::Signed { public_key, timestamp_ms, session, server, method, target, signature } = grant else {
         return Err(Status::unauthenticated("not a signed call"));
     };
+    let now = std::time::Instant::now();
+    let proof = match proofs {
+        Proofs::Forwarded => None,
+        Proofs::Taking(proofs) | Proofs::Serving(proofs) => {
+            Some((proofs, SessionProofs::key(public_key, session, server)))
+        }
+    };
+    if proof.as_ref().is_some_and(|(proofs, key)| proofs.holds(key, now)) {
+        return Ok(());
+    }
     let mut digest = sha2::Sha256::new();
     for part in [
         public_key.as_bytes(),
@@ -320,22 +338,27 @@ fn verify_signed(grant: &Grant) -> Result<(), Status> {
         digest.update(part);
     }
     let seen: [u8; 32] = digest.finalize().into();
-    if VERIFIED.lock().is_ok_and(|verified| verified.contains(&seen)) {
-        return Ok(());
-    }
-    let session = unhex(session)
-        .filter(|s| s.len() == 32)
-        .ok_or_else(|| Status::unauthenticated("the signed session must be 32 bytes in hex"))?;
-    let signed =
-        TokenSignature { public_key: public_key.clone(), timestamp_ms: *timestamp_ms, signature: signature.clone() };
-    signed
-        .verify(&SignedCall { session: &session, server, method, target })
-        .map_err(|e| Status::unauthenticated(e.to_string()))?;
-    if let Ok(mut verified) = VERIFIED.lock() {
-        if verified.len() >= MAX_VERIFIED {
-            verified.clear();
+    if !VERIFIED.lock().is_ok_and(|verified| verified.contains(&seen)) {
+        let session = unhex(session)
+            .filter(|s| s.len() == 32)
+            .ok_or_else(|| Status::unauthenticated("the signed session must be 32 bytes in hex"))?;
+        let signed = TokenSignature {
+            public_key: public_key.clone(),
+            timestamp_ms: *timestamp_ms,
+            signature: signature.clone(),
+        };
+        signed
+            .verify(&SignedCall { session: &session, server, method, target })
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        if let Ok(mut verified) = VERIFIED.lock() {
+            if verified.len() >= MAX_VERIFIED {
+                verified.clear();
+            }
+            verified.insert(seen);
         }
-        verified.insert(seen);
+    }
+    if let (Proofs::Taking(_), Some((proofs, key))) = (proofs, proof) {
+        proofs.note(key, now);
     }
     Ok(())
 }
@@ -346,6 +369,87 @@ fn verify_signed(grant: &Grant) -> Result<(), Status> {
 static VERIFIED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>> =
     std::sync::LazyLock::new(Default::default);
 const MAX_VERIFIED: usize = 16_384;
+
+/// How long a signature that verified on one of this node's TLS sessions
+/// vouches for that session's further calls signed with the same key.
+pub const SESSION_PROOF_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+/// The most sessions remembered at once; the set is cleared whole when it
+/// is full, which costs each live session one more check.
+const MAX_SESSION_PROOFS: usize = 16_384;
+
+/// Which of this node's [`SessionProofs`] a signed grant may lean on.
+#[derive(Clone, Copy, Debug)]
+pub enum Proofs<'a> {
+    /// A grant another node forwarded to this one (the leader): its
+    /// signature is checked in full, whatever this node has seen.
+    Forwarded,
+    /// The grant of a call this node is taking now, on its own TLS session
+    /// ([`authenticate`]): a proof of the session vouches for it, and a
+    /// signature that verifies proves the session.
+    Taking(&'a SessionProofs),
+    /// The grant of a call this node took a while ago, checked again
+    /// (after a long build): a proof vouches for it, but it proves nothing
+    /// anew, so a proof lasts [`SESSION_PROOF_TTL`] from the last signature
+    /// a call came with.
+    Serving(&'a SessionProofs),
+}
+
+/// The TLS sessions of this node's own API connections whose client has
+/// proven, by a signature that verified, that it holds a token's key pair.
+///
+/// Only the client and this node hold the session's keys, so a further
+/// call on that session signed with the same key comes from the same
+/// client: it is served without checking its signature again, which spares
+/// the node an Ed25519 check on each call of a client that names something
+/// new with every call (each `apps create` does). So on this node a
+/// signature binds a session to a key, and what a call may do is the
+/// token's scope; its method and target bind only the grant the call
+/// hands on. That grant carries the signature, and a leader that receives
+/// it from another node checks it in full ([`authorize`]:
+/// [`Proofs::Forwarded`]): a session proven to one node proves nothing to
+/// another, and a call on a proven session whose signature is not its own
+/// is served by its node and refused by the leader. The token is still
+/// looked up on every call, so a revoked, rotated or expired one is
+/// refused at once.
+#[derive(Debug, Default)]
+pub struct SessionProofs {
+    proven: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::time::Instant>>,
+}
+
+impl SessionProofs {
+    /// What a proof is remembered by: the key, the session (its exporter
+    /// value, hex) and the certificate this node presented on it.
+    fn key(public_key: &str, session: &str, server: &str) -> [u8; 32] {
+        let mut digest = sha2::Sha256::new();
+        for part in [public_key, session, server] {
+            digest.update((part.len() as u64).to_be_bytes());
+            digest.update(part.as_bytes());
+        }
+        digest.finalize().into()
+    }
+
+    /// Whether `key` was proven less than [`SESSION_PROOF_TTL`] before `now`.
+    fn holds(&self, key: &[u8; 32], now: std::time::Instant) -> bool {
+        self.proven.lock().is_ok_and(|proven| proven.get(key).is_some_and(|&at| fresh(at, now)))
+    }
+
+    fn note(&self, key: [u8; 32], now: std::time::Instant) {
+        if let Ok(mut proven) = self.proven.lock() {
+            if proven.len() >= MAX_SESSION_PROOFS {
+                proven.retain(|_, &mut at| fresh(at, now));
+            }
+            if proven.len() >= MAX_SESSION_PROOFS {
+                proven.clear();
+            }
+            proven.insert(key, now);
+        }
+    }
+}
+
+/// Whether a proof made `at` still holds `now`.
+fn fresh(at: std::time::Instant, now: std::time::Instant) -> bool {
+    now.saturating_duration_since(at) < SESSION_PROOF_TTL
+}
 
 /// Refuses a signed call's time more than [`SIGNED_CALL_SKEW_MS`] ahead of
 /// `now` or more than `max_age_ms` behind it.
@@ -697,9 +801,11 @@ pub fn authorize(state: StateReader, tls: Arc<NodeTls>, uses: Arc<TokenUses>, cl
         (_, Some(grant @ (Grant::Token { .. } | Grant::Signed { .. }))) => {
             // And what it names, and nothing else.
             state.read(|s| bound_target_allows(Some(grant), command, s))?;
-            let principal =
-                resolve_grant(&state, &tls.current().trusted, grant, Some(&uses), &clock, SIGNED_GRANT_AGE_MS)
-                    .map_err(|status| status.message().to_owned())?;
+            // A grant forwarded by another node is checked in full: no
+            // session of this node's own vouches for it.
+            let (pins, forwarded) = (&tls.current().trusted, Proofs::Forwarded);
+            let principal = resolve_grant(&state, pins, grant, Some(&uses), &clock, SIGNED_GRANT_AGE_MS, forwarded)
+                .map_err(|status| status.message().to_owned())?;
             principal.allow(command.access()).map_err(|status| status.message().to_owned())
         }
         (_, _) => Err("it needs the API token of the user who asked for it".into()),
@@ -769,6 +875,55 @@ mod tests {
     use roost_raft::testkit::cluster;
 
     use super::*;
+
+    /// The grant of a `CreateApp` call naming `target` on `session` with
+    /// the server `server`, whose signature `token` made for `signed_for`.
+    fn create_grant(token: &Token, session: [u8; 32], server: &str, signed_for: &str, target: &str) -> Grant {
+        let call = SignedCall { session: &session, server, method: "CreateApp", target: signed_for };
+        let signed = token.key().sign(&call, 1_000);
+        Grant::Signed {
+            public_key: signed.public_key,
+            timestamp_ms: signed.timestamp_ms,
+            session: hex(&session),
+            server: server.to_owned(),
+            method: "CreateApp".to_owned(),
+            target: target.to_owned(),
+            signature: signed.signature,
+        }
+    }
+
+    #[test]
+    fn a_session_proof_vouches_for_its_session_and_key_for_a_minute_and_never_for_a_forwarded_grant() {
+        let token = Token::generate(TokenKind::Api, CaDigest([1; 32]));
+        let other = Token::generate(TokenKind::Api, CaDigest([1; 32]));
+        let (proofs, session) = (SessionProofs::default(), [9u8; 32]);
+        let genuine = create_grant(&token, session, "s1", "app:a", "app:a");
+        // Signed for app:a, naming app:b: only a proof of the session vouches for it.
+        let forged = create_grant(&token, session, "s1", "app:a", "app:b");
+        assert!(verify_signed(&forged, Proofs::Taking(&proofs)).is_err(), "nothing is proven yet");
+
+        // A grant checked again while serving a call proves nothing anew.
+        assert!(verify_signed(&genuine, Proofs::Serving(&proofs)).is_ok());
+        assert!(verify_signed(&forged, Proofs::Taking(&proofs)).is_err(), "a grant checked while serving proved");
+
+        // A call taken with a signature that verifies proves its session.
+        assert!(verify_signed(&genuine, Proofs::Taking(&proofs)).is_ok());
+        assert!(verify_signed(&forged, Proofs::Taking(&proofs)).is_ok(), "the proven session vouches");
+        assert!(verify_signed(&forged, Proofs::Serving(&proofs)).is_ok(), "the proven session vouches later too");
+        assert!(verify_signed(&forged, Proofs::Forwarded).is_err(), "a forwarded grant is checked in full");
+        // Another session, server or key: not proven.
+        for (token, session, server) in [(&token, [10u8; 32], "s1"), (&token, session, "s2"), (&other, session, "s1")] {
+            let forged = create_grant(token, session, server, "app:a", "app:b");
+            assert!(verify_signed(&forged, Proofs::Taking(&proofs)).is_err(), "{server} {session:?}");
+        }
+
+        // A proof lasts SESSION_PROOF_TTL.
+        let key = SessionProofs::key(&token.key().public_key(), &hex(&session), "s1");
+        let at = std::time::Instant::now();
+        proofs.note(key, at);
+        assert!(proofs.holds(&key, at + SESSION_PROOF_TTL - std::time::Duration::from_secs(1)));
+        assert!(!proofs.holds(&key, at + SESSION_PROOF_TTL), "a proof outlived its minute");
+    }
 
     #[test]
     fn a_node_records_only_a_certificate_the_new_ca_signed_with_its_own_fingerprint() {

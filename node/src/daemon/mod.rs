@@ -340,6 +340,7 @@ impl Node {
 
             let state = consensus.state().clone();
             let token_uses = Arc::new(auth::TokenUses::default());
+            let proofs = Arc::new(auth::SessionProofs::default());
             let clock = Arc::new(clock::ClusterClock::default());
             let raft_service = RaftService::new(
                 consensus.clone(),
@@ -393,6 +394,7 @@ impl Node {
                             channels: channels.clone(),
                             tls: node_tls.clone(),
                             clock: clock.clone(),
+                            proofs: proofs.clone(),
                             node_name: stored.name.clone(),
                             engine: engine.clone(),
                             secrets_key: secrets_key.clone(),
@@ -401,7 +403,7 @@ impl Node {
                             builds: Arc::new(tokio::sync::Semaphore::new(1)),
                             max_upload: config.max_upload,
                         }),
-                        auth::authenticate(state.clone(), node_tls.clone(), token_uses.clone(), clock.clone()),
+                        auth::authenticate(state.clone(), node_tls.clone(), token_uses.clone(), clock.clone(), proofs),
                     ),
                     state.clone(),
                     stored.node_id,
