@@ -373,8 +373,9 @@ const MAX_VERIFIED: usize = 16_384;
 /// How long a signature that verified on one of this node's TLS sessions
 /// vouches for that session's further calls signed with the same key.
 pub const SESSION_PROOF_TTL: std::time::Duration = std::time::Duration::from_secs(60);
-/// The most sessions remembered at once; the set is cleared whole when it
-/// is full, which costs each live session one more check.
+/// The most sessions remembered at once: when the set is full, proofs
+/// that no longer hold are dropped, and if none are, the set is cleared
+/// whole, which costs each live session one more check.
 const MAX_SESSION_PROOFS: usize = 16_384;
 
 /// Which of this node's [`SessionProofs`] a signed grant may lean on.
@@ -390,7 +391,7 @@ pub enum Proofs<'a> {
     /// The grant of a call this node took a while ago, checked again
     /// (after a long build): a proof vouches for it, but it proves nothing
     /// anew, so a proof lasts [`SESSION_PROOF_TTL`] from the last signature
-    /// a call came with.
+    /// checked on a call being taken.
     Serving(&'a SessionProofs),
 }
 
