@@ -48,13 +48,20 @@ use roost_tests::{wait_until, Cluster};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+const USAGE: roost_tests::bench::Usage = roost_tests::bench::Usage {
+    name: "deploy-bench",
+    values: &[("--runs", "N"), ("--batch", "N")],
+    switches: &[],
+    parts: &["deploy", "node-death", "scheduler"],
+};
+
 #[tokio::main]
 async fn main() -> Result<()> {
     // Nodes stopped on purpose make openraft log errors; they are expected here.
     let filter = tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=off"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
-    let flags = roost_tests::bench::Flags::from_command_line();
+    let flags = roost_tests::bench::Flags::from_command_line(&USAGE)?;
     let runs = flags.number("--runs", 3)? as usize;
     let batch = flags.number("--batch", 1000)? as usize;
     let want = |name: &str| flags.wants(name);

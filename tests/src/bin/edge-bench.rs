@@ -38,9 +38,16 @@ use roost_tests::topology::Topology;
 use roost_tests::wait_until;
 use serde_json::Value;
 
+const USAGE: roost_tests::bench::Usage = roost_tests::bench::Usage {
+    name: "edge-bench",
+    values: &[("--runs", "N"), ("--seconds", "S")],
+    switches: &[],
+    parts: &["proxy", "failover"],
+};
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    let flags = roost_tests::bench::Flags::from_command_line();
+    let flags = roost_tests::bench::Flags::from_command_line(&USAGE)?;
     let runs = flags.number("--runs", 3)?;
     let seconds = flags.number("--seconds", 10)?;
     let want = |name: &str| flags.wants(name);

@@ -32,9 +32,16 @@ use tokio::time::Instant;
 
 const POLL: Duration = Duration::from_millis(10);
 
+const USAGE: roost_tests::bench::Usage = roost_tests::bench::Usage {
+    name: "failover-bench",
+    values: &[("--kills", "N"), ("--idle-seconds", "S")],
+    switches: &["--keep"],
+    parts: &["kills", "idle"],
+};
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    let flags = roost_tests::bench::Flags::from_command_line();
+    let flags = roost_tests::bench::Flags::from_command_line(&USAGE)?;
     let kills = flags.number("--kills", 20)?;
     let idle = flags.number("--idle-seconds", 600)?;
     let root = tempfile::Builder::new().prefix("roost-failover-bench-").tempdir()?;

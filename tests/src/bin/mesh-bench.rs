@@ -33,9 +33,16 @@ use serde_json::Value;
 const WG_GO: &str = "wgbench0";
 const WG_GO_PORT: u16 = 51900;
 
+const USAGE: roost_tests::bench::Usage = roost_tests::bench::Usage {
+    name: "mesh-bench",
+    values: &[("--runs", "N"), ("--seconds", "S")],
+    switches: &[],
+    parts: &[],
+};
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    let flags = roost_tests::bench::Flags::from_command_line();
+    let flags = roost_tests::bench::Flags::from_command_line(&USAGE)?;
     let runs = flags.number("--runs", 3)?;
     let seconds = flags.number("--seconds", 10)?;
     for tool in ["iperf3", "ping", "wireguard-go", "wg"] {

@@ -288,9 +288,16 @@ async fn etcd_leader(etcd: &Etcd, ca_pem: Option<&str>) -> Result<String> {
     leader.context("no etcd leader")
 }
 
+const USAGE: roost_tests::bench::Usage = roost_tests::bench::Usage {
+    name: "raft-bench",
+    values: &[("--seconds", "S"), ("--nodes", "N")],
+    switches: &["--bearer"],
+    parts: &[],
+};
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    let flags = roost_tests::bench::Flags::from_command_line();
+    let flags = roost_tests::bench::Flags::from_command_line(&USAGE)?;
     let duration = Duration::from_secs(flags.number("--seconds", 10)?);
     // `--nodes 1` measures a single node, which shows what replication costs.
     let size = usize::try_from(flags.number("--nodes", 3)?)?;
