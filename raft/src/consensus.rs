@@ -306,6 +306,13 @@ impl Consensus {
         self.raft.metrics().borrow().state == ServerState::Leader
     }
 
+    /// The term this node leads in, if it leads.
+    pub fn leading_term(&self) -> Option<u64> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        (metrics.state == ServerState::Leader).then_some(metrics.current_term)
+    }
+
     /// Commits `command` through the leader, wherever it is, and returns what
     /// the state machine answered. Waits for a leader until `deadline`.
     pub async fn propose(&self, command: Command, deadline: Instant) -> Result<Response, ConsensusError> {

@@ -4,7 +4,8 @@
 //! Heartbeats never touch the Raft log: a beat is an RPC and a map update. A
 //! node is `down` once the leader has not heard from it for `down_after`.
 //! A new leader has heard from nobody yet, so it counts from the moment it
-//! took over rather than declaring everyone down at once; a node that joined
+//! took over (its first look in its term, whichever task looks first)
+//! rather than declaring everyone down at once; a node that joined
 //! after that is not up until it has been heard (its first heartbeat comes
 //! once it has caught up with the cluster and can serve).
 
@@ -76,7 +77,8 @@ pub struct Liveness {
 #[derive(Debug, Default)]
 struct Heard {
     last: HashMap<NodeId, Instant>,
-    leading_since: Option<Instant>,
+    /// The term this node last led in, and since when by its own clock.
+    leading: Option<(u64, Instant)>,
     /// The nodes this leader has seen in its state, and since when; whether
     /// each was there when it took over (those of its first look are) or
     /// joined since. Only this leader's own clock is involved.
@@ -106,38 +108,32 @@ impl Liveness {
         self.heard().last.insert(id, now);
     }
 
-    /// Tells the tracker whether this node leads, so a new leader starts
-    /// counting silence from its own start.
-    pub fn set_leading(&self, leading: bool, now: Instant) {
-        let mut heard = self.heard();
-        match (leading, heard.leading_since) {
-            (true, None) => {
-                heard.leading_since = Some(now);
-                heard.appeared.clear();
-            }
-            (false, Some(_)) => heard.leading_since = None,
-            _ => {}
-        }
-    }
-
-    /// The leader's view of `ids` (the state's nodes) at `now`. The grace
-    /// of a new leader (silence counts from when it took over) is for the
-    /// nodes that were there then; a node that joined since is `starting`
+    /// The view of `ids` (the state's nodes) at `now` of this node, which
+    /// leads in `term` ([`Consensus::leading_term`]). A new term is a new
+    /// leadership, whichever look sees it first: silence counts from when
+    /// it took over, for the nodes that were there then (a new leader has
+    /// heard from nobody yet), and a node that joined since is `starting`
     /// until it is first heard.
-    pub fn view(&self, ids: impl IntoIterator<Item = NodeId>, now: Instant) -> BTreeMap<NodeId, Seen> {
+    pub fn view(&self, term: u64, ids: impl IntoIterator<Item = NodeId>, now: Instant) -> BTreeMap<NodeId, Seen> {
         let mut heard = self.heard();
         let heard = &mut *heard;
+        let since = match heard.leading {
+            Some((led, since)) if led == term => since,
+            _ => {
+                heard.leading = Some((term, now));
+                heard.appeared.clear();
+                now
+            }
+        };
         let first_look = heard.appeared.is_empty();
         ids.into_iter()
             .map(|id| {
                 // Every node is recorded, this one too, so that a look with
                 // this node alone is the first look.
-                let appeared = heard.leading_since.map(|since| {
-                    *heard.appeared.entry(id).or_insert(if first_look {
-                        (since, Arrival::AtTakeover)
-                    } else {
-                        (now, Arrival::Since)
-                    })
+                let appeared = *heard.appeared.entry(id).or_insert(if first_look {
+                    (since, Arrival::AtTakeover)
+                } else {
+                    (now, Arrival::Since)
                 });
                 if id == self.self_id {
                     return (id, Seen { up: true, ago: Duration::ZERO, starting: false });
@@ -145,15 +141,11 @@ impl Liveness {
                 let last = heard.last.get(&id).copied();
                 let since_appeared = |at: Instant| now.saturating_duration_since(at);
                 let seen = match (last, appeared) {
-                    (None, Some((at, Arrival::Since))) if since_appeared(at) < STARTING_AT_MOST => {
+                    (None, (at, Arrival::Since)) if since_appeared(at) < STARTING_AT_MOST => {
                         Seen { up: false, ago: since_appeared(at), starting: true }
                     }
-                    (last, appeared) => {
-                        let last = match (last, appeared) {
-                            (Some(t), Some((at, _))) => Some(t.max(at)),
-                            (t, at) => t.or(at.map(|(at, _)| at)),
-                        };
-                        let ago = last.map_or(Duration::MAX, since_appeared);
+                    (last, (at, _)) => {
+                        let ago = since_appeared(last.map_or(at, |t| t.max(at)));
                         Seen { up: ago < self.config.down_after, ago, starting: false }
                     }
                 };
@@ -187,13 +179,13 @@ impl peer_server::Peer for PeerService {
     }
 
     async fn liveness(&self, _request: Request<LivenessRequest>) -> Result<Response<LivenessResponse>, Status> {
-        if !self.consensus.is_leader() {
+        let Some(term) = self.consensus.leading_term() else {
             return Err(not_leader());
-        }
+        };
         let ids: Vec<NodeId> = self.consensus.state().read(|s| s.nodes.keys().copied().collect());
         let nodes = self
             .liveness
-            .view(ids, Instant::now())
+            .view(term, ids, Instant::now())
             .into_iter()
             .map(|(node_id, seen)| NodeLiveness {
                 node_id,
@@ -218,9 +210,8 @@ pub enum HeartbeatEnd {
     Revoked,
 }
 
-/// Reports to the leader every `heartbeat_every` until shutdown, keeps the
-/// local tracker told whether this node leads and `clock` told the leader's
-/// time, and logs what a person
+/// Reports to the leader every `heartbeat_every` until shutdown, keeps
+/// `clock` told the leader's time, and logs what a person
 /// running the cluster wants to know: who leads, and (on the leader) which
 /// nodes went down or came back.
 pub async fn send_heartbeats(
@@ -240,9 +231,13 @@ pub async fn send_heartbeats(
             _ = ticker.tick() => {}
         }
         let leader = consensus.leader();
-        let leading = matches!(leader, Some((id, _)) if id == consensus.id()) && consensus.is_leader();
-        liveness.set_leading(leading, Instant::now());
-        events.observe(&consensus, &liveness, leader.as_ref().map(|(id, node)| (*id, node.name.as_str())), leading);
+        let leading_term = consensus.leading_term().filter(|_| matches!(leader, Some((id, _)) if id == consensus.id()));
+        events.observe(
+            &consensus,
+            &liveness,
+            leader.as_ref().map(|(id, node)| (*id, node.name.as_str())),
+            leading_term,
+        );
         let Some((leader_id, leader)) = leader else { continue };
         // A node is shown up only once it can serve: it must know the
         // cluster (to check tokens) and itself.
@@ -273,23 +268,29 @@ struct ClusterEvents {
 }
 
 impl ClusterEvents {
-    fn observe(&mut self, consensus: &Consensus, liveness: &Liveness, leader: Option<(NodeId, &str)>, leading: bool) {
+    fn observe(
+        &mut self,
+        consensus: &Consensus,
+        liveness: &Liveness,
+        leader: Option<(NodeId, &str)>,
+        leading_term: Option<u64>,
+    ) {
         let leader_id = leader.map(|(id, _)| id);
         if leader_id != self.leader {
             match leader {
-                Some(_) if leading => tracing::info!("this node is now the leader"),
+                Some(_) if leading_term.is_some() => tracing::info!("this node is now the leader"),
                 Some((_, name)) => tracing::info!(leader = %name, "following a new leader"),
                 None => tracing::warn!("no leader: waiting for an election"),
             }
             self.leader = leader_id;
             self.down.clear();
         }
-        if !leading {
+        let Some(term) = leading_term else {
             return;
-        }
+        };
         let names: BTreeMap<NodeId, String> =
             consensus.state().read(|s| s.nodes.values().map(|n| (n.id, n.name.clone())).collect());
-        let seen = liveness.view(names.keys().copied(), Instant::now());
+        let seen = liveness.view(term, names.keys().copied(), Instant::now());
         for (id, name) in names {
             // A node that joined and has not reported yet is starting, not down.
             let up = seen.get(&id).is_some_and(|s| s.up || s.starting);
@@ -315,9 +316,9 @@ pub async fn cluster_liveness(
     channels: &NodeChannels,
 ) -> Option<BTreeMap<NodeId, Seen>> {
     let (leader_id, leader) = consensus.leader()?;
-    if leader_id == consensus.id() && consensus.is_leader() {
+    if let Some(term) = consensus.leading_term().filter(|_| leader_id == consensus.id()) {
         let ids: Vec<NodeId> = consensus.state().read(|s| s.nodes.keys().copied().collect());
-        return Some(liveness.view(ids, Instant::now()));
+        return Some(liveness.view(term, ids, Instant::now()));
     }
     let channel = channels.get(&leader.address).ok()?;
     let mut request = Request::new(LivenessRequest {});
@@ -350,57 +351,65 @@ mod tests {
     fn a_node_is_down_after_silence_and_up_when_heard() {
         let t0 = Instant::now();
         let liveness = Liveness::new(config(), 1);
-        liveness.set_leading(true, t0);
         liveness.record(2, t0);
-        assert!(liveness.view([2], t0)[&2].up);
+        assert!(liveness.view(1, [2], t0)[&2].up);
         let later = t0 + Duration::from_secs(4);
-        assert!(!liveness.view([2], later)[&2].up);
+        assert!(!liveness.view(1, [2], later)[&2].up);
         liveness.record(2, later);
-        assert!(liveness.view([2], later)[&2].up);
+        assert!(liveness.view(1, [2], later)[&2].up);
     }
 
     #[test]
-    fn a_new_leader_counts_silence_from_its_own_start() {
+    fn a_new_leader_counts_silence_from_its_first_look_in_its_term() {
         let t0 = Instant::now();
         let liveness = Liveness::new(config(), 1);
+        // Nothing told the tracker that this node leads before it looked:
+        // the look itself starts the term's grace.
         let took_over = t0 + Duration::from_secs(10);
-        liveness.set_leading(true, took_over);
-        assert!(liveness.view([3], took_over)[&3].up, "nobody is down the moment a leader takes over");
-        assert!(!liveness.view([3], took_over + Duration::from_secs(4))[&3].up);
+        let seen = liveness.view(2, [3], took_over)[&3];
+        assert_eq!(
+            seen,
+            Seen { up: true, ago: Duration::ZERO, starting: false },
+            "nobody is down the moment a leader takes over"
+        );
+        assert!(!liveness.view(2, [3], took_over + Duration::from_secs(4))[&3].up);
+        // Heard in term 2, then silent; this node leads again in term 5: a
+        // fresh grace, not the old silence.
+        liveness.record(3, took_over + Duration::from_secs(5));
+        let again = took_over + Duration::from_secs(60);
+        assert!(liveness.view(5, [3], again)[&3].up, "a new term's leader has heard from nobody yet");
+        assert!(!liveness.view(5, [3], again + Duration::from_secs(4))[&3].up);
     }
 
     #[test]
     fn a_node_that_joined_under_this_leader_is_starting_until_it_is_heard() {
         let t0 = Instant::now();
         let liveness = Liveness::new(config(), 1);
-        liveness.set_leading(true, t0);
         // The first look, with this node alone (a cluster just made);
         // then node 2 was there when this node took over.
-        assert!(liveness.view([1], t0)[&1].up);
+        assert!(liveness.view(1, [1], t0)[&1].up);
         liveness.record(2, t0);
-        assert!(liveness.view([1, 2], t0)[&2].up);
+        assert!(liveness.view(1, [1, 2], t0)[&2].up);
         // Node 4 joins later: starting, not up, and not down either.
         let later = t0 + Duration::from_secs(1);
-        let seen = liveness.view([1, 2, 4], later)[&4];
+        let seen = liveness.view(1, [1, 2, 4], later)[&4];
         assert_eq!(seen, Seen { up: false, ago: Duration::ZERO, starting: true }, "no grace: it has never reported");
         liveness.record(4, later + Duration::from_secs(2));
-        let seen = liveness.view([1, 2, 4], later + Duration::from_secs(2))[&4];
+        let seen = liveness.view(1, [1, 2, 4], later + Duration::from_secs(2))[&4];
         assert!(seen.up && !seen.starting, "{seen:?}");
         // One that never reports is down once it has been starting too long.
-        let silent = liveness.view([1, 2, 4, 5], later)[&5];
+        let silent = liveness.view(1, [1, 2, 4, 5], later)[&5];
         assert!(silent.starting);
-        let seen = liveness.view([5], later + STARTING_AT_MOST)[&5];
+        let seen = liveness.view(1, [5], later + STARTING_AT_MOST)[&5];
         assert_eq!(seen, Seen { up: false, ago: STARTING_AT_MOST, starting: false });
         // A new term: the nodes of its first look are there at takeover.
-        liveness.set_leading(false, later);
         let again = later + Duration::from_secs(100);
-        liveness.set_leading(true, again);
-        assert!(liveness.view([1, 2, 4, 5], again)[&5].up, "a new leader's grace covers every node it finds");
+        assert!(liveness.view(3, [1, 2, 4, 5], again)[&5].up, "a new leader's grace covers every node it finds");
     }
 
     #[test]
     fn the_node_itself_is_always_up() {
         let liveness = Liveness::new(config(), 1);
-        assert_eq!(liveness.view([1], Instant::now())[&1], Seen { up: true, ago: Duration::ZERO, starting: false });
+        assert_eq!(liveness.view(1, [1], Instant::now())[&1], Seen { up: true, ago: Duration::ZERO, starting: false });
     }
 }

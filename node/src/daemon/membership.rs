@@ -257,7 +257,7 @@ fn observe(consensus: &Consensus, liveness: &Liveness) -> Option<MembershipView>
             s.nodes.values().map(|n| (n.id, RaftNode { name: n.name.clone(), address: n.address.clone() })).collect();
         (wanted, s.workers())
     });
-    let seen = liveness.view(wanted.keys().copied(), tokio::time::Instant::now());
+    let seen = liveness.view(metrics.current_term, wanted.keys().copied(), tokio::time::Instant::now());
     Some(MembershipView {
         leader: metrics.id,
         members: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),

@@ -57,15 +57,14 @@ pub async fn run_controller(
             tick = Instant::now() + CONTROL_EVERY;
             decided_at = None;
         }
-        if !consensus.is_leader() {
+        let Some(term) = consensus.leading_term() else {
             decided_at = None;
             continue;
-        }
+        };
         let now = Instant::now();
         let started = std::time::Instant::now();
         let decided = consensus.state().read_if_moved(&mut decided_at, |state| {
-            liveness.set_leading(true, now);
-            let seen = liveness.view(state.nodes.keys().copied(), now);
+            let seen = liveness.view(term, state.nodes.keys().copied(), now);
             let view = NodeView { down: seen.into_iter().filter(|(_, s)| !s.up).map(|(id, s)| (id, s.ago)).collect() };
             decide(state, &view, &config, now_millis())
         });
