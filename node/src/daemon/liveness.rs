@@ -55,7 +55,8 @@ impl Default for LivenessConfig {
 pub struct Seen {
     pub up: bool,
     /// Since the leader last heard from it (or took over, or first saw it);
-    /// `Duration::MAX` when none of those is known.
+    /// `Duration::MAX` when none of those is known (only ever in an answer
+    /// from a leader of an older version).
     pub ago: Duration,
     /// It joined after this leader took over and has not reported yet (it
     /// reports once it has caught up with the cluster), for no longer than
@@ -118,7 +119,9 @@ impl Liveness {
         let mut heard = self.heard();
         let heard = &mut *heard;
         let since = match heard.leading {
-            Some((led, since)) if led == term => since,
+            // A look with an older term (its caller read it just before
+            // this node led again) changes nothing.
+            Some((led, since)) if led >= term => since,
             _ => {
                 heard.leading = Some((term, now));
                 heard.appeared.clear();
@@ -225,6 +228,7 @@ pub async fn send_heartbeats(
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut events = ClusterEvents::default();
+    let mut refusals = Refusals::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return HeartbeatEnd::Shutdown,
@@ -253,10 +257,45 @@ pub async fn send_heartbeats(
         request.set_timeout(every.max(Duration::from_millis(500)));
         let sent = now_millis();
         match PeerClient::new(channel).heartbeat(request).await {
-            Ok(answer) => clock.observe(sent, now_millis(), answer.into_inner().leader_time_ms),
-            Err(status) if status.code() == tonic::Code::PermissionDenied => return HeartbeatEnd::Revoked,
+            Ok(answer) => {
+                refusals.accepted();
+                clock.observe(sent, now_millis(), answer.into_inner().leader_time_ms);
+            }
+            Err(status) if status.code() == tonic::Code::PermissionDenied => {
+                if refusals.refused(Instant::now()) {
+                    return HeartbeatEnd::Revoked;
+                }
+                tracing::debug!(leader = %leader, status = %status.message(), "heartbeat refused");
+            }
             Err(status) => tracing::debug!(leader = %leader, status = %status.message(), "heartbeat not delivered"),
         }
+    }
+}
+
+/// How long the leader must refuse this node's certificate, with no
+/// heartbeat taken in between, before the node takes it as its removal. A
+/// leader just elected may not have applied yet the entry that added this
+/// node or its new certificate (it applies the previous term's entries once
+/// an entry of its own commits); a removed node's certificates are refused
+/// for good.
+pub const REFUSED_FOR_REMOVAL: Duration = Duration::from_secs(5);
+
+/// Since when the leader has refused this node's heartbeats.
+#[derive(Debug, Default)]
+struct Refusals {
+    since: Option<Instant>,
+}
+
+impl Refusals {
+    /// Notes a refusal; whether the refusals have lasted
+    /// [`REFUSED_FOR_REMOVAL`].
+    fn refused(&mut self, now: Instant) -> bool {
+        let since = *self.since.get_or_insert(now);
+        now.saturating_duration_since(since) >= REFUSED_FOR_REMOVAL
+    }
+
+    fn accepted(&mut self) {
+        self.since = None;
     }
 }
 
@@ -405,6 +444,28 @@ mod tests {
         // A new term: the nodes of its first look are there at takeover.
         let again = later + Duration::from_secs(100);
         assert!(liveness.view(3, [1, 2, 4, 5], again)[&5].up, "a new leader's grace covers every node it finds");
+    }
+
+    #[test]
+    fn a_look_with_an_older_term_leaves_the_current_terms_grace_alone() {
+        let t0 = Instant::now();
+        let liveness = Liveness::new(config(), 1);
+        assert!(liveness.view(4, [3], t0)[&3].up);
+        let later = t0 + Duration::from_secs(4);
+        assert!(!liveness.view(3, [3], later)[&3].up, "a stale term's look is no new leadership");
+        assert!(!liveness.view(4, [3], later)[&3].up, "and term 4's grace still ends when it ended");
+    }
+
+    #[test]
+    fn a_refused_heartbeat_means_removal_only_once_refusals_last_five_seconds() {
+        let t0 = Instant::now();
+        let mut refusals = Refusals::default();
+        assert!(!refusals.refused(t0), "one refusal may be a new leader that has not applied the join yet");
+        assert!(!refusals.refused(t0 + Duration::from_secs(4)));
+        refusals.accepted();
+        assert!(!refusals.refused(t0 + Duration::from_secs(6)), "an accepted beat starts the count again");
+        assert!(!refusals.refused(t0 + Duration::from_secs(10)));
+        assert!(refusals.refused(t0 + Duration::from_secs(6) + REFUSED_FOR_REMOVAL));
     }
 
     #[test]
