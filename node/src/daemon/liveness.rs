@@ -22,7 +22,8 @@ use roost_proto::cluster::{
 };
 use roost_raft::consensus::now_millis;
 use roost_raft::service::not_leader;
-use roost_raft::{Consensus, NodeId};
+use roost_raft::state::{NodeRecord, UnixMillis};
+use roost_raft::{Consensus, NodeId, State};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -68,6 +69,25 @@ pub struct Seen {
 /// before it is `down`.
 pub const STARTING_AT_MOST: Duration = Duration::from_secs(60);
 
+/// A node as a look sees it: its id, and when it joined the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub id: NodeId,
+    /// The state's `joined_at`, by the clock of the leader that added it.
+    pub joined_at: UnixMillis,
+}
+
+impl From<&NodeRecord> for Member {
+    fn from(node: &NodeRecord) -> Member {
+        Member { id: node.id, joined_at: node.joined_at }
+    }
+}
+
+/// The state's nodes, as a look takes them.
+pub fn members(state: &State) -> Vec<Member> {
+    state.nodes.values().map(Member::from).collect()
+}
+
 #[derive(Debug)]
 pub struct Liveness {
     config: LivenessConfig,
@@ -109,13 +129,20 @@ impl Liveness {
         self.heard().last.insert(id, now);
     }
 
-    /// The view of `ids` (the state's nodes) at `now` of this node, which
-    /// leads in `term` ([`Consensus::leading_term`]). A new term is a new
-    /// leadership, whichever look sees it first: silence counts from when
-    /// it took over, for the nodes that were there then (a new leader has
-    /// heard from nobody yet), and a node that joined since is `starting`
-    /// until it is first heard.
-    pub fn view(&self, term: u64, ids: impl IntoIterator<Item = NodeId>, now: Instant) -> BTreeMap<NodeId, Seen> {
+    /// The view of `nodes` (the state's, [`members`]) at `now` of this
+    /// node, which leads in `term` ([`Consensus::leading_term`]). A new term
+    /// is a new leadership, whichever look sees it first: silence counts
+    /// from when it took over, for the nodes that were there then (a new
+    /// leader has heard from nobody yet), and a node that joined since is
+    /// `starting` until it is first heard. So is one of the first look that
+    /// joined the cluster less than [`STARTING_AT_MOST`] ago: the leader
+    /// before may never have heard from it either.
+    pub fn view(
+        &self,
+        term: u64,
+        nodes: impl IntoIterator<Item = impl Into<Member>>,
+        now: Instant,
+    ) -> BTreeMap<NodeId, Seen> {
         let mut heard = self.heard();
         let heard = &mut *heard;
         let since = match heard.leading {
@@ -129,14 +156,25 @@ impl Liveness {
             }
         };
         let first_look = heard.appeared.is_empty();
-        ids.into_iter()
-            .map(|id| {
+        let wall_now = now_millis();
+        nodes
+            .into_iter()
+            .map(|member| {
+                let Member { id, joined_at } = member.into();
                 // Every node is recorded, this one too, so that a look with
                 // this node alone is the first look.
-                let appeared = *heard.appeared.entry(id).or_insert(if first_look {
-                    (since, Arrival::AtTakeover)
-                } else {
-                    (now, Arrival::Since)
+                let appeared = *heard.appeared.entry(id).or_insert_with(|| {
+                    // A join stamped ahead of this clock is taken as just made.
+                    let joined_ago =
+                        Duration::from_millis(u64::try_from(wall_now.saturating_sub(joined_at)).unwrap_or(0));
+                    match first_look {
+                        // Starting from the takeover, as if it joined then: its
+                        // silence so far is not downtime that would move its
+                        // instances at once.
+                        true if joined_ago < STARTING_AT_MOST => (since, Arrival::Since),
+                        true => (since, Arrival::AtTakeover),
+                        false => (now, Arrival::Since),
+                    }
                 });
                 if id == self.self_id {
                     return (id, Seen { up: true, ago: Duration::ZERO, starting: false });
@@ -185,10 +223,9 @@ impl peer_server::Peer for PeerService {
         let Some(term) = self.consensus.leading_term() else {
             return Err(not_leader());
         };
-        let ids: Vec<NodeId> = self.consensus.state().read(|s| s.nodes.keys().copied().collect());
         let nodes = self
             .liveness
-            .view(term, ids, Instant::now())
+            .view(term, self.consensus.state().read(members), Instant::now())
             .into_iter()
             .map(|(node_id, seen)| NodeLiveness {
                 node_id,
@@ -327,9 +364,9 @@ impl ClusterEvents {
         let Some(term) = leading_term else {
             return;
         };
-        let names: BTreeMap<NodeId, String> =
-            consensus.state().read(|s| s.nodes.values().map(|n| (n.id, n.name.clone())).collect());
-        let seen = liveness.view(term, names.keys().copied(), Instant::now());
+        let (names, nodes): (BTreeMap<NodeId, String>, Vec<Member>) =
+            consensus.state().read(|s| (s.nodes.values().map(|n| (n.id, n.name.clone())).collect(), members(s)));
+        let seen = liveness.view(term, nodes, Instant::now());
         for (id, name) in names {
             // A node that joined and has not reported yet is starting, not down.
             let up = seen.get(&id).is_some_and(|s| s.up || s.starting);
@@ -356,8 +393,7 @@ pub async fn cluster_liveness(
 ) -> Option<BTreeMap<NodeId, Seen>> {
     let (leader_id, leader) = consensus.leader()?;
     if let Some(term) = consensus.leading_term().filter(|_| leader_id == consensus.id()) {
-        let ids: Vec<NodeId> = consensus.state().read(|s| s.nodes.keys().copied().collect());
-        return Some(liveness.view(term, ids, Instant::now()));
+        return Some(liveness.view(term, consensus.state().read(members), Instant::now()));
     }
     let channel = channels.get(&leader.address).ok()?;
     let mut request = Request::new(LivenessRequest {});
@@ -376,6 +412,14 @@ pub async fn cluster_liveness(
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+impl From<NodeId> for Member {
+    /// A node that joined long ago.
+    fn from(id: NodeId) -> Member {
+        Member { id, joined_at: 0 }
+    }
 }
 
 #[cfg(test)]
@@ -444,6 +488,34 @@ mod tests {
         // A new term: the nodes of its first look are there at takeover.
         let again = later + Duration::from_secs(100);
         assert!(liveness.view(3, [1, 2, 4, 5], again)[&5].up, "a new leader's grace covers every node it finds");
+    }
+
+    #[test]
+    fn a_node_that_joined_under_the_leader_before_is_starting_not_up_until_a_new_leader_hears_it() {
+        let t0 = Instant::now();
+        let liveness = Liveness::new(config(), 1);
+        let minute = i64::try_from(STARTING_AT_MOST.as_millis()).unwrap_or(i64::MAX);
+        // Node 2 joined long ago, node 3 ten seconds ago, node 4 just
+        // over a minute ago: a new leader's first look.
+        let recent = Member { id: 3, joined_at: now_millis() - 10_000 };
+        let older = Member { id: 4, joined_at: now_millis() - minute - 5_000 };
+        let seen = liveness.view(7, [Member::from(1), Member::from(2), recent, older], t0);
+        assert!(seen[&2].up, "{:?}", seen[&2]);
+        assert!(seen[&4].up, "past the minute a join is no longer news: {:?}", seen[&4]);
+        assert_eq!(
+            seen[&3],
+            Seen { up: false, ago: Duration::ZERO, starting: true },
+            "the leader before may never have heard from it; its silence so far is no downtime"
+        );
+        // Heard: up. Never heard: down once it has been starting a minute.
+        liveness.record(3, t0 + Duration::from_secs(1));
+        assert!(liveness.view(7, [recent], t0 + Duration::from_secs(1))[&3].up);
+        let silent = Member { id: 5, joined_at: now_millis() - 10_000 };
+        let liveness = Liveness::new(config(), 1);
+        assert!(liveness.view(8, [silent], t0)[&5].starting);
+        assert!(liveness.view(8, [silent], t0 + STARTING_AT_MOST - Duration::from_secs(1))[&5].starting);
+        let seen = liveness.view(8, [silent], t0 + STARTING_AT_MOST)[&5];
+        assert_eq!(seen, Seen { up: false, ago: STARTING_AT_MOST, starting: false });
     }
 
     #[test]

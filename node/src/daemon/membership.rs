@@ -252,12 +252,12 @@ fn observe(consensus: &Consensus, liveness: &Liveness) -> Option<MembershipView>
                 .collect()
         })
         .unwrap_or_default();
-    let (wanted, workers) = consensus.state().read(|s| {
+    let (wanted, workers, nodes) = consensus.state().read(|s| {
         let wanted: BTreeMap<NodeId, RaftNode> =
             s.nodes.values().map(|n| (n.id, RaftNode { name: n.name.clone(), address: n.address.clone() })).collect();
-        (wanted, s.workers())
+        (wanted, s.workers(), super::liveness::members(s))
     });
-    let seen = liveness.view(metrics.current_term, wanted.keys().copied(), tokio::time::Instant::now());
+    let seen = liveness.view(metrics.current_term, nodes, tokio::time::Instant::now());
     Some(MembershipView {
         leader: metrics.id,
         members: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),

@@ -64,7 +64,7 @@ pub async fn run_controller(
         let now = Instant::now();
         let started = std::time::Instant::now();
         let decided = consensus.state().read_if_moved(&mut decided_at, |state| {
-            let seen = liveness.view(term, state.nodes.keys().copied(), now);
+            let seen = liveness.view(term, super::liveness::members(state), now);
             let view = NodeView { down: seen.into_iter().filter(|(_, s)| !s.up).map(|(id, s)| (id, s.ago)).collect() };
             decide(state, &view, &config, now_millis())
         });
