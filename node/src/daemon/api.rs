@@ -242,7 +242,7 @@ impl ControlService {
 fn node_to_wire(node: &NodeRecord, role: &str, seen: Option<&Seen>) -> WireNode {
     let state = match seen {
         Some(seen) if seen.up => "up",
-        // Joined under this leader and never reported: it reports once it
+        // Joined recently and never reported to this leader: it reports once it
         // has caught up with the cluster and can serve.
         Some(seen) if seen.starting => "starting",
         Some(_) => "down",

@@ -59,9 +59,10 @@ pub struct Seen {
     /// `Duration::MAX` when none of those is known (only ever in an answer
     /// from a leader of an older version).
     pub ago: Duration,
-    /// It joined after this leader took over and has not reported yet (it
-    /// reports once it has caught up with the cluster), for no longer than
-    /// [`STARTING_AT_MOST`]. Not up.
+    /// It joined after this leader took over (for no longer than
+    /// [`STARTING_AT_MOST`]), or less than that before (for no longer than
+    /// the grace, `down_after`), and has not reported to this leader yet (a
+    /// node reports once it has caught up with the cluster). Not up.
     pub starting: bool,
 }
 
@@ -73,7 +74,8 @@ pub const STARTING_AT_MOST: Duration = Duration::from_secs(60);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Member {
     pub id: NodeId,
-    /// The state's `joined_at`, by the clock of the leader that added it.
+    /// The state's `joined_at`: the wall clock of the node that took the
+    /// join, when it proposed it.
     pub joined_at: UnixMillis,
 }
 
@@ -102,13 +104,21 @@ struct Heard {
     leading: Option<(u64, Instant)>,
     /// The nodes this leader has seen in its state, and since when; whether
     /// each was there when it took over (those of its first look are) or
-    /// joined since. Only this leader's own clock is involved.
+    /// joined since. This leader's own monotonic clock, but for whether a
+    /// node of its first look joined recently, which compares the state's
+    /// wall-clock `joined_at` with its own wall clock.
     appeared: HashMap<NodeId, (Instant, Arrival)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Arrival {
+    /// There when this node took over, and joined the cluster long ago.
     AtTakeover,
+    /// There when this node took over, but joined the cluster less than
+    /// [`STARTING_AT_MOST`] ago: the leader before may never have heard
+    /// from it either.
+    RecentAtTakeover,
+    /// Joined since this node took over.
     Since,
 }
 
@@ -134,9 +144,11 @@ impl Liveness {
     /// is a new leadership, whichever look sees it first: silence counts
     /// from when it took over, for the nodes that were there then (a new
     /// leader has heard from nobody yet), and a node that joined since is
-    /// `starting` until it is first heard. So is one of the first look that
-    /// joined the cluster less than [`STARTING_AT_MOST`] ago: the leader
-    /// before may never have heard from it either.
+    /// `starting` until it is first heard. A node of the first look that
+    /// joined the cluster less than [`STARTING_AT_MOST`] ago is `starting`,
+    /// not covered by the grace, for the grace (`down_after`) and then
+    /// `down` until it is heard: the leader before may never have heard
+    /// from it either, and a dead one is shown down as soon as any other.
     pub fn view(
         &self,
         term: u64,
@@ -168,10 +180,7 @@ impl Liveness {
                     let joined_ago =
                         Duration::from_millis(u64::try_from(wall_now.saturating_sub(joined_at)).unwrap_or(0));
                     match first_look {
-                        // Starting from the takeover, as if it joined then: its
-                        // silence so far is not downtime that would move its
-                        // instances at once.
-                        true if joined_ago < STARTING_AT_MOST => (since, Arrival::Since),
+                        true if joined_ago < STARTING_AT_MOST => (since, Arrival::RecentAtTakeover),
                         true => (since, Arrival::AtTakeover),
                         false => (now, Arrival::Since),
                     }
@@ -183,6 +192,9 @@ impl Liveness {
                 let since_appeared = |at: Instant| now.saturating_duration_since(at);
                 let seen = match (last, appeared) {
                     (None, (at, Arrival::Since)) if since_appeared(at) < STARTING_AT_MOST => {
+                        Seen { up: false, ago: since_appeared(at), starting: true }
+                    }
+                    (None, (at, Arrival::RecentAtTakeover)) if since_appeared(at) < self.config.down_after => {
                         Seen { up: false, ago: since_appeared(at), starting: true }
                     }
                     (last, (at, _)) => {
@@ -487,7 +499,10 @@ mod tests {
         assert_eq!(seen, Seen { up: false, ago: STARTING_AT_MOST, starting: false });
         // A new term: the nodes of its first look are there at takeover.
         let again = later + Duration::from_secs(100);
-        assert!(liveness.view(3, [1, 2, 4, 5], again)[&5].up, "a new leader's grace covers every node it finds");
+        assert!(
+            liveness.view(3, [1, 2, 4, 5], again)[&5].up,
+            "a new leader's grace covers every node it finds that joined long ago"
+        );
     }
 
     #[test]
@@ -507,15 +522,16 @@ mod tests {
             Seen { up: false, ago: Duration::ZERO, starting: true },
             "the leader before may never have heard from it; its silence so far is no downtime"
         );
-        // Heard: up. Never heard: down once it has been starting a minute.
+        // Heard: up. Never heard (dead, say, as a killed leader is): down
+        // once the grace is out, as any node of the first look would be.
         liveness.record(3, t0 + Duration::from_secs(1));
         assert!(liveness.view(7, [recent], t0 + Duration::from_secs(1))[&3].up);
         let silent = Member { id: 5, joined_at: now_millis() - 10_000 };
         let liveness = Liveness::new(config(), 1);
         assert!(liveness.view(8, [silent], t0)[&5].starting);
-        assert!(liveness.view(8, [silent], t0 + STARTING_AT_MOST - Duration::from_secs(1))[&5].starting);
-        let seen = liveness.view(8, [silent], t0 + STARTING_AT_MOST)[&5];
-        assert_eq!(seen, Seen { up: false, ago: STARTING_AT_MOST, starting: false });
+        assert!(liveness.view(8, [silent], t0 + Duration::from_secs(2))[&5].starting);
+        let seen = liveness.view(8, [silent], t0 + Duration::from_secs(3))[&5];
+        assert_eq!(seen, Seen { up: false, ago: Duration::from_secs(3), starting: false });
     }
 
     #[test]
