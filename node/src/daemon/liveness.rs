@@ -122,6 +122,18 @@ enum Arrival {
     Since,
 }
 
+impl Arrival {
+    /// How long a node that arrived so is `starting` until it is heard
+    /// (then `down`): not at all for one covered by the grace.
+    fn starting_for(self, down_after: Duration) -> Duration {
+        match self {
+            Arrival::AtTakeover => Duration::ZERO,
+            Arrival::RecentAtTakeover => down_after,
+            Arrival::Since => STARTING_AT_MOST,
+        }
+    }
+}
+
 impl Liveness {
     pub fn new(config: LivenessConfig, self_id: NodeId) -> Self {
         Self { config, self_id, inner: Mutex::new(Heard::default()) }
@@ -191,10 +203,7 @@ impl Liveness {
                 let last = heard.last.get(&id).copied();
                 let since_appeared = |at: Instant| now.saturating_duration_since(at);
                 let seen = match (last, appeared) {
-                    (None, (at, Arrival::Since)) if since_appeared(at) < STARTING_AT_MOST => {
-                        Seen { up: false, ago: since_appeared(at), starting: true }
-                    }
-                    (None, (at, Arrival::RecentAtTakeover)) if since_appeared(at) < self.config.down_after => {
+                    (None, (at, arrival)) if since_appeared(at) < arrival.starting_for(self.config.down_after) => {
                         Seen { up: false, ago: since_appeared(at), starting: true }
                     }
                     (last, (at, _)) => {
